@@ -20,69 +20,69 @@ TEXT_WIDTH = 32
 
 def unet_config(family: Family) -> dict[str, Any]:
     if family is Family.SDXL:
-        return dict(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64, 64),
-            layers_per_block=2,
-            transformer_layers_per_block=(1, 1, 2),
-            attention_head_dim=(2, 4, 4),
-            cross_attention_dim=2 * TEXT_WIDTH,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * 8,
-            norm_num_groups=32,
-        )
+        return {
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "block_out_channels": (32, 64, 64),
+            "layers_per_block": 2,
+            "transformer_layers_per_block": (1, 1, 2),
+            "attention_head_dim": (2, 4, 4),
+            "cross_attention_dim": 2 * TEXT_WIDTH,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": TEXT_WIDTH + 6 * 8,
+            "norm_num_groups": 32,
+        }
     sd2 = family is Family.SD2
-    return dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(32, 64, 64, 64),
-        layers_per_block=2,
+    return {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "block_out_channels": (32, 64, 64, 64),
+        "layers_per_block": 2,
         # SD1 counts heads here; SD2 lists heads per level (channels/64 in the real model).
-        attention_head_dim=(2, 4, 4, 4) if sd2 else 4,
-        cross_attention_dim=TEXT_WIDTH,
-        use_linear_projection=sd2,
-        norm_num_groups=32,
-    )
+        "attention_head_dim": (2, 4, 4, 4) if sd2 else 4,
+        "cross_attention_dim": TEXT_WIDTH,
+        "use_linear_projection": sd2,
+        "norm_num_groups": 32,
+    }
 
 
 def vae_config() -> dict[str, Any]:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (32, 32, 64, 64),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 64,
+    }
 
 
 def text_config(kind: str) -> dict[str, Any]:
     """kind: 'clip_l' (SD1, SDXL te1), 'open_clip_h' (SD2), 'open_clip_g' (SDXL te2)."""
-    return dict(
-        vocab_size=49408,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=2 * TEXT_WIDTH,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu" if kind == "clip_l" else "gelu",
-        projection_dim=TEXT_WIDTH,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1 if kind == "clip_l" else 0,
-    )
+    return {
+        "vocab_size": 49408,
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 2 * TEXT_WIDTH,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu" if kind == "clip_l" else "gelu",
+        "projection_dim": TEXT_WIDTH,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1 if kind == "clip_l" else 0,
+    }
 
 
 def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
