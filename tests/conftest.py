@@ -1,0 +1,15 @@
+"""Shared test setup: offline, single-threaded, deterministic."""
+
+from __future__ import annotations
+
+import os
+
+# No Hugging Face Hub here or in CI: anything that tries the network must fail fast.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
