@@ -1,0 +1,379 @@
+"""TrainConfig: every training setting in one dataclass, TOML/JSON in and out, validation, presets.
+
+Field names follow kohya sd-scripts where one exists (network_dim → `rank`, network_alpha → `alpha`),
+so users can carry their settings over. `validate()` checks everything that can be checked without
+loading a model, so a bad setting fails in a second instead of after caching latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Lion8bit", "Adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_PRECISION = ("fp16", "bf16", "float")
+LOSS_TYPES = ("l2", "huber")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named group of settings, labelled with the GPU memory it is meant to fit."""
+
+    key: str
+    label: str  # shown to users, e.g. "SDXL low-VRAM — 8 GB"
+    vram_gb: int
+    settings: dict[str, Any]
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {p.key: p for p in (
+    Preset("sd15", "SD1.5 — 6 GB", 6, dict(
+        resolution=512, batch_size=2, rank=16, alpha=8.0, learning_rate=1e-4, text_encoder_lr=5e-5,
+        train_text_encoder=True, mixed_precision="bf16", gradient_checkpointing=False,
+        optimizer="AdamW", lr_scheduler="cosine", min_bucket_reso=256, max_bucket_reso=1024),
+        "UNet + text encoder LoRA, batch 2 at 512 px."),
+    Preset("sd15-lowvram", "SD1.5 low-VRAM — 4 GB", 4, dict(
+        resolution=512, batch_size=1, rank=16, alpha=8.0, learning_rate=1e-4,
+        train_text_encoder=False, mixed_precision="bf16", gradient_checkpointing=True,
+        optimizer="AdamW", lr_scheduler="cosine", min_bucket_reso=256, max_bucket_reso=1024),
+        "UNet-only LoRA, gradient checkpointing, cached text-encoder outputs."),
+    Preset("sdxl", "SDXL — 12 GB", 12, dict(
+        resolution=1024, batch_size=1, rank=16, alpha=8.0, learning_rate=1e-4,
+        train_text_encoder=False, mixed_precision="bf16", gradient_checkpointing=True,
+        optimizer="AdamW", lr_scheduler="cosine", min_bucket_reso=512, max_bucket_reso=2048),
+        "UNet-only LoRA at 1024 px with gradient checkpointing."),
+    Preset("sdxl-lowvram", "SDXL low-VRAM — 8 GB", 8, dict(
+        resolution=1024, batch_size=1, rank=8, alpha=4.0, learning_rate=1e-4,
+        train_text_encoder=False, mixed_precision="bf16", gradient_checkpointing=True,
+        optimizer="AdamW", lr_scheduler="cosine", min_bucket_reso=512, max_bucket_reso=2048),
+        "Rank 8 UNet-only LoRA; VAE and text encoders leave the GPU after caching."),
+)}
+
+# Settings that do not change what a resumed run computes: they may differ between the run that
+# saved a state and the run that resumes it.
+_NOT_HASHED = frozenset({
+    "resume", "overwrite", "device", "output_dir", "save_every_n_epochs", "save_every_n_steps",
+    "sample_prompts", "sample_every_n_epochs", "sample_steps", "sample_cfg_scale", "sample_seed",
+    "sample_negative_prompt", "latent_cache_dir", "cache_latents_to_disk", "preset", "log_every",
+    "save_state", "activation_text", "preferred_weight",
+})
+_NAME_OK = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on / where to write
+    model: str = ""  # checkpoint file or diffusers folder (ignored when the host hands a model)
+    data: str = ""  # folder with img/<N>_<name>/ (and reg/), or the folder holding <N>_<name>/ itself
+    reg_data: str = ""  # folder with <N>_<class>/ regularisation images; default <data>/reg
+    output_dir: str = "output"
+    name: str = "my-lora"
+    overwrite: bool = False
+    preset: str = ""
+    # --- network
+    rank: int = 16
+    alpha: float = 8.0
+    conv_rank: int = 0
+    conv_alpha: float = 1.0
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    # --- data
+    resolution: int = 512
+    enable_bucket: bool = True
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    caption_extension: str = ".txt"
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    prior_loss_weight: float = 1.0
+    # --- schedule of the run
+    epochs: int = 10
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 42
+    # --- optimisation
+    optimizer: str = "AdamW"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float = 1e-4  # UNet LoRA
+    text_encoder_lr: float = 0.0  # 0 = same as learning_rate
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    # --- math
+    clip_skip: int = 1
+    noise_offset: float = 0.0
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's value
+    min_timestep: int = 0
+    max_timestep: int = 0  # 0 = the schedule's num_train_timesteps
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    # --- precision and memory
+    mixed_precision: str = "no"
+    save_precision: str = "fp16"
+    gradient_checkpointing: bool = False
+    cache_latents_to_disk: bool = False
+    latent_cache_dir: str = ""  # default <output_dir>/.cache/latents
+    device: str = "auto"
+    # --- saving, samples, logging
+    save_every_n_epochs: int = 0
+    save_every_n_steps: int = 0
+    save_state: bool = True
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_negative_prompt: str = ""
+    sample_every_n_epochs: int = 0
+    sample_steps: int = 20
+    sample_cfg_scale: float = 7.0
+    sample_seed: int = 1234
+    log_every: int = 1
+    activation_text: str = ""  # written to <name>.json; default: the dataset's class tokens
+    preferred_weight: float = 0.8
+    resume: str = ""  # state folder written by an earlier (stopped) run
+
+    # ------------------------------------------------------------------ in / out
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "settings") -> TrainConfig:
+        unknown = sorted(set(data) - cls.field_names())
+        if unknown:
+            raise ConfigError(f"Unknown setting(s) {', '.join(unknown)} in {source}; "
+                              "check the spelling against `python -m lora_trainer train --help`.")
+        config = cls()
+        if data.get("preset"):
+            config = config.with_preset(str(data["preset"]))
+        kinds = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            setattr(config, key, _coerce(key, value, getattr(cls(), key), kinds[key]))
+        return config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        """Read a `.toml` or `.json` settings file (flat keys, or a [train] table in TOML)."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Settings file {p} does not exist; check the path.")
+        try:
+            if p.suffix.lower() == ".json":
+                data = json.loads(p.read_text(encoding="utf-8-sig"))
+            elif p.suffix.lower() == ".toml":
+                data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
+                data = data.get("train", data)
+            else:
+                raise ConfigError(f"Settings file {p.name} is neither .toml nor .json; "
+                                  "save it with one of those extensions.")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"Settings file {p.name} cannot be parsed ({e}); fix its syntax.") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"Settings file {p.name} does not hold a table of settings; "
+                              "write `key = value` lines (TOML) or a JSON object.")
+        return cls.from_dict(data, source=p.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write as TOML or JSON (by extension), atomically."""
+        p = Path(path)
+        if p.suffix.lower() == ".toml":
+            import tomli_w
+
+            text = tomli_w.dumps(self.to_dict())
+        else:
+            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        _atomic_write_text(p, text)
+        return p
+
+    def with_preset(self, key: str) -> TrainConfig:
+        if key not in PRESETS:
+            raise ConfigError(f"Unknown preset '{key}'; choose one of {', '.join(PRESETS)}.")
+        return dataclasses.replace(self, preset=key, **PRESETS[key].settings)
+
+    def hash(self) -> str:
+        """Identity of the settings that decide what each step computes (checked on resume)."""
+        items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        items["model"] = os.path.basename(str(items["model"]))
+        items["data"] = os.path.basename(os.path.normpath(str(items["data"]))) if items["data"] else ""
+        blob = json.dumps(items, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, *, need_model: bool = True) -> TrainConfig:
+        """Raise ConfigError on the first setting that cannot work. Returns self."""
+        if need_model:
+            if not self.model:
+                raise ConfigError("No base model was given; pass --model with a .safetensors/.ckpt file.")
+            if not Path(self.model).exists():
+                raise ConfigError(f"Model {self.model} does not exist; check the path.")
+        if not self.data:
+            raise ConfigError("No dataset folder was given; pass --data with the folder holding img/.")
+        if not Path(self.data).is_dir():
+            raise ConfigError(f"Dataset folder {self.data} does not exist; check the path.")
+        check_name(self.name)
+        _positive_int("rank", self.rank, "16 is a good start")
+        _non_negative_int("conv_rank", self.conv_rank)
+        _positive("alpha", self.alpha)
+        if self.conv_rank:
+            _positive("conv_alpha", self.conv_alpha)
+        if not (self.train_unet or self.train_text_encoder):
+            raise ConfigError("Neither the UNet nor the text encoder is trained; enable at least one.")
+        _positive("learning_rate", self.learning_rate, "1e-4 is a good start")
+        if self.text_encoder_lr < 0:
+            raise ConfigError(f"text_encoder_lr must be ≥ 0 (got {self.text_encoder_lr}); "
+                              "use 0 to reuse learning_rate.")
+        _positive_int("resolution", self.resolution)
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution}); use 512 or 1024.")
+        _positive_int("bucket_reso_steps", self.bucket_reso_steps)
+        if self.enable_bucket:
+            if self.min_bucket_reso <= 0 or self.max_bucket_reso < self.min_bucket_reso:
+                raise ConfigError(f"Bucket sizes {self.min_bucket_reso}..{self.max_bucket_reso} are not a "
+                                  "valid range; use e.g. 256..1024 (SD1) or 512..2048 (SDXL).")
+            if self.resolution < self.min_bucket_reso:
+                raise ConfigError(f"resolution {self.resolution} is below min_bucket_reso "
+                                  f"{self.min_bucket_reso}; lower min_bucket_reso.")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("The run has zero steps (epochs and max_steps are both 0); "
+                              "set --epochs or --max-steps to at least 1.")
+        if self.epochs < 0 or self.max_steps < 0:
+            raise ConfigError("epochs and max_steps cannot be negative; set at least one of them to ≥ 1.")
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("save_precision", self.save_precision, SAVE_PRECISION)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _non_negative_int("lr_warmup_steps", self.lr_warmup_steps)
+        _positive_int("lr_scheduler_num_cycles", self.lr_scheduler_num_cycles)
+        if self.clip_skip < 1:
+            raise ConfigError(f"clip_skip must be ≥ 1 (got {self.clip_skip}); 1 = last layer, 2 = penultimate.")
+        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1) (got {value}); 0.05 is typical.")
+        _non_negative_int("keep_tokens", self.keep_tokens)
+        for key in ("noise_offset", "min_snr_gamma", "max_grad_norm", "prior_loss_weight", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} cannot be negative (got {getattr(self, key)}); use 0 to turn it off.")
+        if self.min_timestep < 0 or (self.max_timestep and self.max_timestep <= self.min_timestep):
+            raise ConfigError(f"Timestep range {self.min_timestep}..{self.max_timestep} is empty; "
+                              "use e.g. min_timestep 0, max_timestep 1000.")
+        if self.loss_type == "huber":
+            _positive("huber_c", self.huber_c)
+        for key in ("save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "multires_noise_iterations"):
+            _non_negative_int(key, getattr(self, key))
+        if self.sample_every_n_epochs and not self.sample_prompts:
+            raise ConfigError("Samples are requested but no sample prompt is given; add --sample-prompt.")
+        _positive_int("sample_steps", self.sample_steps)
+        if self.caption_extension and not self.caption_extension.startswith("."):
+            raise ConfigError(f"caption_extension must start with a dot (got '{self.caption_extension}'); "
+                              "use .txt or .caption.")
+        if self.resume and not Path(self.resume).is_dir():
+            raise ConfigError(f"Resume state {self.resume} does not exist; pass the <name>-state folder "
+                              "written by the stopped run.")
+        if self.preset and self.preset not in PRESETS:
+            raise ConfigError(f"Unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}.")
+        return self
+
+
+def check_name(name: str) -> None:
+    """The LoRA name becomes a file name: no folders, no `..`, nothing Windows cannot store."""
+    if not name or not name.strip():
+        raise ConfigError("The LoRA name is empty; give it a short name such as my-style.")
+    if ".." in name or "/" in name or "\\" in name or os.sep in name:
+        raise ConfigError(f"The LoRA name '{name}' contains a path separator or '..'; "
+                          "use a plain file name such as my-style.")
+    if not _NAME_OK.match(name) or name != name.strip() or name.endswith("."):
+        raise ConfigError(f"The LoRA name '{name}' has characters a file name cannot hold; "
+                          "use letters, digits, '-' and '_'.")
+    if name.lower().endswith(".safetensors"):
+        raise ConfigError(f"The LoRA name '{name}' includes the extension; give the name without .safetensors.")
+
+
+def _coerce(key: str, value: Any, default: Any, f: dataclasses.Field) -> Any:
+    """Settings files and form fields give strings and ints loosely; make them the field's type."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.strip().lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.strip().lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return "" if value is None else str(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return [line for line in value.splitlines() if line.strip()]
+            return [str(v) for v in value]
+        if isinstance(default, dict):
+            if isinstance(value, str):
+                return json.loads(value) if value.strip() else {}
+            return dict(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Setting {key} has the value {value!r}, which is not a valid "
+                          f"{type(default).__name__}; fix it in your settings.") from e
+    return value
+
+
+def _positive_int(key: str, value: int, hint: str = "") -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be at least 1 (got {value}); {hint or 'raise it'}.")
+
+
+def _non_negative_int(key: str, value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"{key} cannot be negative (got {value}); use 0 to turn it off.")
+
+
+def _positive(key: str, value: float, hint: str = "") -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be greater than 0 (got {value}); {hint or 'raise it'}.")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} '{value}' is not supported; choose one of {', '.join(choices)}.")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
