@@ -6,6 +6,8 @@ each WebUI, StandaloneHost (to be built with jobs.py) for the CLI, tests and `se
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -46,3 +48,72 @@ class Host(Protocol):
 
     def allowed_roots(self) -> list[Path] | None:
         """Folders user-typed paths must stay inside; None when any path is allowed."""
+
+
+class StandaloneHost:
+    """The host when no WebUI is around: the CLI's `serve`/`ui`, tests, scripts.
+
+    bundle_factory: builds the model to train (tests: a tiny model); without it `config.model`
+    is loaded from disk for each run and dropped afterwards.
+    """
+
+    name = "standalone"
+
+    def __init__(self, lora_dir: str | Path, *, model: str | Path | None = None,
+                 bundle_factory: Callable[[], ModelBundle] | None = None, device: str = "cpu",
+                 allowed_roots: list[Path] | None = None) -> None:
+        self._lora_dir = Path(lora_dir)
+        self.model = Path(model) if model else None
+        self._bundle_factory = bundle_factory
+        self._device = device
+        self._roots = [Path(r) for r in allowed_roots] if allowed_roots is not None else None
+        self._lock = threading.Lock()
+        self.events: list[Any] = []  # the last events reported, for tests and debugging
+        self.saved: list[Path] = []
+
+    def acquire_model(self, config: Any) -> ModelBundle:
+        if self._bundle_factory is not None:
+            return self._bundle_factory()
+        from .models.loader import load_model  # heavy: only when a run starts
+
+        path = getattr(config, "model", None) or self.model
+        if not path:
+            from .errors import ConfigError
+
+            raise ConfigError("No model to train on was given; pass --model with a checkpoint file.")
+        return load_model(Path(path))
+
+    def release_model(self, bundle: ModelBundle) -> None:
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a hard dependency
+            pass
+
+    def lora_dir(self) -> Path:
+        return self._lora_dir
+
+    def gpu_lock(self) -> AbstractContextManager[Any]:
+        return self._lock
+
+    def device(self) -> torch.device:
+        import torch
+
+        return torch.device(self._device)
+
+    def report(self, event: Any) -> None:
+        self.events = (self.events + [event])[-200:]
+
+    def interrupted(self) -> bool:
+        return False
+
+    def after_save(self, lora_path: Path) -> None:
+        self.saved.append(Path(lora_path))
+
+    def allowed_roots(self) -> list[Path] | None:
+        return self._roots
