@@ -1,0 +1,105 @@
+"""Tag every image in a folder: `<stem>.txt` beside each image, a JSON report, skipped files kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..dataset.atomic import write_text_atomic
+from ..dataset.captions import caption_path, join_tags, read_caption_checked, split_tags, write_caption
+from ..dataset.images import ImageLoadError, iter_candidates, load_image
+from ..errors import ConfigError, DatasetError
+from .engine import Tagger
+from .thresholds import MODES, TagOptions, compose_caption, select_tags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TagRun:
+    """Outcome of tagging a folder; paths are relative to `root` (POSIX style)."""
+
+    root: Path
+    provider: str
+    model: str
+    batch_size: int
+    captions: dict[str, str] = field(default_factory=dict)  # caption written per image
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # every tag's score per image
+    skipped: dict[str, str] = field(default_factory=dict)  # image or file -> reason
+
+    def report(self) -> dict:
+        """The `--report` JSON: images -> caption and scores (names as in selected_tags.csv), skipped."""
+        return {
+            "images": {rel: {"caption": self.captions[rel], "scores": self.scores[rel]} for rel in self.captions},
+            "skipped": dict(self.skipped),
+        }
+
+
+def tag_folder(folder: str | os.PathLike[str], tagger: Tagger, options: TagOptions | None = None, *,
+               mode: str = "append", batch_size: int = 8, recursive: bool = False,
+               report: str | os.PathLike[str] | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> TagRun:
+    """Write `<stem>.txt` beside each image of `folder` (see TagOptions and `mode`); never touch images.
+
+    mode: append (keep existing tags, add new ones, no duplicates), overwrite, or skip (leave
+    images that have a caption alone). Raise DatasetError when the folder is missing or holds no
+    usable image; unreadable files are skipped and listed, not fatal.
+    """
+    options = options or TagOptions()
+    options.validate()
+    if mode not in MODES:
+        raise ConfigError(f"Caption mode '{mode}' is unknown; use one of {', '.join(MODES)}.")
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetError(f"Folder {root} does not exist; check the path.")
+    batch = tagger.batch_size(batch_size)
+    run = TagRun(root=root, provider=tagger.provider, model=tagger.files.name, batch_size=batch)
+    skipped: dict[Path, str] = {}
+    todo: list[Path] = []
+    kept = 0
+    for image in iter_candidates(root, recursive, skipped):
+        if mode == "skip" and caption_path(image).exists():
+            skipped[image] = "has a caption already (mode skip)"
+            kept += 1
+        else:
+            todo.append(image)
+    for start in range(0, len(todo), batch):
+        paths, images = [], []
+        for path in todo[start:start + batch]:
+            try:
+                images.append(load_image(path))
+                paths.append(path)
+            except ImageLoadError as e:
+                skipped[path] = e.reason
+        for path, scores in zip(paths, tagger.predict(images)):
+            rel = path.relative_to(root).as_posix()
+            run.captions[rel] = _write_caption(path, select_tags(scores, tagger.labels, options), options, mode)
+            run.scores[rel] = {name: float(p) for name, p in zip(tagger.labels.names, scores)}
+        if on_progress:
+            on_progress(min(start + batch, len(todo)), len(todo))
+    run.skipped = {p.relative_to(root).as_posix(): reason for p, reason in sorted(skipped.items())}
+    if not run.captions and not kept:
+        detail = f" ({len(skipped)} file(s) skipped, e.g. {next(iter(run.skipped.items()), ('', ''))[0]}: " \
+                 f"{next(iter(run.skipped.values()), '')})" if skipped else ""
+        raise DatasetError(f"Folder {root} holds no usable image{detail}; add JPEG/PNG/WEBP images"
+                           f"{'' if recursive else ' or use --recursive for subfolders'}.")
+    if report is not None:
+        write_text_atomic(report, json.dumps(run.report(), ensure_ascii=False, indent=1) + "\n")
+    return run
+
+
+def _write_caption(image: Path, predicted: list[str], options: TagOptions, mode: str) -> str:
+    cap = caption_path(image)
+    existing = None
+    if mode == "append" and cap.exists():
+        text, warning = read_caption_checked(cap)
+        if warning:
+            log.warning("caption %s %s", cap.name, warning)
+        existing = split_tags(text)
+    caption = join_tags(compose_caption(predicted, options, existing, mode))
+    write_caption(cap, caption)
+    return caption
