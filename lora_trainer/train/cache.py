@@ -1,0 +1,122 @@
+"""Latents and text-encoder outputs computed once, before the loop.
+
+Latents are kept in memory (CPU); with a disk cache they are also stored under a key made of the
+image's *content* hash, its bucket/resize and the VAE's identity, so an edited image or another
+VAE never reuses a stale latent.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import Dataset, ImageItem, image_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedLatent:
+    latent: torch.Tensor  # (4, h, w) fp32 on CPU, already multiplied by the scaling factor
+    flipped: torch.Tensor | None = None
+
+
+def vae_identity(vae, scaling_factor: float) -> str:
+    """Cheap fingerprint: config + scaling factor + the first and last encoder weights."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    h.update(str(scaling_factor).encode())
+    for tensor in (vae.encoder.conv_in.weight, vae.encoder.conv_out.weight):
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(item: ImageItem, vae_id: str, flip: bool) -> str:
+    assert item.choice is not None
+    (bw, bh), (rw, rh) = item.choice.bucket, item.choice.resized
+    return f"{file_hash(item.path)[:32]}-{bw}x{bh}-{rw}x{rh}-{vae_id}{'-flip' if flip else ''}"
+
+
+@torch.no_grad()
+def encode_latent(vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    # Sample on the CPU generator so the draw is the same on every device.
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32)
+    latent = dist.mean.float() + dist.std.float() * noise.to(dist.mean.device)
+    if not torch.isfinite(latent).all() and param.dtype != torch.float32:
+        # SDXL's VAE overflows in fp16 on some images: redo that one in fp32.
+        vae32 = copy.deepcopy(vae).float()
+        dist = vae32.encode(pixels.to(param.device, torch.float32)).latent_dist
+        latent = dist.mean + dist.std * noise.to(dist.mean.device)
+        del vae32
+    return (latent * scaling_factor).cpu()
+
+
+def cache_latents(dataset: Dataset, vae, scaling_factor: float, *, flip: bool, seed: int,
+                  disk_dir: Path | None = None, progress: Callable[[int, int], None] | None = None
+                  ) -> list[CachedLatent]:
+    vae_id = vae_identity(vae, scaling_factor)
+    generator = torch.Generator().manual_seed(seed)
+    out: list[CachedLatent] = []
+    if disk_dir is not None:
+        disk_dir.mkdir(parents=True, exist_ok=True)
+    for n, item in enumerate(dataset.items):
+        entry = _from_disk(disk_dir, item, vae_id, flip) if disk_dir is not None else None
+        if entry is None:
+            pixels = image_tensor(item).unsqueeze(0)
+            latent = encode_latent(vae, pixels, scaling_factor, generator)[0]
+            flipped = encode_latent(vae, pixels.flip(-1), scaling_factor, generator)[0] if flip else None
+            entry = CachedLatent(latent, flipped)
+            if disk_dir is not None:
+                _to_disk(disk_dir, item, vae_id, flip, entry)
+        out.append(entry)
+        if progress:
+            progress(n + 1, len(dataset.items))
+    return out
+
+
+def _disk_path(disk_dir: Path, item: ImageItem, vae_id: str, flip: bool) -> Path:
+    return disk_dir / f"{cache_key(item, vae_id, flip)}.safetensors"
+
+
+def _from_disk(disk_dir: Path, item: ImageItem, vae_id: str, flip: bool) -> CachedLatent | None:
+    from safetensors.torch import load_file
+
+    path = _disk_path(disk_dir, item, vae_id, flip)
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        return CachedLatent(tensors["latent"], tensors.get("flipped"))
+    except Exception:  # a half-written or foreign file: recompute it
+        log.warning("latent cache file %s is unreadable; recomputing it", path.name)
+        return None
+
+
+def _to_disk(disk_dir: Path, item: ImageItem, vae_id: str, flip: bool, entry: CachedLatent) -> None:
+    from safetensors.torch import save_file
+
+    path = _disk_path(disk_dir, item, vae_id, flip)
+    tensors = {"latent": entry.latent.contiguous()}
+    if entry.flipped is not None:
+        tensors["flipped"] = entry.flipped.contiguous()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)

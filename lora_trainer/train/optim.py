@@ -1,0 +1,85 @@
+"""Optimisers and learning-rate schedules from maintained libraries.
+
+Optional packages are checked before training starts so a missing one fails in the first second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+
+from ..errors import MissingPackageError
+
+log = logging.getLogger(__name__)
+
+# optimizer -> (package to install, import name), for the optional ones
+_OPTIONAL = {
+    "AdamW8bit": ("bitsandbytes", "bitsandbytes"),
+    "Lion8bit": ("bitsandbytes", "bitsandbytes"),
+    "Prodigy": ("prodigyopt", "prodigyopt"),
+}
+
+
+def check_optimizer_available(name: str) -> None:
+    if name in _OPTIONAL:
+        package, module = _OPTIONAL[name]
+        if importlib.util.find_spec(module) is None:
+            raise MissingPackageError(package, f"The {name} optimizer")
+    if name == "Lion" and not (importlib.util.find_spec("lion_pytorch") or importlib.util.find_spec("bitsandbytes")):
+        raise MissingPackageError("lion-pytorch", "The Lion optimizer")
+
+
+def build_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, weight_decay: float,
+                    args: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    check_optimizer_available(name)
+    args = dict(args or {})
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    if name == "AdamW":
+        if on_cuda and "fused" not in args:
+            args["fused"] = True
+        try:
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **args)
+        except (RuntimeError, TypeError):  # fused kernel unavailable for this torch/device
+            args.pop("fused", None)
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **args)
+    if name == "AdamW8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay, **args)
+    if name == "Lion8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Lion8bit(groups, lr=lr, weight_decay=weight_decay, **args)
+    if name == "Lion":
+        if importlib.util.find_spec("lion_pytorch"):
+            from lion_pytorch import Lion
+
+            return Lion(groups, lr=lr, weight_decay=weight_decay, **args)
+        import bitsandbytes as bnb
+
+        return bnb.optim.Lion(groups, lr=lr, weight_decay=weight_decay, **args)
+    if name == "Prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, lr=lr, weight_decay=weight_decay, **args)
+    if name == "Adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate needs relative_step off (kohya does the same).
+        args.setdefault("relative_step", False)
+        args.setdefault("scale_parameter", False)
+        args.setdefault("warmup_init", False)
+        return Adafactor(groups, lr=lr, weight_decay=weight_decay, **args)
+    raise ValueError(name)
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                    num_cycles: int = 1, power: float = 1.0):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         num_cycles=num_cycles, power=power)

@@ -1,0 +1,103 @@
+"""Resumable training state: everything needed to continue a stopped run as if it never stopped.
+
+One folder `<output>/<name>-state/` with `state.pt` (LoRA weights in fp32, optimizer, LR schedule,
+loss scaler, RNG states of python/numpy/torch/CUDA, position in the data order, step/epoch, loss
+history, files already written) and `config.json` (the settings, for people and for resume).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+STATE_FILE = "state.pt"
+FORMAT = 1
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # index of the epoch in progress (0-based)
+    chunk: int = 0  # next accumulation group of batches inside that epoch
+    losses: list[float] = field(default_factory=list)
+    smoothed: float | None = None
+    saved: list[str] = field(default_factory=list)  # LoRA files this run wrote (may be rewritten on resume)
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(folder: Path, *, config_hash: str, config_json: str, lora: dict[str, torch.Tensor],
+               optimizer, scheduler, scaler, position: Position) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "config_hash": config_hash,
+        "lora": {k: v.detach().float().cpu().contiguous() for k, v in lora.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "position": {"step": position.step, "epoch": position.epoch, "chunk": position.chunk,
+                     "losses": list(position.losses), "smoothed": position.smoothed,
+                     "saved": list(position.saved)},
+    }
+    tmp = folder / f".{STATE_FILE}.{os.getpid()}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, folder / STATE_FILE)
+    cfg_tmp = folder / f".config.json.{os.getpid()}.tmp"
+    cfg_tmp.write_text(config_json, encoding="utf-8")
+    os.replace(cfg_tmp, folder / "config.json")
+    return folder
+
+
+def load_state(folder: str | os.PathLike[str], config_hash: str) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{folder} holds no {STATE_FILE}; pass the <name>-state folder written by the "
+                          "stopped run.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"Resume state {path} cannot be read ({e.__class__.__name__}); "
+                          "start a new run without --resume.") from e
+    if payload.get("format") != FORMAT:
+        raise ConfigError(f"Resume state {path} was written by another version; start a new run.")
+    if payload["config_hash"] != config_hash:
+        raise ConfigError("The resume state was saved with different training settings; resume with the "
+                          f"settings in {Path(folder) / 'config.json'} (e.g. --config that file).")
+    return payload
+
+
+def position_from(payload: dict[str, Any]) -> Position:
+    p = payload["position"]
+    return Position(step=p["step"], epoch=p["epoch"], chunk=p["chunk"], losses=list(p["losses"]),
+                    smoothed=p["smoothed"], saved=list(p["saved"]))
