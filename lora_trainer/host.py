@@ -74,13 +74,13 @@ class StandaloneHost:
     def acquire_model(self, config: Any) -> ModelBundle:
         if self._bundle_factory is not None:
             return self._bundle_factory()
-        from .models.loader import load_model  # heavy: only when a run starts
-
         path = getattr(config, "model", None) or self.model
         if not path:
             from .errors import ConfigError
 
             raise ConfigError("No model to train on was given; pass --model with a checkpoint file.")
+        from .models.loader import load_model  # heavy: only when a run starts
+
         return load_model(Path(path))
 
     def release_model(self, bundle: ModelBundle) -> None:

@@ -1,0 +1,555 @@
+"""Background jobs: one training (or tagging, preparing) run at a time, polled by the UI and API.
+
+A JobManager owns one worker thread. Requests made while a job runs are queued in order (state
+`queued`) rather than refused, so the UI and API can both fire and poll; beyond `max_queued`
+waiting jobs a request is refused with JobQueueFullError. A training job holds the host's GPU lock
+for the whole run, gets the model from the host and always gives it back, mirrors every
+ProgressEvent to the host, turns the host's Interrupt into a graceful stop, and finally publishes
+the LoRA into the host's Lora folder under a fresh name with its `.json` and `.preview.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LoraTrainerError
+from .paths import fresh_stem, lora_subdir, validate_lora_name, write_new_file
+
+log = logging.getLogger(__name__)
+
+STATES = ("queued", "running", "done", "failed", "stopped")
+FINAL_STATES = frozenset({"done", "failed", "stopped"})
+LORA_SUFFIXES = (".safetensors", ".json", ".preview.png")
+PREFERRED_WEIGHT = 0.8
+_KEEP_FINISHED = 50  # finished jobs remembered for polling
+
+
+class JobError(LoraTrainerError):
+    """A job request cannot be carried out as asked."""
+
+
+class UnknownJobError(JobError):
+    """No job has the requested id."""
+
+
+class JobQueueFullError(JobError):
+    """Too many jobs are waiting already."""
+
+
+Runner = Callable[..., Any]  # run_training(config, *, bundle, on_event, stop) -> TrainResult
+
+
+@dataclass
+class Job:
+    """One queued/running/finished job; `to_dict()` is what the UI and API show."""
+
+    id: str
+    kind: str  # "train" | "tag" | "prepare"
+    label: str
+    state: str = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    total_epochs: int = 0
+    loss: float | None = None
+    smoothed_loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    vram_bytes: int | None = None
+    loss_history: list[tuple[int, float, float | None]] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+    saves: list[str] = field(default_factory=list)  # LoRAs the engine wrote in the run folder
+    outputs: list[str] = field(default_factory=list)  # published files (Lora folder) or results
+    lora_name: str | None = None
+    prompt_text: str = ""
+    plan_text: str = ""
+    message: str = ""
+    error: str | None = None
+    result: Any = None  # tag/prepare: a JSON-able summary; train: the TrainResult
+    state_dir: str | None = None
+    resumed_from: str | None = None
+    config: Any = None  # TrainConfig for training jobs
+    lora_subdir: str = ""
+    stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    done_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    _fn: Callable[[Job], Any] | None = field(default=None, repr=False)
+    _gpu: bool = field(default=True, repr=False)
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.state == "done"
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        """For tag/prepare functions: report `done` of `total` items."""
+        self.step, self.total_steps = done, total
+        if message:
+            self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = self.result if isinstance(self.result, (dict, list, str, int, float)) else None
+        return {
+            "id": self.id, "kind": self.kind, "label": self.label, "state": self.state,
+            "created": self.created, "started": self.started, "finished": self.finished,
+            "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch,
+            "total_epochs": self.total_epochs, "loss": self.loss, "smoothed_loss": self.smoothed_loss,
+            "lr": self.lr, "it_per_s": self.it_per_s, "eta_s": self.eta_s, "vram_bytes": self.vram_bytes,
+            "loss_history": [list(x) for x in self.loss_history], "samples": list(self.samples),
+            "saves": list(self.saves), "outputs": list(self.outputs), "lora_name": self.lora_name,
+            "prompt_text": self.prompt_text, "plan": self.plan_text, "message": self.message,
+            "error": self.error, "state_dir": self.state_dir, "resumed_from": self.resumed_from,
+            "result": summary,
+        }
+
+
+class JobManager:
+    def __init__(self, host: Any, *, work_dir: str | Path | None = None, runner: Runner | None = None,
+                 max_queued: int = 8, poll_interval: float = 0.5) -> None:
+        self.host = host
+        self.work_dir = Path(work_dir) if work_dir else Path(host.lora_dir()).parent / "lora_trainer_runs"
+        self._runner = runner
+        self.max_queued = max_queued
+        self.poll_interval = poll_interval
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[Job] = deque()
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._current: Job | None = None
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ requests
+    def submit_train(self, config: Any, *, lora_subdir: str = "", label: str | None = None) -> Job:
+        """Queue a training run of `config` (a TrainConfig) on the host's model."""
+        validate_lora_name(config.name)
+        job = self._new_job("train", label or f"train {config.name}")
+        job.config = config
+        job.lora_subdir = lora_subdir or ""
+        job.resumed_from = config.resume or None
+        return self._enqueue(job)
+
+    def submit(self, kind: str, fn: Callable[[Job], Any], *, label: str = "", gpu: bool = True) -> Job:
+        """Queue `fn(job)` (tagging, preparing); its return value becomes `job.result`.
+
+        gpu: hold the host's GPU lock while it runs (the tagger may use CUDA; preparing does not).
+        """
+        job = self._new_job(kind, label or kind)
+        job._fn, job._gpu = fn, gpu
+        return self._enqueue(job)
+
+    def resume(self, job_id: str, **overrides: Any) -> Job:
+        """A new training job that continues the stopped job `job_id` from its saved state."""
+        old = self.get(job_id)
+        if old.kind != "train" or old.state != "stopped" or not old.state_dir:
+            raise JobError(f"Job {job_id} cannot be resumed: only a stopped training run that saved its "
+                           "state can; start a new run instead.")
+        config = dataclasses.replace(old.config, resume=old.state_dir, **overrides)
+        return self.submit_train(config, lora_subdir=old.lora_subdir, label=f"resume {config.name}")
+
+    def stop(self, job_id: str) -> Job:
+        """Graceful stop: a running job finishes its step and saves; a queued job never starts."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state == "queued":
+                self._queue.remove(job)
+                self._finish(job, "stopped", message="Stopped before it started.")
+            elif job.state == "running":
+                job.stop_event.set()
+                job.message = "Stopping after this step…"
+            return job
+
+    # ------------------------------------------------------------------ queries
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise UnknownJobError(f"There is no job {job_id!r}; it may have finished long ago "
+                                  "or the server restarted. List jobs to see the current ones.")
+        return job
+
+    def snapshot(self, job_id: str) -> dict[str, Any]:
+        """A consistent copy of the job's fields (the worker thread keeps changing them)."""
+        with self._lock:
+            return self.get(job_id).to_dict()
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def current(self) -> Job | None:
+        return self._current
+
+    def queued(self) -> list[Job]:
+        with self._lock:
+            return list(self._queue)
+
+    def latest(self, kind: str | None = None) -> Job | None:
+        with self._lock:
+            for job in reversed(list(self._jobs.values())):
+                if kind is None or job.kind == kind:
+                    return job
+        return None
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        job = self.get(job_id)
+        job.done_event.wait(timeout)
+        return job
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop whatever runs, drop the queue and end the worker thread."""
+        with self._lock:
+            self._closed = True
+            for job in list(self._queue):
+                self._finish(job, "stopped", message="Stopped: the server is shutting down.")
+            self._queue.clear()
+            if self._current is not None:
+                self._current.stop_event.set()
+            self._wake.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    # ------------------------------------------------------------------ internals
+    def _new_job(self, kind: str, label: str) -> Job:
+        return Job(id=uuid.uuid4().hex[:12], kind=kind, label=label)
+
+    def _enqueue(self, job: Job) -> Job:
+        with self._lock:
+            if self._closed:
+                raise JobError("The job runner has shut down; restart the server to run jobs.")
+            if len(self._queue) >= self.max_queued:
+                raise JobQueueFullError(f"{len(self._queue)} jobs are already waiting; wait for them to "
+                                        "finish or stop some before adding more.")
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            busy = self._current is not None or len(self._queue) > 1
+            job.message = "Queued: waits for the running job to finish." if busy else "Starting…"
+            self._forget_old()
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="lora-trainer-jobs", daemon=True)
+                self._worker.start()
+            self._wake.notify_all()
+        return job
+
+    def _forget_old(self) -> None:
+        done = [j for j in self._jobs.values() if j.state in FINAL_STATES]
+        for job in done[: max(0, len(done) - _KEEP_FINISHED)]:
+            del self._jobs[job.id]
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if self._closed and not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._current = job
+                job.state, job.started = "running", time.time()
+            try:
+                self._run(job)
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _run(self, job: Job) -> None:
+        try:
+            if job.kind == "train":
+                self._run_train(job)
+            else:
+                job.message = f"{job.label}…"
+                if job._gpu:
+                    with self.host.gpu_lock():
+                        job.result = job._fn(job)
+                else:
+                    job.result = job._fn(job)
+                summary = job.result.get("message") if isinstance(job.result, dict) else None
+                self._finish(job, "done", message=summary or f"{job.label}: done.")
+        except BaseException as e:  # every failure must end the job, not the worker
+            self._finish(job, "failed", error=_user_message(e, job))
+            if not isinstance(e, LoraTrainerError):
+                log.exception("LoRA Trainer job %s (%s) failed", job.id, job.label)
+            else:
+                log.debug("job %s failed", job.id, exc_info=True)
+            if not isinstance(e, Exception):  # KeyboardInterrupt/SystemExit: let them go on
+                raise
+        finally:
+            gc.collect()
+            _empty_cuda_cache()
+
+    def _finish(self, job: Job, state: str, *, message: str = "", error: str | None = None) -> None:
+        with self._lock:
+            job.state, job.finished = state, time.time()
+            job.error = error
+            job.message = error or message or job.message
+            job.eta_s = 0.0 if state == "done" else job.eta_s
+            job._fn = None
+        job.done_event.set()
+
+    # ------------------------------------------------------------------ training
+    def _runner_fn(self) -> Runner:
+        if self._runner is not None:
+            return self._runner
+        from .train import run_training  # heavy: torch/diffusers
+
+        return run_training
+
+    def _run_train(self, job: Job) -> None:
+        config = job.config
+        if not config.resume or not config.output_dir:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir = self.work_dir / f"{validate_lora_name(config.name)}-{stamp}-{job.id[:4]}"
+            config = dataclasses.replace(config, output_dir=str(run_dir))
+            job.config = config
+        runner = self._runner_fn()
+        run_over = threading.Event()
+        watcher = threading.Thread(target=self._watch_interrupt, args=(job, run_over), daemon=True,
+                                   name=f"lora-trainer-watch-{job.id}")
+        family = None
+        job.message = "Waiting for the GPU (a generation may be running)…"
+        with self.host.gpu_lock():
+            job.message = "Loading the model…"
+            bundle = self.host.acquire_model(config)
+            try:
+                family = getattr(getattr(bundle, "family", None), "label", None)
+                job.message = "Preparing the dataset and caches…"
+                watcher.start()
+                result = runner(config, bundle=bundle, on_event=lambda ev: self._on_event(job, ev),
+                                stop=job.stop_event)
+            finally:
+                run_over.set()
+                self.host.release_model(bundle)
+                del bundle
+        job.result = result
+        job.state_dir = str(result.state_dir) if getattr(result, "state_dir", None) else None
+        job.samples = [str(p) for p in getattr(result, "samples", [])] or job.samples
+        stopped = bool(getattr(result, "stopped", False))
+        if result.lora_path:
+            self._publish(job, config, result, family)
+        if stopped:
+            where = f" at step {result.steps}" if getattr(result, "steps", None) else ""
+            kept = f"; the LoRA so far is saved as {job.lora_name}" if job.lora_name else ""
+            resumable = " and can be resumed" if job.state_dir else ""
+            self._finish(job, "stopped", message=f"Stopped{where}{kept}{resumable}.")
+        else:
+            self._finish(job, "done", message=f"Done: {job.lora_name} is in the Lora folder.")
+
+    def _watch_interrupt(self, job: Job, run_over: threading.Event) -> None:
+        """Turn the host's Interrupt button into our graceful stop while the run lasts."""
+        while not run_over.wait(self.poll_interval) and not job.stop_event.is_set():
+            try:
+                if self.host.interrupted():
+                    job.message = "Interrupted: stopping after this step…"
+                    job.stop_event.set()
+                    return
+            except Exception:  # a flaky host check must not end training
+                log.debug("host.interrupted() failed", exc_info=True)
+
+    def _on_event(self, job: Job, ev: Any) -> None:
+        with self._lock:
+            kind = getattr(ev, "kind", "")
+            for name in ("step", "total_steps", "epoch", "total_epochs"):
+                value = getattr(ev, name, None)
+                if value:
+                    setattr(job, name, int(value))
+            for name in ("loss", "smoothed_loss", "lr", "it_per_s", "eta_s", "vram_bytes"):
+                value = getattr(ev, name, None)
+                if value is not None:
+                    setattr(job, name, value)
+            plan = getattr(ev, "plan", None)
+            if plan is not None:
+                job.plan_text = plan.text() if hasattr(plan, "text") else str(plan)
+                job.total_steps = getattr(plan, "total_steps", job.total_steps) or job.total_steps
+                job.total_epochs = getattr(plan, "epochs", job.total_epochs) or job.total_epochs
+            if kind == "step" and getattr(ev, "loss", None) is not None:
+                job.loss_history.append((job.step, float(ev.loss),
+                                         None if ev.smoothed_loss is None else float(ev.smoothed_loss)))
+            paths = [str(p) for p in (getattr(ev, "paths", None) or [])]
+            if getattr(ev, "path", None):
+                paths.insert(0, str(ev.path))
+            if kind == "sample":
+                job.samples.extend(p for p in paths if p not in job.samples)
+            elif kind == "save":
+                job.saves.extend(p for p in paths if p not in job.saves)
+            if getattr(ev, "message", ""):
+                job.message = ev.message
+            elif kind == "step" and job.total_steps:
+                job.message = f"Training: step {job.step}/{job.total_steps}"
+        try:
+            self.host.report(ev)
+        except Exception:  # the host's progress display must not end training
+            log.debug("host.report failed", exc_info=True)
+        try:
+            if self.host.interrupted():
+                job.stop_event.set()
+        except Exception:
+            log.debug("host.interrupted() failed", exc_info=True)
+
+    # ------------------------------------------------------------------ publishing
+    def _publish(self, job: Job, config: Any, result: Any, family: str | None) -> None:
+        """Copy the LoRA into the Lora folder under a fresh name, with user metadata and preview."""
+        dest_dir = lora_subdir(Path(self.host.lora_dir()), job.lora_subdir)
+        base = validate_lora_name(config.name)
+        for _ in range(100):  # another writer may claim a name between the check and the write
+            stem = fresh_stem(dest_dir, base, LORA_SUFFIXES)
+            lora_path = dest_dir / f"{stem}.safetensors"
+            try:
+                write_new_file(lora_path, src=Path(result.lora_path))
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 100 races in a row
+            raise JobError(f"Could not find a free file name for {base} in {dest_dir}; "
+                           "choose another LoRA name.")
+        job.lora_name = stem
+        job.outputs = [str(lora_path)]
+        trigger = activation_text(config)
+        meta = user_metadata(config, result, family=family, trigger=trigger)
+        from .train.usermeta import write_user_metadata  # the engine's writer: one format everywhere
+
+        json_path = write_user_metadata(lora_path, activation_text=meta["activation text"],
+                                        preferred_weight=meta["preferred weight"],
+                                        sd_version=meta["sd version"], description=meta["description"],
+                                        notes=meta["notes"])
+        job.outputs.append(str(json_path))
+        preview = _preview_png(job.samples)
+        if preview is not None:
+            try:
+                write_new_file(dest_dir / f"{stem}.preview.png", preview)
+                job.outputs.append(str(dest_dir / f"{stem}.preview.png"))
+            except FileExistsError:
+                log.warning("%s.preview.png appeared meanwhile; left it alone", stem)
+        weight = getattr(config, "preferred_weight", PREFERRED_WEIGHT) or PREFERRED_WEIGHT
+        job.prompt_text = f"<lora:{stem}:{weight:g}>" + (f" {trigger}" if trigger else "")
+        try:
+            self.host.after_save(lora_path)
+        except Exception:  # a failed Lora-list refresh must not fail the run
+            log.warning("Refreshing the Lora list failed", exc_info=True)
+        after_run = getattr(self.host, "after_run", None)  # optional hook (A1111: the A/B grid)
+        if after_run is not None:
+            try:
+                after_run(job)
+            except Exception:
+                log.warning("The host's after-run step failed", exc_info=True)
+
+
+# ---------------------------------------------------------------------- helpers
+_CONCEPT_DIR = re.compile(r"^\d+_(.+)$")
+
+
+def activation_text(config: Any) -> str:
+    """The trigger word(s): the setting, else the concept names of the `<N>_<concept>` folders."""
+    text = (getattr(config, "activation_text", "") or "").strip()
+    if text or not getattr(config, "data", ""):
+        return text
+    root = Path(config.data)
+    folder = root / "img" if (root / "img").is_dir() else root
+    try:
+        names = sorted(m.group(1).strip() for p in folder.iterdir() if p.is_dir()
+                       and (m := _CONCEPT_DIR.match(p.name)))
+    except OSError:
+        return ""
+    return ", ".join(dict.fromkeys(n for n in names if n))
+
+
+def user_metadata(config: Any, result: Any, *, family: str | None, trigger: str) -> dict[str, Any]:
+    """The WebUI's `<name>.json` user metadata (read by A1111's and Forge's Lora cards)."""
+    plan = getattr(result, "plan", None)
+    steps = getattr(result, "steps", 0)
+    parts = [f"Trained with LoRA Trainer for {steps} steps"]
+    if plan is not None and getattr(plan, "epochs", None):
+        parts[0] += f" ({plan.epochs} epochs planned, {getattr(plan, 'num_images', '?')} images)"
+    parts.append(f"rank {config.rank}, alpha {config.alpha:g}, learning rate {config.learning_rate:g}, "
+                 f"resolution {config.resolution}, batch {config.batch_size}")
+    if getattr(result, "final_loss", None) is not None:
+        parts.append(f"final loss {result.final_loss:.4f}")
+    if getattr(result, "stopped", False):
+        parts.append("stopped early")
+    return {
+        "description": "; ".join(parts) + ".",
+        "sd version": family or "Unknown",
+        "activation text": trigger,
+        "preferred weight": getattr(config, "preferred_weight", PREFERRED_WEIGHT) or PREFERRED_WEIGHT,
+        "notes": f"base model: {Path(str(getattr(config, 'model', '') or 'the WebUI model')).name}",
+    }
+
+
+def _preview_png(samples: list[str]) -> bytes | None:
+    """The last sample image as PNG bytes (None when there is none or it cannot be read)."""
+    for path in reversed(samples):
+        try:
+            import io
+
+            from PIL import Image
+
+            with Image.open(path) as im:
+                buf = io.BytesIO()
+                im.convert("RGB").save(buf, format="PNG")
+                return buf.getvalue()
+        except Exception:  # a bad sample just means no preview
+            log.debug("cannot read sample %s", path, exc_info=True)
+    return None
+
+
+def _user_message(e: BaseException, job: Job) -> str:
+    if isinstance(e, LoraTrainerError):
+        return str(e)
+    if _is_oom(e):
+        cfg = job.config
+        what = (f" at resolution {cfg.resolution}, batch size {cfg.batch_size}"
+                if cfg is not None and hasattr(cfg, "resolution") else "")
+        return (f"The GPU ran out of memory{what}; pick a lower-VRAM preset, or lower batch_size or "
+                "resolution, or turn on gradient_checkpointing, and close other programs using the GPU.")
+    if isinstance(e, KeyboardInterrupt):
+        return "Interrupted; start the job again."
+    return (f"{job.label} failed with an unexpected error ({type(e).__name__}: {str(e)[:200]}); "
+            "see the console log for details and report it if it happens again.")
+
+
+def _is_oom(e: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        "out of memory" in str(e).lower() or isinstance(e, MemoryError))
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort: freeing cache must never raise
+        log.debug("empty_cache failed", exc_info=True)
+
+
+_MANAGERS: dict[int, tuple[Any, JobManager]] = {}
+_MANAGERS_LOCK = threading.Lock()
+
+
+def manager_for(host: Any, **kwargs: Any) -> JobManager:
+    """The one JobManager of `host` (so the UI and API of one WebUI share jobs)."""
+    with _MANAGERS_LOCK:
+        entry = _MANAGERS.get(id(host))
+        if entry is None or entry[0] is not host:
+            entry = (host, JobManager(host, **kwargs))
+            _MANAGERS[id(host)] = entry
+        return entry[1]

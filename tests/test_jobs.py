@@ -1,0 +1,261 @@
+"""JobManager with a small stand-in runner (the engine contract: events, stop, TrainResult).
+
+The runner here is a real function that follows `run_training`'s contract exactly but trains
+nothing, so the manager's behaviour (queueing, stop, failures, publishing, host calls) is tested in
+milliseconds; tests/test_jobs_engine.py runs the real engine on a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.errors import TrainingError
+from lora_trainer.host import Host, StandaloneHost
+from lora_trainer.jobs import JobError, JobManager, JobQueueFullError, UnknownJobError, activation_text
+from lora_trainer.train.events import ProgressEvent, TrainingPlan, TrainResult
+
+
+class RecordingHost(StandaloneHost):
+    """A StandaloneHost that records the order of host calls."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls: list[str] = []
+        self.interrupt = threading.Event()
+        self.lock_held = threading.Event()
+
+    def acquire_model(self, config):
+        self.calls.append("acquire")
+        assert self.lock_held.is_set(), "model taken outside the GPU lock"
+        return object()
+
+    def release_model(self, bundle):
+        self.calls.append("release")
+
+    @contextmanager
+    def gpu_lock(self):
+        with super().gpu_lock():
+            self.calls.append("lock")
+            self.lock_held.set()
+            try:
+                yield
+            finally:
+                self.lock_held.clear()
+                self.calls.append("unlock")
+
+    def interrupted(self):
+        return self.interrupt.is_set()
+
+
+def make_runner(steps: int = 5, *, gate: threading.Event | None = None, fail: BaseException | None = None,
+                sample: bool = True):
+    """A runner with run_training's signature; `gate` makes every step wait until it is set."""
+
+    def runner(config, *, bundle=None, on_event=None, stop=None):
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plan = TrainingPlan(num_images=2, num_reg_images=0, images_x_repeats=steps, reg_x_repeats=0,
+                            samples_per_epoch=steps, batch_size=1, gradient_accumulation_steps=1,
+                            batches_per_epoch=steps, steps_per_epoch=steps, epochs=1, total_steps=steps)
+        on_event(ProgressEvent("plan", total_steps=steps, total_epochs=1, plan=plan))
+        start = 0
+        if config.resume:
+            start = int((Path(config.resume) / "step.txt").read_text())
+        samples, losses, step = [], [], start
+        for step in range(start + 1, steps + 1):
+            if gate is not None:
+                gate.wait(10)
+            if fail is not None and step == 2:
+                raise fail
+            loss = 1.0 / step
+            losses.append(loss)
+            on_event(ProgressEvent("step", step=step, total_steps=steps, epoch=1, total_epochs=1,
+                                   loss=loss, smoothed_loss=loss, lr=1e-4, it_per_s=10.0,
+                                   eta_s=(steps - step) / 10))
+            if stop is not None and stop.is_set():
+                break
+        lora = out / f"{config.name}.safetensors"
+        lora.write_bytes(b"lora at step %d" % step)
+        on_event(ProgressEvent("save", step=step, path=str(lora)))
+        if sample:
+            png = out / "sample.png"
+            Image.new("RGB", (8, 8), (200, 10, 10)).save(png)
+            samples.append(png)
+            on_event(ProgressEvent("sample", step=step, paths=[str(png)]))
+        state = out / "state"
+        state.mkdir(exist_ok=True)
+        (state / "step.txt").write_text(str(step))
+        stopped = step < steps
+        on_event(ProgressEvent("stopped" if stopped else "done", step=step, total_steps=steps))
+        return TrainResult(lora_path=lora, saved=[lora], samples=samples, state_dir=state, stopped=stopped,
+                           steps=step, final_loss=losses[-1] if losses else None, plan=plan, losses=losses)
+
+    return runner
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    d = tmp_path / "data" / "img" / "5_ohwx cat"
+    d.mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(d / "a.png")
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def host(tmp_path):
+    return RecordingHost(tmp_path / "Lora")
+
+
+def wait_running(job, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while job.state == "queued" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert job.state == "running"
+
+
+def config(dataset, **kw) -> TrainConfig:
+    return TrainConfig(data=str(dataset), name=kw.pop("name", "mylora"), **kw)
+
+
+def test_standalone_host_is_a_host(tmp_path):
+    assert isinstance(StandaloneHost(tmp_path), Host)
+
+
+def test_train_job_done_publishes_lora_json_preview(host, dataset, tmp_path):
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner())
+    job = jm.wait(jm.submit_train(config(dataset), lora_subdir="mine").id, 10)
+    assert job.state == "done", job.error
+    assert host.calls == ["lock", "acquire", "release", "unlock"]
+    lora_dir = (tmp_path / "Lora" / "mine").resolve()
+    assert job.lora_name == "mylora"
+    assert job.outputs == [str(lora_dir / "mylora.safetensors"), str(lora_dir / "mylora.json"),
+                           str(lora_dir / "mylora.preview.png")]
+    assert (lora_dir / "mylora.safetensors").read_bytes() == b"lora at step 5"
+    meta = json.loads((lora_dir / "mylora.json").read_text())
+    assert meta["activation text"] == "ohwx cat"
+    assert meta["preferred weight"] == 0.8
+    assert "5 steps" in meta["description"]
+    assert Image.open(lora_dir / "mylora.preview.png").size == (8, 8)
+    assert job.prompt_text == "<lora:mylora:0.8> ohwx cat"
+    assert host.saved == [lora_dir / "mylora.safetensors"]
+    d = jm.snapshot(job.id)
+    assert d["state"] == "done" and d["step"] == 5 and d["total_steps"] == 5
+    assert [h[0] for h in d["loss_history"]] == [1, 2, 3, 4, 5]
+    assert "Total:" in d["plan"]
+    assert [e.kind for e in host.events][:2] == ["plan", "step"]  # mirrored to the host
+    json.dumps(d)  # the API returns it as is
+
+
+def test_second_run_gets_a_fresh_name(host, dataset, tmp_path):
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner())
+    a = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    b = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert (a.lora_name, b.lora_name) == ("mylora", "mylora_2")
+    assert (tmp_path / "Lora" / "mylora.safetensors").read_bytes() == b"lora at step 5"
+
+
+def test_one_at_a_time_queue_and_stop(host, dataset, tmp_path):
+    gate = threading.Event()
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(gate=gate), max_queued=1)
+    first = jm.submit_train(config(dataset, name="one"))
+    wait_running(first)
+    second = jm.submit_train(config(dataset, name="two"))
+    assert second.state == "queued" and "Queued" in second.message
+    with pytest.raises(JobQueueFullError, match="already waiting"):
+        jm.submit_train(config(dataset, name="three"))
+    jm.stop(second.id)  # a queued job never starts
+    assert second.state == "stopped"
+    gate.set()
+    assert jm.wait(first.id, 10).state == "done"
+    assert host.calls.count("acquire") == 1
+
+
+def test_graceful_stop_keeps_a_usable_lora_and_resumes(host, dataset, tmp_path):
+    gate = threading.Event()
+    runner = make_runner(steps=50, gate=gate)
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=runner)
+    job = jm.submit_train(config(dataset))
+    wait_running(job)
+    jm.stop(job.id)
+    gate.set()
+    job = jm.wait(job.id, 10)
+    assert job.state == "stopped"
+    assert job.step < 50
+    assert Path(job.outputs[0]).is_file() and job.lora_name == "mylora"
+    assert "can be resumed" in job.message
+    resumed = jm.wait(jm.resume(job.id).id, 10)
+    assert resumed.state == "done"
+    assert resumed.resumed_from == job.state_dir
+    assert resumed.loss_history[0][0] == job.step + 1  # continued, not restarted
+    assert resumed.lora_name == "mylora_2"
+    with pytest.raises(JobError, match="cannot be resumed"):
+        jm.resume(resumed.id)
+
+
+def test_host_interrupt_becomes_graceful_stop(host, dataset, tmp_path):
+    gate = threading.Event()
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=50, gate=gate),
+                    poll_interval=0.01)
+    job = jm.submit_train(config(dataset))
+    host.interrupt.set()
+    gate.set()
+    assert jm.wait(job.id, 10).state == "stopped"
+    assert host.calls[-2:] == ["release", "unlock"]
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (TrainingError("The loss became NaN at step 2; lower the learning rate."), "loss became NaN"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "ran out of memory"),
+    (ValueError("boom"), "unexpected error (ValueError: boom)"),
+])
+def test_failures_end_the_job_with_a_message_and_release(host, dataset, tmp_path, exc, expected, caplog):
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(fail=exc))
+    job = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert job.state == "failed"
+    assert expected in job.error
+    assert "Traceback" not in job.error
+    assert host.calls == ["lock", "acquire", "release", "unlock"]
+    assert not (tmp_path / "Lora").exists() or not list((tmp_path / "Lora").iterdir())
+    # the worker survives a failure
+    jm._runner = make_runner()
+    ok = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert ok.state == "done"
+
+
+def test_acquire_failure_fails_cleanly(dataset, tmp_path):
+    host = StandaloneHost(tmp_path / "Lora")  # no bundle factory and no model file
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner())
+    job = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert job.state == "failed"
+    assert "No model to train on" in job.error
+    assert not host.gpu_lock().locked()
+
+
+def test_generic_jobs_and_unknown_ids(host, tmp_path):
+    jm = JobManager(host, work_dir=tmp_path / "runs")
+
+    def tag(job):
+        job.progress(1, 2)
+        job.progress(2, 2, "tagged 2 images")
+        return {"message": "Tagged 2 images.", "count": 2}
+
+    job = jm.wait(jm.submit("tag", tag, label="tag images").id, 10)
+    assert job.state == "done" and job.message == "Tagged 2 images."
+    assert jm.snapshot(job.id)["result"] == {"message": "Tagged 2 images.", "count": 2}
+    assert "lock" in host.calls
+    with pytest.raises(UnknownJobError, match="no job"):
+        jm.get("nope")
+
+
+def test_activation_text_from_setting_or_folders(dataset):
+    assert activation_text(TrainConfig(data=str(dataset))) == "ohwx cat"
+    assert activation_text(TrainConfig(data=str(dataset), activation_text="sks")) == "sks"
+    assert activation_text(TrainConfig(data=str(dataset / "img"))) == "ohwx cat"
