@@ -8,6 +8,7 @@ encoders), with channels shrunk so a CPU step takes milliseconds.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,14 +101,20 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def build_tiny_bundle(family: Family | str = Family.SD1, prediction_type: str = EPSILON,
-                      seed: int = 0) -> ModelBundle:
-    """A random tiny model in memory (fp32, CPU)."""
+                      seed: int = 0, *, conv_projection: bool = False) -> ModelBundle:
+    """A random tiny model in memory (fp32, CPU).
+
+    conv_projection: 1x1-conv `proj_in`/`proj_out` instead of Linear (SD1 always; some SD2 files).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     family = Family(family)
     g = torch.Generator().manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(family))
+    ucfg = unet_config(family)
+    if conv_projection:
+        ucfg["use_linear_projection"] = False
+    unet = UNet2DConditionModel(**ucfg)
     vae = AutoencoderKL(**vae_config())
     if family is Family.SDXL:
         encoders = [CLIPTextModel(CLIPTextConfig(**text_config("clip_l"))),
@@ -136,3 +143,42 @@ def build_tiny_bundle(family: Family | str = Family.SD1, prediction_type: str = 
         name=f"tiny-{family.value}",
         source="built in memory",
     )
+
+
+def write_tiny_checkpoint(folder: str | Path, family: Family | str = "sd1", prediction_type: str = EPSILON,
+                          fmt: str = "safetensors", seed: int = 0, *, conv_projection: bool = False,
+                          name: str | None = None) -> Path:
+    """Write the tiny model of `build_tiny_bundle(family, prediction_type, seed)` into `folder`.
+
+    fmt "safetensors"/"ckpt": a single-file LDM/SGM checkpoint laid out like A1111/Forge/Civitai files,
+    plus the same-named A1111 `.yaml` whose text-encoder `version` points at `<name>-text/text_encoder*`
+    folders (config.json + tokenizer files). fmt "diffusers": a diffusers pipeline folder.
+    Returns the checkpoint file (or the diffusers folder).
+    """
+    import yaml
+
+    from .ldm_writer import (
+        atomic_write_text,
+        bundle_to_ldm_state_dict,
+        ldm_yaml,
+        save_diffusers_folder,
+        save_state_dict,
+        write_text_encoder_folders,
+    )
+
+    if fmt not in ("safetensors", "ckpt", "diffusers"):
+        raise ValueError(f"fmt must be 'safetensors', 'ckpt' or 'diffusers', not {fmt!r}")
+    family = Family(family)
+    bundle = build_tiny_bundle(family, prediction_type, seed, conv_projection=conv_projection)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if name is None:
+        name = f"tiny-{family.value}" + ("-v" if prediction_type != EPSILON else "") + ("-conv" if conv_projection else "")
+    if fmt == "diffusers":
+        return save_diffusers_folder(bundle, folder / name)
+    text_dirs = write_text_encoder_folders(bundle, folder / f"{name}-text")
+    path = folder / f"{name}.{fmt}"
+    save_state_dict(bundle_to_ldm_state_dict(bundle, seed), path, fmt,
+                    metadata={"lora_trainer": f"tiny random {family.label} model", "seed": str(seed)})
+    atomic_write_text(path.with_suffix(".yaml"), yaml.safe_dump(ldm_yaml(bundle, text_dirs), sort_keys=False))
+    return path
