@@ -1,0 +1,31 @@
+"""LoRA adapters (peft) with kohya sd-scripts' target set, file format, metadata and hashes."""
+
+from .errors import LoraFileError
+from .kohya_file import (
+    LoraFileInfo,
+    load_kohya_file,
+    precalculate_safetensors_hashes,
+    read_lora_info,
+    save_kohya,
+)
+from .metadata import TrainingFacts, architecture, build_metadata
+from .network import LoadReport, LoraNetwork, LoraSpec, inject_lora
+from .targets import LoraTarget, find_targets
+
+__all__ = [
+    "LoadReport",
+    "LoraFileError",
+    "LoraFileInfo",
+    "LoraNetwork",
+    "LoraSpec",
+    "LoraTarget",
+    "TrainingFacts",
+    "architecture",
+    "build_metadata",
+    "find_targets",
+    "inject_lora",
+    "load_kohya_file",
+    "precalculate_safetensors_hashes",
+    "read_lora_info",
+    "save_kohya",
+]

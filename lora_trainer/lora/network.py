@@ -1,0 +1,355 @@
+"""LoRA adapters on a ModelBundle, injected with peft, exported and imported in kohya's format.
+
+peft wraps each target module in a LoraLayer whose `base_layer` is the original module object;
+`remove()` puts those objects back, so base weights (which may alias the WebUI's tensors) are
+never copied or touched. Adapter math equals kohya's `LoRAModule`: `up(down(x)) * alpha / rank`,
+down = kaiming-uniform(a=sqrt(5)), up = zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from ..models.bundle import ModelBundle
+from ..models.unet_keys import to_ldm_module_name
+from .errors import LoraFileError
+from .targets import LoraTarget, find_targets, text_encoder_components
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "kohya"
+DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+
+
+@dataclass
+class LoraSpec:
+    """What to train. alpha=None/0 means alpha=rank (kohya); conv_alpha defaults to 1 like kohya's."""
+
+    rank: int
+    alpha: float | None
+    conv_rank: int | None = None  # LoCon on ResNet/Down/Upsample 3x3 convs when set
+    conv_alpha: float | None = None
+    train_unet: bool = True
+    train_text_encoder: bool = True
+    dropout: float = 0.0  # peft lora_dropout: on the adapter's input (kohya's network_dropout is on the rank features)
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha) if self.alpha else float(self.rank)
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        return 1.0 if self.conv_alpha is None else float(self.conv_alpha) or float(self.conv_rank or 1)
+
+    def validate(self) -> None:
+        if int(self.rank) < 1:
+            raise ConfigError(f"LoRA rank {self.rank} is below 1; use a rank of 1 or more (4-32 is typical).")
+        if self.conv_rank is not None and int(self.conv_rank) < 1:
+            raise ConfigError(f"LoCon conv rank {self.conv_rank} is below 1; use 1 or more, or leave it empty "
+                              "to train without LoCon.")
+        if not (self.train_unet or self.train_text_encoder):
+            raise ConfigError("Neither the UNet nor the text encoder is set to train; enable at least one.")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"LoRA dropout {self.dropout} is outside [0, 1); use a value such as 0 or 0.1.")
+
+    @classmethod
+    def from_kohya_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> LoraSpec:
+        """The spec that recreates a kohya file's network (to continue training from it)."""
+        ranks: dict[bool, set[int]] = {False: set(), True: set()}  # keyed by "is a kxk conv"
+        alphas: dict[bool, set[float]] = {False: set(), True: set()}
+        has_unet = has_te = False
+        for key, value in state_dict.items():
+            name, _, suffix = key.partition(".")
+            if suffix != DOWN:
+                continue
+            is_conv = value.dim() == 4 and tuple(value.shape[2:]) != (1, 1)
+            ranks[is_conv].add(int(value.shape[0]))
+            alpha = state_dict.get(f"{name}.{ALPHA}")
+            alphas[is_conv].add(float(alpha.item()) if alpha is not None else float(value.shape[0]))
+            has_unet |= name.startswith("lora_unet_")
+            has_te |= name.startswith("lora_te")
+        if not ranks[False] and not ranks[True]:
+            raise LoraFileError("The file holds no kohya LoRA weights (no '.lora_down.weight' keys); "
+                                "pick a LoRA made by kohya sd-scripts or this trainer.")
+        if len(ranks[False]) > 1 or len(ranks[True]) > 1:
+            raise LoraFileError("The LoRA file uses different ranks per block, which this trainer cannot "
+                                "continue; start a new LoRA or pick a file with one rank.")
+        rank = next(iter(ranks[False] or ranks[True]))
+        alpha = next(iter(alphas[False] or alphas[True]))
+        conv_rank = next(iter(ranks[True])) if ranks[True] else None
+        conv_alpha = next(iter(alphas[True])) if alphas[True] else None
+        return cls(rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
+                   train_unet=has_unet, train_text_encoder=has_te)
+
+
+@dataclass
+class LoadReport:
+    """What `load_kohya_state_dict` matched. Names are kohya module names (no suffix)."""
+
+    loaded: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in this network
+    missing: list[str] = field(default_factory=list)  # in this network, not in the file
+    unexpected_keys: list[str] = field(default_factory=list)  # full keys we could not use
+
+    @property
+    def complete(self) -> bool:
+        return not (self.unexpected or self.missing or self.unexpected_keys)
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} modules"]
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} in the file but not in the model "
+                         f"(e.g. {', '.join(self.unexpected[:3])})")
+        if self.missing:
+            parts.append(f"{len(self.missing)} in the model but not in the file (e.g. {', '.join(self.missing[:3])})")
+        if self.unexpected_keys:
+            parts.append(f"{len(self.unexpected_keys)} unusable keys (e.g. {', '.join(self.unexpected_keys[:3])})")
+        return "; ".join(parts)
+
+
+def _lora_layer_cls():
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def _peft_config(spec: LoraSpec, targets: list[LoraTarget]):
+    from peft import LoraConfig
+
+    conv_names = [t.module_name for t in targets if t.is_conv3x3]
+    rank_pattern = {}
+    if conv_names and spec.conv_rank and spec.conv_rank != spec.rank:
+        # peft 0.13 matches keys as `.*\.{key}$`, peft >= 0.14 as `(.*\.)?({key})$`: a key that
+        # drops the first path component and is anchored by the leaf works in both.
+        suffixes = sorted({re.escape(n.split(".", 1)[1]) for n in conv_names})
+        rank_pattern = {"(?:" + "|".join(suffixes) + ")": int(spec.conv_rank)}
+    return LoraConfig(
+        r=int(spec.rank),
+        lora_alpha=spec.effective_alpha,
+        target_modules=[t.module_name for t in targets],
+        lora_dropout=float(spec.dropout),
+        bias="none",
+        init_lora_weights=True,
+        rank_pattern=rank_pattern,
+    )
+
+
+def _get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class LoraNetwork:
+    """The adapters injected into one bundle. Create with `inject_lora`."""
+
+    def __init__(self, bundle: ModelBundle, spec: LoraSpec, targets: list[LoraTarget]):
+        self.bundle = bundle
+        self.spec = spec
+        self.targets = targets
+        self.roots: dict[str, torch.nn.Module] = {"unet": bundle.unet, **dict(text_encoder_components(bundle))}
+        self.layers: dict[str, torch.nn.Module] = {}  # kohya name -> peft LoraLayer wrapper
+        self.alphas: dict[str, float] = {}  # kohya name -> alpha (scale = alpha / rank)
+        self._by_name = {t.kohya_name: t for t in targets}
+        self._saved_grad: dict[str, list[tuple[torch.nn.Parameter, bool]]] = {}
+        self._saved_attrs: dict[str, set[str]] = {}
+        self.removed = False
+
+    # -- building ---------------------------------------------------------------------------
+    def _inject(self, seed: int | None, dtype: torch.dtype | None) -> None:
+        from peft import inject_adapter_in_model
+
+        components = sorted({t.component for t in self.targets}, key=list(self.roots).index)
+        for component in components:
+            root = self.roots[component]
+            targets = [t for t in self.targets if t.component == component]
+            # peft freezes every non-LoRA parameter and adds attributes; remember both for remove().
+            self._saved_grad[component] = [(p, p.requires_grad) for p in root.parameters()]
+            self._saved_attrs[component] = set(vars(root))
+            inject_adapter_in_model(_peft_config(self.spec, targets), root, adapter_name=ADAPTER)
+            for t in targets:
+                self.layers[t.kohya_name] = _get_module(root, t.module_name)
+
+        lora_layer = _lora_layer_cls()
+        rng = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
+        with rng, torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            for t in self.targets:
+                layer = self.layers[t.kohya_name]
+                rank = self.expected_rank(t)
+                if not isinstance(layer, lora_layer) or layer.r.get(ADAPTER) != rank:
+                    raise RuntimeError(f"peft did not wrap {t.component}.{t.module_name} with rank {rank}")
+                down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+                if dtype is not None:
+                    down.to(dtype=dtype)
+                    up.to(dtype=dtype)
+                # Our own init, in kohya's order and kohya's way, so it does not depend on peft's version.
+                torch.nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+                torch.nn.init.zeros_(up.weight)
+                self._set_alpha(t, self.expected_alpha(t))
+
+    def expected_rank(self, target: LoraTarget) -> int:
+        return int(self.spec.conv_rank) if target.is_conv3x3 else int(self.spec.rank)
+
+    def expected_alpha(self, target: LoraTarget) -> float:
+        return self.spec.effective_conv_alpha if target.is_conv3x3 else self.spec.effective_alpha
+
+    def _set_alpha(self, target: LoraTarget, alpha: float) -> None:
+        layer = self.layers[target.kohya_name]
+        layer.lora_alpha[ADAPTER] = alpha
+        layer.scaling[ADAPTER] = alpha / layer.r[ADAPTER]
+        self.alphas[target.kohya_name] = alpha
+
+    # -- training ---------------------------------------------------------------------------
+    def parameters(self, component: str | None = None) -> Iterator[torch.nn.Parameter]:
+        """LoRA parameters: all, or of "unet", "te" (every text encoder), "te1", "te2"."""
+        for t in self.targets:
+            if component is None or t.component == component or (component == "te" and t.component.startswith("te")):
+                layer = self.layers[t.kohya_name]
+                yield layer.lora_A[ADAPTER].weight
+                yield layer.lora_B[ADAPTER].weight
+
+    def components(self) -> list[str]:
+        return sorted({t.component for t in self.targets}, key=list(self.roots).index)
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Scale every adapter's output (1.0 = as trained, 0.0 = base model), like kohya's multiplier."""
+        for t in self.targets:
+            layer = self.layers[t.kohya_name]
+            layer.scaling[ADAPTER] = multiplier * self.alphas[t.kohya_name] / layer.r[ADAPTER]
+
+    # -- kohya format -----------------------------------------------------------------------
+    def kohya_state_dict(self, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
+        """Tensors exactly as kohya's `LoRANetwork.save_weights` writes them (CPU copies)."""
+        out: dict[str, torch.Tensor] = {}
+        for t in self.targets:
+            layer = self.layers[t.kohya_name]
+            down = layer.lora_A[ADAPTER].weight.detach()
+            up = layer.lora_B[ADAPTER].weight.detach()
+            alpha = torch.tensor(self.alphas[t.kohya_name])  # 0-dim, like kohya's `alpha` buffer
+            for suffix, value in ((ALPHA, alpha), (DOWN, down), (UP, up)):
+                value = value.to(device="cpu", dtype=dtype or value.dtype, copy=True)
+                out[f"{t.kohya_name}.{suffix}"] = value.contiguous()
+        return out
+
+    def _aliases(self) -> dict[str, LoraTarget]:
+        """kohya names we accept: ours, plus the other UNet naming (diffusers vs SGM) that others write."""
+        names = dict(self._by_name)
+        cfg = self.bundle.unet.config
+        for t in self.targets:
+            if t.component != "unet":
+                continue
+            path = t.module_name if self.bundle.is_sdxl else to_ldm_module_name(t.module_name, cfg)
+            names.setdefault(f"lora_unet_{path.replace('.', '_')}", t)
+        return names
+
+    def load_kohya_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = False) -> LoadReport:
+        """Copy a kohya LoRA's weights and alphas into the adapters.
+
+        Shapes must match (build the network with `LoraSpec.from_kohya_state_dict` for a foreign
+        file). Modules the file has but the network lacks, or the reverse, are reported; with
+        strict=True they raise LoraFileError.
+        """
+        aliases = self._aliases()
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        report = LoadReport()
+        for key, value in state_dict.items():
+            name, _, suffix = key.partition(".")
+            if suffix in (DOWN, UP, ALPHA):
+                groups.setdefault(name, {})[suffix] = value
+            else:
+                report.unexpected_keys.append(key)
+        seen: set[str] = set()
+        with torch.no_grad():
+            for name, parts in groups.items():
+                target = aliases.get(name)
+                if target is None:
+                    report.unexpected.append(name)
+                    continue
+                if DOWN not in parts or UP not in parts:
+                    report.unexpected_keys += [f"{name}.{s}" for s in parts]
+                    continue
+                layer = self.layers[target.kohya_name]
+                down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                if tuple(parts[DOWN].shape) != tuple(down.shape) or tuple(parts[UP].shape) != tuple(up.shape):
+                    raise LoraFileError(
+                        f"The LoRA file's module {name} has shapes {tuple(parts[DOWN].shape)}/"
+                        f"{tuple(parts[UP].shape)} but this model expects {tuple(down.shape)}/{tuple(up.shape)}; "
+                        "use a LoRA made for this model family and build the network with the file's rank "
+                        "(LoraSpec.from_kohya_state_dict).")
+                down.copy_(parts[DOWN].to(device=down.device, dtype=down.dtype))
+                up.copy_(parts[UP].to(device=up.device, dtype=up.dtype))
+                alpha = parts.get(ALPHA)
+                # kohya: a module without `alpha` has alpha = rank (scale 1).
+                self._set_alpha(target, float(alpha.item()) if alpha is not None else float(down.shape[0]))
+                seen.add(target.kohya_name)
+                report.loaded.append(name)
+        report.missing = [t.kohya_name for t in self.targets if t.kohya_name not in seen]
+        if not report.complete:
+            log.warning("LoRA import: %s", report.summary())
+            if strict:
+                raise LoraFileError(f"The LoRA file does not match this model ({report.summary()}); "
+                                    "pick a LoRA of the same family and settings, or load it non-strictly.")
+        return report
+
+    def save_kohya(self, path, metadata: Mapping[str, str] | None = None,
+                   dtype: torch.dtype = torch.float16) -> str:
+        """Write a kohya LoRA file (atomic, with sshs_* hashes). Returns the path."""
+        from .kohya_file import save_kohya
+
+        return save_kohya(path, self.kohya_state_dict(dtype), metadata or {})
+
+    # -- teardown ---------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Unwrap every adapter: the base modules go back exactly as they were (same objects)."""
+        if self.removed:
+            return
+        for t in self.targets:
+            root = self.roots[t.component]
+            parent_path, _, child = t.module_name.rpartition(".")
+            parent = _get_module(root, parent_path) if parent_path else root
+            wrapper = getattr(parent, child)
+            if wrapper is self.layers[t.kohya_name]:
+                setattr(parent, child, wrapper.base_layer)
+        for component, saved in self._saved_grad.items():
+            for p, flag in saved:
+                p.requires_grad_(flag)
+            root = self.roots[component]
+            for attr in set(vars(root)) - self._saved_attrs[component]:
+                delattr(root, attr)
+        self.removed = True
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def inject_lora(bundle: ModelBundle, spec: LoraSpec, seed: int | None = None,
+                dtype: torch.dtype | None = torch.float32) -> LoraNetwork:
+    """Wrap the bundle's UNet/text-encoder modules with peft LoRA adapters (kohya's target set).
+
+    seed makes the initial lora_down weights reproducible; dtype is the adapters' dtype (fp32,
+    as kohya trains them, whatever the base weights are; None keeps peft's choice).
+    """
+    spec.validate()
+    targets = find_targets(bundle, unet=spec.train_unet, text_encoder=spec.train_text_encoder,
+                           conv=spec.conv_rank is not None)
+    if not targets:
+        raise ConfigError("The model has no modules LoRA can train; load an SD1, SD2 or SDXL model.")
+    network = LoraNetwork(bundle, spec, targets)
+    network._inject(seed, dtype)
+    return network
+
