@@ -18,7 +18,11 @@ from pathlib import Path
 from .errors import LoraTrainerError
 
 
-class PathNotAllowedError(LoraTrainerError):
+class UserPathError(LoraTrainerError):
+    """A typed path is empty, missing, or of the wrong kind (file vs folder)."""
+
+
+class PathNotAllowedError(UserPathError):
     """A typed path lies outside the folders this server may touch."""
 
 
@@ -44,9 +48,9 @@ def resolve_user_path(value: str | os.PathLike[str], roots: Sequence[Path] | Non
     """
     text = str(value).strip().strip('"').strip("'")
     if not text:
-        raise PathNotAllowedError(f"The {what} is empty; type the full path of the {what}.")
+        raise UserPathError(f"The {what} is empty; type the full path of the {what}.")
     if "\x00" in text:
-        raise PathNotAllowedError(f"The {what} contains a NUL character; type a plain path.")
+        raise UserPathError(f"The {what} contains a NUL character; type a plain path.")
     path = Path(os.path.expanduser(text)).resolve()
     if roots is not None:
         resolved_roots = [Path(r).expanduser().resolve() for r in roots]
@@ -57,11 +61,11 @@ def resolve_user_path(value: str | os.PathLike[str], roots: Sequence[Path] | Non
                 f"use a folder inside {allowed} or add it to the allowed folders in Settings.")
     if must_exist:
         if not path.exists():
-            raise PathNotAllowedError(f"The {what} {path} does not exist; check the path.")
+            raise UserPathError(f"The {what} {path} does not exist; check the path.")
         if kind == "dir" and not path.is_dir():
-            raise PathNotAllowedError(f"The {what} {path} is a file, not a folder; give its folder.")
+            raise UserPathError(f"The {what} {path} is a file, not a folder; give its folder.")
         if kind == "file" and not path.is_file():
-            raise PathNotAllowedError(f"The {what} {path} is not a file; give the path of a file.")
+            raise UserPathError(f"The {what} {path} is not a file; give the path of a file.")
     return path
 
 
@@ -133,6 +137,7 @@ def write_new_file(dest: Path, data: bytes | None = None, *, src: Path | None = 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; LoRAs must be readable like any model file
     try:
         with os.fdopen(fd, "wb") as out:
             if src is not None:

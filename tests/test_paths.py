@@ -10,6 +10,7 @@ from lora_trainer.errors import LoraTrainerError
 from lora_trainer.paths import (
     InvalidNameError,
     PathNotAllowedError,
+    UserPathError,
     fresh_stem,
     lora_subdir,
     resolve_user_path,
@@ -48,14 +49,14 @@ def test_resolve_prefix_is_not_inside(tmp_path):
 
 def test_resolve_no_roots_allows_anything_but_checks_existence(tmp_path):
     assert resolve_user_path(tmp_path, None) == tmp_path.resolve()
-    with pytest.raises(PathNotAllowedError, match="does not exist"):
+    with pytest.raises(UserPathError, match="does not exist"):
         resolve_user_path(tmp_path / "nope", None, what="dataset folder")
     f = tmp_path / "f.txt"
     f.write_text("x")
-    with pytest.raises(PathNotAllowedError, match="not a folder"):
+    with pytest.raises(UserPathError, match="not a folder"):
         resolve_user_path(f, None, kind="dir")
     assert resolve_user_path(tmp_path / "new", None, must_exist=False) == (tmp_path / "new").resolve()
-    with pytest.raises(PathNotAllowedError, match="empty"):
+    with pytest.raises(UserPathError, match="empty"):
         resolve_user_path("  ", None)
 
 
