@@ -105,7 +105,7 @@ def _from_disk(disk_dir: Path, item: ImageItem, vae_id: str, flip: bool) -> Cach
     try:
         tensors = load_file(str(path))
         return CachedLatent(tensors["latent"], tensors.get("flipped"))
-    except Exception:  # a half-written or foreign file: recompute it
+    except Exception:  # noqa: BLE001 - a half-written or foreign file: recompute it
         log.warning("latent cache file %s is unreadable; recomputing it", path.name)
         return None
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..dataset.captions import read_caption
+from ..dataset.images import load_image
 from ..errors import DatasetError
 from .buckets import BucketChoice, BucketSelector
 from .events import TrainingPlan
@@ -59,38 +61,6 @@ class Dataset:
         for item in self.train_items:
             seen.setdefault(item.class_tokens, None)
         return list(seen)
-
-
-def load_image(path: Path):
-    """RGB PIL image with EXIF orientation applied; DatasetError naming the file if it can't be read."""
-    try:
-        from ..dataset.images import load_image as dataset_load_image
-    except ImportError:  # the dataset package's loader is preferred; this keeps train/ usable alone
-        dataset_load_image = None
-    if dataset_load_image is not None:
-        return dataset_load_image(path)
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except Exception as e:  # PIL raises many types for broken files
-        raise DatasetError(f"Image {path.name} cannot be read ({e.__class__.__name__}); "
-                           "re-export it or remove it from the folder.") from e
-
-
-def read_caption(path: Path) -> str:
-    try:
-        from ..dataset.captions import read_caption as dataset_read_caption
-    except ImportError:
-        dataset_read_caption = None
-    if dataset_read_caption is not None:
-        return dataset_read_caption(path)
-    try:
-        return path.read_text(encoding="utf-8-sig").strip()
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"Caption {path.name} is not UTF-8 text; re-save it as UTF-8.") from e
 
 
 def resolve_roots(data: str | Path, reg_data: str | Path = "") -> tuple[Path, Path | None]:
@@ -145,8 +115,7 @@ def _scan_root(root: Path, is_reg: bool, caption_extension: str, warnings: list[
         if not files:
             warnings.append(f"Folder {folder.name} holds no images; it is skipped.")
         for path in files:
-            with load_image(path) as image:
-                size = image.size
+            size = load_image(path).size  # decodes fully: a broken file fails here, before training
             items.append(ImageItem(path, _caption_for(path, class_tokens, caption_extension, warnings),
                                    class_tokens, folder.name, repeats, is_reg, size))
     return items

@@ -1,0 +1,590 @@
+"""The training run: plan, load, cache, inject LoRA, loop, save, sample, stop/resume.
+
+Contract (used by jobs.py, the CLI and the demo):
+    run_training(config, *, bundle=None, on_event=None, stop=None) -> TrainResult
+    plan_training(config) -> TrainingPlan          (no model needed)
+A `bundle` handed in (the WebUI's model) is trained in place through peft adapters that are
+removed at the end; its VAE/text encoders go back to the device they came from; base weights
+are never cast or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError, LoraTrainerError, TrainingError
+from ..models.bundle import ModelBundle
+from . import noise as noise_math
+from .buckets import BucketSelector
+from .cache import CachedLatent, cache_latents
+from .captions import captions_are_static, process_caption
+from .data import Dataset, assign_buckets, epoch_batches, make_plan, scan_dataset
+from .events import ProgressEvent, TrainingPlan, TrainResult
+from .optim import build_optimizer, build_scheduler, check_optimizer_available
+from .sampling import generate, save_png
+from .state import Position, load_state, position_from, save_state, set_rng_state
+from .text import encode_captions, sdxl_time_ids
+from .usermeta import write_user_metadata
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[ProgressEvent], None]
+_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+
+
+# ---------------------------------------------------------------------------------- planning
+def prepare_dataset(config: TrainConfig) -> tuple[Dataset, TrainingPlan]:
+    dataset = scan_dataset(config.data, config.reg_data, caption_extension=config.caption_extension)
+    selector = BucketSelector(config.resolution, enable=config.enable_bucket, min_size=config.min_bucket_reso,
+                              max_size=config.max_bucket_reso, steps=config.bucket_reso_steps,
+                              no_upscale=config.bucket_no_upscale)
+    assign_buckets(dataset, selector)
+    for item in dataset.items:
+        if min(item.bucket) < 8:
+            raise ConfigError(f"Image {item.path.name} ({item.size[0]}x{item.size[1]}) is smaller than one "
+                              f"{config.bucket_reso_steps}-pixel bucket step; remove it or turn off "
+                              "bucket_no_upscale.")
+    plan = make_plan(dataset, batch_size=config.batch_size, grad_accum=config.gradient_accumulation_steps,
+                     epochs=config.epochs, max_steps=config.max_steps)
+    return dataset, plan
+
+
+def plan_training(config: TrainConfig) -> TrainingPlan:
+    """The steps arithmetic for the UI, without loading a model (also checks the settings)."""
+    config.validate(need_model=False)
+    return prepare_dataset(config)[1]
+
+
+def lora_file(config: TrainConfig, tag: str = "") -> Path:
+    return Path(config.output_dir) / f"{config.name}{tag}.safetensors"
+
+
+def epoch_tag(epoch: int) -> str:
+    return f"-{epoch:06d}"  # kohya: name-000004.safetensors
+
+
+def step_tag(step: int) -> str:
+    return f"-step{step:08d}"  # kohya: name-step00000500.safetensors
+
+
+def planned_files(config: TrainConfig, plan: TrainingPlan) -> list[Path]:
+    files = [lora_file(config)]
+    if config.save_every_n_epochs:
+        files += [lora_file(config, epoch_tag(e))
+                  for e in range(config.save_every_n_epochs, plan.epochs, config.save_every_n_epochs)]
+    if config.save_every_n_steps:
+        files += [lora_file(config, step_tag(s))
+                  for s in range(config.save_every_n_steps, plan.total_steps, config.save_every_n_steps)]
+    return files
+
+
+def state_dir(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / f"{config.name}-state"
+
+
+# ---------------------------------------------------------------------------------- entry point
+def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
+                 on_event: EventCallback | None = None, stop: threading.Event | None = None) -> TrainResult:
+    emit = on_event or (lambda event: None)
+    config.validate(need_model=bundle is None)
+    check_optimizer_available(config.optimizer)
+    dataset, plan = prepare_dataset(config)
+    resume = load_state(config.resume, config.hash()) if config.resume else None
+    already = set(position_from(resume).saved) if resume else set()
+    if not config.overwrite:
+        for path in planned_files(config, plan):
+            if path.exists() and str(path) not in already:
+                raise ConfigError(f"{path} already exists; choose another name or output folder, "
+                                  "or pass --overwrite.")
+    emit(ProgressEvent("plan", total_steps=plan.total_steps, total_epochs=plan.epochs, message=plan.text(),
+                       plan=plan))
+    run = _Run(config, dataset, plan, emit, stop or threading.Event(), resume)
+    try:
+        return run.execute(bundle)
+    except LoraTrainerError as e:
+        emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps, message=str(e)))
+        raise
+    except Exception as e:  # unexpected: report, keep the traceback for the log
+        emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps,
+                           message=f"{e.__class__.__name__}: {e}"))
+        raise
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, dataset: Dataset, plan: TrainingPlan, emit: EventCallback,
+                 stop: threading.Event, resume: dict[str, Any] | None):
+        self.config, self.dataset, self.plan, self.emit, self.stop = config, dataset, plan, emit, stop
+        self.resume = resume
+        self.pos = position_from(resume) if resume else Position()
+        self.saved: list[Path] = []
+        self.samples: list[Path] = []
+        self.state_path: Path | None = None
+        self.network = None
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ setup
+    def _device(self, bundle: ModelBundle | None) -> torch.device:
+        if bundle is not None:
+            return next(bundle.unet.parameters()).device
+        if self.config.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.config.device)
+        except RuntimeError as e:
+            raise ConfigError(f"Device '{self.config.device}' is not a torch device; use auto, cpu or cuda.") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("CUDA was requested but torch sees no GPU; use --device cpu or install CUDA torch.")
+        return device
+
+    def _weight_dtype(self, device: torch.device) -> torch.dtype:
+        mp = self.config.mixed_precision
+        if device.type != "cuda":
+            if mp != "no":
+                log.warning("mixed precision %s is ignored on %s; training in fp32", mp, device.type)
+            return torch.float32
+        if mp == "bf16" and not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bf16; using fp16 with loss scaling instead")
+            return torch.float16
+        return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+
+    def _load(self, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+        from ..models.loader import load_model
+
+        bundle = load_model(self.config.model, dtype=torch.float32, device="cpu")
+        bundle.unet.to(device=device, dtype=dtype)
+        for te in bundle.text_encoders:
+            te.to(dtype=dtype)
+        # SDXL's VAE overflows in fp16 (kohya's --no_half_vae): keep it fp32 there.
+        bundle.vae.to(dtype=torch.float32 if bundle.is_sdxl or dtype == torch.float32 else dtype)
+        return bundle
+
+    # ------------------------------------------------------------------ main
+    def execute(self, given: ModelBundle | None) -> TrainResult:
+        config = self.config
+        device = self._device(given)
+        own = given is None
+        weight_dtype = self._weight_dtype(device) if own else next(given.unet.parameters()).dtype
+        bundle = self._load(device, weight_dtype) if own else given
+        assert bundle is not None
+        homes = {id(m): (next(m.parameters()).device, m.training)
+                 for m in (bundle.unet, bundle.vae, *bundle.text_encoders)}
+        try:
+            return self._train(bundle, device, weight_dtype)
+        except Exception as e:
+            if device.type == "cuda" and _is_oom(e):
+                self._free(device)
+                raise TrainingError(
+                    f"The GPU ran out of memory at step {self.pos.step} (resolution {config.resolution}, batch "
+                    f"{config.batch_size}); lower the batch size or resolution, turn on gradient checkpointing, "
+                    "or pick a low-VRAM preset.") from e
+            raise
+        finally:
+            if self.network is not None:
+                self.network.remove()
+                self.network = None
+            if hasattr(bundle.unet, "disable_gradient_checkpointing") and not own:
+                bundle.unet.disable_gradient_checkpointing()
+            for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
+                home_device, was_training = homes[id(m)]
+                if not own:
+                    m.to(home_device)
+                m.train(was_training)
+            if own:
+                del bundle
+            self._free(device)
+
+    @staticmethod
+    def _free(device: torch.device) -> None:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _train(self, bundle: ModelBundle, device: torch.device, weight_dtype: torch.dtype) -> TrainResult:
+        from ..lora.network import LoraSpec, inject_lora
+
+        config, plan = self.config, self.plan
+        random.seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        torch.manual_seed(config.seed)
+
+        # --- latents, once, then the VAE leaves the GPU
+        bundle.vae.to(device)
+        disk = (Path(config.latent_cache_dir) if config.latent_cache_dir else Path(config.output_dir) / ".cache"
+                / "latents") if config.cache_latents_to_disk else None
+        latents = cache_latents(self.dataset, bundle.vae, bundle.scaling_factor, flip=config.flip_aug,
+                                seed=config.seed, disk_dir=disk)
+        bundle.vae.to("cpu")
+        self._free(device)
+
+        # --- text: cached when frozen and captions never change, otherwise encoded per step
+        static = captions_are_static(config.shuffle_caption, config.caption_dropout_rate,
+                                     config.caption_tag_dropout_rate)
+        self.text_cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        for te in bundle.text_encoders:
+            te.to(device)
+        if not config.train_text_encoder and static:
+            with torch.no_grad(), self._autocast(device, weight_dtype):
+                self.text_cache = []
+                for item in self.dataset.items:
+                    hidden, pooled = encode_captions(bundle, [process_caption(item.caption)],
+                                                     clip_skip=config.clip_skip)
+                    self.text_cache.append((hidden[0].float().cpu(),
+                                            None if pooled is None else pooled[0].float().cpu()))
+            for te in bundle.text_encoders:
+                te.to("cpu")
+            self._free(device)
+
+        # --- adapters (fp32) on the modules being trained
+        spec = LoraSpec(rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank or None,
+                        conv_alpha=config.conv_alpha if config.conv_rank else None,
+                        train_unet=config.train_unet, train_text_encoder=config.train_text_encoder)
+        self.network = network = inject_lora(bundle, spec, seed=config.seed, dtype=torch.float32)
+        if self.resume:
+            network.load_kohya_state_dict(self.resume["lora"], strict=True)
+        groups = []
+        if config.train_unet:
+            groups.append({"params": list(network.parameters("unet")), "lr": config.learning_rate})
+        if config.train_text_encoder:
+            groups.append({"params": list(network.parameters("te")),
+                           "lr": config.text_encoder_lr or config.learning_rate})
+        trainable = [p for g in groups for p in g["params"]]
+        bundle.unet.train(config.train_unet)
+        for te in bundle.text_encoders:
+            te.train(config.train_text_encoder)
+        if config.gradient_checkpointing:
+            bundle.unet.enable_gradient_checkpointing()
+            bundle.unet.train()  # diffusers only checkpoints in training mode
+            if config.train_text_encoder:
+                for te in bundle.text_encoders:
+                    _te_checkpointing(te)
+
+        optimizer = build_optimizer(config.optimizer, groups, lr=config.learning_rate,
+                                    weight_decay=config.weight_decay, args=config.optimizer_args)
+        scheduler = build_scheduler(config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps,
+                                    total_steps=plan.total_steps, num_cycles=config.lr_scheduler_num_cycles,
+                                    power=config.lr_scheduler_power)
+        scaler = _grad_scaler() if weight_dtype == torch.float16 and device.type == "cuda" else None
+        if self.resume:
+            optimizer.load_state_dict(self.resume["optimizer"])
+            scheduler.load_state_dict(self.resume["scheduler"])
+            if scaler is not None and self.resume.get("scaler"):
+                scaler.load_state_dict(self.resume["scaler"])
+            set_rng_state(self.resume["rng"])
+            self.saved = [Path(p) for p in self.pos.saved]
+        noise_scheduler = bundle.noise_scheduler()
+        max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
+
+        ctx = _StepContext(bundle, device, weight_dtype, noise_scheduler, latents, config.min_timestep, max_t)
+        started, start_step = time.perf_counter(), self.pos.step
+        stopped = False
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        while self.pos.epoch < plan.epochs and self.pos.step < plan.total_steps:
+            batches = epoch_batches(self.dataset, config.batch_size, config.seed, self.pos.epoch)
+            accum = config.gradient_accumulation_steps
+            chunks = [batches[i:i + accum] for i in range(0, len(batches), accum)]
+            while self.pos.chunk < len(chunks) and self.pos.step < plan.total_steps:
+                loss = self._step(ctx, chunks[self.pos.chunk], optimizer, scaler, trainable)
+                scheduler.step()
+                self.pos.step += 1
+                self.pos.chunk += 1
+                self.pos.losses.append(loss)
+                self.pos.smoothed = loss if self.pos.smoothed is None else 0.9 * self.pos.smoothed + 0.1 * loss
+                self._emit_step(scheduler, device, started, start_step)
+                if config.save_every_n_steps and self.pos.step % config.save_every_n_steps == 0 \
+                        and self.pos.step < plan.total_steps:
+                    self._save(step_tag(self.pos.step), optimizer, scheduler, scaler)
+                if self.stop.is_set():
+                    stopped = True
+                    break
+            if self.pos.chunk >= len(chunks):
+                self.pos.epoch += 1
+                self.pos.chunk = 0
+                self._epoch_end(bundle, optimizer, scheduler, scaler, device)
+            if stopped:
+                break
+
+        final_loss = self.pos.losses[-1] if self.pos.losses else None
+        if stopped and self.pos.step < plan.total_steps:
+            path = self._save(step_tag(self.pos.step), optimizer, scheduler, scaler, force_state=True)
+            self.emit(ProgressEvent("stopped", step=self.pos.step, total_steps=plan.total_steps,
+                                    epoch=self.pos.epoch, total_epochs=plan.epochs, loss=final_loss,
+                                    message=f"Stopped at step {self.pos.step}; resume from {self.state_path}.",
+                                    path=str(path)))
+        else:
+            stopped = False
+            path = self._write_lora(lora_file(config))
+            self._write_user_metadata(path, bundle)
+            self.emit(ProgressEvent("done", step=self.pos.step, total_steps=plan.total_steps, epoch=self.pos.epoch,
+                                    total_epochs=plan.epochs, loss=final_loss, smoothed_loss=self.pos.smoothed,
+                                    message=f"Saved {path}", path=str(path),
+                                    paths=[str(p) for p in self.saved]))
+        return TrainResult(lora_path=path, saved=list(self.saved), samples=list(self.samples),
+                           state_dir=self.state_path, stopped=stopped, steps=self.pos.step, final_loss=final_loss,
+                           plan=plan, losses=list(self.pos.losses))
+
+    # ------------------------------------------------------------------ one optimizer step
+    @staticmethod
+    def _autocast(device: torch.device, dtype: torch.dtype):
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _step(self, ctx: _StepContext, chunk: list[list[int]], optimizer, scaler, trainable) -> float:
+        config = self.config
+        total = 0.0
+        for batch in chunk:
+            with self._autocast(ctx.device, ctx.dtype):
+                loss = self._batch_loss(ctx, batch) / len(chunk)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"The loss became {'NaN' if torch.isnan(loss) else 'infinite'} at step {self.pos.step + 1}; "
+                    "lower the learning rate or use bf16/fp32 (the last good save is kept).")
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += float(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _batch_loss(self, ctx: _StepContext, batch: list[int]) -> torch.Tensor:
+        config, items = self.config, self.dataset.items
+        flips = [config.flip_aug and random.random() < 0.5 for _ in batch]
+        latents = torch.stack([
+            ctx.latents[k].flipped if flip and ctx.latents[k].flipped is not None else ctx.latents[k].latent
+            for k, flip in zip(batch, flips)]).to(ctx.device)
+        if self.text_cache is not None:
+            hidden = torch.stack([self.text_cache[k][0] for k in batch]).to(ctx.device)
+            pooled = (torch.stack([self.text_cache[k][1] for k in batch]).to(ctx.device)
+                      if ctx.bundle.is_sdxl else None)
+        else:
+            captions = [process_caption(items[k].caption, shuffle=config.shuffle_caption,
+                                        keep_tokens=config.keep_tokens,
+                                        caption_dropout_rate=config.caption_dropout_rate,
+                                        tag_dropout_rate=config.caption_tag_dropout_rate) for k in batch]
+            grad = torch.enable_grad() if config.train_text_encoder else torch.no_grad()
+            with grad:
+                hidden, pooled = encode_captions(ctx.bundle, captions, clip_skip=config.clip_skip)
+        noise = noise_math.make_noise(latents, noise_offset=config.noise_offset,
+                                      multires_iterations=config.multires_noise_iterations,
+                                      multires_discount=config.multires_noise_discount)
+        timesteps = noise_math.sample_timesteps(latents.shape[0], ctx.min_t, ctx.max_t, ctx.device)
+        noisy = ctx.scheduler.add_noise(latents, noise, timesteps)
+        kwargs = {}
+        if ctx.bundle.is_sdxl:
+            time_ids = []
+            for k, flip in zip(batch, flips):
+                item = items[k]
+                top, left = item.choice.crop_top_left
+                if flip:  # the crop seen from the mirrored side
+                    left = item.choice.resized[0] - item.choice.bucket[0] - left
+                time_ids.append(sdxl_time_ids((item.size[1], item.size[0]), (top, left),
+                                              (item.bucket[1], item.bucket[0])))
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(ctx.device),
+                                           "time_ids": torch.stack(time_ids).to(ctx.device)}
+        unet_dtype = ctx.unet_dtype
+        pred = ctx.bundle.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype), **kwargs).sample
+        target = noise_math.target_for(ctx.scheduler, latents, noise, timesteps)
+        loss = noise_math.per_sample_loss(pred, target, config.loss_type, config.huber_c)
+        weights = torch.tensor([config.prior_loss_weight if items[k].is_reg else 1.0 for k in batch],
+                               device=loss.device)
+        loss = loss * weights
+        if config.min_snr_gamma:
+            loss = loss * noise_math.min_snr_weight(ctx.scheduler, timesteps, config.min_snr_gamma)
+        return loss.mean()
+
+    # ------------------------------------------------------------------ reporting, saving, samples
+    def _emit_step(self, scheduler, device: torch.device, started: float, start_step: int) -> None:
+        elapsed = time.perf_counter() - started
+        done = self.pos.step - start_step
+        rate = done / elapsed if elapsed > 0 else None
+        eta = (self.plan.total_steps - self.pos.step) / rate if rate else None
+        vram = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if self.config.log_every and (self.pos.step % self.config.log_every == 0
+                                      or self.pos.step == self.plan.total_steps):
+            self.emit(ProgressEvent("step", step=self.pos.step, total_steps=self.plan.total_steps,
+                                    epoch=self.pos.epoch + 1, total_epochs=self.plan.epochs,
+                                    loss=self.pos.losses[-1], smoothed_loss=self.pos.smoothed,
+                                    lr=scheduler.get_last_lr()[0], it_per_s=rate, eta_s=eta, vram_bytes=vram))
+
+    def _epoch_end(self, bundle: ModelBundle, optimizer, scheduler, scaler, device: torch.device) -> None:
+        config, epoch = self.config, self.pos.epoch
+        self.emit(ProgressEvent("epoch", step=self.pos.step, total_steps=self.plan.total_steps, epoch=epoch,
+                                total_epochs=self.plan.epochs, loss=self.pos.losses[-1] if self.pos.losses else None,
+                                smoothed_loss=self.pos.smoothed))
+        last = epoch >= self.plan.epochs or self.pos.step >= self.plan.total_steps
+        if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and not last:
+            self._save(epoch_tag(epoch), optimizer, scheduler, scaler)
+        if config.sample_every_n_epochs and config.sample_prompts and (
+                epoch % config.sample_every_n_epochs == 0):
+            self._sample(bundle, device, epoch)
+
+    def _write_lora(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = self._metadata()
+        self.network.save_kohya(path, meta, dtype=_SAVE_DTYPES[self.config.save_precision])
+        if path not in self.saved:
+            self.saved.append(path)
+        self.pos.saved = [str(p) for p in self.saved]
+        self.emit(ProgressEvent("save", step=self.pos.step, total_steps=self.plan.total_steps,
+                                epoch=self.pos.epoch, total_epochs=self.plan.epochs, message=f"Saved {path}",
+                                path=str(path)))
+        return path
+
+    def _save(self, tag: str, optimizer, scheduler, scaler, *, force_state: bool = False) -> Path:
+        path = self._write_lora(lora_file(self.config, tag))
+        if self.config.save_state or force_state:
+            self.state_path = save_state(
+                state_dir(self.config), config_hash=self.config.hash(),
+                config_json=json.dumps(self.config.to_dict(), indent=2, default=str),
+                lora=self.network.kohya_state_dict(torch.float32), optimizer=optimizer, scheduler=scheduler,
+                scaler=scaler, position=dataclasses.replace(self.pos))
+        return path
+
+    def _metadata(self) -> dict[str, str]:
+        from ..lora.metadata import build_metadata
+
+        facts = training_facts(self.config, self.dataset, self.plan, self.pos.step, self.pos.epoch, self.started_at)
+        return build_metadata(self.network.bundle, self.network.spec, facts)
+
+    def _write_user_metadata(self, path: Path, bundle: ModelBundle) -> None:
+        activation = self.config.activation_text or ", ".join(self.dataset.class_tokens())
+        write_user_metadata(path, activation_text=activation, preferred_weight=self.config.preferred_weight,
+                            sd_version=bundle.family.label,
+                            description=f"Trained with lora-trainer on {bundle.name} ({self.pos.step} steps).")
+
+    def _sample(self, bundle: ModelBundle, device: torch.device, epoch: int) -> None:
+        config = self.config
+        modes = {id(m): m.training for m in (bundle.unet, *bundle.text_encoders)}
+        for m in (bundle.vae, *bundle.text_encoders):
+            m.to(device)
+        bundle.unet.eval()
+        try:
+            images = generate(bundle, config.sample_prompts, seed=config.sample_seed, steps=config.sample_steps,
+                              cfg_scale=config.sample_cfg_scale, width=config.resolution, height=config.resolution,
+                              negative_prompt=config.sample_negative_prompt, clip_skip=config.clip_skip)
+        finally:
+            bundle.unet.train(modes[id(bundle.unet)])
+            for te in bundle.text_encoders:
+                te.train(modes[id(te)])
+            if self.text_cache is not None:
+                for te in bundle.text_encoders:
+                    te.to("cpu")
+            bundle.vae.to("cpu")
+            self._free(device)
+        paths = [save_png(img, Path(config.output_dir) / "sample" / f"{config.name}_e{epoch:06d}_{i:02d}.png")
+                 for i, img in enumerate(images)]
+        self.samples += paths
+        self.emit(ProgressEvent("sample", step=self.pos.step, total_steps=self.plan.total_steps, epoch=epoch,
+                                total_epochs=self.plan.epochs, message=f"{len(paths)} sample image(s)",
+                                path=str(paths[0]) if paths else None, paths=[str(p) for p in paths]))
+
+
+@dataclasses.dataclass
+class _StepContext:
+    bundle: ModelBundle
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype (fp32 = none)
+    scheduler: Any
+    latents: list[CachedLatent]
+    min_t: int
+    max_t: int
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return next(self.bundle.unet.parameters()).dtype
+
+
+def _grad_scaler():
+    amp = getattr(torch, "amp", None)
+    if amp is not None and hasattr(amp, "GradScaler"):
+        try:
+            return amp.GradScaler("cuda")
+        except TypeError:  # torch < 2.3 takes no device argument here
+            pass
+    return torch.cuda.amp.GradScaler()
+
+
+def _te_checkpointing(te) -> None:
+    try:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except TypeError:  # transformers < 4.35: reentrant checkpointing needs inputs that require grad
+        te.gradient_checkpointing_enable()
+        te.enable_input_require_grads()
+
+
+def training_facts(config: TrainConfig, dataset: Dataset, plan: TrainingPlan, step: int, epoch: int,
+                   started_at: float) -> Any:
+    """What kohya records about a run (ss_* metadata), from our settings and plan."""
+    from ..lora.metadata import TrainingFacts
+
+    dirs: dict[str, dict[str, int]] = {}
+    reg_dirs: dict[str, dict[str, int]] = {}
+    tags: dict[str, dict[str, int]] = {}
+    for item in dataset.items:
+        entry = (reg_dirs if item.is_reg else dirs).setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+        if not item.is_reg:
+            freq = tags.setdefault(item.folder, {})
+            for tag in (t.strip() for t in item.caption.split(",")):
+                if tag:
+                    freq[tag] = freq.get(tag, 0) + 1
+    optimizer_names = {"AdamW": "torch.optim.adamw.AdamW", "AdamW8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                       "Lion": "lion_pytorch.lion_pytorch.Lion", "Lion8bit": "bitsandbytes.optim.lion.Lion8bit",
+                       "Prodigy": "prodigyopt.prodigy.Prodigy",
+                       "Adafactor": "transformers.optimization.Adafactor"}
+    optimizer = optimizer_names[config.optimizer]
+    if config.optimizer_args:
+        optimizer += "(" + ",".join(f"{k}={v}" for k, v in config.optimizer_args.items()) + ")"
+    return TrainingFacts(
+        output_name=config.name, training_started_at=started_at, steps=step, epoch=epoch,
+        num_epochs=plan.epochs, max_train_steps=plan.total_steps, num_train_images=plan.images_x_repeats,
+        num_reg_images=plan.reg_x_repeats, num_batches_per_epoch=plan.batches_per_epoch,
+        batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing, learning_rate=config.learning_rate,
+        unet_lr=config.learning_rate if config.train_unet else None,
+        text_encoder_lr=(config.text_encoder_lr or config.learning_rate) if config.train_text_encoder else None,
+        lr_scheduler=config.lr_scheduler, lr_warmup_steps=config.lr_warmup_steps, optimizer=optimizer,
+        max_grad_norm=config.max_grad_norm, mixed_precision=config.mixed_precision, seed=config.seed,
+        clip_skip=config.clip_skip if config.clip_skip > 1 else None,
+        noise_offset=config.noise_offset or None,
+        multires_noise_iterations=config.multires_noise_iterations or None,
+        multires_noise_discount=config.multires_noise_discount,
+        min_snr_gamma=config.min_snr_gamma or None, prior_loss_weight=config.prior_loss_weight,
+        caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate,
+        min_timestep=config.min_timestep or None, max_timestep=config.max_timestep or None,
+        resolution=config.resolution, enable_bucket=config.enable_bucket, min_bucket_reso=config.min_bucket_reso,
+        max_bucket_reso=config.max_bucket_reso, bucket_no_upscale=config.bucket_no_upscale,
+        bucket_info={"buckets": {str(i): {"resolution": [int(x) for x in k.split("x")], "count": v}
+                                 for i, (k, v) in enumerate(plan.buckets.items())}},
+        flip_aug=config.flip_aug, shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
+        dataset_dirs=dirs, reg_dataset_dirs=reg_dirs, tag_frequency=tags,
+        trigger_phrase=config.activation_text or ", ".join(dataset.class_tokens()) or None,
+    )
