@@ -50,9 +50,12 @@ def _guess_encoding(raw: bytes) -> str:
     try:  # charset_normalizer ships with requests, so it is nearly always there
         from charset_normalizer import from_bytes
 
-        best = from_bytes(raw).best()
+        matches = from_bytes(raw)
+        best = matches.best()
         if best is not None and best.encoding:
-            return str(best.encoding)
+            # Short Latin text fits several code pages equally well; Windows' Western one is the likeliest.
+            tied = {m.encoding for m in matches if m.chaos <= best.chaos}
+            return "cp1252" if "cp1252" in tied else str(best.encoding)
     except ImportError:
         pass
     for encoding in ("cp932", "gb18030", "cp1252"):  # common non-UTF-8 editors' defaults
