@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -29,7 +29,7 @@ _DEFAULT_VERSIONS = {CLIP_L: "openai/clip-vit-large-patch14", OPEN_CLIP_H: "laio
 FAMILY_TEXT_KINDS = {Family.SD1: (CLIP_L,), Family.SD2: (OPEN_CLIP_H,), Family.SDXL: (CLIP_L, OPEN_CLIP_G)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bundled(name: str) -> dict[str, Any]:
     text = (resources.files("lora_trainer.models") / "configs" / f"{name}.json").read_text(encoding="utf-8")
     return json.loads(text)
@@ -73,8 +73,13 @@ class ModelConfig:
         return cls(family, prediction_type, unet, vae, encoders, Schedule(), float(vae.pop("scaling_factor")))
 
     @classmethod
-    def from_yaml(cls, data: Mapping, family: Family, source: str = "yaml") -> ModelConfig:
-        """Read an A1111 LDM (SD1/SD2) or SGM (SDXL) inference yaml (already parsed)."""
+    def from_yaml(cls, data: Mapping, family: Family, source: str = "yaml",
+                  base_dir: str | os.PathLike | None = None) -> ModelConfig:
+        """Read an A1111 LDM (SD1/SD2) or SGM (SDXL) inference yaml (already parsed).
+
+        base_dir: where relative text-encoder `version` folders are looked up when they are not
+        found relative to the working directory (the yaml's folder).
+        """
         params = dict((data.get("model") or {}).get("params") or {})
         family = Family(family)
         base = cls.bundled(family)
@@ -91,13 +96,13 @@ class ModelConfig:
             time_models = [m for m in emb if "Timestep" in str(m.get("target", ""))]
             if time_models:
                 time_dim = int(_params(time_models[0]).get("outdim", 256))
-            encoders = [_text_spec(kind, _params(m), family, given=True)
+            encoders = [_text_spec(kind, _params(m), family, True, base_dir)
                         for kind, m in zip((CLIP_L, OPEN_CLIP_G), text_models)]
             encoders += base.text_encoders[len(encoders):]
         else:
             cond = params.get("cond_stage_config") or {}
             kind = OPEN_CLIP_H if "OpenCLIP" in str(cond.get("target", "")) or family is Family.SD2 else CLIP_L
-            encoders = [_text_spec(kind, _params(cond), family, given=bool(cond))]
+            encoders = [_text_spec(kind, _params(cond), family, bool(cond), base_dir)]
         unet = unet_config_from_ldm(unet_params, addition_time_embed_dim=time_dim)
         if "image_size" in params:
             unet["sample_size"] = int(params["image_size"])
@@ -146,15 +151,17 @@ def _schedule_from_yaml(params: Mapping) -> Schedule:
     )
 
 
-def _text_spec(kind: str, params: Mapping, family: Family, given: bool) -> TextEncoderSpec:
+def _text_spec(kind: str, params: Mapping, family: Family, given: bool,
+               base_dir: str | os.PathLike | None) -> TextEncoderSpec:
     version = params.get("version")
-    config, where = resolve_text_config(version, kind)
+    config, where = resolve_text_config(version, kind, base_dir)
     # An embedder the yaml names uses its class default ("last"), as ldm would; none named: SD2's usual.
     layer = params.get("layer", "last" if given or family is not Family.SD2 else "penultimate")
     return TextEncoderSpec(kind, config, penultimate=kind == OPEN_CLIP_H and layer == "penultimate", source=where)
 
 
-def resolve_text_config(version: str | None, kind: str) -> tuple[dict[str, Any], str]:
+def resolve_text_config(version: str | None, kind: str,
+                        base_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any], str]:
     """The text encoder config a yaml `version` names: a local folder, a cached Hub id, or bundled.
 
     Never touches the network: a Hub id is looked up in the local Hugging Face cache only; ids and
@@ -162,6 +169,10 @@ def resolve_text_config(version: str | None, kind: str) -> tuple[dict[str, Any],
     """
     if version:
         version = str(version)
+        if base_dir is not None and not os.path.isabs(version) and not os.path.isdir(version):
+            beside = os.path.join(base_dir, version)
+            if os.path.isdir(beside):
+                version = beside
         if os.path.isdir(version):
             path = os.path.join(version, "config.json")
             if not os.path.isfile(path):
@@ -184,7 +195,7 @@ def _cached_hub_file(repo_id: str, filename: str) -> str | None:
         return None
     try:
         hit = try_to_load_from_cache(repo_id, filename)
-    except Exception:  # malformed ids raise validation errors
+    except Exception:  # noqa: BLE001 - malformed ids raise validation errors; treat as not cached
         return None
     return hit if isinstance(hit, str) else None
 

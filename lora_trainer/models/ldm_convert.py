@@ -127,7 +127,7 @@ def module_text_keys(state_dict: Mapping[str, torch.Tensor], module: torch.nn.Mo
     """Canonical `text_model.*` keys -> the key names this transformers version's module uses."""
     if hasattr(module, "text_model"):
         return dict(state_dict)
-    return {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state_dict.items()}
+    return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------- OpenCLIP text tower

@@ -1,0 +1,326 @@
+"""Load SD1/SD2/SDXL models into a ModelBundle: single files (LDM/SGM layout), diffusers folders,
+or the WebUI's in-memory LDM state dict.
+
+Modules are built on the meta device and the checkpoint's own tensors are assigned into them
+(renamed, reshaped or sliced as views), so the weights exist once in memory; a tensor is copied only
+when it must change dtype or device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+from . import ldm_convert as lc
+from .bundle import EPSILON, V_PREDICTION, Family, ModelBundle, Schedule
+from .detect import (
+    TensorInfo,
+    classify,
+    is_gguf,
+    prediction_hint,
+    read_safetensors_header,
+    unsupported,
+)
+from .ldm_config import ModelConfig, TextEncoderSpec
+from .tokenizers import PAD_ENDOFTEXT, PAD_EXCLAMATION, clip_tokenizer
+from .unet_keys import unet_state_dict_to_diffusers
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                torch.uint8: "U8", torch.int8: "I8", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _TORCH_TO_ST[getattr(torch, _name)] = _st
+
+
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> ModelBundle:
+    """Load a checkpoint file (with an optional same-named `.yaml` beside it) or a diffusers folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UnsupportedModelError(f"Model {path} does not exist; check the path or pick the model again.")
+    if path.is_dir():
+        from .diffusers_folder import load_diffusers_folder
+
+        return load_diffusers_folder(path, dtype=dtype, device=device)
+    name = path.name
+    if path.suffix.lower() == ".gguf" or is_gguf(path):
+        raise unsupported("a GGUF (quantised) model", name)
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise UnsupportedModelError(
+            f"{name} is not a checkpoint file (.safetensors or .ckpt); choose a Stable Diffusion checkpoint.")
+    state_dict = read_checkpoint(path)
+    config = path.with_suffix(".yaml")
+    bundle = bundle_from_ldm_state_dict(state_dict, config=config if config.is_file() else None,
+                                        name=path.stem, source=str(path), dtype=dtype, device=device)
+    if path.stat().st_size <= _CHEAP_HASH_BYTES:
+        bundle.model_hash = checkpoint_sha256(path)
+    return bundle
+
+
+_CHEAP_HASH_BYTES = 256 * 2**20  # hash small files now; big ones on demand (checkpoint_sha256)
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """A1111's model hash (sha256 of the whole file; the WebUI shows the first 10 characters)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Only tensors under these prefixes are read (EMA copies, optimizer leftovers etc. are skipped).
+_WANTED = (lc.UNET_PREFIX, lc.VAE_PREFIX, "cond_stage_model.", "conditioner.", "v_pred")
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a single-file checkpoint, checked for family before the bulk is read."""
+    name = path.name
+    if path.suffix.lower() == ".safetensors":
+        tensors, _ = read_safetensors_header(path)
+        classify(tensors, name)  # refuse LoRAs, VAEs, SD3, ... from the header alone
+        from safetensors import safe_open
+
+        out = {}
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.startswith(_WANTED):
+                        out[key] = f.get_tensor(key)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise UnsupportedModelError(
+                f"{name} could not be read ({exc}); download or copy it again.") from exc
+        return out
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of many kinds
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise UnsupportedModelError(
+                f"{name} contains Python objects besides weights, which are not loaded for safety; "
+                "convert it to .safetensors or choose another checkpoint.") from exc
+        raise UnsupportedModelError(
+            f"{name} is not a readable checkpoint (it is truncated, corrupt or another kind of file); "
+            "download or copy it again, or choose another checkpoint.") from exc
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        raise unsupported("not a Stable Diffusion checkpoint", name)
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def tensor_infos(state_dict: Mapping[str, Any]) -> dict[str, TensorInfo]:
+    return {k: TensorInfo(tuple(v.shape), _TORCH_TO_ST.get(v.dtype, str(v.dtype)))
+            for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+# ---------------------------------------------------------------- in-memory LDM state dict
+def bundle_from_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], *,
+                               config: ModelConfig | Mapping | str | os.PathLike | None = None,
+                               name: str = "model", source: str = "",
+                               dtype: torch.dtype | None = None,
+                               device: str | torch.device | None = None) -> ModelBundle:
+    """Build a ModelBundle whose modules hold `state_dict`'s tensors (views; copies only to change
+    dtype/device). `config`: a ModelConfig, a parsed A1111 yaml, a yaml path, or None (detect)."""
+    state_dict = _unwrap_host_keys(state_dict)
+    family = classify(tensor_infos(state_dict), name)
+    hint = prediction_hint(tensor_infos({k: state_dict[k] for k in ("v_pred",) if k in state_dict}), family)
+    cfg = _resolve_config(config, family, name)
+    if cfg.family is not family:
+        raise UnsupportedModelError(
+            f"{name} holds an {family.label} model but its config describes {cfg.family.label}; "
+            "fix or remove the .yaml beside the checkpoint.")
+    if config is None and hint is not None:
+        cfg.prediction_type = hint
+    unet = _build_unet(cfg, state_dict, name, dtype, device)
+    vae = _build_vae(cfg, state_dict, name, dtype, device)
+    encoders = _build_text_encoders(cfg, state_dict, name, dtype, device)
+    if config is None and hint is None and family is Family.SD2:
+        cfg.prediction_type = V_PREDICTION if _sd2_is_v_prediction(unet) else EPSILON
+    pads = {Family.SD1: [PAD_ENDOFTEXT], Family.SD2: [PAD_EXCLAMATION],
+            Family.SDXL: [PAD_ENDOFTEXT, PAD_EXCLAMATION]}[family]
+    return ModelBundle(
+        family=family, prediction_type=cfg.prediction_type, unet=unet, vae=vae, text_encoders=encoders,
+        tokenizers=[clip_tokenizer(p) for p in pads], schedule=cfg.schedule,
+        scaling_factor=cfg.scaling_factor, name=name, source=source or "in-memory state dict")
+
+
+def _unwrap_host_keys(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A1111's hijack wraps the text encoder (`cond_stage_model.wrapped.`, `token_embedding.wrapped.`)."""
+    if not any(".wrapped." in k for k in state_dict):
+        return state_dict
+    return {k.replace(".wrapped.", "."): v for k, v in state_dict.items()}
+
+
+def _resolve_config(config: Any, family: Family, name: str) -> ModelConfig:
+    if isinstance(config, ModelConfig):
+        return config
+    if config is None:
+        return ModelConfig.bundled(family)
+    base_dir = None
+    if isinstance(config, (str, os.PathLike)):
+        import yaml
+
+        base_dir = os.path.dirname(os.path.abspath(config))
+        try:
+            with open(config, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError) as exc:
+            raise UnsupportedModelError(
+                f"The config {os.path.basename(config)} beside {name} cannot be read ({exc}); "
+                "fix it or remove it.") from exc
+        source = str(config)
+    else:
+        data, source = config, "yaml"
+    try:
+        return ModelConfig.from_yaml(data or {}, family, source=source, base_dir=base_dir)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        raise UnsupportedModelError(
+            f"The config beside {name} cannot be used ({exc}); fix it or remove it to use the built-in "
+            f"{family.label} config.") from exc
+
+
+def _sd2_is_v_prediction(unet: Any) -> bool:
+    """A1111's test for SD2 files without a yaml: a v model pushes the output far below the input."""
+    param = next(unet.parameters())
+    try:
+        with torch.no_grad():
+            x = torch.full((1, 4, 8, 8), 0.5, dtype=param.dtype, device=param.device)
+            ctx = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=param.dtype, device=param.device)
+            out = unet(x, torch.tensor([999], device=param.device), encoder_hidden_states=ctx).sample
+            return bool((out.float() - x.float()).mean().item() < -1)
+    except RuntimeError as exc:  # e.g. fp16 kernels missing on this CPU build
+        log.warning("Could not test the SD2 model for v-prediction (%s); assuming epsilon.", exc)
+        return False
+
+
+# ---------------------------------------------------------------- module building
+def _init_kwargs(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if k in accepted and not k.startswith("_")}
+
+
+def _empty(factory):
+    """Build a module with parameters on the meta device (buffers stay real: CLIP's position_ids)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return factory()
+
+
+def _assign(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], component: str, name: str,
+            dtype: torch.dtype | None, device: str | torch.device | None) -> torch.nn.Module:
+    expected = module.state_dict()
+    buffers = {n for n, _ in module.named_buffers()}
+    missing = [k for k in expected if k not in weights and k not in buffers]
+    if missing:
+        raise UnsupportedModelError(
+            f"{name} lacks {len(missing)} {component} weights (e.g. {missing[0]}); the file is incomplete "
+            "or its .yaml does not match it.")
+    ready: dict[str, torch.Tensor] = {}
+    for key, target in expected.items():
+        if key not in weights:
+            continue
+        tensor = weights[key]
+        try:
+            tensor = lc.fit_shape(tensor, target.shape)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"{name}: {component} weight {key} has shape {tuple(tensor.shape)} but the model config "
+                f"expects {tuple(target.shape)}; put the model's .yaml beside the checkpoint "
+                "(same name, .yaml) or choose a standard SD1/SD2/SDXL checkpoint.") from None
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        if device is not None and tensor.device != torch.device(device):
+            tensor = tensor.to(device)
+        ready[key] = tensor
+    module.load_state_dict(ready, strict=False, assign=True)
+    if device is not None:
+        module.to(device)  # non-persistent buffers; assigned tensors are already there (no copy)
+    module.eval().requires_grad_(False)
+    return module
+
+
+def _build_unet(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtype, device):
+    from diffusers import UNet2DConditionModel
+
+    config = dict(cfg.unet)
+    proj = sd.get(lc.UNET_PREFIX + "input_blocks.4.1.proj_in.weight")
+    if proj is None:
+        proj = next((v for k, v in sd.items() if k.startswith(lc.UNET_PREFIX) and k.endswith("proj_in.weight")), None)
+    if proj is not None:  # both layouts occur in SD2 files; follow the file
+        config["use_linear_projection"] = proj.dim() == 2
+    try:
+        weights = unet_state_dict_to_diffusers(sd, config, prefix=lc.UNET_PREFIX)
+    except KeyError as exc:
+        raise UnsupportedModelError(
+            f"{name} has UNet weights this {cfg.family.label} config does not know ({exc.args[0]}); put the "
+            "model's .yaml beside the checkpoint or choose a standard checkpoint.") from None
+    unet = _empty(lambda: UNet2DConditionModel(**_init_kwargs(UNet2DConditionModel, config)))
+    return _assign(unet, weights, "UNet", name, dtype, device)
+
+
+def _build_vae(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtype, device):
+    from diffusers import AutoencoderKL
+
+    config = dict(cfg.vae)
+    config["scaling_factor"] = cfg.scaling_factor
+    weights = lc.vae_to_diffusers(sd, len(config["block_out_channels"]), int(config.get("layers_per_block", 2)))
+    vae = _empty(lambda: AutoencoderKL(**_init_kwargs(AutoencoderKL, config)))
+    return _assign(vae, weights, "VAE", name, dtype, device)
+
+
+def _text_prefix(family: Family, index: int) -> str:
+    if family is Family.SDXL:
+        return (lc.SDXL_TEXT1_PREFIX, lc.SDXL_TEXT2_PREFIX)[index]
+    return lc.SD2_TEXT_PREFIX if family is Family.SD2 else lc.SD1_TEXT_PREFIX
+
+
+def _build_text_encoders(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtype, device) -> list:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    encoders = []
+    for i, spec in enumerate(cfg.text_encoders):
+        prefix = _text_prefix(cfg.family, i)
+        config = dict(spec.config)
+        with_projection = cfg.family is Family.SDXL and i == 1
+        if prefix.endswith(".model."):  # OpenCLIP layout
+            layers = lc.open_clip_layer_count(sd, prefix)
+            keep = layers - 1 if spec.penultimate else layers
+            weights = lc.open_clip_to_diffusers(sd, prefix, keep, with_projection)
+            proj = sd.get(prefix + "text_projection")
+            if with_projection and proj is not None:
+                config["projection_dim"] = int(proj.shape[1])
+        else:
+            weights = lc.clip_to_diffusers(sd, prefix)
+            keep = 1 + max((int(k.split(".")[3]) for k in weights if k.startswith("text_model.encoder.layers.")),
+                           default=-1)
+        if keep <= 0:
+            raise UnsupportedModelError(f"{name} has no text encoder layers under {prefix}; the file is incomplete.")
+        config["num_hidden_layers"] = keep
+        cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+        te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+        module = _empty(lambda te_config=te_config, cls=cls: cls(te_config))
+        encoders.append(_assign(module, lc.module_text_keys(weights, module), f"text encoder {i + 1}", name,
+                                dtype, device))
+    return encoders
+
+
+def describe(config: ModelConfig) -> str:  # pragma: no cover - log helper
+    return f"{config.family.label} {config.prediction_type} ({config.source})"
+
+
+__all__ = ["ModelConfig", "Schedule", "TextEncoderSpec", "bundle_from_ldm_state_dict", "checkpoint_sha256",
+           "load_model", "read_checkpoint"]
