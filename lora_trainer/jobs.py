@@ -384,7 +384,9 @@ class JobManager:
                 job.samples.extend(p for p in paths if p not in job.samples)
             elif kind == "save":
                 job.saves.extend(p for p in paths if p not in job.saves)
-            if getattr(ev, "message", ""):
+            if kind == "plan":
+                job.message = f"Training {job.total_steps} steps…"
+            elif getattr(ev, "message", "") and kind != "error":  # errors end up in job.error
                 job.message = ev.message
             elif kind == "step" and job.total_steps:
                 job.message = f"Training: step {job.step}/{job.total_steps}"

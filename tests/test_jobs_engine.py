@@ -1,0 +1,73 @@
+"""JobManager driving the real engine on a tiny SD1 model (CPU, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from safetensors import safe_open
+from train_support import make_dataset
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.host import StandaloneHost
+from lora_trainer.jobs import JobManager
+from lora_trainer.models.tiny import build_tiny_bundle
+
+TINY = {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "rank": 4,
+        "alpha": 4.0, "learning_rate": 1e-3, "batch_size": 1, "seed": 7, "save_precision": "float"}
+
+
+def tiny_config(data: Path, **kw) -> TrainConfig:
+    return TrainConfig(data=str(data), name=kw.pop("name", "tiny"), **{**TINY, **kw})
+
+
+class StopAfterFirstStep(StandaloneHost):
+    """Presses the host's Interrupt after the first reported step (as a WebUI user would)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.pressed = threading.Event()
+
+    def report(self, event):
+        super().report(event)
+        if event.kind == "step":
+            self.pressed.set()
+
+    def interrupted(self):
+        return self.pressed.is_set()
+
+
+def test_real_engine_run_is_published(tmp_path):
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1, name="shape")
+    host = StandaloneHost(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"))
+    jm = JobManager(host, work_dir=tmp_path / "runs")
+    job = jm.wait(jm.submit_train(tiny_config(data, max_steps=2)).id, 120)
+    assert job.state == "done", job.error
+    assert job.step == 2 and job.total_steps == 2
+    lora = Path(job.outputs[0])
+    assert lora.parent == (tmp_path / "Lora").resolve() and lora.name == "tiny.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        assert any(k.startswith("lora_unet_") for k in f.keys())  # noqa: SIM118 - safe_open is not a dict
+        assert f.metadata()["ss_network_dim"] == "4"
+    meta = json.loads(lora.with_suffix(".json").read_text())
+    assert meta["sd version"] == "SD1" and meta["activation text"] == "shape"
+    assert job.prompt_text == "<lora:tiny:0.8> shape"
+    assert len(job.loss_history) == 2
+
+
+def test_real_engine_interrupt_stops_with_usable_lora_then_resumes(tmp_path):
+    data = make_dataset(tmp_path / "ds", n=2, repeats=2, name="shape")
+    host = StopAfterFirstStep(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"))
+    jm = JobManager(host, work_dir=tmp_path / "runs", poll_interval=0.01)
+    job = jm.wait(jm.submit_train(tiny_config(data, epochs=3)).id, 120)
+    assert job.state == "stopped", job.error
+    assert 1 <= job.step < job.total_steps
+    assert Path(job.outputs[0]).is_file() and job.state_dir
+    host.pressed.clear()
+    host.interrupted = lambda: False  # the user does not press Interrupt this time
+    resumed = jm.wait(jm.resume(job.id).id, 120)
+    assert resumed.state == "done", resumed.error
+    assert resumed.step == resumed.total_steps == job.total_steps
+    assert resumed.loss_history[0][0] == job.step + 1
+    assert resumed.lora_name == "tiny_2"
