@@ -1,0 +1,135 @@
+"""What the A1111 and Forge adapters share: API auth, allowed roots, settings, install status.
+
+No `modules.*` import at module level: everything here also runs in tests without a WebUI, given
+objects shaped like the WebUI's `cmd_opts` / `opts`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from secrets import compare_digest
+from typing import Any
+
+log = logging.getLogger("lora_trainer.webui")
+
+EXT_DIR = Path(__file__).resolve().parents[2]  # the extension folder (repository root)
+INSTALL_STATUS = EXT_DIR / ".install-status.json"  # written by install.py
+SETTINGS_SECTION = ("lora_trainer", "LoRA Trainer")
+TAB_LABEL = "Train LoRA"
+TAB_ID = "lora_trainer"
+
+
+def parse_api_auth(value: str | None) -> dict[str, str]:
+    """`--api-auth user:pass,user2:pass2` as {user: password} (the WebUI's own parsing)."""
+    creds: dict[str, str] = {}
+    for item in (value or "").split(","):
+        item = item.strip()
+        if item and ":" in item:
+            user, password = item.split(":", 1)
+            creds[user] = password
+    return creds
+
+
+def api_auth_dependency(cmd_opts: Any) -> Callable[..., bool] | None:
+    """A FastAPI dependency enforcing `--api-auth` with HTTP basic auth, as A1111's `Api.auth`;
+    None when the WebUI runs without it."""
+    creds = parse_api_auth(getattr(cmd_opts, "api_auth", None))
+    if not creds:
+        return None
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    basic = HTTPBasic()
+
+    def auth(credentials: HTTPBasicCredentials = Depends(basic)) -> bool:  # noqa: B008 - FastAPI idiom
+        expected = creds.get(credentials.username)
+        if expected is not None and compare_digest(credentials.password.encode(), expected.encode()):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return auth
+
+
+def listens_beyond_loopback(cmd_opts: Any) -> bool:
+    """The WebUI's own test (shared_cmd_options.webui_is_non_local)."""
+    if hasattr(cmd_opts, "webui_is_non_local"):
+        return bool(cmd_opts.webui_is_non_local)
+    return any(bool(getattr(cmd_opts, k, False)) for k in ("share", "listen", "ngrok", "server_name"))
+
+
+def allowed_roots_for(cmd_opts: Any, data_dir: str | Path, extra: Iterable[str | Path] = ()) -> list[Path] | None:
+    """Folders typed paths must stay inside: None (anywhere) on a loopback-only WebUI or with
+    `--enable-insecure-extension-access`; else the WebUI data dir, its Lora folder and `extra`."""
+    if not listens_beyond_loopback(cmd_opts) or getattr(cmd_opts, "enable_insecure_extension_access", False):
+        return None
+    roots = [Path(data_dir)]
+    lora_dir = getattr(cmd_opts, "lora_dir", None)
+    if lora_dir:
+        roots.append(Path(lora_dir))
+    roots.extend(Path(p) for p in extra if str(p).strip())
+    return [r.expanduser().resolve() for r in roots]
+
+
+def split_roots(value: Any) -> list[str]:
+    """The 'extra allowed folders' setting: a list, or text with one folder per line / comma."""
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    text = str(value or "")
+    return [p.strip() for p in text.replace(",", "\n").splitlines() if p.strip()]
+
+
+def settings_specs() -> list[Any]:
+    from ..ui.settings import SETTINGS
+
+    return list(SETTINGS)
+
+
+def settings_from_opts(opts: Any, specs: Iterable[Any]) -> dict[str, Any]:
+    """{key: value} of our settings as the WebUI has them now (defaults where unset)."""
+    data = getattr(opts, "data", None)
+    data = data if isinstance(data, Mapping) else {}
+    return {spec.key: data.get(spec.key, getattr(opts, spec.key, spec.default)) for spec in specs}
+
+
+def register_settings(shared: Any, specs: Iterable[Any]) -> None:
+    """Our settings in their own section of the WebUI's Settings tab."""
+    import gradio as gr
+
+    section = SETTINGS_SECTION
+    for spec in specs:
+        kind = getattr(spec, "kind", "text")
+        if kind == "dropdown":
+            info = shared.OptionInfo(spec.default, spec.label, gr.Dropdown,
+                                     {"choices": list(getattr(spec, "choices", None) or [])}, section=section)
+        elif kind == "textbox-list":
+            info = shared.OptionInfo(spec.default, spec.label, gr.Textbox, {"lines": 3}, section=section)
+        else:
+            info = shared.OptionInfo(spec.default, spec.label, section=section)
+        shared.opts.add_option(spec.key, info)
+
+
+def disabled_reason(status_file: Path = INSTALL_STATUS) -> str | None:
+    """install.py's refusal message, if it refused on this WebUI."""
+    try:
+        data = json.loads(Path(status_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return None if data.get("ok", True) else str(data.get("message") or "install.py refused to install.")
+
+
+def tensor_fingerprint(tensors: Mapping[str, Any]) -> dict[str, str]:
+    """sha256 of each tensor's bytes (on the CPU): compare before/after to prove bit-identity."""
+    import torch
+
+    out: dict[str, str] = {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # any dtype, incl. bf16
+        out[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+    return out
