@@ -96,16 +96,16 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         out = {}
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                     if key.startswith(_WANTED):
                         out[key] = f.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        except Exception as exc:  # safetensors raises its own error types
             raise UnsupportedModelError(
                 f"{name} could not be read ({exc}); download or copy it again.") from exc
         return out
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of many kinds
+    except Exception as exc:  # pickle/zip errors of many kinds
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
             raise UnsupportedModelError(
