@@ -69,6 +69,22 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     return prepare_dataset(config)[1]
 
 
+def check_model_file(path: str) -> None:
+    """Refuse a file that is not an SD checkpoint from its header alone, before any heavy work."""
+    from ..errors import UnsupportedModelError
+    from ..models.detect import classify, read_safetensors_header
+
+    p = Path(path)
+    if p.is_dir():
+        return  # a diffusers folder: the loader checks its parts
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        classify(read_safetensors_header(p)[0], p.name)
+    elif suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UnsupportedModelError(f"{p.name} is not a model checkpoint (expected .safetensors or .ckpt); "
+                                    "pick an SD1.x, SD2.x or SDXL checkpoint file.")
+
+
 def lora_file(config: TrainConfig, tag: str = "") -> Path:
     return Path(config.output_dir) / f"{config.name}{tag}.safetensors"
 
@@ -102,6 +118,8 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
     emit = on_event or (lambda event: None)
     config.validate(need_model=bundle is None)
     check_optimizer_available(config.optimizer)
+    if bundle is None:
+        check_model_file(config.model)
     dataset, plan = prepare_dataset(config)
     resume = load_state(config.resume, config.hash()) if config.resume else None
     already = set(position_from(resume).saved) if resume else set()
