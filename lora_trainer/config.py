@@ -43,25 +43,25 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.key: p for p in (
-    Preset("sd15", "SD1.5 — 6 GB", 6, dict(
-        resolution=512, batch_size=2, rank=16, alpha=8.0, learning_rate=1e-4, text_encoder_lr=5e-5,
-        train_text_encoder=True, mixed_precision="bf16", gradient_checkpointing=False,
-        optimizer="AdamW", lr_scheduler="cosine", min_bucket_reso=256, max_bucket_reso=1024),
+    Preset("sd15", "SD1.5 — 6 GB", 6, {
+        "resolution": 512, "batch_size": 2, "rank": 16, "alpha": 8.0, "learning_rate": 1e-4, "text_encoder_lr": 5e-5,
+        "train_text_encoder": True, "mixed_precision": "bf16", "gradient_checkpointing": False,
+        "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 256, "max_bucket_reso": 1024},
         "UNet + text encoder LoRA, batch 2 at 512 px."),
-    Preset("sd15-lowvram", "SD1.5 low-VRAM — 4 GB", 4, dict(
-        resolution=512, batch_size=1, rank=16, alpha=8.0, learning_rate=1e-4,
-        train_text_encoder=False, mixed_precision="bf16", gradient_checkpointing=True,
-        optimizer="AdamW", lr_scheduler="cosine", min_bucket_reso=256, max_bucket_reso=1024),
+    Preset("sd15-lowvram", "SD1.5 low-VRAM — 4 GB", 4, {
+        "resolution": 512, "batch_size": 1, "rank": 16, "alpha": 8.0, "learning_rate": 1e-4,
+        "train_text_encoder": False, "mixed_precision": "bf16", "gradient_checkpointing": True,
+        "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 256, "max_bucket_reso": 1024},
         "UNet-only LoRA, gradient checkpointing, cached text-encoder outputs."),
-    Preset("sdxl", "SDXL — 12 GB", 12, dict(
-        resolution=1024, batch_size=1, rank=16, alpha=8.0, learning_rate=1e-4,
-        train_text_encoder=False, mixed_precision="bf16", gradient_checkpointing=True,
-        optimizer="AdamW", lr_scheduler="cosine", min_bucket_reso=512, max_bucket_reso=2048),
+    Preset("sdxl", "SDXL — 12 GB", 12, {
+        "resolution": 1024, "batch_size": 1, "rank": 16, "alpha": 8.0, "learning_rate": 1e-4,
+        "train_text_encoder": False, "mixed_precision": "bf16", "gradient_checkpointing": True,
+        "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 512, "max_bucket_reso": 2048},
         "UNet-only LoRA at 1024 px with gradient checkpointing."),
-    Preset("sdxl-lowvram", "SDXL low-VRAM — 8 GB", 8, dict(
-        resolution=1024, batch_size=1, rank=8, alpha=4.0, learning_rate=1e-4,
-        train_text_encoder=False, mixed_precision="bf16", gradient_checkpointing=True,
-        optimizer="AdamW", lr_scheduler="cosine", min_bucket_reso=512, max_bucket_reso=2048),
+    Preset("sdxl-lowvram", "SDXL low-VRAM — 8 GB", 8, {
+        "resolution": 1024, "batch_size": 1, "rank": 8, "alpha": 4.0, "learning_rate": 1e-4,
+        "train_text_encoder": False, "mixed_precision": "bf16", "gradient_checkpointing": True,
+        "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 512, "max_bucket_reso": 2048},
         "Rank 8 UNet-only LoRA; VAE and text encoders leave the GPU after caching."),
 )}
 
