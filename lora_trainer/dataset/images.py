@@ -116,7 +116,7 @@ def decode_image(path: Path) -> tuple[Image.Image, ImageInfo]:
         raise ImageLoadError(path, "is not an image Pillow can read") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         text = str(e)
-        if "truncated" in text or isinstance(e, EOFError):
+        if "truncated" in text.lower() or isinstance(e, EOFError):
             raise ImageLoadError(path, f"is truncated or corrupt ({text})") from e
         raise ImageLoadError(path, f"cannot be decoded ({text})") from e
     info = ImageInfo(path=path, size=rgb.size, mode=mode, format=fmt, frames=frames,

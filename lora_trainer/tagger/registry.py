@@ -105,8 +105,13 @@ def _download(repo_id: str, cache: Path, by_hand: Path, *, endpoint: str | None,
             paths[filename] = Path(hf_hub_download(repo_id, filename, cache_dir=str(cache), endpoint=endpoint))
         except Exception as e:  # offline, DNS, HTTP, disk: all end in the same advice
             log.debug("download failed", exc_info=True)
-            raise _unavailable(repo_id, by_hand, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+            raise _unavailable(repo_id, by_hand, _short(e)) from e
     return ModelFiles(paths[MODEL_FILE], paths[TAGS_FILE], repo_id)
+
+
+def _short(e: Exception) -> str:
+    text = str(e).split(". ")[0].splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
 def _unavailable(repo_id: str, folder: Path, why: str) -> TaggerError:
