@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lora_trainer.config import TrainConfig
@@ -43,8 +44,28 @@ def make_dataset(root: Path, n: int = 3, repeats: int = 2, name: str = "shape", 
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
-    base = dict(data=str(data), output_dir=str(out), name="tiny", resolution=64, min_bucket_reso=32,
-                max_bucket_reso=128, bucket_reso_steps=32, rank=4, alpha=4.0, learning_rate=1e-3,
-                epochs=1, batch_size=1, seed=7, device="cpu", save_precision="float")
+    base = {"data": str(data), "output_dir": str(out), "name": "tiny", "resolution": 64, "min_bucket_reso": 32,
+                "max_bucket_reso": 128, "bucket_reso_steps": 32, "rank": 4, "alpha": 4.0, "learning_rate": 1e-3,
+                "epochs": 1, "batch_size": 1, "seed": 7, "device": "cpu", "save_precision": "float"}
     base.update(overrides)
     return TrainConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_ckpt(tmp_path_factory) -> Path:
+    """A tiny SD1 single-file checkpoint + yaml, written once per test session."""
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 images × 2 repeats in img/2_shape/ with captions (read-only: copy before changing)."""
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def lora_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
