@@ -15,16 +15,16 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi import Depends, HTTPException  # noqa: E402
-from fastapi.security import HTTPBasic, HTTPBasicCredentials  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from train_support import make_dataset, shape_image  # noqa: E402
+from fastapi import Depends, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from fastapi.testclient import TestClient
+from safetensors import safe_open
+from train_support import make_dataset, shape_image
 
-from lora_trainer.api import create_app  # noqa: E402
-from lora_trainer.host import StandaloneHost  # noqa: E402
-from lora_trainer.jobs import JobManager  # noqa: E402
-from lora_trainer.models.tiny import build_tiny_bundle  # noqa: E402
+from lora_trainer.api import create_app
+from lora_trainer.host import StandaloneHost
+from lora_trainer.jobs import JobManager
+from lora_trainer.models.tiny import build_tiny_bundle
 
 TINY = {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "rank": 4,
         "alpha": 4, "lr": 1e-3, "batch_size": 1, "seed": 7, "save_precision": "float"}
@@ -103,7 +103,7 @@ def test_tag_prepare_train_poll_done(setup):
 
 
 def test_stop_mid_run_keeps_usable_lora_and_resume(setup):
-    client, root, host, _ = setup
+    client, root, _, _ = setup
     data = make_dataset(root / "ds", n=2, repeats=2, name="shape")
     r = client.post(f"{BASE}/train", json={"data": str(data), "name": "stopme", "epochs": 50, **TINY})
     job_id = r.json()["job_id"]
