@@ -1,0 +1,26 @@
+"""Speed and memory levers the training engine opts into (issue 7).
+
+Contract (docs/internals.md, "accel/"): `AccelOptions.from_config`, `prepare_model`,
+`optimizer_kwargs`, `StepRunner`. Every lever falls back to the plain path without CUDA.
+"""
+
+from __future__ import annotations
+
+from .fp8 import Fp8Linear, quantize_linears_fp8
+from .graphs import StepRunner
+from .lora_fast import fuse_lora_layers, unfuse_lora_layers
+from .options import AccelOptions, describe, optimizer_kwargs
+from .prepare import graph_safe_checkpointing, prepare_model
+
+__all__ = [
+    "AccelOptions",
+    "Fp8Linear",
+    "StepRunner",
+    "describe",
+    "fuse_lora_layers",
+    "graph_safe_checkpointing",
+    "optimizer_kwargs",
+    "prepare_model",
+    "quantize_linears_fp8",
+    "unfuse_lora_layers",
+]

@@ -1,0 +1,222 @@
+"""StepRunner: one training step (loss, backward, clip, optimizer) as a replayed CUDA graph.
+
+An eager SD step launches ~5,000 kernels (~16,000 for SDXL) and the CPU, not the GPU, sets the
+pace. Buckets give a handful of static batch shapes, so each shape is captured once and replayed:
+one launch per step, the same kernels, the same numbers. Without CUDA (tests, CI) and whenever
+capture is not safe, the same object runs the step eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .options import AccelOptions
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+@dataclass
+class _Graph:
+    graph: Any
+    static: dict[str, torch.Tensor]
+    loss: torch.Tensor
+    lrs: list[torch.Tensor]
+    grads: list[torch.Tensor | None] = field(default_factory=list)  # kept alive: they live in the pool
+
+
+def _capturable_optimizer(opt: torch.optim.Optimizer) -> bool:
+    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        return False
+    return all(g.get("capturable", False) or g.get("fused", False) for g in opt.param_groups)
+
+
+class StepRunner:
+    """Runs `loss_fn(batch)` + backward + clip + `optimizer.step()` per call of `step`.
+
+    `loss_fn` must be a pure function of the batch's tensors (see docs/internals.md, accel/).
+    `stats` counts eager steps, replays and capture time, for the log and the benchmarks.
+    """
+
+    def __init__(self, loss_fn: LossFn, params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 opts: AccelOptions | None = None, *, max_grad_norm: float = 0.0, scaler: Any = None,
+                 device: torch.device | str | None = None):
+        self.loss_fn = loss_fn
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer = optimizer
+        self.opts = opts or AccelOptions()
+        self.max_grad_norm = float(max_grad_norm or 0.0)
+        self.scaler = scaler if (scaler is not None and getattr(scaler, "is_enabled", lambda: True)()) else None
+        dev = torch.device(device) if device is not None else (self.params[0].device if self.params else
+                                                             torch.device("cpu"))
+        self.device = dev
+        self._graphs: dict[tuple, _Graph] = {}
+        self._seen: dict[tuple, int] = {}
+        self._pool: Any = None
+        self._pending_grads = False
+        self.stats = {"eager_steps": 0, "graph_replays": 0, "graphs": 0, "capture_s": 0.0}
+        self.disabled_reason = self._why_not_graphs()
+        if self.disabled_reason:
+            log.info("CUDA graphs off: %s", self.disabled_reason)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def uses_graphs(self) -> bool:
+        return self.disabled_reason is None
+
+    def step(self, batch: Batch, *, apply: bool = True) -> torch.Tensor:
+        """One step; with `apply=False` only forward+backward (gradient accumulation; eager).
+
+        Returns the loss as a device tensor (reading it with `.item()` waits for the GPU).
+        """
+        if not apply or self._pending_grads or not self.uses_graphs:
+            return self._eager(batch, apply)
+        key = self._key(batch)
+        entry = self._graphs.get(key)
+        if entry is None:
+            seen = self._seen.get(key, 0) + 1
+            self._seen[key] = seen
+            if seen <= self.opts.graph_warmup or len(self._graphs) >= self.opts.max_graphs:
+                return self._eager(batch, apply, side_stream=True)
+            entry = self._capture(key, batch)
+            if entry is None:
+                return self._eager(batch, apply)
+        return self._replay(entry, batch)
+
+    # ------------------------------------------------------------------ eager
+    def _eager(self, batch: Batch, apply: bool, side_stream: bool = False) -> torch.Tensor:
+        if not self._pending_grads:
+            self.optimizer.zero_grad(set_to_none=True)  # graph-owned grads must not be accumulated into
+        stream = None
+        if side_stream and self.device.type == "cuda":
+            # Warm-up off the default stream, as torch.cuda.graph expects before a capture.
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        with ctx:
+            loss = self.loss_fn(batch)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            if apply:
+                if self.scaler is not None:
+                    if self.max_grad_norm > 0:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self._clip()
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss = loss.detach()
+        if stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._pending_grads = not apply
+        self.stats["eager_steps"] += 1
+        return loss
+
+    def _clip(self) -> None:
+        if self.max_grad_norm > 0:
+            # foreach: no host sync, so the same call is capturable
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+
+    # ------------------------------------------------------------------ graphs
+    def _why_not_graphs(self) -> str | None:
+        if not self.opts.enabled or not self.opts.cuda_graphs:
+            return "disabled in the options"
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            return "no CUDA device"
+        if self.scaler is not None:
+            return "fp16 loss scaling skips steps on overflow, which a graph cannot"
+        if not _capturable_optimizer(self.optimizer):
+            return (f"{type(self.optimizer).__name__} is not capturable "
+                    "(use torch Adam/AdamW with fused=True or capturable=True)")
+        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 3):
+            return "needs torch 2.3 or newer (tensor learning rates in fused optimizers)"
+        return None
+
+    @staticmethod
+    def _key(batch: Batch) -> tuple:
+        parts = []
+        for k in sorted(batch):
+            v = batch[k]
+            if isinstance(v, torch.Tensor):
+                parts.append((k, tuple(v.shape), v.dtype, v.device.type))
+            else:
+                parts.append((k, repr(v)))  # non-tensors are baked into the graph: part of the key
+        return tuple(parts)
+
+    def _sync_lrs(self, lrs: list[torch.Tensor]) -> None:
+        for group, t in zip(self.optimizer.param_groups, lrs):
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                if lr is not t:
+                    t.copy_(lr)
+            else:
+                t.fill_(float(lr))
+
+    def _capture(self, key: tuple, batch: Batch) -> _Graph | None:
+        t0 = time.perf_counter()
+        groups = self.optimizer.param_groups
+        saved_lrs = [g["lr"] for g in groups]
+        try:
+            static = {k: (v.to(self.device).clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            lrs = [torch.tensor(float(lr), dtype=torch.float32, device=self.device) for lr in saved_lrs]
+            for g in groups:
+                g["capturable"] = True
+            for g, t in zip(groups, lrs):
+                g["lr"] = t
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                loss = self.loss_fn(static)
+                loss.backward()
+                self._clip()
+                self.optimizer.step()
+                loss = loss.detach()
+            grads = [p.grad for p in self.params]
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly from now on
+            log.warning("CUDA graph capture failed, training continues without graphs: %s", exc)
+            self.disabled_reason = f"capture failed: {type(exc).__name__}: {exc}"[:300]
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(self.device)
+            return None
+        finally:
+            for g, lr in zip(groups, saved_lrs):
+                g["lr"] = lr
+        if self._pool is None:
+            self._pool = graph.pool()  # later shapes share it: replays never overlap
+        entry = _Graph(graph=graph, static=static, loss=loss, lrs=lrs, grads=grads)
+        self._graphs[key] = entry
+        self.stats["graphs"] += 1
+        self.stats["capture_s"] += time.perf_counter() - t0
+        log.info("captured a CUDA graph for batch shape %s in %.2fs", key, time.perf_counter() - t0)
+        return entry
+
+    def _replay(self, entry: _Graph, batch: Batch) -> torch.Tensor:
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                entry.static[k].copy_(v, non_blocking=True)
+        self._sync_lrs(entry.lrs)
+        entry.graph.replay()
+        self.stats["graph_replays"] += 1
+        return entry.loss.clone()  # the static loss is overwritten by the next replay
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,131 @@
+"""A leaner forward for peft's LoRA Linear/Conv2d layers.
+
+peft stays the source of truth: the same `lora_A`/`lora_B` parameters are used, so state dicts,
+kohya export and loading are untouched. Only the forward is replaced (per instance, reversibly) by
+one that
+- skips peft's per-call bookkeeping (adapter loops, dtype round trips: peft casts a bf16 input to
+  the fp32 LoRA dtype and autocast casts it straight back),
+- folds the LoRA scale into B (an r x out tensor) and adds the low-rank product into the base
+  output inside the GEMM epilogue (`addmm`), instead of separate mul/add/cast kernels.
+Anything unusual (several active adapters, DoRA/variants, lora bias, merged or disabled adapters)
+falls back to peft's own forward, so the result is always what peft would compute.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_FUSED_ATTR = "_lora_trainer_fused"
+
+
+def _autocast_on(x: torch.Tensor) -> bool:
+    kind = x.device.type
+    try:  # torch >= 2.4 takes the device type
+        return torch.is_autocast_enabled(kind)
+    except TypeError:
+        return torch.is_autocast_enabled() if kind == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def _adapter(layer: Any) -> str | None:
+    """The single plain LoRA adapter this layer runs, or None when peft's own forward is needed."""
+    if layer._disable_adapters or layer.merged_adapters:
+        return None
+    active = layer._active_adapter
+    if not isinstance(active, str):
+        if len(active) != 1:
+            return None
+        active = active[0]
+    if active not in layer.lora_A:
+        return None
+    if layer.use_dora.get(active, False):
+        return None
+    if getattr(layer, "lora_variant", None) and active in layer.lora_variant:
+        return None
+    if getattr(layer, "lora_bias", {}).get(active, False):
+        return None
+    return active
+
+
+def _lora_weights(layer: Any, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = layer.lora_A[name].weight
+    b = layer.lora_B[name].weight * layer.scaling[name]
+    if not _autocast_on(x) and a.dtype != x.dtype:
+        # Pure low-precision training (no autocast): compute the LoRA path in the input's dtype;
+        # the casts are differentiable, so gradients still reach the fp32 parameters.
+        a, b = a.to(x.dtype), b.to(x.dtype)
+    return a, b
+
+
+def _dropout(layer: Any, name: str, x: torch.Tensor) -> torch.Tensor:
+    drop = layer.lora_dropout[name]
+    return x if isinstance(drop, nn.Identity) else drop(x)
+
+
+def _linear_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = None if (args or kwargs) else _adapter(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    if type(base) is nn.Linear:
+        y = F.linear(x, base.weight, base.bias)
+    else:  # e.g. accel.fp8.Fp8Linear
+        y = base(x)
+    a, b = _lora_weights(self, name, x)
+    h = F.linear(_dropout(self, name, x), a)
+    out = y.shape[-1]
+    # y + h @ b.T in one GEMM (cuBLAS beta=1 epilogue) instead of matmul, mul, add and a cast.
+    fused = torch.addmm(y.reshape(-1, out), h.reshape(-1, h.shape[-1]), b.t())
+    return fused.view(y.shape).to(y.dtype)
+
+
+def _conv2d_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = None if (args or kwargs) else _adapter(self)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    y = base(x)
+    a, b = _lora_weights(self, name, x)
+    la = self.lora_A[name]
+    h = F.conv2d(_dropout(self, name, x), a, None, la.stride, la.padding, la.dilation, la.groups)
+    return (y + F.conv2d(h, b)).to(y.dtype)
+
+
+def _fast_forward_for(module: nn.Module):
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return None
+    # Exact types only: subclasses (bnb/gptq/...) have their own forward semantics.
+    if type(module) is lora_layer.Linear:
+        return _linear_forward
+    if type(module) is lora_layer.Conv2d:
+        return _conv2d_forward
+    return None
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Give every plain peft LoRA Linear/Conv2d in `model` the lean forward; returns how many."""
+    n = 0
+    for module in model.modules():
+        fwd = _fast_forward_for(module)
+        if fwd is None:
+            continue
+        module.forward = types.MethodType(fwd, module)
+        setattr(module, _FUSED_ATTR, True)
+        n += 1
+    return n
+
+
+def unfuse_lora_layers(model: nn.Module) -> int:
+    """Restore peft's forward everywhere `fuse_lora_layers` replaced it."""
+    n = 0
+    for module in model.modules():
+        if module.__dict__.pop(_FUSED_ATTR, False):
+            module.__dict__.pop("forward", None)
+            n += 1
+    return n

@@ -1,0 +1,63 @@
+"""What the engine asks of accel: one small options object, read from TrainConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AccelOptions:
+    """Speed/memory switches. Every one of them leaves the trained weights' math unchanged except
+    `fp8_base` (frozen base weights rounded to fp8: a low-VRAM preset's trade, off by default)."""
+
+    enabled: bool = True  # False: plain peft forward, eager steps (the reference path)
+    fused_lora: bool = True  # lean LoRA forward (lora_fast)
+    cuda_graphs: bool = True  # capture the whole step per batch shape (graphs.StepRunner)
+    graph_warmup: int = 2  # eager steps per shape before capture (cuDNN autotune, lazy inits)
+    max_graphs: int = 8  # distinct batch shapes captured; later shapes run eagerly
+    channels_last: bool = False  # NHWC convs; measured per GPU in bench/speed.py
+    fp8_base: bool = False  # frozen Linear weights in float8 (low-VRAM presets)
+
+    @classmethod
+    def from_config(cls, config: Any) -> AccelOptions:
+        """`config.accel`: "auto" (default) | "off"; `config.fp8_base`, `config.cuda_graphs`,
+        `config.channels_last` are honoured when the config has them."""
+        mode = str(getattr(config, "accel", "auto") or "auto").lower()
+        opts = cls(enabled=mode != "off")
+        for f in fields(cls):
+            if f.name != "enabled" and hasattr(config, f.name):
+                setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
+        if not opts.enabled:
+            opts.fused_lora = opts.cuda_graphs = opts.channels_last = False
+        return opts
+
+    @classmethod
+    def off(cls) -> AccelOptions:
+        return cls(enabled=False, fused_lora=False, cuda_graphs=False)
+
+
+def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:
+    """Extra torch.optim.Adam/AdamW kwargs: one fused kernel for all LoRA tensors on CUDA, and
+    capturable so the step can live inside a CUDA graph. Empty on the CPU."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return {}
+    return {"fused": True, "capturable": True}
+
+
+def describe(opts: AccelOptions, device: torch.device | str = "cuda") -> str:
+    if not opts.enabled:
+        return "accel: off (plain peft forward, eager steps)"
+    on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    parts = []
+    if opts.fused_lora:
+        parts.append("fused LoRA forward")
+    if opts.cuda_graphs:
+        parts.append("CUDA graphs per batch shape" if on_cuda else "eager steps (no CUDA for graphs)")
+    if opts.channels_last:
+        parts.append("channels_last")
+    if opts.fp8_base:
+        parts.append("fp8 base weights")
+    return "accel: " + (", ".join(parts) or "nothing enabled")

@@ -1,0 +1,62 @@
+"""prepare_model: apply the model-side speed-ups once, after LoRA injection."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fp8 import fp8_available, quantize_linears_fp8
+from .lora_fast import fuse_lora_layers
+from .options import AccelOptions
+
+log = logging.getLogger(__name__)
+
+
+def graph_safe_checkpointing(model: nn.Module) -> int:
+    """Make diffusers' gradient checkpointing capturable in a CUDA graph.
+
+    diffusers checkpoints with preserve_rng_state=True, which reads and restores the CUDA RNG
+    state around each block; the UNet draws no random numbers inside its blocks (dropout 0 in
+    training configs), so there is nothing to preserve and the state calls are what breaks a
+    capture. Only diffusers versions with a per-module `_gradient_checkpointing_func` (>= 0.32)
+    let us swap it; older ones keep theirs (and a failed capture falls back to eager steps).
+    """
+    func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False)
+    n = 0
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+            m._gradient_checkpointing_func = func
+            n += 1
+    return n
+
+
+def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device: Any = None) -> dict[str, int]:
+    """Apply `opts` to a LoRA-injected model (UNet or text encoder) in place; returns counts.
+
+    Call after `inject_lora`, moving to the device/dtype and enabling gradient checkpointing, and
+    before building the optimizer (fp8 replaces frozen Linear modules, never LoRA parameters).
+    """
+    opts = opts or AccelOptions()
+    done = {"fused_lora": 0, "fp8_linears": 0, "channels_last": 0, "checkpoint_funcs": 0}
+    if not opts.enabled:
+        return done
+    if opts.fp8_base:
+        if fp8_available():
+            done["fp8_linears"] = quantize_linears_fp8(model)
+        else:
+            log.warning("fp8 base weights need torch >= 2.1; keeping %s weights",
+                        next(model.parameters()).dtype)
+    if opts.fused_lora:
+        done["fused_lora"] = fuse_lora_layers(model)
+    if opts.channels_last:
+        on = torch.device(device).type == "cuda" if device is not None else True
+        if on:
+            model.to(memory_format=torch.channels_last)
+            done["channels_last"] = 1
+    done["checkpoint_funcs"] = graph_safe_checkpointing(model)
+    log.info("accel.prepare_model: %s", done)
+    return done

@@ -1,0 +1,279 @@
+"""accel/: the fast paths compute what peft's eager path computes (CPU; the GPU-only parts —
+CUDA graphs, fused AdamW, bf16 on CUDA — are checked by bench/speed.py's correctness section)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from lora_trainer import accel
+from lora_trainer.accel.fp8 import Fp8Linear, fp8_available
+from lora_trainer.models import tiny
+from lora_trainer.models.bundle import Family
+
+# kohya's SD1 target set (all Linear/1x1 conv in transformer blocks) plus the resnet 3x3 convs
+# (LoCon) so both fused layer kinds are exercised.
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1"]
+
+
+@functools.cache
+def base_unet(family: Family):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**tiny.unet_config(family))
+    tiny._randomize(unet, torch.Generator().manual_seed(0))
+    return unet.requires_grad_(False)
+
+
+def lora_unet(seed: int = 0, family: Family = Family.SD1, dropout: float = 0.0):
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
+    unet = copy.deepcopy(base_unet(family))
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS, lora_dropout=dropout,
+                                init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # peft starts B at zero, which would hide the LoRA path entirely
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return unet
+
+
+def inputs(unet, bs: int = 1, seed: int = 3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    x = torch.randn(bs, cfg.in_channels, 8, 8, generator=g, dtype=dtype)
+    t = torch.randint(0, 1000, (bs,), generator=g)
+    ctx = torch.randn(bs, 7, cfg.cross_attention_dim, generator=g, dtype=dtype)
+    kw = {}
+    if cfg.addition_embed_type == "text_time":
+        n = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(bs, n, generator=g, dtype=dtype),
+                                   "time_ids": torch.ones(bs, 6, dtype=dtype)}
+    return x, t, ctx, kw
+
+
+def lora_grads(unet):
+    return {n: p.grad.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def fwd_bwd(unet, batch, autocast=None):
+    x, t, ctx, kw = batch
+    unet.zero_grad(set_to_none=True)
+    if autocast is None:
+        out = unet(x, t, ctx, return_dict=False, **kw)[0]
+    else:
+        with torch.autocast("cpu", dtype=autocast):
+            out = unet(x, t, ctx, return_dict=False, **kw)[0]
+    out.float().square().mean().backward()
+    return out.detach().float(), lora_grads(unet)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("family", [Family.SD1, Family.SDXL])
+def test_fused_lora_matches_peft_fp32(family):
+    ref = lora_unet(family=family)
+    fused = copy.deepcopy(ref)
+    n = accel.fuse_lora_layers(fused)
+    assert n == sum(1 for m in fused.modules() if type(m).__name__ in ("Linear", "Conv2d")
+                    and hasattr(m, "lora_A"))
+    assert n > 20
+    batch = inputs(ref)
+    out_ref, g_ref = fwd_bwd(ref, batch)
+    out_fused, g_fused = fwd_bwd(fused, batch)
+    assert rel(out_fused, out_ref) < 1e-5
+    assert g_ref.keys() == g_fused.keys() and len(g_ref) == 2 * n
+    for k in g_ref:
+        assert rel(g_fused[k], g_ref[k]) < 1e-4, k
+
+
+def test_fused_lora_bf16_autocast_within_tolerance():
+    ref = lora_unet()
+    fused = copy.deepcopy(ref)
+    accel.fuse_lora_layers(fused)
+    batch = inputs(ref)
+    out32, g32 = fwd_bwd(ref, batch)  # fp32 reference
+    out_ref, g_ref = fwd_bwd(ref, batch, autocast=torch.bfloat16)
+    out_fused, g_fused = fwd_bwd(fused, batch, autocast=torch.bfloat16)
+    # the fused path must be as close to fp32 as peft's own bf16 path is (it rounds less often)
+    assert rel(out_fused, out32) < max(2 * rel(out_ref, out32), 2e-2)
+    # per-tensor bf16 gradients of a random tiny net are noisy for peft too: compare all at once
+    cat = lambda g: torch.cat([v.flatten() for _, v in sorted(g.items())])
+    assert rel(cat(g_fused), cat(g32)) < max(1.5 * rel(cat(g_ref), cat(g32)), 5e-2)
+
+
+def test_fused_lora_pure_bf16_keeps_fp32_params():
+    """bf16 base weights, fp32 LoRA parameters, no autocast: no fp32 round trip of activations,
+    and as close to the fp32 result as peft's own (fp32-LoRA-branch) path."""
+    ref = lora_unet()
+    peft_bf = copy.deepcopy(ref)
+    for n, p in peft_bf.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    bf = copy.deepcopy(peft_bf)
+    accel.fuse_lora_layers(bf)
+    x, t, ctx, kw = inputs(ref)
+    out32, g32 = fwd_bwd(ref, (x, t, ctx, kw))
+    out_p, g_p = fwd_bwd(peft_bf, (x.bfloat16(), t, ctx.bfloat16(), kw))
+    out_bf, g_bf = fwd_bwd(bf, (x.bfloat16(), t, ctx.bfloat16(), kw))
+    assert rel(out_bf, out32) < max(1.5 * rel(out_p, out32), 5e-2)
+    assert all(dict(bf.named_parameters())[k].dtype == torch.float32 for k in g_bf)
+    cat = lambda g: torch.cat([v.flatten() for _, v in sorted(g.items())])
+    assert rel(cat(g_bf), cat(g32)) < max(1.5 * rel(cat(g_p), cat(g32)), 5e-2)
+
+
+def test_fallback_to_peft_when_adapters_disabled_or_dropout():
+    unet = lora_unet()
+    accel.fuse_lora_layers(unet)
+    batch = inputs(unet)
+    x, t, ctx, kw = batch
+    with torch.no_grad():
+        with_lora = unet(x, t, ctx, return_dict=False, **kw)[0]
+        unet.disable_adapters()
+        without = unet(x, t, ctx, return_dict=False, **kw)[0]
+        unet.enable_adapters()
+        again = unet(x, t, ctx, return_dict=False, **kw)[0]
+    assert rel(with_lora, without) > 1e-3  # disabling really switched the LoRA off
+    assert torch.equal(with_lora, again)
+    base = base_unet(Family.SD1)
+    with torch.no_grad():
+        plain = base(x, t, ctx, return_dict=False)[0]
+    assert rel(without, plain) < 1e-6
+    # dropout > 0 goes through the fused path with the same dropout mask stream as peft
+    d_ref = lora_unet(dropout=0.5)
+    d_fused = copy.deepcopy(d_ref)
+    accel.fuse_lora_layers(d_fused)
+    torch.manual_seed(7)
+    o_ref, _ = fwd_bwd(d_ref, batch)
+    torch.manual_seed(7)
+    o_fused, _ = fwd_bwd(d_fused, batch)
+    assert rel(o_fused, o_ref) < 1e-5
+
+
+def train(unet, steps: int, fused: bool, runner_opts=None):
+    if fused:
+        accel.fuse_lora_layers(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, **accel.optimizer_kwargs("cpu"))
+    x, t, ctx, _ = inputs(unet, bs=2)
+
+    def loss_fn(batch):
+        out = unet(batch["x"], batch["t"], batch["ctx"], return_dict=False)[0]
+        return torch.nn.functional.mse_loss(out, batch["noise"])
+
+    runner = accel.StepRunner(loss_fn, params, opt, runner_opts, max_grad_norm=1.0)
+    g = torch.Generator().manual_seed(11)
+    losses = []
+    for _ in range(steps):
+        batch = {"x": x, "t": t, "ctx": ctx, "noise": torch.randn(x.shape, generator=g)}
+        losses.append(runner.step(batch).item())
+    return losses, runner
+
+
+def test_training_and_lora_state_dict_identical_to_eager_peft():
+    ref, fast = lora_unet(), lora_unet()
+    l_ref, _ = train(ref, 4, fused=False, runner_opts=accel.AccelOptions.off())
+    l_fast, runner = train(fast, 4, fused=True)
+    assert not runner.uses_graphs and runner.stats["eager_steps"] == 4  # no CUDA: eager fallback
+    assert l_ref == pytest.approx(l_fast, rel=1e-5)
+    sd_ref, sd_fast = get_peft_model_state_dict(ref), get_peft_model_state_dict(fast)
+    assert sd_ref.keys() == sd_fast.keys() and len(sd_ref) > 0
+    for k in sd_ref:
+        assert torch.allclose(sd_ref[k], sd_fast[k], rtol=1e-4, atol=1e-6), k
+    # the fused model's full state dict has exactly peft's keys (nothing added, nothing renamed)
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    assert accel.unfuse_lora_layers(fast) > 0 and accel.unfuse_lora_layers(fast) == 0
+
+
+def test_step_runner_manual_loop_equivalence_and_accumulation():
+    """The runner's eager step is exactly a hand-written loop (clip included)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    w2 = torch.nn.Parameter(w.detach().clone())
+    data = [torch.randn(5, 4) for _ in range(6)]
+
+    def loss_of(p):
+        return lambda b: (b["x"] @ p).square().mean()
+
+    opt = torch.optim.AdamW([w], lr=0.1)
+    runner = accel.StepRunner(loss_of(w), [w], opt, max_grad_norm=0.5)
+    opt2 = torch.optim.AdamW([w2], lr=0.1)
+    for i, x in enumerate(data):
+        apply = i % 2 == 1  # accumulate two micro-batches per optimizer step
+        runner.step({"x": x}, apply=apply)
+        loss_of(w2)({"x": x}).backward()
+        if apply:
+            torch.nn.utils.clip_grad_norm_([w2], 0.5)
+            opt2.step()
+            opt2.zero_grad()
+    assert torch.allclose(w, w2, atol=1e-6)
+    assert runner.stats["eager_steps"] == 6
+
+
+def test_step_runner_reports_why_graphs_are_off():
+    w = torch.nn.Parameter(torch.zeros(2))
+    runner = accel.StepRunner(lambda b: w.sum(), [w], torch.optim.SGD([w], lr=0.1))
+    assert runner.disabled_reason  # CPU here; on CUDA an SGD without capturable would be named
+    assert "graphs" not in runner.stats or runner.stats["graphs"] == 0
+
+
+def test_options_from_config_and_describe():
+    assert accel.AccelOptions.from_config(SimpleNamespace()).enabled
+    off = accel.AccelOptions.from_config(SimpleNamespace(accel="off"))
+    assert not off.enabled and not off.fused_lora and not off.cuda_graphs
+    low = accel.AccelOptions.from_config(SimpleNamespace(fp8_base=1, cuda_graphs=False))
+    assert low.fp8_base is True and low.cuda_graphs is False
+    assert "fp8" in accel.describe(low, "cpu")
+    assert accel.optimizer_kwargs("cpu") == {}
+
+
+@pytest.mark.skipif(not fp8_available(), reason="torch without float8")
+def test_fp8_base_linear_close_and_trainable():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32).requires_grad_(False)
+    q = Fp8Linear(lin)
+    x = torch.randn(8, 64, requires_grad=True)
+    y_ref = lin(x)
+    y = q(x)
+    assert rel(y.detach(), y_ref.detach()) < 0.08  # e4m3 keeps ~3 significant bits per weight
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    (g,) = torch.autograd.grad(q(x).sum(), x)
+    assert rel(g, g_ref) < 0.08
+    assert q.weight8.element_size() == 1 and q.weight.shape == lin.weight.shape
+
+    unet = lora_unet()
+    ref = copy.deepcopy(unet)
+    done = accel.prepare_model(unet, accel.AccelOptions(fp8_base=True), device="cpu")
+    assert done["fp8_linears"] > 20 and done["fused_lora"] > 20
+    lora_keys = {k for k, p in unet.named_parameters() if p.requires_grad}
+    assert lora_keys == {k for k, p in ref.named_parameters() if p.requires_grad}
+    batch = inputs(unet)
+    out_q, grads = fwd_bwd(unet, batch)
+    out_ref, _ = fwd_bwd(ref, batch)
+    assert rel(out_q, out_ref) < 0.1
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_graph_safe_checkpointing_same_gradients():
+    unet = lora_unet()
+    ref = copy.deepcopy(unet)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    ref.train()
+    n = accel.prepare_model(unet, accel.AccelOptions(), device="cpu")["checkpoint_funcs"]
+    if hasattr(unet.down_blocks[0], "_gradient_checkpointing_func"):
+        assert n > 0
+    batch = inputs(unet)
+    out_c, g_c = fwd_bwd(unet, batch)
+    out_r, g_r = fwd_bwd(ref, batch)
+    assert rel(out_c, out_r) < 1e-5
+    for k in g_r:
+        assert rel(g_c[k], g_r[k]) < 1e-4, k
