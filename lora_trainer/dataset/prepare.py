@@ -104,7 +104,7 @@ def prepare_dataset(source: str | os.PathLike[str], out: str | os.PathLike[str],
     if class_images is not None:
         subsets.append(Subset("reg", Path(class_images), class_name or "", class_repeats))
     for subset in subsets:
-        _check_no_overlap(subset, out, recursive)
+        _check_no_overlap(subset, out)
 
     result = PrepareResult(out=out, manifest={})
     previous = _previous_outputs(out)
@@ -161,14 +161,13 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_no_overlap(subset: Subset, out: Path, recursive: bool) -> None:
+def _check_no_overlap(subset: Subset, out: Path) -> None:
+    # OUT may hold the photos folder (OUT/raw), but what we write (OUT/img, OUT/reg, dataset.json)
+    # must neither be nor contain nor sit inside the photos.
     target = out / subset.kind
     if _inside(subset.source, target) or _inside(target, subset.source) or _inside(subset.source, out / MANIFEST):
         raise DatasetError(f"The output folder {out} overlaps the images in {subset.source}; choose an output "
                            "folder outside your photos so they are never touched.")
-    if recursive and _inside(out, subset.source):
-        raise DatasetError(f"The output folder {out} is inside {subset.source}, which is scanned recursively; "
-                           "choose an output folder outside it.")
 
 
 def _previous_outputs(out: Path) -> set[str]:

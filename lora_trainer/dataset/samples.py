@@ -66,8 +66,8 @@ def write_awkward_images(folder: str | os.PathLike[str]) -> dict[str, str]:
 
     base = gradient(96, 64, seed=1)
     save("plain.jpg", base, "copy", quality=95)
-    save("plain.webp", gradient(64, 96, seed=2), "copy", lossless=True)
-    save("plain.bmp", gradient(80, 80, seed=3), "copy")
+    save("lossless.webp", gradient(64, 96, seed=2), "copy", lossless=True)
+    save("bitmap.bmp", gradient(80, 80, seed=3), "copy")
     save("gray.png", gradient(64, 64, seed=4).convert("L"), "copy")
     save("palette.png", gradient(72, 48, seed=5).convert("P", palette=Image.Palette.ADAPTIVE), "copy")
     rgba = gradient(64, 64, seed=6).convert("RGBA")
