@@ -34,8 +34,8 @@ TAG_FIELDS = {
 }
 
 
-def _roots(host: Any) -> list[Path] | None:
-    return host.allowed_roots()
+def _roots(jobs: JobManager) -> list[Path] | None:
+    return jobs.allowed_roots()
 
 
 def _unknown(keys: set[str], known: set[str], what: str) -> None:
@@ -45,9 +45,10 @@ def _unknown(keys: set[str], known: set[str], what: str) -> None:
 
 
 # ---------------------------------------------------------------------- training
-def train_config_from_request(host: Any, params: dict[str, Any], *, defaults: dict[str, Any] | None = None
-                              ) -> tuple[TrainConfig, str]:
+def train_config_from_request(jobs: JobManager, params: dict[str, Any], *,
+                              defaults: dict[str, Any] | None = None) -> tuple[TrainConfig, str]:
     """(TrainConfig, lora sub-folder) from request fields; raises LoraTrainerError on bad input."""
+    host = jobs.host
     if not isinstance(params, dict):
         raise ConfigError("The train request is not a JSON object; send {\"data\": ..., \"name\": ...}.")
     params = {TRAIN_ALIASES.get(k, k): v for k, v in params.items()}
@@ -63,7 +64,7 @@ def train_config_from_request(host: Any, params: dict[str, Any], *, defaults: di
     lora_subdir(Path(host.lora_dir()), sub)  # refuse a bad sub-folder now, not after training
     if "data" not in params or not str(params["data"]).strip():
         raise ConfigError("The train request has no data folder; set \"data\" to the prepared dataset folder.")
-    roots = _roots(host)
+    roots = _roots(jobs)
     params["data"] = str(resolve_user_path(params["data"], roots, what="dataset folder"))
     if params.get("reg_data"):
         params["reg_data"] = str(resolve_user_path(params["reg_data"], roots, what="regularisation folder"))
@@ -76,23 +77,24 @@ def train_config_from_request(host: Any, params: dict[str, Any], *, defaults: di
     return config, sub
 
 
-def submit_train(jobs: JobManager, host: Any, params: dict[str, Any], *,
+def submit_train(jobs: JobManager, params: dict[str, Any], *,
                  defaults: dict[str, Any] | None = None) -> Job:
-    config, sub = train_config_from_request(host, dict(params), defaults=defaults)
+    config, sub = train_config_from_request(jobs, dict(params), defaults=defaults)
     return jobs.submit_train(config, lora_subdir=sub)
 
 
 # ---------------------------------------------------------------------- tagging
-def submit_tag(jobs: JobManager, host: Any, params: dict[str, Any], *, cache_dir: str | None = None) -> Job:
+def submit_tag(jobs: JobManager, params: dict[str, Any], *, cache_dir: str | None = None) -> Job:
     """Queue WD14 tagging of a folder: `<stem>.txt` beside each image."""
     if not isinstance(params, dict):
         raise ConfigError("The tag request is not a JSON object; send {\"data\": \"<folder>\"}.")
     _unknown(set(params), set(TAG_FIELDS), "tag")
     merged = {**TAG_FIELDS, **params}
-    roots = _roots(host)
+    roots = _roots(jobs)
     folder = resolve_user_path(merged["data"], roots, what="image folder")
     model = str(merged["model"] or "").strip() or None
-    if model and (Path(model).expanduser().is_absolute() or model.startswith((".", "~"))):
+    if model and (Path(model).expanduser().exists() or Path(model).expanduser().is_absolute()
+                  or model.startswith((".", "~"))):
         model = str(resolve_user_path(model, roots, what="tagger model folder"))
     from .tagger.thresholds import MODES, TagOptions
 
@@ -143,7 +145,7 @@ PREPARE_FIELDS = {"source": None, "out": None, "concept": None, "repeats": None,
 PREPARE_ALIASES = {"data": "source", "src": "source"}
 
 
-def submit_prepare(jobs: JobManager, host: Any, params: dict[str, Any]) -> Job:
+def submit_prepare(jobs: JobManager, params: dict[str, Any]) -> Job:
     """Queue building the Kohya layout (out/img/<repeats>_<concept>/...) from a folder of images."""
     if not isinstance(params, dict):
         raise ConfigError("The prepare request is not a JSON object; "
@@ -153,7 +155,7 @@ def submit_prepare(jobs: JobManager, host: Any, params: dict[str, Any]) -> Job:
     missing = [k for k in ("source", "out", "concept") if not str(args.get(k) or "").strip()]
     if missing:
         raise ConfigError(f"The prepare request lacks {', '.join(missing)}; add those fields.")
-    roots = _roots(host)
+    roots = _roots(jobs)
     args["source"] = resolve_user_path(args["source"], roots, what="image folder")
     args["out"] = resolve_user_path(args["out"], roots, must_exist=False, what="dataset output folder")
     if args.get("class_images"):

@@ -68,19 +68,19 @@ def create_router(host: Any, jobs: JobManager, *, auth: Callable[..., Any] | Non
 
     @router.post("/tag")
     def tag(body: Dict[str, Any] = Body(...)) -> Dict[str, Any]:  # noqa: UP006, B008
-        job = _guard(lambda: actions.submit_tag(jobs, host, body,
+        job = _guard(lambda: actions.submit_tag(jobs, body,
                                                 cache_dir=settings.get("lora_trainer_tagger_cache") or None))
         return {"job_id": job.id}
 
     @router.post("/prepare")
     def prepare(body: Dict[str, Any] = Body(...)) -> Dict[str, Any]:  # noqa: UP006, B008
-        job = _guard(lambda: actions.submit_prepare(jobs, host, body))
+        job = _guard(lambda: actions.submit_prepare(jobs, body))
         return {"job_id": job.id}
 
     @router.post("/train")
     def train(body: Dict[str, Any] = Body(...)) -> Dict[str, Any]:  # noqa: UP006, B008
         defaults = {"lora_subdir": settings.get("lora_trainer_output_subdir", "")}
-        job = _guard(lambda: actions.submit_train(jobs, host, body, defaults=defaults))
+        job = _guard(lambda: actions.submit_train(jobs, body, defaults=defaults))
         return {"job_id": job.id}
 
     @router.get("/jobs")

@@ -193,6 +193,11 @@ class JobManager:
     def current(self) -> Job | None:
         return self._current
 
+    def allowed_roots(self) -> list[Path] | None:
+        """The host's allowed roots plus our own run folder (uploads and prepared datasets live there)."""
+        roots = self.host.allowed_roots()
+        return None if roots is None else [*roots, self.work_dir]
+
     def queued(self) -> list[Job]:
         with self._lock:
             return list(self._queue)
