@@ -387,7 +387,7 @@ def test_forge_host_trains_on_the_loaded_model_and_resets_after(fake_forge):
     before = digest(forge_tensors(sd_model))
     with host.gpu_lock():
         bundle = host.acquire_model(SimpleNamespace(model=""))
-        assert fake_forge.calls[:2] == ["reload", "begin:lora_trainer"]
+        assert fake_forge.calls[:2] == ["reload", "begin:Training a LoRA"]
         assert fo.unet.refreshed == 1 and fo.clip.patcher.refreshed == 1
         assert bundle.name == "tiny" and bundle.model_hash == "ab" * 32
         assert bundle.source == "forge:/models/tiny.safetensors"

@@ -19,11 +19,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedModelError
+from .a1111 import A1111Host
+from .common import tensor_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -68,15 +69,20 @@ def _same_file(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-class ForgeHost:
-    """Host protocol (lora_trainer.host.Host) for Forge."""
+class ForgeHost(A1111Host):
+    """Host protocol (lora_trainer.host.Host) for Forge.
+
+    Progress, Interrupt, the Lora folder, allowed roots, the tagger cache and the A/B grid work
+    as in A1111 (same `modules.shared`, `call_queue.queue_lock`, `processing` API); the model
+    hand-off is Forge's own.
+    """
 
     name = "forge"
 
-    def __init__(self, *, extra_roots: list[Path] | None = None) -> None:
-        self._extra_roots = [Path(r) for r in (extra_roots or [])]
-        self._sd_model: Any = None  # the Forge model the current bundle aliases
-        self._state_begun = False
+    def __init__(self, *, settings: dict[str, Any] | None = None) -> None:
+        super().__init__(settings=settings)
+        self._forge_model: Any = None  # the Forge model the current bundle aliases
+        self._forge_fingerprint: dict[str, str] | None = None
 
     # -- model handoff ---------------------------------------------------------------
     def acquire_model(self, config: Any) -> ModelBundle:
@@ -84,16 +90,18 @@ class ForgeHost:
 
         Called with gpu_lock() held (jobs.JobManager), so no generation runs meanwhile.
         """
+        self.last_notes = []
         requested = getattr(config, "model", "") or ""
         if not has_forge_backend():
-            return self._from_file(requested or self._selected_checkpoint(), reason="this Forge version's backend")
+            return self._load_file(requested or self._selected_checkpoint(),
+                                   reason="this Forge version keeps its model in the older ldm_patched backend")
         from modules import sd_models
 
-        sd_model, _ = sd_models.forge_model_reload()  # loads the selected checkpoint if not yet loaded
+        sd_model, _ = sd_models.forge_model_reload()  # Forge loads the selected checkpoint lazily
         info = getattr(sd_model, "sd_checkpoint_info", None)
         loaded = getattr(sd_model, "filename", None) or getattr(info, "filename", None)
         if requested and not _same_file(requested, loaded):
-            return self._from_file(requested, reason=None)
+            return self._load_file(requested, reason=None)
 
         from . import forge_model
 
@@ -104,44 +112,55 @@ class ForgeHost:
         except forge_model.LowBitModelError as e:
             if not loaded:
                 raise
-            log.warning("%s Training from %s instead.", e, loaded)
-            return self._from_file(loaded, reason="low-bit weights")
-        self._sd_model = sd_model
-        self._begin_state()
+            return self._load_file(loaded, reason=str(e).split(";")[0])
+        self._forge_model = sd_model
+        self._forge_fingerprint = tensor_fingerprint(forge_model.forge_tensors(sd_model)) if self._verify else None
+        self._begin_state("Training a LoRA")
+        log.info("LoRA Trainer: training on Forge's loaded model %s (%s, %s)", bundle.name, bundle.family.label,
+                 bundle.prediction_type)
         return bundle
 
-    def _from_file(self, path: str | None, *, reason: str | None) -> ModelBundle:
-        if not path:
-            raise UnsupportedModelError("No checkpoint is selected in Forge; choose one in the checkpoint menu.")
-        try:
-            from ..models.loader import load_model
-        except ImportError:  # pragma: no cover - the loader ships with the package
-            raise UnsupportedModelError(
-                f"Training on Forge's loaded model is not possible with {reason} and this build cannot load "
-                "checkpoint files; update LoRA Trainer.") from None
+    def _load_file(self, path: str | None, *, reason: str | None) -> ModelBundle:
+        if not path or not Path(path).is_file():
+            raise UnsupportedModelError("No checkpoint file is selected in Forge; choose one in the checkpoint menu "
+                                        "or give a model file.")
+        import torch
+
+        from ..models.loader import load_model
+
         if reason:
-            log.info("LoRA Trainer: loading %s from disk (%s).", path, reason)
+            self._note(f"cannot train on the loaded model in place ({reason}); loading {Path(path).name} "
+                       "from disk instead (uses extra memory)")
         self._unload_forge_models()  # make room: training gets its own copy of the weights
-        bundle = load_model(Path(path), device=str(self.device()))
-        self._begin_state()
-        return bundle
+        self._forge_model = None
+        self._begin_state("Training a LoRA")
+        return load_model(Path(path), dtype=torch.float32, device=self.device())
 
     def release_model(self, bundle: ModelBundle) -> None:
-        """Drop our aliases; reset Forge's LoRA state so the next generation re-applies its LoRAs."""
-        for attr in ("unet", "vae"):
-            setattr(bundle, attr, None)
+        """Drop our aliases, check Forge's weights are unchanged, make its next generation re-apply LoRAs."""
+        import gc
+
+        sd_model, self._forge_model = self._forge_model, None
+        before, self._forge_fingerprint = self._forge_fingerprint, None
+        bundle.unet = bundle.vae = None
         bundle.text_encoders = []
         try:
-            if self._sd_model is not None:
+            if sd_model is not None:
                 from . import forge_model
 
-                forge_model.reset_lora_state(self._sd_model)
+                forge_model.reset_lora_state(sd_model)
+                if before is not None:
+                    after = tensor_fingerprint(forge_model.forge_tensors(sd_model))
+                    changed = [k for k, h in before.items() if after.get(k) != h]
+                    if changed:
+                        log.error("LoRA Trainer: %d weights of Forge's model changed during training (first: %s); "
+                                  "reload the checkpoint.", len(changed), changed[0])
+                    else:
+                        log.info("LoRA Trainer: Forge's model is bit-identical after training")
         finally:
-            self._sd_model = None
-            self._end_state()
-            import gc
-
+            del bundle
             gc.collect()
+            self._end_state()
             try:
                 from backend import memory_management
 
@@ -160,7 +179,7 @@ class ForgeHost:
 
             selected = sd_models.select_checkpoint()
             return selected.filename if selected else None
-        except Exception:
+        except Exception:  # any failure means "don't know": the caller says no checkpoint is selected
             log.debug("no selected checkpoint", exc_info=True)
             return None
 
@@ -170,90 +189,25 @@ class ForgeHost:
 
             memory_management.unload_all_models()
             memory_management.soft_empty_cache()
-        except ImportError:
+        except ImportError:  # ldm_patched forks: their own memory manager keeps working as it is
             pass
 
-    # -- progress / interrupt -----------------------------------------------------------
-    def _begin_state(self) -> None:
-        from modules import shared
-
-        shared.state.begin(job="lora_trainer")
-        shared.state.textinfo = "Training LoRA"
-        self._state_begun = True
-
-    def _end_state(self) -> None:
-        if self._state_begun:
-            self._state_begun = False
-            from modules import shared
-
-            shared.state.end()
-
-    def report(self, event: Any) -> None:
-        if not self._state_begun:
-            return
-        from modules import shared
-
-        step, total = getattr(event, "step", None), getattr(event, "total_steps", None)
-        if step is not None and total:
-            shared.state.job_count = 1
-            shared.state.sampling_steps = int(total)
-            shared.state.sampling_step = int(step)
-            loss = getattr(event, "loss", None)
-            shared.state.textinfo = f"Training LoRA: step {step}/{total}" + (
-                f", loss {loss:.4f}" if isinstance(loss, float) else "")
-
-    def interrupted(self) -> bool:
-        if not self._state_begun:
-            return False
-        from modules import shared
-
-        return bool(shared.state.interrupted or getattr(shared.state, "stopping_generation", False))
-
-    # -- places, locks ---------------------------------------------------------------------
-    def lora_dir(self) -> Path:
-        from modules import shared
-
-        return Path(shared.cmd_opts.lora_dir)
-
-    def gpu_lock(self) -> AbstractContextManager[Any]:
-        from modules.call_queue import queue_lock
-
-        return queue_lock
-
+    # -- host services that differ from A1111 ------------------------------------------------
     def device(self) -> torch.device:
         try:
             from backend import memory_management
 
             return memory_management.get_torch_device()
         except ImportError:
-            from modules import devices
+            return super().device()
 
-            return devices.device
+    def interrupted(self) -> bool:
+        if not self._state_begun:
+            return False
+        from modules import shared
 
-    def after_save(self, lora_path: Path) -> None:
-        """Let Forge's Lora list see the new file (the cards refresh from the browser)."""
-        try:
-            import networks  # extensions-builtin/sd_forge_lora (or A1111's Lora), on sys.path in the WebUI
-
-            networks.list_available_networks()
-        except Exception:
-            log.warning("Could not refresh Forge's LoRA list", exc_info=True)
-
-    def allowed_roots(self) -> list[Path] | None:
-        from modules import paths_internal, shared
-
-        roots = [Path(paths_internal.data_path), Path(paths_internal.models_path), self.lora_dir()]
-        extra = getattr(shared.opts, "lora_trainer_extra_roots", None) or []
-        if isinstance(extra, str):
-            extra = [p.strip() for p in extra.splitlines() if p.strip()]
-        roots += [Path(p) for p in extra] + self._extra_roots
-        return [r.expanduser().resolve() for r in roots]
-
-    def tagger_cache_dir(self) -> Path:
-        """Forge points HF_HOME at models/diffusers: keep WD14 downloads in their own folder."""
-        from modules import paths_internal
-
-        return Path(paths_internal.models_path) / "lora_trainer" / "tagger"
+        st = shared.state
+        return bool(st.interrupted or getattr(st, "skipped", False) or getattr(st, "stopping_generation", False))
 
 
 def _model_name(info: Any, filename: str | None) -> str:

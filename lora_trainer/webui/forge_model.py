@@ -85,6 +85,16 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 # ---------------------------------------------------------------- Forge state
+def forge_tensors(sd_model: Any) -> dict[str, torch.Tensor]:
+    """Every weight of Forge's UNet, text encoders and VAE (Forge's own tensors, for hashing)."""
+    fo = sd_model.forge_objects_original
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module in (("unet.", fo.unet.model.diffusion_model), ("clip.", fo.clip.cond_stage_model),
+                           ("vae.", fo.vae.first_stage_model)):
+        out.update({prefix + k: v for k, v in module.named_parameters()})
+    return out
+
+
 def restore_clean_weights(sd_model: Any) -> None:
     """Undo merged LoRAs: Forge merges them by swapping in patched Parameters, with a backup.
 
