@@ -133,7 +133,9 @@ def _peft_config(spec: LoraSpec, targets: list[LoraTarget]):
     return LoraConfig(
         r=int(spec.rank),
         lora_alpha=spec.effective_alpha,
-        target_modules=[t.module_name for t in targets],
+        # One anchored regex (peft fullmatches a str) instead of a list, which peft checks name by
+        # name against every module: quadratic, seconds for SDXL.
+        target_modules="(?:" + "|".join(re.escape(t.module_name) for t in targets) + ")",
         lora_dropout=float(spec.dropout),
         bias="none",
         init_lora_weights=True,
@@ -237,7 +239,9 @@ class LoraNetwork:
             up = layer.lora_B[ADAPTER].weight.detach()
             alpha = torch.tensor(self.alphas[t.kohya_name])  # 0-dim, like kohya's `alpha` buffer
             for suffix, value in ((ALPHA, alpha), (DOWN, down), (UP, up)):
-                value = value.to(device="cpu", dtype=dtype or value.dtype, copy=True)
+                # meta tensors (models built without weights, for shape checks) stay on meta
+                device = "meta" if down.is_meta else "cpu"
+                value = value.to(device=device, dtype=dtype or value.dtype, copy=True)
                 out[f"{t.kohya_name}.{suffix}"] = value.contiguous()
         return out
 
