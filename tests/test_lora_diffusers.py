@@ -15,10 +15,11 @@ from lora_trainer.models.bundle import Family
 from lora_trainer.models.tiny import _randomize, build_tiny_bundle, unet_config
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.utils import USE_PEFT_BACKEND  # noqa: E402
-from packaging.version import Version  # noqa: E402
+from diffusers.utils import USE_PEFT_BACKEND
 
-DIFFUSERS = Version(diffusers.__version__)
+# Verified: diffusers 0.31.0 (Forge stack) and 0.42.1 load every case below, LoCon conv keys
+# (ResNet conv1/conv2/time_emb_proj/conv_shortcut, down/upsamplers, SDXL's SGM names) included.
+# diffusers 0.29.2 on A1111's stack (transformers 4.30.2) cannot load any LoRA: see the skip.
 
 if not USE_PEFT_BACKEND:
     pytest.skip(
@@ -54,7 +55,7 @@ def _pipeline(bundle, unet, text_encoders):
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DDPMScheduler(**bundle.schedule.scheduler_config(), steps_offset=1, clip_sample=False)
-    common = dict(vae=bundle.vae, unet=unet, scheduler=scheduler)
+    common = {"vae": bundle.vae, "unet": unet, "scheduler": scheduler}
     if bundle.family is Family.SDXL:
         return StableDiffusionXLPipeline(text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
                                          tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], **common)
@@ -115,17 +116,10 @@ CASES = [
 ]
 
 
-def _locon_skip_reason(family: str) -> str | None:
-    """Versions whose loader cannot take LoCon keys that kohya writes (pinned by running them)."""
-    return None
-
-
 @pytest.mark.parametrize("family,conv_proj,train_te,locon", CASES,
                          ids=[f"{f}{'-convproj' if c else ''}{'-te' if t else '-unetonly'}{'-locon' if lc else ''}"
                               for f, c, t, lc in CASES])
 def test_diffusers_load_lora_weights_reproduces_our_outputs(tmp_path, family, conv_proj, train_te, locon):
-    if locon and (reason := _locon_skip_reason(family)):
-        pytest.skip(reason)
     bundle = _bundle(family, conv_proj)
     base_unet = copy.deepcopy(bundle.unet)
     base_tes = [copy.deepcopy(te) for te in bundle.text_encoders]
