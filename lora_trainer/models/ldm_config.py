@@ -68,7 +68,7 @@ class ModelConfig:
         if family is Family.SD2 and prediction_type == V_PREDICTION:
             unet.update(sample_size=96, upcast_attention=True)  # as diffusers' SD2.1 768-v config
         vae = bundled_config("sdxl_vae" if family is Family.SDXL else "sd_vae")
-        encoders = [TextEncoderSpec(k, resolve_text_config(None, k)[0], penultimate=family is Family.SD2)
+        encoders = [TextEncoderSpec(k, bundled_config(_TEXT_CONFIG_FILES[k]), penultimate=family is Family.SD2)
                     for k in FAMILY_TEXT_KINDS[family]]
         return cls(family, prediction_type, unet, vae, encoders, Schedule(), float(vae.pop("scaling_factor")))
 
@@ -165,8 +165,10 @@ def resolve_text_config(version: str | None, kind: str,
     """The text encoder config a yaml `version` names: a local folder, a cached Hub id, or bundled.
 
     Never touches the network: a Hub id is looked up in the local Hugging Face cache only; ids and
-    OpenCLIP pretrained tags we know fall back to the bundled config.
+    OpenCLIP pretrained tags we know fall back to the bundled config. No version means the
+    embedder's default (openai/clip-vit-large-patch14 for CLIP-L), as in ldm/sgm.
     """
+    version = version or _DEFAULT_VERSIONS[kind]
     if version:
         version = str(version)
         if base_dir is not None and not os.path.isabs(version) and not os.path.isdir(version):
@@ -190,11 +192,11 @@ def resolve_text_config(version: str | None, kind: str,
 
 def _cached_hub_file(repo_id: str, filename: str) -> str | None:
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return None
-    try:
-        hit = try_to_load_from_cache(repo_id, filename)
+    try:  # the cache folder is read now, so HF_HOME/HF_HUB_CACHE set after import count too
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=constants.HF_HUB_CACHE)
     except Exception:  # noqa: BLE001 - malformed ids raise validation errors; treat as not cached
         return None
     return hit if isinstance(hit, str) else None
