@@ -240,9 +240,6 @@ class _Run:
         from ..lora.network import LoraSpec, inject_lora
 
         config, plan = self.config, self.plan
-        random.seed(config.seed)
-        np.random.seed(config.seed % 2**32)
-        torch.manual_seed(config.seed)
 
         # --- latents, once, then the VAE leaves the GPU
         bundle.vae.to(device)
@@ -308,6 +305,14 @@ class _Run:
                 scaler.load_state_dict(self.resume["scaler"])
             set_rng_state(self.resume["rng"])
             self.saved = [Path(p) for p in self.pos.saved]
+        else:
+            # Seeded here, after all setup, so the training stream (data flips, caption shuffles,
+            # noise, timesteps) depends only on the seed, not on how many modules got adapters.
+            random.seed(config.seed)
+            np.random.seed(config.seed % 2**32)
+            torch.manual_seed(config.seed)
+            if device.type == "cuda":
+                torch.cuda.manual_seed_all(config.seed)
         noise_scheduler = bundle.noise_scheduler()
         max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
 
