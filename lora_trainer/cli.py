@@ -13,7 +13,7 @@ import sys
 
 from .errors import LoraTrainerError
 
-COMMANDS = ("tag", "prepare", "train", "demo")
+COMMANDS = ("tag", "prepare", "train", "demo", "serve", "ui")
 
 log = logging.getLogger("lora_trainer")
 

@@ -1,0 +1,249 @@
+"""What the tab shows, computed without Gradio: gallery items, problem lists, tag tables, progress.
+
+Kept apart from the layout so the same code runs on Gradio 3.41 and 4.x and is easy to test.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..dataset import captions as cap
+from ..errors import DatasetError, LoraTrainerError
+from ..paths import resolve_user_path
+
+log = logging.getLogger(__name__)
+
+MAX_GALLERY = 300  # thumbnails shown; the rest is counted
+THUMB = 256
+NO_CAPTION = "(no caption)"
+
+
+def user_error(e: BaseException) -> str:
+    """The text shown for a failure: our message as is; anything else without its traceback."""
+    if isinstance(e, LoraTrainerError):
+        return str(e)
+    log.error("LoRA Trainer tab action failed", exc_info=e)
+    return (f"Unexpected error ({type(e).__name__}: {str(e)[:200]}); "
+            "see the console log for details and report it if it happens again.")
+
+
+def error_md(e: BaseException) -> str:
+    return f"**⚠ {html.escape(user_error(e))}**"
+
+
+# ---------------------------------------------------------------------- dataset
+def thumbnail(path: Path, size: int = THUMB) -> Image.Image:
+    from ..dataset.images import load_image
+
+    img = load_image(path)
+    img.thumbnail((size, size))
+    return img
+
+
+def scan_folder(folder: str, roots: list[Path] | None, *, resolution: int = 512, recursive: bool = False
+                ) -> dict[str, Any]:
+    """Everything the dataset section shows about `folder`.
+
+    Returns {"folder", "images": [paths], "gallery": [(PIL, caption)], "problems": [[file, problem]],
+    "summary": markdown}.
+    """
+    from ..dataset.images import scan_images
+
+    root = resolve_user_path(folder, roots, what="image folder")
+    scan = scan_images(root, recursive=recursive, min_size=resolution)
+    images = list(scan.images)
+    gallery = []
+    for path in images[:MAX_GALLERY]:
+        text = read_caption_or_empty(path)
+        gallery.append((thumbnail(path), text or NO_CAPTION))
+    problems = [[scan.relative(p), reason] for p, reason in sorted(scan.skipped.items())]
+    problems += [[scan.relative(p), "; ".join(w)] for p, w in sorted(scan.warnings.items())]
+    captioned = sum(1 for p in images if cap.caption_path(p).exists())
+    summary = (f"**{len(images)}** usable image(s) in `{root}`, **{captioned}** with captions"
+               + (f", **{len(scan.skipped)}** skipped" if scan.skipped else "")
+               + (f", {len(scan.warnings)} with warnings" if scan.warnings else "")
+               + (f" (showing the first {MAX_GALLERY})" if len(images) > MAX_GALLERY else "") + ".")
+    if not images:
+        summary += " Add JPEG/PNG/WEBP images to the folder."
+    return {"folder": str(root), "images": [str(p) for p in images], "gallery": gallery,
+            "problems": problems, "summary": summary}
+
+
+def read_caption_or_empty(image: str | Path) -> str:
+    path = cap.caption_path(image)
+    if not path.exists():
+        return ""
+    try:
+        return cap.read_caption(path)
+    except (OSError, LoraTrainerError):
+        return ""
+
+
+def save_caption(image: str, text: str) -> str:
+    """Write the edited caption beside `image`; returns a status line."""
+    if not image:
+        raise DatasetError("No image is selected; click an image in the gallery first.")
+    tags = cap.unique_tags(cap.split_tags(text))
+    cap.write_caption(cap.caption_path(image), cap.join_tags(tags))
+    return f"Saved the caption of {Path(image).name} ({len(tags)} tags)."
+
+
+def tag_frequency_rows(folder: str, *, recursive: bool = False) -> list[list[Any]]:
+    if not folder:
+        return []
+    return [[tag, n] for tag, n in cap.folder_tag_frequency(folder, recursive=recursive).items()]
+
+
+def bulk_edit(folder: str, action: str, tag: str, new: str = "", *, recursive: bool = False) -> str:
+    """Add / remove / replace one tag in every caption of `folder`; returns a status line."""
+    if not folder:
+        raise DatasetError("No image folder is loaded; load a folder first.")
+    tag = tag.strip()
+    if not tag:
+        raise DatasetError("No tag was given; type the tag to add, remove or replace.")
+    if action == "add":
+        result = cap.bulk_add_tag(folder, tag, recursive=recursive)
+    elif action == "add first":
+        result = cap.bulk_add_tag(folder, tag, first=True, recursive=recursive)
+    elif action == "remove":
+        result = cap.bulk_remove_tag(folder, tag, recursive=recursive)
+    elif action == "replace":
+        if not new.strip():
+            raise DatasetError("No replacement was given; type the new tag (or use remove).")
+        result = cap.bulk_replace_tag(folder, tag, new.strip(), recursive=recursive)
+    else:
+        raise DatasetError(f"Unknown edit '{action}'; choose add, add first, remove or replace.")
+    failed = f"; {len(result.failed)} caption(s) could not be read" if result.failed else ""
+    return f"{action.capitalize()} '{tag}': changed {len(result.changed)} caption(s){failed}."
+
+
+def save_uploads(files: list[Any], dest_root: Path) -> Path:
+    """Copy uploaded files (Gradio 3: tempfile objects, 4: paths) into a fresh folder."""
+    if not files:
+        raise DatasetError("No files were uploaded; drop images (and .txt captions) on the upload box.")
+    dest = dest_root / time.strftime("upload-%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest_root / f"{time.strftime('upload-%Y%m%d-%H%M%S')}-{n}"
+    dest.mkdir(parents=True)
+    for f in files:
+        src = Path(getattr(f, "name", None) or (f.get("name") if isinstance(f, dict) else f))
+        name = Path(getattr(f, "orig_name", None) or src.name).name
+        shutil.copyfile(src, dest / name)
+    return dest
+
+
+# ---------------------------------------------------------------------- prepare / plan
+def steps_text(images: int, repeats: int, epochs: int, batch_size: int, reg_images: int = 0) -> str:
+    from ..dataset.prepare import steps_plan, suggest_repeats
+
+    repeats = repeats or suggest_repeats(images)
+    if images <= 0:
+        return "Load an image folder to see the steps arithmetic."
+    plan = steps_plan(images, repeats, reg_images, batch_size=max(1, batch_size), epochs=max(1, epochs))
+    return f"**Steps:** {plan['summary']}."
+
+
+# ---------------------------------------------------------------------- progress
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def progress_html(job: dict[str, Any] | None) -> str:
+    """A progress bar with step/epoch/loss/speed/ETA/VRAM, and the job's message."""
+    if not job:
+        return "<div id='lora_trainer_progress_idle'>No training run yet.</div>"
+    total = job.get("total_steps") or 0
+    step = job.get("step") or 0
+    pct = 100.0 * step / total if total else 0.0
+    state = job["state"]
+    colour = {"failed": "#d9534f", "stopped": "#f0ad4e", "done": "#5cb85c"}.get(state, "#3b82f6")
+    parts = [f"<b>{html.escape(state.capitalize())}</b>"]
+    if total:
+        parts.append(f"step {step}/{total}")
+    if job.get("total_epochs"):
+        parts.append(f"epoch {job.get('epoch') or 0}/{job['total_epochs']}")
+    if job.get("loss") is not None:
+        smoothed = job.get("smoothed_loss")
+        parts.append(f"loss {job['loss']:.4f}" + (f" (avg {smoothed:.4f})" if smoothed is not None else ""))
+    if job.get("it_per_s"):
+        parts.append(f"{job['it_per_s']:.2f} it/s")
+    if state == "running" and job.get("eta_s") is not None:
+        parts.append(f"ETA {_hms(job['eta_s'])}")
+    if job.get("vram_bytes"):
+        parts.append(f"VRAM {job['vram_bytes'] / 2**30:.1f} GB")
+    message = job.get("error") or job.get("message") or ""
+    return (
+        "<div class='lora_trainer_progress'>"
+        f"<div style='background:#8883;border-radius:6px;height:14px;overflow:hidden'>"
+        f"<div style='width:{pct:.1f}%;background:{colour};height:100%'></div></div>"
+        f"<div style='margin-top:6px'>{' · '.join(parts)}</div>"
+        f"<div style='margin-top:4px;opacity:.85'>{html.escape(message)}</div></div>"
+    )
+
+
+def loss_figure(history: list[list[Any]]):
+    """Loss per step and its running average, as a matplotlib Figure (no pyplot global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 2.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    if history:
+        steps = [h[0] for h in history]
+        ax.plot(steps, [h[1] for h in history], color="#93c5fd", linewidth=1, label="loss")
+        smooth = [(h[0], h[2]) for h in history if len(h) > 2 and h[2] is not None]
+        if smooth:
+            ax.plot([s for s, _ in smooth], [v for _, v in smooth], color="#1d4ed8", linewidth=2,
+                    label="average")
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "the loss curve appears once training runs", ha="center", va="center",
+                transform=ax.transAxes, color="#888")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def sample_items(paths: list[str], limit: int = 24) -> list[tuple[Image.Image, str]]:
+    items = []
+    for p in paths[-limit:]:
+        try:
+            with Image.open(p) as im:
+                items.append((im.convert("RGB").copy(), Path(p).stem))
+        except OSError:
+            log.debug("cannot read sample %s", p, exc_info=True)
+    return items
+
+
+def result_md(job: dict[str, Any] | None) -> str:
+    """The result card: where the LoRA is and how to use it, or what went wrong and what to change."""
+    if not job or job.get("kind") != "train":
+        return ""
+    state = job["state"]
+    if state == "failed":
+        return f"### ⚠ Training failed\n{job.get('error') or ''}"
+    if state not in ("done", "stopped") or not job.get("lora_name"):
+        if state == "stopped":
+            return "### Stopped\nNo LoRA was saved before the stop."
+        return ""
+    title = "✅ LoRA ready" if state == "done" else "⏸ Stopped — LoRA so far saved"
+    lines = [f"### {title}: `{job['lora_name']}`", f"Prompt: `{job.get('prompt_text', '')}`", "", "Files:"]
+    lines += [f"- `{p}`" for p in job.get("outputs", [])]
+    if state == "stopped" and job.get("state_dir"):
+        lines.append("\nPress **Resume** to continue this run where it stopped.")
+    return "\n".join(lines)
