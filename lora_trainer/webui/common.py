@@ -55,11 +55,28 @@ def api_auth_dependency(cmd_opts: Any) -> Callable[..., bool] | None:
     return auth
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
 def listens_beyond_loopback(cmd_opts: Any) -> bool:
-    """The WebUI's own test (shared_cmd_options.webui_is_non_local)."""
-    if hasattr(cmd_opts, "webui_is_non_local"):
-        return bool(cmd_opts.webui_is_non_local)
-    return any(bool(getattr(cmd_opts, k, False)) for k in ("share", "listen", "ngrok", "server_name"))
+    """--listen/--share/--ngrok, or --server-name other than a loopback address.
+
+    (The WebUI's own `webui_is_non_local` counts any --server-name, even 127.0.0.1, as non-local;
+    the issue asks for "beyond loopback", so a loopback --server-name keeps paths unrestricted.)
+    """
+    if any(bool(getattr(cmd_opts, k, False)) for k in ("share", "listen", "ngrok")):
+        return True
+    server_name = getattr(cmd_opts, "server_name", None)
+    return bool(server_name) and not _is_loopback(str(server_name))
 
 
 def allowed_roots_for(cmd_opts: Any, data_dir: str | Path, extra: Iterable[str | Path] = ()) -> list[Path] | None:
