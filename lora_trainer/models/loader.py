@@ -60,8 +60,8 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
             f"{name} is not a checkpoint file (.safetensors or .ckpt); choose a Stable Diffusion checkpoint.")
     state_dict = read_checkpoint(path)
     config = path.with_suffix(".yaml")
-    bundle = bundle_from_ldm_state_dict(state_dict, config=config if config.is_file() else None,
-                                        name=path.stem, source=str(path), dtype=dtype, device=device)
+    bundle = _build_bundle(state_dict, config if config.is_file() else None, path.stem, name, str(path),
+                           dtype, device)
     if path.stat().st_size <= _CHEAP_HASH_BYTES:
         bundle.model_hash = checkpoint_sha256(path)
     return bundle
@@ -118,7 +118,14 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         data = data["state_dict"]
     if not isinstance(data, Mapping):
         raise unsupported("not a Stable Diffusion checkpoint", name)
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, torch.Tensor):
+            out[str(key)] = value
+        elif isinstance(value, Mapping):  # embeddings: {"string_to_param": {"*": tensor}}
+            out.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+    classify(tensor_infos(out), name)
+    return out
 
 
 def tensor_infos(state_dict: Mapping[str, Any]) -> dict[str, TensorInfo]:
@@ -134,19 +141,24 @@ def bundle_from_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], *,
                                device: str | torch.device | None = None) -> ModelBundle:
     """Build a ModelBundle whose modules hold `state_dict`'s tensors (views; copies only to change
     dtype/device). `config`: a ModelConfig, a parsed A1111 yaml, a yaml path, or None (detect)."""
+    return _build_bundle(state_dict, config, name, name, source, dtype, device)
+
+
+def _build_bundle(state_dict, config, name: str, label: str, source: str, dtype, device) -> ModelBundle:
+    """label: how messages name the model (the file name when loading a file)."""
     state_dict = _unwrap_host_keys(state_dict)
-    family = classify(tensor_infos(state_dict), name)
+    family = classify(tensor_infos(state_dict), label)
     hint = prediction_hint(tensor_infos({k: state_dict[k] for k in ("v_pred",) if k in state_dict}), family)
-    cfg = _resolve_config(config, family, name)
+    cfg = _resolve_config(config, family, label)
     if cfg.family is not family:
         raise UnsupportedModelError(
-            f"{name} holds an {family.label} model but its config describes {cfg.family.label}; "
+            f"{label} holds an {family.label} model but its config describes {cfg.family.label}; "
             "fix or remove the .yaml beside the checkpoint.")
     if config is None and hint is not None:
         cfg.prediction_type = hint
-    unet = _build_unet(cfg, state_dict, name, dtype, device)
-    vae = _build_vae(cfg, state_dict, name, dtype, device)
-    encoders = _build_text_encoders(cfg, state_dict, name, dtype, device)
+    unet = _build_unet(cfg, state_dict, label, dtype, device)
+    vae = _build_vae(cfg, state_dict, label, dtype, device)
+    encoders = _build_text_encoders(cfg, state_dict, label, dtype, device)
     if config is None and hint is None and family is Family.SD2:
         cfg.prediction_type = V_PREDICTION if _sd2_is_v_prediction(unet) else EPSILON
     pads = {Family.SD1: [PAD_ENDOFTEXT], Family.SD2: [PAD_EXCLAMATION],
@@ -220,15 +232,18 @@ def _empty(factory):
         return factory()
 
 
+def _config_remedy(cfg: ModelConfig) -> str:
+    if cfg.source == "bundled":
+        return (f"it is not a standard {cfg.family.label} model, so put its .yaml beside the checkpoint "
+                "(same name) or choose a standard checkpoint.")
+    return "the file is incomplete or its .yaml describes another model; fix or remove the .yaml."
+
+
 def _assign(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], component: str, name: str,
-            dtype: torch.dtype | None, device: str | torch.device | None) -> torch.nn.Module:
+            cfg: ModelConfig, dtype: torch.dtype | None,
+            device: str | torch.device | None) -> torch.nn.Module:
     expected = module.state_dict()
     buffers = {n for n, _ in module.named_buffers()}
-    missing = [k for k in expected if k not in weights and k not in buffers]
-    if missing:
-        raise UnsupportedModelError(
-            f"{name} lacks {len(missing)} {component} weights (e.g. {missing[0]}); the file is incomplete "
-            "or its .yaml does not match it.")
     ready: dict[str, torch.Tensor] = {}
     for key, target in expected.items():
         if key not in weights:
@@ -239,13 +254,17 @@ def _assign(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], compon
         except ValueError:
             raise UnsupportedModelError(
                 f"{name}: {component} weight {key} has shape {tuple(tensor.shape)} but the model config "
-                f"expects {tuple(target.shape)}; put the model's .yaml beside the checkpoint "
-                "(same name, .yaml) or choose a standard SD1/SD2/SDXL checkpoint.") from None
+                f"expects {tuple(target.shape)}; {_config_remedy(cfg)}") from None
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         if device is not None and tensor.device != torch.device(device):
             tensor = tensor.to(device)
         ready[key] = tensor
+    missing = [k for k in expected if k not in weights and k not in buffers]
+    if missing:
+        raise UnsupportedModelError(
+            f"{name} lacks {len(missing)} {component} weights the model config expects (e.g. {missing[0]}); "
+            f"{_config_remedy(cfg)}")
     module.load_state_dict(ready, strict=False, assign=True)
     if device is not None:
         module.to(device)  # non-persistent buffers; assigned tensors are already there (no copy)
@@ -266,10 +285,10 @@ def _build_unet(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dty
         weights = unet_state_dict_to_diffusers(sd, config, prefix=lc.UNET_PREFIX)
     except KeyError as exc:
         raise UnsupportedModelError(
-            f"{name} has UNet weights this {cfg.family.label} config does not know ({exc.args[0]}); put the "
-            "model's .yaml beside the checkpoint or choose a standard checkpoint.") from None
+            f"{name} has UNet weights the model config does not know ({exc.args[0]}); "
+            f"{_config_remedy(cfg)}") from None
     unet = _empty(lambda: UNet2DConditionModel(**_init_kwargs(UNet2DConditionModel, config)))
-    return _assign(unet, weights, "UNet", name, dtype, device)
+    return _assign(unet, weights, "UNet", name, cfg, dtype, device)
 
 
 def _build_vae(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtype, device):
@@ -279,7 +298,7 @@ def _build_vae(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtyp
     config["scaling_factor"] = cfg.scaling_factor
     weights = lc.vae_to_diffusers(sd, len(config["block_out_channels"]), int(config.get("layers_per_block", 2)))
     vae = _empty(lambda: AutoencoderKL(**_init_kwargs(AutoencoderKL, config)))
-    return _assign(vae, weights, "VAE", name, dtype, device)
+    return _assign(vae, weights, "VAE", name, cfg, dtype, device)
 
 
 def _text_prefix(family: Family, index: int) -> str:
@@ -314,7 +333,7 @@ def _build_text_encoders(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name:
         te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
         module = _empty(lambda te_config=te_config, cls=cls: cls(te_config))
         encoders.append(_assign(module, lc.module_text_keys(weights, module), f"text encoder {i + 1}", name,
-                                dtype, device))
+                                cfg, dtype, device))
     return encoders
 
 
