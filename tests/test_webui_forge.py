@@ -120,8 +120,9 @@ def make_forge_model(family: Family = Family.SD1, prediction_type: str = EPSILON
     vae.config = dict(cfg)
     vae.scaling_factor = 0.13025 if family is Family.SDXL else 0.18215
     keys = {Family.SD1: ["clip_l"], Family.SD2: ["clip_h"], Family.SDXL: ["clip_l", "clip_g"]}[family]
-    joint = torch.nn.ModuleDict({k: _inference_clip(te, add_projection=True)
-                                 for k, te in zip(keys, ref.text_encoders)})
+    joint = torch.nn.Module()  # Forge's JointTextEncoder is a plain Module with named children
+    for k, te in zip(keys, ref.text_encoders):
+        joint.add_module(k, _inference_clip(te, add_projection=True))
     predictor = torch.nn.Module()
     with torch.inference_mode():
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2

@@ -116,7 +116,8 @@ def reset_lora_state(sd_model: Any) -> None:
 
 def family_of(sd_model: Any) -> Family:
     if getattr(sd_model, "is_sdxl", False):
-        if getattr(sd_model, "is_sdxl_refiner", False) or "clip_l" not in sd_model.forge_objects_original.clip.cond_stage_model:
+        encoders = dict(sd_model.forge_objects_original.clip.cond_stage_model.named_children())
+        if getattr(sd_model, "is_sdxl_refiner", False) or "clip_l" not in encoders:
             raise UnsupportedModelError(
                 "The loaded model is an SDXL refiner, which LoRAs are not trained for; load an SDXL base "
                 "model or an SD1/SD2 model.")
@@ -341,7 +342,7 @@ def bundle_from_forge(sd_model: Any, *, device: torch.device | None = None, name
     check_storage(sd_model)
     fo = sd_model.forge_objects_original
     schedule, prediction = schedule_of(fo.unet.model.predictor)
-    joint = fo.clip.cond_stage_model
+    joint = dict(fo.clip.cond_stage_model.named_children())  # Forge's JointTextEncoder: a plain Module
     keys = _TEXT_KEYS[family]
     missing = [k for k in keys if k not in joint]
     if missing:
