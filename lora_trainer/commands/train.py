@@ -24,6 +24,8 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "sample_every_n_epochs": ("sample_every_n_epochs", int), "clip_skip": ("clip_skip", int),
     "noise_offset": ("noise_offset", float), "min_snr_gamma": ("min_snr_gamma", float),
     "keep_tokens": ("keep_tokens", int), "save_precision": ("save_precision", str),
+    "min_bucket_reso": ("min_bucket_reso", int), "max_bucket_reso": ("max_bucket_reso", int),
+    "bucket_reso_steps": ("bucket_reso_steps", int),
 }
 _SWITCHES = {"overwrite": "overwrite", "train_text_encoder": "train_text_encoder",
              "gradient_checkpointing": "gradient_checkpointing", "shuffle_caption": "shuffle_caption",
@@ -51,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     p.add_argument("--resolution", type=int)
+    p.add_argument("--min-bucket-reso", type=int, help="smallest bucket side (default 256)")
+    p.add_argument("--max-bucket-reso", type=int, help="largest bucket side (default 1024)")
+    p.add_argument("--bucket-reso-steps", type=int, help="bucket side granularity (default 64)")
     p.add_argument("--seed", type=int)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--save-precision", choices=["fp16", "bf16", "float"])
