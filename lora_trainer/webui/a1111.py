@@ -364,7 +364,9 @@ class A1111Host:
             return
         final = Path(job.outputs[0])
         epochs = [Path(p) for p in getattr(job, "saves", []) if Path(p).suffix == ".safetensors"]
-        epochs = [p for p in epochs if p.resolve() != final.resolve() and p.is_file()][-3:]
+        run_final = getattr(getattr(job, "result", None), "lora_path", None)  # = `final`, in the run folder
+        skip = {final.resolve(), Path(run_final).resolve()} if run_final else {final.resolve()}
+        epochs = [p for p in epochs if p.resolve() not in skip and p.is_file()][-3:]
         config = getattr(job, "config", None)
         prompt = (getattr(job, "prompt_text", "") or "").split(">", 1)[-1].strip() or job.lora_name
         sample_prompt = getattr(config, "sample_prompts", None)
