@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..models.bundle import ModelBundle
 from ..models.unet_keys import to_ldm_module_name
 from .errors import LoraFileError
+from .kohya_file import family_from_shapes, save_kohya
 from .targets import LoraTarget, find_targets, text_encoder_components
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,10 @@ class LoraNetwork:
         file). Modules the file has but the network lacks, or the reverse, are reported; with
         strict=True they raise LoraFileError.
         """
+        file_family = family_from_shapes({k: tuple(v.shape) for k, v in state_dict.items()})
+        if file_family is not None and file_family is not self.bundle.family:
+            raise LoraFileError(f"The LoRA is for {file_family.label} but the model is {self.bundle.family.label}; "
+                                f"pick a {self.bundle.family.label} LoRA or load a {file_family.label} model.")
         aliases = self._aliases()
         groups: dict[str, dict[str, torch.Tensor]] = {}
         report = LoadReport()
@@ -308,8 +313,6 @@ class LoraNetwork:
     def save_kohya(self, path, metadata: Mapping[str, str] | None = None,
                    dtype: torch.dtype = torch.float16) -> str:
         """Write a kohya LoRA file (atomic, with sshs_* hashes). Returns the path."""
-        from .kohya_file import save_kohya
-
         return save_kohya(path, self.kohya_state_dict(dtype), metadata or {})
 
     # -- teardown ---------------------------------------------------------------------------
