@@ -90,7 +90,8 @@ def main() -> int:
               "source": f"{args.images} images {args.size[0]}x{args.size[1]}: 80% JPEG, 10% PNG, "
                         "5% transparent PNG, 5% GIF, all captioned",
               "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                          "python": platform.python_version(), "pillow": PIL.__version__, "numpy": np.__version__},
+                          "python": platform.python_version(), "pillow": PIL.__version__, "numpy": np.__version__,
+                          "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]},
               "results": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

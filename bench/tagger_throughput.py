@@ -44,7 +44,9 @@ def machine(provider: str) -> dict:
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "onnxruntime": ort.__version__, "onnxruntime_device": ort.get_device(), "numpy": np.__version__,
-            "available_providers": ort.get_available_providers()}
+            "available_providers": ort.get_available_providers(),
+            # other work on a shared machine skews CPU numbers: record how busy it was
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     try:
         import PIL
 
