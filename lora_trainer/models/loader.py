@@ -308,8 +308,6 @@ def _text_prefix(family: Family, index: int) -> str:
 
 
 def _build_text_encoders(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtype, device) -> list:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     encoders = []
     for i, spec in enumerate(cfg.text_encoders):
         prefix = _text_prefix(cfg.family, i)
@@ -329,17 +327,32 @@ def _build_text_encoders(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name:
         if keep <= 0:
             raise UnsupportedModelError(f"{name} has no text encoder layers under {prefix}; the file is incomplete.")
         config["num_hidden_layers"] = keep
-        cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-        module = _empty(lambda te_config=te_config, cls=cls: cls(te_config))
+        module = _empty_text_encoder(config, with_projection)
         encoders.append(_assign(module, lc.module_text_keys(weights, module), f"text encoder {i + 1}", name,
                                 cfg, dtype, device))
     return encoders
 
 
-def describe(config: ModelConfig) -> str:  # pragma: no cover - log helper
-    return f"{config.family.label} {config.prediction_type} ({config.source})"
+def _empty_text_encoder(config: Mapping[str, Any], with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    return _empty(lambda: cls(te_config))
+
+
+def meta_modules(config: ModelConfig) -> dict[str, torch.nn.Module]:
+    """The modules a config describes, parameters on the meta device (sizes, names; no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    modules = {"unet": _empty(lambda: UNet2DConditionModel(**_init_kwargs(UNet2DConditionModel, config.unet))),
+               "vae": _empty(lambda: AutoencoderKL(**_init_kwargs(AutoencoderKL, config.vae)))}
+    for i, spec in enumerate(config.text_encoders):
+        te = dict(spec.config)
+        te["num_hidden_layers"] -= int(spec.penultimate)
+        modules[f"te{i + 1}"] = _empty_text_encoder(te, config.family is Family.SDXL and i == 1)
+    return modules
 
 
 __all__ = ["ModelConfig", "Schedule", "TextEncoderSpec", "bundle_from_ldm_state_dict", "checkpoint_sha256",
-           "load_model", "read_checkpoint"]
+           "load_model", "meta_modules", "read_checkpoint"]
