@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetError
@@ -57,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="FILE", help="write captions and every tag's score as JSON")
 
 
+def _progress(done: int, total: int) -> None:
+    print(f"\r  {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..tagger.engine import Tagger
     from ..tagger.folder import tag_folder
@@ -77,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     batch = tagger.batch_size(args.batch_size)
     print(f"Tagger: {tagger.files.name} ({tagger.size}px, batch {batch}) on {tagger.provider}")
     result = tag_folder(args.dir, tagger, options, mode=args.mode, batch_size=batch,
-                        recursive=args.recursive, report=args.report)
+                        recursive=args.recursive, report=args.report,
+                        on_progress=_progress if sys.stderr.isatty() else None)
     print(f"Tagged {len(result.captions)} image(s), skipped {len(result.skipped)}.")
     for i, (rel, reason) in enumerate(result.skipped.items()):
         if i == MAX_SHOWN:

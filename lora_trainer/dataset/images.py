@@ -192,7 +192,9 @@ def iter_candidates(folder: Path, recursive: bool, skipped: dict[Path, str]) -> 
             skipped[path] = "hidden folder, not scanned" if entry.is_dir() else "hidden file"
             continue
         if entry.is_dir():
-            if recursive:
+            if recursive and entry.is_symlink():  # a link back up the tree would recurse forever
+                skipped[path] = "linked folder, not followed"
+            elif recursive:
                 yield from iter_candidates(path, recursive, skipped)
             continue
         if not entry.is_file():
