@@ -109,7 +109,8 @@ class FakeForgeObjects(SimpleNamespace):
         return FakeForgeObjects(unet=self.unet, clip=self.clip, vae=self.vae, clipvision=None)
 
 
-def make_forge_model(family: Family = Family.SD1, prediction_type: str = EPSILON, seed: int = 0):
+def make_forge_model(family: Family = Family.SD1, prediction_type: str = EPSILON, seed: int = 0,
+                     clip_dtype: torch.dtype = torch.float32):
     """(Forge-shaped sd_model, the tiny bundle its weights came from)."""
     ref = build_tiny_bundle(family, prediction_type, seed=seed, conv_projection=family is Family.SD1)
     unet = _inference_module(unet_state_dict_to_ldm(ref.unet.state_dict(), ref.unet.config))
@@ -122,7 +123,8 @@ def make_forge_model(family: Family = Family.SD1, prediction_type: str = EPSILON
     keys = {Family.SD1: ["clip_l"], Family.SD2: ["clip_h"], Family.SDXL: ["clip_l", "clip_g"]}[family]
     joint = torch.nn.Module()  # Forge's JointTextEncoder is a plain Module with named children
     for k, te in zip(keys, ref.text_encoders):
-        joint.add_module(k, _inference_clip(te, add_projection=True))
+        joint.add_module(k, _inference_clip(te.to(clip_dtype), add_projection=True))  # Forge: fp16 CLIP
+        te.float()
     predictor = torch.nn.Module()
     with torch.inference_mode():
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
@@ -246,6 +248,21 @@ def test_training_on_the_aliases_leaves_forge_weights_bit_identical():
     assert digest(after) == before_digest
     for k, v in after.items():  # the very same tensors, still Forge's inference tensors
         assert v is before[k] and v.is_inference()
+
+
+def test_half_precision_clip_on_the_cpu_trains_on_fp32_copies():
+    """Forge keeps CLIP in fp16 even with --always-cpu; CPU training needs fp32 (a copy of ours)."""
+    sd_model, ref = make_forge_model(Family.SD1, clip_dtype=torch.float16)
+    before = digest(forge_tensors(sd_model))
+    bundle = forge_model.bundle_from_forge(sd_model, device=torch.device("cpu"))
+    te = bundle.text_encoders[0]
+    assert {p.dtype for p in te.parameters()} == {torch.float32}
+    ids = bundle.tokenizers[0](["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():  # the fp16 weights, widened: close to the fp32 reference
+        torch.testing.assert_close(te(ids)[0], ref.text_encoders[0](ids)[0], rtol=1e-2, atol=1e-2)
+    forge_ptrs = {t.untyped_storage().data_ptr() for t in forge_tensors(sd_model).values()}
+    assert _storage_ptrs(bundle.unet) <= forge_ptrs  # the fp32 UNet is still shared
+    assert digest(forge_tensors(sd_model)) == before
 
 
 def test_merged_lora_weights_are_restored_before_aliasing():

@@ -237,12 +237,25 @@ def fit_shape(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     raise ValueError(f"shape {tuple(tensor.shape)} does not fit {tuple(shape)}")
 
 
+def _place(value: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """Move to the training device; half weights on the CPU become fp32 copies.
+
+    Forge keeps CLIP in fp16 even on the CPU and casts per layer (its own operations); CPU
+    kernels for training need fp32, and Forge's tensor stays as it is either way.
+    """
+    if device is not None and value.device != device:
+        value = value.to(device)
+    if value.device.type == "cpu" and value.is_floating_point() and value.dtype != torch.float32:
+        value = value.float()
+    return value
+
+
 def assign_aliases(skeleton: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, what: str,
                    device: torch.device | None = None) -> torch.nn.Module:
     """Fill a meta-device skeleton with aliases of `tensors` (names in the skeleton's own layout).
 
-    Every parameter must be given with a fitting shape; tensors on another device than `device`
-    are copied there (the copy is ours, Forge's tensor stays where it was).
+    Every parameter must be given with a fitting shape; tensors on another device than `device`,
+    or half precision on the CPU, are copied (the copy is ours, Forge's tensor stays as it was).
     """
     params = dict(skeleton.named_parameters())
     missing = sorted(set(params) - set(tensors))
@@ -258,9 +271,7 @@ def assign_aliases(skeleton: torch.nn.Module, tensors: Mapping[str, torch.Tensor
             raise UnsupportedModelError(
                 f"The loaded model's {what} weight {name} has an unexpected shape ({e}); "
                 "train from the checkpoint file instead.") from None
-        if device is not None and value.device != device:
-            value = value.to(device)
-        _set_tensor(skeleton, name, value, parameter=True)
+        _set_tensor(skeleton, name, _place(value, device), parameter=True)
     return skeleton
 
 
@@ -277,7 +288,8 @@ def _fill_buffers(skeleton: torch.nn.Module, source: torch.nn.Module, device: to
         else:
             raise UnsupportedModelError(
                 f"The loaded model has no value for {name}; train from the checkpoint file instead.")
-        _set_tensor(skeleton, name, value.to(device) if device is not None else value, parameter=False)
+        _set_tensor(skeleton, name, _place(value, device) if value.is_floating_point() else
+                    value.to(device) if device is not None else value, parameter=False)
 
 
 def _unet(forge_unet: torch.nn.Module, family: Family, device: torch.device | None,
