@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,13 @@ def test_duplicates_by_pixels_across_formats(tmp_path: Path) -> None:
     assert result.images == [tmp_path / "a.png", tmp_path / "c.png"]
     assert result.skipped[tmp_path / "b.bmp"] == "duplicate of a.png"
     assert scan_images(tmp_path, dedupe=False).images == [tmp_path / n for n in ("a.png", "b.bmp", "c.png")]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
+def test_linked_folder_loop_is_not_followed(tmp_path: Path) -> None:
+    gradient(16, 16).save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "back").symlink_to(tmp_path, target_is_directory=True)
+    result = scan_images(tmp_path, recursive=True)
+    assert result.images == [tmp_path / "a.png"]
+    assert "not followed" in result.skipped[tmp_path / "sub" / "back"]
