@@ -60,9 +60,9 @@ PRESETS: dict[str, Preset] = {p.key: p for p in (
         "UNet-only LoRA at 1024 px with gradient checkpointing."),
     Preset("sdxl-lowvram", "SDXL low-VRAM — 8 GB", 8, {
         "resolution": 1024, "batch_size": 1, "rank": 8, "alpha": 4.0, "learning_rate": 1e-4,
-        "train_text_encoder": False, "mixed_precision": "bf16", "gradient_checkpointing": True,
+        "train_text_encoder": False, "mixed_precision": "bf16", "gradient_checkpointing": True, "fp8_base": True,
         "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 512, "max_bucket_reso": 2048},
-        "Rank 8 UNet-only LoRA; VAE and text encoders leave the GPU after caching."),
+        "Rank 8 UNet-only LoRA, fp8 base weights; VAE and text encoders leave the GPU after caching."),
 )}
 
 # Settings that do not change what a resumed run computes: they may differ between the run that
@@ -71,7 +71,7 @@ _NOT_HASHED = frozenset({
     "resume", "overwrite", "device", "output_dir", "save_every_n_epochs", "save_every_n_steps",
     "sample_prompts", "sample_every_n_epochs", "sample_steps", "sample_cfg_scale", "sample_seed",
     "sample_negative_prompt", "latent_cache_dir", "cache_latents_to_disk", "preset", "log_every",
-    "save_state", "activation_text", "preferred_weight",
+    "save_state", "activation_text", "preferred_weight", "accel",
 })
 _NAME_OK = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")
 
@@ -138,6 +138,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     save_precision: str = "fp16"
     gradient_checkpointing: bool = False
+    fp8_base: bool = False  # frozen UNet/TE Linear weights stored in fp8 (CUDA, models we load ourselves)
+    accel: str = "auto"  # "auto": fused LoRA forward + CUDA graphs where they work; "off": plain eager
     cache_latents_to_disk: bool = False
     latent_cache_dir: str = ""  # default <output_dir>/.cache/latents
     device: str = "auto"
@@ -300,6 +302,7 @@ class TrainConfig:
         if self.resume and not Path(self.resume).is_dir():
             raise ConfigError(f"Resume state {self.resume} does not exist; pass the <name>-state folder "
                               "written by the stopped run.")
+        _choice("accel", self.accel, ("auto", "off"))
         if self.preset and self.preset not in PRESETS:
             raise ConfigError(f"Unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}.")
         return self

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -37,7 +38,7 @@ from .events import ProgressEvent, TrainingPlan, TrainResult
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .sampling import generate, save_png
 from .state import Position, load_state, position_from, save_state, set_rng_state
-from .text import encode_captions, sdxl_time_ids
+from .text import encode_captions, encode_ids, sdxl_time_ids, tokenize
 from .usermeta import write_user_metadata
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,17 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
         raise
 
 
+def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.dtype) -> ModelBundle:
+    """How the engine lays out a model it loaded itself: UNet on the device in the training dtype,
+    text encoders in that dtype (moved to the device when needed), VAE in fp32 for SDXL (its fp16
+    overflows, kohya's --no_half_vae) and in the training dtype otherwise."""
+    bundle.unet.to(device=device, dtype=dtype)
+    for te in bundle.text_encoders:
+        te.to(dtype=dtype)
+    bundle.vae.to(dtype=torch.float32 if bundle.is_sdxl or dtype == torch.float32 else dtype)
+    return bundle
+
+
 def _is_oom(e: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
@@ -157,6 +169,7 @@ class _Run:
         self.samples: list[Path] = []
         self.state_path: Path | None = None
         self.network = None
+        self.own_bundle: ModelBundle | None = None
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ setup
@@ -187,13 +200,7 @@ class _Run:
     def _load(self, device: torch.device, dtype: torch.dtype) -> ModelBundle:
         from ..models.loader import load_model
 
-        bundle = load_model(self.config.model, dtype=torch.float32, device="cpu")
-        bundle.unet.to(device=device, dtype=dtype)
-        for te in bundle.text_encoders:
-            te.to(dtype=dtype)
-        # SDXL's VAE overflows in fp16 (kohya's --no_half_vae): keep it fp32 there.
-        bundle.vae.to(dtype=torch.float32 if bundle.is_sdxl or dtype == torch.float32 else dtype)
-        return bundle
+        return place_bundle(load_model(self.config.model, dtype=torch.float32, device="cpu"), device, dtype)
 
     # ------------------------------------------------------------------ main
     def execute(self, given: ModelBundle | None) -> TrainResult:
@@ -203,6 +210,7 @@ class _Run:
         weight_dtype = self._weight_dtype(device) if own else next(given.unet.parameters()).dtype
         bundle = self._load(device, weight_dtype) if own else given
         assert bundle is not None
+        self.own_bundle = bundle if own else None
         homes = {id(m): (next(m.parameters()).device, m.training)
                  for m in (bundle.unet, bundle.vae, *bundle.text_encoders)}
         try:
@@ -292,8 +300,17 @@ class _Run:
                 for te in bundle.text_encoders:
                     _te_checkpointing(te)
 
+        from .. import accel
+
+        opts = accel.AccelOptions.from_config(config)
+        if bundle is not self.own_bundle:
+            opts.fp8_base = False  # would replace the host's Linear modules in its skeleton
+        for component in network.components():
+            accel.prepare_model(network.roots[component], opts, device=device)
+        log.info(accel.describe(opts, device))
         optimizer = build_optimizer(config.optimizer, groups, lr=config.learning_rate,
-                                    weight_decay=config.weight_decay, args=config.optimizer_args)
+                                    weight_decay=config.weight_decay, args=config.optimizer_args,
+                                    extra=accel.optimizer_kwargs(device) if opts.enabled else None)
         scheduler = build_scheduler(config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps,
                                     total_steps=plan.total_steps, num_cycles=config.lr_scheduler_num_cycles,
                                     power=config.lr_scheduler_power)
@@ -317,6 +334,9 @@ class _Run:
         max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
 
         ctx = _StepContext(bundle, device, weight_dtype, noise_scheduler, latents, config.min_timestep, max_t)
+        noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # once, not per step
+        runner = accel.StepRunner(lambda b: self._loss(ctx, b), trainable, optimizer, opts,
+                                  max_grad_norm=config.max_grad_norm, scaler=scaler, device=device)
         started, start_step = time.perf_counter(), self.pos.step
         stopped = False
         if device.type == "cuda":
@@ -327,7 +347,7 @@ class _Run:
             accum = config.gradient_accumulation_steps
             chunks = [batches[i:i + accum] for i in range(0, len(batches), accum)]
             while self.pos.chunk < len(chunks) and self.pos.step < plan.total_steps:
-                loss = self._step(ctx, chunks[self.pos.chunk], optimizer, scaler, trainable)
+                loss = self._step(ctx, chunks[self.pos.chunk], runner)
                 scheduler.step()
                 self.pos.step += 1
                 self.pos.chunk += 1
@@ -373,54 +393,50 @@ class _Run:
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
-    def _step(self, ctx: _StepContext, chunk: list[list[int]], optimizer, scaler, trainable) -> float:
-        config = self.config
+    def _step(self, ctx: _StepContext, chunk: list[list[int]], runner) -> float:
+        """One optimizer step over `chunk` (gradient accumulation); returns the mean loss."""
         total = 0.0
-        for batch in chunk:
-            with self._autocast(ctx.device, ctx.dtype):
-                loss = self._batch_loss(ctx, batch) / len(chunk)
-            if not torch.isfinite(loss):
+        for i, batch in enumerate(chunk):
+            inputs = self._make_batch(ctx, batch)
+            inputs["scale"] = torch.full((), 1.0 / len(chunk), device=ctx.device)
+            loss = float(runner.step(inputs, apply=i == len(chunk) - 1))
+            if not math.isfinite(loss):
                 raise TrainingError(
-                    f"The loss became {'NaN' if torch.isnan(loss) else 'infinite'} at step {self.pos.step + 1}; "
+                    f"The loss became {'NaN' if math.isnan(loss) else 'infinite'} at step {self.pos.step + 1}; "
                     "lower the learning rate or use bf16/fp32 (the last good save is kept).")
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            total += float(loss.detach())
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            total += loss
         return total
 
-    def _batch_loss(self, ctx: _StepContext, batch: list[int]) -> torch.Tensor:
+    def _make_batch(self, ctx: _StepContext, batch: list[int]) -> dict[str, torch.Tensor]:
+        """Everything random or data-dependent for one batch, drawn here (before the step) so the
+        loss is a pure function of these tensors (CUDA graphs replay it; see accel/)."""
         config, items = self.config, self.dataset.items
         flips = [config.flip_aug and random.random() < 0.5 for _ in batch]
         latents = torch.stack([
             ctx.latents[k].flipped if flip and ctx.latents[k].flipped is not None else ctx.latents[k].latent
             for k, flip in zip(batch, flips)]).to(ctx.device)
+        out: dict[str, torch.Tensor] = {"latents": latents}
         if self.text_cache is not None:
-            hidden = torch.stack([self.text_cache[k][0] for k in batch]).to(ctx.device)
-            pooled = (torch.stack([self.text_cache[k][1] for k in batch]).to(ctx.device)
-                      if ctx.bundle.is_sdxl else None)
+            out["hidden"] = torch.stack([self.text_cache[k][0] for k in batch]).to(ctx.device)
+            if ctx.bundle.is_sdxl:
+                out["pooled"] = torch.stack([self.text_cache[k][1] for k in batch]).to(ctx.device)
         else:
             captions = [process_caption(items[k].caption, shuffle=config.shuffle_caption,
                                         keep_tokens=config.keep_tokens,
                                         caption_dropout_rate=config.caption_dropout_rate,
                                         tag_dropout_rate=config.caption_tag_dropout_rate) for k in batch]
-            grad = torch.enable_grad() if config.train_text_encoder else torch.no_grad()
-            with grad:
-                hidden, pooled = encode_captions(ctx.bundle, captions, clip_skip=config.clip_skip)
-        noise = noise_math.make_noise(latents, noise_offset=config.noise_offset,
-                                      multires_iterations=config.multires_noise_iterations,
-                                      multires_discount=config.multires_noise_discount)
+            for i, tokenizer in enumerate(ctx.bundle.tokenizers):
+                out[f"input_ids_{i}"] = tokenize(tokenizer, captions).to(ctx.device)
+        out["noise"] = noise_math.make_noise(latents, noise_offset=config.noise_offset,
+                                             multires_iterations=config.multires_noise_iterations,
+                                             multires_discount=config.multires_noise_discount)
         timesteps = noise_math.sample_timesteps(latents.shape[0], ctx.min_t, ctx.max_t, ctx.device)
-        noisy = ctx.scheduler.add_noise(latents, noise, timesteps)
-        kwargs = {}
+        out["timesteps"] = timesteps
+        weights = torch.tensor([config.prior_loss_weight if items[k].is_reg else 1.0 for k in batch],
+                               device=ctx.device)
+        if config.min_snr_gamma:
+            weights = weights * noise_math.min_snr_weight(ctx.scheduler, timesteps, config.min_snr_gamma)
+        out["weights"] = weights
         if ctx.bundle.is_sdxl:
             time_ids = []
             for k, flip in zip(batch, flips):
@@ -430,18 +446,29 @@ class _Run:
                     left = item.choice.resized[0] - item.choice.bucket[0] - left
                 time_ids.append(sdxl_time_ids((item.size[1], item.size[0]), (top, left),
                                               (item.bucket[1], item.bucket[0])))
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(ctx.device),
-                                           "time_ids": torch.stack(time_ids).to(ctx.device)}
-        unet_dtype = ctx.unet_dtype
-        pred = ctx.bundle.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype), **kwargs).sample
-        target = noise_math.target_for(ctx.scheduler, latents, noise, timesteps)
-        loss = noise_math.per_sample_loss(pred, target, config.loss_type, config.huber_c)
-        weights = torch.tensor([config.prior_loss_weight if items[k].is_reg else 1.0 for k in batch],
-                               device=loss.device)
-        loss = loss * weights
-        if config.min_snr_gamma:
-            loss = loss * noise_math.min_snr_weight(ctx.scheduler, timesteps, config.min_snr_gamma)
-        return loss.mean()
+            out["time_ids"] = torch.stack(time_ids).to(ctx.device)
+        return out
+
+    def _loss(self, ctx: _StepContext, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective on one prepared batch (no host syncs, no random draws)."""
+        config = self.config
+        with self._autocast(ctx.device, ctx.dtype):
+            if "hidden" in b:
+                hidden, pooled = b["hidden"], b.get("pooled")
+            else:
+                with torch.enable_grad() if config.train_text_encoder else torch.no_grad():
+                    hidden, pooled = encode_ids(ctx.bundle, [b[f"input_ids_{i}"] for i in
+                                                             range(len(ctx.bundle.tokenizers))],
+                                                clip_skip=config.clip_skip)
+            noisy = ctx.scheduler.add_noise(b["latents"], b["noise"], b["timesteps"])
+            kwargs = {}
+            if ctx.bundle.is_sdxl:
+                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": b["time_ids"]}
+            unet_dtype = ctx.unet_dtype
+            pred = ctx.bundle.unet(noisy.to(unet_dtype), b["timesteps"], hidden.to(unet_dtype), **kwargs).sample
+            target = noise_math.target_for(ctx.scheduler, b["latents"], b["noise"], b["timesteps"])
+            loss = noise_math.per_sample_loss(pred, target, config.loss_type, config.huber_c)
+            return (loss * b["weights"]).mean() * b["scale"]
 
     # ------------------------------------------------------------------ reporting, saving, samples
     def _emit_step(self, scheduler, device: torch.device, started: float, start_step: int) -> None:

@@ -34,17 +34,21 @@ def check_optimizer_available(name: str) -> None:
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, weight_decay: float,
-                    args: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+                    args: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """`args`: the user's optimizer_args; `extra`: torch AdamW kwargs from accel (fused/capturable)."""
     check_optimizer_available(name)
     args = dict(args or {})
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     if name == "AdamW":
+        for key, value in (extra or {}).items():
+            args.setdefault(key, value)
         if on_cuda and "fused" not in args:
             args["fused"] = True
         try:
             return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **args)
         except (RuntimeError, TypeError):  # fused kernel unavailable for this torch/device
             args.pop("fused", None)
+            args.pop("capturable", None)
             return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **args)
     if name == "AdamW8bit":
         import bitsandbytes as bnb

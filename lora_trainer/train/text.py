@@ -25,18 +25,24 @@ def _final_layer_norm(encoder) -> torch.nn.Module:
 def encode_captions(bundle: ModelBundle, captions: list[str], *, clip_skip: int = 1,
                     device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(encoder_hidden_states, pooled or None) for a batch of captions, on the encoders' device."""
+    ids = [tokenize(tok, captions).to(device or next(enc.parameters()).device)
+           for tok, enc in zip(bundle.tokenizers, bundle.text_encoders)]
+    return encode_ids(bundle, ids, clip_skip=clip_skip)
+
+
+def encode_ids(bundle: ModelBundle, input_ids: list[torch.Tensor], *,
+               clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """As encode_captions, from token ids already on the encoders' device (one tensor per encoder)."""
     if bundle.is_sdxl:
         hidden, pooled = [], None
-        for i, (tokenizer, encoder) in enumerate(zip(bundle.tokenizers, bundle.text_encoders)):
-            dev = device or next(encoder.parameters()).device
-            out = encoder(tokenize(tokenizer, captions).to(dev), output_hidden_states=True)
+        for i, (encoder, ids) in enumerate(zip(bundle.text_encoders, input_ids)):
+            out = encoder(ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             if i == 1:
                 pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
         return torch.cat(hidden, dim=-1), pooled
     encoder = bundle.text_encoders[0]
-    dev = device or next(encoder.parameters()).device
-    out = encoder(tokenize(bundle.tokenizers[0], captions).to(dev), output_hidden_states=clip_skip > 1)
+    out = encoder(input_ids[0], output_hidden_states=clip_skip > 1)
     if clip_skip > 1:
         return _final_layer_norm(encoder)(out.hidden_states[-clip_skip]), None
     return out.last_hidden_state, None
