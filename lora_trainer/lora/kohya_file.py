@@ -162,6 +162,8 @@ def family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> Family | None:
 def read_lora_info(path: str | os.PathLike) -> LoraFileInfo:
     """Header-only look at a LoRA file: family, prediction type, rank/alpha, parts, title."""
     path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"The LoRA file {path} does not exist; check the path.")
     if path.suffix.lower() != ".safetensors":
         tensors, metadata = load_kohya_file(path)
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
