@@ -35,7 +35,7 @@ def user_error(e: BaseException) -> str:
 
 
 def error_md(e: BaseException) -> str:
-    return f"**⚠ {html.escape(user_error(e))}**"
+    return f"**Error:** {html.escape(user_error(e))}"
 
 
 # ---------------------------------------------------------------------- dataset
@@ -236,12 +236,12 @@ def result_md(job: dict[str, Any] | None) -> str:
         return ""
     state = job["state"]
     if state == "failed":
-        return f"### ⚠ Training failed\n{job.get('error') or ''}"
+        return f"### Training failed\n{job.get('error') or ''}"
     if state not in ("done", "stopped") or not job.get("lora_name"):
         if state == "stopped":
             return "### Stopped\nNo LoRA was saved before the stop."
         return ""
-    title = "✅ LoRA ready" if state == "done" else "⏸ Stopped — LoRA so far saved"
+    title = "LoRA ready" if state == "done" else "Stopped — the LoRA so far is saved"
     lines = [f"### {title}: `{job['lora_name']}`", f"Prompt: `{job.get('prompt_text', '')}`", "", "Files:"]
     lines += [f"- `{p}`" for p in job.get("outputs", [])]
     if state == "stopped" and job.get("state_dir"):

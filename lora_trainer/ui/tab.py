@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0  # seconds between progress updates while a job runs
 PRESET_LABELS = {f"{p.label} ({key})": key for key, p in PRESETS.items()}
-SEND_JS = None  # the WebUI adapters' javascript/ handles #lora_trainer_send_to_txt2img clicks
+# Inside a WebUI, the adapters' javascript/ handles #lora_trainer_send_to_txt2img clicks; standalone
+# there is no txt2img, so the button copies the prompt text instead.
+COPY_JS = ("() => { const t = document.querySelector('#lora_trainer_send_text textarea');"
+           " if (t && navigator.clipboard) navigator.clipboard.writeText(t.value); return []; }")
 
 
 def _preset_label(key: str) -> str:
@@ -56,6 +59,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
     if preset_key not in PRESETS:
         preset_key = "sd15"
     base = _train_defaults(preset_key)
+    in_webui = getattr(host, "name", "standalone") != "standalone"
 
     def roots():
         return jobs.allowed_roots()
@@ -139,15 +143,15 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
                 yield _job_status(snap), gr.update()
         if snap["state"] == "done":
             result = snap["result"] or {}
-            training = (result.get("manifest") or {}).get("training", {})
-            text = f"✅ {result.get('message', 'Prepared.')}"
-            problems = (result.get("manifest") or {}).get("problems") or {}
+            manifest = result.get("manifest") or {}
+            counts = manifest.get("counts") or {}
+            text = f"Prepared `{result.get('data', out)}`"
+            if counts:
+                text += f": {counts.get('usable', '?')} image(s), {counts.get('captioned', '?')} with captions"
+            problems = manifest.get("problems") or {}
             if problems:
-                text += f"\n\n{len(problems)} file(s) with problems: " + "; ".join(
-                    f"`{k}`: {', '.join(v)}" for k, v in list(problems.items())[:10])
-            if training.get("summary"):
-                text += f"\n\n**Steps:** {training['summary']}"
-            yield text, result.get("data", out)
+                text += f"; {len(problems)} file(s) skipped or flagged (see the Problems table above)"
+            yield text + ". The dataset folder is filled in below.", result.get("data", out)
         else:
             yield _job_status(snap), gr.update()
 
@@ -251,7 +255,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
 
     def _job_status(snap):
         if snap["state"] == "failed":
-            return f"**⚠ {snap['error']}**"
+            return f"**Error:** {snap['error']}"
         done = f" ({snap['step']}/{snap['total_steps']})" if snap.get("total_steps") else ""
         return f"{snap['label']}: {snap['state']}{done} — {snap.get('message', '')}"
 
@@ -269,7 +273,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             if len(snap["samples"]) != seen_samples:
                 seen_samples = len(snap["samples"])
                 samples = logic.sample_items(snap["samples"])
-            status = f"**⚠ {snap['error']}**" if snap["state"] == "failed" else ""
+            status = f"**Error:** {snap['error']}" if snap["state"] == "failed" else ""
             yield (job_id, logic.progress_html(snap), plot, samples, logic.result_md(snap),
                    snap.get("prompt_text", ""), status)
 
@@ -288,13 +292,13 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
                                         elem_id="lora_trainer_recursive")
                 load_btn = gr.Button("Load", variant="primary", scale=1, elem_id="lora_trainer_load")
             upload_box = gr.File(label="…or upload images (and .txt captions)", file_count="multiple",
-                                 elem_id="lora_trainer_upload")
+                                 height=110, elem_id="lora_trainer_upload")
             summary = gr.Markdown("", elem_id="lora_trainer_summary")
             gallery = gr.Gallery(label="Images and captions", columns=6, height=360, allow_preview=False,
                                  elem_id="lora_trainer_gallery")
             problems = gr.Dataframe(headers=["file", "problem"], datatype=["str", "str"], col_count=(2, "fixed"),
                                     interactive=False, label="Problems (skipped files and warnings)", wrap=True,
-                                    elem_id="lora_trainer_problems")
+                                    height=180, elem_id="lora_trainer_problems")
 
         with gr.Accordion("2. Auto-tag (WD14)", open=False, elem_id="lora_trainer_tag_section"):
             with gr.Row():
@@ -332,7 +336,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             with gr.Column(scale=2):
                 freq = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"],
                                     col_count=(2, "fixed"), interactive=False, label="Tag frequency",
-                                    elem_id="lora_trainer_tag_freq")
+                                    height=300, elem_id="lora_trainer_tag_freq")
 
         with gr.Accordion("4. Prepare the dataset", open=True, elem_id="lora_trainer_prepare_section"):
             with gr.Row():
@@ -399,7 +403,8 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             result = gr.Markdown("", elem_id="lora_trainer_result")
             with gr.Row():
                 send_text = gr.Textbox(visible=False, elem_id="lora_trainer_send_text")
-                gr.Button("Send to txt2img", elem_id="lora_trainer_send_to_txt2img")
+                send_btn = gr.Button("Send to txt2img" if in_webui else "Copy prompt",
+                                     elem_id="lora_trainer_send_to_txt2img")
 
         # ------------------------------------------------------------------ wiring
         load_outputs = [folder, gallery, problems, summary, images_state, freq, caption, selected_state]
@@ -425,6 +430,8 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         stop_btn.click(stop, [job_id], [train_status])
         resume_btn.click(resume, [job_id], watch_outputs)
         refresh_btn.click(refresh, [job_id], watch_outputs)
+        if not in_webui:  # inside a WebUI its javascript/ inserts the text into the txt2img prompt
+            send_btn.click(None, None, None, **compat.js_kwargs(COPY_JS))
 
     tab.lora_trainer_jobs = jobs  # for adapters and tests: the JobManager this tab uses
     return tab
