@@ -17,14 +17,14 @@ import pytest
 gr = pytest.importorskip("gradio", reason="Gradio is not installed in this stack (the newest stack has none: "
                                           "gradio 4.40 cannot import beside huggingface-hub 2.x)")
 
-from PIL import Image  # noqa: E402
-from test_jobs import make_runner  # noqa: E402
-from train_support import shape_image  # noqa: E402
+from PIL import Image
+from test_jobs import make_runner
+from train_support import shape_image
 
-from lora_trainer.host import StandaloneHost  # noqa: E402
-from lora_trainer.jobs import JobManager  # noqa: E402
-from lora_trainer.models.tiny import build_tiny_bundle  # noqa: E402
-from lora_trainer.ui import build_tab  # noqa: E402
+from lora_trainer.host import StandaloneHost
+from lora_trainer.jobs import JobManager
+from lora_trainer.models.tiny import build_tiny_bundle
+from lora_trainer.ui import build_tab
 
 GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
 TINY_EXTRA = '{"min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "save_precision": "float"}'
