@@ -100,6 +100,24 @@ def test_importer_reads_back_bit_exactly_with_alpha_not_rank(tmp_path, family):
             assert torch.equal(_unet_out(fresh), out)
 
 
+def test_per_block_ranks_round_trip(tmp_path):
+    """kohya's block_dims give modules different ranks; such files load and re-export exactly."""
+    bundle = _bundle("sdxl")
+    names = [t.kohya_name for t in inject_lora(bundle, LoraSpec(rank=4, alpha=4), seed=0).targets]
+    odd = {names[0]: 2, names[-1]: 6, next(n for n in names if "input_blocks" in n): 1}
+    bundle = _bundle("sdxl")
+    net = inject_lora(bundle, LoraSpec(rank=4, alpha=2, conv_rank=3, module_ranks=odd), seed=0)
+    _randomize(net)
+    sd = net.kohya_state_dict(dtype=torch.float32)
+    assert {n: sd[f"{n}.lora_down.weight"].shape[0] for n in odd} == odd
+    spec = LoraSpec.from_kohya_state_dict(sd)
+    assert (spec.rank, spec.alpha, spec.conv_rank, spec.module_ranks) == (4, 2.0, 3, odd)
+    other = inject_lora(_bundle("sdxl"), spec, seed=3)
+    assert other.load_kohya_state_dict(sd, strict=True).complete
+    again = other.kohya_state_dict(dtype=torch.float32)
+    assert all(torch.equal(again[k], sd[k]) for k in sd)
+
+
 def test_importer_reports_unmatched_modules_and_strict_raises():
     full = inject_lora(_bundle("sd1"), LoraSpec(rank=4, alpha=4, conv_rank=2), seed=0)
     _randomize(full)

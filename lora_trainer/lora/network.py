@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -40,6 +41,8 @@ class LoraSpec:
     train_unet: bool = True
     train_text_encoder: bool = True
     dropout: float = 0.0  # peft lora_dropout: on the adapter's input (kohya's network_dropout is on the rank features)
+    # kohya name -> rank, for files trained with per-block ranks (kohya's block_dims); else None
+    module_ranks: dict[str, int] | None = None
 
     @property
     def effective_alpha(self) -> float:
@@ -55,6 +58,8 @@ class LoraSpec:
         if self.conv_rank is not None and int(self.conv_rank) < 1:
             raise ConfigError(f"LoCon conv rank {self.conv_rank} is below 1; use 1 or more, or leave it empty "
                               "to train without LoCon.")
+        if any(int(r) < 1 for r in (self.module_ranks or {}).values()):
+            raise ConfigError("A per-module LoRA rank is below 1; use ranks of 1 or more.")
         if not (self.train_unet or self.train_text_encoder):
             raise ConfigError("Neither the UNet nor the text encoder is set to train; enable at least one.")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -62,32 +67,38 @@ class LoraSpec:
 
     @classmethod
     def from_kohya_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> LoraSpec:
-        """The spec that recreates a kohya file's network (to continue training from it)."""
-        ranks: dict[bool, set[int]] = {False: set(), True: set()}  # keyed by "is a kxk conv"
-        alphas: dict[bool, set[float]] = {False: set(), True: set()}
-        has_unet = has_te = False
+        """The spec that recreates a kohya file's network (to continue training from it).
+
+        The most common linear and conv ranks/alphas become rank/alpha and conv_rank/conv_alpha;
+        modules with other ranks (kohya's block_dims) go to `module_ranks`. Per-module alphas
+        are read by `load_kohya_state_dict`.
+        """
+        ranks: dict[str, int] = {}
+        kinds: dict[bool, Counter] = {False: Counter(), True: Counter()}  # keyed by "is a kxk conv"
+        alphas: dict[bool, Counter] = {False: Counter(), True: Counter()}
         for key, value in state_dict.items():
             name, _, suffix = key.partition(".")
             if suffix != DOWN:
                 continue
             is_conv = value.dim() == 4 and tuple(value.shape[2:]) != (1, 1)
-            ranks[is_conv].add(int(value.shape[0]))
+            ranks[name] = int(value.shape[0])
+            kinds[is_conv][ranks[name]] += 1
             alpha = state_dict.get(f"{name}.{ALPHA}")
-            alphas[is_conv].add(float(alpha.item()) if alpha is not None else float(value.shape[0]))
-            has_unet |= name.startswith("lora_unet_")
-            has_te |= name.startswith("lora_te")
-        if not ranks[False] and not ranks[True]:
+            alphas[is_conv][float(alpha.item()) if alpha is not None else float(value.shape[0])] += 1
+        if not ranks:
             raise LoraFileError("The file holds no kohya LoRA weights (no '.lora_down.weight' keys); "
                                 "pick a LoRA made by kohya sd-scripts or this trainer.")
-        if len(ranks[False]) > 1 or len(ranks[True]) > 1:
-            raise LoraFileError("The LoRA file uses different ranks per block, which this trainer cannot "
-                                "continue; start a new LoRA or pick a file with one rank.")
-        rank = next(iter(ranks[False] or ranks[True]))
-        alpha = next(iter(alphas[False] or alphas[True]))
-        conv_rank = next(iter(ranks[True])) if ranks[True] else None
-        conv_alpha = next(iter(alphas[True])) if alphas[True] else None
-        return cls(rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha,
-                   train_unet=has_unet, train_text_encoder=has_te)
+        main = not kinds[False]  # True only for a file with nothing but kxk convs
+        rank = kinds[main].most_common(1)[0][0]
+        conv_rank = kinds[True].most_common(1)[0][0] if kinds[True] else None
+        conv_names = {k.partition(".")[0] for k, v in state_dict.items()
+                      if k.endswith(DOWN) and v.dim() == 4 and tuple(v.shape[2:]) != (1, 1)}
+        odd = {n: r for n, r in ranks.items() if r != (conv_rank if n in conv_names else rank)}
+        return cls(rank=rank, alpha=alphas[main].most_common(1)[0][0], conv_rank=conv_rank,
+                   conv_alpha=alphas[True].most_common(1)[0][0] if alphas[True] else None,
+                   train_unet=any(n.startswith("lora_unet_") for n in ranks),
+                   train_text_encoder=any(n.startswith("lora_te") for n in ranks),
+                   module_ranks=odd or None)
 
 
 @dataclass
@@ -121,27 +132,39 @@ def _lora_layer_cls():
     return LoraLayer
 
 
-def _peft_config(spec: LoraSpec, targets: list[LoraTarget]):
+_ROOT = "root"  # peft sees each component as child `root` of a bare wrapper module
+
+
+def _peft_config(spec: LoraSpec, targets: list[LoraTarget], ranks: dict[str, int]):
+    """LoraConfig with exact module names. Names are `root.<path>` (see `_Wrapper`) so that rank
+    patterns can be full paths under both peft 0.13 (`.*\\.{key}$`) and >= 0.14 (`(.*\\.)?({key})$`)."""
     from peft import LoraConfig
 
-    conv_names = [t.module_name for t in targets if t.is_conv3x3]
-    rank_pattern = {}
-    if conv_names and spec.conv_rank and spec.conv_rank != spec.rank:
-        # peft 0.13 matches keys as `.*\.{key}$`, peft >= 0.14 as `(.*\.)?({key})$`: a key that
-        # drops the first path component and is anchored by the leaf works in both.
-        suffixes = sorted({re.escape(n.split(".", 1)[1]) for n in conv_names})
-        rank_pattern = {"(?:" + "|".join(suffixes) + ")": int(spec.conv_rank)}
+    by_rank: dict[int, list[str]] = {}
+    for t in targets:
+        if ranks[t.kohya_name] != int(spec.rank):
+            by_rank.setdefault(ranks[t.kohya_name], []).append(re.escape(t.module_name))
+    rank_pattern = {"(?:" + "|".join(names) + ")": r for r, names in by_rank.items()}
     return LoraConfig(
         r=int(spec.rank),
         lora_alpha=spec.effective_alpha,
         # One anchored regex (peft fullmatches a str) instead of a list, which peft checks name by
         # name against every module: quadratic, seconds for SDXL.
-        target_modules="(?:" + "|".join(re.escape(t.module_name) for t in targets) + ")",
+        target_modules=f"{_ROOT}\\.(?:" + "|".join(re.escape(t.module_name) for t in targets) + ")",
         lora_dropout=float(spec.dropout),
         bias="none",
         init_lora_weights=True,
         rank_pattern=rank_pattern,
     )
+
+
+class _Wrapper(torch.nn.Module):
+    """Holds a component for peft: peft's attributes (`peft_config`) land here, not on the
+    component, and every module path gets a leading `root.`."""
+
+    def __init__(self, root: torch.nn.Module):
+        super().__init__()
+        self.add_module(_ROOT, root)
 
 
 def _get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -177,7 +200,8 @@ class LoraNetwork:
             # peft freezes every non-LoRA parameter and adds attributes; remember both for remove().
             self._saved_grad[component] = [(p, p.requires_grad) for p in root.parameters()]
             self._saved_attrs[component] = set(vars(root))
-            inject_adapter_in_model(_peft_config(self.spec, targets), root, adapter_name=ADAPTER)
+            ranks = {t.kohya_name: self.expected_rank(t) for t in targets}
+            inject_adapter_in_model(_peft_config(self.spec, targets, ranks), _Wrapper(root), adapter_name=ADAPTER)
             for t in targets:
                 self.layers[t.kohya_name] = _get_module(root, t.module_name)
 
@@ -201,6 +225,8 @@ class LoraNetwork:
                 self._set_alpha(t, self.expected_alpha(t))
 
     def expected_rank(self, target: LoraTarget) -> int:
+        if self.spec.module_ranks and target.kohya_name in self.spec.module_ranks:
+            return int(self.spec.module_ranks[target.kohya_name])
         return int(self.spec.conv_rank) if target.is_conv3x3 else int(self.spec.rank)
 
     def expected_alpha(self, target: LoraTarget) -> float:
