@@ -68,6 +68,32 @@
         }
     }
 
+    // Deep link: http://host:port/#lora_trainer opens the tab (bookmarks, docs, headless screenshots).
+    function openTabFromHash() {
+        if (window.location.hash !== "#lora_trainer") return true;
+        var buttons = app().querySelectorAll("#tabs .tab-nav button, #tabs > div > button");
+        for (var i = 0; i < buttons.length; i++) {
+            if (buttons[i].textContent.trim() === "Train LoRA") {
+                buttons[i].click();
+                return true;
+            }
+        }
+        return false;  // not rendered yet
+    }
+
+    function openTabSoon() {
+        var tries = 0;
+        var timer = setInterval(function() {
+            if (openTabFromHash() || ++tries > 120) clearInterval(timer);
+        }, 250);
+    }
+
+    if (typeof onUiLoaded === "function") {
+        onUiLoaded(openTabSoon);  // the WebUI's hook: fires once its tabs exist
+    } else {
+        window.addEventListener("load", openTabSoon);
+    }
+
     window.loraTrainerSendToTxt2img = sendToTxt2img;  // for other scripts and tests
     window.loraTrainerRefreshLoraCards = refreshLoraCards;
     setInterval(watch, 1500);
