@@ -362,6 +362,8 @@ class A1111Host:
         """After a successful run: the A/B grid with the WebUI's own pipeline, into job.outputs."""
         if not self.settings.get("lora_trainer_ab_grid", True) or not getattr(job, "lora_name", None):
             return
+        if getattr(job, "stop_event", None) is not None and job.stop_event.is_set():
+            return  # stopped or interrupted: the user wants the GPU back, not more images
         final = Path(job.outputs[0])
         epochs = [Path(p) for p in getattr(job, "saves", []) if Path(p).suffix == ".safetensors"]
         run_final = getattr(getattr(job, "result", None), "lora_path", None)  # = `final`, in the run folder
@@ -408,6 +410,19 @@ def _temporary_networks(paths: dict[str, Path]):
                                            if k not in added}
 
 
+@contextmanager
+def _state_job(title: str, count: int):
+    """A fresh `shared.state` job (clears an old Interrupt; the WebUI's Interrupt stops the grid)."""
+    from modules import shared
+
+    shared.state.begin(job=title)
+    shared.state.job_count = count
+    try:
+        yield
+    finally:
+        shared.state.end()
+
+
 def make_ab_grid(final: Path, epochs: list[Path], *, prompt: str, seed: int, size: int = 512,
                  steps: int = 20, weights: tuple[float, ...] = AB_WEIGHTS) -> Path | None:
     """One PNG next to `final`: rows = intermediate epochs + final, columns = no LoRA, then weights.
@@ -423,7 +438,7 @@ def make_ab_grid(final: Path, epochs: list[Path], *, prompt: str, seed: int, siz
     aliases = {f"lora_trainer_ab_{i}_{p.stem}": p for i, p in enumerate(epochs)}
     names = [*aliases, final.stem]
     images: list[list[Any]] = []
-    with queue_lock, _temporary_networks(aliases):
+    with queue_lock, _temporary_networks(aliases), _state_job("LoRA Trainer: A/B grid", len(names) * len(weights)):
         base = None
         for name in names:
             row = []

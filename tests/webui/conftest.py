@@ -1,0 +1,64 @@
+"""Opt-in integration suite against real WebUIs: `pytest tests/webui --webui-dir DIR [--forge-dir DIR]`.
+
+Without the options every test here is skipped, and the normal test run is unaffected (these options
+are only registered when pytest starts in or below tests/webui; elsewhere `getoption` falls back).
+
+--webui-dir: an AUTOMATIC1111 v1.10.1 checkout laid out as the harness in shared/harness/a1111/
+expects: <work>/webui (this folder), <work>/venv, <work>/hf_home, <work>/run; the tiny checkpoint in
+webui/models/Stable-diffusion. --forge-dir: the same for Forge (shared/harness/forge/).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("webui", "integration tests against a real WebUI (opt-in)")
+    group.addoption("--webui-dir", default=None, help="AUTOMATIC1111 v1.10.1 checkout (harness layout)")
+    group.addoption("--forge-dir", default=None, help="Forge checkout (harness layout)")
+    group.addoption("--webui-port", default=None, help="port for the WebUI under test (default 7871)")
+
+
+def _dir_option(config: pytest.Config, name: str) -> Path | None:
+    value = config.getoption(name, default=None) or os.environ.get(name.lstrip("-").replace("-", "_").upper())
+    return Path(value).expanduser().resolve() if value else None
+
+
+def harness_dir(kind: str) -> Path | None:
+    """shared/harness/<kind>/ beside the repository (or $LORA_TRAINER_HARNESS_DIR/<kind>)."""
+    for base in (os.environ.get("LORA_TRAINER_HARNESS_DIR"), ROOT.parent / "shared" / "harness",
+                 ROOT / "shared" / "harness"):
+        if base and (Path(base) / kind / "launch.sh").is_file():
+            return Path(base) / kind
+    return None
+
+
+@pytest.fixture(scope="session")
+def webui_dir(request: pytest.FixtureRequest) -> Path:
+    path = _dir_option(request.config, "--webui-dir")
+    if path is None:
+        pytest.skip("A1111 integration tests need --webui-dir DIR (see tests/webui/conftest.py)")
+    if not (path / "launch.py").is_file():
+        pytest.fail(f"--webui-dir {path} is not a WebUI checkout (no launch.py)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def forge_dir(request: pytest.FixtureRequest) -> Path:
+    path = _dir_option(request.config, "--forge-dir")
+    if path is None:
+        pytest.skip("Forge integration tests need --forge-dir DIR (see tests/webui/conftest.py)")
+    if not (path / "launch.py").is_file():
+        pytest.fail(f"--forge-dir {path} is not a WebUI checkout (no launch.py)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def webui_port(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("--webui-port", default=None) or 7871)
