@@ -263,13 +263,13 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         return (gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), logic.error_md(e))
 
     def _watch(job_id):
-        seen_losses, seen_samples = -1, -1
+        # Unchanged plots and galleries are sent again rather than as gr.update(): Gradio 4 streams
+        # generator outputs as diffs, and a no-op update there can blank a Plot.
+        seen_losses, seen_samples, plot, samples = -1, -1, None, []
         for snap in _follow(job_id):
-            plot = gr.update()
             if len(snap["loss_history"]) != seen_losses:
                 seen_losses = len(snap["loss_history"])
                 plot = logic.loss_figure(snap["loss_history"])
-            samples = gr.update()
             if len(snap["samples"]) != seen_samples:
                 seen_samples = len(snap["samples"])
                 samples = logic.sample_items(snap["samples"])
