@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     bundle = load_model(checkpoint, dtype=torch.float32, device=device)
     print("4/5 training:")
-    result = run_training(config, bundle=bundle, on_event=_print_event)
+    result = run_training(config, bundle=bundle, on_event=_print_event, owns_bundle=True)
 
     # A/B: the base model, then the same model with the saved LoRA file loaded back (same seed).
     kwargs = {"seed": config.sample_seed, "steps": config.sample_steps, "cfg_scale": config.sample_cfg_scale,

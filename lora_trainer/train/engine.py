@@ -115,7 +115,11 @@ def state_dir(config: TrainConfig) -> Path:
 
 # ---------------------------------------------------------------------------------- entry point
 def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
-                 on_event: EventCallback | None = None, stop: threading.Event | None = None) -> TrainResult:
+                 on_event: EventCallback | None = None, stop: threading.Event | None = None,
+                 owns_bundle: bool = False) -> TrainResult:
+    """Train a LoRA (see the module docstring). `owns_bundle=True` hands a bundle over for good
+    (benchmarks, the demo): the engine may then replace its frozen modules (fp8 base weights) and
+    leaves its parts where training left them; a host's bundle (False) is given back as it came."""
     emit = on_event or (lambda event: None)
     config.validate(need_model=bundle is None)
     check_optimizer_available(config.optimizer)
@@ -133,7 +137,7 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
                        plan=plan))
     run = _Run(config, dataset, plan, emit, stop or threading.Event(), resume)
     try:
-        return run.execute(bundle)
+        return run.execute(bundle, owns_bundle)
     except LoraTrainerError as e:
         emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps, message=str(e)))
         raise
@@ -203,12 +207,12 @@ class _Run:
         return place_bundle(load_model(self.config.model, dtype=torch.float32, device="cpu"), device, dtype)
 
     # ------------------------------------------------------------------ main
-    def execute(self, given: ModelBundle | None) -> TrainResult:
+    def execute(self, given: ModelBundle | None, owns_bundle: bool = False) -> TrainResult:
         config = self.config
         device = self._device(given)
-        own = given is None
-        weight_dtype = self._weight_dtype(device) if own else next(given.unet.parameters()).dtype
-        bundle = self._load(device, weight_dtype) if own else given
+        own = given is None or owns_bundle
+        weight_dtype = self._weight_dtype(device) if given is None else next(given.unet.parameters()).dtype
+        bundle = self._load(device, weight_dtype) if given is None else given
         assert bundle is not None
         self.own_bundle = bundle if own else None
         homes = {id(m): (next(m.parameters()).device, m.training)
@@ -227,15 +231,14 @@ class _Run:
             if self.network is not None:
                 self.network.remove()
                 self.network = None
-            if hasattr(bundle.unet, "disable_gradient_checkpointing") and not own:
+            if hasattr(bundle.unet, "disable_gradient_checkpointing"):
                 bundle.unet.disable_gradient_checkpointing()
             for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
                 home_device, was_training = homes[id(m)]
                 if not own:
                     m.to(home_device)
                 m.train(was_training)
-            if own:
-                del bundle
+            del bundle
             self._free(device)
 
     @staticmethod
@@ -303,8 +306,8 @@ class _Run:
         from .. import accel
 
         opts = accel.AccelOptions.from_config(config)
-        if bundle is not self.own_bundle:
-            opts.fp8_base = False  # would replace the host's Linear modules in its skeleton
+        if bundle is not self.own_bundle or device.type != "cuda":
+            opts.fp8_base = False  # would replace the host's Linear modules in its skeleton; no gain on CPU
         for component in network.components():
             accel.prepare_model(network.roots[component], opts, device=device)
         log.info(accel.describe(opts, device))
