@@ -222,6 +222,11 @@ def test_paths_outside_allowed_roots_are_refused(tmp_path, photos):
     s.fire("lora_trainer_load")
     assert "outside the folders" in s["lora_trainer_summary"]
     assert s["lora_trainer_gallery"] == []
+    # the folder box is the browser's: a bulk edit on a typed folder is checked as well
+    s["lora_trainer_bulk_action"], s["lora_trainer_bulk_tag"] = "add", "pwned"
+    s.fire("lora_trainer_bulk_apply")
+    assert "outside the folders" in s["lora_trainer_caption_status"]
+    assert not list(photos.glob("*.txt"))
 
 
 def test_upload_copies_files_into_the_run_folder(tmp_path, photos):

@@ -86,25 +86,30 @@ def read_caption_or_empty(image: str | Path) -> str:
         return ""
 
 
-def save_caption(image: str, text: str) -> str:
+def save_caption(image: str, text: str, roots: list[Path] | None = None) -> str:
     """Write the edited caption beside `image`; returns a status line."""
     if not image:
         raise DatasetError("No image is selected; click an image in the gallery first.")
+    image = str(resolve_user_path(image, roots, kind="file", what="image"))
     tags = cap.unique_tags(cap.split_tags(text))
     cap.write_caption(cap.caption_path(image), cap.join_tags(tags))
     return f"Saved the caption of {Path(image).name} ({len(tags)} tags)."
 
 
-def tag_frequency_rows(folder: str, *, recursive: bool = False) -> list[list[Any]]:
+def tag_frequency_rows(folder: str, roots: list[Path] | None = None, *, recursive: bool = False
+                       ) -> list[list[Any]]:
     if not folder:
         return []
+    folder = str(resolve_user_path(folder, roots, what="image folder"))
     return [[tag, n] for tag, n in cap.folder_tag_frequency(folder, recursive=recursive).items()]
 
 
-def bulk_edit(folder: str, action: str, tag: str, new: str = "", *, recursive: bool = False) -> str:
+def bulk_edit(folder: str, action: str, tag: str, new: str = "", roots: list[Path] | None = None, *,
+              recursive: bool = False) -> str:
     """Add / remove / replace one tag in every caption of `folder`; returns a status line."""
     if not folder:
         raise DatasetError("No image folder is loaded; load a folder first.")
+    folder = str(resolve_user_path(folder, roots, what="image folder"))
     tag = tag.strip()
     if not tag:
         raise DatasetError("No tag was given; type the tag to add, remove or replace.")

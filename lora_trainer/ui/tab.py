@@ -70,7 +70,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             scan = logic.scan_folder(folder, roots(), recursive=bool(recursive))
         except Exception as e:  # shown in the tab, traceback in the log
             return (gr.update(), [], [], logic.error_md(e), [], [], "", "")
-        freq = logic.tag_frequency_rows(scan["folder"], recursive=bool(recursive))
+        freq = logic.tag_frequency_rows(scan["folder"], roots(), recursive=bool(recursive))
         return (scan["folder"], scan["gallery"], scan["problems"], scan["summary"], scan["images"], freq,
                 "", "")
 
@@ -92,14 +92,14 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
 
     def save_caption(selected, text, folder, recursive):
         try:
-            status = logic.save_caption(selected, text)
-            return status, logic.tag_frequency_rows(folder, recursive=bool(recursive))
+            status = logic.save_caption(selected, text, roots())
+            return status, logic.tag_frequency_rows(folder, roots(), recursive=bool(recursive))
         except Exception as e:
             return logic.error_md(e), gr.update()
 
     def bulk(folder, action, tag, new, recursive):
         try:
-            status = logic.bulk_edit(folder, action, tag, new, recursive=bool(recursive))
+            status = logic.bulk_edit(folder, action, tag, new, roots(), recursive=bool(recursive))
         except Exception as e:
             return (logic.error_md(e),) + (gr.update(),) * load_outputs_count
         return (status,) + load(folder, recursive)
