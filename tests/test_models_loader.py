@@ -211,3 +211,14 @@ def test_text_encoder_version_from_the_local_hf_cache(ckpt_dir, tmp_path, monkey
 
     _edit_yaml(path.with_suffix(".yaml"), edit)
     assert_same_modules(load_model(path), reference_bundle("sd1"))
+
+
+def test_sd2_yaml_layer_last_keeps_every_text_layer(ckpt_dir):
+    path = write_tiny_checkpoint(ckpt_dir / "layer", "sd2")
+
+    def edit(p):
+        p["cond_stage_config"]["params"]["layer"] = "last"
+
+    _edit_yaml(path.with_suffix(".yaml"), edit)
+    te = load_model(path).text_encoders[0]
+    assert te.config.num_hidden_layers == reference_bundle("sd2").text_encoders[0].config.num_hidden_layers + 1
