@@ -284,7 +284,10 @@ class JobManager:
                 summary = job.result.get("message") if isinstance(job.result, dict) else None
                 self._finish(job, "done", message=summary or f"{job.label}: done.")
         except BaseException as e:  # every failure must end the job, not the worker
-            self._finish(job, "failed", error=_user_message(e, job))
+            error = _user_message(e, job)
+            if job.saves:  # the engine's last save survives a later failure: say where it is
+                error += f" The last good save is kept at {job.saves[-1]}."
+            self._finish(job, "failed", error=error)
             if not isinstance(e, LoraTrainerError):
                 log.exception("LoRA Trainer job %s (%s) failed", job.id, job.label)
             else:

@@ -56,7 +56,7 @@ class RecordingHost(StandaloneHost):
 
 
 def make_runner(steps: int = 5, *, gate: threading.Event | None = None, fail: BaseException | None = None,
-                sample: bool = True):
+                sample: bool = True, fail_late: BaseException | None = None):
     """A runner with run_training's signature; `gate` makes every step wait until it is set."""
 
     def runner(config, *, bundle=None, on_event=None, stop=None):
@@ -85,6 +85,8 @@ def make_runner(steps: int = 5, *, gate: threading.Event | None = None, fail: Ba
         lora = out / f"{config.name}.safetensors"
         lora.write_bytes(b"lora at step %d" % step)
         on_event(ProgressEvent("save", step=step, path=str(lora)))
+        if fail_late is not None:
+            raise fail_late
         if sample:
             png = out / "sample.png"
             Image.new("RGB", (8, 8), (200, 10, 10)).save(png)
@@ -259,3 +261,13 @@ def test_activation_text_from_setting_or_folders(dataset):
     assert activation_text(TrainConfig(data=str(dataset))) == "ohwx cat"
     assert activation_text(TrainConfig(data=str(dataset), activation_text="sks")) == "sks"
     assert activation_text(TrainConfig(data=str(dataset / "img"))) == "ohwx cat"
+
+
+def test_failure_after_a_save_names_the_last_good_save(host, dataset, tmp_path):
+    exc = TrainingError("The loss became NaN at step 5; lower the learning rate.")
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(fail_late=exc))
+    job = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert job.state == "failed"
+    assert job.error.startswith("The loss became NaN")
+    assert "last good save is kept at" in job.error and job.saves[-1] in job.error
+    assert Path(job.saves[-1]).is_file()
