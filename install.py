@@ -32,12 +32,19 @@ REQUIREMENTS: dict[str, str] = {
     "diffusers": ">=0.29,<0.34",
     "peft": ">=0.13,<0.14",
 }
+# diffusers 0.32+ imports transformers.SiglipImageProcessor (transformers >= 4.37) as soon as a
+# pipeline is imported: beside A1111's transformers 4.30.2 only diffusers < 0.32 works.
+OLD_TRANSFORMERS_DIFFUSERS = ">=0.29,<0.32"
+SIGLIP_TRANSFORMERS = (4, 37)
 ONNX_BOUNDS = ">=1.16,<1.27"
 # onnxruntime-gpu 1.19+ is built for CUDA 12 + cuDNN 9 (earlier CUDA 12 builds need cuDNN 8).
 ONNX_GPU_BOUNDS = ">=1.19,<1.27"
 ONNX_VARIANTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
                  "onnxruntime-silicon", "onnxruntime-rocm")
-IMPORT_CHECK = "import diffusers, peft, onnxruntime; diffusers.UNet2DConditionModel; peft.LoraConfig"
+IMPORT_CHECK = ("import onnxruntime, peft; peft.LoraConfig\n"
+                "from diffusers import UNet2DConditionModel, StableDiffusionPipeline, StableDiffusionXLPipeline")
+CHECKED_PACKAGES = ("torch", "transformers", "diffusers", "peft", "onnxruntime", "onnxruntime-gpu",
+                    "huggingface-hub", "accelerate")
 
 
 def say(msg: str) -> None:
@@ -82,9 +89,21 @@ def onnx_requirement(installed: dict[str, str], gpu: dict[str, object]) -> str |
     return "onnxruntime" + ONNX_BOUNDS
 
 
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def requirement_specs(installed: dict[str, str]) -> dict[str, str]:
+    specs = dict(REQUIREMENTS)
+    transformers = installed.get("transformers")
+    if transformers and _version_tuple(transformers) < SIGLIP_TRANSFORMERS:
+        specs["diffusers"] = OLD_TRANSFORMERS_DIFFUSERS
+    return specs
+
+
 def plan(installed: dict[str, str], gpu: dict[str, object]) -> list[str]:
     """Requirement strings for what is missing; present packages are left alone whatever their version."""
-    wanted = [name + spec for name, spec in REQUIREMENTS.items() if canonical(name) not in installed]
+    wanted = [name + spec for name, spec in requirement_specs(installed).items() if canonical(name) not in installed]
     onnx = onnx_requirement(installed, gpu)
     if onnx:
         wanted.append(onnx)
@@ -124,12 +143,12 @@ def changes_to_installed(would_install: dict[str, str], installed: dict[str, str
             if name in installed and installed[name] != ver]
 
 
-def write_status(ok: bool, message: str) -> None:
+def write_status(ok: bool, message: str, versions: dict[str, str | None] | None = None) -> None:
     try:
         STATUS_FILE.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=STATUS_FILE.parent, prefix=".install-status.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"ok": ok, "message": message}, f)
+            json.dump({"ok": ok, "message": message, "versions": versions or {}}, f)
         os.replace(tmp, STATUS_FILE)
     except OSError:
         pass  # the console message is what matters; the tab falls back to the import error
@@ -161,8 +180,7 @@ def main() -> int:
     gpu = torch_gpu_facts() if not any(v in installed for v in ONNX_VARIANTS) else {}
     wanted = plan(installed, gpu)
     if not wanted:
-        write_status(True, "all packages present")
-        return 0
+        return check_present(installed)
     say(f"adding missing packages: {', '.join(wanted)}")
     with tempfile.TemporaryDirectory(prefix="lora-trainer-install-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
@@ -195,7 +213,26 @@ def main() -> int:
         return refuse("the new packages do not import beside the WebUI's (" + "; ".join(why)
                       + "); they were removed again.")
     say("installed " + ", ".join(pins))
-    write_status(True, "installed " + ", ".join(pins))
+    write_status(True, "installed " + ", ".join(pins), {name: after.get(name) for name in CHECKED_PACKAGES})
+    return 0
+
+
+def check_present(installed: dict[str, str]) -> int:
+    """Nothing to install: still make sure what is there imports together (once per set of versions)."""
+    versions = {name: installed.get(name) for name in CHECKED_PACKAGES}
+    try:
+        previous = json.loads(STATUS_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("ok") and previous.get("versions") == versions:
+        return 0
+    check = subprocess.run([sys.executable, "-c", IMPORT_CHECK], check=False, capture_output=True, text=True)
+    if check.returncode != 0:
+        why = ((check.stderr or "").strip().splitlines() or ["import failed"])[-1]
+        return refuse(f"the installed packages do not import together ({why}); with transformers "
+                      f"{installed.get('transformers')} install diffusers{requirement_specs(installed)['diffusers']} "
+                      "in the WebUI's venv, then restart.")
+    write_status(True, "all packages present", versions)
     return 0
 
 

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("webui", "integration tests against a real WebUI (opt-in)")
@@ -28,15 +26,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _dir_option(config: pytest.Config, name: str) -> Path | None:
     value = config.getoption(name, default=None) or os.environ.get(name.lstrip("-").replace("-", "_").upper())
     return Path(value).expanduser().resolve() if value else None
-
-
-def harness_dir(kind: str) -> Path | None:
-    """shared/harness/<kind>/ beside the repository (or $LORA_TRAINER_HARNESS_DIR/<kind>)."""
-    for base in (os.environ.get("LORA_TRAINER_HARNESS_DIR"), ROOT.parent / "shared" / "harness",
-                 ROOT / "shared" / "harness"):
-        if base and (Path(base) / kind / "launch.sh").is_file():
-            return Path(base) / kind
-    return None
 
 
 @pytest.fixture(scope="session")

@@ -54,8 +54,21 @@ class _Cdp:
         return res.get("result", {}).get("value")
 
 
+LAST: dict = {}  # facts read from the page by the last screenshot() call (for tests)
+
+_ROOT_JS = "(document.querySelector('gradio-app') && document.querySelector('gradio-app').shadowRoot || document)"
+
+
+def _value_js(selector: str) -> str:
+    return f"(() => {{ const e = {_ROOT_JS}.querySelector({json.dumps(selector)}); return e ? e.value : null; }})()"
+
+
 def screenshot(url: str, out: str, *, chromium: str | None = None, width: int = 1400, height: int = 2000,
-               timeout: float = 90.0, scroll_to: str | None = None) -> str:
+               timeout: float = 90.0, scroll_to: str | None = None, click: str | None = None,
+               wait_for: str | None = None) -> str:
+    """Screenshot of the tab. click: a selector clicked once the tab is open (e.g. the refresh
+    button); wait_for: a selector whose value must become non-empty before the picture. Afterwards
+    the "Send to txt2img" button is clicked and what it did is stored in LAST."""
     chromium = chromium or shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not chromium:
         raise FileNotFoundError("no chromium found; apt-get install chromium")
@@ -79,6 +92,12 @@ def screenshot(url: str, out: str, *, chromium: str | None = None, width: int = 
         if not cdp.eval(visible):
             raise TimeoutError("the Train LoRA tab did not open")
         time.sleep(3)  # let the tab's first refresh (job status, gallery) land
+        if click:
+            cdp.eval(f"{_ROOT_JS}.querySelector({json.dumps(click)}).click()")
+        if wait_for:
+            while time.time() < deadline and not cdp.eval(_value_js(wait_for)):
+                time.sleep(0.5)
+            time.sleep(2)
         if scroll_to:
             cdp.eval(f"(() => {{ const e = document.querySelector({json.dumps(scroll_to)});"
                      " if (e) e.scrollIntoView(); }})()")
@@ -89,6 +108,14 @@ def screenshot(url: str, out: str, *, chromium: str | None = None, width: int = 
         data = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
         with open(out, "wb") as f:
             f.write(base64.b64decode(data))
+        LAST.clear()
+        LAST["send_text"] = cdp.eval(_value_js("#lora_trainer_send_text textarea")) or ""
+        cdp.eval(f"{_ROOT_JS}.querySelector('#lora_trainer_send_to_txt2img').click()")
+        time.sleep(1.5)
+        LAST["txt2img_prompt"] = cdp.eval(_value_js("#txt2img_prompt textarea")) or ""
+        LAST["active_tab"] = cdp.eval(
+            f"(() => {{ const b = {_ROOT_JS}.querySelector('#tabs > .tab-nav > button.selected');"
+            " return b ? b.textContent.trim() : null; })()")
         cdp.ws.close()
         return out
     finally:
