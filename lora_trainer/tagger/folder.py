@@ -83,8 +83,10 @@ def tag_folder(folder: str | os.PathLike[str], tagger: Tagger, options: TagOptio
             on_progress(min(start + batch, len(todo)), len(todo))
     run.skipped = {p.relative_to(root).as_posix(): reason for p, reason in sorted(skipped.items())}
     if not run.captions and not kept:
-        detail = f" ({len(skipped)} file(s) skipped, e.g. {next(iter(run.skipped.items()), ('', ''))[0]}: " \
-                 f"{next(iter(run.skipped.values()), '')})" if skipped else ""
+        detail = ""
+        if run.skipped:
+            rel, reason = next(iter(run.skipped.items()))
+            detail = f" ({len(run.skipped)} file(s) skipped, e.g. {rel}: {reason})"
         raise DatasetError(f"Folder {root} holds no usable image{detail}; add JPEG/PNG/WEBP images"
                            f"{'' if recursive else ' or use --recursive for subfolders'}.")
     if report is not None:
