@@ -18,10 +18,12 @@ def _meta_bundle(family: Family) -> ModelBundle:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet_name = {Family.SD1: "sd15_unet", Family.SDXL: "sdxl_unet"}[family]
+    unet_name = {Family.SD1: "sd15_unet", Family.SD2: "sd2_unet", Family.SDXL: "sdxl_unet"}[family]
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(bundled_config(unet_name))
-        if family is Family.SDXL:
+        if family is Family.SD2:  # SD2 conditions on the penultimate layer: 23 layers, as kohya loads it
+            tes = [CLIPTextModel(CLIPTextConfig(**{**bundled_config("open_clip_vit_h14"), "num_hidden_layers": 23}))]
+        elif family is Family.SDXL:
             tes = [CLIPTextModel(CLIPTextConfig(**bundled_config("clip_vit_l14"))),
                    CLIPTextModelWithProjection(CLIPTextConfig(**bundled_config("open_clip_vit_bigg14")))]
         else:
@@ -156,3 +158,12 @@ def test_sdxl_locon_adds_sgm_named_resnet_and_sampler_modules(sdxl):
     assert sum(len(d) == 4 and d[2:] == (3, 3) for d, _ in shapes.values()) == 17 * 2 + 4
     for name, down, up in SDXL_LOCON_EXPECTED:
         assert shapes[name] == (down, up), name
+
+
+def test_sd2_names_counts_shapes():
+    shapes = _shapes(_meta_bundle(Family.SD2), LoraSpec(rank=R, alpha=4))
+    assert _count(shapes, "lora_te_") == 23 * 6 and "lora_te_text_model_encoder_layers_22_mlp_fc2" in shapes
+    assert _count(shapes, "lora_unet_") == 192
+    assert shapes["lora_unet_down_blocks_0_attentions_0_proj_in"] == ((R, 320), (320, R))  # linear proj
+    assert shapes["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"] == ((R, 1024), (1280, R))
+    assert shapes["lora_te_text_model_encoder_layers_0_mlp_fc1"] == ((R, 1024), (4096, R))
