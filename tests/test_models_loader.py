@@ -222,3 +222,21 @@ def test_sd2_yaml_layer_last_keeps_every_text_layer(ckpt_dir):
     _edit_yaml(path.with_suffix(".yaml"), edit)
     te = load_model(path).text_encoders[0]
     assert te.config.num_hidden_layers == reference_bundle("sd2").text_encoders[0].config.num_hidden_layers + 1
+
+
+def test_model_hashes(ckpt_dir):
+    import hashlib
+
+    from lora_trainer.models.loader import checkpoint_sha256, legacy_model_hash
+
+    path = write_tiny_checkpoint(ckpt_dir / "hash", "sd1")
+    data = path.read_bytes()
+    assert checkpoint_sha256(path) == hashlib.sha256(data).hexdigest() == load_model(path).model_hash
+    assert legacy_model_hash(path) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_diffusers_folder_with_only_fp16_variant(ckpt_dir):
+    folder = write_tiny_checkpoint(ckpt_dir / "variant", "sd1", fmt="diffusers")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert_same_modules(load_model(folder), reference_bundle("sd1"))

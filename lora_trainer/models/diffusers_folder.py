@@ -56,13 +56,21 @@ def load_diffusers_folder(folder: Path, *, dtype: torch.dtype = torch.float32,
     else:
         family = Family.SD1
 
-    kw = {"torch_dtype": dtype, "local_files_only": True}
+    def kw(sub: str) -> dict[str, Any]:
+        args: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+        names = [f.name for f in (folder / sub).iterdir()]
+        weights = [n for n in names if n.endswith((".safetensors", ".bin"))]
+        if weights and all(".fp16." in n for n in weights):
+            args["variant"] = "fp16"  # saved with only the fp16 variant
+        return args
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", **kw)
-        encoders = [CLIPTextModel.from_pretrained(str(folder / "text_encoder"), **kw)]
+        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", **kw("unet"))
+        vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", **kw("vae"))
+        encoders = [CLIPTextModel.from_pretrained(str(folder / "text_encoder"), **kw("text_encoder"))]
         if has_te2:
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), **kw))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                str(folder / "text_encoder_2"), **kw("text_encoder_2")))
     except (OSError, ValueError, RuntimeError) as exc:
         raise UnsupportedModelError(
             f"{name} could not be loaded as a diffusers model ({exc}); copy the folder again.") from exc

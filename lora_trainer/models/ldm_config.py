@@ -104,13 +104,17 @@ class ModelConfig:
             kind = OPEN_CLIP_H if "OpenCLIP" in str(cond.get("target", "")) or family is Family.SD2 else CLIP_L
             encoders = [_text_spec(kind, _params(cond), family, bool(cond), base_dir)]
         unet = unet_config_from_ldm(unet_params, addition_time_embed_dim=time_dim)
-        if "image_size" in params:
+        if int(unet_params["model_channels"]) == base.unet["block_out_channels"][0]:
+            unet["sample_size"] = base.unet["sample_size"]  # full size: 64 / 96 (768-v) / 128 latents
+        elif "image_size" in params:
             unet["sample_size"] = int(params["image_size"])
         ddconfig = _params(params.get("first_stage_config")).get("ddconfig")
         vae = vae_config_from_ldm(ddconfig) if ddconfig else base.vae
         prediction = _prediction_from_yaml(params) or EPSILON
         if family is Family.SD2 and prediction == V_PREDICTION:
             unet.setdefault("upcast_attention", True)
+            if unet.get("sample_size") == 64 and unet["block_out_channels"][0] == 320:
+                unet["sample_size"] = 96  # v2-inference-v.yaml says 64, but the model is 768 px
         return cls(family, prediction, unet, vae, encoders, _schedule_from_yaml(params),
                    float(params.get("scale_factor", base.scaling_factor)), source)
 

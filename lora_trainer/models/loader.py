@@ -81,6 +81,15 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """The old 8-character model hash (A1111 before 1.0, kohya's `ss_sd_model_hash`)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
 # Only tensors under these prefixes are read (EMA copies, optimizer leftovers etc. are skipped).
 _WANTED = (lc.UNET_PREFIX, lc.VAE_PREFIX, "cond_stage_model.", "conditioner.", "v_pred")
 
@@ -355,4 +364,4 @@ def meta_modules(config: ModelConfig) -> dict[str, torch.nn.Module]:
 
 
 __all__ = ["ModelConfig", "Schedule", "TextEncoderSpec", "bundle_from_ldm_state_dict", "checkpoint_sha256",
-           "load_model", "meta_modules", "read_checkpoint"]
+           "legacy_model_hash", "load_model", "meta_modules", "read_checkpoint"]
