@@ -206,12 +206,14 @@ def test_remove_restores_base_modules_exactly(family):
             before[(name, key)] = (p, p.detach().clone(), p.data_ptr(), p.requires_grad)
     modules = {(name, n): m for name, root in roots.items() for n, m in root.named_modules()}
     attrs = {name: set(vars(root)) for name, root in roots.items()}
+    base_out = _unet_out(bundle)
 
     net = inject_lora(bundle, LoraSpec(rank=4, alpha=2, conv_rank=2), seed=0)
     _randomize(net)
     _unet_out(bundle)
     net.remove()
     net.remove()  # idempotent
+    assert torch.equal(_unet_out(bundle), base_out)
 
     after_modules = {(name, n): m for name, root in roots.items() for n, m in root.named_modules()}
     assert after_modules.keys() == modules.keys()
