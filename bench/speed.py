@@ -1,0 +1,469 @@
+#!/usr/bin/env python3
+"""Training-step speed and memory: plain diffusers+peft loop vs lora_trainer.accel, lever by lever.
+
+Random-weight SD1.5 / SDXL UNets (the package's bundled configs), LoRA on kohya's default
+target set (every Linear/Conv inside the transformer blocks: 192 modules for SD1.5, 722 for
+SDXL), bf16 autocast, SDPA, fused AdamW, latents and text embeddings already on the GPU (cached),
+text encoders and VAE not on the GPU. Timed loops call `loss.item()` every step, as a trainer's
+progress display does.
+
+Sections (--sections, comma separated):
+  env      GPU, versions
+  sd15     SD1.5 512 px, r32/a16, batch 1 and 8: peft eager (reference), then each lever
+  equiv    same init, same batches: losses and LoRA weights of eager peft vs fused+graphs
+  sdxl     SDXL 1024 px batch 1, r32/a16, no checkpointing: peft eager vs fused+graphs
+  lowvram  the low-VRAM presets (sd15-lowvram r16, sdxl-lowvram r8): checkpointing, fp8 base
+  profile  where the time of the fastest SD1.5 step goes (kernel categories, GPU busy)
+  compile  per-transformer-block torch.compile on top (compile time reported)
+
+Usage: python bench/speed.py [--sections ...] [--tiny] [--out FILE]
+(--tiny: CPU smoke test with tiny configs; numbers mean nothing.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lora_trainer import accel
+
+T0 = time.time()
+p = argparse.ArgumentParser()
+p.add_argument("--sections", default="env,sd15,equiv,sdxl,lowvram,profile,compile")
+p.add_argument("--tiny", action="store_true")
+p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "speed.json"))
+p.add_argument("--deadline", type=float, default=420.0, help="seconds; later work is skipped past it")
+p.add_argument("--seconds", type=float, default=2.0, help="target seconds per timed variant")
+args = p.parse_args()
+TINY = args.tiny
+DEV = "cpu" if TINY or not torch.cuda.is_available() else "cuda"
+BF16 = torch.float32 if TINY else torch.bfloat16  # CPU bf16 is slow: the smoke test runs fp32
+KOHYA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+RES: dict = {"env": {}, "runs": [], "equiv": {}, "profile": {}, "errors": []}
+CFG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lora_trainer", "models", "configs")
+
+if DEV == "cuda":
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def log(*a):
+    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+def save():
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(RES, f, indent=1, default=str)
+    os.replace(tmp, args.out)
+
+
+def remaining():
+    return args.deadline - (time.time() - T0)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def free():
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def mem():
+    if DEV != "cuda":
+        return {}
+    return {"peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+
+
+# ------------------------------------------------------------------ models
+def unet_config(kind: str) -> dict:
+    with open(os.path.join(CFG_DIR, f"{kind}_unet.json")) as f:
+        cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    if TINY:
+        from lora_trainer.models.bundle import Family
+        from lora_trainer.models.tiny import unet_config as tiny_cfg
+        cfg = tiny_cfg(Family.SDXL if kind == "sdxl" else Family.SD1)
+    return cfg
+
+
+_BASE: dict = {}
+
+
+def base_unet(kind: str):
+    """One frozen bf16 UNet per family, reused by every variant (deep copies would double memory)."""
+    if kind not in _BASE:
+        from diffusers import UNet2DConditionModel
+        _BASE.clear()
+        free()
+        torch.manual_seed(0)
+        with torch.device(DEV):
+            unet = UNet2DConditionModel(**unet_config(kind))
+        _BASE[kind] = unet.to(BF16).requires_grad_(False).train()
+    return _BASE[kind]
+
+
+class Lora:
+    """The shared base UNet with a fresh peft adapter (removed again by `close`)."""
+
+    def __init__(self, kind: str, rank: int, alpha: float, seed: int = 0):
+        from peft import LoraConfig
+        self.kind = kind
+        self.unet = base_unet(kind)
+        torch.manual_seed(seed)
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=KOHYA_TARGETS,
+                                         init_lora_weights="gaussian", lora_dropout=0.0), adapter_name="bench")
+        self.params = [p_ for p_ in self.unet.parameters() if p_.requires_grad]
+        for p_ in self.params:
+            p_.data = p_.data.float()
+        self.n_modules = sum(1 for m in self.unet.modules() if hasattr(m, "lora_A") and "bench" in m.lora_A)
+
+    def close(self):
+        accel.unfuse_lora_layers(self.unet)
+        self.unet.delete_adapters("bench")
+        self.unet.disable_gradient_checkpointing()
+        self.unet.to(memory_format=torch.contiguous_format)
+        self.params = []
+        free()
+
+
+def make_inputs(unet, kind: str, bs: int, latent: int, seed: int = 1):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    cfg = unet.config
+    lat = torch.randn(bs, 4, latent, latent, device=DEV, generator=g)
+    enc = torch.randn(bs, 77, cfg.cross_attention_dim, device=DEV, generator=g, dtype=BF16)
+    added = None
+    if kind == "sdxl":
+        n = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        px = latent * 8
+        added = {"text_embeds": torch.randn(bs, n, device=DEV, generator=g, dtype=BF16),
+                 "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * bs, device=DEV, dtype=BF16)}
+    return lat, enc, added
+
+
+def alphas(unet_device):
+    from diffusers import DDPMScheduler
+    s = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return s.alphas_cumprod.to(unet_device)
+
+
+def make_loss_fn(unet, acs, added):
+    """The engine-style pure loss: every random draw arrives in the batch."""
+    def loss_fn(b):
+        a = acs[b["t"]].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * b["latents"] + (1 - a).sqrt() * b["noise"]
+        with torch.autocast(DEV, dtype=BF16, enabled=not TINY):
+            pred = unet(noisy, b["t"], b["enc"], added_cond_kwargs=added, return_dict=False)[0]
+        return F.mse_loss(pred.float(), b["noise"].float())
+    return loss_fn
+
+
+def batches(lat, enc, seed: int = 5):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    bs = lat.shape[0]
+    while True:
+        yield {"latents": lat, "enc": enc, "noise": torch.randn(lat.shape, device=DEV, generator=g),
+               "t": torch.randint(0, 1000, (bs,), device=DEV, generator=g)}
+
+
+# ------------------------------------------------------------------ one measured variant
+def run_variant(label: str, kind: str, bs: int, latent: int, *, rank=32, alpha=16.0, fused=False, graphs=False,
+                channels_last=False, gc_on=False, fp8=False, clip=1.0, compile_blocks=False, extra=None):
+    rec = {"label": label, "model": kind, "bs": bs, "px": latent * 8, "rank": rank, "fused_lora": fused, "cuda_graphs": graphs,
+               "channels_last": channels_last, "grad_ckpt": gc_on, "fp8_base": fp8, "max_grad_norm": clip,
+               "compile_blocks": compile_blocks}
+    rec.update(extra or {})
+    net = None
+    try:
+        if fp8 and kind in _BASE:
+            _BASE.clear()  # fp8 replaces the shared UNet's Linear modules: build a fresh one after
+        free()
+        net = Lora(kind, rank, alpha)
+        unet = net.unet
+        rec["lora_modules"] = net.n_modules
+        rec["lora_params_M"] = round(sum(p_.numel() for p_ in net.params) / 1e6, 3)
+        if gc_on:
+            unet.enable_gradient_checkpointing()
+        opts = accel.AccelOptions(enabled=fused or graphs or channels_last or fp8, fused_lora=fused,
+                                  cuda_graphs=graphs, channels_last=channels_last, fp8_base=fp8)
+        if opts.enabled:
+            rec["prepared"] = accel.prepare_model(unet, opts, device=DEV)
+        if compile_blocks:
+            t = time.time()
+            for m in unet.modules():
+                if type(m).__name__ == "BasicTransformerBlock":
+                    m.compile()
+            rec["compile_setup_s"] = round(time.time() - t, 2)
+        lat, enc, added = make_inputs(unet, kind, bs, latent)
+        if channels_last:
+            lat = lat.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(net.params, lr=1e-4, weight_decay=1e-2, **accel.optimizer_kwargs(DEV))
+        runner = accel.StepRunner(make_loss_fn(unet, alphas(DEV), added), net.params, opt,
+                                  opts if opts.enabled else accel.AccelOptions.off(), max_grad_norm=clip,
+                                  device=DEV)
+        it = batches(lat, enc)
+        free()
+        t = time.perf_counter()
+        warm = 1 if TINY else (opts.graph_warmup + 2 if graphs else 3)
+        for _ in range(warm):
+            loss = runner.step(next(it)).item()
+        rec["first_steps_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        runner.step(next(it)).item()
+        est = max(time.perf_counter() - t, 1e-4)
+        n = 2 if TINY else int(min(max(args.seconds / est, 5), 200))
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            loss = runner.step(next(it)).item()
+        dt = (time.perf_counter() - t) / n
+        rec.update(step_ms=round(dt * 1e3, 2), it_per_s=round(1 / dt, 3), img_per_s=round(bs / dt, 2), n_timed=n,
+                   loss=loss, loss_finite=math.isfinite(loss), runner=dict(runner.stats),
+                   graphs_off_reason=runner.disabled_reason)
+        rec["runner"]["capture_s"] = round(rec["runner"]["capture_s"], 2)
+        rec.update(mem())
+        del runner, opt, it
+    except torch.OutOfMemoryError as e:
+        rec["error"] = "OOM"
+        log("OOM", str(e)[:200])
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = f"{type(e).__name__}: {e}"[:600]
+        traceback.print_exc()
+    finally:
+        if net is not None:
+            net.close()
+        if fp8:
+            _BASE.clear()
+        free()
+    RES["runs"].append(rec)
+    save()
+    log(f"{label:28s} {kind} bs={bs} {rec.get('it_per_s')} it/s {rec.get('img_per_s')} img/s "
+        f"alloc {rec.get('peak_alloc_GiB')} reserved {rec.get('peak_reserved_GiB')} GiB {rec.get('error', '')}")
+    return rec
+
+
+LEVERS = [  # (label, kwargs): each adds one lever to the line above it
+    ("peft_eager", {"clip": 0.0}),
+    ("peft_eager_clip", {}),
+    ("fused_eager", {"fused": True}),
+    ("peft_graphs", {"graphs": True}),
+    ("fused_graphs", {"fused": True, "graphs": True}),
+    ("fused_graphs_cl", {"fused": True, "graphs": True, "channels_last": True}),
+]
+
+
+def sec_env():
+    import diffusers
+    import peft
+    import transformers
+    e = RES["env"]
+    e.update(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda,
+             cudnn=torch.backends.cudnn.version(), diffusers=diffusers.__version__, peft=peft.__version__,
+             transformers=transformers.__version__, platform=platform.platform(), command=" ".join(sys.argv))
+    if DEV == "cuda":
+        pr = torch.cuda.get_device_properties(0)
+        e.update(gpu=pr.name, sm_count=pr.multi_processor_count, mem_GiB=round(pr.total_memory / 2**30, 2))
+    log("env", json.dumps(e))
+
+
+def sec_sd15():
+    lat = 8 if TINY else 64
+    for bs in ((1, 2) if TINY else (1, 8)):
+        for label, kw in LEVERS:
+            if remaining() < 20:
+                return
+            run_variant(label, "sd15", bs, lat, **kw)
+
+
+def sec_sdxl():
+    lat = 16 if TINY else 128
+    for label, kw in (("peft_eager_clip", {}), ("fused_graphs", {"fused": True, "graphs": True}),
+                      ("fused_graphs_cl", {"fused": True, "graphs": True, "channels_last": True})):
+        if remaining() < 30:
+            return
+        run_variant(label, "sdxl", 1, lat, **kw)
+
+
+def sec_lowvram():
+    # The presets in lora_trainer/config.py: sd15-lowvram r16/a8, sdxl-lowvram r8/a4, both with
+    # gradient checkpointing; VAE and text encoders are off the GPU after caching.
+    for kind, lat, rank, alpha in (("sd15", 8 if TINY else 64, 16, 8.0), ("sdxl", 16 if TINY else 128, 8, 4.0)):
+        for label, kw in (("lowvram_peft_eager_gc", {"gc_on": True}),
+                          ("lowvram_fused_graphs_gc", {"gc_on": True, "fused": True, "graphs": True}),
+                          ("lowvram_fused_graphs_gc_fp8", {"gc_on": True, "fused": True, "graphs": True, "fp8": True})):
+            if remaining() < 30:
+                return
+            run_variant(label, kind, 1, lat, rank=rank, alpha=alpha, **kw)
+
+
+def sec_equiv():
+    """Eager peft (reference) vs fused LoRA + CUDA graphs: same init, same batch sequence."""
+    lat = 8 if TINY else 64
+    bs, steps = 2, (4 if TINY else 30)
+    out = {}
+    finals = {}
+    for label, fused, graphs in (("peft_eager", False, False), ("fused_eager", True, False),
+                                 ("fused_graphs", True, True)):
+        net = Lora("sd15", 32, 16.0, seed=3)
+        unet = net.unet
+        opts = accel.AccelOptions(fused_lora=fused, cuda_graphs=graphs) if (fused or graphs) else \
+            accel.AccelOptions.off()
+        accel.prepare_model(unet, opts, device=DEV)
+        lat_, enc, added = make_inputs(unet, "sd15", bs, lat)
+        opt = torch.optim.AdamW(net.params, lr=1e-3, weight_decay=1e-2, **accel.optimizer_kwargs(DEV))
+        runner = accel.StepRunner(make_loss_fn(unet, alphas(DEV), added), net.params, opt, opts, max_grad_norm=1.0,
+                                  device=DEV)
+        it = batches(lat_, enc, seed=9)
+        out[label] = [runner.step(next(it)).item() for _ in range(steps)]
+        out[label + "_stats"] = dict(runner.stats)
+        from peft.utils import get_peft_model_state_dict
+        finals[label] = {k: v.detach().float().cpu() for k, v in
+                         get_peft_model_state_dict(unet, adapter_name="bench").items()}
+        del runner, opt
+        net.close()
+    ref = out["peft_eager"]
+    for label in ("fused_eager", "fused_graphs"):
+        d = [abs(a - b) / max(abs(a), 1e-8) for a, b in zip(out[label], ref)]
+        wa = torch.cat([v.flatten() for _, v in sorted(finals[label].items())])
+        wr = torch.cat([v.flatten() for _, v in sorted(finals["peft_eager"].items())])
+        out[f"{label}_vs_peft"] = {"max_rel_loss_diff": float(f"{max(d):.3g}"),
+                                       "mean_rel_loss_diff": float(f"{sum(d) / len(d):.3g}"),
+                                       "final_lora_weights_rel_diff": float(f"{float((wa - wr).norm() / wr.norm()):.3g}"),
+                                       "same_keys": sorted(finals[label]) == sorted(finals["peft_eager"])}
+    g, e = out["fused_graphs"], out["fused_eager"]
+    out["graphs_vs_fused_eager_max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(g, e))
+    out["mean_loss_first_last_5"] = {k: [round(sum(out[k][:5]) / 5, 5), round(sum(out[k][-5:]) / 5, 5)]
+                                     for k in ("peft_eager", "fused_eager", "fused_graphs")} if not TINY else None
+    RES["equiv"] = out
+    save()
+    log("equiv", json.dumps({k: v for k, v in out.items() if not isinstance(v, list)}))
+
+
+def classify(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "softmax", "cudnn_generated_fort_native_sdpa")):
+        return "attention"
+    if any(k in n for k in ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")):
+        return "conv"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv", "matmul", "splitk")):
+        return "gemm"
+    if any(k in n for k in ("norm", "welford", "moments", "gammabeta")):
+        return "norm"
+    if any(k in n for k in ("adam", "multi_tensor", "foreach")):
+        return "optimizer/clip"
+    if any(k in n for k in ("copy", "cast", "transpose", "permute", "nchw", "nhwc", "convert")):
+        return "copy/cast/layout"
+    if any(k in n for k in ("reduce", "sum", "mean")):
+        return "reduction"
+    return "elementwise/other"
+
+
+def sec_profile():
+    from torch.profiler import ProfilerActivity, profile
+    lat = 8 if TINY else 64
+    for bs in ((2,) if TINY else (1, 8)):
+        for label, kw in (("fused_graphs", {"fused": True, "graphs": True}), ("peft_eager", {"clip": 0.0})):
+            if remaining() < 25:
+                return
+            net = Lora("sd15", 32, 16.0)
+            unet = net.unet
+            opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False))
+            accel.prepare_model(unet, opts, device=DEV)
+            lat_, enc, added = make_inputs(unet, "sd15", bs, lat)
+            opt = torch.optim.AdamW(net.params, lr=1e-4, **accel.optimizer_kwargs(DEV))
+            runner = accel.StepRunner(make_loss_fn(unet, alphas(DEV), added), net.params, opt, opts,
+                                      max_grad_norm=kw.get("clip", 1.0), device=DEV)
+            it = batches(lat_, enc)
+            for _ in range(5):
+                runner.step(next(it)).item()
+            steps = 5
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+            with profile(activities=acts) as prof:
+                sync()
+                t = time.perf_counter()
+                for _ in range(steps):
+                    runner.step(next(it)).item()
+                sync()
+                wall = time.perf_counter() - t
+            cats: dict = {}
+            total, nk = 0.0, 0
+            top: dict = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    d = ev.device_time_total
+                    total += d
+                    nk += 1
+                    c = classify(ev.name)
+                    cats[c] = cats.get(c, 0.0) + d
+                    top[ev.name] = top.get(ev.name, 0.0) + d
+            rec = {"bs": bs, "wall_ms_per_step": round(wall / steps * 1e3, 2),
+                       "gpu_kernel_ms_per_step": round(total / steps / 1e3, 2),
+                       "gpu_busy": round(total / 1e6 / wall, 3) if wall else None, "kernels_per_step": nk // steps,
+                       "by_category_ms": {k: round(v / steps / 1e3, 2) for k, v in sorted(cats.items(), key=lambda x: -x[1])},
+                       "top_kernels_ms": [(k[:110], round(v / steps / 1e3, 3))
+                                       for k, v in sorted(top.items(), key=lambda x: -x[1])[:15]]}
+            RES["profile"][f"sd15_{label}_bs{bs}"] = rec
+            save()
+            log("profile", label, bs, json.dumps({k: v for k, v in rec.items() if k != "top_kernels_ms"}))
+            del runner, opt, prof
+            net.close()
+
+
+def sec_compile():
+    if DEV != "cuda" and not TINY:
+        return
+    if remaining() < 150:
+        log("compile: skipped (deadline)")
+        return
+    run_variant("fused_graphs_compile", "sd15", 8 if not TINY else 2, 64 if not TINY else 8, fused=True, graphs=True,
+                compile_blocks=True)
+
+
+SECTIONS = {"env": sec_env, "sd15": sec_sd15, "equiv": sec_equiv, "sdxl": sec_sdxl, "lowvram": sec_lowvram,
+                "profile": sec_profile, "compile": sec_compile}
+
+for name in args.sections.split(","):
+    if remaining() < 15:
+        log("deadline: skipping", name)
+        continue
+    log(f"=== {name} (remaining {remaining():.0f}s)")
+    try:
+        SECTIONS[name]()
+    except Exception as ex:  # noqa: BLE001
+        traceback.print_exc()
+        RES["errors"].append(f"{name}: {type(ex).__name__}: {ex}"[:800])
+    save()
+    free()
+
+print("\n==== speed.py summary ====")
+print("env", json.dumps({k: RES["env"].get(k) for k in ("gpu", "torch", "diffusers", "peft")}))
+for r in RES["runs"]:
+    print(f"{r['label']:28s} {r['model']:4s} bs={r['bs']} r{r['rank']}: {r.get('it_per_s')} it/s "
+          f"{r.get('img_per_s')} img/s alloc {r.get('peak_alloc_GiB')} res {r.get('peak_reserved_GiB')} "
+          f"first {r.get('first_steps_s')}s {r.get('error', '')}")
+for k, v in RES["equiv"].items():
+    if not isinstance(v, list):
+        print("equiv", k, v)
+for k, v in RES["profile"].items():
+    print("profile", k, {kk: vv for kk, vv in v.items() if kk != "top_kernels_ms"})
+print("errors", RES["errors"])
+print(f"total {time.time() - T0:.0f}s")
