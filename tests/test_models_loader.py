@@ -240,3 +240,13 @@ def test_diffusers_folder_with_only_fp16_variant(ckpt_dir):
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.rename(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
     assert_same_modules(load_model(folder), reference_bundle("sd1"))
+
+
+def test_buffers_follow_the_hosts_device(ckpt_dir):
+    """The WebUI's tensors live on its GPU; buffers we create (position_ids) must go there too.
+    The meta device stands in for the GPU here (no data needed to check placement)."""
+    path = write_tiny_checkpoint(ckpt_dir / "device", "sdxl")
+    host = {k: v.to("meta") for k, v in read_checkpoint(path).items()}
+    bundle = bundle_from_ldm_state_dict(host, config=path.with_suffix(".yaml"))
+    for module in bundle.modules().values():
+        assert {t.device.type for t in [*module.parameters(), *module.buffers()]} == {"meta"}

@@ -275,8 +275,14 @@ def _assign(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], compon
             f"{name} lacks {len(missing)} {component} weights the model config expects (e.g. {missing[0]}); "
             f"{_config_remedy(cfg)}")
     module.load_state_dict(ready, strict=False, assign=True)
-    if device is not None:
-        module.to(device)  # non-persistent buffers; assigned tensors are already there (no copy)
+    # Buffers the file does not hold (CLIP's position_ids) were built on the CPU: move them to where
+    # the weights are, also when the host's tensors already sit on its GPU (device=None).
+    target = torch.device(device) if device is not None else next((t.device for t in ready.values()), None)
+    if target is not None:
+        for sub in module.modules():
+            for bname, buf in sub._buffers.items():
+                if buf is not None and buf.device != target:
+                    sub._buffers[bname] = buf.to(target)
     module.eval().requires_grad_(False)
     return module
 
