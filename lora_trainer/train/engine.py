@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -37,7 +38,7 @@ from .data import Dataset, assign_buckets, epoch_batches, make_plan, scan_datase
 from .events import ProgressEvent, TrainingPlan, TrainResult
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .sampling import generate, save_png
-from .state import Position, load_state, position_from, save_state, set_rng_state
+from .state import Position, load_state, position_from, rng_state, save_state, set_rng_state
 from .text import encode_captions, encode_ids, sdxl_time_ids, tokenize
 from .usermeta import write_user_metadata
 
@@ -175,6 +176,7 @@ class _Run:
         self.network = None
         self.own_bundle: ModelBundle | None = None
         self.started_at = time.time()
+        self.session_id = int.from_bytes(os.urandom(4), "little")  # kohya's ss_session_id, not from the seeded RNG
 
     # ------------------------------------------------------------------ setup
     def _device(self, bundle: ModelBundle | None) -> torch.device:
@@ -497,7 +499,8 @@ class _Run:
             self._save(epoch_tag(epoch), optimizer, scheduler, scaler)
         if config.sample_every_n_epochs and config.sample_prompts and (
                 epoch % config.sample_every_n_epochs == 0):
-            self._sample(bundle, device, epoch)
+            with _rng_guard():
+                self._sample(bundle, device, epoch)
 
     def _write_lora(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -512,7 +515,8 @@ class _Run:
         return path
 
     def _save(self, tag: str, optimizer, scheduler, scaler, *, force_state: bool = False) -> Path:
-        path = self._write_lora(lora_file(self.config, tag))
+        with _rng_guard():  # saving must not move the training's random streams (resume exactness)
+            path = self._write_lora(lora_file(self.config, tag))
         if self.config.save_state or force_state:
             self.state_path = save_state(
                 state_dir(self.config), config_hash=self.config.hash(),
@@ -525,6 +529,7 @@ class _Run:
         from ..lora.metadata import build_metadata
 
         facts = training_facts(self.config, self.dataset, self.plan, self.pos.step, self.pos.epoch, self.started_at)
+        facts.session_id = self.session_id
         return build_metadata(self.network.bundle, self.network.spec, facts)
 
     def _write_user_metadata(self, path: Path, bundle: ModelBundle) -> None:
@@ -573,6 +578,16 @@ class _StepContext:
     @property
     def unet_dtype(self) -> torch.dtype:
         return next(self.bundle.unet.parameters()).dtype
+
+
+@contextlib.contextmanager
+def _rng_guard():
+    """Run side work (saves, samples) without consuming python/numpy/torch random numbers."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
 
 
 def _grad_scaler():
