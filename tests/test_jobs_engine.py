@@ -1,8 +1,10 @@
-"""JobManager driving the real engine on a tiny SD1 model (CPU, a few steps)."""
+"""JobManager driving the real engine on a tiny SD1 model (CPU, a few steps).
+
+The plain train -> publish path with the real engine is covered by tests/test_api.py and test_ui.py.
+"""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -38,24 +40,6 @@ class StopAfterFirstStep(StandaloneHost):
         return self.pressed.is_set()
 
 
-def test_real_engine_run_is_published(tmp_path):
-    data = make_dataset(tmp_path / "ds", n=2, repeats=1, name="shape")
-    host = StandaloneHost(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"))
-    jm = JobManager(host, work_dir=tmp_path / "runs")
-    job = jm.wait(jm.submit_train(tiny_config(data, max_steps=2)).id, 120)
-    assert job.state == "done", job.error
-    assert job.step == 2 and job.total_steps == 2
-    lora = Path(job.outputs[0])
-    assert lora.parent == (tmp_path / "Lora").resolve() and lora.name == "tiny.safetensors"
-    with safe_open(str(lora), "pt") as f:
-        assert any(k.startswith("lora_unet_") for k in f.keys())  # noqa: SIM118 - safe_open is not a dict
-        assert f.metadata()["ss_network_dim"] == "4"
-    meta = json.loads(lora.with_suffix(".json").read_text())
-    assert meta["sd version"] == "SD1" and meta["activation text"] == "shape"
-    assert job.prompt_text == "<lora:tiny:0.8> shape"
-    assert len(job.loss_history) == 2
-
-
 def test_real_engine_interrupt_stops_with_usable_lora_then_resumes(tmp_path):
     data = make_dataset(tmp_path / "ds", n=2, repeats=2, name="shape")
     host = StopAfterFirstStep(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"))
@@ -63,7 +47,9 @@ def test_real_engine_interrupt_stops_with_usable_lora_then_resumes(tmp_path):
     job = jm.wait(jm.submit_train(tiny_config(data, epochs=3)).id, 120)
     assert job.state == "stopped", job.error
     assert 1 <= job.step < job.total_steps
-    assert Path(job.outputs[0]).is_file() and job.state_dir
+    with safe_open(job.outputs[0], "pt") as f:  # a complete LoRA file, loadable as is
+        assert any(k.startswith("lora_unet_") for k in f.keys())  # noqa: SIM118 - not a dict
+    assert job.state_dir
     host.pressed.clear()
     host.interrupted = lambda: False  # the user does not press Interrupt this time
     resumed = jm.wait(jm.resume(job.id).id, 120)
