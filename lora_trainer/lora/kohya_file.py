@@ -96,11 +96,11 @@ def load_kohya_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
-            from safetensors.torch import load_file
 
+            # safe_open, not safetensors.torch.load_file: Forge wraps load_file and renames any
+            # file it fails on to *.corrupted.
             with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-            return load_file(str(path)), metadata
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         return dict(state), {}
     except Exception as e:  # safetensors/torch raise many types for damaged files
