@@ -46,7 +46,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
 def create_router(host: Any, jobs: JobManager, *, auth: Callable[..., Any] | None = None,
                   settings: dict[str, Any] | None = None) -> APIRouter:
     """The API routes; `auth` is a FastAPI dependency run before every route (A1111's --api-auth)."""
-    settings = settings or {}
+    from .ui.settings import get_setting  # plain data, no Gradio
+
     router = APIRouter(prefix=PREFIX, tags=["LoRA Trainer"],
                        dependencies=[Depends(auth)] if auth is not None else [])
 
@@ -69,7 +70,7 @@ def create_router(host: Any, jobs: JobManager, *, auth: Callable[..., Any] | Non
     @router.post("/tag")
     def tag(body: Dict[str, Any] = Body(...)) -> Dict[str, Any]:  # noqa: UP006, B008
         job = _guard(lambda: actions.submit_tag(jobs, body,
-                                                cache_dir=settings.get("lora_trainer_tagger_cache") or None))
+                                                cache_dir=get_setting(settings, "lora_trainer_tagger_cache") or None))
         return {"job_id": job.id}
 
     @router.post("/prepare")
@@ -79,7 +80,7 @@ def create_router(host: Any, jobs: JobManager, *, auth: Callable[..., Any] | Non
 
     @router.post("/train")
     def train(body: Dict[str, Any] = Body(...)) -> Dict[str, Any]:  # noqa: UP006, B008
-        defaults = {"lora_subdir": settings.get("lora_trainer_output_subdir", "")}
+        defaults = {"lora_subdir": get_setting(settings, "lora_trainer_output_subdir")}
         job = _guard(lambda: actions.submit_train(jobs, body, defaults=defaults))
         return {"job_id": job.id}
 

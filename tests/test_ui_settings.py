@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_trainer.config import PRESETS
-from lora_trainer.ui.settings import SETTINGS, defaults, parse_paths, with_defaults
+from lora_trainer.ui.settings import SETTINGS, defaults, get_setting, parse_paths, with_defaults
 
 
 def test_settings_are_data_with_prefixed_keys():
@@ -15,7 +15,7 @@ def test_settings_are_data_with_prefixed_keys():
     assert {"lora_trainer_output_subdir", "lora_trainer_tagger_cache", "lora_trainer_default_preset",
             "lora_trainer_extra_roots"} <= set(keys)
     for s in SETTINGS:
-        assert s.kind in ("text", "dropdown", "paths") and s.label
+        assert s.kind in ("text", "dropdown", "textbox-list") and s.label
         if s.kind == "dropdown":
             assert s.default in s.choices
     preset = next(s for s in SETTINGS if s.key == "lora_trainer_default_preset")
@@ -28,3 +28,16 @@ def test_with_defaults_and_paths():
     assert merged["lora_trainer_tagger_cache"] == defaults()["lora_trainer_tagger_cache"]
     assert parse_paths("/a, /b\n~/c\n") == [Path("/a"), Path("/b"), Path("~/c").expanduser()]
     assert parse_paths("") == []
+
+
+def test_get_setting_reads_a_live_view():
+    class LiveOpts(dict):  # like the adapters' view of shared.opts: read through on every access
+        def get(self, key, default=None):
+            return self.now.get(key, default)
+
+    opts = LiveOpts()
+    opts.now = {}
+    assert get_setting(opts, "lora_trainer_output_subdir") == ""
+    opts.now = {"lora_trainer_output_subdir": "trained"}
+    assert get_setting(opts, "lora_trainer_output_subdir") == "trained"
+    assert get_setting(None, "lora_trainer_default_preset") == "sd15"

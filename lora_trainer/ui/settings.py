@@ -20,7 +20,7 @@ class SettingSpec:
     key: str
     label: str
     default: Any
-    kind: str = "text"  # "text" | "dropdown" | "paths" (several folders, one per line or comma-separated)
+    kind: str = "text"  # "text" | "dropdown" | "textbox-list" (folders, one per line or comma-separated)
     choices: tuple[str, ...] = ()
     help: str = ""
 
@@ -35,7 +35,7 @@ SETTINGS: list[SettingSpec] = [
     SettingSpec("lora_trainer_default_preset", "Default training preset", "sd15", "dropdown",
                 choices=tuple(PRESETS)),
     SettingSpec("lora_trainer_extra_roots", "Extra folders the trainer may use when the WebUI is shared", "",
-                "paths", help="Only matters with --listen/--share: typed paths must stay inside the WebUI "
+                "textbox-list", help="Only matters with --listen/--share: typed paths must stay inside the WebUI "
                 "folder or these folders (one per line or comma-separated)."),
 ]
 
@@ -51,6 +51,17 @@ def with_defaults(settings: dict[str, Any] | None) -> dict[str, Any]:
         if value is not None:
             merged[key] = value
     return merged
+
+
+def get_setting(settings: Any, key: str) -> Any:
+    """`settings[key]` read now (adapters pass a live view of the WebUI's options), else the default."""
+    value = None
+    if settings is not None:
+        try:
+            value = settings.get(key)
+        except (AttributeError, KeyError, TypeError):
+            value = None
+    return defaults()[key] if value is None else value
 
 
 def parse_paths(value: str | list[str] | None) -> list[Path]:

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..jobs import FINAL_STATES, JobManager, UnknownJobError, manager_for
 from ..tagger.registry import MODELS
 from . import compat, logic
-from .settings import with_defaults
+from .settings import get_setting
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,11 @@ def _train_defaults(preset_key: str) -> TrainConfig:
 
 def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | None = None) -> gr.Blocks:
     """The tab for `host`; `settings` keyed as `ui.settings.SETTINGS` (missing keys use defaults)."""
-    settings = with_defaults(settings)
+    def opt(key):  # read when used: the WebUI's settings can change while it runs
+        return get_setting(settings, key)
+
     jobs = jobs or manager_for(host)
-    preset_key = settings["lora_trainer_default_preset"]
+    preset_key = opt("lora_trainer_default_preset")
     if preset_key not in PRESETS:
         preset_key = "sd15"
     base = _train_defaults(preset_key)
@@ -110,7 +112,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
                 "data": folder, "model": model or "", "general_threshold": general,
                 "character_threshold": character, "trigger": trigger or "", "mode": mode,
                 "exclude": exclude or "", "recursive": bool(recursive)},
-                cache_dir=settings.get("lora_trainer_tagger_cache") or None)
+                cache_dir=opt("lora_trainer_tagger_cache") or None)
         except Exception as e:
             yield (logic.error_md(e),) + (gr.update(),) * load_outputs_count
             return
@@ -196,7 +198,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
     def start_train(*form):
         try:
             job = actions.submit_train(jobs, form_params(*form),
-                                       defaults={"lora_subdir": settings["lora_trainer_output_subdir"]})
+                                       defaults={"lora_subdir": opt("lora_trainer_output_subdir")})
         except Exception as e:
             yield _watch_error(e)
             return
@@ -302,7 +304,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
 
         with gr.Accordion("2. Auto-tag (WD14)", open=False, elem_id="lora_trainer_tag_section"):
             with gr.Row():
-                tagger_model = gr.Dropdown(choices=list(MODELS), value=settings["lora_trainer_tagger_model"],
+                tagger_model = gr.Dropdown(choices=list(MODELS), value=opt("lora_trainer_tagger_model"),
                                            allow_custom_value=True, label="Tagger (name or folder)",
                                            elem_id="lora_trainer_tagger_model")
                 tag_mode = gr.Radio(["append", "overwrite", "skip"], value="append", label="Existing captions",
@@ -382,7 +384,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
                 sample_every = gr.Number(value=1, precision=0, label="Sample every N epochs",
                                          elem_id="lora_trainer_sample_every")
                 subdir = gr.Textbox(label="Sub-folder of the Lora folder",
-                                    value=settings["lora_trainer_output_subdir"], elem_id="lora_trainer_subdir")
+                                    value=opt("lora_trainer_output_subdir"), elem_id="lora_trainer_subdir")
                 extra = gr.Textbox(label='More settings as JSON (any TrainConfig field, e.g. {"noise_offset": 0.05})',
                                    lines=2, elem_id="lora_trainer_extra")
             with gr.Row():
