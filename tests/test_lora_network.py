@@ -235,5 +235,11 @@ def test_spec_validation_errors_are_user_errors():
         inject_lora(_bundle("sd1"), LoraSpec(rank=4, alpha=1, train_unet=False, train_text_encoder=False))
     with pytest.raises(LoraFileError, match="no kohya LoRA weights"):
         LoraSpec.from_kohya_state_dict({"foo": torch.zeros(1)})
+    bundle = _bundle("sd1")
+    net = inject_lora(bundle, LoraSpec(rank=4, alpha=1), seed=0)
+    with pytest.raises(ConfigError, match="already carries LoRA adapters"):
+        inject_lora(bundle, LoraSpec(rank=4, alpha=1))
+    net.remove()
+    inject_lora(bundle, LoraSpec(rank=4, alpha=1)).remove()
     assert LoraSpec(rank=8, alpha=None).effective_alpha == 8.0  # kohya: no alpha = rank
     assert LoraSpec(rank=8, alpha=4, conv_rank=4).effective_conv_alpha == 1.0  # kohya's conv_alpha default

@@ -100,7 +100,8 @@ def load_kohya_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             # safe_open, not safetensors.torch.load_file: Forge wraps load_file and renames any
             # file it fails on to *.corrupted.
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                names = list(f.keys())  # safe_open is not iterable
+                return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         return dict(state), {}
     except Exception as e:  # safetensors/torch raise many types for damaged files

@@ -378,6 +378,12 @@ def inject_lora(bundle: ModelBundle, spec: LoraSpec, seed: int | None = None,
     as kohya trains them, whatever the base weights are; None keeps peft's choice).
     """
     spec.validate()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component, root in (("unet", bundle.unet), *text_encoder_components(bundle)):
+        if any(isinstance(m, BaseTunerLayer) for m in root.modules()):
+            raise ConfigError(f"The model's {component} already carries LoRA adapters; remove them "
+                              "(LoraNetwork.remove()) before adding new ones.")
     targets = find_targets(bundle, unet=spec.train_unet, text_encoder=spec.train_text_encoder,
                            conv=spec.conv_rank is not None)
     if not targets:
