@@ -196,22 +196,26 @@ class _FakeNetworks:
             module.bias.copy_(bias)
 
 
-@torch.no_grad()
 def test_lora_patched_weights_are_restored_before_training(ldm_model):
+    # Called outside no_grad, as from the job thread: weights are leaf tensors that require grad.
     layer = ldm_model.model.diffusion_model.input_blocks[1][1].proj_in
+    assert layer.weight.requires_grad
     original = layer.weight.detach().clone()
     layer.network_weights_backup = original.clone()
     layer.network_bias_backup = layer.bias.detach().clone() if layer.bias is not None else None
-    layer.weight.add_(0.5)  # what <lora:x:1> leaves merged in the weights after a generation
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # what <lora:x:1> leaves merged in the weights after a generation
     layer.network_current_names = (("x", 1.0, 1.0, None),)
     assert restore_lora_patches(ldm_model, _FakeNetworks()) == 1
     assert torch.equal(layer.weight, original)
     assert layer.network_current_names == ()
     # without the extension's restore function: refuse with a message
-    layer.weight.add_(0.5)
+    with torch.no_grad():
+        layer.weight.add_(0.5)
     layer.network_current_names = (("x", 1.0, 1.0, None),)
     with pytest.raises(LoraPatchedError, match="generate one image"):
         restore_lora_patches(ldm_model, SimpleNamespace())
-    _FakeNetworks.network_restore_weights_from_backup(layer)
+    with torch.no_grad():
+        _FakeNetworks.network_restore_weights_from_backup(layer)
     layer.network_current_names = ()
     assert torch.equal(layer.weight, original)

@@ -63,12 +63,15 @@ def restore_lora_patches(sd_model: Any, networks: Any | None = None) -> int:
         raise LoraPatchedError("The loaded model still has a LoRA merged into its weights and the built-in "
                                "Lora extension is not loaded to take it off; generate one image without any "
                                "<lora:...> in the prompt, then start training again.")
+    import torch
+
     for module in patched:
         if getattr(module, "network_weights_backup", None) is None and getattr(module, "network_bias_backup", None) is None:
             raise LoraPatchedError("The loaded model has a LoRA merged into its weights without a backup to "
                                    "restore; reload the checkpoint (Settings → Actions → Unload/Reload), "
                                    "then start training again.")
-        restore(module)
+        with torch.no_grad():  # the extension restores under no_grad too (weights are leaf tensors)
+            restore(module)
         module.network_current_names = ()  # the extension re-applies its LoRAs at the next generation
     return len(patched)
 

@@ -180,18 +180,18 @@ def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(a1111: WebUI):
     raw, tagger = _make_dataset(ui)
     tag = ui.wait_job(ui.call("POST", "/lora-trainer/v1/tag", {"data": str(raw), "model": str(tagger),
                                                              "trigger": "sks"})["job_id"])
-    assert tag["state"] == "done", tag
+    assert tag["state"] == "done", (tag["error"], tag["message"])
     assert all((raw / f"shape_{i:02d}.txt").read_text().startswith("sks") for i in range(4))
     prep = ui.wait_job(ui.call("POST", "/lora-trainer/v1/prepare", {
         "source": str(raw), "out": str(ui.facts["data"] / "ds"), "concept": "sks", "repeats": 2,
         "resolution": 64})["job_id"])
-    assert prep["state"] == "done", prep
+    assert prep["state"] == "done", (prep["error"], prep["message"])
     name = f"{RUN}_a"
     train = ui.wait_job(ui.call("POST", "/lora-trainer/v1/train", {
         "data": prep["result"]["data"], "name": name, "resolution": 64, "enable_bucket": False, "epochs": 2,
         "save_every_n_epochs": 1, "rank": 4, "alpha": 4, "learning_rate": 1e-2, "train_text_encoder": True,
         "sample_prompts": ["sks"], "sample_every_n_epochs": 2, "sample_steps": 3})["job_id"])
-    assert train["state"] == "done", train
+    assert train["state"] == "done", (train["error"], train["message"])
     assert train["lora_name"] == name
     lora = ui.webui / "models" / "Lora" / f"{name}.safetensors"
     assert str(lora) in train["outputs"]
@@ -219,7 +219,7 @@ def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(a1111: WebUI):
     second = ui.wait_job(ui.call("POST", "/lora-trainer/v1/train", {
         "data": prep["result"]["data"], "name": f"{RUN}_b", "resolution": 64, "enable_bucket": False,
         "max_steps": 3, "rank": 2, "alpha": 1})["job_id"])
-    assert second["state"] == "done", second
+    assert second["state"] == "done", (second["error"], second["message"])
     assert "took the applied LoRA off" in ui.log.read_text(errors="replace")
     assert (ui.txt2img("sks") == base).all(), "txt2img without a LoRA changed after training"
     assert (ui.txt2img(f"sks <lora:{name}:1>") == with_lora).all()
@@ -239,7 +239,7 @@ def test_interrupt_stops_training_gracefully_and_txt2img_still_works(a1111: WebU
         time.sleep(0.3)
     ui.call("POST", "/sdapi/v1/interrupt")  # the WebUI's own Interrupt button
     job = ui.wait_job(job_id, timeout=300)
-    assert job["state"] == "stopped", job
+    assert job["state"] == "stopped", (job["error"], job["message"])
     assert job["lora_name"] and Path(job["outputs"][0]).is_file()  # the last good save is kept
     assert not any(o.endswith(".ab-grid.png") for o in job["outputs"])
     assert (ui.txt2img("sks") == base).all()
