@@ -102,13 +102,14 @@ def test_training_loss_falls(tmp_path):
 
 
 # ------------------------------------------------------------------ stop / resume
-def test_stop_then_resume_equals_uninterrupted_run(tmp_path, tiny_data):
+def test_stop_then_resume_equals_uninterrupted_run(tmp_path):
+    tiny_data = make_dataset(tmp_path / "d", n=2, repeats=2)  # 4 steps per epoch
     common = {"epochs": 2, "shuffle_caption": True, "keep_tokens": 1, "caption_tag_dropout_rate": 0.2,
                   "save_every_n_epochs": 1, "learning_rate": 2e-3}
     full = run_training(tiny_config(tiny_data, tmp_path / "a", **common), bundle=build_tiny_bundle("sd1"))
-    assert full.steps == 12
+    assert full.steps == 8
     a = lora_tensors(full.lora_path)
-    for stop_at in (4, 6):  # mid-epoch, and on the epoch boundary
+    for stop_at in (3, 4):  # mid-epoch, and on the epoch boundary
         out = tmp_path / f"b{stop_at}"
         stop = threading.Event()
 
@@ -124,7 +125,7 @@ def test_stop_then_resume_equals_uninterrupted_run(tmp_path, tiny_data):
 
         resumed = run_training(tiny_config(tiny_data, out, resume=str(first.state_dir), **common),
                                bundle=build_tiny_bundle("sd1"))
-        assert not resumed.stopped and resumed.steps == 12
+        assert not resumed.stopped and resumed.steps == 8
         assert resumed.losses == full.losses  # exact: same data order, noise, timesteps, captions
         b = lora_tensors(resumed.lora_path)
         assert a.keys() == b.keys()
@@ -190,7 +191,8 @@ def test_model_file_that_is_not_a_model(tmp_path, tiny_data):
 
 
 # ------------------------------------------------------------------ host bundle, events, outputs
-def test_host_bundle_is_given_back_untouched_and_events(tmp_path, tiny_data):
+def test_host_bundle_is_given_back_untouched_and_events(tmp_path):
+    tiny_data = make_dataset(tmp_path / "d", n=2, repeats=1)  # 2 steps per epoch
     bundle = build_tiny_bundle("sd1")
     before = _weights_hash(bundle.unet, bundle.vae, *bundle.text_encoders)
     flags = [p.requires_grad for p in bundle.unet.parameters()]
@@ -208,9 +210,9 @@ def test_host_bundle_is_given_back_untouched_and_events(tmp_path, tiny_data):
 
     kinds = [e.kind for e in events]
     assert kinds[0] == "plan" and kinds[-1] == "done" and "sample" in kinds and "epoch" in kinds
-    assert "12 steps" in events[0].message and events[0].plan.total_steps == 12
+    assert "4 steps" in events[0].message and events[0].plan.total_steps == 4
     step = next(e for e in events if e.kind == "step")
-    assert step.total_steps == 12 and step.loss is not None and step.lr == pytest.approx(1e-3)
+    assert step.total_steps == 4 and step.loss is not None and step.lr == pytest.approx(1e-3)
     assert step.it_per_s and step.eta_s is not None and step.vram_bytes is None
     names = sorted(p.name for p in result.saved)
     assert names == ["tiny-000001.safetensors", "tiny.safetensors"]
@@ -219,7 +221,7 @@ def test_host_bundle_is_given_back_untouched_and_events(tmp_path, tiny_data):
     assert meta["activation text"] == "shape" and meta["sd version"] == "SD1" and meta["preferred weight"] == 0.8
     tensors, md = load_kohya_file(result.lora_path)
     assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
-    assert md["ss_steps"] == "12" and md["ss_num_train_images"] == "6" and md["ss_network_dim"] == "4"
+    assert md["ss_steps"] == "4" and md["ss_num_train_images"] == "2" and md["ss_network_dim"] == "4"
 
 
 def test_sdxl_short_run_with_buckets(tmp_path):
