@@ -116,8 +116,8 @@ class ForgeHost(A1111Host):
         self._forge_model = sd_model
         self._forge_fingerprint = tensor_fingerprint(forge_model.forge_tensors(sd_model)) if self._verify else None
         self._begin_state("Training a LoRA")
-        log.info("LoRA Trainer: training on Forge's loaded model %s (%s, %s)", bundle.name, bundle.family.label,
-                 bundle.prediction_type)
+        _say(f"training on Forge's loaded model {bundle.name} ({bundle.family.label}, {bundle.prediction_type}, "
+             f"zero copy)")
         return bundle
 
     def _load_file(self, path: str | None, *, reason: str | None) -> ModelBundle:
@@ -153,10 +153,10 @@ class ForgeHost(A1111Host):
                     after = tensor_fingerprint(forge_model.forge_tensors(sd_model))
                     changed = [k for k, h in before.items() if after.get(k) != h]
                     if changed:
-                        log.error("LoRA Trainer: %d weights of Forge's model changed during training (first: %s); "
-                                  "reload the checkpoint.", len(changed), changed[0])
+                        _say(f"{len(changed)} weights of Forge's model changed during training (first: "
+                             f"{changed[0]}); reload the checkpoint.")
                     else:
-                        log.info("LoRA Trainer: Forge's model is bit-identical after training")
+                        _say("Forge's model is bit-identical after training")
         finally:
             del bundle
             gc.collect()
@@ -208,6 +208,11 @@ class ForgeHost(A1111Host):
 
         st = shared.state
         return bool(st.interrupted or getattr(st, "skipped", False) or getattr(st, "stopping_generation", False))
+
+
+def _say(text: str) -> None:
+    """Console line (the WebUI shows print output; our logger has no handler there)."""
+    print(f"LoRA Trainer: {text}", flush=True)
 
 
 def _model_name(info: Any, filename: str | None) -> str:
