@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 from train_support import make_dataset, tiny_data, tiny_sd1_ckpt  # noqa: F401
@@ -82,3 +83,25 @@ def test_module_entry_point_exit_code(tmp_path, tiny_data):
                           check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stop_file_then_resume_from_state_folder_alone(tmp_path, tiny_data, capsys):
+    """`train --resume OUT/name-state` continues with the settings saved in the state folder."""
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.models.tiny import build_tiny_bundle
+    from lora_trainer.train import run_training
+
+    config = TrainConfig(data=str(tiny_data), output_dir=str(tmp_path / "o"), name="cli", resolution=64,
+                         min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, rank=4, epochs=1,
+                         device="cpu", model=str(tmp_path / "unused.safetensors"))
+    stop = threading.Event()
+    stop.set()
+    first = run_training(config, bundle=build_tiny_bundle("sd1"), stop=stop)
+    assert first.stopped and (first.state_dir / "config.json").is_file()
+    # The saved settings name a model file; give the run a real one (same tiny weights).
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, "sd1", name="unused")
+    assert main(["train", "--resume", str(first.state_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "step 6/6" in out and (tmp_path / "o" / "cli.safetensors").is_file()

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from ..config import PRESETS, TrainConfig
 
@@ -72,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every-n-steps", type=int)
     p.add_argument("--sample-prompt", action="append", metavar="PROMPT", help="sample prompt (repeatable)")
     p.add_argument("--sample-every-n-epochs", type=int)
-    p.add_argument("--resume", metavar="STATE", help="the <name>-state folder of a stopped run")
+    p.add_argument("--resume", metavar="STATE",
+                   help="the <name>-state folder of a stopped run (its settings are used unless --config is given)")
     for flag in _SWITCHES:
         p.add_argument("--" + flag.replace("_", "-"), action="store_true", default=None)
     p.add_argument("--save-config", metavar="FILE", help="also write the final settings to FILE (.toml/.json)")
@@ -80,7 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    if args.config:
+        config = TrainConfig.load(args.config)
+    elif args.resume and (Path(args.resume) / "config.json").is_file():
+        # `train --resume OUT/name-state` alone continues with the stopped run's own settings.
+        config = TrainConfig.load(Path(args.resume) / "config.json")
+    else:
+        config = TrainConfig()
     if args.preset:
         config = config.with_preset(args.preset)
     for flag, (field, kind) in _FLAGS.items():

@@ -337,6 +337,9 @@ class _Run:
                 torch.cuda.manual_seed_all(config.seed)
         noise_scheduler = bundle.noise_scheduler()
         max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
+        if max_t > noise_scheduler.config.num_train_timesteps:
+            raise ConfigError(f"max_timestep {max_t} is beyond the model's {noise_scheduler.config.num_train_timesteps} "
+                              "timesteps; lower it or leave it at 0 (= all).")
 
         ctx = _StepContext(bundle, device, weight_dtype, noise_scheduler, latents, config.min_timestep, max_t)
         noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # once, not per step
