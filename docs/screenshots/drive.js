@@ -1,6 +1,7 @@
 // Drive the Train LoRA tab in headless Chromium: load, tag, prepare, train, screenshot.
-const { chromium } = require('playwright-core');
+const { chromium } = require('playwright-core');  // NODE_PATH may point at its node_modules
 const url = process.argv[2], out = process.argv[3];
+const photos = process.env.LT_PHOTOS || '/tmp/lt-demo/photos', tagger = process.env.LT_TAGGER || '/tmp/lt-demo/tagger';
 (async () => {
   const browser = await chromium.launch({ executablePath: '/usr/bin/chromium',
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
@@ -11,13 +12,13 @@ const url = process.argv[2], out = process.argv[3];
   const fill = async (id, v) => { const el = page.locator(`#${id} textarea, #${id} input`).first(); await el.fill(String(v)); await el.press('Tab'); };
   const click = async (id) => { await page.locator(`#${id}`).first().click(); };
   const step = (m) => console.log(new Date().toISOString(), m);
-  await fill('lora_trainer_folder', '/tmp/lt-demo/photos');
+  await fill('lora_trainer_folder', photos);
   await click('lora_trainer_load');
   await page.waitForFunction(() => document.querySelectorAll('#lora_trainer_gallery img').length >= 6);
   step('gallery loaded');
   await page.locator('#lora_trainer_tag_section').getByText('2. Auto-tag').click();
   const dd = page.locator('#lora_trainer_tagger_model input').first();
-  await dd.fill('/tmp/lt-demo/tagger'); await dd.press('Enter');
+  await dd.fill(tagger); await dd.press('Enter');
   await fill('lora_trainer_trigger', 'shape');
   await click('lora_trainer_tag_run');
   await page.waitForFunction(() => (document.querySelector('#lora_trainer_tag_status')?.innerText || '').includes('done'));
