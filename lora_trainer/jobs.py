@@ -113,6 +113,7 @@ class Job:
             "prompt_text": self.prompt_text, "plan": self.plan_text, "message": self.message,
             "error": self.error, "state_dir": self.state_dir, "resumed_from": self.resumed_from,
             "result": summary,
+            "config": self.config.to_dict() if hasattr(self.config, "to_dict") else None,
         }
 
 
@@ -329,6 +330,9 @@ class JobManager:
         family = None
         job.message = "Waiting for the GPU (a generation may be running)…"
         with self.host.gpu_lock():
+            if job.stop_event.is_set():  # stopped while it waited for the GPU: never load the model
+                self._finish(job, "stopped", message="Stopped before it started.")
+                return
             job.message = "Loading the model…"
             bundle = self.host.acquire_model(config)
             try:

@@ -271,3 +271,17 @@ def test_failure_after_a_save_names_the_last_good_save(host, dataset, tmp_path):
     assert job.error.startswith("The loss became NaN")
     assert "last good save is kept at" in job.error and job.saves[-1] in job.error
     assert Path(job.saves[-1]).is_file()
+
+
+def test_stop_while_waiting_for_the_gpu_never_loads_the_model(host, dataset, tmp_path):
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner())
+    with host.gpu_lock():  # a generation is running in the host
+        job = jm.submit_train(config(dataset))
+        deadline = time.monotonic() + 10
+        while "Waiting for the GPU" not in job.message and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert job.state == "running" and "Waiting for the GPU" in job.message
+        jm.stop(job.id)
+    assert jm.wait(job.id, 10).state == "stopped"
+    assert "acquire" not in host.calls
+    assert jm.snapshot(job.id)["config"]["name"] == "mylora"
