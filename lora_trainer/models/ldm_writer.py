@@ -45,11 +45,22 @@ def _extra_open_clip_layer(encoder: Any, index: int, generator: torch.Generator)
 
 
 def _schedule_buffers(bundle: ModelBundle) -> dict[str, torch.Tensor]:
-    """The DDPM buffers LDM checkpoints carry (betas, alphas_cumprod, ...)."""
-    betas = bundle.noise_scheduler().betas.to(torch.float32)
-    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-    return {"betas": betas, "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas_cumprod[:-1]])}
+    """The DDPM buffers LDM checkpoints carry, computed as LDM's register_schedule does (float64)."""
+    betas = bundle.noise_scheduler().betas.to(torch.float64)
+    alphas = 1 - betas
+    ac = torch.cumprod(alphas, dim=0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    posterior_variance = betas * (1 - ac_prev) / (1 - ac)
+    buffers = {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - ac).log(), "sqrt_recip_alphas_cumprod": (1 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / ac - 1).sqrt(), "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1 - ac),
+        "posterior_mean_coef2": (1 - ac_prev) * alphas.sqrt() / (1 - ac),
+    }
+    return {k: v.to(torch.float32) for k, v in buffers.items()}
 
 
 def bundle_to_ldm_state_dict(bundle: ModelBundle, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -7,10 +7,12 @@ the padding token.
 
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizerFast
 
 # SD1 / SDXL text_encoder pad with <|endoftext|>; OpenCLIP (SD2, SDXL text_encoder_2) pads with "!".
 PAD_ENDOFTEXT = "<|endoftext|>"
@@ -18,12 +20,19 @@ PAD_EXCLAMATION = "!"
 
 
 @lru_cache(maxsize=4)
-def clip_tokenizer(pad_token: str = PAD_ENDOFTEXT) -> CLIPTokenizer:
+def clip_tokenizer(pad_token: str = PAD_ENDOFTEXT) -> Any:
+    """The fast (tokenizers-backed) CLIP tokenizer.
+
+    Fast on purpose: its ids equal open_clip's SimpleTokenizer and A1111's slow tokenizer with ftfy
+    on every transformers version, while the slow one without ftfy splits punctuation and strips
+    accents differently. transformers 5 renamed the file arguments (vocab/merges) and ignores
+    vocab_file/merges_file, which would leave an empty vocabulary.
+    """
     folder = resources.files("lora_trainer.models") / "tokenizer"
     with resources.as_file(folder) as path:
-        return CLIPTokenizer(
-            vocab_file=str(path / "vocab.json"),
-            merges_file=str(path / "merges.txt"),
-            pad_token=pad_token,
-            model_max_length=77,
-        )
+        params = inspect.signature(CLIPTokenizerFast.__init__).parameters
+        if "vocab" in params:
+            files = {"vocab": str(path / "vocab.json"), "merges": str(path / "merges.txt")}
+        else:
+            files = {"vocab_file": str(path / "vocab.json"), "merges_file": str(path / "merges.txt")}
+        return CLIPTokenizerFast(**files, pad_token=pad_token, model_max_length=77)
