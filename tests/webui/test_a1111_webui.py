@@ -202,6 +202,8 @@ def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(a1111: WebUI):
     from PIL import Image
 
     assert Image.open(grid).size == (160 + 4 * 64, 28 + 2 * 64)
+    if os.environ.get("LORA_TRAINER_UPDATE_SCREENSHOTS") == "1":
+        shutil.copy2(grid, ROOT / "docs" / "screenshots" / "a1111-ab-grid.png")
     log = ui.log.read_text(errors="replace")
     assert "training on the loaded model tiny-sd15" in log
     assert "the WebUI's model is bit-identical after training" in log
