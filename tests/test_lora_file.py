@@ -18,6 +18,7 @@ from lora_trainer.lora import (
     LoraSpec,
     TrainingFacts,
     build_metadata,
+    list_loras,
     read_lora_info,
     save_kohya,
 )
@@ -192,3 +193,21 @@ def test_reader_errors_are_user_errors(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(LoraFileError, match="cannot be read"):
         read_lora_info(bad)
+
+
+def test_list_loras_reads_a_folder_and_skips_broken_files(tmp_path):
+    save_kohya(tmp_path / "a.safetensors", _tensors(), build_metadata(_model(Family.SDXL), LoraSpec(4, 2), FACTS))
+    save_kohya(tmp_path / "sub" / "b.safetensors", _tensors(ctx=1024), {})
+    (tmp_path / "broken.safetensors").write_bytes(b"nope")
+    infos = list_loras(tmp_path)
+    assert [(Path(i.path).name, i.family) for i in infos] == [("a.safetensors", Family.SDXL),
+                                                              ("b.safetensors", Family.SD2)]
+
+
+def test_metadata_accepts_a_plain_dict_of_facts():
+    md = build_metadata(_model(Family.SD1), LoraSpec(4, 2), {"output_name": "x", "trigger_phrase": "tok",
+                                                             "training_finished_at": 1700000000.0})
+    assert md["ss_output_name"] == "x" and md["modelspec.trigger_phrase"] == "tok"
+    assert md["ss_training_finished_at"] == "1700000000.0"
+    with pytest.raises(TypeError):
+        build_metadata(_model(Family.SD1), LoraSpec(4, 2), {"no_such_fact": 1})

@@ -3,6 +3,7 @@
 from .errors import LoraFileError
 from .kohya_file import (
     LoraFileInfo,
+    list_loras,
     load_kohya_file,
     precalculate_safetensors_hashes,
     read_lora_info,
@@ -24,6 +25,7 @@ __all__ = [
     "build_metadata",
     "find_targets",
     "inject_lora",
+    "list_loras",
     "load_kohya_file",
     "precalculate_safetensors_hashes",
     "read_lora_info",

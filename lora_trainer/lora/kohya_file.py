@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ import torch
 
 from ..models.bundle import V_PREDICTION, Family
 from .errors import LoraFileError
+
+log = logging.getLogger(__name__)
 
 
 # -- kohya's hashes (library/train_util.py) --------------------------------------------------
@@ -226,3 +229,17 @@ def read_lora_info(path: str | os.PathLike) -> LoraFileInfo:
         trigger_phrase=metadata.get("modelspec.trigger_phrase") or None,
         metadata=metadata,
     )
+
+
+def list_loras(folder: str | os.PathLike, recursive: bool = True) -> list[LoraFileInfo]:
+    """`read_lora_info` of every .safetensors LoRA in a folder (subfolders too, like the WebUI's
+    Lora folder); unreadable files are logged and left out."""
+    folder = Path(folder)
+    pattern = "**/*.safetensors" if recursive else "*.safetensors"
+    infos = []
+    for path in sorted(folder.glob(pattern)):
+        try:
+            infos.append(read_lora_info(path))
+        except LoraFileError as e:
+            log.warning("%s", e)
+    return infos

@@ -13,6 +13,7 @@ import datetime
 import json
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,15 +128,19 @@ def architecture(family: Family, prediction_type: str) -> str:
     return arch + "/lora"
 
 
-def build_metadata(bundle: Any, spec: LoraSpec, facts: TrainingFacts | None = None) -> dict[str, str]:
+def build_metadata(bundle: Any, spec: LoraSpec,
+                   facts: TrainingFacts | Mapping[str, Any] | None = None) -> dict[str, str]:
     """kohya's LoRA metadata: ss_* training record plus modelspec.* (all values strings).
 
     bundle: a ModelBundle (or anything with family, prediction_type, base_model_version, name,
-    model_hash). `sshs_*` hashes are added by `save_kohya`, as kohya adds them at save time.
+    model_hash); facts: TrainingFacts or a dict of its fields. `sshs_*` hashes are added by `save_kohya`, as kohya adds them at save time.
     """
     from .. import __version__
 
-    facts = facts or TrainingFacts()
+    if facts is None:
+        facts = TrainingFacts()
+    elif not isinstance(facts, TrainingFacts):
+        facts = TrainingFacts(**dict(facts))  # a plain dict of TrainingFacts' fields
     family = Family(bundle.family)
     v = bundle.prediction_type == V_PREDICTION
     finished = facts.training_finished_at if facts.training_finished_at is not None else time.time()
