@@ -52,6 +52,9 @@ def api_auth_dependency(cmd_opts: Any) -> Callable[..., bool] | None:
         raise HTTPException(status_code=401, detail="Incorrect username or password",
                             headers={"WWW-Authenticate": "Basic"})
 
+    # Real classes, not the strings `from __future__ import annotations` leaves: FastAPI 0.94 resolves
+    # string annotations in this module's globals, where HTTPBasicCredentials is not imported.
+    auth.__annotations__ = {"credentials": HTTPBasicCredentials, "return": bool}
     return auth
 
 
