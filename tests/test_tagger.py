@@ -235,7 +235,7 @@ def test_modes_append_overwrite_skip(models: dict[str, Path], tmp_path: Path) ->
     folder = _folder(tmp_path)
     tagger = Tagger.load(models["fixed"])  # fixed batch 1 with batch_size 8 asked
     (folder / "p0.txt").write_text("my own words, 1girl\n", encoding="utf-8")
-    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".txt"}
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.suffix != ".txt"}
     run = tag_folder(folder, tagger, mode="skip", batch_size=8)
     assert run.batch_size == 1
     assert (folder / "p0.txt").read_text(encoding="utf-8") == "my own words, 1girl\n"
@@ -249,7 +249,8 @@ def test_modes_append_overwrite_skip(models: dict[str, Path], tmp_path: Path) ->
     assert again.captions == run.captions  # idempotent
     over = tag_folder(folder, tagger, mode="overwrite")
     assert "my own words" not in over.captions["p0.png"]
-    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix != ".txt"} == before  # images untouched
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.suffix != ".txt"}
+    assert after == before  # images untouched: same bytes, same modification times
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider")
