@@ -43,23 +43,38 @@ def generate(bundle: ModelBundle, prompts: list[str], *, seed: int = 1234, steps
              width: int = 512, height: int = 512, negative_prompt: str = "", clip_skip: int = 1) -> list:
     """One PIL image per prompt; image i uses seed + i on a CPU generator (same picture on any device).
 
-    The bundle's modules must sit on one device. Runs under autocast when the UNet is half precision.
+    Prompts are encoded exactly as in training (`text.encode_captions`, clip skip included) and
+    handed to the pipeline as embeddings. The bundle's modules must sit on one device. Runs under
+    autocast when the UNet is half precision.
     """
+    from .text import encode_captions
+
     pipe = build_pipeline(bundle)
     pipe.set_progress_bar_config(disable=True)
     device = next(bundle.unet.parameters()).device
     dtype = next(bundle.unet.parameters()).dtype
     autocast = (torch.autocast(device.type, dtype=dtype) if device.type == "cuda" and dtype != torch.float32
                 else contextlib.nullcontext())
-    kwargs = {}
-    if clip_skip > 1 and not bundle.is_sdxl:
-        kwargs["clip_skip"] = clip_skip - 1  # diffusers counts skipped layers after the last one
     images = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(seed + i)
         with autocast:
-            out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                       guidance_scale=cfg_scale, width=width, height=height, generator=generator, **kwargs)
+            hidden, pooled = encode_captions(bundle, [prompt], clip_skip=clip_skip, device=device)
+            kwargs = {"prompt_embeds": hidden.to(dtype)}
+            if bundle.is_sdxl and not negative_prompt:
+                # SDXL's pipelines use zero embeddings for an empty negative prompt.
+                kwargs["negative_prompt_embeds"] = torch.zeros_like(kwargs["prompt_embeds"])
+                kwargs["negative_pooled_prompt_embeds"] = torch.zeros_like(pooled.to(dtype))
+            else:
+                neg_hidden, neg_pooled = encode_captions(bundle, [negative_prompt], clip_skip=clip_skip,
+                                                         device=device)
+                kwargs["negative_prompt_embeds"] = neg_hidden.to(dtype)
+                if bundle.is_sdxl:
+                    kwargs["negative_pooled_prompt_embeds"] = neg_pooled.to(dtype)
+            if bundle.is_sdxl:
+                kwargs["pooled_prompt_embeds"] = pooled.to(dtype)
+            out = pipe(num_inference_steps=steps, guidance_scale=cfg_scale, width=width, height=height,
+                       generator=generator, **kwargs)
         images.append(out.images[0])
     return images
 
