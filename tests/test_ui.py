@@ -155,6 +155,10 @@ def test_full_flow_load_tag_edit_prepare_train(tmp_path, photos):
     s.fire("lora_trainer_load")
     assert len(s["lora_trainer_gallery"]) == 3
     assert any(row[0] == "broken.png" for row in s["lora_trainer_problems"])
+    assert any("small image" in row[1] for row in s["lora_trainer_problems"])  # 64 px for 512 px training
+    s["lora_trainer_resolution"] = 64
+    s.fire("lora_trainer_load")
+    assert not any("small image" in row[1] for row in s["lora_trainer_problems"])
     assert "**3** usable image(s)" in s["lora_trainer_summary"]
     assert "3 images x" in s["lora_trainer_steps_info"]  # the `.then` steps arithmetic ran
 

@@ -67,9 +67,10 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         return jobs.allowed_roots()
 
     # ------------------------------------------------------------------ handlers
-    def load(folder, recursive):
+    def load(folder, recursive, resolution=512):
         try:
-            scan = logic.scan_folder(folder, roots(), recursive=bool(recursive))
+            scan = logic.scan_folder(folder, roots(), recursive=bool(recursive),
+                                     resolution=int(resolution or 512))
         except Exception as e:  # shown in the tab, traceback in the log
             return (gr.update(), [], [], logic.error_md(e), [], [], "", "")
         freq = logic.tag_frequency_rows(scan["folder"], roots(), recursive=bool(recursive))
@@ -78,12 +79,12 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
 
     load_outputs_count = 8
 
-    def upload(files, recursive):
+    def upload(files, recursive, resolution):
         try:
             dest = logic.save_uploads(compat.upload_paths(files), jobs.work_dir / "uploads")
         except Exception as e:
             return (gr.update(), [], [], logic.error_md(e), [], [], "", "")
-        return load(str(dest), recursive)
+        return load(str(dest), recursive, resolution)
 
     def select(images, evt: gr.SelectData):
         index = compat.selected_index(evt)
@@ -99,14 +100,14 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         except Exception as e:
             return logic.error_md(e), gr.update()
 
-    def bulk(folder, action, tag, new, recursive):
+    def bulk(folder, action, tag, new, recursive, resolution):
         try:
             status = logic.bulk_edit(folder, action, tag, new, roots(), recursive=bool(recursive))
         except Exception as e:
             return (logic.error_md(e),) + (gr.update(),) * load_outputs_count
-        return (status,) + load(folder, recursive)
+        return (status,) + load(folder, recursive, resolution)
 
-    def run_tag(folder, model, general, character, trigger, mode, exclude, recursive):
+    def run_tag(folder, model, general, character, trigger, mode, exclude, recursive, resolution):
         try:
             job = actions.submit_tag(jobs, {
                 "data": folder, "model": model or "", "general_threshold": general,
@@ -119,7 +120,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         for snap in _follow(job.id):
             if snap["state"] not in FINAL_STATES:
                 yield (_job_status(snap),) + (gr.update(),) * load_outputs_count
-        yield (_job_status(snap),) + (load(folder, recursive) if snap["state"] == "done"
+        yield (_job_status(snap),) + (load(folder, recursive, resolution) if snap["state"] == "done"
                                       else (gr.update(),) * load_outputs_count)
 
     def steps_info(images, repeats, epochs, batch):
@@ -411,13 +412,15 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         # ------------------------------------------------------------------ wiring
         load_outputs = [folder, gallery, problems, summary, images_state, freq, caption, selected_state]
         steps_inputs = [images_state, repeats, epochs, batch]
-        load_btn.click(load, [folder, recursive], load_outputs).then(steps_info, steps_inputs, [steps_md])
-        folder.submit(load, [folder, recursive], load_outputs).then(steps_info, steps_inputs, [steps_md])
-        upload_box.upload(upload, [upload_box, recursive], load_outputs).then(steps_info, steps_inputs, [steps_md])
+        load_btn.click(load, [folder, recursive, resolution], load_outputs).then(steps_info, steps_inputs, [steps_md])
+        folder.submit(load, [folder, recursive, resolution], load_outputs).then(steps_info, steps_inputs, [steps_md])
+        upload_box.upload(upload, [upload_box, recursive, resolution], load_outputs).then(steps_info, steps_inputs, [steps_md])
         gallery.select(select, [images_state], [selected_state, caption])
         save_caption_btn.click(save_caption, [selected_state, caption, folder, recursive], [caption_status, freq])
-        bulk_btn.click(bulk, [folder, bulk_action, bulk_tag, bulk_new, recursive], [caption_status, *load_outputs])
-        tag_btn.click(run_tag, [folder, tagger_model, general, character, trigger, tag_mode, exclude, recursive],
+        bulk_btn.click(bulk, [folder, bulk_action, bulk_tag, bulk_new, recursive, resolution],
+                       [caption_status, *load_outputs])
+        tag_btn.click(run_tag, [folder, tagger_model, general, character, trigger, tag_mode, exclude, recursive,
+                                resolution],
                       [tag_status, *load_outputs])
         for box in (repeats, epochs, batch):
             box.change(steps_info, steps_inputs, [steps_md])
