@@ -139,6 +139,7 @@ class Lora:
 
     def close(self):
         accel.unfuse_lora_layers(self.unet)
+        accel.restore_norms(self.unet)
         self.unet.delete_adapters("bench")
         self.unet.disable_gradient_checkpointing()
         self.unet.to(memory_format=torch.contiguous_format)
@@ -187,9 +188,10 @@ def batches(lat, enc, seed: int = 5):
 
 # ------------------------------------------------------------------ one measured variant
 def run_variant(label: str, kind: str, bs: int, latent: int, *, rank=32, alpha=16.0, fused=False, graphs=False,
-                channels_last=False, gc_on=False, fp8=False, clip=1.0, compile_blocks=False, extra=None):
+                channels_last=False, gc_on=False, fp8=False, clip=1.0, compile_blocks=False, norms=False,
+                extra=None):
     rec = {"label": label, "model": kind, "bs": bs, "px": latent * 8, "rank": rank, "fused_lora": fused, "cuda_graphs": graphs,
-               "channels_last": channels_last, "grad_ckpt": gc_on, "fp8_base": fp8, "max_grad_norm": clip,
+               "channels_last": channels_last, "grad_ckpt": gc_on, "fp8_base": fp8, "lowp_norms": norms, "max_grad_norm": clip,
                "compile_blocks": compile_blocks}
     rec.update(extra or {})
     net = None
@@ -203,8 +205,8 @@ def run_variant(label: str, kind: str, bs: int, latent: int, *, rank=32, alpha=1
         rec["lora_params_M"] = round(sum(p_.numel() for p_ in net.params) / 1e6, 3)
         if gc_on:
             unet.enable_gradient_checkpointing()
-        opts = accel.AccelOptions(enabled=fused or graphs or channels_last or fp8, fused_lora=fused,
-                                  cuda_graphs=graphs, channels_last=channels_last, fp8_base=fp8)
+        opts = accel.AccelOptions(enabled=fused or graphs or channels_last or fp8 or norms, fused_lora=fused,
+                                  cuda_graphs=graphs, channels_last=channels_last, fp8_base=fp8, lowp_norms=norms)
         if opts.enabled:
             rec["prepared"] = accel.prepare_model(unet, opts, device=DEV)
         if compile_blocks:
@@ -227,6 +229,9 @@ def run_variant(label: str, kind: str, bs: int, latent: int, *, rank=32, alpha=1
         for _ in range(warm):
             loss = runner.step(next(it)).item()
         rec["first_steps_s"] = round(time.perf_counter() - t, 2)
+        rec["warmup_mem"] = mem()  # cuDNN autotune and the eager warm-up steps included
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # from here on: the steady state of training
         t = time.perf_counter()
         runner.step(next(it)).item()
         est = max(time.perf_counter() - t, 1e-4)
@@ -261,13 +266,11 @@ def run_variant(label: str, kind: str, bs: int, latent: int, *, rank=32, alpha=1
     return rec
 
 
-LEVERS = [  # (label, kwargs): each adds one lever to the line above it
+LEVERS = [  # (label, kwargs); run 1 (results/speed_h100_run1.json) also has peft_graphs, fused_eager
     ("peft_eager", {"clip": 0.0}),
-    ("peft_eager_clip", {}),
-    ("fused_eager", {"fused": True}),
-    ("peft_graphs", {"graphs": True}),
     ("fused_graphs", {"fused": True, "graphs": True}),
-    ("fused_graphs_cl", {"fused": True, "graphs": True, "channels_last": True}),
+    ("fused_graphs_norms", {"fused": True, "graphs": True, "norms": True}),
+    ("fused_graphs_norms_cl", {"fused": True, "graphs": True, "norms": True, "channels_last": True}),
 ]
 
 
@@ -296,8 +299,7 @@ def sec_sd15():
 
 def sec_sdxl():
     lat = 16 if TINY else 128
-    for label, kw in (("peft_eager_clip", {}), ("fused_graphs", {"fused": True, "graphs": True}),
-                      ("fused_graphs_cl", {"fused": True, "graphs": True, "channels_last": True})):
+    for label, kw in (("peft_eager_clip", {}), ("fused_graphs_norms", {"fused": True, "graphs": True, "norms": True})):
         if remaining() < 30:
             return
         run_variant(label, "sdxl", 1, lat, **kw)
@@ -307,9 +309,10 @@ def sec_lowvram():
     # The presets in lora_trainer/config.py: sd15-lowvram r16/a8, sdxl-lowvram r8/a4, both with
     # gradient checkpointing; VAE and text encoders are off the GPU after caching.
     for kind, lat, rank, alpha in (("sd15", 8 if TINY else 64, 16, 8.0), ("sdxl", 16 if TINY else 128, 8, 4.0)):
-        for label, kw in (("lowvram_peft_eager_gc", {"gc_on": True}),
-                          ("lowvram_fused_graphs_gc", {"gc_on": True, "fused": True, "graphs": True}),
-                          ("lowvram_fused_graphs_gc_fp8", {"gc_on": True, "fused": True, "graphs": True, "fp8": True})):
+        for label, kw in (("lowvram_fused_graphs_gc_norms", {"gc_on": True, "fused": True, "graphs": True,
+                                                              "norms": True}),
+                          ("lowvram_fused_graphs_gc_norms_fp8", {"gc_on": True, "fused": True, "graphs": True,
+                                                                  "norms": True, "fp8": True})):
             if remaining() < 30:
                 return
             run_variant(label, kind, 1, lat, rank=rank, alpha=alpha, **kw)
@@ -321,12 +324,13 @@ def sec_equiv():
     bs, steps = 2, (4 if TINY else 30)
     out = {}
     finals = {}
-    for label, fused, graphs in (("peft_eager", False, False), ("fused_eager", True, False),
-                                 ("fused_graphs", True, True)):
+    for label, fused, graphs in (("peft_eager", False, False), ("peft_eager_repeat", False, False),
+                                 ("fused_eager", True, False), ("fused_graphs", True, True)):
         net = Lora("sd15", 32, 16.0, seed=3)
         unet = net.unet
-        opts = accel.AccelOptions(fused_lora=fused, cuda_graphs=graphs) if (fused or graphs) else \
-            accel.AccelOptions.off()
+        # fused_graphs = the engine's defaults (AccelOptions()): fused LoRA, graphs, norms in bf16
+        opts = accel.AccelOptions(fused_lora=fused, cuda_graphs=graphs, lowp_norms=graphs) if (fused or graphs) \
+            else accel.AccelOptions.off()
         accel.prepare_model(unet, opts, device=DEV)
         lat_, enc, added = make_inputs(unet, "sd15", bs, lat)
         opt = torch.optim.AdamW(net.params, lr=1e-3, weight_decay=1e-2, **accel.optimizer_kwargs(DEV))
@@ -341,7 +345,7 @@ def sec_equiv():
         del runner, opt
         net.close()
     ref = out["peft_eager"]
-    for label in ("fused_eager", "fused_graphs"):
+    for label in ("peft_eager_repeat", "fused_eager", "fused_graphs"):
         d = [abs(a - b) / max(abs(a), 1e-8) for a, b in zip(out[label], ref)]
         wa = torch.cat([v.flatten() for _, v in sorted(finals[label].items())])
         wr = torch.cat([v.flatten() for _, v in sorted(finals["peft_eager"].items())])
@@ -352,7 +356,8 @@ def sec_equiv():
     g, e = out["fused_graphs"], out["fused_eager"]
     out["graphs_vs_fused_eager_max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(g, e))
     out["mean_loss_first_last_5"] = {k: [round(sum(out[k][:5]) / 5, 5), round(sum(out[k][-5:]) / 5, 5)]
-                                     for k in ("peft_eager", "fused_eager", "fused_graphs")} if not TINY else None
+                                     for k in ("peft_eager", "peft_eager_repeat", "fused_eager", "fused_graphs")} \
+        if not TINY else None
     RES["equiv"] = out
     save()
     log("equiv", json.dumps({k: v for k, v in out.items() if not isinstance(v, list)}))
@@ -386,7 +391,8 @@ def sec_profile():
                 return
             net = Lora("sd15", 32, 16.0)
             unet = net.unet
-            opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False))
+            opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False),
+                                      lowp_norms=kw.get("norms", False))
             accel.prepare_model(unet, opts, device=DEV)
             lat_, enc, added = make_inputs(unet, "sd15", bs, lat)
             opt = torch.optim.AdamW(net.params, lr=1e-4, **accel.optimizer_kwargs(DEV))
@@ -434,8 +440,8 @@ def sec_compile():
     if remaining() < 150:
         log("compile: skipped (deadline)")
         return
-    run_variant("fused_graphs_compile", "sd15", 8 if not TINY else 2, 64 if not TINY else 8, fused=True, graphs=True,
-                compile_blocks=True)
+    run_variant("fused_graphs_norms_compile", "sd15", 8 if not TINY else 2, 64 if not TINY else 8, fused=True,
+                graphs=True, norms=True, compile_blocks=True)
 
 
 SECTIONS = {"env": sec_env, "sd15": sec_sd15, "equiv": sec_equiv, "sdxl": sec_sdxl, "lowvram": sec_lowvram,
@@ -459,6 +465,7 @@ print("env", json.dumps({k: RES["env"].get(k) for k in ("gpu", "torch", "diffuse
 for r in RES["runs"]:
     print(f"{r['label']:28s} {r['model']:4s} bs={r['bs']} r{r['rank']}: {r.get('it_per_s')} it/s "
           f"{r.get('img_per_s')} img/s alloc {r.get('peak_alloc_GiB')} res {r.get('peak_reserved_GiB')} "
+          f"(warm-up incl. res {r.get('warmup_mem', {}).get('peak_reserved_GiB')}) "
           f"first {r.get('first_steps_s')}s {r.get('error', '')}")
 for k, v in RES["equiv"].items():
     if not isinstance(v, list):

@@ -277,3 +277,15 @@ def test_graph_safe_checkpointing_same_gradients():
     assert rel(out_c, out_r) < 1e-5
     for k in g_r:
         assert rel(g_c[k], g_r[k]) < 1e-4, k
+
+
+def test_lowp_norms_leave_cpu_math_alone():
+    unet = lora_unet()
+    ref = copy.deepcopy(unet)
+    n = accel.lowp_norms(unet)
+    assert n == sum(1 for m in unet.modules() if type(m) in (torch.nn.GroupNorm, torch.nn.LayerNorm))
+    batch = inputs(unet)
+    out, grads = fwd_bwd(unet, batch)
+    out_ref, grads_ref = fwd_bwd(ref, batch)
+    assert torch.equal(out, out_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)  # only the CUDA autocast path changes
+    assert accel.restore_norms(unet) == n

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .fp8 import Fp8Linear, quantize_linears_fp8
 from .graphs import StepRunner
 from .lora_fast import fuse_lora_layers, unfuse_lora_layers
+from .norms import lowp_norms, restore_norms
 from .options import AccelOptions, describe, optimizer_kwargs
 from .prepare import graph_safe_checkpointing, prepare_model
 
@@ -19,8 +20,10 @@ __all__ = [
     "describe",
     "fuse_lora_layers",
     "graph_safe_checkpointing",
+    "lowp_norms",
     "optimizer_kwargs",
     "prepare_model",
     "quantize_linears_fp8",
+    "restore_norms",
     "unfuse_lora_layers",
 ]

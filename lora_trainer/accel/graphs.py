@@ -178,6 +178,9 @@ class StepRunner:
                 g["lr"] = t
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize(self.device)
+            # Hand the warm-up's cached blocks (cuDNN autotune workspaces, side-stream activations)
+            # back, so the graph's private pool reuses that memory instead of adding to it.
+            torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 loss = self.loss_fn(static)

@@ -19,6 +19,7 @@ class AccelOptions:
     graph_warmup: int = 2  # eager steps per shape before capture (cuDNN autotune, lazy inits)
     max_graphs: int = 8  # distinct batch shapes captured; later shapes run eagerly
     channels_last: bool = False  # NHWC convs; measured per GPU in bench/speed.py
+    lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
     fp8_base: bool = False  # frozen Linear weights in float8 (low-VRAM presets)
 
     @classmethod
@@ -31,12 +32,12 @@ class AccelOptions:
             if f.name != "enabled" and hasattr(config, f.name):
                 setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
         if not opts.enabled:
-            opts.fused_lora = opts.cuda_graphs = opts.channels_last = False
+            opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = False
         return opts
 
     @classmethod
     def off(cls) -> AccelOptions:
-        return cls(enabled=False, fused_lora=False, cuda_graphs=False)
+        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False)
 
 
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:
@@ -58,6 +59,8 @@ def describe(opts: AccelOptions, device: torch.device | str = "cuda") -> str:
         parts.append("CUDA graphs per batch shape" if on_cuda else "eager steps (no CUDA for graphs)")
     if opts.channels_last:
         parts.append("channels_last")
+    if opts.lowp_norms and on_cuda:
+        parts.append("norms in the autocast dtype")
     if opts.fp8_base:
         parts.append("fp8 base weights")
     return "accel: " + (", ".join(parts) or "nothing enabled")

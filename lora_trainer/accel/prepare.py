@@ -11,6 +11,7 @@ from torch import nn
 
 from .fp8 import fp8_available, quantize_linears_fp8
 from .lora_fast import fuse_lora_layers
+from .norms import lowp_norms
 from .options import AccelOptions
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     before building the optimizer (fp8 replaces frozen Linear modules, never LoRA parameters).
     """
     opts = opts or AccelOptions()
-    done = {"fused_lora": 0, "fp8_linears": 0, "channels_last": 0, "checkpoint_funcs": 0}
+    done = {"fused_lora": 0, "fp8_linears": 0, "channels_last": 0, "lowp_norms": 0, "checkpoint_funcs": 0}
     if not opts.enabled:
         return done
     if opts.fp8_base:
@@ -52,6 +53,8 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
                         next(model.parameters()).dtype)
     if opts.fused_lora:
         done["fused_lora"] = fuse_lora_layers(model)
+    if opts.lowp_norms:
+        done["lowp_norms"] = lowp_norms(model)
     if opts.channels_last:
         on = torch.device(device).type == "cuda" if device is not None else True
         if on:

@@ -1,0 +1,166 @@
+"""accel/ on a real GPU: CUDA graphs, fused AdamW, bf16/fp16, fp8, norms, OOM message, SDPA.
+
+Skipped without CUDA (CI has none); run on the GPU machine with
+`python -m pytest tests/test_accel_cuda.py` (bench/README.md). Tiny models: seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_support import make_dataset, tiny_config
+
+from lora_trainer import accel
+from lora_trainer.models.bundle import Family
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def _unet(seed=0):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from lora_trainer.models import tiny
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny.unet_config(Family.SD1))
+    tiny._randomize(unet, torch.Generator().manual_seed(seed))
+    unet = unet.to("cuda", torch.bfloat16).requires_grad_(False).train()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights="gaussian"))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return unet
+
+
+def _train(unet, opts, steps=12, scaler=None, dtype=torch.bfloat16):
+    params = [p for p in unet.parameters() if p.requires_grad]
+    accel.prepare_model(unet, opts, device="cuda")
+    opt = torch.optim.AdamW(params, lr=1e-3, **accel.optimizer_kwargs("cuda"))
+
+    def loss_fn(b):
+        with torch.autocast("cuda", dtype=dtype):
+            out = unet(b["x"], b["t"], b["ctx"], return_dict=False)[0]
+        return torch.nn.functional.mse_loss(out.float(), b["noise"]) * b["scale"]
+
+    runner = accel.StepRunner(loss_fn, params, opt, opts, max_grad_norm=1.0, scaler=scaler)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    losses = []
+    for i in range(steps):
+        b = {"x": torch.randn(2, 4, 16, 16, device="cuda", generator=g),
+             "t": torch.randint(0, 1000, (2,), device="cuda", generator=g),
+             "ctx": torch.randn(2, 7, 32, device="cuda", generator=g),
+             "noise": torch.randn(2, 4, 16, 16, device="cuda", generator=g),
+             "scale": torch.ones((), device="cuda")}
+        losses.append(runner.step(b).item())
+        if i == 7:  # a lower learning rate mid-run must reach the captured optimizer
+            for group in opt.param_groups:
+                group["lr"] = 1e-4
+    return losses, runner, {n: p.detach().float().cpu() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+@cuda
+def test_graphs_and_fused_lora_match_eager_peft_on_gpu():
+    l_ref, r_ref, w_ref = _train(_unet(), accel.AccelOptions.off())
+    l_fast, r_fast, w_fast = _train(_unet(), accel.AccelOptions())
+    assert not r_ref.uses_graphs and r_fast.uses_graphs, r_fast.disabled_reason
+    assert r_fast.stats["graphs"] == 1 and r_fast.stats["graph_replays"] == 12 - accel.AccelOptions().graph_warmup
+    assert l_fast == pytest.approx(l_ref, rel=2e-2)  # bf16 autocast tolerance
+    cat = lambda w: torch.cat([v.flatten() for _, v in sorted(w.items())])
+    assert float((cat(w_fast) - cat(w_ref)).norm() / cat(w_ref).norm()) < 3e-2
+    # the same model and levers without graphs: the replay computes what eager computes
+    l_eager, _, _ = _train(_unet(), accel.AccelOptions(cuda_graphs=False))
+    assert l_fast == pytest.approx(l_eager, rel=5e-3)
+
+
+@cuda
+def test_fp16_with_loss_scaling_runs_eagerly():
+    scaler = torch.amp.GradScaler("cuda") if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") \
+        else torch.cuda.amp.GradScaler()
+    losses, runner, _ = _train(_unet(), accel.AccelOptions(), steps=6, scaler=scaler, dtype=torch.float16)
+    assert not runner.uses_graphs and "loss scaling" in runner.disabled_reason
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@cuda
+def test_lowp_norms_and_fp8_close_on_gpu():
+    torch.manual_seed(0)
+    gn = torch.nn.GroupNorm(32, 64).cuda().to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 64, 16, 16, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = gn(x)
+        assert ref.dtype == torch.float32  # stock autocast runs norms in fp32
+        accel.lowp_norms(gn)
+        out = gn(x)
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+    lin = torch.nn.Linear(256, 128).cuda().to(torch.bfloat16).requires_grad_(False)
+    q = accel.Fp8Linear(lin)
+    xi = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert float((q(xi).float() - lin(xi).float()).norm() / lin(xi).float().norm()) < 0.08
+
+
+@cuda
+def test_sdpa_attention_is_used():
+    import torch.nn.functional as F
+
+    unet = _unet()
+    procs = {type(p).__name__ for p in unet.attn_processors.values()}
+    assert procs == {"AttnProcessor2_0"}, procs  # diffusers' SDPA processor
+    calls = []
+    orig = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            unet(torch.randn(1, 4, 16, 16, device="cuda"), torch.tensor([10], device="cuda"),
+                 torch.randn(1, 7, 32, device="cuda"))
+    finally:
+        F.scaled_dot_product_attention = orig
+    assert calls
+
+
+@cuda
+def test_engine_accel_matches_eager_and_oom_message(tmp_path):
+    """Through run_training on the GPU: accel on/off give the same losses and LoRA file
+    (bf16 tolerance); running out of memory gives the user the engine's one-line advice."""
+    from safetensors.torch import load_file
+
+    from lora_trainer.errors import TrainingError
+    from lora_trainer.models.tiny import build_tiny_bundle
+    from lora_trainer.train import run_training
+    from lora_trainer.train.engine import place_bundle
+
+    data = make_dataset(tmp_path / "d", n=2, repeats=8)
+    results = {}
+    for mode in ("off", "auto"):
+        bundle = place_bundle(build_tiny_bundle("sd1"), "cuda", torch.bfloat16)
+        config = tiny_config(data, tmp_path / mode, device="cuda", mixed_precision="bf16", accel=mode,
+                             learning_rate=3e-3, batch_size=2)
+        results[mode] = run_training(config, bundle=bundle)
+    off, on = results["off"], results["auto"]
+    assert off.steps == on.steps == 8
+    assert on.losses == pytest.approx(off.losses, rel=3e-2)
+    a, b = load_file(str(off.lora_path)), load_file(str(on.lora_path))
+    assert a.keys() == b.keys()
+    num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
+    den = sum(float(a[k].float().norm() ** 2) for k in a) ** 0.5
+    assert num / den < 5e-2
+
+    bundle = place_bundle(build_tiny_bundle("sd1"), "cuda", torch.bfloat16)
+    config = tiny_config(data, tmp_path / "oom", device="cuda", mixed_precision="bf16", batch_size=2)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(max(free - (8 << 20), 0), dtype=torch.uint8, device="cuda")  # leave ~8 MiB
+    try:
+        with pytest.raises(TrainingError, match="ran out of memory"):
+            run_training(config, bundle=bundle)
+    finally:
+        del hog
+        torch.cuda.empty_cache()
