@@ -19,14 +19,13 @@ from diffusers.utils import USE_PEFT_BACKEND
 
 # Verified: diffusers 0.31.0 (Forge stack) and 0.42.1 load every case below, LoCon conv keys
 # (ResNet conv1/conv2/time_emb_proj/conv_shortcut, down/upsamplers, SDXL's SGM names) included.
-# diffusers 0.29.2 on A1111's stack (transformers 4.30.2) cannot load any LoRA: see the skip.
-
-if not USE_PEFT_BACKEND:
-    pytest.skip(
-        f"diffusers {diffusers.__version__} turns its PEFT backend off with this transformers version "
-        "(it needs transformers >= 4.34), and load_lora_weights raises 'PEFT backend is required' without it",
-        allow_module_level=True,
-    )
+# diffusers 0.29.2 on A1111's stack (transformers 4.30.2) cannot load any LoRA (see the skip);
+# there its kohya converter is still checked (test_diffusers_029_converter_...).
+needs_peft_backend = pytest.mark.skipif(
+    not USE_PEFT_BACKEND,
+    reason=f"diffusers {diffusers.__version__} turns its PEFT backend off with this transformers version "
+    "(it needs transformers >= 4.34), and load_lora_weights raises 'PEFT backend is required' without it",
+)
 
 
 _BUNDLES: dict = {}
@@ -116,6 +115,7 @@ CASES = [
 ]
 
 
+@needs_peft_backend
 @pytest.mark.parametrize("family,conv_proj,train_te,locon", CASES,
                          ids=[f"{f}{'-convproj' if c else ''}{'-te' if t else '-unetonly'}{'-locon' if lc else ''}"
                               for f, c, t, lc in CASES])
@@ -176,3 +176,43 @@ def test_diffusers_load_lora_weights_reproduces_our_outputs(tmp_path, family, co
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
     te_diff = (_te_outs(bundle.text_encoders[0], torch.Generator().manual_seed(1))[-1] - base_te_out).abs().max()
     assert (te_diff > 1e-3) == train_te, "the LoRA should change the text encoder output iff it trains it"
+
+
+@pytest.mark.skipif(USE_PEFT_BACKEND, reason="covered by the full load_lora_weights test on this stack")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_converter_maps_every_key_to_the_right_module(tmp_path, family):
+    """Where diffusers cannot load LoRAs at all (0.29.2 + transformers 4.30), its kohya converter
+    (`lora_state_dict`) must still turn every key we write, LoCon included, into the diffusers
+    module we trained, with the same tensors and one alpha per module."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    bundle = _bundle(family)
+    net = inject_lora(bundle, LoraSpec(rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0), seed=0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    path = tmp_path / "lora.safetensors"
+    net.save_kohya(path, {}, dtype=torch.float32)
+    pipe_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    kwargs = {"unet_config": bundle.unet.config} if family == "sdxl" else {}
+    state, alphas = pipe_cls.lora_state_dict(str(tmp_path), weight_name=path.name, **kwargs)
+
+    prefixes = {"unet": "unet.", "te": "text_encoder.", "te1": "text_encoder.", "te2": "text_encoder_2."}
+    converted = {"unet": convert_unet_state_dict_to_peft({k[5:]: v for k, v in state.items() if k.startswith("unet.")})}
+    for component in net.components():
+        if component != "unet":
+            pre = prefixes[component]
+            part = {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}
+            converted[component] = convert_state_dict_to_peft(part)
+    seen = 0
+    for t in net.targets:
+        sd = converted[t.component]
+        layer = net.layers[t.kohya_name]
+        assert torch.equal(sd.pop(f"{t.module_name}.lora_A.weight"), layer.lora_A["kohya"].weight), t.kohya_name
+        assert torch.equal(sd.pop(f"{t.module_name}.lora_B.weight"), layer.lora_B["kohya"].weight), t.kohya_name
+        seen += 1
+    assert all(not sd for sd in converted.values()), {c: list(sd)[:3] for c, sd in converted.items()}
+    assert seen == len(net.targets) and len(alphas) == len(net.targets)
+    assert sorted(set(alphas.values())) == [2.0, 3.0]
