@@ -228,6 +228,32 @@ def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(a1111: WebUI):
     ui.facts["lora"] = name
 
 
+def test_tab_in_a_browser_send_to_txt2img_and_screenshot(a1111: WebUI, tmp_path: Path):
+    if "lora" not in a1111.facts:
+        pytest.skip("needs the training test")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no chromium (apt-get install chromium)")
+    out = ROOT / "docs" / "screenshots" / "a1111-train-lora-tab.png"
+    if os.environ.get("LORA_TRAINER_UPDATE_SCREENSHOTS") != "1":
+        out = tmp_path / "tab.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The WebUI's venv has `websockets` (gradio needs it): run the DevTools client there.
+    code = (
+        "import sys, time, json; sys.path.insert(0, sys.argv[1]); import screenshot as s\n"
+        "url, out = sys.argv[2], sys.argv[3]\n"
+        "s.screenshot(url, out, scroll_to=None, click='#lora_trainer_refresh',"
+        " wait_for=\"#lora_trainer_send_text textarea\")\n"
+        "print(json.dumps(s.LAST))\n")
+    res = subprocess.run([str(a1111.python), "-c", code, str(Path(__file__).parent), a1111.url, str(out)],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    facts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out.is_file() and out.stat().st_size > 10000
+    assert "<lora:" in facts["send_text"], facts
+    assert facts["send_text"] in facts["txt2img_prompt"], facts  # "Send to txt2img" filled the prompt
+    assert facts["active_tab"] == "txt2img", facts
+
+
 def test_interrupt_stops_training_gracefully_and_txt2img_still_works(a1111: WebUI):
     ui = a1111
     if "lora" not in ui.facts:
@@ -255,29 +281,3 @@ def test_harness_smoke_test_passes_with_the_trained_lora(a1111: WebUI):
                           "--log", str(a1111.log), "--webui", str(a1111.webui)],
                          capture_output=True, text=True, timeout=600, env=a1111.env, check=False)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-
-
-def test_tab_in_a_browser_send_to_txt2img_and_screenshot(a1111: WebUI, tmp_path: Path):
-    if "lora" not in a1111.facts:
-        pytest.skip("needs the training test")
-    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
-        pytest.skip("no chromium (apt-get install chromium)")
-    out = ROOT / "docs" / "screenshots" / "a1111-train-lora-tab.png"
-    if os.environ.get("LORA_TRAINER_UPDATE_SCREENSHOTS") != "1":
-        out = tmp_path / "tab.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The WebUI's venv has `websockets` (gradio needs it): run the DevTools client there.
-    code = (
-        "import sys, time, json; sys.path.insert(0, sys.argv[1]); import screenshot as s\n"
-        "url, out = sys.argv[2], sys.argv[3]\n"
-        "s.screenshot(url, out, scroll_to=None, click='#lora_trainer_refresh',"
-        " wait_for=\"#lora_trainer_send_text textarea\")\n"
-        "print(json.dumps(s.LAST))\n")
-    res = subprocess.run([str(a1111.python), "-c", code, str(Path(__file__).parent), a1111.url, str(out)],
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    facts = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out.is_file() and out.stat().st_size > 10000
-    assert "<lora:" in facts["send_text"], facts
-    assert facts["send_text"] in facts["txt2img_prompt"], facts  # "Send to txt2img" filled the prompt
-    assert facts["active_tab"] == "txt2img", facts
