@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 class Host(Protocol):
     name: str  # "standalone" | "a1111" | "forge"
 
-    def acquire_model(self, config: Any) -> ModelBundle:
-        """The model to train: the host's loaded model (zero-copy) or `config.model` loaded from disk."""
+    def acquire_model(self, config: Any) -> ModelBundle | None:
+        """The model to train: the host's loaded model (zero-copy), or None to let the engine load
+        `config.model` (or the host's `model` attribute) from disk."""
 
     def release_model(self, bundle: ModelBundle) -> None:
         """Give the host its model back exactly as it was (bit-identical, on its device); free memory."""
@@ -71,19 +72,14 @@ class StandaloneHost:
         self.events: list[Any] = []  # the last events reported, for tests and debugging
         self.saved: list[Path] = []
 
-    def acquire_model(self, config: Any) -> ModelBundle:
+    def acquire_model(self, config: Any) -> ModelBundle | None:
+        """The factory's bundle; None lets the engine load the checkpoint itself (placed and cast for
+        training on the best device, which a bundle handed in as "the host's model" would not be)."""
         if self._bundle_factory is not None:
             return self._bundle_factory()
-        path = getattr(config, "model", None) or self.model
-        if not path:
-            from .errors import ConfigError
+        return None
 
-            raise ConfigError("No model to train on was given; pass --model with a checkpoint file.")
-        from .models.loader import load_model  # heavy: only when a run starts
-
-        return load_model(Path(path))
-
-    def release_model(self, bundle: ModelBundle) -> None:
+    def release_model(self, bundle: ModelBundle | None) -> None:
         import gc
 
         gc.collect()

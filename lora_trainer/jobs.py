@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import re
 import threading
@@ -335,6 +336,8 @@ class JobManager:
                 return
             job.message = "Loading the model…"
             bundle = self.host.acquire_model(config)
+            if bundle is None:  # the engine loads the checkpoint itself (standalone hosts)
+                config = job.config = self._with_model_file(config)
             try:
                 family = getattr(getattr(bundle, "family", None), "label", None)
                 job.message = "Preparing the dataset and caches…"
@@ -343,8 +346,11 @@ class JobManager:
                                 stop=job.stop_event)
             finally:
                 run_over.set()
-                self.host.release_model(bundle)
+                if bundle is not None:
+                    self.host.release_model(bundle)
                 del bundle
+        if family is None:  # the engine loaded the model: its own user metadata names the family
+            family = _engine_sd_version(result)
         job.result = result
         job.state_dir = str(result.state_dir) if getattr(result, "state_dir", None) else None
         job.samples = [str(p) for p in getattr(result, "samples", [])] or job.samples
@@ -358,6 +364,15 @@ class JobManager:
             self._finish(job, "stopped", message=f"Stopped{where}{kept}{resumable}.")
         else:
             self._finish(job, "done", message=f"Done: {job.lora_name} is in the Lora folder.")
+
+    def _with_model_file(self, config: Any) -> Any:
+        model = config.model or str(getattr(self.host, "model", None) or "")
+        if not model:
+            from .errors import ConfigError
+
+            raise ConfigError("No model to train on was given; pass --model with a checkpoint file "
+                              "(or set \"model\" in the request).")
+        return dataclasses.replace(config, model=model)
 
     def _watch_interrupt(self, job: Job, run_over: threading.Event) -> None:
         """Turn the host's Interrupt button into our graceful stop while the run lasts."""
@@ -499,6 +514,20 @@ def user_metadata(config: Any, result: Any, *, family: str | None, trigger: str)
         "preferred weight": getattr(config, "preferred_weight", PREFERRED_WEIGHT) or PREFERRED_WEIGHT,
         "notes": f"base model: {Path(str(getattr(config, 'model', '') or 'the WebUI model')).name}",
     }
+
+
+def _engine_sd_version(result: Any) -> str | None:
+    """"sd version" from the `<name>.json` the engine wrote beside its LoRA in the run folder."""
+    lora = getattr(result, "lora_path", None)
+    if not lora:
+        return None
+    try:
+        from .train.usermeta import user_metadata_path
+
+        data = json.loads(user_metadata_path(lora).read_text(encoding="utf-8"))
+        return str(data.get("sd version") or "") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _preview_png(samples: list[str]) -> bytes | None:

@@ -5,6 +5,7 @@ The plain train -> publish path with the real engine is covered by tests/test_ap
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -57,3 +58,18 @@ def test_real_engine_interrupt_stops_with_usable_lora_then_resumes(tmp_path):
     assert resumed.step == resumed.total_steps == job.total_steps
     assert resumed.loss_history[0][0] == job.step + 1
     assert resumed.lora_name == "tiny_2"
+
+
+def test_standalone_host_with_a_checkpoint_lets_the_engine_load_it(tmp_path):
+    """`serve --model x.safetensors`: the engine loads and places the model itself."""
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "models", "sd2")
+    data = make_dataset(tmp_path / "ds", n=1, repeats=1, name="thing")
+    host = StandaloneHost(tmp_path / "Lora", model=ckpt)
+    jm = JobManager(host, work_dir=tmp_path / "runs")
+    job = jm.wait(jm.submit_train(tiny_config(data, max_steps=1)).id, 120)
+    assert job.state == "done", job.error
+    assert job.config.model == str(ckpt)
+    meta = json.loads(Path(job.outputs[1]).read_text())
+    assert meta["sd version"] == "SD2" and meta["activation text"] == "thing"
