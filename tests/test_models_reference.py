@@ -5,10 +5,15 @@
 * the original LDM code (`ldm` package from PyPI's `stable-diffusion-sdkit`, which wraps
   Stability-AI/stablediffusion): a tiny `UNetModel` / VAE `Encoder`/`Decoder` built from our yaml must
   load the checkpoint strictly and compute what our diffusers modules compute. Skipped when `ldm`
-  is not importable (CI: `pip install --no-deps stable-diffusion-sdkit einops`).
+  is not importable. Install it as tests/test_webui_a1111_ldm.py says (`pip install --no-deps --target
+  DIR stable-diffusion-sdkit==2.1.5 einops omegaconf==2.3.0 antlr4-python3-runtime==4.9.3`, then
+  `LORA_TRAINER_LDM_PATH=DIR`) or into the venv.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 import torch
@@ -26,6 +31,10 @@ from lora_trainer.models.ldm_convert import (
 )
 from lora_trainer.models.loader import load_model, read_checkpoint
 from lora_trainer.models.tiny import write_tiny_checkpoint
+
+_LDM_PATH = os.environ.get("LORA_TRAINER_LDM_PATH")
+if _LDM_PATH and _LDM_PATH not in sys.path:
+    sys.path.append(_LDM_PATH)  # appended: never shadows the venv's own packages
 
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
@@ -88,8 +97,9 @@ def test_open_clip_matches_diffusers_converter(tiny, family):
 
 # ---------------------------------------------------------------- original LDM code
 def _ldm():
+    pytest.importorskip("einops", reason="original LDM code not installed (see the module docstring)")
     return pytest.importorskip("ldm.modules.diffusionmodules.openaimodel",
-                               reason="original LDM code not installed (pip install stable-diffusion-sdkit einops)")
+                               reason="original LDM code not installed (see the module docstring)")
 
 
 @pytest.mark.parametrize("family, prediction, conv", [
