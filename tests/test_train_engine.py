@@ -228,9 +228,11 @@ def test_sdxl_short_run_with_buckets(tmp_path):
     data = make_dataset(tmp_path / "d", n=2, repeats=1, sizes=[(64, 64), (128, 32)])
     bundle = build_tiny_bundle("sdxl")
     result = run_training(tiny_config(data, tmp_path / "o", epochs=1, min_snr_gamma=5.0, noise_offset=0.05,
-                                      multires_noise_iterations=2, loss_type="huber", flip_aug=True),
+                                      multires_noise_iterations=2, loss_type="huber", flip_aug=True,
+                                      sample_prompts=["shape"], sample_every_n_epochs=1, sample_steps=2),
                           bundle=bundle)
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert len(result.samples) == 1 and result.samples[0].is_file()
     tensors, md = load_kohya_file(result.lora_path)
     assert md["ss_base_model_version"] == "sdxl_base_v1-0"
     assert any(k.startswith("lora_unet_input_blocks") for k in tensors)
