@@ -250,3 +250,12 @@ def test_buffers_follow_the_hosts_device(ckpt_dir):
     bundle = bundle_from_ldm_state_dict(host, config=path.with_suffix(".yaml"))
     for module in bundle.modules().values():
         assert {t.device.type for t in [*module.parameters(), *module.buffers()]} == {"meta"}
+
+
+def test_omegaconf_config_as_the_webui_holds_it(ckpt_dir):
+    omegaconf = pytest.importorskip("omegaconf")
+    path = write_tiny_checkpoint(ckpt_dir / "omega", "sdxl", "v_prediction")
+    config = omegaconf.OmegaConf.load(path.with_suffix(".yaml"))  # ListConfig/DictConfig values
+    bundle = bundle_from_ldm_state_dict(read_checkpoint(path), config=config)
+    assert bundle.prediction_type == "v_prediction"
+    assert_same_modules(bundle, reference_bundle("sdxl", "v_prediction"))

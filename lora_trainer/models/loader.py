@@ -204,13 +204,22 @@ def _resolve_config(config: Any, family: Family, name: str) -> ModelConfig:
                 "fix it or remove it.") from exc
         source = str(config)
     else:
-        data, source = config, "yaml"
+        data, source = _plain(config), "yaml"
     try:
         return ModelConfig.from_yaml(data or {}, family, source=source, base_dir=base_dir)
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         raise UnsupportedModelError(
             f"The config beside {name} cannot be used ({exc}); fix it or remove it to use the built-in "
             f"{family.label} config.") from exc
+
+
+def _plain(config: Any) -> Any:
+    """An OmegaConf config (what A1111 keeps as `sd_model.used_config`) as plain dicts and lists."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:
+        return config
+    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
 
 
 def _sd2_is_v_prediction(unet: Any) -> bool:
