@@ -185,3 +185,17 @@ def test_zero_repeats(tmp_path):
     shape_image(0).save(folder / "a.png")
     with pytest.raises(DatasetError, match="0 repeats"):
         scan_dataset(tmp_path)
+
+
+def test_header_scan_matches_decoded_sizes_with_exif_rotation(tmp_path):
+    """plan_training reads headers only; sizes must match the decoded (EXIF-rotated) images."""
+    from PIL import Image
+
+    root = make_dataset(tmp_path / "d", n=1, sizes=[(96, 64)])
+    rotated = shape_image(1, (96, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    rotated.save(root / "img" / "2_shape" / "rot.jpg", exif=exif.tobytes())
+    decoded = {i.path.name: i.size for i in scan_dataset(root).items}
+    header = {i.path.name: i.size for i in scan_dataset(root, decode=False).items}
+    assert decoded == header and header["rot.jpg"] == (64, 96) and header["00.png"] == (96, 64)

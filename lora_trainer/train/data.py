@@ -78,22 +78,28 @@ def resolve_roots(data: str | Path, reg_data: str | Path = "") -> tuple[Path, Pa
     return img_root, reg_root
 
 
-def scan_dataset(data: str | Path, reg_data: str | Path = "", *, caption_extension: str = ".txt") -> Dataset:
-    """Read every folder and image once (fail fast on anything unusable)."""
+def scan_dataset(data: str | Path, reg_data: str | Path = "", *, caption_extension: str = ".txt",
+                 decode: bool = True) -> Dataset:
+    """Read every folder and image once (fail fast on anything unusable).
+
+    decode=False reads only image headers (sizes, EXIF orientation): quick enough for a UI that
+    recomputes the plan as settings change; training always decodes everything up front.
+    """
     img_root, reg_root = resolve_roots(data, reg_data)
     warnings: list[str] = []
-    items = _scan_root(img_root, False, caption_extension, warnings)
+    items = _scan_root(img_root, False, caption_extension, warnings, decode)
     if not items:
         raise DatasetError(f"Dataset folder {img_root} holds no images; add images under "
                            f"{img_root}/<repeats>_<name>/ (e.g. 10_mychar).")
     if reg_root is not None:
-        items += _scan_root(reg_root, True, caption_extension, warnings)
+        items += _scan_root(reg_root, True, caption_extension, warnings, decode)
     for w in warnings:
         log.warning(w)
     return Dataset(items, img_root, reg_root, warnings)
 
 
-def _scan_root(root: Path, is_reg: bool, caption_extension: str, warnings: list[str]) -> list[ImageItem]:
+def _scan_root(root: Path, is_reg: bool, caption_extension: str, warnings: list[str],
+               decode: bool = True) -> list[ImageItem]:
     kind = "regularisation" if is_reg else "dataset"
     loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -115,10 +121,24 @@ def _scan_root(root: Path, is_reg: bool, caption_extension: str, warnings: list[
         if not files:
             warnings.append(f"Folder {folder.name} holds no images; it is skipped.")
         for path in files:
-            size = load_image(path).size  # decodes fully: a broken file fails here, before training
+            # decoding fully makes a broken file fail here, before any training
+            size = load_image(path).size if decode else _header_size(path)
             items.append(ImageItem(path, _caption_for(path, class_tokens, caption_extension, warnings),
                                    class_tokens, folder.name, repeats, is_reg, size))
     return items
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DatasetError(f"Image {path.name} cannot be read ({e.__class__.__name__}); "
+                           "re-export it or remove it from the folder.") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # EXIF rotations by 90°
 
 
 def _caption_for(path: Path, class_tokens: str, extension: str, warnings: list[str]) -> str:

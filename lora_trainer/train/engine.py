@@ -49,8 +49,9 @@ _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.fl
 
 
 # ---------------------------------------------------------------------------------- planning
-def prepare_dataset(config: TrainConfig) -> tuple[Dataset, TrainingPlan]:
-    dataset = scan_dataset(config.data, config.reg_data, caption_extension=config.caption_extension)
+def prepare_dataset(config: TrainConfig, *, decode: bool = True) -> tuple[Dataset, TrainingPlan]:
+    dataset = scan_dataset(config.data, config.reg_data, caption_extension=config.caption_extension,
+                           decode=decode)
     selector = BucketSelector(config.resolution, enable=config.enable_bucket, min_size=config.min_bucket_reso,
                               max_size=config.max_bucket_reso, steps=config.bucket_reso_steps,
                               no_upscale=config.bucket_no_upscale)
@@ -68,7 +69,7 @@ def prepare_dataset(config: TrainConfig) -> tuple[Dataset, TrainingPlan]:
 def plan_training(config: TrainConfig) -> TrainingPlan:
     """The steps arithmetic for the UI, without loading a model (also checks the settings)."""
     config.validate(need_model=False)
-    return prepare_dataset(config)[1]
+    return prepare_dataset(config, decode=False)[1]
 
 
 def check_model_file(path: str) -> None:
