@@ -32,6 +32,7 @@ TAG_FIELDS = {
     "replace_underscores": True, "trigger": "", "exclude": [], "always_first": [], "mode": "append",
     "batch_size": 8, "recursive": False,
 }
+TAG_ALIASES = {"folder": "data"}
 
 
 def _roots(jobs: JobManager) -> list[Path] | None:
@@ -88,6 +89,7 @@ def submit_tag(jobs: JobManager, params: dict[str, Any], *, cache_dir: str | Non
     """Queue WD14 tagging of a folder: `<stem>.txt` beside each image."""
     if not isinstance(params, dict):
         raise ConfigError("The tag request is not a JSON object; send {\"data\": \"<folder>\"}.")
+    params = {TAG_ALIASES.get(k, k): v for k, v in params.items()}
     _unknown(set(params), set(TAG_FIELDS), "tag")
     merged = {**TAG_FIELDS, **params}
     roots = _roots(jobs)
@@ -142,7 +144,7 @@ def _tag_list(value: Any) -> list[str]:
 # ---------------------------------------------------------------------- preparing
 PREPARE_FIELDS = {"source": None, "out": None, "concept": None, "repeats": None, "class_images": None,
                   "class_name": None, "class_repeats": 1, "recursive": False, "resolution": 512}
-PREPARE_ALIASES = {"data": "source", "src": "source"}
+PREPARE_ALIASES = {"data": "source", "src": "source", "folder": "source"}
 
 
 def submit_prepare(jobs: JobManager, params: dict[str, Any]) -> Job:

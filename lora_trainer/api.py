@@ -60,6 +60,7 @@ def create_router(host: Any, jobs: JobManager, *, auth: Callable[..., Any] | Non
             "version": __version__,
             "host": getattr(host, "name", "unknown"),
             "lora_dir": str(host.lora_dir()),
+            "model": str(getattr(host, "model", None) or "") or None,  # standalone --model; WebUI: its own
             "busy": current is not None,
             "current_job": jobs.snapshot(current.id) if current is not None else None,
             "queued": [j.id for j in jobs.queued()],

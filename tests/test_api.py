@@ -75,7 +75,7 @@ def test_tag_prepare_train_poll_done(setup):
         shape_image(i).save(photos / f"p{i}.png")
     tagger = write_demo_tagger(root / "tagger")
 
-    r = client.post(f"{BASE}/tag", json={"data": str(photos), "model": str(tagger), "trigger": "ohwx"})
+    r = client.post(f"{BASE}/tag", json={"folder": str(photos), "model": str(tagger), "trigger": "ohwx"})
     assert r.status_code == 200, r.text
     job = poll(client, r.json()["job_id"])
     assert job["state"] == "done", job["error"]
