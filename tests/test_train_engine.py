@@ -260,3 +260,21 @@ def test_latent_disk_cache_is_keyed_by_content(tmp_path):
     assert len(calls) == 3 and not torch.equal(edited[0].latent, first[0].latent)
     assert torch.equal(edited[1].latent, first[1].latent)
     shutil.rmtree(cache)
+
+
+def test_text_encoder_outputs_cached_only_when_static(tmp_path, tiny_data):
+    calls = []
+    bundle = build_tiny_bundle("sd1")
+    handle = bundle.text_encoders[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        # frozen text encoder + static captions: each image's caption is encoded once, before the loop
+        result = run_training(tiny_config(tiny_data, tmp_path / "a", gradient_accumulation_steps=2),
+                              bundle=bundle)
+        assert result.steps == 3 and calls == [1, 1, 1]  # 6 batches / 2 accumulated per step
+        calls.clear()
+        # shuffled captions change every step: encoded per batch
+        run_training(tiny_config(tiny_data, tmp_path / "b", shuffle_caption=True, max_steps=2, epochs=0),
+                     bundle=bundle)
+        assert calls == [1, 1]
+    finally:
+        handle.remove()
