@@ -423,19 +423,54 @@ def test_forge_host_trains_on_the_loaded_model_and_resets_after(fake_forge):
     assert host.tagger_cache_dir().as_posix().endswith("models/lora_trainer/tagger")
 
 
-def test_forge_host_loads_another_checkpoint_from_disk(fake_forge, monkeypatch, tmp_path):
+def test_forge_host_loads_another_checkpoint_from_disk(fake_forge, fake_loader, tmp_path):
     """A model path other than the loaded checkpoint is loaded from the file (Forge's models unloaded)."""
     other = tmp_path / "other.safetensors"
     other.write_bytes(b"x")
-    loaded = []
-    fake_loader = types.ModuleType("lora_trainer.models.loader")
-    fake_loader.load_model = lambda path, **kw: loaded.append((path, kw)) or build_tiny_bundle(Family.SD1)
-    monkeypatch.setitem(sys.modules, "lora_trainer.models.loader", fake_loader)
     host = forge.ForgeHost()
     bundle = host.acquire_model(SimpleNamespace(model=str(other)))
-    assert loaded and loaded[0][0] == other and "unload" in fake_forge.calls
+    assert fake_loader and fake_loader[0][0] == other and "unload" in fake_forge.calls
     host.release_model(bundle)
     assert sd_model_untouched(fake_forge.sd_model)
+
+
+@pytest.fixture
+def fake_loader(monkeypatch):
+    """models.loader.load_model replaced by a tiny model (the real loader is tested in test_models_loader)."""
+    loaded = []
+    module = types.ModuleType("lora_trainer.models.loader")
+    module.load_model = lambda path, **kw: loaded.append((path, kw)) or build_tiny_bundle(Family.SD1)
+    monkeypatch.setitem(sys.modules, "lora_trainer.models.loader", module)
+    return loaded
+
+
+def test_low_bit_weights_train_from_the_checkpoint_file(fake_forge, fake_loader, tmp_path, capsys):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"x")
+    sd_model = fake_forge.sd_model
+    sd_model.filename = str(ckpt)
+    out = sd_model.forge_objects_original.unet.model.diffusion_model.get_submodule("out.2")
+    with torch.inference_mode():
+        out.weight = torch.nn.Parameter(out.weight.to(torch.float8_e4m3fn), requires_grad=False)
+    host = forge.ForgeHost()
+    bundle = host.acquire_model(SimpleNamespace(model=""))
+    assert fake_loader[0][0] == ckpt and "unload" in fake_forge.calls
+    assert "low bits" in capsys.readouterr().out and "loading model.safetensors from disk" in host.last_notes[0]
+    host.release_model(bundle)
+    assert sd_model.current_lora_hash != "[]"  # Forge's own model was not touched
+
+
+def test_older_forge_backends_train_from_the_selected_file(fake_forge, fake_loader, monkeypatch, tmp_path):
+    """reForge / Forge Classic: `modules_forge` but no `backend/` -> the checkpoint file."""
+    ckpt = tmp_path / "classic.safetensors"
+    ckpt.write_bytes(b"x")
+    monkeypatch.setattr(forge, "_importable", lambda name: name == "modules_forge")
+    fake_forge.sd_model.sd_checkpoint_info.filename = str(ckpt)
+    host = forge.ForgeHost()
+    assert forge.is_forge() and not forge.has_forge_backend()
+    bundle = host.acquire_model(SimpleNamespace(model=""))
+    assert fake_loader[0][0] == ckpt and "reload" not in fake_forge.calls
+    host.release_model(bundle)
 
 
 def sd_model_untouched(sd_model) -> bool:
