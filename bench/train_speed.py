@@ -93,8 +93,10 @@ def make_dataset(root: Path, size: int, count: int) -> Path:
 
 
 def run_case(bundle: ModelBundle, preset: str, resolution: int, batch: int, steps: int, warmup: int,
-             data: Path, out: Path, device: torch.device, tiny: bool) -> dict:
+             data: Path, out: Path, device: torch.device, tiny: bool, mixed_precision: str | None = None) -> dict:
     config = TrainConfig().with_preset(preset)
+    if mixed_precision:
+        config.mixed_precision = mixed_precision
     config.data, config.output_dir, config.name = str(data), str(out), "bench"
     config.resolution, config.batch_size = resolution, batch
     config.max_steps, config.epochs = steps, 0
@@ -117,9 +119,11 @@ def run_case(bundle: ModelBundle, preset: str, resolution: int, batch: int, step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = {"preset": preset, "preset_label": PRESETS[preset].label, "resolution": resolution, "batch": batch}
+    result = {"preset": preset, "preset_label": PRESETS[preset].label, "resolution": resolution, "batch": batch,
+              "mixed_precision": config.mixed_precision}
     try:
-        run_training(config, bundle=bundle, on_event=on_event, owns_bundle=True)
+        trained = run_training(config, bundle=bundle, on_event=on_event, owns_bundle=True)
+        result["final_loss"] = trained.final_loss
         timed = [s for s in sorted(times) if s > warmup]
         if len(timed) >= 2:
             dt = times[timed[-1]] - times[timed[0]]
@@ -201,6 +205,16 @@ def main() -> int:
                                                     work / "out", device, args.tiny)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+            if key == "sd15":  # fp16 + loss scaling (GPUs without bf16), default preset, 512 px batch 1
+                bundle = None
+                gc.collect()
+                bundle = build(family, device)
+                place_bundle(bundle, device, torch.float16 if device.type == "cuda" else torch.float32)
+                res, batch = shapes[0]
+                row = {"model": key, **run_case(bundle, default, res, batch, steps, warmup, datasets[res],
+                                                work / "out", device, args.tiny, mixed_precision="fp16")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             del bundle
             gc.collect()
             if device.type == "cuda":
@@ -208,7 +222,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    header = f"{'model':6} {'preset':28} {'res':>5} {'batch':>5} {'img/s':>8} {'it/s':>7} {'peak VRAM GB':>13}"
+    header = (f"{'model':6} {'preset':28} {'prec':>5} {'res':>5} {'batch':>5} {'img/s':>8} {'it/s':>7} "
+              f"{'peak VRAM GB':>13}")
     print()
     print(f"GPU: {env.get('gpu') or 'CPU (tiny smoke test)'}; torch {env['torch']}, diffusers {env['diffusers']}, "
           f"peft {env['peft']}, transformers {env['transformers']}")
@@ -217,9 +232,10 @@ def main() -> int:
     for r in rows:
         vram = f"{r['peak_vram_gb']:.2f}" if "peak_vram_gb" in r else "-"
         if "error" in r:
-            print(f"{r['model']:6} {r['preset_label']:28} {r['resolution']:>5} {r['batch']:>5}  ERROR {r['error'][:80]}")
+            print(f"{r['model']:6} {r['preset_label']:28} {r['mixed_precision']:>5} {r['resolution']:>5} "
+                  f"{r['batch']:>5}  ERROR {r['error'][:80]}")
         else:
-            print(f"{r['model']:6} {r['preset_label']:28} {r['resolution']:>5} {r['batch']:>5} "
+            print(f"{r['model']:6} {r['preset_label']:28} {r['mixed_precision']:>5} {r['resolution']:>5} {r['batch']:>5} "
                   f"{r.get('images_per_s', 0):>8.2f} {r.get('it_per_s', 0):>7.2f} {vram:>13}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"environment": env, "steps": steps, "warmup": warmup, "results": rows},
