@@ -1,0 +1,81 @@
+"""The engine on a CUDA GPU (skipped here: no GPU on the CI machines; run on a GPU box with
+`python -m pytest tests/test_train_cuda.py`). Tiny models, seconds."""
+
+# ruff: noqa: F811  (pytest fixtures imported from train_support are used as arguments)
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+import torch
+from train_support import lora_tensors, make_dataset, tiny_config, tiny_data  # noqa: F401
+
+from lora_trainer.models.tiny import build_tiny_bundle
+from lora_trainer.train import run_training
+from lora_trainer.train.engine import place_bundle
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _hash(*modules) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_mixed_precision_runs_and_host_bundle_comes_back(tmp_path, tiny_data, precision, family):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision]
+    bundle = build_tiny_bundle(family)
+    bundle.unet.to("cuda", dtype)  # a host model: UNet on the GPU in half precision, the rest too
+    bundle.vae.to("cuda", torch.float32 if family == "sdxl" else dtype)
+    for te in bundle.text_encoders:
+        te.to("cuda", dtype)
+    before = _hash(bundle.unet, bundle.vae, *bundle.text_encoders)
+    result = run_training(tiny_config(tiny_data, tmp_path / "o", mixed_precision=precision, device="cuda",
+                                      epochs=2, gradient_checkpointing=True, train_text_encoder=True,
+                                      sample_prompts=["shape"], sample_every_n_epochs=2, sample_steps=2),
+                          bundle=bundle)
+    assert result.steps == 12 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert _hash(bundle.unet, bundle.vae, *bundle.text_encoders) == before
+    assert all(p.is_cuda for m in (bundle.unet, bundle.vae, *bundle.text_encoders) for p in m.parameters())
+    assert all(torch.isfinite(v).all() for v in lora_tensors(result.lora_path).values())
+
+
+def test_fp8_low_vram_preset_on_an_owned_model(tmp_path, tiny_data):
+    bundle = place_bundle(build_tiny_bundle("sdxl"), "cuda", torch.bfloat16)
+    config = tiny_config(tiny_data, tmp_path / "o", mixed_precision="bf16", device="cuda", fp8_base=True,
+                         gradient_checkpointing=True)
+    result = run_training(config, bundle=bundle, owns_bundle=True)
+    assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_stop_resume_on_cuda_matches(tmp_path, tiny_data):
+    common = {"epochs": 2, "device": "cuda", "learning_rate": 2e-3, "accel": "off"}
+    full = run_training(tiny_config(tiny_data, tmp_path / "a", **common),
+                        bundle=place_bundle(build_tiny_bundle("sd1"), "cuda", torch.float32), owns_bundle=True)
+    stop = threading.Event()
+    first = run_training(tiny_config(tiny_data, tmp_path / "b", **common),
+                         bundle=place_bundle(build_tiny_bundle("sd1"), "cuda", torch.float32), owns_bundle=True,
+                         on_event=lambda e: e.kind == "step" and e.step == 4 and stop.set(), stop=stop)
+    resumed = run_training(tiny_config(tiny_data, tmp_path / "b", resume=str(first.state_dir), **common),
+                           bundle=place_bundle(build_tiny_bundle("sd1"), "cuda", torch.float32), owns_bundle=True)
+    # cuDNN may pick different (non-bitwise-deterministic) kernels between processes: close, not equal.
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-4)
+    a, b = lora_tensors(full.lora_path), lora_tensors(resumed.lora_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+def test_cuda_graphs_path(tmp_path):
+    data = make_dataset(tmp_path / "d", n=2, repeats=6)
+    bundle = place_bundle(build_tiny_bundle("sd1"), "cuda", torch.bfloat16)
+    result = run_training(tiny_config(data, tmp_path / "o", mixed_precision="bf16", device="cuda", epochs=1),
+                          bundle=bundle, owns_bundle=True)
+    assert result.steps == 12 and all(torch.isfinite(torch.tensor(result.losses)))
