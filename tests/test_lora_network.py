@@ -42,7 +42,9 @@ def _unet_out(bundle):
 def test_init_matches_kohya_and_is_seeded():
     bundle = _bundle("sd1")
     base = _unet_out(bundle)
+    rng = torch.get_rng_state()
     net = inject_lora(bundle, LoraSpec(rank=4, alpha=1), seed=123)
+    assert torch.equal(torch.get_rng_state(), rng)  # a seeded init leaves the global RNG alone
     sd = net.kohya_state_dict(dtype=torch.float32)
     ups = [v for k, v in sd.items() if k.endswith("lora_up.weight")]
     downs = [v for k, v in sd.items() if k.endswith("lora_down.weight")]

@@ -206,10 +206,10 @@ class LoraNetwork:
                 self.layers[t.kohya_name] = _get_module(root, t.module_name)
 
         lora_layer = _lora_layer_cls()
-        rng = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
-        with rng, torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(seed)
+        # Drawn on the CPU from our own generator, then copied: the same seed gives the same
+        # adapters on any device, and the global (CUDA) RNG state is left alone.
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
             for t in self.targets:
                 layer = self.layers[t.kohya_name]
                 rank = self.expected_rank(t)
@@ -219,9 +219,13 @@ class LoraNetwork:
                 if dtype is not None:
                     down.to(dtype=dtype)
                     up.to(dtype=dtype)
-                # Our own init, in kohya's order and kohya's way, so it does not depend on peft's version.
-                torch.nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-                torch.nn.init.zeros_(up.weight)
+                # kohya's init (kaiming_uniform a=sqrt(5) = U(+-1/sqrt(fan_in)); up = 0), in kohya's
+                # module order, independent of peft's version.
+                if not down.weight.is_meta:
+                    bound = 1.0 / math.sqrt(down.weight[0].numel())
+                    w = torch.empty(down.weight.shape).uniform_(-bound, bound, generator=gen)
+                    down.weight.copy_(w)
+                    up.weight.zero_()
                 self._set_alpha(t, self.expected_alpha(t))
 
     def expected_rank(self, target: LoraTarget) -> int:
@@ -360,14 +364,6 @@ class LoraNetwork:
             for attr in set(vars(root)) - self._saved_attrs[component]:
                 delattr(root, attr)
         self.removed = True
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def inject_lora(bundle: ModelBundle, spec: LoraSpec, seed: int | None = None,
