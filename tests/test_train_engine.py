@@ -278,3 +278,18 @@ def test_text_encoder_outputs_cached_only_when_static(tmp_path, tiny_data):
         assert calls == [1, 1]
     finally:
         handle.remove()
+
+
+def test_out_of_memory_becomes_a_clear_error(tmp_path, tiny_data):
+    # No GPU here: torch's own CUDA OOM exception is raised from the progress callback during step 2,
+    # where a real allocation failure would surface. Everything after it is the real engine.
+    bundle = build_tiny_bundle("sd1")
+
+    def on_event(e):
+        if e.kind == "step" and e.step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(TrainingError, match="ran out of memory at step 2.*batch size or resolution.*gradient "
+                                            "checkpointing.*low-VRAM preset"):
+        run_training(tiny_config(tiny_data, tmp_path / "o"), bundle=bundle, on_event=on_event)
+    assert not any("lora" in n for n, _ in bundle.unet.named_modules())

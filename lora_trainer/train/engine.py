@@ -20,6 +20,7 @@ import os
 import random
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,9 @@ def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.d
 
 def _is_oom(e: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
+    text = str(e).lower()
+    return (oom is not None and isinstance(e, oom)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 class _Run:
@@ -223,10 +226,13 @@ class _Run:
         try:
             return self._train(bundle, device, weight_dtype)
         except Exception as e:
-            if device.type == "cuda" and _is_oom(e):
+            if _is_oom(e):
+                # The traceback's frames hold the activations/optimizer state: drop them, then free.
+                traceback.clear_frames(e.__traceback__)
                 self._free(device)
+                where = "The GPU" if device.type == "cuda" else f"Training on {device.type}"
                 raise TrainingError(
-                    f"The GPU ran out of memory at step {self.pos.step} (resolution {config.resolution}, batch "
+                    f"{where} ran out of memory at step {self.pos.step} (resolution {config.resolution}, batch "
                     f"{config.batch_size}); lower the batch size or resolution, turn on gradient checkpointing, "
                     "or pick a low-VRAM preset.") from e
             raise
