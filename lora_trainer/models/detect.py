@@ -17,8 +17,7 @@ from ..errors import UnsupportedModelError
 from .bundle import EPSILON, V_PREDICTION, Family
 from .ldm_convert import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT1_PREFIX, SDXL_TEXT2_PREFIX, UNET_PREFIX
 
-SUPPORTED = "SD1.x, SD2.x and SDXL base checkpoints"
-_REMEDY = f"choose one of the {SUPPORTED} (.safetensors, .ckpt or a diffusers folder)."
+_REMEDY = "choose an SD1.x, SD2.x or SDXL base checkpoint (.safetensors, .ckpt or a diffusers folder)."
 
 
 @dataclass(frozen=True)
