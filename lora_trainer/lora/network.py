@@ -201,7 +201,10 @@ class LoraNetwork:
             self._saved_grad[component] = [(p, p.requires_grad) for p in root.parameters()]
             self._saved_attrs[component] = set(vars(root))
             ranks = {t.kohya_name: self.expected_rank(t) for t in targets}
-            inject_adapter_in_model(_peft_config(self.spec, targets, ranks), _Wrapper(root), adapter_name=ADAPTER)
+            # peft's own init (redone below) draws from the global CPU RNG; a seeded run keeps it intact.
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                inject_adapter_in_model(_peft_config(self.spec, targets, ranks), _Wrapper(root),
+                                        adapter_name=ADAPTER)
             for t in targets:
                 self.layers[t.kohya_name] = _get_module(root, t.module_name)
 
