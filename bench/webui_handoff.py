@@ -62,18 +62,18 @@ def run(family: str, device: str = "cuda") -> dict:
     if cuda:
         torch.cuda.synchronize()
     t_handoff = time.perf_counter() - t0
-    extra = torch.cuda.memory_allocated(dev) - base if cuda else float("nan")
+    extra = torch.cuda.memory_allocated(dev) - base if cuda else None
     ptrs = {t.data_ptr() for t in host.values()}
     params = [p for m in (bundle.unet, bundle.vae, *bundle.text_encoders) for p in m.parameters()]
     shared = sum(p.numel() for p in params if p.data_ptr() in ptrs) / max(1, sum(p.numel() for p in params))
     del bundle, params
     if cuda:
         torch.cuda.empty_cache()
-    after_release = torch.cuda.memory_allocated(dev) - base if cuda else float("nan")
+    after_release = torch.cuda.memory_allocated(dev) - base if cuda else None
     same = tensor_fingerprint(host) == fp
     return {"family": family, "host_weights_gib": round(base / 2**30, 3), "hash_s": round(t_hash, 2),
-            "handoff_s": round(t_handoff, 2), "handoff_extra_vram_mib": round(extra / 2**20, 1),
-            "shared_fraction": round(shared, 4), "after_release_extra_mib": round(after_release / 2**20, 1),
+            "handoff_s": round(t_handoff, 2), "handoff_extra_vram_mib": None if extra is None else round(extra / 2**20, 1),
+            "shared_fraction": round(shared, 4), "after_release_extra_mib": None if after_release is None else round(after_release / 2**20, 1),
             "bit_identical": same, "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__}
 
 
