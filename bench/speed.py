@@ -386,15 +386,18 @@ def sec_profile():
     from torch.profiler import ProfilerActivity, profile
     lat = 8 if TINY else 64
     for bs in ((2,) if TINY else (1, 8)):
-        for label, kw in (("fused_graphs", {"fused": True, "graphs": True}), ("peft_eager", {"clip": 0.0})):
+        for label, kw in (("fused_graphs_norms", {"fused": True, "graphs": True, "norms": True}),
+                          ("fused_graphs_norms_cl", {"fused": True, "graphs": True, "norms": True, "cl": True})):
             if remaining() < 25:
                 return
             net = Lora("sd15", 32, 16.0)
             unet = net.unet
             opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False),
-                                      lowp_norms=kw.get("norms", False))
+                                      lowp_norms=kw.get("norms", False), channels_last=kw.get("cl", False))
             accel.prepare_model(unet, opts, device=DEV)
             lat_, enc, added = make_inputs(unet, "sd15", bs, lat)
+            if opts.channels_last:
+                lat_ = lat_.contiguous(memory_format=torch.channels_last)
             opt = torch.optim.AdamW(net.params, lr=1e-4, **accel.optimizer_kwargs(DEV))
             runner = accel.StepRunner(make_loss_fn(unet, alphas(DEV), added), net.params, opt, opts,
                                       max_grad_norm=kw.get("clip", 1.0), device=DEV)
