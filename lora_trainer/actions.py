@@ -154,11 +154,16 @@ def submit_prepare(jobs: JobManager, params: dict[str, Any]) -> Job:
                           "send {\"source\": ..., \"out\": ..., \"concept\": ...}.")
     args = {PREPARE_ALIASES.get(k, k): v for k, v in params.items()}
     _unknown(set(args), set(PREPARE_FIELDS), "prepare")
-    missing = [k for k in ("source", "out", "concept") if not str(args.get(k) or "").strip()]
+    missing = [k for k in ("source", "concept") if not str(args.get(k) or "").strip()]
     if missing:
         raise ConfigError(f"The prepare request lacks {', '.join(missing)}; add those fields.")
+    from .dataset.names import validate_name, validate_repeats
+
+    args["concept"] = validate_name(str(args["concept"]))
     roots = _roots(jobs)
     args["source"] = resolve_user_path(args["source"], roots, what="image folder")
+    if not str(args.get("out") or "").strip():  # default: a folder of our own, always allowed
+        args["out"] = jobs.work_dir / "datasets" / validate_lora_name(args["concept"], what="concept")
     args["out"] = resolve_user_path(args["out"], roots, must_exist=False, what="dataset output folder")
     if args.get("class_images"):
         args["class_images"] = resolve_user_path(args["class_images"], roots, what="class image folder")
@@ -170,9 +175,6 @@ def submit_prepare(jobs: JobManager, params: dict[str, Any]) -> Job:
                 args[key] = int(args[key])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"repeats, class_repeats and resolution must be whole numbers ({e}); fix them.") from e
-    from .dataset.names import validate_name, validate_repeats
-
-    args["concept"] = validate_name(str(args["concept"]))
     if args.get("repeats") is not None:
         validate_repeats(args["repeats"])
     source, out, concept = args.pop("source"), args.pop("out"), args.pop("concept")

@@ -82,8 +82,7 @@ def test_tag_prepare_train_poll_done(setup):
     assert (photos / "p0.txt").read_text().startswith("ohwx")
     assert len(job["outputs"]) == 2
 
-    r = client.post(f"{BASE}/prepare", json={"source": str(photos), "out": str(root / "ds"), "concept": "ohwx",
-                                            "repeats": 1})
+    r = client.post(f"{BASE}/prepare", json={"source": str(photos), "concept": "ohwx", "repeats": 1})
     assert r.status_code == 200, r.text
     job = poll(client, r.json()["job_id"])
     assert job["state"] == "done", job["error"]
@@ -162,8 +161,10 @@ def test_bad_tag_and_prepare_requests_and_unknown_jobs(setup, tmp_path):
     assert r.status_code == 400 and "Unknown field(s) threshold" in r.json()["detail"]
     r = client.post(f"{BASE}/tag", json={"data": str(root), "general_threshold": 3})
     assert r.status_code == 400 and "outside 0..1" in r.json()["detail"]
-    r = client.post(f"{BASE}/prepare", json={"source": str(root), "concept": "x"})
-    assert r.status_code == 400 and "lacks out" in r.json()["detail"]
+    r = client.post(f"{BASE}/prepare", json={"source": str(root)})
+    assert r.status_code == 400 and "lacks concept" in r.json()["detail"]
+    r = client.post(f"{BASE}/prepare", json={"source": str(root), "concept": "x", "repeats": "many"})
+    assert r.status_code == 400 and "whole numbers" in r.json()["detail"]
     r = client.post(f"{BASE}/prepare", json={"source": str(root), "out": str(tmp_path / "o"), "concept": "x"})
     assert r.status_code == 403
     r = client.post(f"{BASE}/train", json=["not", "an", "object"])
