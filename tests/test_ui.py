@@ -285,3 +285,19 @@ def test_stop_and_resume_buttons(tmp_path, photos):
     s["lora_trainer_job_id"] = ""
     s.fire("lora_trainer_refresh")  # re-attaches to the latest run (e.g. after a page reload)
     assert "Done" in s["lora_trainer_progress"]
+
+
+def test_tab_and_api_share_one_job_manager(tmp_path):
+    """What the adapters do: build_tab in on_ui_tabs, mount in on_app_started, same jobs."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lora_trainer.api import mount
+
+    host = tiny_host(tmp_path)
+    tab = build_tab(host)
+    app = FastAPI()
+    jobs = mount(app, host)
+    assert jobs is tab.lora_trainer_jobs
+    client = TestClient(app)
+    assert client.get("/lora-trainer/v1/status").json()["busy"] is False
