@@ -216,6 +216,13 @@ def test_bad_settings_show_the_cause_not_a_traceback(tmp_path, photos):
     s["lora_trainer_folder"] = str(tmp_path / "missing")
     s.fire("lora_trainer_load")
     assert "does not exist" in s["lora_trainer_summary"]
+    # a dataset the engine refuses (no <repeats>_<concept> folder): the job fails with its message
+    s["lora_trainer_extra"] = TINY_EXTRA
+    s["lora_trainer_resolution"], s["lora_trainer_data"] = 64, str(photos)
+    s.fire("lora_trainer_train")
+    assert "Training failed" in s["lora_trainer_result"]
+    assert "Failed" in s["lora_trainer_progress"] and "Traceback" not in s["lora_trainer_result"]
+    assert s["lora_trainer_train_status"].startswith("**Error:**")
 
 
 def test_paths_outside_allowed_roots_are_refused(tmp_path, photos):
