@@ -265,6 +265,31 @@ def test_half_precision_clip_on_the_cpu_trains_on_fp32_copies():
     assert digest(forge_tensors(sd_model)) == before
 
 
+def test_the_real_engine_trains_on_forge_weights_and_leaves_them_bit_identical(tmp_path):
+    from train_support import make_dataset, tiny_config
+
+    from lora_trainer.train import run_training
+
+    sd_model, _ = make_forge_model(Family.SD1, clip_dtype=torch.float16)
+    before = forge_tensors(sd_model)
+    before_digest = digest(before)
+    bundle = forge_model.bundle_from_forge(sd_model, device=torch.device("cpu"), name="tiny")
+    data = make_dataset(tmp_path / "data", n=2, repeats=1)
+    config = tiny_config(data, tmp_path / "out", max_steps=2, train_text_encoder=True, learning_rate=1e-2)
+    result = run_training(config, bundle=bundle)
+    from safetensors import safe_open
+
+    with safe_open(str(result.lora_path), framework="pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["ss_base_model_version"] == "sd_v1"
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
+    after = forge_tensors(sd_model)
+    assert digest(after) == before_digest
+    assert all(after[k] is before[k] and after[k].is_inference() for k in before)
+    forge_ptrs = {t.untyped_storage().data_ptr() for t in after.values()}
+    assert _storage_ptrs(bundle.unet) <= forge_ptrs  # handed back as it came: still Forge's memory
+
+
 def test_merged_lora_weights_are_restored_before_aliasing():
     sd_model, ref = make_forge_model(Family.SD1)
     fo = sd_model.forge_objects_original
