@@ -211,3 +211,18 @@ def test_metadata_accepts_a_plain_dict_of_facts():
     assert md["ss_training_finished_at"] == "1700000000.0"
     with pytest.raises(TypeError):
         build_metadata(_model(Family.SD1), LoraSpec(4, 2), {"no_such_fact": 1})
+
+
+def test_metadata_names_and_hashes_the_checkpoint_file_like_kohya(tmp_path):
+    ckpt = tmp_path / "my-model.safetensors"
+    ckpt.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    model = _model(Family.SD1, model_hash="a" * 64)
+    model.source = str(ckpt)
+    md = build_metadata(model, LoraSpec(4, 2), TrainingFacts())
+    assert md["ss_sd_model_name"] == "my-model.safetensors"
+    raw = ckpt.read_bytes()
+    assert md["ss_sd_model_hash"] == hashlib.sha256(raw[0x100000:0x110000]).hexdigest()[:8]
+    assert md["ss_new_sd_model_hash"] == "a" * 64
+    model.source = "the WebUI's loaded model"
+    md = build_metadata(model, LoraSpec(4, 2), TrainingFacts())
+    assert md["ss_sd_model_name"] == "base" and "ss_sd_model_hash" not in md

@@ -100,6 +100,7 @@ def test_importer_reads_back_bit_exactly_with_alpha_not_rank(tmp_path, family):
             assert again[k].dtype == written[k].dtype and torch.equal(again[k], written[k]), k
         if dtype == torch.float32:
             assert torch.equal(_unet_out(fresh), out)
+            assert net2.load_file(path, strict=True).complete
 
 
 def test_per_block_ranks_round_trip(tmp_path):

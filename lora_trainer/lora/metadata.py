@@ -10,7 +10,9 @@ bundle and the LoraSpec.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -85,8 +87,8 @@ class TrainingFacts:
     reg_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # {dir: {tag: count}}
     training_comment: str | None = None
-    sd_model_name: str | None = None  # None: bundle.name
-    sd_model_hash: str | None = None  # A1111 old 8-hex hash (ss_sd_model_hash), if known
+    sd_model_name: str | None = None  # None: the checkpoint's file name, else bundle.name
+    sd_model_hash: str | None = None  # A1111's old 8-hex hash; None: computed from bundle.source if a file
     new_sd_model_hash: str | None = None  # full sha256 (ss_new_sd_model_hash); None: bundle.model_hash
     vae_name: str | None = None
     # modelspec.*
@@ -115,6 +117,26 @@ def _resolution(facts: TrainingFacts, family: Family, v: bool) -> tuple[int, int
         return (reso, reso)
     reso = tuple(int(r) for r in reso)
     return (reso[0], reso[0]) if len(reso) == 1 else (reso[0], reso[1])
+
+
+def _model_file_name(bundle: Any) -> str:
+    """kohya writes the checkpoint's file name (with extension) when it trained from a file."""
+    source = str(getattr(bundle, "source", "") or "")
+    if source and os.path.isfile(source):
+        return os.path.basename(source)
+    return getattr(bundle, "name", None) or "model"
+
+
+def _old_model_hash(source: str) -> str | None:
+    """A1111's old 8-hex model hash (kohya's `model_hash`): sha256 of 64 KiB at offset 1 MiB."""
+    if not source or not os.path.isfile(source):
+        return None
+    try:
+        with open(source, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[0:8]
+    except OSError:
+        return None
 
 
 def architecture(family: Family, prediction_type: str) -> str:
@@ -210,7 +232,7 @@ def build_metadata(bundle: Any, spec: LoraSpec,
         "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs),
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_bucket_info": json.dumps(facts.bucket_info),
-        "ss_sd_model_name": facts.sd_model_name or getattr(bundle, "name", None) or "model",
+        "ss_sd_model_name": facts.sd_model_name or _model_file_name(bundle),
         "ss_training_finished_at": finished,
         "ss_steps": facts.steps,
         "ss_epoch": facts.epoch,
@@ -220,8 +242,9 @@ def build_metadata(bundle: Any, spec: LoraSpec,
         md["ss_network_args"] = json.dumps({"conv_dim": _num(spec.conv_rank),
                                             "conv_alpha": _num(spec.effective_conv_alpha),
                                             "dropout": float(spec.dropout) if spec.dropout else None})
-    if facts.sd_model_hash:
-        md["ss_sd_model_hash"] = facts.sd_model_hash
+    old_hash = facts.sd_model_hash or _old_model_hash(getattr(bundle, "source", ""))
+    if old_hash:
+        md["ss_sd_model_hash"] = old_hash
     new_hash = facts.new_sd_model_hash or getattr(bundle, "model_hash", None)
     if new_hash:
         md["ss_new_sd_model_hash"] = new_hash

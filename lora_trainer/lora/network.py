@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..models.bundle import ModelBundle
 from ..models.unet_keys import to_ldm_module_name
 from .errors import LoraFileError
-from .kohya_file import family_from_shapes, save_kohya
+from .kohya_file import family_from_shapes, load_kohya_file, save_kohya
 from .targets import LoraTarget, find_targets, text_encoder_components
 
 log = logging.getLogger(__name__)
@@ -342,6 +342,10 @@ class LoraNetwork:
                 raise LoraFileError(f"The LoRA file does not match this model ({report.summary()}); "
                                     "pick a LoRA of the same family and settings, or load it non-strictly.")
         return report
+
+    def load_file(self, path, strict: bool = False) -> LoadReport:
+        """`load_kohya_state_dict` of a LoRA file (.safetensors or torch-saved)."""
+        return self.load_kohya_state_dict(load_kohya_file(path)[0], strict=strict)
 
     def save_kohya(self, path, metadata: Mapping[str, str] | None = None,
                    dtype: torch.dtype = torch.float16) -> str:
