@@ -11,6 +11,7 @@ Standard library only: this runs in the WebUI's venv before anything of ours can
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -79,10 +80,21 @@ def torch_gpu_facts() -> dict[str, object]:
         return {}
 
 
-def onnx_requirement(installed: dict[str, str], gpu: dict[str, object]) -> str | None:
-    """The onnxruntime variant to add, or None when any variant is already there."""
+def is_forge() -> bool:
+    """Forge (and its forks) ship `modules_forge` in the WebUI folder, which is on PYTHONPATH here."""
+    try:
+        return importlib.util.find_spec("modules_forge") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def onnx_requirement(installed: dict[str, str], gpu: dict[str, object], *, forge: bool = False) -> str | None:
+    """The onnxruntime variant to add, or None when any variant is already there. On Forge only the
+    CPU build (Forge pins its CUDA stack; the tagger is fast enough on the CPU)."""
     if any(v in installed for v in ONNX_VARIANTS):
         return None
+    if forge:
+        return "onnxruntime" + ONNX_BOUNDS
     cuda, cudnn = str(gpu.get("cuda") or ""), gpu.get("cudnn") or 0
     if gpu.get("available") and cuda.startswith("12.") and isinstance(cudnn, int) and cudnn >= 90000:
         return "onnxruntime-gpu" + ONNX_GPU_BOUNDS
@@ -101,10 +113,10 @@ def requirement_specs(installed: dict[str, str]) -> dict[str, str]:
     return specs
 
 
-def plan(installed: dict[str, str], gpu: dict[str, object]) -> list[str]:
+def plan(installed: dict[str, str], gpu: dict[str, object], *, forge: bool = False) -> list[str]:
     """Requirement strings for what is missing; present packages are left alone whatever their version."""
     wanted = [name + spec for name, spec in requirement_specs(installed).items() if canonical(name) not in installed]
-    onnx = onnx_requirement(installed, gpu)
+    onnx = onnx_requirement(installed, gpu, forge=forge)
     if onnx:
         wanted.append(onnx)
     return wanted
@@ -177,8 +189,9 @@ def main() -> int:
         say("--skip-install given: not checking or installing packages.")
         return 0
     installed = installed_versions()
-    gpu = torch_gpu_facts() if not any(v in installed for v in ONNX_VARIANTS) else {}
-    wanted = plan(installed, gpu)
+    forge = is_forge()
+    gpu = torch_gpu_facts() if not forge and not any(v in installed for v in ONNX_VARIANTS) else {}
+    wanted = plan(installed, gpu, forge=forge)
     if not wanted:
         return check_present(installed)
     say(f"adding missing packages: {', '.join(wanted)}")

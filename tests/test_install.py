@@ -42,8 +42,28 @@ def test_a1111_missing_packages_get_bounded_specs():
 
 
 def test_forge_gets_only_cpu_onnxruntime_when_missing():
-    assert inst.plan(FORGE, {}) == ["onnxruntime>=1.16,<1.27"]
-    assert inst.plan({**FORGE, "onnxruntime": "1.20.1"}, {}) == []
+    cudnn9 = {"available": True, "cuda": "12.1", "cudnn": 90100}
+    assert inst.plan(FORGE, cudnn9, forge=True) == ["onnxruntime>=1.16,<1.27"]
+    assert inst.plan({**FORGE, "onnxruntime": "1.20.1"}, {}, forge=True) == []
+
+
+def test_forge_is_detected_from_the_webui_folder(tmp_path, monkeypatch):
+    assert inst.is_forge() is False
+    (tmp_path / "modules_forge").mkdir()
+    (tmp_path / "modules_forge" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))  # install.py runs with PYTHONPATH=<webui folder>
+    assert inst.is_forge() is True
+
+
+def test_rollback_removes_only_what_was_added(tmp_path):
+    # Real pip in a throwaway venv: `six` stands for a package we added, `pip` for one that was there.
+    py = _venv(tmp_path / "venv", "six")
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('i', sys.argv[1]);"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m);"
+            "m.rollback(['six', 'pip'], {'pip': 'x'})")
+    subprocess.run([str(py), "-c", code, str(ROOT / "install.py")], check=True, capture_output=True)
+    frozen = _freeze(py)
+    assert "six==" not in frozen and "pip==" in frozen
 
 
 def test_present_packages_are_left_alone_whatever_their_version():

@@ -138,7 +138,8 @@ def test_progress_goes_to_shared_state_and_interrupt_stops(fake_webui):
     st = fake_webui.shared.state
     host.report(SimpleNamespace(kind="step", step=30, total_steps=120, epoch=2, total_epochs=4, loss=0.12,
                                 smoothed_loss=0.1, eta_s=125))
-    assert (st.sampling_step, st.sampling_steps, st.job_no, st.job_count) == (30, 120, 1, 4)
+    # A1111's bar: job_no/job_count + sampling_step/sampling_steps/job_count = 30/120
+    assert (st.sampling_step, st.sampling_steps, st.job_no, st.job_count) == (30, 120, 0, 1)
     assert st.textinfo == "LoRA Trainer, step 30/120, epoch 2/4, loss 0.1000, ETA 2:05"
     assert host.interrupted() is False
     st.interrupted = True  # the WebUI's Interrupt button

@@ -314,13 +314,11 @@ class A1111Host:
 
         st = shared.state
         step, total = getattr(event, "step", 0) or 0, getattr(event, "total_steps", 0) or 0
-        if total:
+        if total:  # the WebUI's bar = job_no/job_count + step/steps/job_count: one job, all steps
+            st.job_count, st.job_no = 1, 0
             st.sampling_steps = int(total)
             st.sampling_step = int(step)
         epoch, epochs = getattr(event, "epoch", 0) or 0, getattr(event, "total_epochs", 0) or 0
-        if epochs:
-            st.job_count = int(epochs)
-            st.job_no = max(0, int(epoch) - 1)
         eta = getattr(event, "eta_s", None)
         loss = getattr(event, "smoothed_loss", None) or getattr(event, "loss", None)
         parts = ["LoRA Trainer"]
