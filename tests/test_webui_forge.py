@@ -41,7 +41,8 @@ GUESS_TINY = {
 }
 
 
-def _inference_module(named: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _inference_module(named: dict[str, torch.Tensor], device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A module tree with exactly these parameter names, each an inference tensor (Forge-style)."""
     root = torch.nn.Module()
     with torch.inference_mode():
@@ -52,11 +53,12 @@ def _inference_module(named: dict[str, torch.Tensor]) -> torch.nn.Module:
                 if not hasattr(m, part):
                     m.add_module(part, torch.nn.Module())
                 m = getattr(m, part)
-            m.register_parameter(leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+            m.register_parameter(leaf, torch.nn.Parameter(value.detach().to(device, dtype).clone(),
+                                                          requires_grad=False))
     return root
 
 
-def _inference_clip(hf_model: torch.nn.Module, add_projection: bool) -> torch.nn.Module:
+def _inference_clip(hf_model: torch.nn.Module, add_projection: bool, device: str = "cpu") -> torch.nn.Module:
     """Forge's IntegratedCLIP: a transformers CLIPTextModel (+ text_projection) at `.transformer`."""
     from transformers import CLIPTextModel
 
@@ -71,7 +73,7 @@ def _inference_clip(hf_model: torch.nn.Module, add_projection: bool) -> torch.nn
         for name, p in list(te.named_parameters()):
             parent, _, leaf = name.rpartition(".")
             owner = te.get_submodule(parent) if parent else te
-            setattr(owner, leaf, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+            setattr(owner, leaf, torch.nn.Parameter(p.detach().to(device).clone(), requires_grad=False))
     wrapper = torch.nn.Module()
     wrapper.transformer = te
     return wrapper
@@ -110,20 +112,23 @@ class FakeForgeObjects(SimpleNamespace):
 
 
 def make_forge_model(family: Family = Family.SD1, prediction_type: str = EPSILON, seed: int = 0,
-                     clip_dtype: torch.dtype = torch.float32):
-    """(Forge-shaped sd_model, the tiny bundle its weights came from)."""
-    ref = build_tiny_bundle(family, prediction_type, seed=seed, conv_projection=family is Family.SD1)
-    unet = _inference_module(unet_state_dict_to_ldm(ref.unet.state_dict(), ref.unet.config))
-    unet.config = dict(GUESS_TINY[family])
+                     clip_dtype: torch.dtype = torch.float32, *, ref=None, guess: dict | None = None,
+                     device: str = "cpu", unet_dtype: torch.dtype = torch.float32,
+                     vae_dtype: torch.dtype = torch.float32):
+    """(Forge-shaped sd_model, the bundle its weights came from: tiny unless `ref` is given)."""
+    if ref is None:
+        ref = build_tiny_bundle(family, prediction_type, seed=seed, conv_projection=family is Family.SD1)
+    unet = _inference_module(unet_state_dict_to_ldm(ref.unet.state_dict(), ref.unet.config), device, unet_dtype)
+    unet.config = dict(guess or GUESS_TINY[family])
     cfg = ref.vae.config
     vae = _inference_module(vae_to_ldm(ref.vae.state_dict(), len(cfg.block_out_channels), cfg.layers_per_block,
-                                       prefix=""))
+                                       prefix=""), device, vae_dtype)
     vae.config = dict(cfg)
     vae.scaling_factor = 0.13025 if family is Family.SDXL else 0.18215
     keys = {Family.SD1: ["clip_l"], Family.SD2: ["clip_h"], Family.SDXL: ["clip_l", "clip_g"]}[family]
     joint = torch.nn.Module()  # Forge's JointTextEncoder is a plain Module with named children
     for k, te in zip(keys, ref.text_encoders):
-        joint.add_module(k, _inference_clip(te.to(clip_dtype), add_projection=True))  # Forge: fp16 CLIP
+        joint.add_module(k, _inference_clip(te.to(clip_dtype), add_projection=True, device=device))  # fp16 CLIP
         te.float()
     predictor = torch.nn.Module()
     with torch.inference_mode():
@@ -133,7 +138,7 @@ def make_forge_model(family: Family = Family.SD1, prediction_type: str = EPSILON
     kmodel = torch.nn.Module()
     kmodel.diffusion_model = unet
     kmodel.predictor = predictor
-    kmodel.storage_dtype = torch.float32
+    kmodel.storage_dtype = unet_dtype
     clip_patcher = FakePatcher(joint)
     original = FakeForgeObjects(unet=FakePatcher(kmodel), clip=SimpleNamespace(patcher=clip_patcher,
                                 cond_stage_model=joint), vae=SimpleNamespace(first_stage_model=vae), clipvision=None)
