@@ -90,8 +90,12 @@ def create_router(host: Any, jobs: JobManager, *, auth: Callable[..., Any] | Non
         return {"jobs": [jobs.snapshot(j.id) for j in jobs.jobs()]}
 
     @router.get("/jobs/{job_id}")
-    def get_job(job_id: str) -> Dict[str, Any]:  # noqa: UP006
-        return _guard(lambda: jobs.snapshot(job_id))
+    def get_job(job_id: str, history: bool = True) -> Dict[str, Any]:  # noqa: UP006
+        """The job's state; `?history=false` leaves out the per-step loss list (long runs, fast polls)."""
+        snap = _guard(lambda: jobs.snapshot(job_id))
+        if not history:
+            snap.pop("loss_history", None)
+        return snap
 
     @router.post("/jobs/{job_id}/stop")
     def stop_job(job_id: str) -> Dict[str, Any]:  # noqa: UP006

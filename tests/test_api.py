@@ -104,6 +104,9 @@ def test_tag_prepare_train_poll_done(setup):
         assert any(k.startswith("lora_unet_") for k in f.keys())  # noqa: SIM118 - not a dict
         assert f.metadata()["ss_network_dim"] == "4"
     assert host.saved == [lora]  # the host was asked to refresh its Lora list
+    assert len(job["loss_history"]) == 2
+    short = client.get(f"{BASE}/jobs/{job['id']}?history=false").json()
+    assert "loss_history" not in short and short["state"] == "done"
     assert job["prompt_text"] == "<lora:api-lora:0.8> ohwx"
     assert job["error"] is None
 
