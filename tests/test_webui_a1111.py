@@ -248,3 +248,51 @@ def test_register_shows_why_when_install_refused(fake_webui, fresh_registration,
     gr = pytest.importorskip("gradio")
     blocks, label, tab_id = fake_webui.callbacks["on_ui_tabs"][0]()[0]
     assert (label, tab_id) == ("Train LoRA", "lora_trainer") and isinstance(blocks, gr.Blocks)
+
+
+def _module_tree(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose state_dict has exactly these checkpoint keys (stands in for LatentDiffusion;
+    the real LDM classes are used in test_webui_a1111_ldm.py)."""
+    root = torch.nn.Module()
+    for key, tensor in state.items():
+        *path, leaf = key.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        if tensor.is_floating_point():
+            mod.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+        else:
+            mod.register_buffer(leaf, tensor)
+    return root
+
+
+def test_lowvram_keeps_the_webuis_model_on_the_cpu_and_trains_on_a_unet_copy(fake_webui, monkeypatch):
+    from safetensors.torch import load_file
+
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(fake_webui.tmp / "ckpt", "sd1", seed=4)
+    sd_model = _module_tree(load_file(str(ckpt)))
+    sd_model.lowvram, sd_model.is_sd1, sd_model.used_config = True, True, str(ckpt.with_suffix(".yaml"))
+    sd_model.sd_checkpoint_info = SimpleNamespace(filename=str(ckpt), model_name="tiny")
+    fake_webui.shared.sd_model = sd_model
+    calls = []
+    lowvram = SimpleNamespace(send_everything_to_cpu=lambda: calls.append("park"))
+    sd_models = SimpleNamespace(send_model_to_device=lambda m: calls.append("back"))
+    for name, mod in {"lowvram": lowvram, "sd_models": sd_models}.items():
+        setattr(sys.modules["modules"], name, mod)
+        monkeypatch.setitem(sys.modules, f"modules.{name}", mod)
+    # "meta" plays the GPU: a UNet copy "on the GPU" must leave the WebUI's tensors where they are
+    fake_webui.devices.device = torch.device("meta")
+    before = common.tensor_fingerprint(sd_model.state_dict())
+    host = A1111Host()
+    bundle = host.acquire_model(SimpleNamespace())
+    assert calls == ["park"]
+    assert all(p.is_meta for p in bundle.unet.parameters())
+    assert not any(p.is_meta for p in bundle.vae.parameters())  # VAE/TE stay zero-copy on the CPU
+    assert all(t.device.type == "cpu" for t in sd_model.state_dict().values())
+    host.release_model(bundle)
+    assert calls == ["park", "back"]
+    assert common.tensor_fingerprint(sd_model.state_dict()) == before

@@ -180,13 +180,15 @@ class A1111Host:
             from modules import lowvram as lowvram_mod
 
             lowvram_mod.send_everything_to_cpu()
-            self._note("--medvram/--lowvram: the model stays on the CPU; training uses a copy on the GPU")
+            self._note("--medvram/--lowvram: the WebUI's model stays on the CPU; training uses a copy of "
+                       "the UNet on the GPU (text encoders and VAE visit the GPU only for caching)")
         state = ldm_state_dict(sd_model)
         self._homes = {k: (t.device, t.dtype) for k, t in state.items()}
         self._fingerprint = tensor_fingerprint(state) if self._verify else None
         self._sd_model = sd_model
-        bundle = self.bundle_from_model(sd_model, facts, state=state,
-                                        device=devices.device if lowvram else None)
+        bundle = self.bundle_from_model(sd_model, facts, state=state)
+        if lowvram:  # .to() rebinds our Parameters to GPU copies; the WebUI's own stay on the CPU
+            bundle.unet.to(devices.device)
         self._begin_state("Training a LoRA")
         log.info("LoRA Trainer: training on the loaded model %s (%s, %s)", facts.name, facts.family,
                  facts.prediction_type)
