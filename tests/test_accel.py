@@ -248,6 +248,13 @@ def test_fp8_base_linear_close_and_trainable():
     (g,) = torch.autograd.grad(q(x).sum(), x)
     assert rel(g, g_ref) < 0.08
     assert q.weight8.element_size() == 1 and q.weight.shape == lin.weight.shape
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).requires_grad_(False)
+    qc = accel.Fp8Conv2d(conv)
+    xc = torch.randn(2, 16, 8, 8, requires_grad=True)
+    assert rel(qc(xc).detach(), conv(xc).detach()) < 0.08
+    (gc_ref,) = torch.autograd.grad(conv(xc).square().sum(), xc)
+    (gc,) = torch.autograd.grad(qc(xc).square().sum(), xc)
+    assert rel(gc, gc_ref) < 0.1
 
     unet = lora_unet()
     ref = copy.deepcopy(unet)
@@ -258,7 +265,8 @@ def test_fp8_base_linear_close_and_trainable():
     batch = inputs(unet)
     out_q, grads = fwd_bwd(unet, batch)
     out_ref, _ = fwd_bwd(ref, batch)
-    assert rel(out_q, out_ref) < 0.1
+    # every Linear/Conv rounded to fp8: a random tiny net amplifies it (per layer it is < 8% above)
+    assert rel(out_q, out_ref) < 0.25
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
 
 

@@ -6,7 +6,7 @@ Contract (docs/internals.md, "accel/"): `AccelOptions.from_config`, `prepare_mod
 
 from __future__ import annotations
 
-from .fp8 import Fp8Linear, quantize_linears_fp8
+from .fp8 import Fp8Conv2d, Fp8Linear, quantize_linears_fp8
 from .graphs import StepRunner
 from .lora_fast import fuse_lora_layers, unfuse_lora_layers
 from .norms import lowp_norms, restore_norms
@@ -15,6 +15,7 @@ from .prepare import graph_safe_checkpointing, prepare_model
 
 __all__ = [
     "AccelOptions",
+    "Fp8Conv2d",
     "Fp8Linear",
     "StepRunner",
     "describe",

@@ -1,4 +1,4 @@
-"""Frozen Linear weights stored in float8 (e4m3) with one scale per output row, for low-VRAM runs.
+"""Frozen Linear/Conv2d weights stored in float8 (e4m3) with one scale per output row, for low-VRAM runs.
 
 The base model is frozen while a LoRA trains, so its weights only need to be read. Stored in fp8
 they take half the memory of bf16 (SDXL's UNet: ~2 GiB saved). Each layer dequantises its weight
@@ -79,19 +79,83 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8"
 
 
-def quantize_linears_fp8(model: nn.Module) -> int:
-    """Replace every frozen nn.Linear in `model` (peft base layers included) by an Fp8Linear.
+class _Fp8Conv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight8, scale, bias, stride, padding, dilation, groups):  # type: ignore[override]
+        dt = _compute_dtype(x)
+        w = weight8.to(dt) * scale.to(dt).view(-1, 1, 1, 1)
+        ctx.save_for_backward(weight8, scale)
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv2d(x.to(dt), w, None if bias is None else bias.to(dt), stride, padding, dilation, groups)
 
-    Returns how many were replaced. Layers with trainable weights (LoRA A/B) are left alone.
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        weight8, scale = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        w = weight8.to(grad.dtype) * scale.to(grad.dtype).view(-1, 1, 1, 1)
+        gx = torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation, groups)
+        return gx, None, None, None, None, None, None, None
+
+
+class Fp8Conv2d(nn.Module):
+    """Drop-in frozen replacement for an nn.Conv2d with zero or 'same'-free integer padding."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if FP8 is None:
+            raise RuntimeError("this torch has no float8 dtype")
+        w = conv.weight.detach()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        flat = w.float().reshape(w.shape[0], -1)
+        scale = (flat.abs().amax(dim=1) / _FP8_MAX).clamp(min=1e-12)
+        self.register_buffer("weight8", (w.float() / scale.view(-1, 1, 1, 1)).to(FP8))
+        self.register_buffer("scale", scale)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+        self._orig_dtype = w.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return (self.weight8.to(self._orig_dtype) * self.scale.to(self._orig_dtype).view(-1, 1, 1, 1)).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Fp8Conv2dFn.apply(x, self.weight8, self.scale, self.bias, self.stride, self.padding, self.dilation,
+                                  self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, fp8"
+
+
+def _frozen(m: nn.Module) -> bool:
+    return all(not p.requires_grad for p in m.parameters(recurse=False))
+
+
+def _convertible(m: nn.Module) -> bool:
+    if type(m) is nn.Linear:
+        return _frozen(m)
+    return (type(m) is nn.Conv2d and _frozen(m) and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str) and m.weight.shape[0] >= 16)
+
+
+def quantize_linears_fp8(model: nn.Module) -> int:
+    """Replace every frozen nn.Linear and nn.Conv2d in `model` (peft base layers included) by its
+    fp8 counterpart; returns how many. Trainable layers (LoRA A/B) are left alone.
+
+    Destructive by design, for models the engine loaded itself: the original weights' storage is
+    released at once (other holders of those Parameter objects, such as saved requires_grad flags,
+    would otherwise keep the bf16 copy alive beside the fp8 one), one layer at a time so the peak
+    stays at the bf16 model plus one layer.
     """
     if FP8 is None:
         return 0
-    todo = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear and not child.weight.requires_grad and (
-                    child.bias is None or not child.bias.requires_grad):
-                todo.append((parent, name, child))
-    for parent, name, child in todo:
-        setattr(parent, name, Fp8Linear(child))
-    return len(todo)
+    names = [(parent_name, name) for parent_name, parent in model.named_modules()
+             for name, child in parent.named_children() if _convertible(child)]
+    for parent_name, name in names:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        child = getattr(parent, name)
+        setattr(parent, name, Fp8Linear(child) if type(child) is nn.Linear else Fp8Conv2d(child))
+        with torch.no_grad():
+            child.weight.data = torch.empty(0, dtype=child.weight.dtype, device=child.weight.device)
+    return len(names)
