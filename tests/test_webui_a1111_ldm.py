@@ -219,3 +219,52 @@ def test_lora_patched_weights_are_restored_before_training(ldm_model):
         _FakeNetworks.network_restore_weights_from_backup(layer)
     layer.network_current_names = ()
     assert torch.equal(layer.weight, original)
+
+
+def _tree_from(state, prefix):
+    """Raw tensors under `prefix` as a module tree (OpenCLIP's text tower needs open_clip, which the
+    test venvs lack; our OpenCLIP conversion itself is tested in the models tests)."""
+    root = torch.nn.Module()
+    for key, tensor in state.items():
+        if not key.startswith(prefix):
+            continue
+        *path, leaf = key[len(prefix):].split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+    return root
+
+
+@torch.no_grad()
+def test_sd2_v_prediction_model_facts_and_unet_outputs(tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    ckpt = write_tiny_checkpoint(tmp_path, "sd2", prediction_type="v_prediction", seed=5)
+    with open(ckpt.with_suffix(".yaml"), encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)["model"]["params"]
+    sd = load_file(str(ckpt))
+    m = torch.nn.Module()
+    m.model = torch.nn.Module()
+    m.model.diffusion_model = openaimodel.UNetModel(**cfg["unet_config"]["params"])
+    m.model.diffusion_model.load_state_dict({k[len("model.diffusion_model."):]: v for k, v in sd.items()
+                                             if k.startswith("model.diffusion_model.")})
+    m.first_stage_model = _tree_from(sd, "first_stage_model.")
+    m.cond_stage_model = _Wrapped(torch.nn.Module())  # A1111: FrozenOpenCLIPEmbedderWithCustomWords
+    m.cond_stage_model.wrapped.model = _tree_from(sd, "cond_stage_model.model.")
+    m.linear_start, m.linear_end, m.num_timesteps = cfg["linear_start"], cfg["linear_end"], cfg["timesteps"]
+    m.scale_factor, m.parameterization = cfg["scale_factor"], cfg["parameterization"]
+    m.is_sd1, m.is_sd2, m.is_sdxl = False, True, False
+    m.used_config = str(ckpt.with_suffix(".yaml"))
+    m.sd_checkpoint_info = SimpleNamespace(filename=str(ckpt), model_name=ckpt.stem)
+    bundle, facts = _bundle(m.eval())
+    assert (facts.family, facts.prediction_type) == ("SD2", "v_prediction")
+    assert bundle.prediction_type == "v_prediction" and bundle.family.label == "SD2"
+    ctx_dim = cfg["unet_config"]["params"]["context_dim"]
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500]), torch.randn(1, 5, ctx_dim, generator=g)
+    torch.testing.assert_close(bundle.unet(x, t, encoder_hidden_states=ctx).sample,
+                               m.model.diffusion_model(x, t, context=ctx), rtol=1e-4, atol=1e-5)
