@@ -135,7 +135,7 @@ class TrainConfig:
     loss_type: str = "l2"
     huber_c: float = 0.1
     # --- precision and memory
-    mixed_precision: str = "no"
+    mixed_precision: str = "bf16"  # fp16 (with loss scaling) on GPUs without bf16; fp32 on the CPU
     save_precision: str = "fp16"
     gradient_checkpointing: bool = False
     fp8_base: bool = False  # frozen UNet/TE Linear weights stored in fp8 (CUDA, models we load ourselves)

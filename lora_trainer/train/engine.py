@@ -179,6 +179,7 @@ class _Run:
         self.state_path: Path | None = None
         self.network = None
         self.own_bundle: ModelBundle | None = None
+        self.precision = config.mixed_precision
         self.started_at = time.time()
         self.session_id = int.from_bytes(os.urandom(4), "little")  # kohya's ss_session_id, not from the seeded RNG
 
@@ -200,7 +201,7 @@ class _Run:
         mp = self.config.mixed_precision
         if device.type != "cuda":
             if mp != "no":
-                log.warning("mixed precision %s is ignored on %s; training in fp32", mp, device.type)
+                log.info("mixed precision %s does not apply on %s; training in fp32", mp, device.type)
             return torch.float32
         if mp == "bf16" and not torch.cuda.is_bf16_supported():
             log.warning("this GPU has no bf16; using fp16 with loss scaling instead")
@@ -221,6 +222,7 @@ class _Run:
         bundle = self._load(device, weight_dtype) if given is None else given
         assert bundle is not None
         self.own_bundle = bundle if own else None
+        self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight_dtype, "no")
         homes = {id(m): (next(m.parameters()).device, m.training)
                  for m in (bundle.unet, bundle.vae, *bundle.text_encoders)}
         try:
@@ -540,6 +542,7 @@ class _Run:
 
         facts = training_facts(self.config, self.dataset, self.plan, self.pos.step, self.pos.epoch, self.started_at)
         facts.session_id = self.session_id
+        facts.mixed_precision = self.precision  # what ran (fp32 on the CPU whatever was asked)
         return build_metadata(self.network.bundle, self.network.spec, facts)
 
     def _write_user_metadata(self, path: Path, bundle: ModelBundle) -> None:
