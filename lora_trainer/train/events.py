@@ -36,7 +36,8 @@ class TrainingPlan:
                  if self.gradient_accumulation_steps > 1 else "")
         lines.append(f"Steps: {self.samples_per_epoch} samples / batch {self.batch_size} = "
                      f"{self.batches_per_epoch} batches per epoch{accum} = {self.steps_per_epoch} steps per epoch")
-        lines.append(f"Total: {self.steps_per_epoch} steps × {self.epochs} epochs → {self.total_steps} steps")
+        capped = " (stopped early by max_steps)" if self.total_steps < self.steps_per_epoch * self.epochs else ""
+        lines.append(f"Total: {self.steps_per_epoch} steps × {self.epochs} epochs → {self.total_steps} steps{capped}")
         return "\n".join(lines)
 
 
