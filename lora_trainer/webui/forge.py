@@ -112,7 +112,7 @@ class ForgeHost(A1111Host):
         except forge_model.LowBitModelError as e:
             if not loaded:
                 raise
-            return self._load_file(loaded, reason=str(e).split(";")[0])
+            return self._load_file(loaded, reason=e.cause)
         self._forge_model = sd_model
         self._forge_fingerprint = tensor_fingerprint(forge_model.forge_tensors(sd_model)) if self._verify else None
         self._begin_state("Training a LoRA")

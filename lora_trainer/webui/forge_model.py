@@ -36,6 +36,10 @@ _TEXT_KEYS = {Family.SD1: ("clip_l",), Family.SD2: ("clip_h",), Family.SDXL: ("c
 class LowBitModelError(UnsupportedModelError):
     """The loaded weights are stored in fp8/nf4/fp4/GGUF: no exact tensors to train on."""
 
+    def __init__(self, cause: str, remedy: str) -> None:
+        super().__init__(f"{cause}; {remedy}")
+        self.cause = cause
+
 
 # ---------------------------------------------------------------- tensors
 def alias(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,7 +76,7 @@ def check_storage(sd_model: Any) -> None:
             bad.append(f"{label} ({names[0]}: {_dtype_name(module.get_parameter(names[0]))})")
     if bad:
         raise LowBitModelError(
-            f"The loaded model is stored in low bits ({'; '.join(bad)}), which cannot be trained exactly; "
+            f"The loaded model is stored in low bits ({', '.join(bad)}), which cannot be trained exactly",
             "set Forge's 'Diffusion in Low Bits' to 'Automatic' (fp16/bf16) or train from the checkpoint file.")
 
 

@@ -129,7 +129,9 @@ def forge(forge_dir: Path, webui_port: int, tmp_path_factory: pytest.TempPathFac
     ui.facts["install_output"] = inst.stdout + inst.stderr
     assert inst.returncode == 0, ui.facts["install_output"]
     ui.facts["freeze_after"] = ui.freeze()
-    launched = ui.script("launch.sh")
+    # No warm-up generation: Forge then has no model loaded (FakeInitialModel) until something asks.
+    launched = subprocess.run(["bash", str(harness / "launch.sh")], env={**ui.env, "FORGE_NO_WARMUP": "1"},
+                              capture_output=True, text=True, timeout=900, check=False)
     if launched.returncode != 0:
         ui.script("install_extension.sh", "--remove")
         pytest.fail("launch.sh failed:\n" + launched.stdout[-3000:] + launched.stderr[-3000:])
@@ -168,13 +170,14 @@ def test_tab_and_api_with_the_forge_host(forge: Forge):
     assert "LoRA Trainer is disabled" not in forge.log.read_text(errors="replace")
 
 
-def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(forge: Forge):
+def test_tag_prepare_and_train_before_forge_loaded_its_model(forge: Forge):
+    """Forge loads checkpoints lazily: training first must load the selected one itself."""
     from lora_trainer.dataset.samples import write_images
     from lora_trainer.tagger.demo_model import write_demo_tagger
 
     ui = forge
+    assert "Model loaded in" not in ui.log.read_text(errors="replace")
     ui.call("POST", "/sdapi/v1/options", {"lora_trainer_ab_steps": 2})
-    base = ui.txt2img(PROMPT)
     raw = ui.facts["data"] / "photos"
     write_images(raw, 3, (64, 64), captions=False)
     tagger = write_demo_tagger(ui.facts["data"] / "tagger")  # a WD14-shaped ONNX model (no Hub here)
@@ -186,7 +189,19 @@ def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(forge: Forge):
         "source": str(raw), "out": str(ui.facts["data"] / "ds"), "concept": "sks", "repeats": 1,
         "resolution": 64})["job_id"])
     assert prep["state"] == "done", (prep["error"], prep["message"])
+    lazy = ui.train(str(ui.facts["data"] / "ds"), f"{RUN}_lazy", max_steps=1)
+    assert lazy["state"] == "done", (lazy["error"], lazy["message"])
+    log = ui.log.read_text(errors="replace")
+    loaded, trained = log.find("Model loaded in"), log.find("LoRA Trainer: training on Forge's loaded model")
+    assert 0 <= loaded < trained, "the training job did not load Forge's model first"
+    ui.facts["prepared"] = True
 
+
+def test_train_on_the_loaded_model_and_use_the_lora(forge: Forge):
+    ui = forge
+    if "prepared" not in ui.facts:
+        pytest.skip("needs the dataset from the previous test")
+    base = ui.txt2img(PROMPT)
     name = f"{RUN}_a"
     train = ui.train(str(ui.facts["data"] / "ds"), name)
     assert train["state"] == "done", (train["error"], train["message"])
@@ -195,7 +210,7 @@ def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(forge: Forge):
     assert str(lora) in train["outputs"]
     log = ui.log.read_text(errors="replace")
     assert "LoRA Trainer: training on Forge's loaded model sd15-random (SD1, epsilon, zero copy)" in log
-    assert "LoRA Trainer: Forge's model is bit-identical after training" in log
+    assert log.count("LoRA Trainer: Forge's model is bit-identical after training") == 2
     assert f"[LORA] Loaded {lora} for KModel-UNet with 192 keys" in log  # the A/B grid used it
     loras = {x["name"]: x for x in ui.call("GET", "/sdapi/v1/loras")}
     assert name in loras and loras[name]["metadata"]["ss_base_model_version"] == "sd_v1"
@@ -211,7 +226,7 @@ def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(forge: Forge):
     second = ui.train(str(ui.facts["data"] / "ds"), name, learning_rate=5e-3)
     assert second["state"] == "done", (second["error"], second["message"])
     assert second["lora_name"] == f"{name}_2" and lora.is_file()
-    assert ui.log.read_text(errors="replace").count("bit-identical after training") == 2
+    assert ui.log.read_text(errors="replace").count("bit-identical after training") == 3
     assert (ui.txt2img(PROMPT) == base).all(), "txt2img without a LoRA changed after the second run"
     assert (ui.txt2img(f"{PROMPT} <lora:{name}:1>") == with_lora).all()
     assert not (ui.txt2img(f"{PROMPT} <lora:{name}_2:1>") == with_lora).all()
@@ -227,6 +242,28 @@ def test_harness_smoke_test_passes_with_the_trained_lora(forge: Forge):
                           "--log", str(forge.log)],
                          capture_output=True, text=True, timeout=900, env=forge.env, check=False)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def test_low_bit_storage_trains_from_the_checkpoint_file(forge: Forge):
+    """'Diffusion in Low Bits' = fp8: no exact weights in memory, so the checkpoint file is trained."""
+    ui = forge
+    if "lora" not in ui.facts:
+        pytest.skip("needs the training test")
+    base = ui.txt2img(PROMPT)
+    # forge_async_loading is a memory setting: changing it makes Forge re-read its loading parameters.
+    ui.call("POST", "/sdapi/v1/options", {"forge_unet_storage_dtype": "float8-e4m3fn", "forge_async_loading": "Async",
+                                          "lora_trainer_ab_grid": False})
+    try:
+        job = ui.train(str(ui.facts["data"] / "ds"), f"{RUN}_fp8", max_steps=1)
+    finally:
+        ui.call("POST", "/sdapi/v1/options", {"forge_unet_storage_dtype": "Automatic", "forge_async_loading": "Queue",
+                                              "lora_trainer_ab_grid": True})
+    assert job["state"] == "done", (job["error"], job["message"])
+    log = ui.log.read_text(errors="replace")
+    assert "storage_dtype': torch.float8_e4m3fn" in log  # Forge really reloaded in fp8
+    assert "cannot train on the loaded model in place (The loaded model is stored in low bits" in log
+    assert "loading sd15-random.safetensors from disk" in log
+    assert (ui.txt2img(PROMPT) == base).all()  # back to Automatic: the same images as before
 
 
 def test_tab_screenshot_in_headless_chromium(forge: Forge, tmp_path: Path):
