@@ -141,6 +141,8 @@ def test_progress_goes_to_shared_state_and_interrupt_stops(fake_webui):
     # A1111's bar: job_no/job_count + sampling_step/sampling_steps/job_count = 30/120
     assert (st.sampling_step, st.sampling_steps, st.job_no, st.job_count) == (30, 120, 0, 1)
     assert st.textinfo == "LoRA Trainer, step 30/120, epoch 2/4, loss 0.1000, ETA 2:05"
+    host.report(SimpleNamespace(kind="cache", message="Caching latents: 12/40 images"))
+    assert st.textinfo == "LoRA Trainer, Caching latents: 12/40 images"
     assert host.interrupted() is False
     st.interrupted = True  # the WebUI's Interrupt button
     assert host.interrupted() is True

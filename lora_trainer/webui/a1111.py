@@ -324,6 +324,9 @@ class A1111Host:
         eta = getattr(event, "eta_s", None)
         loss = getattr(event, "smoothed_loss", None) or getattr(event, "loss", None)
         parts = ["LoRA Trainer"]
+        message = getattr(event, "message", "") or ""
+        if message and getattr(event, "kind", "") in ("cache", "epoch", "sample", "save"):
+            parts.append(message.splitlines()[0][:120])  # e.g. "Caching latents: 12/40 images"
         if total:
             parts.append(f"step {step}/{total}")
         if epochs:
