@@ -210,6 +210,9 @@ def test_host_bundle_is_given_back_untouched_and_events(tmp_path):
 
     kinds = [e.kind for e in events]
     assert kinds[0] == "plan" and kinds[-1] == "done" and "sample" in kinds and "epoch" in kinds
+    cache = [e.message for e in events if e.kind == "cache"]
+    assert cache[0] == "Caching latents: 1/2 images" and cache[-1] == "Caching latents: 2/2 images"
+    assert kinds.index("cache") < kinds.index("step")
     assert "4 steps" in events[0].message and events[0].plan.total_steps == 4
     step = next(e for e in events if e.kind == "step")
     assert step.total_steps == 4 and step.loss is not None and step.lr == pytest.approx(1e-3)

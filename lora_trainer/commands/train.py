@@ -125,7 +125,7 @@ def _print_event(event) -> None:
         if event.vram_bytes:
             parts.append(f"VRAM {event.vram_bytes / 2**30:.1f} GB")
         print("  ".join(parts), flush=True)
-    elif event.kind in ("save", "sample", "stopped", "done"):
+    elif event.kind in ("cache", "save", "sample", "stopped", "done"):
         print(event.message, flush=True)
 
 

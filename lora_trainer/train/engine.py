@@ -268,7 +268,7 @@ class _Run:
         disk = (Path(config.latent_cache_dir) if config.latent_cache_dir else Path(config.output_dir) / ".cache"
                 / "latents") if config.cache_latents_to_disk else None
         latents = cache_latents(self.dataset, bundle.vae, bundle.scaling_factor, flip=config.flip_aug,
-                                seed=config.seed, disk_dir=disk)
+                                seed=config.seed, disk_dir=disk, progress=self._cache_progress("latents"))
         bundle.vae.to("cpu")
         self._free(device)
 
@@ -513,6 +513,17 @@ class _Run:
                 epoch % config.sample_every_n_epochs == 0):
             with _rng_guard():
                 self._sample(bundle, device, epoch)
+
+    def _cache_progress(self, what: str) -> Callable[[int, int], None]:
+        last = [0.0]
+
+        def report(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if done in (1, total) or now - last[0] >= 1.0:
+                last[0] = now
+                self.emit(ProgressEvent("cache", total_steps=self.plan.total_steps, total_epochs=self.plan.epochs,
+                                        message=f"Caching {what}: {done}/{total} images"))
+        return report
 
     def _write_lora(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

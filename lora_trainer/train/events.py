@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EVENT_KINDS = ("plan", "step", "epoch", "sample", "save", "done", "stopped", "error")
+EVENT_KINDS = ("plan", "cache", "step", "epoch", "sample", "save", "done", "stopped", "error")
+# "cache": progress of the one-off latent / text-encoder caching before step 1 (message only)
 
 
 @dataclass
