@@ -213,10 +213,13 @@ def loss_figure(history: list[list[Any]]):
         if smooth:
             ax.plot([s for s, _ in smooth], [v for _, v in smooth], color="#1d4ed8", linewidth=2,
                     label="average")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     else:
         ax.text(0.5, 0.5, "the loss curve appears once training runs", ha="center", va="center",
                 transform=ax.transAxes, color="#888")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even in short runs
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
