@@ -285,3 +285,21 @@ def test_stop_while_waiting_for_the_gpu_never_loads_the_model(host, dataset, tmp
     assert jm.wait(job.id, 10).state == "stopped"
     assert "acquire" not in host.calls
     assert jm.snapshot(job.id)["config"]["name"] == "mylora"
+
+
+def test_a_failing_host_display_never_ends_training(dataset, tmp_path):
+    class FlakyHost(StandaloneHost):
+        def report(self, event):
+            raise RuntimeError("progress bar broke")
+
+        def interrupted(self):
+            raise RuntimeError("state broke")
+
+        def after_save(self, lora_path):
+            raise RuntimeError("refresh broke")
+
+    host = FlakyHost(tmp_path / "Lora", bundle_factory=object)
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(), poll_interval=0.01)
+    job = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert job.state == "done", job.error
+    assert Path(job.outputs[0]).is_file()
