@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"2/5 {len(tagged.captions)} images captioned by the demo WD14 tagger (e.g. {example[0]}: '{example[1]}')")
 
     dataset = prepare_dataset(images, out / "dataset", TRIGGER, repeats=2, resolution=SIZE)
-    print(f"3/5 Kohya dataset: {dataset.out}/img/ ({dataset.manifest['training']['summary']})")
+    usable = dataset.manifest["subsets"][0]["counts"]["usable"]
+    print(f"3/5 Kohya dataset: {dataset.out}/img/2_{TRIGGER}/ ({usable} images x 2 repeats)")
 
     config = TrainConfig(
         model=str(checkpoint), data=str(dataset.out), output_dir=str(out / "lora"), name="demo-lora",

@@ -397,7 +397,7 @@ class _Run:
             self._write_user_metadata(path, bundle)
             self.emit(ProgressEvent("done", step=self.pos.step, total_steps=plan.total_steps, epoch=self.pos.epoch,
                                     total_epochs=plan.epochs, loss=final_loss, smoothed_loss=self.pos.smoothed,
-                                    message=f"Saved {path}", path=str(path),
+                                    message=f"Finished: {path}", path=str(path),
                                     paths=[str(p) for p in self.saved]))
         return TrainResult(lora_path=path, saved=list(self.saved), samples=list(self.samples),
                            state_dir=self.state_path, stopped=stopped, steps=self.pos.step, final_loss=final_loss,
