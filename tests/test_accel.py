@@ -233,6 +233,7 @@ def test_options_from_config_and_describe():
     assert low.fp8_base is True and low.cuda_graphs is False
     assert "fp8" in accel.describe(low, "cpu")
     assert accel.optimizer_kwargs("cpu") == {}
+    assert accel.compile_blocks(torch.nn.Sequential(), "cpu") == 0  # CUDA only: CPU runs stay eager
 
 
 @pytest.mark.skipif(not fp8_available(), reason="torch without float8")

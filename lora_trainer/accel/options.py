@@ -20,7 +20,10 @@ class AccelOptions:
     max_graphs: int = 8  # distinct batch shapes captured; later shapes run eagerly
     channels_last: bool = False  # NHWC convs; measured per GPU in bench/speed.py
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
-    fp8_base: bool = False  # frozen Linear weights in float8 (low-VRAM presets)
+    fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
+    # torch.compile each transformer block (opt-in): +10% at SD1.5 batch 8 on an H100 for ~35 s of
+    # compiling before the first step (bench/results/speed_h100.md); inductor caches it on disk.
+    compile_blocks: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> AccelOptions:
@@ -33,11 +36,12 @@ class AccelOptions:
                 setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
         if not opts.enabled:
             opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = False
+            opts.compile_blocks = False
         return opts
 
     @classmethod
     def off(cls) -> AccelOptions:
-        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False)
+        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False)
 
 
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:
@@ -63,4 +67,6 @@ def describe(opts: AccelOptions, device: torch.device | str = "cuda") -> str:
         parts.append("norms in the autocast dtype")
     if opts.fp8_base:
         parts.append("fp8 base weights")
+    if opts.compile_blocks and on_cuda:
+        parts.append("torch.compile per transformer block (about 30-60 s before the first step)")
     return "accel: " + (", ".join(parts) or "nothing enabled")
