@@ -66,18 +66,24 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "speed_e2e.json"))
     p.add_argument("--images", type=int, default=32)
+    p.add_argument("--cudnn-benchmark", type=int, default=0, help="1: autotune convs (costs seconds per new shape)")
+    p.add_argument("--batches", default="1,8")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
-    torch.backends.cudnn.benchmark = True
+    # The engine leaves cuDNN's autotuning as the host set it (off by default); so does this
+    # benchmark unless asked, so the first case's time to first step is what a fresh process sees.
+    torch.backends.cudnn.benchmark = bool(a.cudnn_benchmark)
     work = Path(tempfile.mkdtemp(prefix="e2e-"))
     rows = []
     try:
         data = make_dataset(work / "data", 512, a.images)
         bundle = place_bundle(full_size_bundle(Family.SD1, torch.device("cuda")), "cuda", torch.bfloat16)
-        for batch, steps, warmup in ((1, 60, 10), (8, 24, 8)):
-            for accel in ("off", "auto"):
+        plan = {1: (60, 10), 8: (24, 8)}
+        for batch in (int(b) for b in a.batches.split(",")):
+            steps, warmup = plan.get(batch, (24, 8))
+            for accel in ("auto", "off"):
                 try:
                     row = run_case(bundle, data, work / "out", accel, batch, steps, warmup)
                 except Exception as e:  # noqa: BLE001 - record and go on
@@ -86,7 +92,8 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv)}
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
+           "cudnn_benchmark": bool(a.cudnn_benchmark)}
     Path(a.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1), encoding="utf-8")
     for r in rows:
         print(f"accel={r['accel']:4s} batch {r['batch']}: {r.get('it_per_s')} it/s {r.get('images_per_s')} img/s, "
