@@ -62,6 +62,7 @@ class StepRunner:
         self._seen: dict[tuple, int] = {}
         self._pool: Any = None
         self._pending_grads = False
+        self._side_stream: Any = None
         self.stats = {"eager_steps": 0, "graph_replays": 0, "graphs": 0, "capture_s": 0.0}
         self.disabled_reason = self._why_not_graphs()
         if self.disabled_reason:
@@ -97,8 +98,11 @@ class StepRunner:
             self.optimizer.zero_grad(set_to_none=True)  # graph-owned grads must not be accumulated into
         stream = None
         if side_stream and self.device.type == "cuda":
-            # Warm-up off the default stream, as torch.cuda.graph expects before a capture.
-            stream = torch.cuda.Stream(self.device)
+            # Warm-up off the default stream, as torch.cuda.graph expects before a capture; one
+            # stream for all warm-ups, so its cached blocks are reused rather than duplicated.
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            stream = self._side_stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
         ctx = torch.cuda.stream(stream) if stream is not None else _null()
         with ctx:
