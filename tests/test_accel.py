@@ -32,8 +32,8 @@ def base_unet(family: Family):
 
 
 def lora_unet(seed: int = 0, family: Family = Family.SD1, dropout: float = 0.0):
-    torch.manual_seed(seed)  # peft draws lora_A from the global generator
     unet = copy.deepcopy(base_unet(family))
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
     unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS, lora_dropout=dropout,
                                 init_lora_weights="gaussian"))
     g = torch.Generator().manual_seed(seed + 1)
