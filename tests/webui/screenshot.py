@@ -59,6 +59,16 @@ LAST: dict = {}  # facts read from the page by the last screenshot() call (for t
 _ROOT_JS = "(document.querySelector('gradio-app') && document.querySelector('gradio-app').shadowRoot || document)"
 
 
+_COUNT_REFRESHES_JS = """
+window.__ltRefreshes = 0;
+const __ltDispatch = EventTarget.prototype.dispatchEvent;
+EventTarget.prototype.dispatchEvent = function (e) {
+    if (e && e.type === "click" && this.id && this.id.endsWith("_lora_extra_refresh_internal")) window.__ltRefreshes++;
+    return __ltDispatch.call(this, e);
+};
+"""
+
+
 def _value_js(selector: str) -> str:
     return f"(() => {{ const e = {_ROOT_JS}.querySelector({json.dumps(selector)}); return e ? e.value : null; }})()"
 
@@ -83,6 +93,8 @@ def screenshot(url: str, out: str, *, chromium: str | None = None, width: int = 
         cdp = _Cdp(_wait_devtools(port, deadline))
         cdp.call("Page.enable")
         cdp.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        # count, from the page's start, clicks sent to the WebUI's hidden Lora-cards refresh buttons
+        cdp.call("Page.addScriptToEvaluateOnNewDocument", source=_COUNT_REFRESHES_JS)
         cdp.call("Page.navigate", url=url.split("#")[0].rstrip("/") + "/#lora_trainer")
         visible = "(() => { const t = document.querySelector('gradio-app') || document;" \
                   " const root = t.shadowRoot || t; const el = root.querySelector('#tab_lora_trainer');" \
@@ -110,6 +122,7 @@ def screenshot(url: str, out: str, *, chromium: str | None = None, width: int = 
             f.write(base64.b64decode(data))
         LAST.clear()
         LAST["send_text"] = cdp.eval(_value_js("#lora_trainer_send_text textarea")) or ""
+        LAST["lora_cards_refreshes"] = cdp.eval("window.__ltRefreshes || 0")
         cdp.eval(f"{_ROOT_JS}.querySelector('#lora_trainer_send_to_txt2img').click()")
         time.sleep(1.5)
         LAST["txt2img_prompt"] = cdp.eval(_value_js("#txt2img_prompt textarea")) or ""

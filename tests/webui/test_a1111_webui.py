@@ -250,6 +250,7 @@ def test_tab_in_a_browser_send_to_txt2img_and_screenshot(a1111: WebUI, tmp_path:
     facts = json.loads(res.stdout.strip().splitlines()[-1])
     assert out.is_file() and out.stat().st_size > 10000
     assert "<lora:" in facts["send_text"], facts
+    assert facts["lora_cards_refreshes"] >= 1, facts  # a new LoRA showed up: the cards were reloaded
     assert facts["send_text"] in facts["txt2img_prompt"], facts  # "Send to txt2img" filled the prompt
     assert facts["active_tab"] == "txt2img", facts
 
