@@ -24,6 +24,8 @@ _EAGER = ("lora_trainer.jobs", "lora_trainer.api", "lora_trainer.actions", "lora
 A1111_SETTINGS = (
     ("lora_trainer_ab_grid", True, "After training, make an A/B grid (no LoRA, 0.4, 0.8, 1.0 per epoch)"),
     ("lora_trainer_ab_steps", 20, "A/B grid: sampling steps"),
+    ("lora_trainer_verify_weights", True,
+     "Check that the WebUI's model is bit-identical after training (hashes every weight: a few seconds)"),
 )
 
 _registered: dict[str, Any] = {}

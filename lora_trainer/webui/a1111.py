@@ -184,6 +184,7 @@ class A1111Host:
                        "the UNet on the GPU (text encoders and VAE visit the GPU only for caching)")
         state = ldm_state_dict(sd_model)
         self._homes = {k: (t.device, t.dtype) for k, t in state.items()}
+        self._verify = bool(self.settings.get("lora_trainer_verify_weights", True))
         self._fingerprint = tensor_fingerprint(state) if self._verify else None
         self._sd_model = sd_model
         bundle = self.bundle_from_model(sd_model, facts, state=state)
