@@ -31,13 +31,13 @@ from lora_trainer.webui import forge, forge_model
 # huggingface_guess's UNet configs (what Forge stores as diffusion_model.config) for the tiny models.
 GUESS_TINY = {
     Family.SD1: {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": [1, 2, 2, 2],
-                     "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-                     "transformer_depth_middle": 1, "context_dim": 32, "num_heads": 4, "num_head_channels": -1,
-                     "use_linear_in_transformer": False, "adm_in_channels": None},
+                 "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                 "transformer_depth_middle": 1, "context_dim": 32, "num_heads": 4, "num_head_channels": -1,
+                 "use_linear_in_transformer": False, "adm_in_channels": None},
     Family.SDXL: {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": [1, 2, 2],
-                      "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
-                      "transformer_depth_middle": 2, "context_dim": 64, "num_heads": -1, "num_head_channels": 16,
-                      "use_linear_in_transformer": True, "adm_in_channels": 32 + 6 * 8, "num_classes": "sequential"},
+                  "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
+                  "transformer_depth_middle": 2, "context_dim": 64, "num_heads": -1, "num_head_channels": 16,
+                  "use_linear_in_transformer": True, "adm_in_channels": 32 + 6 * 8, "num_classes": "sequential"},
 }
 
 
@@ -353,32 +353,33 @@ def test_unsupported_families_are_refused():
         forge_model.bundle_from_forge(sd_model)
 
 
-# huggingface_guess's configs for the real families (model_list.SD15/SD21/SDXL + detection).
+# huggingface_guess's configs for the real families, as `huggingface_guess.guess()` (84826248) returns
+# them for full-size SD1.5 / SD2 / SDXL UNets (checked against it; Forge stores them as unet.config).
+_SD = {"model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "in_channels": 4, "out_channels": 4}
 GUESS_REAL = {
-    "sd15": (Family.SD1, {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
-                              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1, "context_dim": 768,
-                              "num_heads": 8, "num_head_channels": -1, "use_linear_in_transformer": False,
-                              "adm_in_channels": None, "in_channels": 4, "out_channels": 4}),
-    "sd2": (Family.SD2, {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": [2, 2, 2, 2],
-                             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1, "context_dim": 1024,
-                             "num_heads": -1, "num_head_channels": 64, "use_linear_in_transformer": True,
-                             "adm_in_channels": None, "in_channels": 4, "out_channels": 4}),
-    "sdxl": (Family.SDXL, {"model_channels": 320, "channel_mult": [1, 2, 4], "num_res_blocks": [2, 2, 2],
-                               "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10, "context_dim": 2048,
-                               "num_heads": -1, "num_head_channels": 64, "use_linear_in_transformer": True,
-                               "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4}),
+    "sd15": (Family.SD1, {**_SD, "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                          "transformer_depth_middle": 1, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+                          "use_linear_in_transformer": False, "adm_in_channels": None}),
+    "sd2": (Family.SD2, {**_SD, "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                         "transformer_depth_middle": 1, "context_dim": 1024, "num_heads": -1, "num_head_channels": 64,
+                         "use_linear_in_transformer": True, "adm_in_channels": None}),
+    "sdxl": (Family.SDXL, {**_SD, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+                           "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+                           "context_dim": 2048, "num_heads": -1, "num_head_channels": 64,
+                           "use_linear_in_transformer": True, "adm_in_channels": 2816}),
 }
 DIFFUSERS_REAL = {  # the fields of the published diffusers unet/config.json that decide the weights
     "sd15": {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8, "cross_attention_dim": 768,
-                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "use_linear_projection": False,
-                 "layers_per_block": 2, "transformer_layers_per_block": 1},
+             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "use_linear_projection": False,
+             "layers_per_block": 2, "transformer_layers_per_block": 1},
     "sd2": {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20],
-                "cross_attention_dim": 1024, "use_linear_projection": True, "transformer_layers_per_block": 1},
+            "cross_attention_dim": 1024, "use_linear_projection": True, "transformer_layers_per_block": 1},
     "sdxl": {"block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
-                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                 "transformer_layers_per_block": [1, 2, 10], "addition_embed_type": "text_time",
-                 "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "use_linear_projection": True},
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+             "transformer_layers_per_block": [1, 2, 10], "addition_embed_type": "text_time",
+             "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+             "use_linear_projection": True},
 }
 
 
