@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -225,6 +226,11 @@ def loss_figure(history: list[list[Any]]):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def ab_grids(outputs: list[str]) -> list[str]:
+    """The A/B grid images among a job's outputs (written by the WebUI adapters after a run)."""
+    return [p for p in outputs if re.search(r"\.ab-grid(-\d+)?\.png$", p)]
 
 
 def sample_items(paths: list[str], limit: int = 24) -> list[tuple[Image.Image, str]]:

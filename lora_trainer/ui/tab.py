@@ -273,9 +273,11 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             if len(snap["loss_history"]) != seen_losses:
                 seen_losses = len(snap["loss_history"])
                 plot = logic.loss_figure(snap["loss_history"])
-            if len(snap["samples"]) != seen_samples:
-                seen_samples = len(snap["samples"])
-                samples = logic.sample_items(snap["samples"])
+            # The WebUI's A/B grid (no LoRA vs strengths, per epoch) comes first once it exists.
+            shown = logic.ab_grids(snap.get("outputs", [])) + list(snap["samples"])
+            if len(shown) != seen_samples:
+                seen_samples = len(shown)
+                samples = logic.sample_items(shown)
             status = f"**Error:** {snap['error']}" if snap["state"] == "failed" else ""
             yield (job_id, logic.progress_html(snap), plot, samples, logic.result_md(snap),
                    snap.get("prompt_text", ""), status)

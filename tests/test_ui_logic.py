@@ -1,0 +1,19 @@
+"""Pure helpers behind the tab (no Gradio needed)."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from lora_trainer.ui import logic
+
+
+def test_ab_grids_come_first_in_the_samples_gallery(tmp_path):
+    grid = tmp_path / "mycat.ab-grid.png"
+    second = tmp_path / "mycat.ab-grid-1763790000.png"
+    sample = tmp_path / "mycat_e000001_00.png"
+    for p in (grid, second, sample):
+        Image.new("RGB", (8, 8), "red").save(p)
+    outputs = [str(tmp_path / "mycat.safetensors"), str(grid), str(tmp_path / "mycat.json"), str(second)]
+    assert logic.ab_grids(outputs) == [str(grid), str(second)]
+    items = logic.sample_items(logic.ab_grids(outputs) + [str(sample)])
+    assert [name for _, name in items] == ["mycat.ab-grid", "mycat.ab-grid-1763790000", "mycat_e000001_00"]
