@@ -69,6 +69,7 @@ def _inference_clip(hf_model: torch.nn.Module, add_projection: bool, device: str
     if not hasattr(te, "text_model"):
         ours = {k.removeprefix("text_model."): v for k, v in ours.items()}
     te.load_state_dict(ours, strict=False)
+    te.to(next(hf_model.parameters()).dtype)  # Forge keeps CLIP in fp16, even on the CPU
     with torch.inference_mode():  # Forge's loader runs under inference mode
         for name, p in list(te.named_parameters()):
             parent, _, leaf = name.rpartition(".")
@@ -201,6 +202,7 @@ def test_bundle_aliases_forge_weights_and_computes_the_same(family):
     for module in (bundle.unet, bundle.vae, *bundle.text_encoders):
         assert _storage_ptrs(module) <= forge_ptrs
         assert not any(p.is_inference() for p in module.parameters())
+    assert forge_model.shared_fraction(bundle, sd_model) == 1.0
     # same numbers as the diffusers/transformers models the weights came from
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 8, 8, generator=g)
@@ -267,6 +269,7 @@ def test_half_precision_clip_on_the_cpu_trains_on_fp32_copies():
         torch.testing.assert_close(te(ids)[0], ref.text_encoders[0](ids)[0], rtol=1e-2, atol=1e-2)
     forge_ptrs = {t.untyped_storage().data_ptr() for t in forge_tensors(sd_model).values()}
     assert _storage_ptrs(bundle.unet) <= forge_ptrs  # the fp32 UNet is still shared
+    assert 0.3 < forge_model.shared_fraction(bundle, sd_model) < 1.0
     assert digest(forge_tensors(sd_model)) == before
 
 

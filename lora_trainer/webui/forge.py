@@ -116,8 +116,10 @@ class ForgeHost(A1111Host):
         self._forge_model = sd_model
         self._forge_fingerprint = tensor_fingerprint(forge_model.forge_tensors(sd_model)) if self._verify else None
         self._begin_state("Training a LoRA")
-        _say(f"training on Forge's loaded model {bundle.name} ({bundle.family.label}, {bundle.prediction_type}, "
-             f"zero copy)")
+        share = forge_model.shared_fraction(bundle, sd_model)
+        _say(f"training on Forge's loaded model {bundle.name} ({bundle.family.label}, {bundle.prediction_type}; "
+             + ("zero copy)" if share == 1.0 else f"{share:.0%} of the weights shared with Forge, the rest copied "
+                "to fp32 / the training device)"))
         return bundle
 
     def _load_file(self, path: str | None, *, reason: str | None) -> ModelBundle:

@@ -99,6 +99,18 @@ def forge_tensors(sd_model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def shared_fraction(bundle: ModelBundle, sd_model: Any) -> float:
+    """Share of the bundle's weights (by bytes) that live in Forge's own storage (1.0 = zero copy)."""
+    theirs = {t.untyped_storage().data_ptr() for t in forge_tensors(sd_model).values()}
+    total = shared = 0
+    for module in (bundle.unet, bundle.vae, *bundle.text_encoders):
+        for p in module.parameters():
+            size = p.numel() * p.element_size()
+            total += size
+            shared += size if p.untyped_storage().data_ptr() in theirs else 0
+    return shared / total if total else 0.0
+
+
 def restore_clean_weights(sd_model: Any) -> None:
     """Undo merged LoRAs: Forge merges them by swapping in patched Parameters, with a backup.
 
