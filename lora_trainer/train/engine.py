@@ -150,11 +150,14 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
         raise
 
 
-def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.dtype) -> ModelBundle:
+def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.dtype, *,
+                 defer_unet: bool = False) -> ModelBundle:
     """How the engine lays out a model it loaded itself: UNet on the device in the training dtype,
     text encoders in that dtype (moved to the device when needed), VAE in fp32 for SDXL (its fp16
-    overflows, kohya's --no_half_vae) and in the training dtype otherwise."""
-    bundle.unet.to(device=device, dtype=dtype)
+    overflows, kohya's --no_half_vae) and in the training dtype otherwise. `defer_unet` keeps the
+    UNet on the CPU until the latents and text are cached, so the caching phase never holds the UNet
+    and the VAE's activations on the GPU together (what decides the peak on 8 GB cards)."""
+    bundle.unet.to(device="cpu" if defer_unet else device, dtype=dtype)
     for te in bundle.text_encoders:
         te.to(dtype=dtype)
     bundle.vae.to(dtype=torch.float32 if bundle.is_sdxl or dtype == torch.float32 else dtype)
@@ -211,7 +214,8 @@ class _Run:
     def _load(self, device: torch.device, dtype: torch.dtype) -> ModelBundle:
         from ..models.loader import load_model
 
-        return place_bundle(load_model(self.config.model, dtype=torch.float32, device="cpu"), device, dtype)
+        return place_bundle(load_model(self.config.model, dtype=torch.float32, device="cpu"), device, dtype,
+                            defer_unet=True)
 
     # ------------------------------------------------------------------ main
     def execute(self, given: ModelBundle | None, owns_bundle: bool = False) -> TrainResult:
@@ -289,6 +293,8 @@ class _Run:
             for te in bundle.text_encoders:
                 te.to("cpu")
             self._free(device)
+
+        bundle.unet.to(device)  # a model the engine loaded waited on the CPU during caching (place_bundle)
 
         # --- adapters (fp32) on the modules being trained
         spec = LoraSpec(rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank or None,
