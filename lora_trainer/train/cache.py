@@ -97,14 +97,16 @@ def _disk_path(disk_dir: Path, item: ImageItem, vae_id: str, flip: bool) -> Path
 
 
 def _from_disk(disk_dir: Path, item: ImageItem, vae_id: str, flip: bool) -> CachedLatent | None:
-    from safetensors.torch import load_file
+    # safe_open, not safetensors.torch.load_file: Forge patches load_file to rename files it fails on.
+    from safetensors import safe_open
 
     path = _disk_path(disk_dir, item, vae_id, flip)
     if not path.is_file():
         return None
     try:
-        tensors = load_file(str(path))
-        return CachedLatent(tensors["latent"], tensors.get("flipped"))
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            return CachedLatent(f.get_tensor("latent"), f.get_tensor("flipped") if "flipped" in names else None)
     except Exception:  # noqa: BLE001 - a half-written or foreign file: recompute it
         log.warning("latent cache file %s is unreadable; recomputing it", path.name)
         return None
