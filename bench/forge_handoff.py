@@ -21,36 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from handoff_models import full_size_random_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def _full_size_reference(family: str):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from lora_trainer.models.bundle import Family, ModelBundle
-    from lora_trainer.models.ldm_config import ModelConfig
-
-    cfg = ModelConfig.bundled(Family(family))
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg.unet)
-        vae = AutoencoderKL(**cfg.vae)
-    tes = []
-    for i, spec in enumerate(cfg.text_encoders):
-        tcfg = CLIPTextConfig(**{k: v for k, v in spec.config.items() if k not in ("architectures", "model_type")})
-        cls = CLIPTextModelWithProjection if family == "sdxl" and i == 1 else CLIPTextModel
-        with torch.device("meta"):
-            tes.append(cls(tcfg))
-    for m in (unet, vae, *tes):
-        m.to_empty(device="cpu")
-        for p in m.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-        for name, b in m.named_buffers():
-            if name.endswith("position_ids"):
-                b.copy_(torch.arange(b.shape[-1]).expand(b.shape))
-    return ModelBundle(Family(family), cfg.prediction_type, unet, vae, tes, [], cfg.schedule, cfg.scaling_factor)
 
 
 def run(family: str, device: str, tiny: bool, steps: int) -> dict:
@@ -70,7 +44,7 @@ def run(family: str, device: str, tiny: bool, steps: int) -> dict:
         sd_model, _ = make_forge_model(fam, device=device, unet_dtype=half, clip_dtype=half)
         resolution = 64
     else:
-        ref = _full_size_reference(family)
+        ref = full_size_random_bundle(family)
         guess = GUESS_REAL["sdxl" if fam is Family.SDXL else "sd15"][1]
         sd_model, _ = make_forge_model(fam, ref=ref, guess=guess, device=device, unet_dtype=half, clip_dtype=half,
                                        vae_dtype=torch.bfloat16 if cuda else torch.float32)

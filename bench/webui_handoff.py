@@ -15,32 +15,13 @@ import json
 import time
 
 import torch
+from handoff_models import full_size_random_bundle
 
 
 def _full_size_state(family: str, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from lora_trainer.models.bundle import Family, ModelBundle
-    from lora_trainer.models.ldm_config import ModelConfig
     from lora_trainer.models.ldm_writer import bundle_to_ldm_state_dict
 
-    cfg = ModelConfig.bundled(Family(family))
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg.unet)
-        vae = AutoencoderKL(**cfg.vae)
-    tes = []
-    for i, spec in enumerate(cfg.text_encoders):
-        tcfg = CLIPTextConfig(**{k: v for k, v in spec.config.items() if k not in ("architectures", "model_type")})
-        cls = CLIPTextModelWithProjection if family == "sdxl" and i == 1 else CLIPTextModel
-        with torch.device("meta"):
-            tes.append(cls(tcfg))
-    for m in (unet, vae, *tes):
-        m.to_empty(device="cpu")
-        for p in m.parameters():
-            torch.nn.init.normal_(p, std=0.02)
-    bundle = ModelBundle(Family(family), cfg.prediction_type, unet, vae, tes, [], cfg.schedule, cfg.scaling_factor)
-    sd = bundle_to_ldm_state_dict(bundle)
+    sd = bundle_to_ldm_state_dict(full_size_random_bundle(family))
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
 
 

@@ -28,24 +28,24 @@ def _dir_option(config: pytest.Config, name: str) -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
+def _checkout(config: pytest.Config, option: str, what: str) -> Path:
+    """The checkout named by `option`: skip the test when it is absent, fail when it is no WebUI."""
+    path = _dir_option(config, option)
+    if path is None:
+        pytest.skip(f"{what} integration tests need {option} DIR (see tests/webui/conftest.py)")
+    if not (path / "launch.py").is_file():
+        pytest.fail(f"{option} {path} is not a WebUI checkout (no launch.py)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def webui_dir(request: pytest.FixtureRequest) -> Path:
-    path = _dir_option(request.config, "--webui-dir")
-    if path is None:
-        pytest.skip("A1111 integration tests need --webui-dir DIR (see tests/webui/conftest.py)")
-    if not (path / "launch.py").is_file():
-        pytest.fail(f"--webui-dir {path} is not a WebUI checkout (no launch.py)")
-    return path
+    return _checkout(request.config, "--webui-dir", "A1111")
 
 
 @pytest.fixture(scope="session")
 def forge_dir(request: pytest.FixtureRequest) -> Path:
-    path = _dir_option(request.config, "--forge-dir")
-    if path is None:
-        pytest.skip("Forge integration tests need --forge-dir DIR (see tests/webui/conftest.py)")
-    if not (path / "launch.py").is_file():
-        pytest.fail(f"--forge-dir {path} is not a WebUI checkout (no launch.py)")
-    return path
+    return _checkout(request.config, "--forge-dir", "Forge")
 
 
 @pytest.fixture(scope="session")

@@ -10,96 +10,18 @@ the tab's screenshot into docs/screenshots/.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def harness_dir(kind: str) -> Path | None:
-    """shared/harness/<kind>/ beside the repository (or $LORA_TRAINER_HARNESS_DIR/<kind>)."""
-    for base in (os.environ.get("LORA_TRAINER_HARNESS_DIR"), ROOT.parent / "shared" / "harness"):
-        if base and (Path(base) / kind / "launch.sh").is_file():
-            return Path(base) / kind
-    return None
+from webui_server import EXT_NAME, ROOT, WebUIServer, export_tree, harness_dir, screenshot_path
 
 pytestmark = pytest.mark.webui
 
 RUN = f"lt{int(time.time()) % 100000}"  # unique LoRA names for this session
-SEED = 1234
-
-
-class WebUI:
-    def __init__(self, webui: Path, port: int, harness: Path, ext_dir: Path) -> None:
-        self.webui, self.port, self.harness, self.ext_dir = webui, port, harness, ext_dir
-        self.work = webui.parent
-        self.python = self.work / "venv" / "bin" / "python"
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = self.work / "run" / "webui.log"
-        self.env = {**os.environ, "A1111_WORK": str(self.work), "A1111_PORT": str(port),
-                    "EXT_DIR": str(ext_dir), "EXT_NAME": "lora-trainer-under-test"}
-        self.facts: dict = {}
-
-    def script(self, name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", str(self.harness / name), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout, check=False)
-
-    def freeze(self) -> dict[str, str]:
-        out = subprocess.run([str(self.python), "-m", "pip", "freeze", "--all"], capture_output=True, text=True,
-                             check=True).stdout
-        pairs = (line.split("==", 1) for line in out.splitlines() if "==" in line)
-        return {name.lower().replace("_", "-"): ver for name, ver in pairs}
-
-    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 600) -> dict:
-        req = urllib.request.Request(self.url + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"{method} {path} -> {e.code}: {e.read()[:800]!r}") from None
-
-    def wait_job(self, job_id: str, timeout: float = 900) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            job = self.call("GET", f"/lora-trainer/v1/jobs/{job_id}")
-            if job["state"] in ("done", "failed", "stopped"):
-                return job
-            time.sleep(0.5)
-        raise AssertionError(f"job {job_id} did not finish in {timeout}s")
-
-    def txt2img(self, prompt: str):
-        import numpy as np
-        from PIL import Image
-
-        res = self.call("POST", "/sdapi/v1/txt2img", {
-            "prompt": prompt, "negative_prompt": "", "seed": SEED, "steps": 3, "width": 64, "height": 64,
-            "sampler_name": "Euler", "cfg_scale": 7, "batch_size": 1, "n_iter": 1})
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB"))
-
-
-def _export_tree(dest: Path) -> Path:
-    """What a user gets from `git clone`: tracked + untracked-not-ignored files (no .venv, no caches)."""
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -110,38 +32,19 @@ def a1111(webui_dir: Path, webui_port: int, tmp_path_factory: pytest.TempPathFac
     if any(part.startswith(".") for part in webui_dir.parts):
         pytest.fail(f"{webui_dir} lies below a dot-folder; Gradio 3.41 will not serve the WebUI's JavaScript "
                     "from there. Move the harness work folder (A1111_WORK) to a plain path.")
-    for entry in (webui_dir / "extensions").iterdir():
-        if entry.name != "lora-trainer-under-test" and (entry / "scripts" / "lora_trainer_tab.py").exists():
-            pytest.fail(f"another copy of LoRA Trainer is installed as {entry}; remove it first")
-    ext = _export_tree(tmp_path_factory.mktemp("ext") / "lora-trainer")
-    ui = WebUI(webui_dir, webui_port, harness, ext)
-    pid_file = ui.work / "run" / "webui.pid"
-    if pid_file.exists():
-        pytest.fail(f"a WebUI started by launch.sh is running (pid file {pid_file}); run stop.sh first")
-    ui.facts["freeze_before"] = ui.freeze()
-    inst = ui.script("install_extension.sh")
-    ui.facts["install_output"] = inst.stdout + inst.stderr
-    assert inst.returncode == 0, ui.facts["install_output"]
-    ui.facts["freeze_after"] = ui.freeze()
-    launched = ui.script("launch.sh", timeout=600)
-    if launched.returncode != 0:
-        ui.script("install_extension.sh", "--remove")
-        pytest.fail("launch.sh failed:\n" + launched.stdout[-3000:] + launched.stderr[-3000:])
-    data = tmp_path_factory.mktemp("data")
-    ui.facts["data"] = data
+    ext = export_tree(tmp_path_factory.mktemp("ext") / "lora-trainer")
+    ui = WebUIServer(webui_dir, webui_port, harness, ext, env_prefix="A1111", label="WebUI", ext_name=EXT_NAME,
+                     script_timeout=600, call_timeout=600, job_timeout=900, poll_s=0.5)
+    ui.refuse_other_copies()
+    ui.install_and_launch()
+    ui.facts["data"] = tmp_path_factory.mktemp("data")
     try:
         yield ui
     finally:
-        ui.script("stop.sh")
-        ui.script("install_extension.sh", "--remove")
-        lora_dir = webui_dir / "models" / "Lora"
-        for f in lora_dir.glob(f"{RUN}*"):
-            f.unlink()
-        for d in (webui_dir / "models" / "lora_trainer_runs").glob(f"{RUN}*"):
-            shutil.rmtree(d, ignore_errors=True)
+        ui.shut_down(RUN)
 
 
-def _make_dataset(ui: WebUI) -> tuple[Path, Path]:
+def _make_dataset(ui: WebUIServer) -> tuple[Path, Path]:
     """Images in a folder and a demo WD14 tagger (ONNX, built here: the WebUI venv lacks `onnx`)."""
     from lora_trainer.commands.demo import make_images
     from lora_trainer.tagger.demo_model import write_demo_tagger
@@ -152,7 +55,7 @@ def _make_dataset(ui: WebUI) -> tuple[Path, Path]:
     return raw, tagger
 
 
-def test_install_py_changed_no_installed_package(a1111: WebUI):
+def test_install_py_changed_no_installed_package(a1111: WebUIServer):
     before, after = a1111.facts["freeze_before"], a1111.facts["freeze_after"]
     changed = {k: (v, after.get(k)) for k, v in before.items() if after.get(k) != v}
     assert not changed, f"install.py changed installed packages: {changed}\n{a1111.facts['install_output']}"
@@ -161,7 +64,7 @@ def test_install_py_changed_no_installed_package(a1111: WebUI):
     assert "onnxruntime-gpu" not in after
 
 
-def test_tab_and_settings_are_registered(a1111: WebUI):
+def test_tab_and_settings_are_registered(a1111: WebUIServer):
     config = a1111.call("GET", "/config")
     tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
     assert "Train LoRA" in tabs
@@ -173,7 +76,7 @@ def test_tab_and_settings_are_registered(a1111: WebUI):
     assert Path(status["lora_dir"]).resolve() == (a1111.webui / "models" / "Lora").resolve()
 
 
-def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(a1111: WebUI):
+def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(a1111: WebUIServer):
     ui = a1111
     ui.call("POST", "/sdapi/v1/options", {"lora_trainer_ab_steps": 3})
     base = ui.txt2img("sks")
@@ -228,24 +131,19 @@ def test_tag_prepare_train_on_the_loaded_model_and_use_the_lora(a1111: WebUI):
     ui.facts["lora"] = name
 
 
-def test_tab_in_a_browser_send_to_txt2img_and_screenshot(a1111: WebUI, tmp_path: Path):
+def test_tab_in_a_browser_send_to_txt2img_and_screenshot(a1111: WebUIServer, tmp_path: Path):
     if "lora" not in a1111.facts:
         pytest.skip("needs the training test")
     if not (shutil.which("chromium") or shutil.which("chromium-browser")):
         pytest.skip("no chromium (apt-get install chromium)")
-    out = ROOT / "docs" / "screenshots" / "a1111-train-lora-tab.png"
-    if os.environ.get("LORA_TRAINER_UPDATE_SCREENSHOTS") != "1":
-        out = tmp_path / "tab.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The WebUI's venv has `websockets` (gradio needs it): run the DevTools client there.
+    out = screenshot_path("a1111-train-lora-tab.png", tmp_path)
     code = (
         "import sys, time, json; sys.path.insert(0, sys.argv[1]); import screenshot as s\n"
         "url, out = sys.argv[2], sys.argv[3]\n"
         "s.screenshot(url, out, scroll_to=None, click='#lora_trainer_refresh',"
         " wait_for=\"#lora_trainer_send_text textarea\")\n"
         "print(json.dumps(s.LAST))\n")
-    res = subprocess.run([str(a1111.python), "-c", code, str(Path(__file__).parent), a1111.url, str(out)],
-                         capture_output=True, text=True, timeout=300, check=False)
+    res = a1111.screenshot(code, out)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     facts = json.loads(res.stdout.strip().splitlines()[-1])
     assert out.is_file() and out.stat().st_size > 10000
@@ -255,7 +153,7 @@ def test_tab_in_a_browser_send_to_txt2img_and_screenshot(a1111: WebUI, tmp_path:
     assert facts["active_tab"] == "txt2img", facts
 
 
-def test_interrupt_stops_training_gracefully_and_txt2img_still_works(a1111: WebUI):
+def test_interrupt_stops_training_gracefully_and_txt2img_still_works(a1111: WebUIServer):
     ui = a1111
     if "lora" not in ui.facts:
         pytest.skip("needs the training test")
@@ -274,11 +172,8 @@ def test_interrupt_stops_training_gracefully_and_txt2img_still_works(a1111: WebU
     assert (ui.txt2img("sks") == base).all()
 
 
-def test_harness_smoke_test_passes_with_the_trained_lora(a1111: WebUI):
+def test_harness_smoke_test_passes_with_the_trained_lora(a1111: WebUIServer):
     if "lora" not in a1111.facts:
         pytest.skip("needs the training test")
-    res = subprocess.run([sys.executable, str(a1111.harness / "smoke_test.py"), "--port", str(a1111.port),
-                          "--lora", a1111.facts["lora"], "--expect-ext-tab", "--no-controls",
-                          "--log", str(a1111.log), "--webui", str(a1111.webui)],
-                         capture_output=True, text=True, timeout=600, env=a1111.env, check=False)
+    res = a1111.smoke_test(a1111.facts["lora"], "--webui", str(a1111.webui))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]

@@ -12,129 +12,40 @@ about 10 minutes. LORA_TRAINER_UPDATE_SCREENSHOTS=1 writes docs/screenshots/forg
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from webui_server import EXT_NAME, WebUIServer, export_tree, harness_dir, screenshot_path
 
-ROOT = Path(__file__).resolve().parents[2]
-EXT_NAME = "lora-trainer-under-test"
 RUN = f"lf{int(time.time()) % 100000}"  # unique LoRA names for this session
-SEED = 1234
 PROMPT = "a photo of sks"
 
 pytestmark = pytest.mark.webui
 
 
-def _harness() -> Path | None:
-    for base in (os.environ.get("LORA_TRAINER_HARNESS_DIR"), ROOT.parent / "shared" / "harness"):
-        if base and (Path(base) / "forge" / "launch.sh").is_file():
-            return Path(base) / "forge"
-    return None
-
-
-class Forge:
-    def __init__(self, webui: Path, port: int, harness: Path, ext_dir: Path) -> None:
-        self.webui, self.port, self.harness = webui, port, harness
-        self.work = webui.parent
-        self.python = self.work / "venv" / "bin" / "python"
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = self.work / "run" / "webui.log"
-        self.env = {**os.environ, "FORGE_WORK": str(self.work), "FORGE_PORT": str(port),
-                    "EXT_DIR": str(ext_dir), "EXT_NAME": EXT_NAME}
-        self.facts: dict = {}
-
-    def script(self, name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", str(self.harness / name), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout, check=False)
-
-    def freeze(self) -> dict[str, str]:
-        out = subprocess.run([str(self.python), "-m", "pip", "freeze", "--all"], capture_output=True, text=True,
-                             check=True).stdout
-        pairs = (line.split("==", 1) for line in out.splitlines() if "==" in line)
-        return {name.lower().replace("_", "-"): ver for name, ver in pairs}
-
-    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 900) -> dict:
-        req = urllib.request.Request(self.url + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"{method} {path} -> {e.code}: {e.read()[:800]!r}") from None
-
-    def wait_job(self, job_id: str, timeout: float = 1800) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            job = self.call("GET", f"/lora-trainer/v1/jobs/{job_id}")
-            if job["state"] in ("done", "failed", "stopped"):
-                return job
-            time.sleep(1)
-        raise AssertionError(f"job {job_id} did not finish in {timeout}s")
-
-    def txt2img(self, prompt: str):
-        """Pixels only: the PNG's text chunk carries the prompt and LoRA hashes."""
-        import numpy as np
-        from PIL import Image
-
-        res = self.call("POST", "/sdapi/v1/txt2img", {
-            "prompt": prompt, "negative_prompt": "", "seed": SEED, "steps": 3, "width": 64, "height": 64,
-            "sampler_name": "Euler", "cfg_scale": 7, "batch_size": 1, "n_iter": 1})
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB"))
-
+class Forge(WebUIServer):
     def train(self, data: str, name: str, **extra) -> dict:
         body = {"data": data, "name": name, "resolution": 64, "enable_bucket": False, "max_steps": 2, "rank": 4,
                 "alpha": 4, "learning_rate": 1e-2, "train_text_encoder": True, **extra}
         return self.wait_job(self.call("POST", "/lora-trainer/v1/train", body)["job_id"])
 
 
-def _export_tree(dest: Path) -> Path:
-    """What a user gets from `git clone`: tracked + untracked-not-ignored files."""
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def forge(forge_dir: Path, webui_port: int, tmp_path_factory: pytest.TempPathFactory):
-    harness = _harness()
+    harness = harness_dir("forge")
     if harness is None:
         pytest.skip("shared/harness/forge not found beside the repository")
     if not (forge_dir / "modules_forge").is_dir():
         pytest.fail(f"--forge-dir {forge_dir} is not a Forge checkout (no modules_forge/)")
-    for entry in (forge_dir / "extensions").iterdir():
-        if entry.name != EXT_NAME and (entry / "scripts" / "lora_trainer_tab.py").exists():
-            pytest.fail(f"another copy of LoRA Trainer is installed as {entry}; remove it first")
-    ext = _export_tree(tmp_path_factory.mktemp("ext") / "lora-trainer")
-    ui = Forge(forge_dir, webui_port, harness, ext)
-    if (ui.work / "run" / "webui.pid").exists():
-        pytest.fail("a Forge started by launch.sh is running; run shared/harness/forge/stop.sh first")
-    ui.facts["freeze_before"] = ui.freeze()
-    inst = ui.script("install_extension.sh")
-    ui.facts["install_output"] = inst.stdout + inst.stderr
-    assert inst.returncode == 0, ui.facts["install_output"]
-    ui.facts["freeze_after"] = ui.freeze()
+    ext = export_tree(tmp_path_factory.mktemp("ext") / "lora-trainer")
+    # Full-size SD1.5 on 2 CPU cores: longer timeouts than A1111's tiny model.
+    ui = Forge(forge_dir, webui_port, harness, ext, env_prefix="FORGE", label="Forge", ext_name=EXT_NAME,
+               script_timeout=900, call_timeout=900, job_timeout=1800, poll_s=1)
+    ui.refuse_other_copies()
     # No warm-up generation: Forge then has no model loaded (FakeInitialModel) until something asks.
-    launched = subprocess.run(["bash", str(harness / "launch.sh")], env={**ui.env, "FORGE_NO_WARMUP": "1"},
-                              capture_output=True, text=True, timeout=900, check=False)
-    if launched.returncode != 0:
-        ui.script("install_extension.sh", "--remove")
-        pytest.fail("launch.sh failed:\n" + launched.stdout[-3000:] + launched.stderr[-3000:])
+    ui.install_and_launch(launch_env={"FORGE_NO_WARMUP": "1"})
     # Forge listens on --server-name 127.0.0.1, which the WebUI counts as "non-local": typed paths
     # must lie inside the WebUI folder, so the data goes there.
     data = forge_dir / f"lora_trainer_it_{RUN}"
@@ -143,13 +54,7 @@ def forge(forge_dir: Path, webui_port: int, tmp_path_factory: pytest.TempPathFac
     try:
         yield ui
     finally:
-        ui.script("stop.sh")
-        ui.script("install_extension.sh", "--remove")
-        shutil.rmtree(data, ignore_errors=True)
-        for f in (forge_dir / "models" / "Lora").glob(f"{RUN}*"):
-            f.unlink()
-        for d in (forge_dir / "models" / "lora_trainer_runs").glob(f"{RUN}*"):
-            shutil.rmtree(d, ignore_errors=True)
+        ui.shut_down(RUN, data)
 
 
 def test_install_py_changed_no_installed_package(forge: Forge):
@@ -238,10 +143,7 @@ def test_train_on_the_loaded_model_and_use_the_lora(forge: Forge):
 def test_harness_smoke_test_passes_with_the_trained_lora(forge: Forge):
     if "lora" not in forge.facts:
         pytest.skip("needs the training test")
-    res = subprocess.run([sys.executable, str(forge.harness / "smoke_test.py"), "--port", str(forge.port),
-                          "--lora", forge.facts["lora"], "--expect-ext-tab", "--no-controls",
-                          "--log", str(forge.log)],
-                         capture_output=True, text=True, timeout=900, env=forge.env, check=False)
+    res = forge.smoke_test(forge.facts["lora"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 
 
@@ -288,14 +190,10 @@ def test_low_bit_storage_trains_from_the_checkpoint_file(forge: Forge):
 def test_tab_screenshot_in_headless_chromium(forge: Forge, tmp_path: Path):
     if not (shutil.which("chromium") or shutil.which("chromium-browser")):
         pytest.skip("no chromium (apt-get install chromium)")
-    out = ROOT / "docs" / "screenshots" / "forge-train-lora-tab.png"
-    if os.environ.get("LORA_TRAINER_UPDATE_SCREENSHOTS") != "1":
-        out = tmp_path / "tab.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = screenshot_path("forge-train-lora-tab.png", tmp_path)
     code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import screenshot as s\n"
             "s.screenshot(sys.argv[2], sys.argv[3])\n"
             "print(json.dumps(s.LAST))\n")
-    res = subprocess.run([str(forge.python), "-c", code, str(Path(__file__).parent), forge.url, str(out)],
-                         capture_output=True, text=True, timeout=300, check=False)
+    res = forge.screenshot(code, out)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert out.is_file() and out.stat().st_size > 10000
