@@ -11,7 +11,6 @@ deleted using the previous `dataset.json`, so re-running gives the same tree and
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..hashing import sha256_file
 from .atomic import copy_atomic, write_bytes_atomic
 from .captions import caption_path, read_caption_checked, split_tags, tag_frequency
 from .images import ImageInfo, ScanResult, decode_image, scan_images
@@ -203,7 +203,7 @@ def _write_if_changed(path: Path, data: bytes, result: PrepareResult) -> None:
 
 def _copy_if_changed(src: Path, dst: Path, result: PrepareResult) -> None:
     try:
-        same = dst.stat().st_size == src.stat().st_size and _sha256(dst) == _sha256(src)
+        same = dst.stat().st_size == src.stat().st_size and sha256_file(dst) == sha256_file(src)
     except OSError:
         same = False
     if same:
@@ -211,14 +211,6 @@ def _copy_if_changed(src: Path, dst: Path, result: PrepareResult) -> None:
         return
     copy_atomic(src, dst)
     result.written.append(dst)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def conversion_reasons(info: ImageInfo) -> list[str]:

@@ -72,13 +72,9 @@ _CHEAP_HASH_BYTES = 256 * 2**20  # hash small files now; big ones on demand (che
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
     """A1111's model hash (sha256 of the whole file; the WebUI shows the first 10 characters)."""
-    import hashlib
+    from ..hashing import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def legacy_model_hash(path: str | os.PathLike) -> str:

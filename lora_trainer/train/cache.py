@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..hashing import sha256_file
 from .data import Dataset, ImageItem, image_tensor
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,10 @@ def vae_identity(vae, scaling_factor: float) -> str:
     return h.hexdigest()[:16]
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(item: ImageItem, vae_id: str, flip: bool) -> str:
     assert item.choice is not None
     (bw, bh), (rw, rh) = item.choice.bucket, item.choice.resized
-    return f"{file_hash(item.path)[:32]}-{bw}x{bh}-{rw}x{rh}-{vae_id}{'-flip' if flip else ''}"
+    return f"{sha256_file(item.path)[:32]}-{bw}x{bh}-{rw}x{rh}-{vae_id}{'-flip' if flip else ''}"
 
 
 @torch.no_grad()
