@@ -43,10 +43,14 @@ def run_case(bundle, data: Path, out: Path, accel: str, batch: int, steps: int, 
     config.lr_scheduler, config.learning_rate = "constant", 1e-4
     times: dict[int, float] = {}
 
+    phases: dict[str, float] = {}
+
     def on_event(e):
         if e.kind == "step":
             torch.cuda.synchronize()
             times[e.step] = time.perf_counter()
+        else:  # where the time before the first step goes (plan, latent caching, ...)
+            phases.setdefault(f"{e.kind}: {(e.message or '')[:40]}", round(time.perf_counter() - t0, 2))
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -56,10 +60,24 @@ def run_case(bundle, data: Path, out: Path, accel: str, batch: int, steps: int, 
     its = (len(timed) - 1) / (times[timed[-1]] - times[timed[0]])
     return {"accel": accel, "batch": batch, "steps": res.steps, "it_per_s": round(its, 3),
             "images_per_s": round(its * batch, 2), "first_step_s": round(times[min(times)] - t0, 2),
+            "phases_s": {k: v for k, v in phases.items() if v <= times[min(times)] - t0},
             "wall_s": round(time.perf_counter() - t0, 1), "final_loss": res.final_loss,
             "mean_loss": sum(res.losses) / len(res.losses),
             "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+
+def host_generation(bundle) -> float:
+    """What the WebUI did with the model before Train: one 512 px txt2img (CFG batch 2, 20 steps, decode)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        latents = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+        context = torch.randn(2, 77, 768, device="cuda", dtype=torch.bfloat16)
+        for t in range(20):
+            bundle.unet(latents, 999 - 50 * t, encoder_hidden_states=context)
+        bundle.vae.to("cuda").decode(latents[:1].to(bundle.vae.dtype))
+    torch.cuda.synchronize()
+    return round(time.perf_counter() - t0, 2)
 
 
 def main() -> int:
@@ -68,6 +86,9 @@ def main() -> int:
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--cudnn-benchmark", type=int, default=0, help="1: autotune convs (costs seconds per new shape)")
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--host-warm", action="store_true",
+                   help="first generate one image with the model (20 UNet steps + VAE decode), as a WebUI has "
+                        "done before anyone presses Train, and report that time apart")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
@@ -80,6 +101,7 @@ def main() -> int:
     try:
         data = make_dataset(work / "data", 512, a.images)
         bundle = place_bundle(full_size_bundle(Family.SD1, torch.device("cuda")), "cuda", torch.bfloat16)
+        host_warm_s = host_generation(bundle) if a.host_warm else None
         plan = {1: (60, 10), 8: (24, 8)}
         for batch in (int(b) for b in a.batches.split(",")):
             steps, warmup = plan.get(batch, (24, 8))
@@ -93,7 +115,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
-           "cudnn_benchmark": bool(a.cudnn_benchmark)}
+           "cudnn_benchmark": bool(a.cudnn_benchmark), "host_generation_s": host_warm_s}
     Path(a.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1), encoding="utf-8")
     for r in rows:
         print(f"accel={r['accel']:4s} batch {r['batch']}: {r.get('it_per_s')} it/s {r.get('images_per_s')} img/s, "

@@ -61,6 +61,8 @@ def open_session(model_path: str | os.PathLike[str], provider: str = "auto") -> 
                 log.warning("%s is not offered by this onnxruntime (%s); using the CPU", name, ", ".join(available))
             continue
         try:
+            if name == "CUDAExecutionProvider":
+                _preload_cuda_libraries(ort)
             session = _session(ort, model_path, [name, CPU])
             if session.get_providers()[0] != name:  # ORT quietly drops providers whose libraries are missing
                 raise RuntimeError(f"{name} did not start (are its CUDA/cuDNN libraries installed?)")
@@ -71,6 +73,27 @@ def open_session(model_path: str | os.PathLike[str], provider: str = "auto") -> 
         except Exception as e:  # noqa: BLE001 - any GPU failure: fall back to CPU, said aloud
             log.warning("%s failed (%s); using the CPU", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
     return _session(ort, model_path, [CPU]), CPU
+
+
+_preloaded = False
+
+
+def _preload_cuda_libraries(ort: object) -> None:
+    """Let onnxruntime-gpu find CUDA/cuDNN installed as pip packages (nvidia-*), once per process.
+
+    onnxruntime ≥ 1.21 ships `preload_dlls` for this; without it a CUDA session quietly falls back to
+    the CPU unless the libraries are on the loader's path (or torch, built for the same CUDA, loaded
+    them first, as inside the WebUI).
+    """
+    global _preloaded
+    preload = getattr(ort, "preload_dlls", None)
+    if _preloaded or preload is None:
+        return
+    _preloaded = True
+    try:
+        preload()
+    except Exception as e:  # noqa: BLE001 - best effort: the session start below says what is missing
+        log.debug("onnxruntime.preload_dlls failed: %s", e)
 
 
 def _session(ort: object, model_path: str | os.PathLike[str], providers: list[str]) -> object:
