@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from lora_trainer.dataset.samples import gradient
 from lora_trainer.errors import TaggerError
+from lora_trainer.tagger import session as session_module
 from lora_trainer.tagger.demo_model import write_demo_tagger
 from lora_trainer.tagger.engine import Tagger
 from lora_trainer.tagger.folder import tag_folder
@@ -231,6 +232,22 @@ def test_tag_folder_report_and_captions(models: dict[str, Path], tmp_path: Path)
     assert run.provider == "CPUExecutionProvider"
 
 
+def test_batches_prefetched_in_threads_keep_order_progress_and_skips(models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(7):
+        gradient(40 + 7 * i, 50, seed=40 + i).save(folder / f"m{i}.png")
+    (folder / "m3b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")  # fails inside the second batch
+    tagger = Tagger.load(models["dynamic"])
+    progress: list[tuple[int, int]] = []
+    run = tag_folder(folder, tagger, mode="overwrite", batch_size=3, on_progress=lambda d, t: progress.append((d, t)))
+    assert progress == [(3, 8), (6, 8), (8, 8)]
+    assert sorted(run.captions) == [f"m{i}.png" for i in range(7)] and list(run.skipped) == ["m3b.jpg"]
+    for rel in run.captions:  # each score row belongs to its own image
+        ref = ref_scores(models["dynamic"] / "model.onnx", folder / rel)
+        np.testing.assert_allclose([run.scores[rel][n] for n in tagger.labels.names], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_modes_append_overwrite_skip(models: dict[str, Path], tmp_path: Path) -> None:
     folder = _folder(tmp_path)
     tagger = Tagger.load(models["fixed"])  # fixed batch 1 with batch_size 8 asked
@@ -258,10 +275,21 @@ def test_provider_fallback_to_cpu(models: dict[str, Path], monkeypatch: pytest.M
                                   caplog: pytest.LogCaptureFixture) -> None:
     # Only the list of providers is faked (no GPU here); onnxruntime itself then refuses CUDA for real.
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    # pip-installed CUDA libraries are preloaded once per process; a failure there is not fatal.
+    preloads: list[int] = []
+
+    def preload_dlls() -> None:
+        preloads.append(1)
+        raise OSError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(ort, "preload_dlls", preload_dlls, raising=False)
+    monkeypatch.setattr(session_module, "_preloaded", False)
     with caplog.at_level(logging.WARNING):
         tagger = Tagger.load(models["dynamic"], provider="auto")
+        Tagger.load(models["dynamic"], provider="cuda")
     assert tagger.provider == "CPUExecutionProvider"
     assert "CUDAExecutionProvider" in caplog.text and "CPU" in caplog.text
+    assert preloads == [1]
 
 
 def test_labels_must_match_outputs(models: dict[str, Path], tmp_path: Path) -> None:

@@ -56,21 +56,40 @@ def test_fp8_low_vram_preset_on_an_owned_model(tmp_path, tiny_data):
     assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
-def test_stop_resume_on_cuda_matches(tmp_path, tiny_data):
+@pytest.fixture
+def deterministic_cuda():
+    """cuDNN's default conv algorithms and TF32 differ run to run in the last bits; lr 2e-3 then
+    amplifies that over a few steps. Pin them so a resume can be compared with a straight run."""
+    b = torch.backends
+    saved = (b.cudnn.deterministic, b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+    b.cudnn.deterministic, b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = True, False, False, False
+    yield
+    b.cudnn.deterministic, b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved
+
+
+def test_stop_resume_on_cuda_matches(tmp_path, tiny_data, deterministic_cuda):
     common = {"epochs": 2, "device": "cuda", "learning_rate": 2e-3, "accel": "off"}
-    full = run_training(tiny_config(tiny_data, tmp_path / "a", **common),
-                        bundle=place_bundle(build_tiny_bundle("sd1"), "cuda", torch.float32), owns_bundle=True)
+
+    def straight(out):
+        return run_training(tiny_config(tiny_data, out, **common),
+                            bundle=place_bundle(build_tiny_bundle("sd1"), "cuda", torch.float32), owns_bundle=True)
+
+    full, again = straight(tmp_path / "a"), straight(tmp_path / "a2")
     stop = threading.Event()
     first = run_training(tiny_config(tiny_data, tmp_path / "b", **common),
                          bundle=place_bundle(build_tiny_bundle("sd1"), "cuda", torch.float32), owns_bundle=True,
                          on_event=lambda e: e.kind == "step" and e.step == 4 and stop.set(), stop=stop)
+    assert first.steps == 4
     resumed = run_training(tiny_config(tiny_data, tmp_path / "b", resume=str(first.state_dir), **common),
                            bundle=place_bundle(build_tiny_bundle("sd1"), "cuda", torch.float32), owns_bundle=True)
-    # cuDNN may pick different (non-bitwise-deterministic) kernels between processes: close, not equal.
-    assert resumed.losses == pytest.approx(full.losses, rel=1e-4)
+    # A resumed run may differ from a straight one by no more than two straight runs differ (GPU
+    # atomics can remain), and never by more than a wrong resume would: a lost optimizer state,
+    # RNG state or data order moves the loss by percents, not by 1e-4.
+    noise = max(abs(x - y) for x, y in zip(full.losses, again.losses))
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-4, abs=3 * noise)
     a, b = lora_tensors(full.lora_path), lora_tensors(resumed.lora_path)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5 + 3 * noise)
 
 
 def test_cuda_graphs_path(tmp_path):

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..dataset.atomic import write_text_atomic
 from ..dataset.captions import caption_path, join_tags, read_caption_checked, split_tags, write_caption
 from ..dataset.images import ImageLoadError, iter_candidates, load_image
 from ..errors import ConfigError, DatasetError
 from .engine import Tagger
+from .preprocess import prepare_image
 from .thresholds import MODES, TagOptions, compose_caption, select_tags
 
 log = logging.getLogger(__name__)
@@ -67,20 +71,18 @@ def tag_folder(folder: str | os.PathLike[str], tagger: Tagger, options: TagOptio
             kept += 1
         else:
             todo.append(image)
-    for start in range(0, len(todo), batch):
-        paths, images = [], []
-        for path in todo[start:start + batch]:
-            try:
-                images.append(load_image(path))
-                paths.append(path)
-            except ImageLoadError as e:
-                skipped[path] = e.reason
-        for path, scores in zip(paths, tagger.predict(images)):
-            rel = path.relative_to(root).as_posix()
-            run.captions[rel] = _write_caption(path, select_tags(scores, tagger.labels, options), options, mode)
-            run.scores[rel] = {name: float(p) for name, p in zip(tagger.labels.names, scores)}
+    names = tagger.labels.names
+    done = 0
+    for paths, arrays, failed in _prepared_batches(todo, batch, tagger.size):
+        skipped.update(failed)
+        if paths:
+            for path, scores in zip(paths, tagger.predict_arrays(np.stack(arrays))):
+                rel = path.relative_to(root).as_posix()
+                run.captions[rel] = _write_caption(path, select_tags(scores, tagger.labels, options), options, mode)
+                run.scores[rel] = dict(zip(names, scores.tolist()))
+        done += len(paths) + len(failed)
         if on_progress:
-            on_progress(min(start + batch, len(todo)), len(todo))
+            on_progress(done, len(todo))
     run.skipped = {p.relative_to(root).as_posix(): reason for p, reason in sorted(skipped.items())}
     if not run.captions and not kept:
         detail = ""
@@ -92,6 +94,32 @@ def tag_folder(folder: str | os.PathLike[str], tagger: Tagger, options: TagOptio
     if report is not None:
         write_text_atomic(report, json.dumps(run.report(), ensure_ascii=False, indent=1) + "\n")
     return run
+
+
+def _prepared_batches(todo: list[Path], batch: int, size: int
+                      ) -> Iterator[tuple[list[Path], list[np.ndarray], dict[Path, str]]]:
+    """(paths, model inputs, failures) per batch. Decoding and resizing run in threads (Pillow and
+    numpy release the GIL) one batch ahead of the model, so a GPU tagger is not left waiting on
+    one CPU core; at most two batches of inputs are in memory."""
+    def load(path: Path) -> np.ndarray:
+        return prepare_image(load_image(path), size)
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tagger-load") as pool:
+        chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+        pending = [pool.submit(load, p) for p in chunks[0]] if chunks else []
+        for n, chunk in enumerate(chunks):
+            current = pending
+            if n + 1 < len(chunks):
+                pending = [pool.submit(load, p) for p in chunks[n + 1]]
+            paths, arrays, failed = [], [], {}
+            for path, future in zip(chunk, current):
+                try:
+                    arrays.append(future.result())
+                    paths.append(path)
+                except ImageLoadError as e:
+                    failed[path] = e.reason
+            yield paths, arrays, failed
 
 
 def _write_caption(image: Path, predicted: list[str], options: TagOptions, mode: str) -> str:

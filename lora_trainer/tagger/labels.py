@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..dataset.captions import KAOMOJIS
@@ -19,7 +20,14 @@ class Labels:
     categories: tuple[int, ...]
 
     def indexes(self, category: int) -> list[int]:
-        return [i for i, c in enumerate(self.categories) if c == category]
+        return self._by_category.get(category, [])
+
+    @cached_property  # asked several times per image; a tagger has ~10,000 outputs
+    def _by_category(self) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(self.categories):
+            groups.setdefault(c, []).append(i)
+        return groups
 
     def __len__(self) -> int:
         return len(self.names)

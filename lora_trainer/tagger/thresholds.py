@@ -69,26 +69,33 @@ def select_tags(scores: np.ndarray, labels: Labels, options: TagOptions) -> list
     """Predicted tags for one image, most confident first, exclusions and replacements applied."""
     scores = np.asarray(scores, dtype=np.float64)
     general_t, character_t = thresholds_for(scores, labels, options)
-    picked = [(i, scores[i]) for i in labels.indexes(GENERAL) if scores[i] > general_t]
+    picked = [i for i in labels.indexes(GENERAL) if scores[i] > general_t]
     if options.include_characters:
-        picked += [(i, scores[i]) for i in labels.indexes(CHARACTER) if scores[i] > character_t]
-    picked.sort(key=lambda item: -item[1])  # stable: equal scores keep the CSV's order
-    tags = [_rename(labels.names[i], options) for i, _ in picked]
+        picked += [i for i in labels.indexes(CHARACTER) if scores[i] > character_t]
+    picked.sort(key=lambda i: -scores[i])  # stable: equal scores keep the CSV's order
+    rename = _Renamer(options)
+    tags = [rename(labels.names[i]) for i in picked]
     if options.include_rating:
         ratings = labels.indexes(RATING)
         if ratings:
             best = max(ratings, key=lambda i: scores[i])
-            tags.insert(0, _rename(labels.names[best], options))
+            tags.insert(0, rename(labels.names[best]))
     return [t for t in tags if t]
 
 
-def _rename(name: str, options: TagOptions) -> str:
-    shown = display_name(name) if options.replace_underscores else name
-    excluded = {normalize_tag(t) for t in options.exclude}
-    if normalize_tag(name) in excluded or normalize_tag(shown) in excluded:
-        return ""
-    replacements = {normalize_tag(k): v.strip() for k, v in options.replacements.items()}
-    return replacements.get(normalize_tag(shown), shown)
+class _Renamer:
+    """A tag name as written in captions: display form, exclusions dropped (""), replacements applied."""
+
+    def __init__(self, options: TagOptions):
+        self.underscores = options.replace_underscores
+        self.excluded = {normalize_tag(t) for t in options.exclude}
+        self.replacements = {normalize_tag(k): v.strip() for k, v in options.replacements.items()}
+
+    def __call__(self, name: str) -> str:
+        shown = display_name(name) if self.underscores else name
+        if self.excluded and (normalize_tag(name) in self.excluded or normalize_tag(shown) in self.excluded):
+            return ""
+        return self.replacements.get(normalize_tag(shown), shown) if self.replacements else shown
 
 
 def compose_caption(predicted: Sequence[str], options: TagOptions, existing: Sequence[str] | None = None,
