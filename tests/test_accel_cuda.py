@@ -34,7 +34,7 @@ def _unet(seed=0):
     return unet
 
 
-def _train(unet, opts, steps=12, scaler=None, dtype=torch.bfloat16):
+def _train(unet, opts, steps=12, scaler=None, dtype=torch.bfloat16, inf_at=None):
     params = [p for p in unet.parameters() if p.requires_grad]
     accel.prepare_model(unet, opts, device="cuda")
     opt = torch.optim.AdamW(params, lr=1e-3, **accel.optimizer_kwargs("cuda"))
@@ -52,7 +52,7 @@ def _train(unet, opts, steps=12, scaler=None, dtype=torch.bfloat16):
              "t": torch.randint(0, 1000, (2,), device="cuda", generator=g),
              "ctx": torch.randn(2, 7, 32, device="cuda", generator=g),
              "noise": torch.randn(2, 4, 16, 16, device="cuda", generator=g),
-             "scale": torch.ones((), device="cuda")}
+             "scale": torch.full((), float("inf") if i == inf_at else 1.0, device="cuda")}
         losses.append(runner.step(b).item())
         if i == 7:  # a lower learning rate mid-run must reach the captured optimizer
             for group in opt.param_groups:
@@ -75,12 +75,30 @@ def test_graphs_and_fused_lora_match_eager_peft_on_gpu():
 
 
 @cuda
-def test_fp16_with_loss_scaling_runs_eagerly():
-    scaler = torch.amp.GradScaler("cuda") if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler") \
-        else torch.cuda.amp.GradScaler()
-    losses, runner, _ = _train(_unet(), accel.AccelOptions(), steps=6, scaler=scaler, dtype=torch.float16)
-    assert not runner.uses_graphs and "loss scaling" in runner.disabled_reason
-    assert all(torch.isfinite(torch.tensor(losses)))
+def _scaler():
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    return torch.cuda.amp.GradScaler(init_scale=2.0**12)
+
+
+def test_fp16_loss_scaling_in_graphs_matches_eager_and_skips_overflow():
+    # Step 9 (a replay) gets an infinite loss: the step must be skipped and the scale halved on
+    # the GPU, exactly as GradScaler does eagerly.
+    def run(opts):
+        scaler = _scaler()
+        losses, runner, weights = _train(_unet(), opts, steps=12, scaler=scaler, dtype=torch.float16, inf_at=9)
+        return losses, runner, weights, scaler.get_scale()
+
+    l_eager, _, w_eager, s_eager = run(accel.AccelOptions(cuda_graphs=False))
+    l_graph, r_graph, w_graph, s_graph = run(accel.AccelOptions())
+    assert r_graph.uses_graphs, r_graph.disabled_reason
+    assert r_graph.stats["graph_replays"] == 12 - accel.AccelOptions().graph_warmup
+    assert s_graph == s_eager == 2.0**11
+    finite = [i for i in range(12) if i != 9]
+    assert [l_graph[i] for i in finite] == pytest.approx([l_eager[i] for i in finite], rel=5e-3)
+    cat = lambda w: torch.cat([v.flatten() for _, v in sorted(w.items())])
+    assert torch.isfinite(cat(w_graph)).all()
+    assert float((cat(w_graph) - cat(w_eager)).norm() / cat(w_eager).norm()) < 1e-2
 
 
 @cuda

@@ -140,8 +140,9 @@ class StepRunner:
             return "disabled in the options"
         if self.device.type != "cuda" or not torch.cuda.is_available():
             return "no CUDA device"
-        if self.scaler is not None:
-            return "fp16 loss scaling skips steps on overflow, which a graph cannot"
+        if self.scaler is not None and not all(g.get("fused", False) for g in self.optimizer.param_groups):
+            # Only fused Adam/AdamW take the scaler's found-inf flag on the GPU; others read it on the host.
+            return "fp16 loss scaling needs the fused AdamW to skip overflowed steps inside a graph"
         if not _capturable_optimizer(self.optimizer):
             return (f"{type(self.optimizer).__name__} is not capturable "
                     "(use torch Adam/AdamW with fused=True or capturable=True)")
@@ -188,9 +189,19 @@ class StepRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 loss = self.loss_fn(static)
-                loss.backward()
-                self._clip()
-                self.optimizer.step()
+                if self.scaler is not None:
+                    # GradScaler with a fused optimizer never syncs: the inf check, the skipped
+                    # update and the scale's growth/backoff are all kernels, so they replay too.
+                    self.scaler.scale(loss).backward()
+                    if self.max_grad_norm > 0:
+                        self.scaler.unscale_(self.optimizer)
+                        self._clip()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self._clip()
+                    self.optimizer.step()
                 loss = loss.detach()
             grads = [p.grad for p in self.params]
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly from now on
