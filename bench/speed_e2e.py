@@ -34,8 +34,10 @@ from lora_trainer.train import run_training
 from lora_trainer.train.engine import place_bundle
 
 
-def run_case(bundle, data: Path, out: Path, accel: str, batch: int, steps: int, warmup: int) -> dict:
+def run_case(bundle, data: Path, out: Path, accel: str, batch: int, steps: int, warmup: int,
+             precision: str = "bf16") -> dict:
     config = TrainConfig().with_preset("sd15")
+    config.mixed_precision = precision
     config.data, config.output_dir, config.name = str(data), str(out), f"e2e-{accel}-{batch}"
     config.rank, config.alpha, config.train_text_encoder = 32, 16.0, False
     config.resolution, config.batch_size, config.max_steps, config.epochs = 512, batch, steps, 0
@@ -58,7 +60,7 @@ def run_case(bundle, data: Path, out: Path, accel: str, batch: int, steps: int, 
     res = run_training(config, bundle=bundle, on_event=on_event)
     timed = [s for s in sorted(times) if s > warmup]
     its = (len(timed) - 1) / (times[timed[-1]] - times[timed[0]])
-    return {"accel": accel, "batch": batch, "steps": res.steps, "it_per_s": round(its, 3),
+    return {"accel": accel, "precision": precision, "batch": batch, "steps": res.steps, "it_per_s": round(its, 3),
             "images_per_s": round(its * batch, 2), "first_step_s": round(times[min(times)] - t0, 2),
             "phases_s": {k: v for k, v in phases.items() if v <= times[min(times)] - t0},
             "wall_s": round(time.perf_counter() - t0, 1), "final_loss": res.final_loss,
@@ -70,9 +72,10 @@ def run_case(bundle, data: Path, out: Path, accel: str, batch: int, steps: int, 
 def host_generation(bundle) -> float:
     """What the WebUI did with the model before Train: one 512 px txt2img (CFG batch 2, 20 steps, decode)."""
     t0 = time.perf_counter()
+    dtype = next(bundle.unet.parameters()).dtype
     with torch.no_grad():
-        latents = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
-        context = torch.randn(2, 77, 768, device="cuda", dtype=torch.bfloat16)
+        latents = torch.randn(2, 4, 64, 64, device="cuda", dtype=dtype)
+        context = torch.randn(2, 77, 768, device="cuda", dtype=dtype)
         for t in range(20):
             bundle.unet(latents, 999 - 50 * t, encoder_hidden_states=context)
         bundle.vae.to("cuda").decode(latents[:1].to(bundle.vae.dtype))
@@ -86,6 +89,8 @@ def main() -> int:
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--cudnn-benchmark", type=int, default=0, help="1: autotune convs (costs seconds per new shape)")
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--precision", choices=["bf16", "fp16"], default="bf16",
+                   help="fp16: loss scaling, as on GPUs without bf16 (GTX 16xx, RTX 20xx)")
     p.add_argument("--host-warm", action="store_true",
                    help="first generate one image with the model (20 UNet steps + VAE decode), as a WebUI has "
                         "done before anyone presses Train, and report that time apart")
@@ -100,14 +105,15 @@ def main() -> int:
     rows = []
     try:
         data = make_dataset(work / "data", 512, a.images)
-        bundle = place_bundle(full_size_bundle(Family.SD1, torch.device("cuda")), "cuda", torch.bfloat16)
+        bundle = place_bundle(full_size_bundle(Family.SD1, torch.device("cuda")), "cuda",
+                              torch.float16 if a.precision == "fp16" else torch.bfloat16)
         host_warm_s = host_generation(bundle) if a.host_warm else None
         plan = {1: (60, 10), 8: (24, 8)}
         for batch in (int(b) for b in a.batches.split(",")):
             steps, warmup = plan.get(batch, (24, 8))
             for accel in ("auto", "off"):
                 try:
-                    row = run_case(bundle, data, work / "out", accel, batch, steps, warmup)
+                    row = run_case(bundle, data, work / "out", accel, batch, steps, warmup, a.precision)
                 except Exception as e:  # noqa: BLE001 - record and go on
                     row = {"accel": accel, "batch": batch, "error": f"{type(e).__name__}: {e}"[:400]}
                 rows.append(row)
