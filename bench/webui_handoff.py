@@ -58,15 +58,81 @@ def run(family: str, device: str = "cuda") -> dict:
             "bit_identical": same, "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__}
 
 
+def train_to_first_step(family: str, device: str = "cuda", images: int = 32, steps: int = 20) -> dict:
+    """What pressing Train costs inside A1111 with the model in memory: the weights' fingerprint,
+    the hand-off, then `run_training` (latent + text caching, LoRA, first step). The model has
+    generated once before (a WebUI has), so CUDA's lazy loading of inference kernels is not counted."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from train_speed import make_dataset
+
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.models.loader import bundle_from_ldm_state_dict
+    from lora_trainer.train import run_training
+    from lora_trainer.webui.common import tensor_fingerprint
+
+    dev = torch.device(device)
+    host = _full_size_state(family, dev, torch.float16 if dev.type == "cuda" else torch.float32)
+    size = 1024 if family == "sdxl" else 512
+    warm = bundle_from_ldm_state_dict(host, name=f"random-{family}")
+    with torch.no_grad():  # one txt2img's worth of UNet steps and a decode, as the WebUI did
+        dtype = next(warm.unet.parameters()).dtype
+        lat = torch.randn(2, 4, size // 8, size // 8, device=dev, dtype=dtype)
+        ctx = torch.randn(2, 77, warm.unet.config.cross_attention_dim, device=dev, dtype=dtype)
+        extra = None
+        if family == "sdxl":
+            extra = {"text_embeds": torch.randn(2, 1280, device=dev, dtype=dtype),
+                     "time_ids": torch.randn(2, 6, device=dev, dtype=dtype)}
+        for i in range(20):
+            warm.unet(lat, 999 - 50 * i, encoder_hidden_states=ctx, added_cond_kwargs=extra)
+        warm.vae.decode(lat[:1].to(next(warm.vae.parameters()).dtype))
+    del warm
+    work = Path(tempfile.mkdtemp(prefix="handoff-train-"))
+    try:
+        data = make_dataset(work / "data", size, images)
+        config = TrainConfig().with_preset("sdxl" if family == "sdxl" else "sd15")
+        config.data, config.output_dir, config.name = str(data), str(work / "out"), "handoff"
+        config.resolution, config.max_steps, config.epochs = size, steps, 0
+        config.save_state, config.device = False, device
+        first: list[float] = []
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fp = tensor_fingerprint(host)
+        t_fp = time.perf_counter() - t0
+        bundle = bundle_from_ldm_state_dict(host, name=f"random-{family}")
+
+        def on_event(e) -> None:
+            if e.kind == "step" and not first:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                first.append(time.perf_counter() - t0)
+
+        result = run_training(config, bundle=bundle, on_event=on_event)
+        del bundle
+        same = tensor_fingerprint(host) == fp
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"family": family, "images": images, "resolution": size, "host_dtype": str(next(iter(host.values())).dtype),
+            "fingerprint_s": round(t_fp, 2), "train_to_first_step_s": round(first[0], 2) if first else None,
+            "steps": result.steps, "host_weights_bit_identical": same}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", action="append", choices=["sd1", "sd2", "sdxl"])
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a dry run of the code)")
     p.add_argument("--out")
+    p.add_argument("--train", action="store_true",
+                   help="also time Train -> first step (fingerprint + hand-off + run_training, 32 images)")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --device cpu for a dry run)")
     results = [run(f, a.device) for f in a.family or ["sd1", "sdxl"]]
+    if a.train:
+        results += [train_to_first_step(f, a.device) for f in a.family or ["sd1", "sdxl"]]
     text = json.dumps(results, indent=2)
     print(text)
     if a.out:

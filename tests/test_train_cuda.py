@@ -87,9 +87,10 @@ def test_stop_resume_on_cuda_matches(tmp_path, tiny_data, deterministic_cuda):
     # RNG state or data order moves the loss by percents, not by 1e-4.
     noise = max(abs(x - y) for x, y in zip(full.losses, again.losses))
     assert resumed.losses == pytest.approx(full.losses, rel=1e-4, abs=3 * noise)
-    a, b = lora_tensors(full.lora_path), lora_tensors(resumed.lora_path)
+    a, a2, b = (lora_tensors(r.lora_path) for r in (full, again, resumed))
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5 + 3 * noise)
+        spread = float((a[key].float() - a2[key].float()).abs().max())
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5 + 3 * spread)
 
 
 def test_cuda_graphs_path(tmp_path):

@@ -131,6 +131,34 @@ def test_tensor_fingerprint_sees_a_one_bit_change_in_any_dtype():
         assert before["w"] != after["w"] and before["scalar"] == after["scalar"]
 
 
+def test_device_checksum_exact_chunked_and_sensitive(monkeypatch):
+    # The GPU digest's arithmetic runs on any device; here on the CPU (no GPU in CI).
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(1000, generator=g).to(torch.bfloat16)
+    raw = t.view(torch.uint8)
+    whole = common._device_checksum(raw).tolist()
+    monkeypatch.setattr(common, "_CHUNK_WORDS", 7)  # many chunks, a short last one
+    assert common._device_checksum(raw).tolist() == whole
+    flipped = t.clone()
+    flipped.view(torch.int16)[321] ^= 1 << 9
+    assert common._device_checksum(flipped.view(torch.uint8)).tolist() != whole
+    swapped = t.clone().view(torch.int32)
+    swapped[[3, 200]] = swapped[[200, 3]]  # same words, other places: only the weighted sum sees it
+    swapped_sum = common._device_checksum(swapped.view(torch.uint8)).tolist()
+    assert swapped_sum[1] == whole[1] and swapped_sum[2] != whole[2]
+    odd = torch.arange(13, dtype=torch.uint8)[1:]  # 12 bytes at storage offset 1: padded copy
+    assert common._device_checksum(odd).tolist()[0] == 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tensor_fingerprint_on_the_gpu_stays_there_and_sees_a_flip():
+    t = torch.randn(3, 1 << 20, device="cuda").half()
+    before = common.tensor_fingerprint({"w": t, "odd": t[0, 1:8]})
+    assert before["w"].startswith("gpu:") and before == common.tensor_fingerprint({"w": t, "odd": t[0, 1:8]})
+    t.view(torch.int16)[2, 12345] ^= 1
+    assert common.tensor_fingerprint({"w": t})["w"] != before["w"]
+
+
 # ---------------------------------------------------------------------- host services
 def test_progress_goes_to_shared_state_and_interrupt_stops(fake_webui):
     host = A1111Host()

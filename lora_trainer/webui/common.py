@@ -143,13 +143,50 @@ def disabled_reason(status_file: Path = INSTALL_STATUS) -> str | None:
 
 
 def tensor_fingerprint(tensors: Mapping[str, Any]) -> dict[str, str]:
-    """sha256 of each tensor's bytes (on the CPU): compare before/after to prove bit-identity."""
+    """A digest of each tensor's bytes, taken where the tensor lives: compare before/after a run
+    to prove the host's weights are bit-identical.
+
+    CPU tensors: sha256. GPU tensors: two 64-bit sums of the 32-bit words (plain and position-
+    weighted) computed on the GPU, because copying a 2-7 GB model to the CPU to hash it took 4-8 s
+    before every run (bench/results/webui_handoff_h100.json). Integer sums are exact, so the digest
+    is deterministic, and any changed word changes the plain sum unless another change cancels it
+    in both sums at once.
+    """
     import torch
 
     out: dict[str, str] = {}
+    device_sums: dict[str, Any] = {}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             continue
-        raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # any dtype, incl. bf16
-        out[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)  # any dtype, incl. bf16 and fp8
+        if raw.device.type == "cuda":
+            device_sums[name] = _device_checksum(raw)
+        else:
+            out[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+    if device_sums:
+        names = list(device_sums)
+        values = torch.stack([device_sums[n] for n in names]).cpu().tolist()  # one transfer for all
+        out.update({n: "gpu:" + ",".join(str(v) for v in vals) for n, vals in zip(names, values)})
     return out
+
+
+_CHUNK_WORDS = 1 << 22  # 4M words: bounds the int64 temporaries at 64 MB on small GPUs
+
+
+def _device_checksum(raw: Any) -> Any:
+    """(byte count, sum of words, position-weighted sum of words) of a 1-D uint8 tensor, on its device."""
+    import torch
+
+    n = raw.numel()
+    if n % 4 or raw.storage_offset() % 4:  # odd sizes/offsets: pad a copy to whole 32-bit words
+        raw = torch.cat([raw, raw.new_zeros((-n) % 4)])
+    words = raw.view(torch.int32)
+    plain = torch.zeros((), dtype=torch.int64, device=raw.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=raw.device)
+    for start in range(0, words.numel(), _CHUNK_WORDS):
+        w = words[start:start + _CHUNK_WORDS].to(torch.int64)
+        pos = torch.arange(start + 1, start + 1 + w.numel(), dtype=torch.int64, device=raw.device)
+        plain += w.sum()
+        weighted += (w * (pos * 2654435761 % 4294967291)).sum()  # distinct odd-ish weight per position
+    return torch.stack([torch.tensor(n, dtype=torch.int64, device=raw.device), plain, weighted])
