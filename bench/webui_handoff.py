@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import torch
@@ -58,7 +59,8 @@ def run(family: str, device: str = "cuda") -> dict:
             "bit_identical": same, "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__}
 
 
-def train_to_first_step(family: str, device: str = "cuda", images: int = 32, steps: int = 20) -> dict:
+def train_to_first_step(family: str, device: str = "cuda", images: int = 32, steps: int = 20,
+                        host_dtype: torch.dtype = torch.float16) -> dict:
     """What pressing Train costs inside A1111 with the model in memory: the weights' fingerprint,
     the hand-off, then `run_training` (latent + text caching, LoRA, first step). The model has
     generated once before (a WebUI has), so CUDA's lazy loading of inference kernels is not counted."""
@@ -74,7 +76,7 @@ def train_to_first_step(family: str, device: str = "cuda", images: int = 32, ste
     from lora_trainer.webui.common import tensor_fingerprint
 
     dev = torch.device(device)
-    host = _full_size_state(family, dev, torch.float16 if dev.type == "cuda" else torch.float32)
+    host = _full_size_state(family, dev, host_dtype if dev.type == "cuda" else torch.float32)
     size = 1024 if family == "sdxl" else 512
     warm = bundle_from_ldm_state_dict(host, name=f"random-{family}")
     with torch.no_grad():  # one txt2img's worth of UNet steps and a decode, as the WebUI did
@@ -104,11 +106,15 @@ def train_to_first_step(family: str, device: str = "cuda", images: int = 32, ste
         t_fp = time.perf_counter() - t0
         bundle = bundle_from_ldm_state_dict(host, name=f"random-{family}")
 
+        phases = {"fingerprint": round(t_fp, 2)}
+
         def on_event(e) -> None:
             if e.kind == "step" and not first:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 first.append(time.perf_counter() - t0)
+            elif e.kind != "step":
+                phases.setdefault(f"{e.kind}: {(e.message or '')[:30]}", round(time.perf_counter() - t0, 2))
 
         result = run_training(config, bundle=bundle, on_event=on_event)
         del bundle
@@ -117,7 +123,8 @@ def train_to_first_step(family: str, device: str = "cuda", images: int = 32, ste
         shutil.rmtree(work, ignore_errors=True)
     return {"family": family, "images": images, "resolution": size, "host_dtype": str(next(iter(host.values())).dtype),
             "fingerprint_s": round(t_fp, 2), "train_to_first_step_s": round(first[0], 2) if first else None,
-            "steps": result.steps, "host_weights_bit_identical": same}
+            "steps": result.steps, "host_weights_bit_identical": same,
+            "phases_s": phases}
 
 
 def main() -> None:
@@ -127,12 +134,18 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--train", action="store_true",
                    help="also time Train -> first step (fingerprint + hand-off + run_training, 32 images)")
+    p.add_argument("--host-dtype", choices=["fp16", "bf16"], default="fp16",
+                   help="how the WebUI holds the weights (A1111: fp16 unless --no-half / bf16 settings)")
+    p.add_argument("--skip-handoff", action="store_true", help="only the --train measurement")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --device cpu for a dry run)")
-    results = [run(f, a.device) for f in a.family or ["sd1", "sdxl"]]
+    results = [] if a.skip_handoff else [run(f, a.device) for f in a.family or ["sd1", "sdxl"]]
     if a.train:
-        results += [train_to_first_step(f, a.device) for f in a.family or ["sd1", "sdxl"]]
+        logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)8.0f ms %(name)s: %(message)s")
+        logging.getLogger("lora_trainer").setLevel(logging.INFO)  # phases, graph capture times
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.host_dtype]
+        results += [train_to_first_step(f, a.device, host_dtype=dtype) for f in a.family or ["sd1", "sdxl"]]
     text = json.dumps(results, indent=2)
     print(text)
     if a.out:
