@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,19 +71,33 @@ def cache_latents(dataset: Dataset, vae, scaling_factor: float, *, flip: bool, s
     out: list[CachedLatent] = []
     if disk_dir is not None:
         disk_dir.mkdir(parents=True, exist_ok=True)
-    for n, item in enumerate(dataset.items):
-        entry = _from_disk(disk_dir, item, vae_id, flip) if disk_dir is not None else None
-        if entry is None:
-            pixels = image_tensor(item).unsqueeze(0)
-            latent = encode_latent(vae, pixels, scaling_factor, generator)[0]
-            flipped = encode_latent(vae, pixels.flip(-1), scaling_factor, generator)[0] if flip else None
-            entry = CachedLatent(latent, flipped)
-            if disk_dir is not None:
-                _to_disk(disk_dir, item, vae_id, flip, entry)
-        out.append(entry)
-        if progress:
-            progress(n + 1, len(dataset.items))
+    items = dataset.items
+    cached = [_from_disk(disk_dir, item, vae_id, flip) if disk_dir is not None else None for item in items]
+    todo = [i for i, entry in enumerate(cached) if entry is None]
+    # Decoding and resizing images (CPU) runs in threads a few images ahead of the VAE (GPU).
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                            thread_name_prefix="latent-decode") as pool:
+        pending = {i: pool.submit(image_tensor, items[i]) for i in todo[:_DECODE_AHEAD]}
+        queued = len(pending)
+        for n, item in enumerate(items):
+            entry = cached[n]
+            if entry is None:
+                if queued < len(todo):
+                    pending[todo[queued]] = pool.submit(image_tensor, items[todo[queued]])
+                    queued += 1
+                pixels = pending.pop(n).result().unsqueeze(0)
+                latent = encode_latent(vae, pixels, scaling_factor, generator)[0]
+                flipped = encode_latent(vae, pixels.flip(-1), scaling_factor, generator)[0] if flip else None
+                entry = CachedLatent(latent, flipped)
+                if disk_dir is not None:
+                    _to_disk(disk_dir, item, vae_id, flip, entry)
+            out.append(entry)
+            if progress:
+                progress(n + 1, len(items))
     return out
+
+
+_DECODE_AHEAD = 8  # images decoded ahead of the VAE: bounded memory (8 x 3 x 1024 x 1024 fp32 = 100 MB)
 
 
 def _disk_path(disk_dir: Path, item: ImageItem, vae_id: str, flip: bool) -> Path:
