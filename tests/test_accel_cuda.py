@@ -74,13 +74,13 @@ def test_graphs_and_fused_lora_match_eager_peft_on_gpu():
     assert l_fast == pytest.approx(l_eager, rel=5e-3)
 
 
-@cuda
 def _scaler():
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler("cuda", init_scale=2.0**12)
     return torch.cuda.amp.GradScaler(init_scale=2.0**12)
 
 
+@cuda
 def test_fp16_loss_scaling_in_graphs_matches_eager_and_skips_overflow():
     # Step 9 (a replay) gets an infinite loss: the step must be skipped and the scale halved on
     # the GPU, exactly as GradScaler does eagerly.
