@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from ..dataset.atomic import write_text_atomic
 from ..dataset.captions import caption_path, join_tags, read_caption_checked, split_tags, write_caption
 from ..dataset.images import ImageLoadError, iter_candidates, load_image
 from ..errors import ConfigError, DatasetError
+from ..prefetch import prefetched
 from .engine import Tagger
 from .preprocess import prepare_image
 from .thresholds import MODES, TagOptions, compose_caption, select_tags
@@ -98,24 +99,17 @@ def tag_folder(folder: str | os.PathLike[str], tagger: Tagger, options: TagOptio
 
 def _prepared_batches(todo: list[Path], batch: int, size: int
                       ) -> Iterator[tuple[list[Path], list[np.ndarray], dict[Path, str]]]:
-    """(paths, model inputs, failures) per batch. Decoding and resizing run in threads (Pillow and
-    numpy release the GIL) one batch ahead of the model, so a GPU tagger is not left waiting on
-    one CPU core; at most two batches of inputs are in memory."""
+    """(paths, model inputs, failures) per batch, decoded and resized in threads one batch ahead
+    of the model, so a GPU tagger is not left waiting on one CPU core."""
     def load(path: Path) -> np.ndarray:
         return prepare_image(load_image(path), size)
 
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tagger-load") as pool:
-        chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
-        pending = [pool.submit(load, p) for p in chunks[0]] if chunks else []
-        for n, chunk in enumerate(chunks):
-            current = pending
-            if n + 1 < len(chunks):
-                pending = [pool.submit(load, p) for p in chunks[n + 1]]
+    with closing(prefetched(load, todo, ahead=2 * batch, workers=8, name="tagger-load")) as inputs:
+        for start in range(0, len(todo), batch):
             paths, arrays, failed = [], [], {}
-            for path, future in zip(chunk, current):
+            for path in todo[start:start + batch]:
                 try:
-                    arrays.append(future.result())
+                    arrays.append(next(inputs).result())
                     paths.append(path)
                 except ImageLoadError as e:
                     failed[path] = e.reason

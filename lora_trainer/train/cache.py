@@ -13,13 +13,14 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..hashing import sha256_file
+from ..prefetch import prefetched
 from .data import Dataset, ImageItem, image_tensor
 
 log = logging.getLogger(__name__)
@@ -74,18 +75,12 @@ def cache_latents(dataset: Dataset, vae, scaling_factor: float, *, flip: bool, s
     items = dataset.items
     cached = [_from_disk(disk_dir, item, vae_id, flip) if disk_dir is not None else None for item in items]
     todo = [i for i, entry in enumerate(cached) if entry is None]
-    # Decoding and resizing images (CPU) runs in threads a few images ahead of the VAE (GPU).
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
-                            thread_name_prefix="latent-decode") as pool:
-        pending = {i: pool.submit(image_tensor, items[i]) for i in todo[:_DECODE_AHEAD]}
-        queued = len(pending)
+    with closing(prefetched(image_tensor, [items[i] for i in todo], ahead=_DECODE_AHEAD,
+                            name="latent-decode")) as decoded:
         for n, item in enumerate(items):
             entry = cached[n]
             if entry is None:
-                if queued < len(todo):
-                    pending[todo[queued]] = pool.submit(image_tensor, items[todo[queued]])
-                    queued += 1
-                pixels = pending.pop(n).result().unsqueeze(0)
+                pixels = next(decoded).result().unsqueeze(0)
                 latent = encode_latent(vae, pixels, scaling_factor, generator)[0]
                 flipped = encode_latent(vae, pixels.flip(-1), scaling_factor, generator)[0] if flip else None
                 entry = CachedLatent(latent, flipped)
