@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dataset.atomic import write_text_atomic
 from .errors import LoraTrainerError
 from .paths import fresh_stem, lora_subdir, validate_lora_name, write_new_file
 
@@ -34,6 +35,7 @@ FINAL_STATES = frozenset({"done", "failed", "stopped"})
 LORA_SUFFIXES = (".safetensors", ".json", ".preview.png")
 PREFERRED_WEIGHT = 0.8
 _KEEP_FINISHED = 50  # finished jobs remembered for polling
+_RECORD = "job.json"  # a training job's card in its run folder, read back after a restart
 
 
 class JobError(LoraTrainerError):
@@ -133,6 +135,7 @@ class JobManager:
         self._current: Job | None = None
         self._worker: threading.Thread | None = None
         self._closed = False
+        self._restore()
 
     # ------------------------------------------------------------------ requests
     def submit_train(self, config: Any, *, lora_subdir: str = "", label: str | None = None) -> Job:
@@ -159,6 +162,9 @@ class JobManager:
         if old.kind != "train" or old.state != "stopped" or not old.state_dir:
             raise JobError(f"Job {job_id} cannot be resumed: only a stopped training run that saved its "
                            "state can; start a new run instead.")
+        if not Path(old.state_dir).is_dir():
+            raise JobError(f"Job {job_id} cannot be resumed: its saved state {old.state_dir} is gone; "
+                           "start a new run instead.")
         config = dataclasses.replace(old.config, resume=old.state_dir, **overrides)
         return self.submit_train(config, lora_subdir=old.lora_subdir, label=f"resume {config.name}")
 
@@ -307,7 +313,38 @@ class JobManager:
             job.message = error or message or job.message
             job.eta_s = 0.0 if state == "done" else job.eta_s
             job._fn = None
+        self._record(job)
         job.done_event.set()
+
+    # ------------------------------------------------------------------ records across restarts
+    def _record(self, job: Job) -> None:
+        """Keep a training job's card in its run folder (`job.json`), so that after a restart of the
+        server or WebUI the run is listed again and, if stopped, can be resumed from the tab/API."""
+        output_dir = getattr(job.config, "output_dir", "") if job.kind == "train" else ""
+        if not output_dir or not Path(output_dir).is_dir():
+            return
+        try:
+            write_text_atomic(Path(output_dir) / _RECORD, json.dumps(
+                {**job.to_dict(), "lora_subdir": job.lora_subdir, "record_version": 1}, default=str))
+        except (OSError, TypeError, ValueError) as e:  # never fail a job over its record
+            log.warning("could not write the job record in %s: %s", output_dir, e)
+
+    def _restore(self) -> None:
+        """Training jobs recorded by earlier sessions (newest last, at most `_KEEP_FINISHED`). A run
+        that was still going when the process ended comes back as stopped, resumable from its
+        last saved state when it has one."""
+        try:
+            records = sorted(self.work_dir.glob(f"*/{_RECORD}"), key=lambda p: p.stat().st_mtime)
+        except OSError:
+            return
+        for path in records[-_KEEP_FINISHED:]:
+            try:
+                job = _job_from_record(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError, KeyError, LoraTrainerError) as e:
+                log.warning("ignoring the job record %s: %s", path, e)
+                continue
+            if job.id not in self._jobs:
+                self._jobs[job.id] = job
 
     # ------------------------------------------------------------------ training
     def _runner_fn(self) -> Runner:
@@ -324,6 +361,8 @@ class JobManager:
             run_dir = self.work_dir / f"{validate_lora_name(config.name)}-{stamp}-{job.id[:4]}"
             config = dataclasses.replace(config, output_dir=str(run_dir))
             job.config = config
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        self._record(job)  # a run cut short by the process ending is found again after a restart
         runner = self._runner_fn()
         run_over = threading.Event()
         watcher = threading.Thread(target=self._watch_interrupt, args=(job, run_over), daemon=True,
@@ -477,6 +516,30 @@ class JobManager:
 
 # ---------------------------------------------------------------------- helpers
 _CONCEPT_DIR = re.compile(r"^\d+_(.+)$")
+
+
+def _job_from_record(data: dict[str, Any]) -> Job:
+    from .config import TrainConfig
+
+    config = TrainConfig.from_dict(data["config"], source="job record")
+    job = Job(id=str(data["id"]), kind="train", label=str(data.get("label") or f"train {config.name}"))
+    for name in ("created", "started", "finished", "step", "total_steps", "epoch", "total_epochs", "loss",
+                 "smoothed_loss", "lr", "it_per_s", "eta_s", "vram_bytes", "samples", "saves", "outputs",
+                 "lora_name", "prompt_text", "message", "error", "state_dir", "resumed_from", "lora_subdir"):
+        if data.get(name) is not None:
+            setattr(job, name, data[name])
+    job.plan_text = data.get("plan") or ""
+    job.loss_history = [tuple(x) for x in data.get("loss_history") or []]
+    job.config = config
+    job.state = data.get("state") or "stopped"
+    if job.state not in FINAL_STATES:  # the process ended while it ran (or waited)
+        saved = Path(config.output_dir) / f"{config.name}-state"
+        job.state, job.finished = "stopped", job.finished or job.started or job.created
+        job.state_dir = str(saved) if saved.is_dir() else None
+        job.message = ("Interrupted when the server stopped; Resume continues from the last saved state."
+                       if job.state_dir else "Interrupted when the server stopped, before it saved a state.")
+    job.done_event.set()
+    return job
 
 
 def activation_text(config: Any) -> str:

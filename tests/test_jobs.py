@@ -303,3 +303,37 @@ def test_a_failing_host_display_never_ends_training(dataset, tmp_path):
     job = jm.wait(jm.submit_train(config(dataset)).id, 10)
     assert job.state == "done", job.error
     assert Path(job.outputs[0]).is_file()
+
+
+def test_records_of_earlier_sessions_come_back(host, dataset, tmp_path, caplog):
+    # Session 1: one finished run, one run still going when the process "ends".
+    gate = threading.Event()
+    first = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(3, gate=gate))
+    done_cfg = TrainConfig(data=str(dataset), name="early")
+    running = first.submit_train(TrainConfig(data=str(dataset), name="late"))
+    deadline = time.time() + 10
+    while running.state != "running" or not list((tmp_path / "runs").glob("late-*/job.json")):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    (tmp_path / "runs" / "junk").mkdir()
+    (tmp_path / "runs" / "junk" / "job.json").write_text("{not json", encoding="utf-8")
+    gate.set()
+    first.wait(running.id, 10)
+    # A record as the process left it mid-run (state "running"): rewrite the finished one back.
+    record = next((tmp_path / "runs").glob("late-*/job.json"))
+    data = json.loads(record.read_text(encoding="utf-8"))
+    data.update(state="running", finished=None, state_dir=None)
+    record.write_text(json.dumps(data), encoding="utf-8")
+    finished = first.wait(first.submit_train(done_cfg).id, 10)
+    first.shutdown()
+
+    with caplog.at_level("WARNING"):
+        again = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(3))
+    assert "junk" in caplog.text
+    restored = {j.config.name: j for j in again.jobs()}
+    assert restored["early"].state == "done" and restored["early"].lora_name == finished.lora_name
+    assert again.latest("train").config.name == "early"
+    late = restored["late"]
+    assert late.state == "stopped" and "Interrupted" in late.message and late.state_dir is None
+    with pytest.raises(JobError, match="cannot be resumed"):
+        again.resume(late.id)

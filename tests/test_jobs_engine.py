@@ -73,3 +73,25 @@ def test_standalone_host_with_a_checkpoint_lets_the_engine_load_it(tmp_path):
     assert job.config.model == str(ckpt)
     meta = json.loads(Path(job.outputs[1]).read_text())
     assert meta["sd version"] == "SD2" and meta["activation text"] == "thing"
+
+
+def test_a_stopped_run_survives_a_restart_and_resumes_from_the_new_manager(tmp_path):
+    """The WebUI or server restarts between Stop and Resume: the run is listed again and resumes."""
+    data = make_dataset(tmp_path / "ds", n=2, repeats=2, name="shape")
+    host = StopAfterFirstStep(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"))
+    first = JobManager(host, work_dir=tmp_path / "runs", poll_interval=0.01)
+    stopped = first.wait(first.submit_train(tiny_config(data, epochs=3)).id, 120)
+    assert stopped.state == "stopped" and stopped.state_dir
+    first.shutdown()
+
+    host = StandaloneHost(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"))
+    again = JobManager(host, work_dir=tmp_path / "runs")
+    restored = again.latest("train")
+    assert restored is not None and restored.id == stopped.id
+    assert (restored.state, restored.step, restored.state_dir) == ("stopped", stopped.step, stopped.state_dir)
+    assert restored.loss_history == stopped.loss_history and restored.lora_name == stopped.lora_name
+    assert again.snapshot(restored.id)["config"] == stopped.config.to_dict()
+    resumed = again.wait(again.resume(restored.id).id, 120)
+    assert resumed.state == "done", resumed.error
+    assert resumed.step == resumed.total_steps == stopped.total_steps
+    assert resumed.loss_history[0][0] == stopped.step + 1
