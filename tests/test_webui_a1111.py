@@ -151,10 +151,11 @@ def test_device_checksum_exact_chunked_and_sensitive(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_tensor_fingerprint_on_the_gpu_stays_there_and_sees_a_flip():
+def test_tensor_fingerprint_on_the_gpu_matches_the_cpu_and_sees_a_flip():
     t = torch.randn(3, 1 << 20, device="cuda").half()
     before = common.tensor_fingerprint({"w": t, "odd": t[0, 1:8]})
-    assert before["w"].startswith("gpu:") and before == common.tensor_fingerprint({"w": t, "odd": t[0, 1:8]})
+    assert before == common.tensor_fingerprint({"w": t, "odd": t[0, 1:8]})
+    assert before == common.tensor_fingerprint({"w": t.cpu(), "odd": t[0, 1:8].cpu()})  # same digest on the CPU
     t.view(torch.int16)[2, 12345] ^= 1
     assert common.tensor_fingerprint({"w": t})["w"] != before["w"]
 

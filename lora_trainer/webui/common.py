@@ -6,7 +6,6 @@ objects shaped like the WebUI's `cmd_opts` / `opts`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -143,32 +142,30 @@ def disabled_reason(status_file: Path = INSTALL_STATUS) -> str | None:
 
 
 def tensor_fingerprint(tensors: Mapping[str, Any]) -> dict[str, str]:
-    """A digest of each tensor's bytes, taken where the tensor lives: compare before/after a run
-    to prove the host's weights are bit-identical.
+    """A digest of each tensor's bytes: compare before/after a run to prove the host's weights are
+    bit-identical.
 
-    CPU tensors: sha256. GPU tensors: two 64-bit sums of the 32-bit words (plain and position-
-    weighted) computed on the GPU, because copying a 2-7 GB model to the CPU to hash it took 4-8 s
-    before every run (bench/results/webui_handoff_h100.json). Integer sums are exact, so the digest
-    is deterministic, and any changed word changes the plain sum unless another change cancels it
-    in both sums at once.
+    Two 64-bit sums of the tensor's 32-bit words (plain and position-weighted), computed where the
+    tensor lives: copying a 2-7 GB model to the CPU to sha256 it took 4-8 s before every run
+    (bench/results/webui_handoff_h100.json); on the GPU this takes 0.2-0.7 s. Integer sums are exact,
+    so the digest does not depend on the device or the order of the additions, and any changed word
+    changes the plain sum unless another change cancels it in both sums at once.
     """
     import torch
 
-    out: dict[str, str] = {}
-    device_sums: dict[str, Any] = {}
+    names: list[str] = []
+    sums: dict[torch.device, list[Any]] = {}
+    order: list[tuple[torch.device, int]] = []
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             continue
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8)  # any dtype, incl. bf16 and fp8
-        if raw.device.type == "cuda":
-            device_sums[name] = _device_checksum(raw)
-        else:
-            out[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
-    if device_sums:
-        names = list(device_sums)
-        values = torch.stack([device_sums[n] for n in names]).cpu().tolist()  # one transfer for all
-        out.update({n: "gpu:" + ",".join(str(v) for v in vals) for n, vals in zip(names, values)})
-    return out
+        per_device = sums.setdefault(raw.device, [])
+        order.append((raw.device, len(per_device)))
+        per_device.append(_device_checksum(raw))
+        names.append(name)
+    values = {device: torch.stack(parts).cpu().tolist() for device, parts in sums.items()}  # one copy each
+    return {name: ",".join(str(v) for v in values[device][i]) for name, (device, i) in zip(names, order)}
 
 
 _CHUNK_WORDS = 1 << 22  # 4M words: bounds the int64 temporaries at 64 MB on small GPUs
