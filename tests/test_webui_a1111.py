@@ -122,6 +122,15 @@ def test_install_refusal_is_read_back(tmp_path):
     assert common.disabled_reason(status) is None
 
 
+def test_tensor_fingerprint_compares_across_devices_with_like():
+    t = torch.randn(1000).half()
+    before = common.tensor_fingerprint({"w": t})
+    as_sums = common.tensor_fingerprint({"w": t}, like={"w": "sum:0"})  # as if taken on a GPU
+    assert before["w"].startswith("sha256:") and as_sums["w"].startswith("sum:")
+    assert common.tensor_fingerprint({"w": t}, like=as_sums) == as_sums
+    assert common.tensor_fingerprint({"w": t}, like=before) == before
+
+
 def test_tensor_fingerprint_sees_a_one_bit_change_in_any_dtype():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = torch.linspace(-1, 1, 17).to(dtype)
@@ -131,14 +140,15 @@ def test_tensor_fingerprint_sees_a_one_bit_change_in_any_dtype():
         assert before["w"] != after["w"] and before["scalar"] == after["scalar"]
 
 
-def test_device_checksum_exact_chunked_and_sensitive(monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 7])  # one chunk; many chunks with a short last one
+def test_device_checksum_exact_and_sensitive(monkeypatch, chunk):
     # The GPU digest's arithmetic runs on any device; here on the CPU (no GPU in CI).
+    if chunk:
+        monkeypatch.setattr(common, "_CHUNK_WORDS", chunk)
     g = torch.Generator().manual_seed(0)
     t = torch.randn(1000, generator=g).to(torch.bfloat16)
-    raw = t.view(torch.uint8)
-    whole = common._device_checksum(raw).tolist()
-    monkeypatch.setattr(common, "_CHUNK_WORDS", 7)  # many chunks, a short last one
-    assert common._device_checksum(raw).tolist() == whole
+    whole = common._device_checksum(t.view(torch.uint8)).tolist()
+    assert common._device_checksum(t.clone().view(torch.uint8)).tolist() == whole
     flipped = t.clone()
     flipped.view(torch.int16)[321] ^= 1 << 9
     assert common._device_checksum(flipped.view(torch.uint8)).tolist() != whole
@@ -155,7 +165,10 @@ def test_tensor_fingerprint_on_the_gpu_matches_the_cpu_and_sees_a_flip():
     t = torch.randn(3, 1 << 20, device="cuda").half()
     before = common.tensor_fingerprint({"w": t, "odd": t[0, 1:8]})
     assert before == common.tensor_fingerprint({"w": t, "odd": t[0, 1:8]})
-    assert before == common.tensor_fingerprint({"w": t.cpu(), "odd": t[0, 1:8].cpu()})  # same digest on the CPU
+    assert before["w"].startswith("sum:") and before == common.tensor_fingerprint({"w": t, "odd": t[0, 1:8]})
+    moved = {"w": t.cpu(), "odd": t[0, 1:8].cpu()}  # the host moved them to the CPU meanwhile
+    assert common.tensor_fingerprint(moved)["w"].startswith("sha256:")
+    assert common.tensor_fingerprint(moved, like=before) == before
     t.view(torch.int16)[2, 12345] ^= 1
     assert common.tensor_fingerprint({"w": t})["w"] != before["w"]
 

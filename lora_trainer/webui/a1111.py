@@ -252,7 +252,7 @@ class A1111Host:
                     for k in moved:
                         state[k].data = state[k].data.to(*self._homes[k])
                 if self._fingerprint is not None:
-                    after = tensor_fingerprint(state)
+                    after = tensor_fingerprint(state, like=self._fingerprint)
                     changed = [k for k, h in self._fingerprint.items() if after.get(k) != h]
                     if changed:
                         log.error("LoRA Trainer: %d weights of the WebUI's model changed during training "

@@ -6,6 +6,7 @@ objects shaped like the WebUI's `cmd_opts` / `opts`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -141,34 +142,49 @@ def disabled_reason(status_file: Path = INSTALL_STATUS) -> str | None:
     return None if data.get("ok", True) else str(data.get("message") or "install.py refused to install.")
 
 
-def tensor_fingerprint(tensors: Mapping[str, Any]) -> dict[str, str]:
+def tensor_fingerprint(tensors: Mapping[str, Any], *, like: Mapping[str, str] | None = None) -> dict[str, str]:
     """A digest of each tensor's bytes: compare before/after a run to prove the host's weights are
     bit-identical.
 
-    Two 64-bit sums of the tensor's 32-bit words (plain and position-weighted), computed where the
-    tensor lives: copying a 2-7 GB model to the CPU to sha256 it took 4-8 s before every run
-    (bench/results/webui_handoff_h100.json); on the GPU this takes 0.2-0.7 s. Integer sums are exact,
-    so the digest does not depend on the device or the order of the additions, and any changed word
-    changes the plain sum unless another change cancels it in both sums at once.
+    GPU tensors get two exact 64-bit sums of their 32-bit words (plain and position-weighted),
+    computed on the GPU ("sum:..."): copying a 2-7 GB model to the CPU to hash it took 4-8 s before
+    every run (bench/results/webui_handoff_h100.json), this takes 0.2-0.7 s. CPU tensors get sha256
+    ("sha256:...", the fastest there). `like`: an earlier fingerprint; each tensor is digested the
+    way it was then, wherever it lives now, so a tensor the host moved between CPU and GPU in the
+    meantime still compares.
     """
     import torch
 
-    names: list[str] = []
-    sums: dict[torch.device, list[Any]] = {}
-    order: list[tuple[torch.device, int]] = []
+    out: dict[str, str] = {}
+    pending: dict[Any, list[tuple[str, Any]]] = {}  # device -> [(name, sums)]: one copy per device
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             continue
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8)  # any dtype, incl. bf16 and fp8
-        per_device = sums.setdefault(raw.device, [])
-        order.append((raw.device, len(per_device)))
-        per_device.append(_device_checksum(raw))
-        names.append(name)
-    values = {device: torch.stack(parts).cpu().tolist() for device, parts in sums.items()}  # one copy each
-    return {name: ",".join(str(v) for v in values[device][i]) for name, (device, i) in zip(names, order)}
+        earlier = like.get(name, "") if like is not None else ""
+        method = earlier.split(":", 1)[0] if earlier else ("sum" if raw.device.type == "cuda" else "sha256")
+        if method == "sum":
+            pending.setdefault(raw.device, []).append((name, _device_checksum(raw)))
+        else:
+            out[name] = "sha256:" + hashlib.sha256(raw.cpu().numpy().tobytes()).hexdigest()
+    for parts in pending.values():
+        values = torch.stack([sums for _, sums in parts]).cpu().tolist()
+        out.update({name: "sum:" + ",".join(map(str, v)) for (name, _), v in zip(parts, values)})
+    return out
 
 
-_CHUNK_WORDS = 1 << 22  # 4M words: bounds the int64 temporaries at 64 MB on small GPUs
+_CHUNK_WORDS = 1 << 22  # 4M words: bounds the int64 temporaries at 32 MB each
+_weights: dict[tuple[Any, int], Any] = {}  # (device, chunk) -> int64 weights of a chunk's positions
+
+
+def _chunk_weights(device: Any) -> Any:
+    import torch
+
+    key = (device, _CHUNK_WORDS)
+    if key not in _weights:
+        pos = torch.arange(1, _CHUNK_WORDS + 1, dtype=torch.int64, device=device)
+        _weights[key] = pos * 2654435761 % 4294967291  # a distinct, scrambled weight per position
+    return _weights[key]
 
 
 def _device_checksum(raw: Any) -> Any:
@@ -179,11 +195,13 @@ def _device_checksum(raw: Any) -> Any:
     if n % 4 or raw.storage_offset() % 4:  # odd sizes/offsets: pad a copy to whole 32-bit words
         raw = torch.cat([raw, raw.new_zeros((-n) % 4)])
     words = raw.view(torch.int32)
+    weights = _chunk_weights(raw.device)
     plain = torch.zeros((), dtype=torch.int64, device=raw.device)
     weighted = torch.zeros((), dtype=torch.int64, device=raw.device)
-    for start in range(0, words.numel(), _CHUNK_WORDS):
-        w = words[start:start + _CHUNK_WORDS].to(torch.int64)
-        pos = torch.arange(start + 1, start + 1 + w.numel(), dtype=torch.int64, device=raw.device)
-        plain += w.sum()
-        weighted += (w * (pos * 2654435761 % 4294967291)).sum()  # distinct odd-ish weight per position
+    for k, start in enumerate(range(0, words.numel(), _CHUNK_WORDS)):
+        w = words[start:start + _CHUNK_WORDS]
+        chunk_sum = w.sum(dtype=torch.int64)
+        plain += chunk_sum
+        # weight of position i in chunk k: weights[i] + k (so equal offsets in two chunks differ)
+        weighted += (w.to(torch.int64) * weights[:w.numel()]).sum() + k * chunk_sum
     return torch.stack([torch.tensor(n, dtype=torch.int64, device=raw.device), plain, weighted])

@@ -152,7 +152,7 @@ class ForgeHost(A1111Host):
 
                 forge_model.reset_lora_state(sd_model)
                 if before is not None:
-                    after = tensor_fingerprint(forge_model.forge_tensors(sd_model))
+                    after = tensor_fingerprint(forge_model.forge_tensors(sd_model), like=before)
                     changed = [k for k, h in before.items() if after.get(k) != h]
                     if changed:
                         _say(f"{len(changed)} weights of Forge's model changed during training (first: "
