@@ -157,6 +157,7 @@ def tensor_fingerprint(tensors: Mapping[str, Any], *, like: Mapping[str, str] | 
 
     out: dict[str, str] = {}
     pending: dict[Any, list[tuple[str, Any]]] = {}  # device -> [(name, sums)]: one copy per device
+    weights: dict[Any, Any] = {}
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             continue
@@ -164,7 +165,9 @@ def tensor_fingerprint(tensors: Mapping[str, Any], *, like: Mapping[str, str] | 
         earlier = like.get(name, "") if like is not None else ""
         method = earlier.split(":", 1)[0] if earlier else ("sum" if raw.device.type == "cuda" else "sha256")
         if method == "sum":
-            pending.setdefault(raw.device, []).append((name, _device_checksum(raw)))
+            if raw.device not in weights:
+                weights[raw.device] = _chunk_weights(raw.device)
+            pending.setdefault(raw.device, []).append((name, _device_checksum(raw, weights[raw.device])))
         else:
             out[name] = "sha256:" + hashlib.sha256(raw.cpu().numpy().tobytes()).hexdigest()
     for parts in pending.values():
@@ -174,20 +177,16 @@ def tensor_fingerprint(tensors: Mapping[str, Any], *, like: Mapping[str, str] | 
 
 
 _CHUNK_WORDS = 1 << 22  # 4M words: bounds the int64 temporaries at 32 MB each
-_weights: dict[tuple[Any, int], Any] = {}  # (device, chunk) -> int64 weights of a chunk's positions
-
-
 def _chunk_weights(device: Any) -> Any:
+    """The int64 weight of each position in a chunk: distinct and scrambled (made per fingerprint
+    call and dropped after it, so no VRAM stays held)."""
     import torch
 
-    key = (device, _CHUNK_WORDS)
-    if key not in _weights:
-        pos = torch.arange(1, _CHUNK_WORDS + 1, dtype=torch.int64, device=device)
-        _weights[key] = pos * 2654435761 % 4294967291  # a distinct, scrambled weight per position
-    return _weights[key]
+    pos = torch.arange(1, _CHUNK_WORDS + 1, dtype=torch.int64, device=device)
+    return pos * 2654435761 % 4294967291
 
 
-def _device_checksum(raw: Any) -> Any:
+def _device_checksum(raw: Any, weights: Any = None) -> Any:
     """(byte count, sum of words, position-weighted sum of words) of a 1-D uint8 tensor, on its device."""
     import torch
 
@@ -195,7 +194,8 @@ def _device_checksum(raw: Any) -> Any:
     if n % 4 or raw.storage_offset() % 4:  # odd sizes/offsets: pad a copy to whole 32-bit words
         raw = torch.cat([raw, raw.new_zeros((-n) % 4)])
     words = raw.view(torch.int32)
-    weights = _chunk_weights(raw.device)
+    if weights is None:
+        weights = _chunk_weights(raw.device)
     plain = torch.zeros((), dtype=torch.int64, device=raw.device)
     weighted = torch.zeros((), dtype=torch.int64, device=raw.device)
     for k, start in enumerate(range(0, words.numel(), _CHUNK_WORDS)):
