@@ -117,8 +117,9 @@ def host(tmp_path):
 
 
 def wait_running(job, timeout=10.0):
+    """Until the runner has started (its plan is out), past waiting for the GPU lock."""
     deadline = time.monotonic() + timeout
-    while job.state == "queued" and time.monotonic() < deadline:
+    while (job.state == "queued" or not job.total_steps) and time.monotonic() < deadline:
         time.sleep(0.005)
     assert job.state == "running"
 

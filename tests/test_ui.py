@@ -275,7 +275,9 @@ def test_stop_and_resume_buttons(tmp_path, photos):
     runner = threading.Thread(target=s.fire, args=("lora_trainer_train",))
     runner.start()
     deadline = time.monotonic() + 20
-    while (jobs.current() is None or jobs.current().state != "running") and time.monotonic() < deadline:
+    # Stop once the run has started training (its plan is out), not while it still waits for the
+    # GPU: a stop there ends it "before it started", with no LoRA to show.
+    while (jobs.current() is None or not jobs.current().total_steps) and time.monotonic() < deadline:
         time.sleep(0.01)
     job_id = jobs.current().id
     s["lora_trainer_job_id"] = job_id
