@@ -1,12 +1,18 @@
 """Resumable training state: everything needed to continue a stopped run as if it never stopped.
 
-One folder `<output>/<name>-state/` with `state.pt` (LoRA weights in fp32, optimizer, LR schedule,
-loss scaler, RNG states of python/numpy/torch/CUDA, position in the data order, step/epoch, loss
-history, files already written) and `config.json` (the settings, for people and for resume).
+One folder `<output>/<name>-state/` with `state.safetensors` (LoRA weights in fp32, optimizer, LR
+schedule, loss scaler, RNG states of python/numpy/torch/CUDA, position in the data order,
+step/epoch, loss history, files already written) and `config.json` (the settings, for people and
+for resume).
+
+Not `torch.save`/`torch.load`: both WebUIs patch `torch.load` (A1111's `modules/safe.py` refuses
+archives whose inner names it does not know and returns None; Forge renames files it fails on).
+The tensors go into a safetensors file, the structure around them into its metadata as JSON.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -18,8 +24,9 @@ import torch
 
 from ..errors import ConfigError
 
-STATE_FILE = "state.pt"
-FORMAT = 1
+STATE_FILE = "state.safetensors"
+FORMAT = 2
+_META_KEY = "lora_trainer_state"
 
 
 @dataclass
@@ -70,8 +77,12 @@ def save_state(folder: Path, *, config_hash: str, config_json: str, lora: dict[s
                      "losses": list(position.losses), "smoothed": position.smoothed,
                      "saved": list(position.saved)},
     }
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(payload, tensors)
     tmp = folder / f".{STATE_FILE}.{os.getpid()}.tmp"
-    torch.save(payload, tmp)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(skeleton)})
     os.replace(tmp, folder / STATE_FILE)
     cfg_tmp = folder / f".config.json.{os.getpid()}.tmp"
     cfg_tmp.write_text(config_json, encoding="utf-8")
@@ -82,19 +93,57 @@ def save_state(folder: Path, *, config_hash: str, config_json: str, lora: dict[s
 def load_state(folder: str | os.PathLike[str], config_hash: str) -> dict[str, Any]:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
-        raise ConfigError(f"{folder} holds no {STATE_FILE}; pass the <name>-state folder written by the "
-                          "stopped run.")
+        older = " (it was written by an older version; start a new run)" if (Path(folder) / "state.pt").is_file() else ""
+        raise ConfigError(f"{folder} holds no {STATE_FILE}{older}; pass the <name>-state folder written by "
+                          "the stopped run.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            skeleton = json.loads((f.metadata() or {})[_META_KEY])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - not a dict
+        payload = _decode(skeleton, tensors)
     except Exception as e:
         raise ConfigError(f"Resume state {path} cannot be read ({e.__class__.__name__}); "
                           "start a new run without --resume.") from e
-    if payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConfigError(f"Resume state {path} was written by another version; start a new run.")
     if payload["config_hash"] != config_hash:
         raise ConfigError("The resume state was saved with different training settings; resume with the "
                           f"settings in {Path(folder) / 'config.json'} (e.g. --config that file).")
     return payload
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON for `value`, its tensors moved into `tensors` (dict keys and tuples keep their types)."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        t = value.detach()
+        tensors[key] = t.cpu().contiguous() if t.device.type != "cpu" else t.clone().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a resume state")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
 
 
 def position_from(payload: dict[str, Any]) -> Position:

@@ -170,6 +170,30 @@ def test_interrupt_stops_training_gracefully_and_txt2img_still_works(a1111: WebU
     assert job["lora_name"] and Path(job["outputs"][0]).is_file()  # the last good save is kept
     assert not any(o.endswith(".ab-grid.png") for o in job["outputs"])
     assert (ui.txt2img("sks") == base).all()
+    ui.facts["stopped_job"] = job
+
+
+def test_a_stopped_run_resumes_after_the_webui_restarts(a1111: WebUIServer):
+    ui = a1111
+    if "stopped_job" not in ui.facts:
+        pytest.skip("needs the interrupt test")
+    old = ui.facts["stopped_job"]
+    assert old["state_dir"], old["message"]
+    ui.script("stop.sh")
+    relaunched = ui.script("launch.sh")
+    assert relaunched.returncode == 0, relaunched.stdout[-3000:] + relaunched.stderr[-3000:]
+    job = ui.call("GET", f"/lora-trainer/v1/jobs/{old['id']}")  # listed again from its job.json
+    assert (job["state"], job["step"], job["state_dir"]) == ("stopped", old["step"], old["state_dir"])
+    new_id = ui.call("POST", f"/lora-trainer/v1/jobs/{old['id']}/resume")["job_id"]
+    deadline = time.time() + 300
+    while time.time() < deadline and ui.call("GET", f"/lora-trainer/v1/jobs/{new_id}")["step"] < old["step"] + 3:
+        time.sleep(0.3)
+    ui.call("POST", "/sdapi/v1/interrupt")
+    resumed = ui.wait_job(new_id, timeout=300)
+    assert resumed["state"] == "stopped", (resumed["error"], resumed["message"])
+    assert resumed["resumed_from"] == old["state_dir"]
+    assert resumed["loss_history"][0][0] == old["step"] + 1  # continued where it stopped, not restarted
+    assert resumed["step"] > old["step"] and Path(resumed["outputs"][0]).is_file()
 
 
 def test_harness_smoke_test_passes_with_the_trained_lora(a1111: WebUIServer):
