@@ -52,20 +52,27 @@ class _Fp8LinearFn(torch.autograd.Function):
         return grad @ w, None, None, None
 
 
+def _store_quantized(target: nn.Module, layer: nn.Module) -> None:
+    """`weight8` (fp8) and `scale` (one per output channel, keepdim) of `layer`'s frozen weight,
+    its bias as a frozen parameter, and the original dtype, registered on `target`."""
+    if FP8 is None:
+        raise RuntimeError("this torch has no float8 dtype")
+    w = layer.weight.detach()
+    w32 = w.float()
+    scale = (w32.abs().amax(dim=tuple(range(1, w32.dim())), keepdim=True) / _FP8_MAX).clamp(min=1e-12)
+    target.register_buffer("weight8", (w32 / scale).to(FP8))
+    target.register_buffer("scale", scale)
+    target.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+    target._orig_dtype = w.dtype
+
+
 class Fp8Linear(nn.Module):
     """Drop-in frozen replacement for an nn.Linear (no weight gradient)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if FP8 is None:
-            raise RuntimeError("this torch has no float8 dtype")
-        w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = (w.float().abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp(min=1e-12)
-        self.register_buffer("weight8", (w.float() / scale).to(FP8))
-        self.register_buffer("scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self._orig_dtype = w.dtype
+        _store_quantized(self, linear)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -103,18 +110,11 @@ class Fp8Conv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if FP8 is None:
-            raise RuntimeError("this torch has no float8 dtype")
-        w = conv.weight.detach()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        flat = w.float().reshape(w.shape[0], -1)
-        scale = (flat.abs().amax(dim=1) / _FP8_MAX).clamp(min=1e-12)
-        self.register_buffer("weight8", (w.float() / scale.view(-1, 1, 1, 1)).to(FP8))
-        self.register_buffer("scale", scale)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
-        self._orig_dtype = w.dtype
+        _store_quantized(self, conv)
+        self.scale = self.scale.view(-1)  # per output channel, broadcast by the conv function
 
     @property
     def weight(self) -> torch.Tensor:

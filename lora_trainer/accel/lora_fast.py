@@ -13,12 +13,13 @@ falls back to peft's own forward, so the result is always what peft would comput
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .forwards import replace_forwards, restore_forwards
 
 _FUSED_ATTR = "_lora_trainer_fused"
 
@@ -110,22 +111,9 @@ def _fast_forward_for(module: nn.Module):
 
 def fuse_lora_layers(model: nn.Module) -> int:
     """Give every plain peft LoRA Linear/Conv2d in `model` the lean forward; returns how many."""
-    n = 0
-    for module in model.modules():
-        fwd = _fast_forward_for(module)
-        if fwd is None:
-            continue
-        module.forward = types.MethodType(fwd, module)
-        setattr(module, _FUSED_ATTR, True)
-        n += 1
-    return n
+    return replace_forwards(model, _fast_forward_for, _FUSED_ATTR)
 
 
 def unfuse_lora_layers(model: nn.Module) -> int:
     """Restore peft's forward everywhere `fuse_lora_layers` replaced it."""
-    n = 0
-    for module in model.modules():
-        if module.__dict__.pop(_FUSED_ATTR, False):
-            module.__dict__.pop("forward", None)
-            n += 1
-    return n
+    return restore_forwards(model, _FUSED_ATTR)

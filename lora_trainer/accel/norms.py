@@ -11,11 +11,11 @@ the stock forward.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .forwards import replace_forwards, restore_forwards
 
 _ATTR = "_lora_trainer_lowp_norm"
 
@@ -50,23 +50,17 @@ def _layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.to(dt), self.normalized_shape, _cast(self.weight, dt), _cast(self.bias, dt), self.eps)
 
 
+def _norm_forward(m: nn.Module):
+    fwd = _group_norm if type(m) is nn.GroupNorm else _layer_norm if type(m) is nn.LayerNorm else None
+    if fwd is None or any(p.requires_grad for p in m.parameters(recurse=False)):
+        return None
+    return fwd
+
+
 def lowp_norms(model: nn.Module) -> int:
     """Run the frozen GroupNorm/LayerNorm modules of `model` in the autocast dtype; returns how many."""
-    n = 0
-    for m in model.modules():
-        fwd = _group_norm if type(m) is nn.GroupNorm else _layer_norm if type(m) is nn.LayerNorm else None
-        if fwd is None or any(p.requires_grad for p in m.parameters(recurse=False)):
-            continue
-        m.forward = types.MethodType(fwd, m)
-        setattr(m, _ATTR, True)
-        n += 1
-    return n
+    return replace_forwards(model, _norm_forward, _ATTR)
 
 
 def restore_norms(model: nn.Module) -> int:
-    n = 0
-    for m in model.modules():
-        if m.__dict__.pop(_ATTR, False):
-            m.__dict__.pop("forward", None)
-            n += 1
-    return n
+    return restore_forwards(model, _ATTR)
