@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+from handoff_models import host_generation
 from train_speed import full_size_bundle, make_dataset
 
 from lora_trainer.config import TrainConfig
@@ -69,20 +70,6 @@ def run_case(bundle, data: Path, out: Path, accel: str, batch: int, steps: int, 
             "peak_reserved_GiB": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
 
 
-def host_generation(bundle) -> float:
-    """What the WebUI did with the model before Train: one 512 px txt2img (CFG batch 2, 20 steps, decode)."""
-    t0 = time.perf_counter()
-    dtype = next(bundle.unet.parameters()).dtype
-    with torch.no_grad():
-        latents = torch.randn(2, 4, 64, 64, device="cuda", dtype=dtype)
-        context = torch.randn(2, 77, 768, device="cuda", dtype=dtype)
-        for t in range(20):
-            bundle.unet(latents, 999 - 50 * t, encoder_hidden_states=context)
-        bundle.vae.to("cuda").decode(latents[:1].to(bundle.vae.dtype))
-    torch.cuda.synchronize()
-    return round(time.perf_counter() - t0, 2)
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "speed_e2e.json"))
@@ -107,7 +94,7 @@ def main() -> int:
         data = make_dataset(work / "data", 512, a.images)
         bundle = place_bundle(full_size_bundle(Family.SD1, torch.device("cuda")), "cuda",
                               torch.float16 if a.precision == "fp16" else torch.bfloat16)
-        host_warm_s = host_generation(bundle) if a.host_warm else None
+        host_warm_s = host_generation(bundle.unet, bundle.vae) if a.host_warm else None
         plan = {1: (60, 10), 8: (24, 8)}
         for batch in (int(b) for b in a.batches.split(",")):
             steps, warmup = plan.get(batch, (24, 8))

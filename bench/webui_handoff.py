@@ -16,7 +16,7 @@ import logging
 import time
 
 import torch
-from handoff_models import full_size_random_bundle
+from handoff_models import full_size_random_bundle, host_generation
 
 
 def _full_size_state(family: str, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -79,17 +79,7 @@ def train_to_first_step(family: str, device: str = "cuda", images: int = 32, ste
     host = _full_size_state(family, dev, host_dtype if dev.type == "cuda" else torch.float32)
     size = 1024 if family == "sdxl" else 512
     warm = bundle_from_ldm_state_dict(host, name=f"random-{family}")
-    with torch.no_grad():  # one txt2img's worth of UNet steps and a decode, as the WebUI did
-        dtype = next(warm.unet.parameters()).dtype
-        lat = torch.randn(2, 4, size // 8, size // 8, device=dev, dtype=dtype)
-        ctx = torch.randn(2, 77, warm.unet.config.cross_attention_dim, device=dev, dtype=dtype)
-        extra = None
-        if family == "sdxl":
-            extra = {"text_embeds": torch.randn(2, 1280, device=dev, dtype=dtype),
-                     "time_ids": torch.randn(2, 6, device=dev, dtype=dtype)}
-        for i in range(20):
-            warm.unet(lat, 999 - 50 * i, encoder_hidden_states=ctx, added_cond_kwargs=extra)
-        warm.vae.decode(lat[:1].to(next(warm.vae.parameters()).dtype))
+    host_generation(warm.unet, warm.vae, size)  # the WebUI has generated with its model
     del warm
     work = Path(tempfile.mkdtemp(prefix="handoff-train-"))
     try:

@@ -219,6 +219,10 @@ class TrainConfig:
             raise ConfigError(f"Unknown preset '{key}'; choose one of {', '.join(PRESETS)}.")
         return dataclasses.replace(self, preset=key, **PRESETS[key].settings)
 
+    def state_dir(self) -> Path:
+        """Where a run keeps its resumable state: `<output_dir>/<name>-state/`."""
+        return Path(self.output_dir) / f"{self.name}-state"
+
     def hash(self) -> str:
         """Identity of the settings that decide what each step computes (checked on resume)."""
         items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}

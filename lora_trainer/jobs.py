@@ -533,7 +533,7 @@ def _job_from_record(data: dict[str, Any]) -> Job:
     job.config = config
     job.state = data.get("state") or "stopped"
     if job.state not in FINAL_STATES:  # the process ended while it ran (or waited)
-        saved = Path(config.output_dir) / f"{config.name}-state"
+        saved = config.state_dir()
         job.state, job.finished = "stopped", job.finished or job.started or job.created
         job.state_dir = str(saved) if saved.is_dir() else None
         job.message = ("Interrupted when the server stopped; Resume continues from the last saved state."

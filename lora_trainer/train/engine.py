@@ -112,10 +112,6 @@ def planned_files(config: TrainConfig, plan: TrainingPlan) -> list[Path]:
     return files
 
 
-def state_dir(config: TrainConfig) -> Path:
-    return Path(config.output_dir) / f"{config.name}-state"
-
-
 # ---------------------------------------------------------------------------------- entry point
 def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
                  on_event: EventCallback | None = None, stop: threading.Event | None = None,
@@ -548,7 +544,7 @@ class _Run:
             path = self._write_lora(lora_file(self.config, tag))
         if self.config.save_state or force_state:
             self.state_path = save_state(
-                state_dir(self.config), config_hash=self.config.hash(),
+                self.config.state_dir(), config_hash=self.config.hash(),
                 config_json=json.dumps(self.config.to_dict(), indent=2, default=str),
                 lora=self.network.kohya_state_dict(torch.float32), optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, position=dataclasses.replace(self.pos))
