@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
+from server_support import cli_server
 
 pytest.importorskip("fastapi")
 
@@ -45,25 +40,6 @@ def test_missing_model_is_a_user_error(tmp_path):
 
 def test_serve_answers_status(tmp_path):
     pytest.importorskip("uvicorn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lora_trainer", "serve", "--port", str(port),
-                             "--lora-dir", str(tmp_path / "Lora")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/lora-trainer/v1/status", timeout=2) as r:
-                    body = json.loads(r.read())
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
+    with cli_server(["serve", "--lora-dir", str(tmp_path / "Lora")], "/lora-trainer/v1/status", timeout=60) as (_, raw):
+        body = json.loads(raw)
         assert body["host"] == "standalone" and body["busy"] is False
-    finally:
-        proc.terminate()
-        proc.wait(20)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from server_support import cli_server
 
 pytest.importorskip("gradio", reason="Gradio is not installed in this stack")
 
@@ -47,30 +44,13 @@ def test_train_through_the_browser(tmp_path):
     for i in range(6):
         shape_image(i, (96, 96)).save(photos / f"shape{i}.png")
     tagger = write_demo_tagger(tmp_path / "tagger")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--tiny", "sd1", "--port", str(port),
-                               "--lora-dir", str(tmp_path / "Lora")], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.5)
+    with cli_server(["ui", "--tiny", "sd1", "--lora-dir", str(tmp_path / "Lora")], "/", timeout=120, poll_s=0.5,
+                    cwd=tmp_path) as (base, _):
         shot = tmp_path / "shot.png"
-        run = subprocess.run(["node", str(ROOT / "docs" / "screenshots" / "drive.js"), f"http://127.0.0.1:{port}/",
+        run = subprocess.run(["node", str(ROOT / "docs" / "screenshots" / "drive.js"), f"{base}/",
                               str(shot)], capture_output=True, text=True, timeout=600,
                              env={**os.environ, "LT_PHOTOS": str(photos), "LT_TAGGER": str(tagger)}, check=False)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "result: LoRA ready: shapes" in run.stdout
         assert "send text: <lora:shapes:0.8> shape" in run.stdout
         assert (tmp_path / "Lora" / "shapes.safetensors").is_file() and shot.is_file()
-    finally:
-        server.terminate()
-        server.wait(30)

@@ -161,11 +161,7 @@ def test_interrupt_stops_training_gracefully_and_txt2img_still_works(a1111: WebU
     job_id = ui.call("POST", "/lora-trainer/v1/train", {
         "data": str(ui.facts["data"] / "ds"), "name": f"{RUN}_c", "resolution": 64, "enable_bucket": False,
         "epochs": 200, "rank": 2, "alpha": 1, "save_every_n_epochs": 1})["job_id"]
-    deadline = time.time() + 300
-    while time.time() < deadline and ui.call("GET", f"/lora-trainer/v1/jobs/{job_id}")["step"] < 10:
-        time.sleep(0.3)
-    ui.call("POST", "/sdapi/v1/interrupt")  # the WebUI's own Interrupt button
-    job = ui.wait_job(job_id, timeout=300)
+    job = ui.interrupt_at(job_id, 10, timeout=300)  # the WebUI's own Interrupt button
     assert job["state"] == "stopped", (job["error"], job["message"])
     assert job["lora_name"] and Path(job["outputs"][0]).is_file()  # the last good save is kept
     assert not any(o.endswith(".ab-grid.png") for o in job["outputs"])
@@ -179,17 +175,11 @@ def test_a_stopped_run_resumes_after_the_webui_restarts(a1111: WebUIServer):
         pytest.skip("needs the interrupt test")
     old = ui.facts["stopped_job"]
     assert old["state_dir"], old["message"]
-    ui.script("stop.sh")
-    relaunched = ui.script("launch.sh")
-    assert relaunched.returncode == 0, relaunched.stdout[-3000:] + relaunched.stderr[-3000:]
+    ui.relaunch()
     job = ui.call("GET", f"/lora-trainer/v1/jobs/{old['id']}")  # listed again from its job.json
     assert (job["state"], job["step"], job["state_dir"]) == ("stopped", old["step"], old["state_dir"])
     new_id = ui.call("POST", f"/lora-trainer/v1/jobs/{old['id']}/resume")["job_id"]
-    deadline = time.time() + 300
-    while time.time() < deadline and ui.call("GET", f"/lora-trainer/v1/jobs/{new_id}")["step"] < old["step"] + 3:
-        time.sleep(0.3)
-    ui.call("POST", "/sdapi/v1/interrupt")
-    resumed = ui.wait_job(new_id, timeout=300)
+    resumed = ui.interrupt_at(new_id, old["step"] + 3, timeout=300)
     assert resumed["state"] == "stopped", (resumed["error"], resumed["message"])
     assert resumed["resumed_from"] == old["state_dir"]
     assert resumed["loss_history"][0][0] == old["step"] + 1  # continued where it stopped, not restarted

@@ -155,11 +155,7 @@ def test_forge_interrupt_button_stops_training_gracefully(forge: Forge):
     job_id = ui.call("POST", "/lora-trainer/v1/train", {
         "data": str(ui.facts["data"] / "ds"), "name": f"{RUN}_stop", "resolution": 64, "enable_bucket": False,
         "max_steps": 500, "rank": 2, "alpha": 1})["job_id"]
-    deadline = time.time() + 600
-    while time.time() < deadline and (ui.call("GET", f"/lora-trainer/v1/jobs/{job_id}")["step"] or 0) < 1:
-        time.sleep(1)
-    ui.call("POST", "/sdapi/v1/interrupt")  # Forge's own Interrupt button
-    job = ui.wait_job(job_id, timeout=600)
+    job = ui.interrupt_at(job_id, 1, timeout=600)  # Forge's own Interrupt button
     assert job["state"] == "stopped", (job["error"], job["message"])
     assert 1 <= job["step"] < 500 and job["lora_name"] and Path(job["outputs"][0]).is_file()
     assert (ui.txt2img(PROMPT) == base).all()
@@ -173,17 +169,11 @@ def test_a_stopped_run_resumes_after_forge_restarts(forge: Forge):
         pytest.skip("needs the interrupt test")
     old = ui.facts["stopped_job"]
     assert old["state_dir"], old["message"]
-    ui.script("stop.sh")
-    relaunched = ui.script("launch.sh", env={"FORGE_NO_WARMUP": "1"})
-    assert relaunched.returncode == 0, relaunched.stdout[-3000:] + relaunched.stderr[-3000:]
+    ui.relaunch({"FORGE_NO_WARMUP": "1"})
     job = ui.call("GET", f"/lora-trainer/v1/jobs/{old['id']}")  # listed again from its job.json
     assert (job["state"], job["step"], job["state_dir"]) == ("stopped", old["step"], old["state_dir"])
     new_id = ui.call("POST", f"/lora-trainer/v1/jobs/{old['id']}/resume")["job_id"]
-    deadline = time.time() + 600
-    while time.time() < deadline and (ui.call("GET", f"/lora-trainer/v1/jobs/{new_id}")["step"] or 0) <= old["step"]:
-        time.sleep(1)
-    ui.call("POST", "/sdapi/v1/interrupt")
-    resumed = ui.wait_job(new_id, timeout=600)
+    resumed = ui.interrupt_at(new_id, old["step"] + 1, timeout=600)
     assert resumed["state"] == "stopped", (resumed["error"], resumed["message"])
     assert resumed["resumed_from"] == old["state_dir"]
     assert resumed["loss_history"][0][0] == old["step"] + 1  # continued where it stopped

@@ -109,6 +109,20 @@ class WebUIServer:
             time.sleep(self.poll_s)
         raise AssertionError(f"job {job_id} did not finish in {timeout}s")
 
+    def interrupt_at(self, job_id: str, step: int, timeout: float | None = None) -> dict:
+        """Press the WebUI's own Interrupt once the job reached `step`; returns the finished job."""
+        deadline = time.time() + (timeout or self.job_timeout)
+        while time.time() < deadline and (self.call("GET", f"/lora-trainer/v1/jobs/{job_id}")["step"] or 0) < step:
+            time.sleep(self.poll_s)
+        self.call("POST", "/sdapi/v1/interrupt")
+        return self.wait_job(job_id, timeout)
+
+    def relaunch(self, launch_env: dict[str, str] | None = None) -> None:
+        """stop.sh then launch.sh: the same install, a new WebUI process."""
+        self.script("stop.sh")
+        launched = self.script("launch.sh", env=launch_env)
+        assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+
     def txt2img(self, prompt: str):
         """Pixels only: the PNG's text chunk carries the prompt and LoRA hashes."""
         import numpy as np
