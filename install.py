@@ -1,4 +1,4 @@
-"""Run by the WebUI (A1111 / Forge) before it starts: add the packages LoRA Trainer needs, safely.
+"""Run by the WebUI (A1111 / Forge / Forge Neo) before it starts: add the packages LoRA Trainer needs, safely.
 
 Rules (issue 5): only packages that are missing are added, with version bounds that fit the host's
 own pins; every installed package is frozen as a pip constraint; a dry run comes first and we refuse
@@ -37,6 +37,11 @@ REQUIREMENTS: dict[str, str] = {
 # pipeline is imported: beside A1111's transformers 4.30.2 only diffusers < 0.32 works.
 OLD_TRANSFORMERS_DIFFUSERS = ">=0.29,<0.32"
 SIGLIP_TRANSFORMERS = (4, 37)
+# Forge Neo (transformers 4.56/4.57, Python 3.13): its Feb-2026 tree pins diffusers 0.36.0 and peft
+# 0.17.1, later Neo trees pin diffusers 0.37.1 and no peft; peft 0.13 predates those transformers, so a
+# missing peft there gets the release Neo itself ships (tested in CI's Neo stack).
+NEO_TRANSFORMERS = (4, 56)
+NEO_REQUIREMENTS = {"diffusers": ">=0.36,<0.38", "peft": ">=0.17,<0.18"}
 ONNX_BOUNDS = ">=1.16,<1.27"
 # onnxruntime-gpu 1.19+ is built for CUDA 12 + cuDNN 9 (earlier CUDA 12 builds need cuDNN 8).
 ONNX_GPU_BOUNDS = ">=1.19,<1.27"
@@ -110,6 +115,8 @@ def requirement_specs(installed: dict[str, str]) -> dict[str, str]:
     transformers = installed.get("transformers")
     if transformers and _version_tuple(transformers) < SIGLIP_TRANSFORMERS:
         specs["diffusers"] = OLD_TRANSFORMERS_DIFFUSERS
+    elif transformers and _version_tuple(transformers) >= NEO_TRANSFORMERS:
+        specs.update(NEO_REQUIREMENTS)
     return specs
 
 
@@ -174,7 +181,15 @@ def refuse(message: str) -> int:
 
 
 def skip_install_requested() -> bool:
-    if "--skip-install" in sys.argv:
+    """--skip-install on our command line, in COMMANDLINE_ARGS (webui-user.sh/.bat: how A1111, Forge and
+    Neo users pass flags, inherited when the Extensions tab runs us) or in the launcher's parsed args."""
+    import shlex
+
+    try:
+        env_args = shlex.split(os.environ.get("COMMANDLINE_ARGS", ""), posix=os.name != "nt")
+    except ValueError:
+        env_args = os.environ.get("COMMANDLINE_ARGS", "").split()
+    if "--skip-install" in sys.argv or "--skip-install" in env_args:
         return True
     try:
         import launch  # the WebUI's launcher module (PYTHONPATH is the WebUI folder here)

@@ -59,6 +59,10 @@ def create_router(host: Any, jobs: JobManager, *, auth: Callable[..., Any] | Non
         return {
             "version": __version__,
             "host": getattr(host, "name", "unknown"),
+            # Which WebUI flavour ("forge", "neo", "reforge", ... on Forge hosts, detected from its code) and
+            # what training does there (markdown); None for hosts that do not say.
+            "host_kind": getattr(getattr(host, "kind", None), "key", None),
+            "host_description": host.describe() if callable(getattr(host, "describe", None)) else None,
             "lora_dir": str(host.lora_dir()),
             "model": str(getattr(host, "model", None) or "") or None,  # standalone --model; WebUI: its own
             "busy": current is not None,

@@ -82,6 +82,7 @@ class Job:
     prompt_text: str = ""
     plan_text: str = ""
     message: str = ""
+    notes: list[str] = field(default_factory=list)  # the host's notes on the model (host.last_notes)
     error: str | None = None
     result: Any = None  # tag/prepare: a JSON-able summary; train: the TrainResult
     state_dir: str | None = None
@@ -114,8 +115,8 @@ class Job:
             "loss_history": [list(x) for x in self.loss_history], "samples": list(self.samples),
             "saves": list(self.saves), "outputs": list(self.outputs), "lora_name": self.lora_name,
             "prompt_text": self.prompt_text, "plan": self.plan_text, "message": self.message,
-            "error": self.error, "state_dir": self.state_dir, "resumed_from": self.resumed_from,
-            "result": summary,
+            "notes": list(self.notes), "error": self.error, "state_dir": self.state_dir,
+            "resumed_from": self.resumed_from, "result": summary,
             "config": self.config.to_dict() if hasattr(self.config, "to_dict") else None,
         }
 
@@ -375,6 +376,7 @@ class JobManager:
                 return
             job.message = "Loading the model…"
             bundle = self.host.acquire_model(config)
+            job.notes = [str(n) for n in getattr(self.host, "last_notes", None) or []]  # e.g. "loading X from disk"
             if bundle is None:  # the engine loads the checkpoint itself (standalone hosts)
                 config = job.config = self._with_model_file(config)
             try:
@@ -486,6 +488,9 @@ class JobManager:
         job.outputs = [str(lora_path)]
         trigger = activation_text(config)
         meta = user_metadata(config, result, family=family, trigger=trigger)
+        card_version = getattr(self.host, "card_sd_version", None)  # hosts that name families their own way
+        if callable(card_version):
+            meta["sd version"] = card_version(meta["sd version"])
         from .train.usermeta import write_user_metadata  # the engine's writer: one format everywhere
 
         json_path = write_user_metadata(lora_path, activation_text=meta["activation text"],
@@ -525,7 +530,7 @@ def _job_from_record(data: dict[str, Any]) -> Job:
     job = Job(id=str(data["id"]), kind="train", label=str(data.get("label") or f"train {config.name}"))
     for name in ("created", "started", "finished", "step", "total_steps", "epoch", "total_epochs", "loss",
                  "smoothed_loss", "lr", "it_per_s", "eta_s", "vram_bytes", "samples", "saves", "outputs",
-                 "lora_name", "prompt_text", "message", "error", "state_dir", "resumed_from", "lora_subdir"):
+                 "lora_name", "prompt_text", "message", "notes", "error", "state_dir", "resumed_from", "lora_subdir"):
         if data.get(name) is not None:
             setattr(job, name, data[name])
     job.plan_text = data.get("plan") or ""

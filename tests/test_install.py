@@ -47,6 +47,29 @@ def test_forge_gets_only_cpu_onnxruntime_when_missing():
     assert inst.plan({**FORGE, "onnxruntime": "1.20.1"}, {}, forge=True) == []
 
 
+# Forge Neo: the Feb-2026 tree (3df257ae) pins peft 0.17.1; later Neo trees pin transformers 4.57.6,
+# diffusers 0.37.1 and no peft.
+NEO = {"torch": "2.10.0", "transformers": "4.56.2", "diffusers": "0.36.0", "peft": "0.17.1",
+       "huggingface-hub": "0.34.6", "gradio": "4.40.0"}
+NEO_NO_PEFT = {**NEO, "transformers": "4.57.6", "diffusers": "0.37.1"}
+
+
+def test_neo_gets_only_what_is_missing_in_versions_that_fit_its_transformers():
+    assert inst.plan(NEO, {}, forge=True) == ["onnxruntime>=1.16,<1.27"]
+    assert inst.plan({k: v for k, v in NEO_NO_PEFT.items() if k != "peft"}, {}, forge=True) == [
+        "peft>=0.17,<0.18", "onnxruntime>=1.16,<1.27"]  # peft 0.13 predates transformers 4.56
+    assert inst.plan({**NEO, "onnxruntime-gpu": "1.24.0"}, {}, forge=True) == []  # Neo's --onnxruntime-gpu
+
+
+@pytest.mark.parametrize("args", ["--api --skip-install", "--skip-install", '--api --theme "dark" --skip-install'])
+def test_skip_install_in_commandline_args_is_respected(tmp_path, args):
+    """The Extensions tab runs install.py with the WebUI's environment: COMMANDLINE_ARGS from webui-user."""
+    env = {**os.environ, "LORA_TRAINER_INSTALL_STATUS": str(tmp_path / "s.json"), "COMMANDLINE_ARGS": args}
+    res = subprocess.run([sys.executable, str(ROOT / "install.py")], env=env, capture_output=True, text=True,
+                         check=True)
+    assert "--skip-install" in res.stdout and not (tmp_path / "s.json").exists()
+
+
 def test_forge_is_detected_from_the_webui_folder(tmp_path, monkeypatch):
     assert inst.is_forge() is False
     (tmp_path / "modules_forge").mkdir()

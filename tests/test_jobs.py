@@ -157,6 +157,18 @@ def test_train_job_done_publishes_lora_json_preview(host, dataset, tmp_path):
     json.dumps(d)  # the API returns it as is
 
 
+def test_host_notes_and_card_version_reach_the_job_and_the_lora_json(host, dataset, tmp_path):
+    """A host that trained from the file says so (job notes: UI and API); Neo names families its own way."""
+    host.last_notes = ["cannot train on the loaded model in place (fp8); loading m.safetensors from disk instead"]
+    host.card_sd_version = lambda label: {"Unknown": "sd"}.get(label, label)
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner())
+    job = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert job.state == "done", job.error
+    assert jm.snapshot(job.id)["notes"] == host.last_notes
+    meta = json.loads(Path(job.outputs[1]).read_text())
+    assert meta["sd version"] == "sd"
+
+
 def test_second_run_gets_a_fresh_name(host, dataset, tmp_path):
     jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner())
     a = jm.wait(jm.submit_train(config(dataset)).id, 10)

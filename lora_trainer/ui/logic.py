@@ -190,12 +190,14 @@ def progress_html(job: dict[str, Any] | None) -> str:
     if job.get("vram_bytes"):
         parts.append(f"VRAM {job['vram_bytes'] / 2**30:.1f} GB")
     message = job.get("error") or job.get("message") or ""
+    notes = "".join(f"<div class='lora_trainer_note' style='margin-top:4px'>Note: {html.escape(n)}</div>"
+                    for n in job.get("notes") or [])  # the host's word on the model (e.g. trained from the file)
     return (
         "<div class='lora_trainer_progress'>"
         f"<div style='background:#8883;border-radius:6px;height:14px;overflow:hidden'>"
         f"<div style='width:{pct:.1f}%;background:{colour};height:100%'></div></div>"
         f"<div style='margin-top:6px'>{' · '.join(parts)}</div>"
-        f"<div style='margin-top:4px;opacity:.85'>{html.escape(message)}</div></div>"
+        f"<div style='margin-top:4px;opacity:.85'>{html.escape(message)}</div>{notes}</div>"
     )
 
 
@@ -260,4 +262,5 @@ def result_md(job: dict[str, Any] | None) -> str:
     lines += [f"- `{p}`" for p in job.get("outputs", [])]
     if state == "stopped" and job.get("state_dir"):
         lines.append("\nPress **Resume** to continue this run where it stopped.")
+    lines += [f"\nNote: {n}" for n in job.get("notes") or []]
     return "\n".join(lines)

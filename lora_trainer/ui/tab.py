@@ -288,6 +288,8 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         selected_state = gr.State("")
         gr.Markdown("## Train a LoRA\nImages → captions → dataset → training → a LoRA in your Lora folder.",
                     elem_id="lora_trainer_header")
+        if callable(getattr(host, "describe", None)):  # which WebUI this is and how it trains here (Forge hosts)
+            gr.Markdown(host.describe(), elem_id="lora_trainer_host_info")
 
         with gr.Accordion("1. Images", open=True, elem_id="lora_trainer_images_section"):
             with gr.Row():

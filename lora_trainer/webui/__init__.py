@@ -18,7 +18,8 @@ log = logging.getLogger("lora_trainer.webui")
 _EAGER = ("lora_trainer.jobs", "lora_trainer.api", "lora_trainer.actions", "lora_trainer.ui",
           "lora_trainer.ui.settings", "lora_trainer.models.loader", "lora_trainer.train",
           "lora_trainer.lora", "lora_trainer.tagger", "lora_trainer.dataset", "lora_trainer.webui.a1111",
-          "lora_trainer.webui.forge")
+          "lora_trainer.webui.forge", "lora_trainer.webui.forge_kind", "lora_trainer.webui.forge_storage",
+          "lora_trainer.webui.forge_model")
 
 # Our own settings (beside the UI's list): the A/B grid after a run.
 A1111_SETTINGS = (
@@ -56,7 +57,7 @@ def import_all() -> str | None:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            if name in ("lora_trainer.webui.forge",):
+            if name.startswith("lora_trainer.webui.forge"):
                 continue
             return f"{e.__class__.__name__}: {e}"
     return None
@@ -93,6 +94,9 @@ def register() -> None:
     defaults = {s.key: s.default for s in specs} | {k: d for k, d, _ in A1111_SETTINGS}
     settings = OptsView(lambda: shared.opts, defaults)
     host = pick_host(settings)
+    kind = getattr(host, "kind", None)
+    if kind is not None:
+        print(f"LoRA Trainer: host {kind.plain()}", flush=True)
     from ..jobs import manager_for
 
     jobs = manager_for(host)

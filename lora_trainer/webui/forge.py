@@ -1,4 +1,4 @@
-"""The Host for Stable Diffusion WebUI Forge (and, where its backend differs, reForge / Forge Classic).
+"""The Host for Stable Diffusion WebUI Forge and its forks (Forge Neo, ersatzForge, reForge, Forge Classic).
 
 `register()` (webui/__init__.py) picks ForgeHost when `is_forge()` says so. Everything that
 touches Forge's modules is imported inside the methods: importing this file costs nothing and
@@ -9,8 +9,9 @@ What differs from A1111 (see docs/forge.md):
   selected checkpoint with `sd_models.forge_model_reload()`, under the queue lock;
 - weights are inference tensors in Forge's own modules: forge_model.bundle_from_forge() aliases
   them into diffusers modules (zero copy) after putting back the weights without LoRAs;
-- low-bit storage (fp8/nf4/GGUF) and the older `ldm_patched` backend (reForge, Forge Classic)
-  train from the checkpoint file instead;
+- low-bit storage (fp8/int8/nf4/GGUF/SVDQ: forge_storage) and the older `ldm_patched` backend
+  (reForge, Forge Classic, Forge 1.x) train from the checkpoint file instead;
+- which Forge this is comes from its code (forge_kind.detect()), and the tab says it;
 - afterwards the LoRA state is reset so the next generation re-applies its LoRAs.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedModelError
+from . import forge_kind
 from .a1111 import A1111Host
 from .common import tensor_fingerprint
 
@@ -79,8 +81,9 @@ class ForgeHost(A1111Host):
 
     name = "forge"
 
-    def __init__(self, *, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, settings: dict[str, Any] | None = None, kind: forge_kind.ForgeKind | None = None) -> None:
         super().__init__(settings=settings)
+        self.kind = kind or forge_kind.detect(forge=True)  # which Forge (Neo, reForge, ...), from its code
         self._forge_model: Any = None  # the Forge model the current bundle aliases
         self._forge_fingerprint: dict[str, str] | None = None
 
@@ -94,7 +97,7 @@ class ForgeHost(A1111Host):
         requested = getattr(config, "model", "") or ""
         if not has_forge_backend():
             return self._load_file(requested or self._selected_checkpoint(),
-                                   reason="this Forge version keeps its model in the older ldm_patched backend")
+                                   reason=f"{self.kind.label} keeps its model in the older ldm_patched backend")
         from modules import sd_models
 
         sd_model, _ = sd_models.forge_model_reload()  # Forge loads the selected checkpoint lazily
@@ -124,8 +127,8 @@ class ForgeHost(A1111Host):
 
     def _load_file(self, path: str | None, *, reason: str | None) -> ModelBundle:
         if not path or not Path(path).is_file():
-            raise UnsupportedModelError("No checkpoint file is selected in Forge; choose one in the checkpoint menu "
-                                        "or give a model file.")
+            raise UnsupportedModelError(f"No checkpoint file is selected in {self.kind.label}; choose one in the "
+                                    "checkpoint menu or give a model file.")
         import torch
 
         from ..models.loader import load_model
@@ -193,6 +196,14 @@ class ForgeHost(A1111Host):
             memory_management.soft_empty_cache()
         except ImportError:  # ldm_patched forks: their own memory manager keeps working as it is
             pass
+
+    def card_sd_version(self, label: str) -> str:
+        """The "sd version" for the LoRA's card (jobs._publish): Neo names families by its presets."""
+        return self.kind.card_sd_version(label)
+
+    def describe(self) -> str:
+        """Which WebUI this is and what training does in it (markdown, for the tab and /status)."""
+        return self.kind.summary()
 
     # -- host services that differ from A1111 ------------------------------------------------
     def device(self) -> torch.device:

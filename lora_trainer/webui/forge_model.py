@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..errors import UnsupportedModelError
 from ..models.bundle import EPSILON, V_PREDICTION, Family, ModelBundle, Schedule
+from . import forge_storage
 
 log = logging.getLogger(__name__)
 
-TRAINABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRAINABLE_DTYPES = forge_storage.TRAINABLE_DTYPES
 # kohya/diffusers order of the text encoders per family, by Forge's JointTextEncoder keys.
 _TEXT_KEYS = {Family.SD1: ("clip_l",), Family.SD2: ("clip_h",), Family.SDXL: ("clip_l", "clip_g")}
 
@@ -56,36 +57,21 @@ def alias(tensor: torch.Tensor) -> torch.Tensor:
 
 def is_low_bit(tensor: torch.Tensor) -> bool:
     """fp8 storage, bitsandbytes 4-bit or GGUF parameters (Forge's "Diffusion in Low Bits")."""
-    return (tensor.dtype not in TRAINABLE_DTYPES or hasattr(tensor, "bnb_quantized")
-            or getattr(tensor, "gguf_cls", None) is not None)
-
-
-def _low_bit_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    return [n for n, t in named if is_low_bit(t)]
+    return not forge_storage.is_trainable(forge_storage.tensor_format(tensor))
 
 
 def check_storage(sd_model: Any) -> None:
-    """Raise LowBitModelError when any weight of UNet, text encoders or VAE is low-bit."""
-    fo = sd_model.forge_objects_original
-    storage = getattr(fo.unet.model, "storage_dtype", None)
-    bad = [] if storage in (None, *TRAINABLE_DTYPES) else [f"UNet storage {storage}"]
-    for label, module in (("UNet", fo.unet.model.diffusion_model), ("text encoder", fo.clip.cond_stage_model),
-                          ("VAE", fo.vae.first_stage_model)):
-        names = _low_bit_names(module.named_parameters())
-        if names:
-            bad.append(f"{label} ({names[0]}: {_dtype_name(module.get_parameter(names[0]))})")
-    if bad:
+    """Raise LowBitModelError when any weight of UNet, text encoders or VAE is not plain fp32/fp16/bf16.
+
+    fp8 (plain or scaled), int8 (Neo), nf4/fp4 (bitsandbytes), GGUF and Nunchaku SVDQ hold no exact
+    weights to train on (forge_storage.probe_forge_model names each part's format).
+    """
+    report = forge_storage.probe_forge_model(sd_model)
+    if not report.trainable_in_place:
         raise LowBitModelError(
-            f"The loaded model is stored in low bits ({', '.join(bad)}), which cannot be trained exactly",
-            "set Forge's 'Diffusion in Low Bits' to 'Automatic' (fp16/bf16) or train from the checkpoint file.")
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    if getattr(t, "gguf_cls", None) is not None:
-        return "gguf"
-    if hasattr(t, "bnb_quantized"):
-        return "nf4/fp4"
-    return str(t.dtype).replace("torch.", "")
+            f"The loaded model is stored in low bits ({report.low_bit_text()}), which cannot be trained exactly",
+            "set 'Diffusion in Low Bits' to 'Automatic' (fp16/bf16) to train on the loaded model, or train from "
+            "the checkpoint file.")
 
 
 # ---------------------------------------------------------------- Forge state

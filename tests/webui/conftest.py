@@ -5,7 +5,8 @@ are only registered when pytest starts in or below tests/webui; elsewhere `getop
 
 --webui-dir: an AUTOMATIC1111 v1.10.1 checkout laid out as the harness in shared/harness/a1111/
 expects: <work>/webui (this folder), <work>/venv, <work>/hf_home, <work>/run; the tiny checkpoint in
-webui/models/Stable-diffusion. --forge-dir: the same for Forge (shared/harness/forge/).
+webui/models/Stable-diffusion. --forge-dir: the same for Forge (shared/harness/forge/); --neo-dir: for
+Forge Neo (shared/harness/neo/).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("webui", "integration tests against a real WebUI (opt-in)")
     group.addoption("--webui-dir", default=None, help="AUTOMATIC1111 v1.10.1 checkout (harness layout)")
     group.addoption("--forge-dir", default=None, help="Forge checkout (harness layout)")
+    group.addoption("--neo-dir", default=None, help="Forge Neo checkout (shared/harness/neo layout)")
     group.addoption("--webui-port", default=None, help="port for the WebUI under test (default 7871)")
 
 
@@ -46,6 +48,11 @@ def webui_dir(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def forge_dir(request: pytest.FixtureRequest) -> Path:
     return _checkout(request.config, "--forge-dir", "Forge")
+
+
+@pytest.fixture(scope="session")
+def neo_dir(request: pytest.FixtureRequest) -> Path:
+    return _checkout(request.config, "--neo-dir", "Forge Neo")
 
 
 @pytest.fixture(scope="session")
