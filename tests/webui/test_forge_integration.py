@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from webui_server import EXT_NAME, WebUIServer, export_tree, harness_dir, screenshot_path
+from forge_family import ForgeFamilyServer
+from webui_server import EXT_NAME, export_tree, harness_dir, screenshot_path
 
 RUN = f"lf{int(time.time()) % 100000}"  # unique LoRA names for this session
 PROMPT = "a photo of sks"
@@ -25,11 +26,7 @@ PROMPT = "a photo of sks"
 pytestmark = pytest.mark.webui
 
 
-class Forge(WebUIServer):
-    def train(self, data: str, name: str, **extra) -> dict:
-        body = {"data": data, "name": name, "resolution": 64, "enable_bucket": False, "max_steps": 2, "rank": 4,
-                "alpha": 4, "learning_rate": 1e-2, "train_text_encoder": True, **extra}
-        return self.wait_job(self.call("POST", "/lora-trainer/v1/train", body)["job_id"])
+Forge = ForgeFamilyServer  # train(), tag_and_prepare(): shared with the Forge Neo suite
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +74,10 @@ def test_tab_and_api_with_the_forge_host(forge: Forge):
 
 def test_tag_prepare_and_train_before_forge_loaded_its_model(forge: Forge):
     """Forge loads checkpoints lazily: training first must load the selected one itself."""
-    from lora_trainer.dataset.samples import write_images
-    from lora_trainer.tagger.demo_model import write_demo_tagger
-
     ui = forge
     assert "Model loaded in" not in ui.log.read_text(errors="replace")
     ui.call("POST", "/sdapi/v1/options", {"lora_trainer_ab_steps": 2})
-    raw = ui.facts["data"] / "photos"
-    write_images(raw, 3, (64, 64), captions=False)
-    tagger = write_demo_tagger(ui.facts["data"] / "tagger")  # a WD14-shaped ONNX model (no Hub here)
-    tag = ui.wait_job(ui.call("POST", "/lora-trainer/v1/tag", {"data": str(raw), "model": str(tagger),
-                                                             "trigger": "sks"})["job_id"])
-    assert tag["state"] == "done", (tag["error"], tag["message"])
-    assert all(p.read_text().startswith("sks") for p in raw.glob("*.txt")) and len(list(raw.glob("*.txt"))) == 3
-    prep = ui.wait_job(ui.call("POST", "/lora-trainer/v1/prepare", {
-        "source": str(raw), "out": str(ui.facts["data"] / "ds"), "concept": "sks", "repeats": 1,
-        "resolution": 64})["job_id"])
-    assert prep["state"] == "done", (prep["error"], prep["message"])
+    ui.tag_and_prepare(ui.facts["data"])
     lazy = ui.train(str(ui.facts["data"] / "ds"), f"{RUN}_lazy", max_steps=1)
     assert lazy["state"] == "done", (lazy["error"], lazy["message"])
     log = ui.log.read_text(errors="replace")

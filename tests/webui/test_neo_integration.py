@@ -1,0 +1,234 @@
+"""The extension inside real Forge Neo (CPU, random full-size SD1.5), opt-in:
+
+    pytest tests/webui/test_neo_integration.py --neo-dir <work>/webui [--webui-port 7873]
+
+`<work>` is laid out as shared/harness/neo/ expects (<work>/webui = the Neo tree, <work>/venv, <work>/run,
+the checkpoint `sd15-random.safetensors` in webui/models/Stable-diffusion; docs/forge.md has the commit
+and the steps). Drives the harness scripts (install_extension.sh, launch.sh with --cpu
+--skip-prepare-environment --skip-install --api, smoke_test.py, stop.sh); shares its steps with the Forge
+suite (forge_family.py). About 15 minutes on 2 CPU cores. LORA_TRAINER_UPDATE_SCREENSHOTS=1 writes
+docs/screenshots/neo-train-lora-tab.png.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from forge_family import ForgeFamilyServer
+from webui_server import EXT_NAME, export_tree, harness_dir, screenshot_path
+
+RUN = f"ln{int(time.time()) % 100000}"  # unique LoRA names for this session
+PROMPT = "a photo of sks"
+# Neo 3df257ae's requirements.txt pins (the harness venv keeps them; install.py must too).
+NEO_PINS = {"diffusers": "0.36.0", "peft": "0.17.1", "transformers": "4.56.2", "huggingface-hub": "0.34.6",
+            "numpy": "2.3.5", "gradio": "4.40.0", "safetensors": "0.7.0", "accelerate": "1.12.0"}
+
+pytestmark = pytest.mark.webui
+
+
+@pytest.fixture(scope="module")
+def neo(neo_dir: Path, webui_port: int, tmp_path_factory: pytest.TempPathFactory):
+    harness = harness_dir("neo")
+    if harness is None:
+        pytest.skip("shared/harness/neo not found beside the repository")
+    if not (neo_dir / "modules_forge" / "packages" / "huggingface_guess").is_dir():
+        pytest.fail(f"--neo-dir {neo_dir} is not a Forge Neo tree (no modules_forge/packages/huggingface_guess)")
+    ext = export_tree(tmp_path_factory.mktemp("ext") / "lora-trainer")
+    ui = ForgeFamilyServer(neo_dir, webui_port, harness, ext, env_prefix="NEO", label="Forge Neo",
+                           ext_name=EXT_NAME, script_timeout=900, call_timeout=900, job_timeout=1800, poll_s=1)
+    ui.refuse_other_copies()
+    # No warm-up generation: Neo then has no model loaded until something asks (lazy, as Forge).
+    ui.install_and_launch(launch_env={"NEO_NO_WARMUP": "1"})
+    # --server-name 127.0.0.1 counts as "non-local" for the WebUI: typed paths must lie in its folder.
+    data = neo_dir / f"lora_trainer_it_{RUN}"
+    data.mkdir()
+    ui.facts["data"] = data
+    try:
+        yield ui
+    finally:
+        for f in (neo_dir / "models" / "Stable-diffusion").glob(f"{RUN}*"):
+            f.unlink()
+        ui.shut_down(RUN, data)
+
+
+def test_install_py_adds_only_what_is_missing_and_changes_nothing(neo: ForgeFamilyServer):
+    changed, added = neo.changed_packages()
+    out = neo.facts["install_output"]
+    assert not changed, f"install.py changed installed packages: {changed}\n{out}"
+    assert {k: neo.facts["freeze_after"].get(k) for k in NEO_PINS} == NEO_PINS
+    if added:  # the harness venv has no onnxruntime (Neo installs it only for its ControlNet preprocessors)
+        assert "adding missing packages" in out and re.search(r"installed .*onnxruntime==1\.", out), out
+        assert set(added) <= {"onnxruntime", "flatbuffers", "coloredlogs", "humanfriendly", "sympy", "mpmath"}, added
+    else:
+        assert "adding" not in out
+    # Neo's own flag for "install nothing", as webui-user passes it (COMMANDLINE_ARGS), is honoured.
+    res = subprocess.run([str(neo.python), str(neo.ext_dir / "install.py")], cwd=neo.webui, capture_output=True,
+                         text=True, timeout=300, check=False,
+                         env={**neo.env, "COMMANDLINE_ARGS": "--cpu --skip-install", "PYTHONPATH": str(neo.webui)})
+    assert res.returncode == 0 and "--skip-install given: not checking or installing packages" in res.stdout
+    assert neo.freeze() == neo.facts["freeze_after"]
+
+
+def test_tab_api_and_which_forge_this_is(neo: ForgeFamilyServer):
+    config = neo.call("GET", "/config")
+    tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
+    assert "Train LoRA" in tabs
+    host_info = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "lora_trainer_host_info"]
+    assert host_info and "**Forge Neo**" in host_info[0]["props"]["value"]
+    status = neo.call("GET", "/lora-trainer/v1/status")
+    assert (status["host"], status["host_kind"]) == ("forge", "neo")
+    assert "trains on the loaded model" in status["host_description"]
+    assert Path(status["lora_dir"]).resolve() == (neo.webui / "models" / "Lora").resolve()
+    log = neo.log_text()
+    assert "LoRA Trainer: host Forge Neo: SD1, SDXL; trains on the loaded model" in log
+    assert "LoRA Trainer is disabled" not in log
+
+
+def test_tag_prepare_and_train_before_neo_loaded_its_model(neo: ForgeFamilyServer):
+    """Neo loads checkpoints lazily: training first must load the selected one itself."""
+    ui = neo
+    assert "Model loaded in" not in ui.log_text()
+    ui.call("POST", "/sdapi/v1/options", {"lora_trainer_ab_steps": 2})
+    ds = ui.tag_and_prepare(ui.facts["data"])
+    lazy = ui.train(str(ds), f"{RUN}_lazy", max_steps=1)
+    assert lazy["state"] == "done", (lazy["error"], lazy["message"])
+    log = ui.log_text()
+    loaded, trained = log.find("Model loaded in"), log.find("LoRA Trainer: training on Forge's loaded model")
+    assert 0 <= loaded < trained, "the training job did not load Neo's model first"
+    ui.facts["prepared"] = ds
+
+
+def _lora_lines(log: str, stem: str) -> list[str]:
+    return [ln.strip() for ln in log.splitlines() if "[LORA]" in ln and f"{stem}.safetensors" in ln]
+
+
+def test_train_on_the_loaded_model_and_use_the_lora(neo: ForgeFamilyServer):
+    ui = neo
+    if "prepared" not in ui.facts:
+        pytest.skip("needs the dataset from the previous test")
+    base = ui.txt2img(PROMPT)
+    name = f"{RUN}_a"
+    train = ui.train(str(ui.facts["prepared"]), name)
+    assert train["state"] == "done", (train["error"], train["message"])
+    assert train["lora_name"] == name and train["step"] == 2 and not train["notes"]
+    lora = ui.webui / "models" / "Lora" / f"{name}.safetensors"
+    assert str(lora) in train["outputs"]
+    log = ui.log_text()
+    # --cpu: UNet and VAE are Neo's fp32 tensors (shared); its fp16 CLIP is widened to fp32 (a copy)
+    assert re.search(r"LoRA Trainer: training on Forge's loaded model sd15-random \(SD1, epsilon; \d+% of the "
+                     r"weights shared", log), log[-3000:]
+    assert log.count("LoRA Trainer: Forge's model is bit-identical after training") == 2
+    # the A/B grid used it: Neo's loader matched every key (no "unmatched", no "mismatch")
+    lines = _lora_lines(log, name)
+    assert any("for KModel-UNet with 192 keys at weight" in ln and "(skipped 0 keys)" in ln for ln in lines), lines
+    assert any("for KModel-CLIP with 72 keys at weight" in ln and "(skipped 0 keys)" in ln for ln in lines), lines
+    assert not [ln for ln in lines if "unmatched" in ln or "mismatch" in ln.lower()], lines
+
+    loras = {x["name"]: x for x in ui.call("GET", "/sdapi/v1/loras")}
+    assert name in loras and loras[name]["metadata"]["ss_base_model_version"] == "sd_v1"
+    # the card: Neo names SD1 "sd" (its preset), so its metadata editor and preset filter know the version
+    meta = json.loads(lora.with_suffix(".json").read_text())
+    assert meta["sd version"] == "sd" and meta["activation text"].startswith("sks")
+    query = urllib.parse.urlencode({"page": "lora", "tabname": "txt2img", "name": name})
+    card = ui.call("GET", f"/sd_extra_networks/get-single-card?{query}")["html"]
+    assert name in card and "0.8" in card
+
+    assert (ui.txt2img(PROMPT) == base).all(), "txt2img without a LoRA changed after training"
+    with_lora = ui.txt2img(f"{PROMPT} <lora:{name}:1>")
+    assert (with_lora != base).mean() > 0.05
+    assert (ui.txt2img(f"{PROMPT} <lora:{name}:0>") == base).all()
+    assert (ui.txt2img(PROMPT) == base).all()
+    assert not [ln for ln in _lora_lines(ui.log_text(), name) if "unmatched" in ln or "mismatch" in ln.lower()]
+    ui.facts["lora"] = name
+    ui.facts["base"] = base
+
+
+def test_harness_smoke_test_passes_with_the_trained_lora(neo: ForgeFamilyServer):
+    if "lora" not in neo.facts:
+        pytest.skip("needs the training test")
+    res = neo.smoke_test(neo.facts["lora"])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def test_neo_interrupt_button_stops_training_gracefully(neo: ForgeFamilyServer):
+    ui = neo
+    if "lora" not in ui.facts:
+        pytest.skip("needs the training test")
+    job_id = ui.call("POST", "/lora-trainer/v1/train", {
+        "data": str(ui.facts["prepared"]), "name": f"{RUN}_stop", "resolution": 64, "enable_bucket": False,
+        "max_steps": 500, "rank": 2, "alpha": 1})["job_id"]
+    job = ui.interrupt_at(job_id, 1, timeout=600)  # Neo's own Interrupt (the progress bar's button)
+    assert job["state"] == "stopped", (job["error"], job["message"])
+    assert 1 <= job["step"] < 500 and job["lora_name"] and Path(job["outputs"][0]).is_file()
+    assert (ui.txt2img(PROMPT) == ui.facts["base"]).all()
+    ui.facts["stopped_job"] = job
+
+
+def test_a_stopped_run_resumes_after_neo_restarts(neo: ForgeFamilyServer):
+    ui = neo
+    if "stopped_job" not in ui.facts:
+        pytest.skip("needs the interrupt test")
+    old = ui.facts["stopped_job"]
+    assert old["state_dir"], old["message"]
+    ui.relaunch({"NEO_NO_WARMUP": "1"})
+    job = ui.call("GET", f"/lora-trainer/v1/jobs/{old['id']}")  # listed again from its job.json
+    assert (job["state"], job["step"], job["state_dir"]) == ("stopped", old["step"], old["state_dir"])
+    new_id = ui.call("POST", f"/lora-trainer/v1/jobs/{old['id']}/resume")["job_id"]
+    resumed = ui.interrupt_at(new_id, old["step"] + 1, timeout=600)
+    assert resumed["state"] == "stopped", (resumed["error"], resumed["message"])
+    assert resumed["resumed_from"] == old["state_dir"]
+    assert resumed["loss_history"][0][0] == old["step"] + 1  # continued where it stopped
+    assert (ui.txt2img(PROMPT) == ui.facts["base"]).all()  # the same image after a restart, too
+
+
+def _reload_with_storage(ui: ForgeFamilyServer, dtype: str, alias: str) -> None:
+    """Neo's API sets "Diffusion in Low Bits" without re-reading its loading parameters; a checkpoint
+    change does re-read them, so switch to a second name of the same file and back."""
+    ui.call("POST", "/sdapi/v1/options", {"forge_unet_storage_dtype": dtype})
+    ui.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": alias})
+    ui.call("POST", "/sdapi/v1/options", {"sd_model_checkpoint": "sd15-random"})
+
+
+def test_fp8_storage_trains_from_the_checkpoint_file_and_says_so(neo: ForgeFamilyServer):
+    ui = neo
+    if "lora" not in ui.facts:
+        pytest.skip("needs the training test")
+    folder = ui.webui / "models" / "Stable-diffusion"
+    alias = folder / f"{RUN}_same_file.safetensors"
+    alias.symlink_to(folder / "sd15-random.safetensors")
+    ui.call("POST", "/sdapi/v1/refresh-checkpoints")
+    ui.call("POST", "/sdapi/v1/options", {"lora_trainer_ab_grid": False})
+    _reload_with_storage(ui, "float8-e4m3fn", alias.stem)
+    try:
+        job = ui.train(str(ui.facts["prepared"]), f"{RUN}_fp8", max_steps=1)
+    finally:
+        _reload_with_storage(ui, "Automatic", alias.stem)
+        ui.call("POST", "/sdapi/v1/options", {"lora_trainer_ab_grid": True})
+    assert job["state"] == "done", (job["error"], job["message"])
+    log = ui.log_text()
+    assert "Using Override Model Data Type: torch.float8_e4m3fn" in log  # Neo really loaded it in fp8
+    note = ("cannot train on the loaded model in place (The loaded model is stored in low bits (UNet in fp8 "
+            "e4m3fn")
+    assert job["notes"] and job["notes"][0].startswith(note), job["notes"]  # the tab shows job notes
+    assert "loading sd15-random.safetensors from disk instead" in job["notes"][0]
+    assert note in log
+    assert (ui.txt2img(PROMPT) == ui.facts["base"]).all()  # back to Automatic: the same images as before
+
+
+def test_tab_screenshot_in_headless_chromium(neo: ForgeFamilyServer, tmp_path: Path):
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no chromium (apt-get install chromium)")
+    out = screenshot_path("neo-train-lora-tab.png", tmp_path)
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import screenshot as s\n"
+            "s.screenshot(sys.argv[2], sys.argv[3])\n"
+            "print(json.dumps(s.LAST))\n")
+    res = neo.screenshot(code, out)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert out.is_file() and out.stat().st_size > 10000
