@@ -29,9 +29,9 @@ _ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch
 
 def meta_state_dict(family: str) -> dict[str, torch.Tensor]:
     """The checkpoint's keys with meta tensors of the right shapes (no memory)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from lora_trainer.models.bundle import Family, ModelBundle
     from lora_trainer.models.ldm_config import ModelConfig
     from lora_trainer.models.ldm_writer import bundle_to_ldm_state_dict
