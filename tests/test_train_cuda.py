@@ -99,3 +99,27 @@ def test_cuda_graphs_path(tmp_path):
     result = run_training(tiny_config(data, tmp_path / "o", mixed_precision="bf16", device="cuda", epochs=1),
                           bundle=bundle, owns_bundle=True)
     assert result.steps == 12 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_background_upload_gives_the_same_weights_and_a_run_from_a_file_trains(tmp_path, tiny_data):
+    """placement.py: the UNet copied and cast on a side stream while other GPU work runs equals a
+    plain copy; a run from a checkpoint file (the lazy path, VAE/text encoder dropped) trains."""
+    from lora_trainer.models.loader import load_model
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+    from lora_trainer.train.placement import Placement
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", "sdxl", seed=0)
+    bundle = load_model(ckpt, dtype=None, device=None)
+    expected = {k: v.to("cuda", torch.bfloat16) for k, v in bundle.unet.state_dict().items()}
+    place = Placement(bundle, "cuda", torch.bfloat16)
+    assert place.upload_in_background(bundle.unet)
+    busy = torch.randn(2048, 2048, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy / 2048  # GPU work on the current stream meanwhile
+    place.to(bundle.unet, "cuda")
+    got = bundle.unet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    place.close()
+    result = run_training(tiny_config(tiny_data, tmp_path / "o", model=str(ckpt), mixed_precision="bf16",
+                                      device="cuda", max_steps=4))
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))

@@ -21,8 +21,8 @@ def _json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def load_diffusers_folder(folder: Path, *, dtype: torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu") -> ModelBundle:
+def load_diffusers_folder(folder: Path, *, dtype: torch.dtype | None = torch.float32,
+                          device: str | torch.device | None = "cpu") -> ModelBundle:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -75,7 +75,9 @@ def load_diffusers_folder(folder: Path, *, dtype: torch.dtype = torch.float32,
         raise UnsupportedModelError(
             f"{name} could not be loaded as a diffusers model ({exc}); copy the folder again.") from exc
     for m in (unet, vae, *encoders):
-        m.to(device).eval().requires_grad_(False)
+        if device is not None:
+            m.to(device)
+        m.eval().requires_grad_(False)
 
     sched = _json(folder / "scheduler" / "scheduler_config.json")
     schedule = Schedule(

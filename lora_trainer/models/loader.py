@@ -42,9 +42,13 @@ for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         _TORCH_TO_ST[getattr(torch, _name)] = _st
 
 
-def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> ModelBundle:
-    """Load a checkpoint file (with an optional same-named `.yaml` beside it) or a diffusers folder."""
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
+               device: str | torch.device | None = "cpu") -> ModelBundle:
+    """Load a checkpoint file (with an optional same-named `.yaml` beside it) or a diffusers folder.
+
+    `dtype=None, device=None`: the modules hold the file's own tensors as stored, memory-mapped
+    (`.safetensors`, zip `.ckpt`), so nothing is read or converted until a part is moved or cast
+    (what the engine does, part by part, straight to the GPU: `train/placement.py`)."""
     path = Path(path)
     if not path.exists():
         raise UnsupportedModelError(f"Model {path} does not exist; check the path or pick the model again.")
@@ -109,7 +113,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                 f"{name} could not be read ({exc}); download or copy it again.") from exc
         return out
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        data = _torch_load(path)
     except Exception as exc:  # pickle/zip errors of many kinds
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
@@ -131,6 +135,18 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             out.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
     classify(tensor_infos(out), name)
     return out
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load, memory-mapped where the format and torch allow it (zip files, torch >= 2.1)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except TypeError:  # torch < 2.1: no mmap argument
+        pass
+    except RuntimeError as exc:  # legacy (non-zip) pickles cannot be memory-mapped
+        if "mmap" not in str(exc):
+            raise
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def tensor_infos(state_dict: Mapping[str, Any]) -> dict[str, TensorInfo]:
@@ -221,6 +237,9 @@ def _plain(config: Any) -> Any:
 def _sd2_is_v_prediction(unet: Any) -> bool:
     """A1111's test for SD2 files without a yaml: a v model pushes the output far below the input."""
     param = next(unet.parameters())
+    if param.device.type == "cpu" and param.dtype != torch.float32:
+        unet.float()  # half-precision kernels are missing or slow on CPUs (only SD2 files without a yaml get here)
+        param = next(unet.parameters())
     try:
         with torch.no_grad():
             x = torch.full((1, 4, 8, 8), 0.5, dtype=param.dtype, device=param.device)

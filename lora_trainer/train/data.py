@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,12 +122,26 @@ def _scan_root(root: Path, is_reg: bool, caption_extension: str, warnings: list[
                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         if not files:
             warnings.append(f"Folder {folder.name} holds no images; it is skipped.")
-        for path in files:
-            # decoding fully makes a broken file fail here, before any training
-            size = load_image(path).size if decode else _header_size(path)
+        for path, size in zip(files, _sizes(files, decode)):
             items.append(ImageItem(path, _caption_for(path, class_tokens, caption_extension, warnings),
                                    class_tokens, folder.name, repeats, is_reg, size))
     return items
+
+
+def _decoded_size(path: Path) -> tuple[int, int]:
+    return load_image(path).size  # decoding fully makes a broken file fail here, before any training
+
+
+def _sizes(files: list[Path], decode: bool) -> list[tuple[int, int]]:
+    """Image sizes in file order; full decodes run in threads (Pillow releases the GIL), and the
+    first broken file in name order raises, as a sequential scan would."""
+    if not decode:
+        return [_header_size(p) for p in files]
+    workers = min(8, os.cpu_count() or 1, len(files))
+    if workers <= 1:
+        return [_decoded_size(p) for p in files]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan-decode") as pool:
+        return list(pool.map(_decoded_size, files))
 
 
 def _header_size(path: Path) -> tuple[int, int]:

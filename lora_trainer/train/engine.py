@@ -38,6 +38,7 @@ from .captions import captions_are_static, process_caption
 from .data import Dataset, assign_buckets, epoch_batches, make_plan, scan_dataset
 from .events import ProgressEvent, TrainingPlan, TrainResult
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
+from .placement import Placement, vae_dtype
 from .sampling import generate, save_png
 from .state import Position, load_state, position_from, rng_state, save_state, set_rng_state
 from .text import encode_captions, encode_ids, sdxl_time_ids, tokenize
@@ -148,15 +149,14 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
 
 def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.dtype, *,
                  defer_unet: bool = False) -> ModelBundle:
-    """How the engine lays out a model it loaded itself: UNet on the device in the training dtype,
-    text encoders in that dtype (moved to the device when needed), VAE in fp32 for SDXL (its fp16
-    overflows, kohya's --no_half_vae) and in the training dtype otherwise. `defer_unet` keeps the
-    UNet on the CPU until the latents and text are cached, so the caching phase never holds the UNet
-    and the VAE's activations on the GPU together (what decides the peak on 8 GB cards)."""
+    """Lay out a model held in memory as the engine trains one it loaded itself: UNet on the device
+    in the training dtype, text encoders in that dtype, VAE in `placement.vae_dtype` (the engine's own
+    loads go part by part through `placement.Placement` instead). `defer_unet` keeps the UNet on the
+    CPU, for callers that cache latents before training."""
     bundle.unet.to(device="cpu" if defer_unet else device, dtype=dtype)
     for te in bundle.text_encoders:
         te.to(dtype=dtype)
-    bundle.vae.to(dtype=torch.float32 if bundle.is_sdxl or dtype == torch.float32 else dtype)
+    bundle.vae.to(dtype=vae_dtype(bundle, dtype))
     return bundle
 
 
@@ -210,8 +210,10 @@ class _Run:
     def _load(self, device: torch.device, dtype: torch.dtype) -> ModelBundle:
         from ..models.loader import load_model
 
-        return place_bundle(load_model(self.config.model, dtype=torch.float32, device="cpu"), device, dtype,
-                            defer_unet=True)
+        # The file's tensors, memory-mapped: each part is read and cast as it goes to the device (placement.py).
+        bundle = load_model(self.config.model, dtype=None, device=None)
+        self.placement = Placement(bundle, device, dtype)
+        return bundle
 
     # ------------------------------------------------------------------ main
     def execute(self, given: ModelBundle | None, owns_bundle: bool = False) -> TrainResult:
@@ -221,6 +223,8 @@ class _Run:
         weight_dtype = self._weight_dtype(device) if given is None else next(given.unet.parameters()).dtype
         bundle = self._load(device, weight_dtype) if given is None else given
         assert bundle is not None
+        if given is not None:
+            self.placement = Placement(bundle, device, None)
         self.own_bundle = bundle if own else None
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight_dtype, "no")
         homes = {id(m): (next(m.parameters()).device, m.training)
@@ -239,6 +243,7 @@ class _Run:
                     "or pick a low-VRAM preset.") from e
             raise
         finally:
+            self.placement.close()
             if self.network is not None:
                 self.network.remove()
                 self.network = None
@@ -263,13 +268,15 @@ class _Run:
 
         config, plan = self.config, self.plan
 
-        # --- latents, once, then the VAE leaves the GPU
-        bundle.vae.to(device)
+        # --- latents, once, then the VAE leaves the GPU (the UNet may upload meanwhile: placement.py)
+        sampling = bool(config.sample_prompts and config.sample_every_n_epochs)
+        self.placement.upload_in_background(bundle.unet)
+        self.placement.to(bundle.vae, device)
         disk = (Path(config.latent_cache_dir) if config.latent_cache_dir else Path(config.output_dir) / ".cache"
                 / "latents") if config.cache_latents_to_disk else None
         latents = cache_latents(self.dataset, bundle.vae, bundle.scaling_factor, flip=config.flip_aug,
                                 seed=config.seed, disk_dir=disk, progress=self._cache_progress("latents"))
-        bundle.vae.to("cpu")
+        self.placement.release(bundle.vae, needed_later=sampling)
         self._free(device)
 
         # --- text: cached when frozen and captions never change, otherwise encoded per step
@@ -277,7 +284,7 @@ class _Run:
                                      config.caption_tag_dropout_rate)
         self.text_cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         for te in bundle.text_encoders:
-            te.to(device)
+            self.placement.to(te, device)
         if not config.train_text_encoder and static:
             with torch.no_grad(), self._autocast(device, weight_dtype):
                 self.text_cache = []
@@ -287,10 +294,10 @@ class _Run:
                     self.text_cache.append((hidden[0].float().cpu(),
                                             None if pooled is None else pooled[0].float().cpu()))
             for te in bundle.text_encoders:
-                te.to("cpu")
+                self.placement.release(te, needed_later=sampling)
             self._free(device)
 
-        bundle.unet.to(device)  # a model the engine loaded waited on the CPU during caching (place_bundle)
+        self.placement.to(bundle.unet, device)
 
         # --- adapters (fp32) on the modules being trained
         spec = LoraSpec(rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank or None,
@@ -568,7 +575,7 @@ class _Run:
         config = self.config
         modes = {id(m): m.training for m in (bundle.unet, *bundle.text_encoders)}
         for m in (bundle.vae, *bundle.text_encoders):
-            m.to(device)
+            self.placement.to(m, device)
         bundle.unet.eval()
         try:
             images = generate(bundle, config.sample_prompts, seed=config.sample_seed, steps=config.sample_steps,
