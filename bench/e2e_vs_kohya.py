@@ -2,8 +2,8 @@
 """The whole training command, ours vs kohya sd-scripts, from the same checkpoint file (issue 14).
 
 For each case, each tool runs as a fresh process, as a user starts it, on the same random
-full-size checkpoint file (fp16 `.safetensors`, A1111 layout, page cache warm) and the same 32
-captioned images (latents not cached yet): SD1.5 512 px batch 1 / 400 steps and batch 8 / 200
+full-size checkpoint file (fp16 `.safetensors`, A1111 layout, `tests/webui/random_checkpoint.py`,
+page cache warm) and the same 32 captioned images (latents not cached yet): SD1.5 512 px batch 1 / 400 steps and batch 8 / 200
 steps, SDXL 1024 px batch 1 / 100 steps. Same settings on both sides: LoRA rank 32 / alpha 16 on
 kohya's default modules, UNet only, bf16, SDPA, AdamW lr 1e-4 constant, clip 1.0, latents and
 (SDXL) text-encoder outputs cached in memory, no gradient checkpointing, no samples, one save at
@@ -359,7 +359,8 @@ def main() -> int:
     if a.ours_site:
         sys.path.insert(0, a.ours_site)
     import torch
-    from random_checkpoint import write_random_checkpoint
+    sys.path.insert(0, str(ROOT / "tests" / "webui"))
+    from random_checkpoint import write_random_checkpoint  # the live WebUI suites' full-size random model
 
     report: dict = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                     "settings": {"rank": RANK, "alpha": ALPHA, "lr": LR, "images": a.images, "repeats": REPEATS,
