@@ -26,13 +26,12 @@ from typing import Any
 
 from .dataset.atomic import write_text_atomic
 from .errors import LoraTrainerError
-from .paths import fresh_stem, lora_subdir, validate_lora_name, write_new_file
+from .paths import lora_subdir, validate_lora_name
 
 log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "done", "failed", "stopped")
 FINAL_STATES = frozenset({"done", "failed", "stopped"})
-LORA_SUFFIXES = (".safetensors", ".json", ".preview.png")
 PREFERRED_WEIGHT = 0.8
 _KEEP_FINISHED = 50  # finished jobs remembered for polling
 _RECORD = "job.json"  # a training job's card in its run folder, read back after a restart
@@ -73,7 +72,10 @@ class Job:
     lr: float | None = None
     it_per_s: float | None = None
     eta_s: float | None = None
-    vram_bytes: int | None = None
+    vram_bytes: int | None = None  # peak GPU memory the process reserved (torch's cache included)
+    phase: str = ""  # what the run does now: "cache", "train", "sample", "save" (ProgressEvent.phase)
+    phase_done: int = 0
+    phase_total: int = 0
     loss_history: list[tuple[int, float, float | None]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
     saves: list[str] = field(default_factory=list)  # LoRAs the engine wrote in the run folder
@@ -112,6 +114,7 @@ class Job:
             "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch,
             "total_epochs": self.total_epochs, "loss": self.loss, "smoothed_loss": self.smoothed_loss,
             "lr": self.lr, "it_per_s": self.it_per_s, "eta_s": self.eta_s, "vram_bytes": self.vram_bytes,
+            "phase": self.phase, "phase_done": self.phase_done, "phase_total": self.phase_total,
             "loss_history": [list(x) for x in self.loss_history], "samples": list(self.samples),
             "saves": list(self.saves), "outputs": list(self.outputs), "lora_name": self.lora_name,
             "prompt_text": self.prompt_text, "plan": self.plan_text, "message": self.message,
@@ -167,7 +170,12 @@ class JobManager:
             raise JobError(f"Job {job_id} cannot be resumed: its saved state {old.state_dir} is gone; "
                            "start a new run instead.")
         config = dataclasses.replace(old.config, resume=old.state_dir, **overrides)
-        return self.submit_train(config, lora_subdir=old.lora_subdir, label=f"resume {config.name}")
+        job = self.submit_train(config, lora_subdir=old.lora_subdir, label=f"resume {config.name}")
+        with self._lock:  # the curve and counters go on from where the stopped run was, not from 0
+            job.loss_history = list(old.loss_history)
+            job.step, job.total_steps, job.total_epochs = old.step, old.total_steps, old.total_epochs
+            job.epoch = old.epoch
+        return job
 
     def stop(self, job_id: str) -> Job:
         """Graceful stop: a running job finishes its step and saves; a queued job never starts."""
@@ -313,6 +321,7 @@ class JobManager:
             job.error = error
             job.message = error or message or job.message
             job.eta_s = 0.0 if state == "done" else job.eta_s
+            job.phase, job.phase_done, job.phase_total = "", 0, 0
             job._fn = None
         self._record(job)
         job.done_event.set()
@@ -437,12 +446,16 @@ class JobManager:
                 value = getattr(ev, name, None)
                 if value is not None:
                     setattr(job, name, value)
+            if getattr(ev, "phase", ""):
+                job.phase, job.phase_done, job.phase_total = ev.phase, ev.phase_done, ev.phase_total
             plan = getattr(ev, "plan", None)
             if plan is not None:
                 job.plan_text = plan.text() if hasattr(plan, "text") else str(plan)
                 job.total_steps = getattr(plan, "total_steps", job.total_steps) or job.total_steps
                 job.total_epochs = getattr(plan, "epochs", job.total_epochs) or job.total_epochs
             if kind == "step" and getattr(ev, "loss", None) is not None:
+                while job.loss_history and job.loss_history[-1][0] >= job.step:  # resumed from an earlier save
+                    job.loss_history.pop()
                 job.loss_history.append((job.step, float(ev.loss),
                                          None if ev.smoothed_loss is None else float(ev.smoothed_loss)))
             paths = [str(p) for p in (getattr(ev, "paths", None) or [])]
@@ -470,49 +483,63 @@ class JobManager:
 
     # ------------------------------------------------------------------ publishing
     def _publish(self, job: Job, config: Any, result: Any, family: str | None) -> None:
-        """Copy the LoRA into the Lora folder under a fresh name, with user metadata and preview."""
+        """Copy the run's LoRAs into the Lora folder (see `publish`): the finished one under the
+        user's name, a stopped run's under `<name>-stepN`, intermediate saves under names that say
+        which epoch/step they are; each with its `.json` (incl. "sd version") and a preview."""
+        from . import publish
+        from .train.usermeta import write_user_metadata  # the engine's writer: one format everywhere
+
         dest_dir = lora_subdir(Path(self.host.lora_dir()), job.lora_subdir)
-        base = validate_lora_name(config.name)
-        for _ in range(100):  # another writer may claim a name between the check and the write
-            stem = fresh_stem(dest_dir, base, LORA_SUFFIXES)
-            lora_path = dest_dir / f"{stem}.safetensors"
-            try:
-                write_new_file(lora_path, src=Path(result.lora_path))
-                break
-            except FileExistsError:
-                continue
-        else:  # pragma: no cover - 100 races in a row
-            raise JobError(f"Could not find a free file name for {base} in {dest_dir}; "
-                           "choose another LoRA name.")
-        job.lora_name = stem
-        job.outputs = [str(lora_path)]
+        name = validate_lora_name(config.name)
+        stopped = bool(getattr(result, "stopped", False))
+        main = Path(result.lora_path)
+        family = family or _file_sd_version(main)
         trigger = activation_text(config)
         meta = user_metadata(config, result, family=family, trigger=trigger)
         card_version = getattr(self.host, "card_sd_version", None)  # hosts that name families their own way
         if callable(card_version):
             meta["sd version"] = card_version(meta["sd version"])
-        from .train.usermeta import write_user_metadata  # the engine's writer: one format everywhere
-
-        json_path = write_user_metadata(lora_path, activation_text=meta["activation text"],
-                                        preferred_weight=meta["preferred weight"],
-                                        sd_version=meta["sd version"], description=meta["description"],
-                                        notes=meta["notes"])
-        job.outputs.append(str(json_path))
-        preview = _preview_png(job.samples)
-        if preview is not None:
-            try:
-                write_new_file(dest_dir / f"{stem}.preview.png", preview)
-                job.outputs.append(str(dest_dir / f"{stem}.preview.png"))
-            except FileExistsError:
-                log.warning("%s.preview.png appeared meanwhile; left it alone", stem)
+        totals = {"total_epochs": job.total_epochs or getattr(config, "epochs", 0) or 0,
+                  "total_steps": job.total_steps or getattr(result, "steps", 0) or 0}
+        files = [Path(p) for p in getattr(result, "saved", []) or []]
+        files = [p for p in files if p != main and p.is_file()] + [main]  # intermediate saves first, main last
+        outputs: list[str] = []
+        for src in files:
+            kind = publish.save_kind(name, src)
+            is_main = src == main
+            if is_main and stopped and kind.kind == "final":  # a stop file always says it is one
+                kind = publish.SaveKind("step", int(getattr(result, "steps", 0) or job.step))
+            sample = (job.samples[-1] if job.samples else None) if is_main else (
+                publish.epoch_sample(job.samples, name, kind.number) if kind.kind == "epoch" else None)
+            done = publish.publish_file(src, dest_dir, publish.lora_stem(name, kind, **totals),
+                                        preview=_preview_png([sample] if sample else []))
+            if done.new:
+                what = publish.describe(kind, stopped=stopped and is_main, step=int(getattr(result, "steps", 0) or 0),
+                                        total_steps=totals["total_steps"], epoch=job.epoch,
+                                        total_epochs=totals["total_epochs"])
+                json_path = write_user_metadata(done.path, activation_text=meta["activation text"],
+                                                preferred_weight=meta["preferred weight"],
+                                                sd_version=meta["sd version"],
+                                                description=f"{what} {meta['description']}", notes=meta["notes"])
+                done.files.insert(1, json_path)
+            if is_main:
+                job.lora_name = done.stem
+                if done.stem != publish.lora_stem(name, kind, **totals):
+                    job.notes.append(f"A LoRA named {publish.lora_stem(name, kind, **totals)} was already in the "
+                                     f"Lora folder, so this one is {done.stem}.")
+                outputs = [str(p) for p in done.files] + outputs  # the LoRA to use comes first
+            else:
+                outputs += [str(p) for p in done.files]
+            if done.new:
+                try:
+                    self.host.after_save(done.path)
+                except Exception:  # a failed Lora-list refresh must not fail the run
+                    log.warning("Refreshing the Lora list failed", exc_info=True)
+        job.outputs = outputs
         weight = getattr(config, "preferred_weight", PREFERRED_WEIGHT) or PREFERRED_WEIGHT
-        job.prompt_text = f"<lora:{stem}:{weight:g}>" + (f" {trigger}" if trigger else "")
-        try:
-            self.host.after_save(lora_path)
-        except Exception:  # a failed Lora-list refresh must not fail the run
-            log.warning("Refreshing the Lora list failed", exc_info=True)
+        job.prompt_text = f"<lora:{job.lora_name}:{weight:g}>" + (f" {trigger}" if trigger else "")
         after_run = getattr(self.host, "after_run", None)  # optional hook (A1111: the A/B grid)
-        if after_run is not None:
+        if after_run is not None and not stopped:
             try:
                 after_run(job)
             except Exception:
@@ -582,6 +609,18 @@ def user_metadata(config: Any, result: Any, *, family: str | None, trigger: str)
         "preferred weight": getattr(config, "preferred_weight", PREFERRED_WEIGHT) or PREFERRED_WEIGHT,
         "notes": f"base model: {Path(str(getattr(config, 'model', '') or 'the WebUI model')).name}",
     }
+
+
+def _file_sd_version(lora: Path) -> str | None:
+    """"sd version" read from a LoRA file itself (its ss_* metadata or key shapes)."""
+    try:
+        from .lora.kohya_file import read_lora_info
+
+        family = read_lora_info(lora).family
+    except Exception:  # an unreadable header just means we cannot tell
+        log.debug("cannot read %s", lora, exc_info=True)
+        return None
+    return family.label if family is not None else None
 
 
 def _engine_sd_version(result: Any) -> str | None:

@@ -170,8 +170,9 @@ def test_host_notes_and_card_version_reach_the_job_and_the_lora_json(host, datas
 
 
 def test_second_run_gets_a_fresh_name(host, dataset, tmp_path):
-    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner())
-    a = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    a = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner()).submit_train(config(dataset))
+    a.done_event.wait(10)
+    jm = JobManager(host, work_dir=tmp_path / "runs2", runner=make_runner(steps=6))  # another LoRA, same name
     b = jm.wait(jm.submit_train(config(dataset)).id, 10)
     assert (a.lora_name, b.lora_name) == ("mylora", "mylora_2")
     assert (tmp_path / "Lora" / "mylora.safetensors").read_bytes() == b"lora at step 5"
@@ -204,13 +205,19 @@ def test_graceful_stop_keeps_a_usable_lora_and_resumes(host, dataset, tmp_path):
     job = jm.wait(job.id, 10)
     assert job.state == "stopped"
     assert job.step < 50
-    assert Path(job.outputs[0]).is_file() and job.lora_name == "mylora"
-    assert "can be resumed" in job.message
+    # the half-trained file says what it is; the user's name stays free for the finished LoRA
+    assert Path(job.outputs[0]).is_file() and job.lora_name == f"mylora-step{job.step:02d}"
+    assert not (tmp_path / "Lora" / "mylora.safetensors").exists()
+    meta = json.loads(Path(job.outputs[1]).read_text())
+    assert f"at step {job.step} of 50" in meta["description"] and "Resume" in meta["description"]
+    assert "can be resumed" in job.message and job.lora_name in job.message
     resumed = jm.wait(jm.resume(job.id).id, 10)
     assert resumed.state == "done"
     assert resumed.resumed_from == job.state_dir
-    assert resumed.loss_history[0][0] == job.step + 1  # continued, not restarted
-    assert resumed.lora_name == "mylora_2"
+    assert [h[0] for h in resumed.loss_history] == list(range(1, 51))  # the curve goes on from step 1
+    assert resumed.lora_name == "mylora"
+    assert (tmp_path / "Lora" / "mylora.safetensors").read_bytes() == b"lora at step 50"
+    assert (tmp_path / "Lora" / f"mylora-step{job.step:02d}.safetensors").is_file()  # still listed
     with pytest.raises(JobError, match="cannot be resumed"):
         jm.resume(resumed.id)
 
@@ -350,3 +357,49 @@ def test_records_of_earlier_sessions_come_back(host, dataset, tmp_path, caplog):
     assert late.state == "stopped" and "Interrupted" in late.message and late.state_dir is None
     with pytest.raises(JobError, match="cannot be resumed"):
         again.resume(late.id)
+
+
+def test_intermediate_saves_are_published_under_names_that_say_what_they_are(host, dataset, tmp_path):
+    """Epoch/step saves of a run reach the Lora folder as <name>-epochNN / <name>-stepNN with their own
+    json; the finished LoRA keeps the user's name; a name taken by another file gets _2, with a note."""
+    def runner(config, *, bundle=None, on_event=None, stop=None):
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plan = TrainingPlan(num_images=2, num_reg_images=0, images_x_repeats=4, reg_x_repeats=0, samples_per_epoch=4,
+                            batch_size=1, gradient_accumulation_steps=1, batches_per_epoch=4, steps_per_epoch=4,
+                            epochs=10, total_steps=40)
+        on_event(ProgressEvent("plan", total_steps=40, total_epochs=10, plan=plan))
+        saved = []
+        for tag in ("-000003", "-step00000020", ""):
+            f = out / f"{config.name}{tag}.safetensors"
+            f.write_bytes(f"lora {tag}".encode())
+            saved.append(f)
+            on_event(ProgressEvent("save", step=40, path=str(f)))
+        png = out / "sample" / f"{config.name}_e000003_00.png"
+        png.parent.mkdir()
+        Image.new("RGB", (8, 8), (0, 0, 255)).save(png)
+        return TrainResult(lora_path=saved[-1], saved=saved, samples=[png], state_dir=None, stopped=False,
+                           steps=40, final_loss=0.1, plan=plan, losses=[0.1])
+
+    lora_dir = tmp_path / "Lora"
+    lora_dir.mkdir()
+    (lora_dir / "mylora.safetensors").write_bytes(b"someone else's file")
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=runner)
+    job = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert job.state == "done", job.error
+    names = sorted(p.name for p in lora_dir.iterdir())
+    assert names == ["mylora-epoch03.json", "mylora-epoch03.preview.png", "mylora-epoch03.safetensors",
+                     "mylora-step20.json", "mylora-step20.safetensors", "mylora.safetensors", "mylora_2.json",
+                     "mylora_2.preview.png", "mylora_2.safetensors"]
+    assert (lora_dir / "mylora.safetensors").read_bytes() == b"someone else's file"  # never overwritten
+    assert job.lora_name == "mylora_2" and job.outputs[0] == str((lora_dir / "mylora_2.safetensors").resolve())
+    assert any("already in the Lora folder" in n for n in job.notes)
+    epoch_meta = json.loads((lora_dir / "mylora-epoch03.json").read_text())
+    assert epoch_meta["description"].startswith("Intermediate save after epoch 3 of 10.")
+    assert epoch_meta["activation text"] == "ohwx cat"
+    step_meta = json.loads((lora_dir / "mylora-step20.json").read_text())
+    assert step_meta["description"].startswith("Intermediate save at step 20 of 40.")
+    assert host.saved[-1] == (lora_dir / "mylora_2.safetensors").resolve() and len(host.saved) == 3
+    # the same run's files published again (a resumed run lists its earlier saves): recognised, left alone
+    again = jm.wait(jm.submit_train(config(dataset)).id, 10)
+    assert sorted(p.name for p in lora_dir.iterdir()) == names and again.lora_name == "mylora_2"

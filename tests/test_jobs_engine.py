@@ -56,8 +56,12 @@ def test_real_engine_interrupt_stops_with_usable_lora_then_resumes(tmp_path):
     resumed = jm.wait(jm.resume(job.id).id, 120)
     assert resumed.state == "done", resumed.error
     assert resumed.step == resumed.total_steps == job.total_steps
-    assert resumed.loss_history[0][0] == job.step + 1
-    assert resumed.lora_name == "tiny_2"
+    assert [h[0] for h in resumed.loss_history] == list(range(1, job.total_steps + 1))
+    assert resumed.lora_name == "tiny" and job.lora_name == f"tiny-step{job.step:02d}"
+    stop_meta = json.loads(Path(job.outputs[1]).read_text())  # the stop save carries full metadata too
+    assert stop_meta["sd version"] == "SD1" and stop_meta["activation text"] == "shape"
+    with safe_open(job.outputs[0], "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sd_v1" and f.metadata()["ss_steps"] == str(job.step)
 
 
 def test_standalone_host_with_a_checkpoint_lets_the_engine_load_it(tmp_path):
@@ -94,4 +98,4 @@ def test_a_stopped_run_survives_a_restart_and_resumes_from_the_new_manager(tmp_p
     resumed = again.wait(again.resume(restored.id).id, 120)
     assert resumed.state == "done", resumed.error
     assert resumed.step == resumed.total_steps == stopped.total_steps
-    assert resumed.loss_history[0][0] == stopped.step + 1
+    assert [h[0] for h in resumed.loss_history] == list(range(1, stopped.total_steps + 1))

@@ -117,9 +117,13 @@ def test_stop_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
             if e.kind == "step" and e.step == stop_at:
                 stop.set()
 
+        seen = []
         first = run_training(tiny_config(tiny_data, out, **common), bundle=build_tiny_bundle("sd1"),
-                             on_event=on_event, stop=stop)
+                             on_event=lambda e, on_event=on_event, seen=seen: (seen.append(e), on_event(e)), stop=stop)
         assert first.stopped and first.steps == stop_at and first.state_dir is not None
+        # the epoch shown at the stop is the one its last step showed (epoch 1 of 2 in both cases)
+        last_step = [e for e in seen if e.kind == "step"][-1]
+        assert next(e for e in seen if e.kind == "stopped").epoch == last_step.epoch == 1
         assert first.lora_path.name == f"tiny-step{stop_at:08d}.safetensors" and first.lora_path.is_file()
         assert not (out / "tiny.safetensors").exists()
 
@@ -218,9 +222,20 @@ def test_host_bundle_is_given_back_untouched_and_events(tmp_path):
     assert cache[0] == "Caching latents: 1/2 images" and cache[-1] == "Caching latents: 2/2 images"
     assert kinds.index("cache") < kinds.index("step")
     assert "4 steps" in events[0].message and events[0].plan.total_steps == 4
-    step = next(e for e in events if e.kind == "step")
+    steps = [e for e in events if e.kind == "step"]
+    step = steps[0]
     assert step.total_steps == 4 and step.loss is not None and step.lr == pytest.approx(1e-3)
-    assert step.it_per_s and step.eta_s is not None and step.vram_bytes is None
+    # no speed from the first step alone (it carries one-off costs); then a windowed speed and an ETA
+    assert step.it_per_s is None and step.eta_s is None and step.phase == "train"
+    assert steps[2].it_per_s and steps[2].eta_s is not None and steps[2].vram_bytes is None  # None on the CPU
+    # every phase reports progress: caching, training, sampling (per denoising step), saving
+    assert [e.phase for e in events if e.kind == "cache"] == ["cache"] * len(cache)
+    sampling = [e for e in events if e.kind == "phase" and e.phase == "sample"]
+    assert [(e.phase_done, e.phase_total) for e in sampling] == [(0, 2), (1, 2), (2, 2)]
+    assert sampling[1].message == "Sampling after epoch 2: image 1/1, step 1/2" and sampling[1].epoch == 2
+    assert kinds.index("sample") > kinds.index("phase")
+    saving = [e for e in events if e.kind == "phase" and e.phase == "save"]
+    assert [e.message for e in saving] == ["Saving tiny-000001.safetensors…", "Saving tiny.safetensors…"]
     names = sorted(p.name for p in result.saved)
     assert names == ["tiny-000001.safetensors", "tiny.safetensors"]
     assert result.samples and result.samples[0].name == "tiny_e000002_00.png" and result.samples[0].is_file()

@@ -290,7 +290,7 @@ def test_stop_and_resume_buttons(tmp_path, photos):
     s.fire("lora_trainer_resume")
     assert "LoRA ready" in s["lora_trainer_result"]
     assert s["lora_trainer_job_id"] != job_id
-    assert s["lora_trainer_send_text"].startswith("<lora:stopme_2:0.8>")
+    assert s["lora_trainer_send_text"].startswith("<lora:stopme:0.8>")
     s["lora_trainer_job_id"] = ""
     s.fire("lora_trainer_refresh")  # re-attaches to the latest run (e.g. after a page reload)
     assert "Done" in s["lora_trainer_progress"]

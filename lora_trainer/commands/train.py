@@ -123,9 +123,10 @@ def _print_event(event) -> None:
         if event.eta_s is not None:
             parts.append(f"ETA {int(event.eta_s) // 60}:{int(event.eta_s) % 60:02d}")
         if event.vram_bytes:
-            parts.append(f"VRAM {event.vram_bytes / 2**30:.1f} GB")
+            parts.append(f"GPU memory {event.vram_bytes / 2**30:.1f} GiB")  # peak reserved by this process
         print("  ".join(parts), flush=True)
-    elif event.kind in ("cache", "save", "sample", "stopped", "done"):
+    elif event.kind in ("cache", "save", "sample", "stopped", "done") or (
+            event.kind == "phase" and event.phase_done == 0):  # a phase's start: its steps would be too many lines
         print(event.message, flush=True)
 
 

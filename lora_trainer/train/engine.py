@@ -36,9 +36,10 @@ from .buckets import BucketSelector
 from .cache import CachedLatent, cache_latents
 from .captions import captions_are_static, process_caption
 from .data import Dataset, assign_buckets, epoch_batches, make_plan, scan_dataset
-from .events import ProgressEvent, TrainingPlan, TrainResult
+from .events import ProgressEvent, RunClock, Schedule, TrainingPlan, TrainResult
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .placement import Placement, vae_dtype
+from .quiet import quiet_known_warnings
 from .sampling import generate, save_png
 from .state import Position, load_state, position_from, rng_state, save_state, set_rng_state
 from .text import encode_captions, encode_ids, sdxl_time_ids, tokenize
@@ -121,6 +122,7 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
     (benchmarks, the demo): the engine may then replace its frozen modules (fp8 base weights) and
     leaves its parts where training left them; a host's bundle (False) is given back as it came."""
     emit = on_event or (lambda event: None)
+    quiet_known_warnings()
     config.validate(need_model=bundle is None)
     check_optimizer_available(config.optimizer)
     if bundle is None:
@@ -180,6 +182,7 @@ class _Run:
         self.own_bundle: ModelBundle | None = None
         self.precision = config.mixed_precision
         self.started_at = time.time()
+        self.clock = RunClock(Schedule.of(config, plan))
         self.session_id = int.from_bytes(os.urandom(4), "little")  # kohya's ss_session_id, not from the seeded RNG
 
     # ------------------------------------------------------------------ setup
@@ -363,7 +366,6 @@ class _Run:
         noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # once, not per step
         runner = accel.StepRunner(lambda b: self._loss(ctx, b), trainable, optimizer, opts,
                                   max_grad_norm=config.max_grad_norm, scaler=scaler, device=device)
-        started, start_step = time.perf_counter(), self.pos.step
         stopped = False
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -379,7 +381,8 @@ class _Run:
                 self.pos.chunk += 1
                 self.pos.losses.append(loss)
                 self.pos.smoothed = loss if self.pos.smoothed is None else 0.9 * self.pos.smoothed + 0.1 * loss
-                self._emit_step(scheduler, device, started, start_step)
+                self.clock.step(self.pos.step)
+                self._emit_step(scheduler, device)
                 if config.save_every_n_steps and self.pos.step % config.save_every_n_steps == 0 \
                         and self.pos.step < plan.total_steps:
                     self._save(step_tag(self.pos.step), optimizer, scheduler, scaler)
@@ -397,7 +400,8 @@ class _Run:
         if stopped and self.pos.step < plan.total_steps:
             path = self._save(step_tag(self.pos.step), optimizer, scheduler, scaler, force_state=True)
             self.emit(ProgressEvent("stopped", step=self.pos.step, total_steps=plan.total_steps,
-                                    epoch=self.pos.epoch, total_epochs=plan.epochs, loss=final_loss,
+                                    epoch=self.pos.epoch + (1 if self.pos.chunk else 0),  # as its steps showed
+                                    total_epochs=plan.epochs, loss=final_loss,
                                     message=f"Stopped at step {self.pos.step}; resume from {self.state_path}.",
                                     path=str(path)))
         else:
@@ -497,18 +501,23 @@ class _Run:
             return (loss * b["weights"]).mean() * b["scale"]
 
     # ------------------------------------------------------------------ reporting, saving, samples
-    def _emit_step(self, scheduler, device: torch.device, started: float, start_step: int) -> None:
-        elapsed = time.perf_counter() - started
-        done = self.pos.step - start_step
-        rate = done / elapsed if elapsed > 0 else None
-        eta = (self.plan.total_steps - self.pos.step) / rate if rate else None
-        vram = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    def _emit_step(self, scheduler, device: torch.device) -> None:
+        # what the process holds on the GPU (torch's cache included), as nvidia-smi would show it
+        vram = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
         if self.config.log_every and (self.pos.step % self.config.log_every == 0
                                       or self.pos.step == self.plan.total_steps):
             self.emit(ProgressEvent("step", step=self.pos.step, total_steps=self.plan.total_steps,
                                     epoch=self.pos.epoch + 1, total_epochs=self.plan.epochs,
                                     loss=self.pos.losses[-1], smoothed_loss=self.pos.smoothed,
-                                    lr=scheduler.get_last_lr()[0], it_per_s=rate, eta_s=eta, vram_bytes=vram))
+                                    lr=scheduler.get_last_lr()[0], it_per_s=self.clock.rate(),
+                                    eta_s=self.clock.eta(self.pos.step), vram_bytes=vram, phase="train",
+                                    phase_done=self.pos.step, phase_total=self.plan.total_steps))
+
+    def _emit_phase(self, phase: str, done: int, total: int, message: str) -> None:
+        self.emit(ProgressEvent("phase", step=self.pos.step, total_steps=self.plan.total_steps,
+                                epoch=self.pos.epoch, total_epochs=self.plan.epochs, message=message, phase=phase,
+                                phase_done=done, phase_total=total, it_per_s=self.clock.rate(),
+                                eta_s=self.clock.eta(self.pos.step)))
 
     def _epoch_end(self, bundle: ModelBundle, optimizer, scheduler, scaler, device: torch.device) -> None:
         config, epoch = self.config, self.pos.epoch
@@ -531,13 +540,16 @@ class _Run:
             if done in (1, total) or now - last[0] >= 1.0:
                 last[0] = now
                 self.emit(ProgressEvent("cache", total_steps=self.plan.total_steps, total_epochs=self.plan.epochs,
-                                        message=f"Caching {what}: {done}/{total} images"))
+                                        message=f"Caching {what}: {done}/{total} images", phase="cache",
+                                        phase_done=done, phase_total=total))
         return report
 
     def _write_lora(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = self._metadata()
-        self.network.save_kohya(path, meta, dtype=_SAVE_DTYPES[self.config.save_precision])
+        self._emit_phase("save", 0, 1, f"Saving {path.name}…")
+        with self.clock.phase("save"):
+            self.network.save_kohya(path, meta, dtype=_SAVE_DTYPES[self.config.save_precision])
         if path not in self.saved:
             self.saved.append(path)
         self.pos.saved = [str(p) for p in self.saved]
@@ -577,10 +589,18 @@ class _Run:
         for m in (bundle.vae, *bundle.text_encoders):
             self.placement.to(m, device)
         bundle.unet.eval()
+        n, steps = len(config.sample_prompts), config.sample_steps
+
+        def progress(image: int, step: int) -> None:  # image and step 1-based
+            self._emit_phase("sample", (image - 1) * steps + step, n * steps,
+                             f"Sampling after epoch {epoch}: image {image}/{n}, step {step}/{steps}")
         try:
-            images = generate(bundle, config.sample_prompts, seed=config.sample_seed, steps=config.sample_steps,
-                              cfg_scale=config.sample_cfg_scale, width=config.resolution, height=config.resolution,
-                              negative_prompt=config.sample_negative_prompt, clip_skip=config.clip_skip)
+            progress(1, 0)
+            with self.clock.phase("sample"):
+                images = generate(bundle, config.sample_prompts, seed=config.sample_seed, steps=steps,
+                                  cfg_scale=config.sample_cfg_scale, width=config.resolution,
+                                  height=config.resolution, negative_prompt=config.sample_negative_prompt,
+                                  clip_skip=config.clip_skip, on_step=progress)
         finally:
             bundle.unet.train(modes[id(bundle.unet)])
             for te in bundle.text_encoders:

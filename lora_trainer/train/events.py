@@ -1,12 +1,21 @@
-"""What the engine reports while it runs and what it returns: plain dataclasses, no torch objects."""
+"""What the engine reports while it runs and what it returns: plain dataclasses, no torch objects,
+plus the clock that turns step times into an honest speed and ETA (`RunClock`)."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-EVENT_KINDS = ("plan", "cache", "step", "epoch", "sample", "save", "done", "stopped", "error")
-# "cache": progress of the one-off latent / text-encoder caching before step 1 (message only)
+EVENT_KINDS = ("plan", "cache", "step", "epoch", "phase", "sample", "save", "done", "stopped", "error")
+# "cache": progress of the one-off latent / text-encoder caching before step 1
+# "phase": the run is busy with something other than a training step (sampling, saving), with its
+#          progress in phase_done/phase_total; "sample"/"save" report the files once written
+PHASES = ("cache", "train", "sample", "save")
 
 
 @dataclass
@@ -54,8 +63,11 @@ class ProgressEvent:
     lr: float | None = None
     it_per_s: float | None = None
     eta_s: float | None = None
-    vram_bytes: int | None = None  # peak allocated on the training GPU, None on CPU
+    vram_bytes: int | None = None  # peak memory this process reserved on the training GPU, None on CPU
     message: str = ""
+    phase: str = ""  # one of PHASES on "cache"/"step"/"phase" events: what the run is doing now
+    phase_done: int = 0  # progress inside the phase (images cached, sampling steps done, ...)
+    phase_total: int = 0
     path: str | None = None
     paths: list[str] = field(default_factory=list)
     plan: TrainingPlan | None = None  # on "plan"
@@ -72,3 +84,118 @@ class TrainResult:
     final_loss: float | None
     plan: TrainingPlan
     losses: list[float] = field(default_factory=list)  # per optimizer step, for plots and tests
+
+
+# ---------------------------------------------------------------------------------- speed and ETA
+@dataclass
+class Schedule:
+    """The run's side work still to come, so the ETA counts it (what the engine was configured to do)."""
+
+    total_steps: int
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int = 1
+    sample_every_n_epochs: int = 0
+    sample_images: int = 0  # prompts per sampling round
+    sample_steps: int = 0  # denoising steps per image
+    save_every_n_epochs: int = 0
+    save_every_n_steps: int = 0
+
+    @classmethod
+    def of(cls, config: Any, plan: TrainingPlan) -> Schedule:
+        prompts = len(getattr(config, "sample_prompts", None) or [])
+        return cls(total_steps=plan.total_steps, epochs=plan.epochs, steps_per_epoch=max(1, plan.steps_per_epoch),
+                   batch_size=max(1, plan.batch_size * plan.gradient_accumulation_steps),
+                   sample_every_n_epochs=getattr(config, "sample_every_n_epochs", 0) if prompts else 0,
+                   sample_images=prompts, sample_steps=int(getattr(config, "sample_steps", 0) or 0),
+                   save_every_n_epochs=getattr(config, "save_every_n_epochs", 0) or 0,
+                   save_every_n_steps=getattr(config, "save_every_n_steps", 0) or 0)
+
+    def _epochs_run(self) -> int:
+        """Epochs that will end (and so may sample/save): max_steps can cut the last ones."""
+        return min(self.epochs, -(-self.total_steps // self.steps_per_epoch))
+
+    def samples_after(self, step: int) -> int:
+        """Sampling rounds still to come once `step` steps are done."""
+        if not self.sample_every_n_epochs:
+            return 0
+        done_epochs = step // self.steps_per_epoch
+        return sum(1 for e in range(done_epochs + 1, self._epochs_run() + 1) if e % self.sample_every_n_epochs == 0)
+
+    def saves_after(self, step: int) -> int:
+        """LoRA files still to be written once `step` steps are done (intermediate ones + the final one)."""
+        last_epoch = self._epochs_run()
+        n = 1
+        if self.save_every_n_epochs:
+            n += sum(1 for e in range(step // self.steps_per_epoch + 1, last_epoch)
+                     if e % self.save_every_n_epochs == 0)
+        if self.save_every_n_steps:
+            n += sum(1 for s in range(step + 1, self.total_steps) if s % self.save_every_n_steps == 0)
+        return n
+
+
+class RunClock:
+    """Training speed over a recent window and an ETA that includes the sampling and saving to come.
+
+    The speed is the steps per second of the last `window` steps, measured on training time only:
+    time spent in a phase (sampling, saving) is left out, and so is the first step of a run (it
+    carries one-off costs: CUDA graph capture, kernel autotuning, the allocator growing). Averaging
+    from the start instead shows a speed far below the real one for most of a short run.
+    """
+
+    def __init__(self, schedule: Schedule, *, window: int = 20, now: Callable[[], float] = time.perf_counter):
+        self.schedule = schedule
+        self.window = max(2, window)
+        self._now = now
+        self._times: deque[tuple[int, float]] = deque(maxlen=self.window + 1)  # (step, training time)
+        self._excluded = 0.0  # seconds spent in phases since the clock started
+        self._phase_times: dict[str, list[float]] = {}
+
+    def _training_time(self) -> float:
+        return self._now() - self._excluded
+
+    def step(self, step: int) -> None:
+        """Step `step` just finished."""
+        self._times.append((step, self._training_time()))
+
+    def rate(self) -> float | None:
+        """Steps per second over the recent window; None until two steps after the first are timed."""
+        if len(self._times) < 2:
+            return None
+        (s0, t0), (s1, t1) = self._times[0], self._times[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time side work (sampling, saving): kept out of the step speed, remembered for the ETA."""
+        start = self._now()
+        try:
+            yield
+        finally:
+            spent = self._now() - start
+            self._excluded += spent
+            self._phase_times.setdefault(name, []).append(spent)
+
+    def phase_seconds(self, name: str) -> float | None:
+        """Average duration of `name` phases so far (None before the first one)."""
+        times = self._phase_times.get(name)
+        return sum(times) / len(times) if times else None
+
+    def eta(self, step: int) -> float | None:
+        """Seconds until the run ends: steps left at the current speed, plus the sampling rounds and
+        saves still to come (measured once one has run; before that, sampling is estimated from the
+        step speed: a training step is a forward and a backward pass over `batch_size` images,
+        about 3 × batch forward passes, and a denoising step with CFG is 2)."""
+        rate = self.rate()
+        if rate is None:
+            return None
+        sched = self.schedule
+        seconds = max(0, sched.total_steps - step) / rate
+        rounds = sched.samples_after(step)
+        if rounds:
+            per_round = self.phase_seconds("sample")
+            if per_round is None:
+                per_round = sched.sample_images * sched.sample_steps * 2 / (3 * sched.batch_size) / rate
+            seconds += rounds * per_round
+        seconds += sched.saves_after(step) * (self.phase_seconds("save") or 0.0)
+        return seconds

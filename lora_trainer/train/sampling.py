@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,8 +41,10 @@ def build_pipeline(bundle: ModelBundle):
 
 @torch.no_grad()
 def generate(bundle: ModelBundle, prompts: list[str], *, seed: int = 1234, steps: int = 20, cfg_scale: float = 7.0,
-             width: int = 512, height: int = 512, negative_prompt: str = "", clip_skip: int = 1) -> list:
+             width: int = 512, height: int = 512, negative_prompt: str = "", clip_skip: int = 1,
+             on_step: Callable[[int, int], None] | None = None) -> list:
     """One PIL image per prompt; image i uses seed + i on a CPU generator (same picture on any device).
+    `on_step(image, step)` (both 1-based) is called after each denoising step, for progress displays.
 
     Prompts are encoded exactly as in training (`text.encode_captions`, clip skip included) and
     handed to the pipeline as embeddings. The bundle's modules must sit on one device. Runs under
@@ -73,10 +76,19 @@ def generate(bundle: ModelBundle, prompts: list[str], *, seed: int = 1234, steps
                     kwargs["negative_pooled_prompt_embeds"] = neg_pooled.to(dtype)
             if bundle.is_sdxl:
                 kwargs["pooled_prompt_embeds"] = pooled.to(dtype)
+            if on_step is not None:
+                kwargs["callback_on_step_end"] = _step_callback(on_step, i + 1)
             out = pipe(num_inference_steps=steps, guidance_scale=cfg_scale, width=width, height=height,
                        generator=generator, **kwargs)
         images.append(out.images[0])
     return images
+
+
+def _step_callback(on_step: Callable[[int, int], None], image: int):
+    def callback(pipe, index, timestep, tensors):  # diffusers' callback_on_step_end (>= 0.22)
+        on_step(image, index + 1)
+        return tensors
+    return callback
 
 
 def save_png(image, path: Path) -> Path:

@@ -187,8 +187,8 @@ def progress_html(job: dict[str, Any] | None) -> str:
         parts.append(f"{job['it_per_s']:.2f} it/s")
     if state == "running" and job.get("eta_s") is not None:
         parts.append(f"ETA {_hms(job['eta_s'])}")
-    if job.get("vram_bytes"):
-        parts.append(f"VRAM {job['vram_bytes'] / 2**30:.1f} GB")
+    if job.get("vram_bytes"):  # the process's peak reserved GPU memory, as nvidia-smi counts it
+        parts.append(f"GPU memory {job['vram_bytes'] / 2**30:.1f} GiB")
     message = job.get("error") or job.get("message") or ""
     notes = "".join(f"<div class='lora_trainer_note' style='margin-top:4px'>Note: {html.escape(n)}</div>"
                     for n in job.get("notes") or [])  # the host's word on the model (e.g. trained from the file)

@@ -326,7 +326,7 @@ class A1111Host:
         loss = getattr(event, "smoothed_loss", None) or getattr(event, "loss", None)
         parts = ["LoRA Trainer"]
         message = getattr(event, "message", "") or ""
-        if message and getattr(event, "kind", "") in ("cache", "epoch", "sample", "save"):
+        if message and getattr(event, "kind", "") in ("cache", "epoch", "phase", "sample", "save"):
             parts.append(message.splitlines()[0][:120])  # e.g. "Caching latents: 12/40 images"
         if total:
             parts.append(f"step {step}/{total}")
