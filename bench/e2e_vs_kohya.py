@@ -337,6 +337,7 @@ def main() -> int:
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--before", default="", help="folder holding an older lora_trainer package to time as well")
     p.add_argument("--before-steps", type=int, default=0, help="steps for the --before runs (default: the case's)")
+    p.add_argument("--before-cases", default="", help="cases for the --before runs (default: all)")
     p.add_argument("--variants", default="", help=f"after the main runs, A/B runs of ours: {', '.join(VARIANTS)}")
     p.add_argument("--variant-case", default="sd15_b1")
     p.add_argument("--variant-steps", type=int, default=40)
@@ -426,7 +427,7 @@ def main() -> int:
         if not a.skip_kohya:
             plan.append(("kohya", c, None, ""))
     if a.before:
-        plan += [("before", c, a.before, "") for c in cases]
+        plan += [("before", c, a.before, "") for c in (a.before_cases.split(",") if a.before_cases else cases)]
     plan += [("ours", a.variant_case, a.root, v) for v in a.variants.split(",") if v]
     for tool, c, root, variant in plan:
         if a.deadline and time.time() - T_BEGIN > a.deadline:
