@@ -46,22 +46,22 @@ PRESETS: dict[str, Preset] = {p.key: p for p in (
     Preset("sd15", "SD1.5 — 6 GB", 6, {
         "resolution": 512, "batch_size": 2, "rank": 16, "alpha": 8.0, "learning_rate": 1e-4, "text_encoder_lr": 5e-5,
         "train_text_encoder": True, "mixed_precision": "bf16", "gradient_checkpointing": False,
-        "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 256, "max_bucket_reso": 1024},
+        "optimizer": "AdamW", "lr_scheduler": "cosine"},
         "UNet + text encoder LoRA, batch 2 at 512 px."),
     Preset("sd15-lowvram", "SD1.5 low-VRAM — 4 GB", 4, {
         "resolution": 512, "batch_size": 1, "rank": 16, "alpha": 8.0, "learning_rate": 1e-4,
         "train_text_encoder": False, "mixed_precision": "bf16", "gradient_checkpointing": True,
-        "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 256, "max_bucket_reso": 1024},
+        "optimizer": "AdamW", "lr_scheduler": "cosine"},
         "UNet-only LoRA, gradient checkpointing, cached text-encoder outputs."),
     Preset("sdxl", "SDXL — 12 GB", 12, {
         "resolution": 1024, "batch_size": 1, "rank": 16, "alpha": 8.0, "learning_rate": 1e-4,
         "train_text_encoder": False, "mixed_precision": "bf16", "gradient_checkpointing": True,
-        "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 512, "max_bucket_reso": 2048},
+        "optimizer": "AdamW", "lr_scheduler": "cosine"},
         "UNet-only LoRA at 1024 px with gradient checkpointing."),
     Preset("sdxl-lowvram", "SDXL low-VRAM — 8 GB", 8, {
         "resolution": 1024, "batch_size": 1, "rank": 8, "alpha": 4.0, "learning_rate": 1e-4,
         "train_text_encoder": False, "mixed_precision": "bf16", "gradient_checkpointing": True, "fp8_base": True,
-        "optimizer": "AdamW", "lr_scheduler": "cosine", "min_bucket_reso": 512, "max_bucket_reso": 2048},
+        "optimizer": "AdamW", "lr_scheduler": "cosine"},
         "Rank 8 UNet-only LoRA, fp8 base weights; VAE and text encoders leave the GPU after caching."),
 )}
 
@@ -96,8 +96,8 @@ class TrainConfig:
     # --- data
     resolution: int = 512
     enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
+    min_bucket_reso: int = 0  # 0 = follow the resolution (half of it); see bucket_limits()
+    max_bucket_reso: int = 0  # 0 = follow the resolution (twice it)
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     caption_extension: str = ".txt"
@@ -223,9 +223,21 @@ class TrainConfig:
         """Where a run keeps its resumable state: `<output_dir>/<name>-state/`."""
         return Path(self.output_dir) / f"{self.name}-state"
 
+    def bucket_limits(self) -> tuple[int, int]:
+        """(smallest, largest) bucket side: the settings, or where they are 0, half and twice the
+        resolution on the bucket grid (kohya's 256..1024 at 512 px, 512..2048 at 1024 px, 64..256 at
+        128 px), so a lower resolution needs no bucket setting of its own."""
+        step = max(1, self.bucket_reso_steps)
+        low = self.min_bucket_reso or max(step, self.resolution // 2 // step * step)
+        high = self.max_bucket_reso or max(low, self.resolution * 2 // step * step)
+        return low, high
+
     def hash(self) -> str:
         """Identity of the settings that decide what each step computes (checked on resume)."""
         items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        # buckets that follow the resolution hash as their values: a state saved with 256/1024 written
+        # out resumes with 0/0 at 512 px (the same buckets)
+        items["min_bucket_reso"], items["max_bucket_reso"] = self.bucket_limits()
         items["model"] = os.path.basename(str(items["model"]))
         items["data"] = os.path.basename(os.path.normpath(str(items["data"]))) if items["data"] else ""
         blob = json.dumps(items, sort_keys=True, default=str).encode()
@@ -260,12 +272,14 @@ class TrainConfig:
             raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution}); use 512 or 1024.")
         _positive_int("bucket_reso_steps", self.bucket_reso_steps)
         if self.enable_bucket:
-            if self.min_bucket_reso <= 0 or self.max_bucket_reso < self.min_bucket_reso:
-                raise ConfigError(f"Bucket sizes {self.min_bucket_reso}..{self.max_bucket_reso} are not a "
-                                  "valid range; use e.g. 256..1024 (SD1) or 512..2048 (SDXL).")
-            if self.resolution < self.min_bucket_reso:
-                raise ConfigError(f"resolution {self.resolution} is below min_bucket_reso "
-                                  f"{self.min_bucket_reso}; lower min_bucket_reso.")
+            low, high = self.bucket_limits()
+            if self.min_bucket_reso < 0 or self.max_bucket_reso < 0 or high < low:
+                raise ConfigError(f"Bucket sizes {low}..{high} are not a valid range; set min_bucket_reso and "
+                                  "max_bucket_reso to 0 to follow the resolution, or use e.g. 256..1024.")
+            if not low <= self.resolution <= high:
+                which = "min_bucket_reso" if self.resolution < low else "max_bucket_reso"
+                raise ConfigError(f"resolution {self.resolution} is outside the bucket sizes {low}..{high}; "
+                                  f"set {which} to 0 to follow the resolution, or change it.")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("The run has zero steps (epochs and max_steps are both 0); "
                               "set --epochs or --max-steps to at least 1.")

@@ -116,3 +116,24 @@ def test_config_hash_ignores_run_control(tmp_path, data):
     b = tiny_config(data, tmp_path / "other", save_every_n_epochs=3, overwrite=True)
     assert a.hash() == b.hash()
     assert a.hash() != tiny_config(data, tmp_path / "o", learning_rate=5e-4).hash()
+
+
+def test_bucket_limits_follow_the_resolution_unless_set(data, tmp_path):
+    """128 px trains without a bucket setting of its own (the tab, API and CLI have no such field)."""
+    low = TrainConfig(data=str(data), resolution=128)
+    assert low.validate(need_model=False).bucket_limits() == (64, 256)
+    assert TrainConfig(resolution=512).bucket_limits() == (256, 1024)  # kohya's defaults at 512
+    assert TrainConfig().with_preset("sdxl").bucket_limits() == (512, 2048)
+    assert TrainConfig(resolution=64, bucket_reso_steps=32).bucket_limits() == (32, 128)
+    assert TrainConfig(resolution=512, min_bucket_reso=320).bucket_limits() == (320, 1024)  # what is set stays
+    # a state saved when the limits were written out as 256/1024 still resumes at 512 px
+    assert TrainConfig(resolution=512).hash() == TrainConfig(resolution=512, min_bucket_reso=256,
+                                                               max_bucket_reso=1024).hash()
+    assert TrainConfig(resolution=512).hash() != TrainConfig(resolution=512, min_bucket_reso=320).hash()
+    with pytest.raises(ConfigError, match=r"resolution 128 is outside the bucket sizes 256\.\.256; set "
+                                          r"min_bucket_reso to 0 to follow the resolution"):
+        TrainConfig(data=str(data), resolution=128, min_bucket_reso=256).validate(need_model=False)
+    from lora_trainer.train import plan_training
+
+    plan = plan_training(TrainConfig(data=str(data), resolution=128, output_dir=str(tmp_path / "o")))
+    assert list(plan.buckets) == ["128x128"]

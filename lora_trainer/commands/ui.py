@@ -11,7 +11,11 @@ HELP = "Open the Train LoRA tab in the browser without a WebUI (listens on 127.0
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_host_arguments(p, port=7861)
-    p.add_argument("--preset", default=None, help="preset selected when the tab opens")
+    from ..config import PRESETS
+
+    p.add_argument("--preset", default=None, choices=list(PRESETS), metavar="PRESET",
+                   help="preset selected when the tab opens: "
+                        + ", ".join(f"{key} ({p.label})" for key, p in PRESETS.items()))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -55,8 +55,9 @@ _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.fl
 def prepare_dataset(config: TrainConfig, *, decode: bool = True) -> tuple[Dataset, TrainingPlan]:
     dataset = scan_dataset(config.data, config.reg_data, caption_extension=config.caption_extension,
                            decode=decode)
-    selector = BucketSelector(config.resolution, enable=config.enable_bucket, min_size=config.min_bucket_reso,
-                              max_size=config.max_bucket_reso, steps=config.bucket_reso_steps,
+    low, high = config.bucket_limits()
+    selector = BucketSelector(config.resolution, enable=config.enable_bucket, min_size=low, max_size=high,
+                              steps=config.bucket_reso_steps,
                               no_upscale=config.bucket_no_upscale)
     assign_buckets(dataset, selector)
     for item in dataset.items:
@@ -701,8 +702,8 @@ def training_facts(config: TrainConfig, dataset: Dataset, plan: TrainingPlan, st
         min_snr_gamma=config.min_snr_gamma or None, prior_loss_weight=config.prior_loss_weight,
         caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate,
         min_timestep=config.min_timestep or None, max_timestep=config.max_timestep or None,
-        resolution=config.resolution, enable_bucket=config.enable_bucket, min_bucket_reso=config.min_bucket_reso,
-        max_bucket_reso=config.max_bucket_reso, bucket_no_upscale=config.bucket_no_upscale,
+        resolution=config.resolution, enable_bucket=config.enable_bucket, min_bucket_reso=config.bucket_limits()[0],
+        max_bucket_reso=config.bucket_limits()[1], bucket_no_upscale=config.bucket_no_upscale,
         bucket_info={"buckets": {str(i): {"resolution": [int(x) for x in k.split("x")], "count": v}
                                  for i, (k, v) in enumerate(plan.buckets.items())}},
         flip_aug=config.flip_aug, shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
