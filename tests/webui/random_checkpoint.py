@@ -100,7 +100,7 @@ def write_random_checkpoint(family: str, path: str | os.PathLike, *, seed: int =
         f.write(struct.pack("<Q", len(raw)) + raw)
         for k in names:
             value = _values(k, tuple(meta[k].shape), g).to("cpu", dtypes[k]).contiguous()
-            f.write(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+            f.write(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     os.replace(tmp, path)
     return {"tensors": len(names), "params": params, "bytes": path.stat().st_size}
 
