@@ -22,6 +22,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--webui-dir", default=None, help="AUTOMATIC1111 v1.10.1 checkout (harness layout)")
     group.addoption("--forge-dir", default=None, help="Forge checkout (harness layout)")
     group.addoption("--neo-dir", default=None, help="Forge Neo checkout (shared/harness/neo layout)")
+    group.addoption("--neo-model", default=None,
+                    help="checkpoint the Neo suite runs on: sd15-random (default) or sdxl-random (in models/Stable-diffusion)")
     group.addoption("--webui-port", default=None, help="port for the WebUI under test (default 7871)")
 
 
@@ -53,6 +55,11 @@ def forge_dir(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def neo_dir(request: pytest.FixtureRequest) -> Path:
     return _checkout(request.config, "--neo-dir", "Forge Neo")
+
+
+@pytest.fixture(scope="session")
+def neo_model(request: pytest.FixtureRequest) -> str:
+    return request.config.getoption("--neo-model", default=None) or os.environ.get("NEO_MODEL_NAME") or "sd15-random"
 
 
 @pytest.fixture(scope="session")
