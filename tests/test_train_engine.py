@@ -290,9 +290,10 @@ def test_text_encoder_outputs_cached_only_when_static(tmp_path, tiny_data):
     handle = bundle.text_encoders[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
         # frozen text encoder + static captions: each image's caption is encoded once, before the loop
+        # (the 3 captions in one batched call; 6 batches / 2 accumulated per step)
         result = run_training(tiny_config(tiny_data, tmp_path / "a", gradient_accumulation_steps=2),
                               bundle=bundle)
-        assert result.steps == 3 and calls == [1, 1, 1]  # 6 batches / 2 accumulated per step
+        assert result.steps == 3 and calls == [3]
         calls.clear()
         # shuffled captions change every step: encoded per batch
         run_training(tiny_config(tiny_data, tmp_path / "b", shuffle_caption=True, max_steps=2, epochs=0),

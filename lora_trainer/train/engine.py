@@ -48,6 +48,7 @@ from .usermeta import write_user_metadata
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[ProgressEvent], None]
+_TEXT_BATCH = 16  # captions per text-encoder call while caching (32 one-by-one calls took 1.5 s for SDXL on an H200)
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
 
@@ -292,11 +293,14 @@ class _Run:
         if not config.train_text_encoder and static:
             with torch.no_grad(), self._autocast(device, weight_dtype):
                 self.text_cache = []
-                for item in self.dataset.items:
-                    hidden, pooled = encode_captions(bundle, [process_caption(item.caption)],
+                items = self.dataset.items
+                for start in range(0, len(items), _TEXT_BATCH):  # batched: one call per chunk, not per caption
+                    chunk = items[start:start + _TEXT_BATCH]
+                    hidden, pooled = encode_captions(bundle, [process_caption(i.caption) for i in chunk],
                                                      clip_skip=config.clip_skip)
-                    self.text_cache.append((hidden[0].float().cpu(),
-                                            None if pooled is None else pooled[0].float().cpu()))
+                    hidden = hidden.float().cpu()
+                    pooled = None if pooled is None else pooled.float().cpu()
+                    self.text_cache += [(hidden[k], None if pooled is None else pooled[k]) for k in range(len(chunk))]
             for te in bundle.text_encoders:
                 self.placement.release(te, needed_later=sampling)
             self._free(device)
