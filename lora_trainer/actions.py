@@ -85,8 +85,10 @@ def submit_train(jobs: JobManager, params: dict[str, Any], *,
 
 
 # ---------------------------------------------------------------------- tagging
-def submit_tag(jobs: JobManager, params: dict[str, Any], *, cache_dir: str | None = None) -> Job:
-    """Queue WD14 tagging of a folder: `<stem>.txt` beside each image."""
+def submit_tag(jobs: JobManager, params: dict[str, Any], *, cache_dir: str | None = None,
+               keep_out: dict[str, set[str]] | None = None) -> Job:
+    """Queue WD14 tagging of a folder: `<stem>.txt` beside each image. keep_out: see `tag_folder`
+    (the tab passes the tags the user removed; not a request field)."""
     if not isinstance(params, dict):
         raise ConfigError("The tag request is not a JSON object; send {\"data\": \"<folder>\"}.")
     params = {TAG_ALIASES.get(k, k): v for k, v in params.items()}
@@ -126,7 +128,8 @@ def submit_tag(jobs: JobManager, params: dict[str, Any], *, cache_dir: str | Non
         tagger = Tagger.load(model, cache_dir=cache_dir or None)
         job.message = "Tagging…"
         result = tag_folder(folder, tagger, options, mode=mode, batch_size=batch_size, recursive=recursive,
-                            on_progress=lambda done, total: job.progress(done, total, f"Tagged {done}/{total}"))
+                            on_progress=lambda done, total: job.progress(done, total, f"Tagged {done}/{total}"),
+                            keep_out=keep_out)
         job.outputs = [str(folder / rel) for rel in result.captions]
         return {"message": f"Tagged {len(result.captions)} image(s) with {result.model} on {result.provider}"
                            + (f"; skipped {len(result.skipped)}." if result.skipped else "."),

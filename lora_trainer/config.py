@@ -272,6 +272,10 @@ class TrainConfig:
             raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution}); use 512 or 1024.")
         _positive_int("bucket_reso_steps", self.bucket_reso_steps)
         if self.enable_bucket:
+            if self.resolution < self.bucket_reso_steps:
+                raise ConfigError(f"resolution {self.resolution} is smaller than one bucket step "
+                                  f"({self.bucket_reso_steps} px); use at least {self.bucket_reso_steps}, or lower "
+                                  "bucket_reso_steps.")
             low, high = self.bucket_limits()
             if self.min_bucket_reso < 0 or self.max_bucket_reso < 0 or high < low:
                 raise ConfigError(f"Bucket sizes {low}..{high} are not a valid range; set min_bucket_reso and "

@@ -6,6 +6,7 @@ each WebUI, StandaloneHost (to be built with jobs.py) for the CLI, tests and `se
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -69,6 +70,7 @@ class StandaloneHost:
         self._device = device
         self._roots = [Path(r) for r in allowed_roots] if allowed_roots is not None else None
         self._lock = threading.Lock()
+        self._factory_info: dict[str, Any] | None = None
         self.events: list[Any] = []  # the last events reported, for tests and debugging
         self.saved: list[Path] = []
 
@@ -90,6 +92,23 @@ class StandaloneHost:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a hard dependency
             pass
+
+    def model_info(self) -> dict[str, Any]:
+        """What a run will train on, for the tab (optional host hook): name, family label, device."""
+        if self._bundle_factory is not None:
+            if self._factory_info is None:  # tests and `--tiny`: small, built once to read its facts
+                bundle = self._bundle_factory()
+                self._factory_info = {"name": bundle.name, "family": bundle.family.label,
+                                      "device": str(next(bundle.unet.parameters()).device)}
+                del bundle
+            return dict(self._factory_info)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # where the engine's "auto" trains
+        if self.model is None:
+            return {"name": "", "family": None, "device": device,
+                    "note": "none given: type a checkpoint file in step 4, or start with --model"}
+        return {"name": self.model.name, "family": checkpoint_family(self.model), "device": device}
 
     def lora_dir(self) -> Path:
         return self._lora_dir
@@ -113,3 +132,23 @@ class StandaloneHost:
 
     def allowed_roots(self) -> list[Path] | None:
         return self._roots
+
+
+def checkpoint_family(path: str | Path) -> str | None:
+    """The family label of a .safetensors checkpoint from its header (None when it cannot tell cheaply)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    try:
+        return _header_family(str(path), Path(path).stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def _header_family(path: str, mtime_ns: int) -> str | None:  # the tab asks about once a second
+    try:
+        from .models.detect import classify, read_safetensors_header
+
+        return classify(read_safetensors_header(path)[0], Path(path).name).label
+    except Exception:  # noqa: BLE001 - not knowing the family is fine here; training checks properly
+        return None

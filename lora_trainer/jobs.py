@@ -26,6 +26,7 @@ from typing import Any
 
 from .dataset.atomic import write_text_atomic
 from .errors import LoraTrainerError
+from .host import checkpoint_family
 from .paths import lora_subdir, validate_lora_name
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Job:
     plan_text: str = ""
     message: str = ""
     notes: list[str] = field(default_factory=list)  # the host's notes on the model (host.last_notes)
+    family: str = ""  # the model family trained ("SD1", "SDXL", ...), once known
     error: str | None = None
     result: Any = None  # tag/prepare: a JSON-able summary; train: the TrainResult
     state_dir: str | None = None
@@ -118,7 +120,7 @@ class Job:
             "loss_history": [list(x) for x in self.loss_history], "samples": list(self.samples),
             "saves": list(self.saves), "outputs": list(self.outputs), "lora_name": self.lora_name,
             "prompt_text": self.prompt_text, "plan": self.plan_text, "message": self.message,
-            "notes": list(self.notes), "error": self.error, "state_dir": self.state_dir,
+            "notes": list(self.notes), "family": self.family, "error": self.error, "state_dir": self.state_dir,
             "resumed_from": self.resumed_from, "result": summary,
             "config": self.config.to_dict() if hasattr(self.config, "to_dict") else None,
         }
@@ -225,6 +227,29 @@ class JobManager:
                 if kind is None or job.kind == kind:
                     return job
         return None
+
+    def active_train(self) -> Job | None:
+        """The training run the user is waiting for: the running one, else the next queued one."""
+        with self._lock:
+            current = self._current
+            if current is not None and current.kind == "train" and current.state not in FINAL_STATES:
+                return current
+            return next((j for j in self._queue if j.kind == "train"), None)
+
+    def resumable(self) -> list[Job]:
+        """Stopped training runs that can go on, newest first: per run folder (state dir), only its
+        newest job counts (a resumed-and-finished run is done; a resumed-and-stopped one is newer)."""
+        with self._lock:
+            newest: dict[str, Job] = {}
+            for job in self._jobs.values():
+                if job.kind == "train" and job.state_dir and job.state in FINAL_STATES:
+                    seen = newest.get(job.state_dir)
+                    if seen is None or job.created >= seen.created:
+                        newest[job.state_dir] = job
+            busy = {j.config.resume for j in [*self._queue, *([self._current] if self._current else [])]
+                    if j.kind == "train" and j.config is not None and j.config.resume}
+        return sorted((j for d, j in newest.items() if j.state == "stopped" and d not in busy and Path(d).is_dir()),
+                      key=lambda j: j.created, reverse=True)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         job = self.get(job_id)
@@ -390,6 +415,7 @@ class JobManager:
                 config = job.config = self._with_model_file(config)
             try:
                 family = getattr(getattr(bundle, "family", None), "label", None)
+                job.family = family or (checkpoint_family(config.model) if config.model else None) or ""
                 job.message = "Preparing the dataset and caches…"
                 watcher.start()
                 result = runner(config, bundle=bundle, on_event=lambda ev: self._on_event(job, ev),
@@ -401,6 +427,7 @@ class JobManager:
                 del bundle
         if family is None:  # the engine loaded the model: its own user metadata names the family
             family = _engine_sd_version(result)
+        job.family = family or job.family
         job.result = result
         job.state_dir = str(result.state_dir) if getattr(result, "state_dir", None) else None
         job.samples = [str(p) for p in getattr(result, "samples", [])] or job.samples
@@ -557,7 +584,8 @@ def _job_from_record(data: dict[str, Any]) -> Job:
     job = Job(id=str(data["id"]), kind="train", label=str(data.get("label") or f"train {config.name}"))
     for name in ("created", "started", "finished", "step", "total_steps", "epoch", "total_epochs", "loss",
                  "smoothed_loss", "lr", "it_per_s", "eta_s", "vram_bytes", "samples", "saves", "outputs",
-                 "lora_name", "prompt_text", "message", "notes", "error", "state_dir", "resumed_from", "lora_subdir"):
+                 "lora_name", "prompt_text", "message", "notes", "family", "error", "state_dir", "resumed_from",
+                 "lora_subdir"):
         if data.get(name) is not None:
             setattr(job, name, data[name])
     job.plan_text = data.get("plan") or ""

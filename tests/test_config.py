@@ -133,6 +133,8 @@ def test_bucket_limits_follow_the_resolution_unless_set(data, tmp_path):
     with pytest.raises(ConfigError, match=r"resolution 128 is outside the bucket sizes 256\.\.256; set "
                                           r"min_bucket_reso to 0 to follow the resolution"):
         TrainConfig(data=str(data), resolution=128, min_bucket_reso=256).validate(need_model=False)
+    with pytest.raises(ConfigError, match=r"resolution 32 is smaller than one bucket step \(64 px\)"):
+        TrainConfig(data=str(data), resolution=32).validate(need_model=False)
     from lora_trainer.train import plan_training
 
     plan = plan_training(TrainConfig(data=str(data), resolution=128, output_dir=str(tmp_path / "o")))

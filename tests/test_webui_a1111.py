@@ -340,3 +340,19 @@ def test_lowvram_keeps_the_webuis_model_on_the_cpu_and_trains_on_a_unet_copy(fak
     host.release_model(bundle)
     assert calls == ["park", "back"]
     assert common.tensor_fingerprint(sd_model.state_dict()) == before
+
+
+def test_model_info_reads_the_loaded_model_without_loading_one(fake_webui, monkeypatch):
+    """The tab's "Model: ..." line: A1111's shared.sd_model would load a model on first access."""
+    from lora_trainer.webui.a1111 import A1111Host
+
+    sd_models = SimpleNamespace(model_data=SimpleNamespace(sd_model=None))
+    monkeypatch.setitem(sys.modules, "modules.sd_models", sd_models)
+    sys.modules["modules"].sd_models = sd_models
+    fake_webui.shared.opts.sd_model_checkpoint = "dreamshaper_8.safetensors [879db523c3]"
+    host = A1111Host()
+    assert host.model_info() == {"name": "dreamshaper_8.safetensors [879db523c3]", "family": None,
+                                 "note": "the WebUI loads it when training starts"}
+    sd_models.model_data.sd_model = SimpleNamespace(
+        is_sdxl=True, sd_checkpoint_info=SimpleNamespace(filename="/m/sd_xl_base_1.0.safetensors"))
+    assert host.model_info() == {"name": "sd_xl_base_1.0.safetensors", "family": "SDXL"}

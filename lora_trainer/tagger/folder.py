@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from ..dataset.atomic import write_text_atomic
-from ..dataset.captions import caption_path, join_tags, read_caption_checked, split_tags, write_caption
+from ..dataset.captions import (
+    caption_path,
+    join_tags,
+    normalize_tag,
+    read_caption_checked,
+    split_tags,
+    write_caption,
+)
 from ..dataset.images import ImageLoadError, iter_candidates, load_image
 from ..errors import ConfigError, DatasetError
 from ..prefetch import prefetched
@@ -47,12 +54,15 @@ class TagRun:
 def tag_folder(folder: str | os.PathLike[str], tagger: Tagger, options: TagOptions | None = None, *,
                mode: str = "append", batch_size: int = 8, recursive: bool = False,
                report: str | os.PathLike[str] | None = None,
-               on_progress: Callable[[int, int], None] | None = None) -> TagRun:
+               on_progress: Callable[[int, int], None] | None = None,
+               keep_out: Mapping[str, Collection[str]] | None = None) -> TagRun:
     """Write `<stem>.txt` beside each image of `folder` (see TagOptions and `mode`); never touch images.
 
     mode: append (keep existing tags, add new ones, no duplicates), overwrite, or skip (leave
     images that have a caption alone). Raise DatasetError when the folder is missing or holds no
     usable image; unreadable files are skipped and listed, not fatal.
+    keep_out: per image (path relative to `folder`, POSIX), tags the user took out of its caption;
+    append mode does not add them back (the tab passes what was removed since the tagger wrote it).
     """
     options = options or TagOptions()
     options.validate()
@@ -79,7 +89,11 @@ def tag_folder(folder: str | os.PathLike[str], tagger: Tagger, options: TagOptio
         if paths:
             for path, scores in zip(paths, tagger.predict_arrays(np.stack(arrays))):
                 rel = path.relative_to(root).as_posix()
-                run.captions[rel] = _write_caption(path, select_tags(scores, tagger.labels, options), options, mode)
+                predicted = select_tags(scores, tagger.labels, options)
+                if mode == "append" and keep_out and keep_out.get(rel):
+                    out = {normalize_tag(t) for t in keep_out[rel]}
+                    predicted = [t for t in predicted if normalize_tag(t) not in out]
+                run.captions[rel] = _write_caption(path, predicted, options, mode)
                 run.scores[rel] = dict(zip(names, scores.tolist()))
         done += len(paths) + len(failed)
         if on_progress:

@@ -183,19 +183,26 @@ class RunClock:
 
     def eta(self, step: int) -> float | None:
         """Seconds until the run ends: steps left at the current speed, plus the sampling rounds and
-        saves still to come (measured once one has run; before that, sampling is estimated from the
-        step speed: a training step is a forward and a backward pass over `batch_size` images,
-        about 3 × batch forward passes, and a denoising step with CFG is 2)."""
+        saves still to come (their measured durations once one ran; see `estimate_seconds`)."""
         rate = self.rate()
         if rate is None:
             return None
-        sched = self.schedule
-        seconds = max(0, sched.total_steps - step) / rate
-        rounds = sched.samples_after(step)
-        if rounds:
-            per_round = self.phase_seconds("sample")
-            if per_round is None:
-                per_round = sched.sample_images * sched.sample_steps * 2 / (3 * sched.batch_size) / rate
-            seconds += rounds * per_round
-        seconds += sched.saves_after(step) * (self.phase_seconds("save") or 0.0)
-        return seconds
+        return estimate_seconds(self.schedule, step, rate, sample_seconds=self.phase_seconds("sample"),
+                                save_seconds=self.phase_seconds("save"))
+
+
+def estimate_seconds(schedule: Schedule, step: int, rate: float, *, sample_seconds: float | None = None,
+                     save_seconds: float | None = None) -> float:
+    """Seconds from `step` to the end at `rate` steps/s, with the sampling rounds and saves to come.
+
+    Without a measured sampling round, one is estimated from the step speed: a training step is a
+    forward and a backward pass over `batch_size` images (about 3 × batch forward passes) and a
+    denoising step with CFG is 2 forward passes. Saves count 0 s until one was timed (they are short).
+    """
+    seconds = max(0, schedule.total_steps - step) / rate
+    rounds = schedule.samples_after(step)
+    if rounds:
+        if sample_seconds is None:
+            sample_seconds = schedule.sample_images * schedule.sample_steps * 2 / (3 * schedule.batch_size) / rate
+        seconds += rounds * sample_seconds
+    return seconds + schedule.saves_after(step) * (save_seconds or 0.0)

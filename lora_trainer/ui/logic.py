@@ -9,7 +9,9 @@ import html
 import logging
 import re
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +42,35 @@ def error_md(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------- dataset
+_THUMBS: OrderedDict[tuple[str, int, int], Image.Image] = OrderedDict()  # (path, mtime, size) -> thumbnail
+_THUMBS_LOCK = threading.Lock()
+
+
 def thumbnail(path: Path, size: int = THUMB) -> Image.Image:
+    """A small copy for the gallery; remembered (by path and mtime), so redrawing the gallery after a
+    caption edit does not decode every picture again."""
     from ..dataset.images import load_image
 
+    try:
+        key = (str(path), Path(path).stat().st_mtime_ns, size)
+    except OSError:
+        key = None
+    with _THUMBS_LOCK:
+        if key in _THUMBS:
+            _THUMBS.move_to_end(key)
+            return _THUMBS[key]
     img = load_image(path)
     img.thumbnail((size, size))
+    if key is not None:
+        with _THUMBS_LOCK:
+            _THUMBS[key] = img
+            while len(_THUMBS) > 2 * MAX_GALLERY:
+                _THUMBS.popitem(last=False)
     return img
+
+
+def gallery_items(images: list[str]) -> list[tuple[Image.Image, str]]:
+    return [(thumbnail(Path(p)), gallery_label(p)) for p in images[:MAX_GALLERY]]
 
 
 def scan_folder(folder: str, roots: list[Path] | None, *, resolution: int = 512, recursive: bool = False
@@ -58,23 +83,31 @@ def scan_folder(folder: str, roots: list[Path] | None, *, resolution: int = 512,
     from ..dataset.images import scan_images
 
     root = resolve_user_path(folder, roots, what="image folder")
-    scan = scan_images(root, recursive=recursive, min_size=resolution)
+    scan = scan_images(root, recursive=recursive)  # size warnings: size_problems(), they follow the resolution
     images = list(scan.images)
-    gallery = []
-    for path in images[:MAX_GALLERY]:
-        text = read_caption_or_empty(path)
-        gallery.append((thumbnail(path), text or NO_CAPTION))
-    problems = [[scan.relative(p), reason] for p, reason in sorted(scan.skipped.items())]
-    problems += [[scan.relative(p), "; ".join(w)] for p, w in sorted(scan.warnings.items())]
+    gallery = gallery_items([str(p) for p in images])
+    skipped = [[scan.relative(p), reason] for p, reason in sorted(scan.skipped.items())]
+    sizes = {scan.relative(p): list(scan.info[p].size) for p in images if p in scan.info}
     captioned = sum(1 for p in images if cap.caption_path(p).exists())
     summary = (f"**{len(images)}** usable image(s) in `{root}`, **{captioned}** with captions"
                + (f", **{len(scan.skipped)}** skipped" if scan.skipped else "")
-               + (f", {len(scan.warnings)} with warnings" if scan.warnings else "")
                + (f" (showing the first {MAX_GALLERY})" if len(images) > MAX_GALLERY else "") + ".")
     if not images:
         summary += " Add JPEG/PNG/WEBP images to the folder."
     return {"folder": str(root), "images": [str(p) for p in images], "gallery": gallery,
-            "problems": problems, "summary": summary}
+            "skipped": skipped, "sizes": sizes, "problems": skipped + size_problems(sizes, resolution),
+            "summary": summary}
+
+
+def gallery_label(image: str | Path) -> str:
+    """What a thumbnail says: its file name and caption."""
+    return f"{Path(image).name}: {read_caption_or_empty(image) or NO_CAPTION}"
+
+
+def size_problems(sizes: dict[str, list[int]], resolution: int) -> list[list[str]]:
+    """Images whose shorter side is under half the training resolution (they get upscaled, blurry)."""
+    return [[rel, f"small image ({w}x{h}) for training at {resolution}px; it will be upscaled"]
+            for rel, (w, h) in sorted(sizes.items()) if min(w, h) * 2 < resolution]
 
 
 def read_caption_or_empty(image: str | Path) -> str:
@@ -95,6 +128,21 @@ def save_caption(image: str, text: str, roots: list[Path] | None = None) -> str:
     tags = cap.unique_tags(cap.split_tags(text))
     cap.write_caption(cap.caption_path(image), cap.join_tags(tags))
     return f"Saved the caption of {Path(image).name} ({len(tags)} tags)."
+
+
+def caption_unsaved(image: str, text: str | None) -> bool:
+    """Whether the caption box holds an edit of `image` that is not in its file yet."""
+    if not image or text is None:
+        return False
+    return cap.unique_tags(cap.split_tags(text)) != cap.unique_tags(cap.split_tags(read_caption_or_empty(image)))
+
+
+def keep_unsaved_caption(image: str, text: str | None, roots: list[Path] | None = None) -> str:
+    """Save an edit still in the caption box before something else replaces the box (another image,
+    a bulk edit, the tagger, a new folder): an edit is kept, never dropped. Returns a note, or ""."""
+    if not caption_unsaved(image, text):
+        return ""
+    return "Kept your edit: " + save_caption(image, text or "", roots)
 
 
 def tag_frequency_rows(folder: str, roots: list[Path] | None = None, *, recursive: bool = False
@@ -166,8 +214,12 @@ def _hms(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+PHASE_WORDS = {"cache": "Preparing", "sample": "Sampling", "save": "Saving"}
+
+
 def progress_html(job: dict[str, Any] | None) -> str:
-    """A progress bar with step/epoch/loss/speed/ETA/VRAM, and the job's message."""
+    """A progress bar with step/epoch/loss/speed/ETA/GPU memory, a second bar for the phase the run is
+    in when it is not a training step (caching, sampling, saving), and the job's message."""
     if not job:
         return "<div id='lora_trainer_progress_idle'>No training run yet.</div>"
     total = job.get("total_steps") or 0
@@ -187,6 +239,14 @@ def progress_html(job: dict[str, Any] | None) -> str:
         parts.append(f"{job['it_per_s']:.2f} it/s")
     if state == "running" and job.get("eta_s") is not None:
         parts.append(f"ETA {_hms(job['eta_s'])}")
+    phase = ""
+    if state == "running" and job.get("phase") in PHASE_WORDS:
+        done, of = job.get("phase_done") or 0, job.get("phase_total") or 0
+        width = 100.0 * done / of if of else 0.0
+        phase = (f"<div class='lora_trainer_phase' data-phase='{html.escape(job['phase'])}' style='margin-top:4px'>"
+                 f"<div style='background:#8883;border-radius:4px;height:6px;overflow:hidden'>"
+                 f"<div style='width:{width:.1f}%;background:#a855f7;height:100%'></div></div>"
+                 f"<b>{PHASE_WORDS[job['phase']]}</b> {done}/{of}</div>")
     if job.get("vram_bytes"):  # the process's peak reserved GPU memory, as nvidia-smi counts it
         parts.append(f"GPU memory {job['vram_bytes'] / 2**30:.1f} GiB")
     message = job.get("error") or job.get("message") or ""
@@ -196,7 +256,7 @@ def progress_html(job: dict[str, Any] | None) -> str:
         "<div class='lora_trainer_progress'>"
         f"<div style='background:#8883;border-radius:6px;height:14px;overflow:hidden'>"
         f"<div style='width:{pct:.1f}%;background:{colour};height:100%'></div></div>"
-        f"<div style='margin-top:6px'>{' · '.join(parts)}</div>"
+        f"<div style='margin-top:6px'>{' · '.join(parts)}</div>{phase}"
         f"<div style='margin-top:4px;opacity:.85'>{html.escape(message)}</div>{notes}</div>"
     )
 

@@ -1,17 +1,23 @@
 """The "Train LoRA" tab as Gradio Blocks (Gradio 3.41 and 4.x).
 
 No `from __future__ import annotations` here: Gradio finds `gr.SelectData` parameters by their
-real annotation objects. Long-running actions (tag, prepare, train) are generator handlers that
-start a job and yield its progress until it ends; the job itself runs in the JobManager, so
-closing the page never stops training, and "Refresh" re-attaches to the latest run.
+real annotation objects. The steps read top to bottom: 1 pictures (with the caption editor beside
+them), 2 captions (tagger and bulk edits), 3 the prepared dataset, 4 training, then progress.
+
+Runs live in the JobManager, not in the page: every page follows the run that is going (else the
+newest), from the moment it opens, by polling about once a second (`live.Follower`; Gradio 4: a
+`gr.Timer` tick per second, Gradio 3: one generator per open page that ends when the page closes).
+Train and Resume while a run is active ask first (queue it, or cancel); Stop acts on the run shown.
 """
 
-# Handlers catch every exception on purpose: the tab shows the message (logic.error_md), and
+# Handlers catch every exception on purpose: the tab shows the message (error_md), and
 # logic.user_error logs the traceback of anything that is not a LoraTrainerError.
 # ruff: noqa: BLE001
 
+import html
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +27,39 @@ from .. import actions
 from ..config import PRESETS, TrainConfig
 from ..errors import ConfigError
 from ..jobs import FINAL_STATES, JobManager, UnknownJobError, manager_for
+from ..paths import resolve_user_path
 from ..tagger.registry import MODELS
-from . import compat, logic
+from . import captions as caphist
+from . import compat, live, logic, plan
 from .settings import get_setting
+from .texts import HELP, check_extra_keys, form_message
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL = 1.0  # seconds between progress updates while a job runs
+WATCH_INTERVAL = 1.0  # seconds between progress updates
 PRESET_LABELS = {f"{p.label} ({key})": key for key, p in PRESETS.items()}
-# Inside a WebUI, the adapters' javascript/ handles #lora_trainer_send_to_txt2img clicks; standalone
-# there is no txt2img, so the button copies the prompt text instead.
-COPY_JS = ("() => { const t = document.querySelector('#lora_trainer_send_text textarea');"
-           " if (t && navigator.clipboard) navigator.clipboard.writeText(t.value); return []; }")
+# Standalone there is no txt2img: "Copy prompt" copies the text, or (plain http beyond localhost has
+# no clipboard API) selects the prompt in the result card so Ctrl+C copies it, and says which happened.
+COPY_JS = """() => {
+  const root = (document.querySelector('gradio-app') || {}).shadowRoot || document;
+  const box = root.querySelector('#lora_trainer_send_text textarea, #lora_trainer_send_text input');
+  const note = root.querySelector('#lora_trainer_copy_note');
+  const say = (t) => { if (note) note.textContent = t; };
+  const text = box ? box.value : '';
+  if (!text) { say('Nothing to copy yet: the prompt appears when a run has saved a LoRA.'); return []; }
+  const select = () => {
+    const code = root.querySelector('#lora_trainer_result code');
+    if (!code) { say('Copy this prompt: ' + text); return; }
+    const range = document.createRange(); range.selectNodeContents(code);
+    const sel = window.getSelection(); sel.removeAllRanges(); sel.addRange(range);
+    let ok = false; try { ok = document.execCommand('copy'); } catch (e) { ok = false; }
+    say(ok ? 'Copied: ' + text : 'The browser blocked copying here: the prompt is selected, press Ctrl+C.');
+  };
+  if (navigator.clipboard && window.isSecureContext) {
+    navigator.clipboard.writeText(text).then(() => say('Copied: ' + text), select);
+  } else { select(); }
+  return [];
+}"""
 
 
 def _preset_label(key: str) -> str:
@@ -42,13 +69,13 @@ def _preset_label(key: str) -> str:
     return next(iter(PRESET_LABELS))
 
 
-def _preset_info(key: str) -> str:
-    p = PRESETS[key]
-    return f"**{p.label}** — needs about {p.vram_gb} GB of GPU memory. {p.note}"
-
-
 def _train_defaults(preset_key: str) -> TrainConfig:
     return TrainConfig().with_preset(preset_key)
+
+
+def error_md(e: BaseException) -> str:
+    """An error for the form: our message in the form's words (a field's label, not its flag)."""
+    return f"**Error:** {html.escape(form_message(logic.user_error(e))).replace('&#x27;', chr(39))}"
 
 
 def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | None = None) -> gr.Blocks:
@@ -61,117 +88,224 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
     if preset_key not in PRESETS:
         preset_key = "sd15"
     base = _train_defaults(preset_key)
-    in_webui = getattr(host, "name", "standalone") != "standalone"
+    standalone = getattr(host, "name", "standalone") == "standalone"
+    needs_model_file = standalone and getattr(host, "_bundle_factory", None) is None
+    setup = plan.describe_setup(host)
 
     def roots():
         return jobs.allowed_roots()
 
-    # ------------------------------------------------------------------ handlers
-    def load(folder, recursive, resolution=512):
+    def preset_info(key, family=None):
+        p = PRESETS[key]
+        text = f"**{p.label}** — needs about {p.vram_gb} GB of GPU memory. {p.note}"
+        warning = plan.preset_warning(key, family)
+        return text + (f"\n\n{warning}" if warning else "")
+
+    # ------------------------------------------------------------------ images and captions
+    def scan(folder, recursive, resolution, selected=""):
+        """The outputs every (re)load gives: keeps the selected image when it is still there."""
+        found = logic.scan_folder(folder, roots(), recursive=bool(recursive), resolution=int(resolution or 512))
+        freq = logic.tag_frequency_rows(found["folder"], roots(), recursive=bool(recursive))
+        keep = selected if selected in found["images"] else ""
+        box = (gr.update(value=logic.read_caption_or_empty(keep), label=f"Caption of {Path(keep).name}") if keep
+               else gr.update(value="", label="Caption (click a picture)"))
+        preview = caphist.caption_state(jobs.work_dir, found["folder"], found["images"])
+        return (found["folder"], found["gallery"], found["problems"], found["summary"], found["images"],
+                {"skipped": found["skipped"], "sizes": found["sizes"]}, freq, box, keep, preview)
+
+    load_outputs_count = 10
+
+    def unchanged():
+        return (gr.update(),) * load_outputs_count
+
+    def _mode_md(state, mode):
+        return caphist.mode_preview(state, mode) if state is not None else ""
+
+    def load(folder, recursive, resolution, selected, text, mode):
+        kept = _keep(selected, text).strip()
         try:
-            scan = logic.scan_folder(folder, roots(), recursive=bool(recursive),
-                                     resolution=int(resolution or 512))
-        except Exception as e:  # shown in the tab, traceback in the log
-            return (gr.update(), [], [], logic.error_md(e), [], [], "", "")
-        freq = logic.tag_frequency_rows(scan["folder"], roots(), recursive=bool(recursive))
-        return (scan["folder"], scan["gallery"], scan["problems"], scan["summary"], scan["images"], freq,
-                "", "")
+            out = scan(folder, recursive, resolution)
+        except Exception as e:  # the summary says why; nothing of another folder stays on show
+            return (kept, gr.update(), [], [], error_md(e), [], {}, [], gr.update(value="", label="Caption"), "",
+                    gr.update())
+        return (kept,) + out[:9] + (_mode_md(out[9], mode),)
 
-    load_outputs_count = 8
-
-    def upload(files, recursive, resolution):
+    def upload(files, recursive, resolution, selected, text, mode):
         try:
             dest = logic.save_uploads(compat.upload_paths(files), jobs.work_dir / "uploads")
         except Exception as e:
-            return (gr.update(), [], [], logic.error_md(e), [], [], "", "")
-        return load(str(dest), recursive, resolution)
+            return ("", gr.update(), gr.update(), gr.update(), error_md(e)) + (gr.update(),) * 6
+        return load(str(dest), recursive, resolution, selected, text, mode)
 
-    def select(images, evt: gr.SelectData):
+    def _keep(selected, text):
+        """Save a pending caption edit before something replaces the caption box."""
+        try:
+            note = logic.keep_unsaved_caption(selected, text, roots())
+        except Exception as e:
+            return f" {error_md(e)}"
+        return f" {note}" if note else ""
+
+    def select(images, selected, text, evt: gr.SelectData):
+        kept = _keep(selected, text).strip()
         index = compat.selected_index(evt)
         if index is None or index >= len(images):
-            return "", gr.update(value="", label="Caption")
+            return "", gr.update(value="", label="Caption (click a picture)"), kept, gr.update()
         path = images[index]
-        return path, gr.update(value=logic.read_caption_or_empty(path), label=f"Caption of {Path(path).name}")
+        gallery = logic.gallery_items(images) if kept else gr.update()  # the kept edit shows under its picture
+        return path, gr.update(value=logic.read_caption_or_empty(path), label=f"Caption of {Path(path).name}"), \
+            kept, gallery
 
-    def save_caption(selected, text, folder, recursive):
+    def save_caption(selected, text, folder, recursive, images, mode):
         try:
             status = logic.save_caption(selected, text, roots())
-            return status, logic.tag_frequency_rows(folder, roots(), recursive=bool(recursive))
+            freq = logic.tag_frequency_rows(folder, roots(), recursive=bool(recursive))
+            state = caphist.caption_state(jobs.work_dir, folder, images)
+            return status, freq, logic.gallery_items(images), _mode_md(state, mode)
         except Exception as e:
-            return logic.error_md(e), gr.update()
+            return error_md(e), gr.update(), gr.update(), gr.update()
 
-    def bulk(folder, action, tag, new, recursive, resolution):
+    def bulk(folder, action, tag, new, recursive, resolution, selected, text, mode):
+        kept = _keep(selected, text)
         try:
             status = logic.bulk_edit(folder, action, tag, new, roots(), recursive=bool(recursive))
+            folder = str(resolve_user_path(folder, roots(), what="image folder"))
+            if action == "remove" or action == "replace":
+                caphist.record_bulk(jobs.work_dir, folder, removed=[tag.strip()],
+                                    added=[new.strip()] if action == "replace" else [])
+                status += f" The tagger will not write '{tag.strip()}' again in this folder."
+            else:
+                caphist.record_bulk(jobs.work_dir, folder, added=[tag.strip()])
+            out = scan(folder, recursive, resolution, selected)
         except Exception as e:
-            return (logic.error_md(e),) + (gr.update(),) * load_outputs_count
-        return (status,) + load(folder, recursive, resolution)
+            return (error_md(e),) + unchanged()
+        return (status + kept,) + out[:9] + (_mode_md(out[9], mode),)
 
-    def run_tag(folder, model, general, character, trigger, mode, exclude, recursive, resolution):
+    def tag_preview(folder, images, mode):
+        if not folder or not images:
+            return caphist.mode_preview(caphist.CaptionState(0, 0, [], [], {}, []), mode)
         try:
+            return _mode_md(caphist.caption_state(jobs.work_dir, folder, images), mode)
+        except Exception as e:
+            return error_md(e)
+
+    def run_tag(folder, model, general, character, trigger, mode, exclude, recursive, resolution, selected, text,
+                images):
+        kept = _keep(selected, text)
+        try:
+            folder = str(resolve_user_path(folder, roots(), what="image folder"))
+            state = caphist.caption_state(jobs.work_dir, folder, images or [])
+            never = [t.strip() for t in (exclude or "").split(",") if t.strip()] + state.removed
             job = actions.submit_tag(jobs, {
                 "data": folder, "model": model or "", "general_threshold": general,
-                "character_threshold": character, "trigger": trigger or "", "mode": mode,
-                "exclude": exclude or "", "recursive": bool(recursive)},
-                cache_dir=opt("lora_trainer_tagger_cache") or None)
+                "character_threshold": character, "trigger": trigger or "",
+                "mode": caphist.TAG_MODES.get(mode, "skip"), "exclude": never, "recursive": bool(recursive)},
+                cache_dir=opt("lora_trainer_tagger_cache") or None, keep_out=state.keep_out)
         except Exception as e:
-            yield (logic.error_md(e),) + (gr.update(),) * load_outputs_count
+            yield (error_md(e),) + unchanged()
             return
+        snap = None
         for snap in _follow(job.id):
             if snap["state"] not in FINAL_STATES:
-                yield (_job_status(snap),) + (gr.update(),) * load_outputs_count
-        yield (_job_status(snap),) + (load(folder, recursive, resolution) if snap["state"] == "done"
-                                      else (gr.update(),) * load_outputs_count)
+                yield (_job_status(snap) + kept,) + unchanged()
+        if snap["state"] != "done":
+            yield (_job_status(snap) + kept,) + unchanged()
+            return
+        caphist.record_tagging(jobs.work_dir, folder, (snap.get("result") or {}).get("captions") or {})
+        out = scan(folder, recursive, resolution, selected)
+        yield (_job_status(snap) + kept,) + out[:9] + (_mode_md(out[9], mode),)
 
-    def steps_info(images, repeats, epochs, batch):
+    def recheck_sizes(scanned, resolution):
+        """Image-size warnings follow the training resolution (a 96 px picture is fine at 128 px)."""
+        if not scanned:
+            return gr.update()
         try:
-            return logic.steps_text(len(images or []), int(repeats or 0), int(epochs or 1), int(batch or 1))
-        except Exception as e:
-            return logic.error_md(e)
+            res = int(resolution or 512)
+        except (TypeError, ValueError):
+            return gr.update()
+        return list(scanned.get("skipped") or []) + logic.size_problems(scanned.get("sizes") or {}, res)
 
-    def run_prepare(folder, concept, repeats, class_images, class_name, out_dir, resolution):
+    def sync_concept(trigger, concept, last):
+        """The concept starts as the trigger word (typed once); a concept the user typed is theirs."""
+        trigger = (trigger or "").strip()
+        if not (concept or "").strip() or (concept or "").strip() == (last or "").strip():
+            return trigger, trigger
+        return gr.update(), last
+
+    # ------------------------------------------------------------------ prepare
+    def steps_info(images, repeats, epochs, batch, max_steps):
+        try:
+            text = logic.steps_text(len(images or []), int(repeats or 0), int(epochs or 1), int(batch or 1))
+            if int(max_steps or 0) > 0 and images:
+                text += f" Max steps is set: training stops after {int(max_steps)} steps."
+            return text
+        except Exception as e:
+            return error_md(e)
+
+    def run_prepare(folder, concept, repeats, class_images, class_name, out_dir, resolution, epochs, batch):
         try:
             concept = (concept or "").strip()
-            out = (out_dir or "").strip() or str(jobs.work_dir / "datasets" / (concept or "dataset"))
+            if not (folder or "").strip():
+                raise ConfigError("No picture folder is loaded; load your pictures in step 1 first.")
+            if not concept:
+                raise ConfigError("The concept is empty; type it in **Concept** (usually your trigger word, "
+                                  "e.g. 'ohwx dog').")
+            if (class_images or "").strip() and not (class_name or "").strip():
+                raise ConfigError("Generic pictures are given without their class; type it in **Their class** "
+                                  "(e.g. 'dog').")
+            out = (out_dir or "").strip() or str(jobs.work_dir / "datasets" / concept)
             params = {"source": folder, "out": out, "concept": concept,
                       "repeats": int(repeats) if repeats else None, "resolution": int(resolution or 512)}
             if (class_images or "").strip():
-                params.update(class_images=class_images.strip(), class_name=(class_name or "").strip())
+                params.update(class_images=class_images.strip(), class_name=class_name.strip())
             job = actions.submit_prepare(jobs, params)
         except Exception as e:
-            yield logic.error_md(e), gr.update()
+            yield error_md(e), gr.update()
             return
+        snap = None
         for snap in _follow(job.id):
             if snap["state"] not in FINAL_STATES:
                 yield _job_status(snap), gr.update()
-        if snap["state"] == "done":
-            result = snap["result"] or {}
-            manifest = result.get("manifest") or {}
-            counts = manifest.get("counts") or {}
-            text = f"Prepared `{result.get('data', out)}`"
-            if counts:
-                text += f": {counts.get('usable', '?')} image(s), {counts.get('captioned', '?')} with captions"
-            problems = manifest.get("problems") or {}
-            if problems:
-                text += f"; {len(problems)} file(s) skipped or flagged (see the Problems table above)"
-            yield text + ". The dataset folder is filled in below.", result.get("data", out)
-        else:
+        if snap["state"] != "done":
             yield _job_status(snap), gr.update()
+            return
+        result = snap["result"] or {}
+        manifest = result.get("manifest") or {}
+        counts = manifest.get("counts") or {}
+        subsets = [s for s in manifest.get("subsets") or [] if s.get("kind") == "img"]
+        used_repeats = int(subsets[0].get("repeats") or 1) if subsets else int(repeats or 1)
+        text = f"Prepared `{result.get('data', out)}`"
+        if counts:
+            text += f": {counts.get('usable', '?')} picture(s), {counts.get('captioned', '?')} with captions"
+        other = [k for k, v in (manifest.get("problems") or {}).items()
+                 if any("small image" not in str(x) for x in v)]
+        if other:
+            text += f"; {len(other)} file(s) converted, renamed or skipped (listed in dataset.json)"
+        steps = logic.steps_text(int(counts.get("usable") or 0), used_repeats, int(epochs or 1), int(batch or 1))
+        yield (f"{text}. **Training data** in step 4 is filled in. {steps}", result.get("data", out))
 
-    def apply_preset(label):
+    # ------------------------------------------------------------------ training
+    def apply_preset(label, scanned):
         key = PRESET_LABELS.get(label, preset_key)
         c = _train_defaults(key)
-        return (_preset_info(key), c.rank, c.alpha, c.learning_rate, c.resolution, c.batch_size,
-                c.train_text_encoder)
+        family = plan.describe_setup(host).family
+        return (preset_info(key, family), c.rank, c.alpha, c.learning_rate, c.resolution, c.batch_size,
+                c.train_text_encoder, recheck_sizes(scanned, c.resolution))
 
-    def form_params(label, name, data, epochs, max_steps, rank, alpha, lr, resolution, batch, seed, train_te,
-                    sample_prompt, sample_every, subdir, extra):
+    def form_params(label, name, data, model_file, epochs, max_steps, rank, alpha, lr, resolution, batch, seed,
+                    train_te, sample_prompt, sample_every, subdir, extra):
+        if not (data or "").strip():
+            raise ConfigError("**Training data** is empty; prepare the dataset in step 3 (it fills it in), or "
+                              "type the folder that holds img/.")
         params: dict = {
             "preset": PRESET_LABELS.get(label, preset_key), "name": (name or "").strip(), "data": data or "",
             "epochs": epochs, "max_steps": max_steps or 0, "rank": rank, "alpha": alpha, "learning_rate": lr,
             "resolution": resolution, "batch_size": batch, "seed": seed, "train_text_encoder": bool(train_te),
             "lora_subdir": (subdir or "").strip(),
         }
+        if needs_model_file:
+            if not (model_file or "").strip():
+                raise ConfigError("No model to train on; type a checkpoint (.safetensors) in **Checkpoint file**.")
+            params["model"] = model_file.strip()
         prompts = [p.strip() for p in (sample_prompt or "").splitlines() if p.strip()]
         if prompts:
             params["sample_prompts"] = prompts
@@ -180,10 +314,14 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             try:
                 more = json.loads(extra)
             except ValueError as e:
-                raise ConfigError(f"Extra settings are not valid JSON ({e}); write them like "
+                raise ConfigError(f"More settings is not valid JSON ({e}); write it like "
                                   '{"noise_offset": 0.05}.') from e
             if not isinstance(more, dict):
-                raise ConfigError('Extra settings must be a JSON object; write them like {"noise_offset": 0.05}.')
+                raise ConfigError('More settings must be a JSON object; write it like {"noise_offset": 0.05}.')
+            known = TrainConfig.field_names() - set(actions.TRAIN_FORBIDDEN) | set(actions.TRAIN_ALIASES)
+            check_extra_keys(list(more), known - ({"model"} if not standalone else set()),
+                             {**actions.TRAIN_FORBIDDEN, **({} if standalone else {
+                                 "model": "the WebUI trains the model it has loaded"})})
             params.update(more)
         return params
 
@@ -192,62 +330,99 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             from ..train import plan_training
 
             config, _ = actions.train_config_from_request(jobs, form_params(*form))
-            return "```\n" + plan_training(config).text() + "\n```"
+            training = plan_training(config)
+            history = [jobs.snapshot(j.id) for j in jobs.jobs() if j.kind == "train" and j.it_per_s]
+            lora_dir = Path(host.lora_dir())
+            warnings = []
+            if (lora_dir / f"{config.name}.safetensors").exists():
+                warnings.append(f"⚠️ A LoRA named `{config.name}` is already in the Lora folder; this one would "
+                                f"be saved as `{config.name}_2`. Choose another **LoRA name** to avoid that.")
+            return plan.plan_md(config, training, plan.describe_setup(host), history, warnings=warnings)
         except Exception as e:
-            return logic.error_md(e)
+            return error_md(e)
+
+    def _ask(what):
+        question = live.busy_question(jobs, what)
+        return None if question is None else (question, gr.update(visible=True))
 
     def start_train(*form):
         try:
-            job = actions.submit_train(jobs, form_params(*form),
-                                       defaults={"lora_subdir": opt("lora_trainer_output_subdir")})
+            config, sub = actions.train_config_from_request(
+                jobs, form_params(*form), defaults={"lora_subdir": opt("lora_trainer_output_subdir")})
+            asked = _ask("Training this one")
+            if asked is not None:
+                return ("",) + asked + ("train",)
+            job = jobs.submit_train(config, lora_subdir=sub)
         except Exception as e:
-            yield _watch_error(e)
-            return
-        yield from _watch(job.id)
+            return error_md(e), gr.update(), gr.update(visible=False), ""
+        return f"Started `{job.config.name}`.", "", gr.update(visible=False), ""
+
+    def resume(run_label):
+        try:
+            run_id = live.run_id_of(run_label) or next((j.id for j in jobs.resumable()), "")
+            if not run_id:
+                raise ConfigError("There is no stopped run to resume; a run you stop appears in **Stopped runs**.")
+            asked = _ask("Resuming this run")
+            if asked is not None:
+                return ("",) + asked + (f"resume:{run_id}",)
+            job = jobs.resume(run_id)
+        except Exception as e:
+            return error_md(e), gr.update(), gr.update(visible=False), ""
+        return f"Resumed `{job.config.name}` from step {jobs.get(run_id).step}.", "", gr.update(visible=False), ""
+
+    def confirm_queue(pending, *form):
+        try:
+            if pending.startswith("resume:"):
+                job = jobs.resume(pending.split(":", 1)[1])
+            elif pending == "train":
+                config, sub = actions.train_config_from_request(
+                    jobs, form_params(*form), defaults={"lora_subdir": opt("lora_trainer_output_subdir")})
+                job = jobs.submit_train(config, lora_subdir=sub)
+            else:
+                return "", gr.update(visible=False), ""
+        except Exception as e:
+            return error_md(e), gr.update(visible=False), ""
+        before = jobs.active_train()
+        after = f" after `{before.config.name}`" if before is not None and before is not job else ""
+        return f"Queued `{job.config.name}`: it starts{after} when the current run ends.", gr.update(visible=False), ""
+
+    def confirm_cancel(pending):
+        active = jobs.active_train()
+        going = f"; `{active.config.name}` goes on" if active is not None else ""
+        return f"Not started{going}.", gr.update(visible=False), ""
 
     def stop(job_id):
-        job_id = job_id or _latest_train_id()
-        if not job_id:
-            return "Nothing is running."
+        job = None
         try:
-            job = jobs.stop(job_id)
-        except Exception as e:
-            return logic.error_md(e)
-        return "Stopping after the current step; the LoRA so far is saved." if job.state == "running" \
-            else f"Job is {job.state}."
-
-    def resume(job_id):
-        try:
-            job_id = job_id or _latest_train_id()
-            if not job_id:
-                raise ConfigError("There is no stopped run to resume; start a training run first.")
-            job = jobs.resume(job_id)
-        except Exception as e:
-            yield _watch_error(e)
-            return
-        yield from _watch(job.id)
-
-    def refresh(job_id):
-        job_id = _latest_train_id() if not job_id or not _exists(job_id) else job_id
-        if not job_id:
-            yield (gr.update(), logic.progress_html(None), logic.loss_figure([]), [], "", "", "")
-            return
-        yield from _watch(job_id)
-
-    # ------------------------------------------------------------------ job following
-    def _exists(job_id):
-        try:
-            jobs.get(job_id)
-            return True
+            job = jobs.get(job_id) if job_id else None
         except UnknownJobError:
-            return False
+            job = None
+        if job is None or job.state in FINAL_STATES:
+            job = jobs.active_train()
+        if job is None:
+            return "Nothing is training."
+        try:
+            jobs.stop(job.id)
+        except Exception as e:
+            return error_md(e)
+        waiting = [j for j in jobs.queued() if j.kind == "train"]
+        nxt = (f" The queued run `{waiting[0].config.name}` starts next; *Cancel queued* if you do not want it."
+               if waiting else "")
+        if job.state == "running":
+            return (f"Stopping `{job.config.name}` after this step; its LoRA so far is saved as "
+                    f"`{job.config.name}-step…` and it can be resumed.{nxt}")
+        return f"`{job.config.name}` will not start.{nxt}"
 
-    def _latest_train_id():
-        job = jobs.latest("train")
-        return job.id if job else ""
+    def cancel_queued():
+        waiting = [j for j in jobs.queued() if j.kind == "train"]
+        for job in waiting:
+            jobs.stop(job.id)
+        return (f"Cancelled {len(waiting)} queued run(s): {', '.join(j.config.name for j in waiting)}."
+                if waiting else "No run is queued.")
 
+    # ------------------------------------------------------------------ following the run
     def _follow(job_id):
-        """Snapshots of the job until it ends (the last one is final)."""
+        """Snapshots of a tag/prepare job until it ends (the last one is final)."""
         job = jobs.get(job_id)
         while True:
             snap = jobs.snapshot(job_id)
@@ -258,146 +433,200 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
 
     def _job_status(snap):
         if snap["state"] == "failed":
-            return f"**Error:** {snap['error']}"
+            return f"**Error:** {html.escape(form_message(snap['error'] or ''))}"
         done = f" ({snap['step']}/{snap['total_steps']})" if snap.get("total_steps") else ""
         return f"{snap['label']}: {snap['state']}{done} — {snap.get('message', '')}"
 
-    def _watch_error(e):
-        return (gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), gr.update(), logic.error_md(e))
+    def _extra():
+        return {"model_info": plan.setup_md(plan.describe_setup(host))}
 
-    def _watch(job_id):
-        # Unchanged plots and galleries are sent again rather than as gr.update(): Gradio 4 streams
-        # generator outputs as diffs, and a no-op update there can blank a Plot.
-        seen_losses, seen_samples, plot, samples = -1, -1, None, []
-        for snap in _follow(job_id):
-            if len(snap["loss_history"]) != seen_losses:
-                seen_losses = len(snap["loss_history"])
-                plot = logic.loss_figure(snap["loss_history"])
-            # The WebUI's A/B grid (no LoRA vs strengths, per epoch) comes first once it exists.
-            shown = logic.ab_grids(snap.get("outputs", [])) + list(snap["samples"])
-            if len(shown) != seen_samples:
-                seen_samples = len(shown)
-                samples = logic.sample_items(shown)
-            status = f"**Error:** {snap['error']}" if snap["state"] == "failed" else ""
-            yield (job_id, logic.progress_html(snap), plot, samples, logic.result_md(snap),
-                   snap.get("prompt_text", ""), status)
+    def _values(changed):
+        """The poll's outputs: a changed value, or "leave it" for the rest."""
+        def get(name, fn=lambda v: v):
+            return fn(changed[name]) if name in changed else gr.update()
+        runs = get("runs", lambda r: gr.update(choices=[label for label, _ in r],
+                                               value=r[0][0] if r else None, visible=bool(r)))
+        return (get("job_id"), get("progress"), get("loss_plot"), get("samples"), get("result"), get("send_text"),
+                get("run_state"), runs, get("queued", lambda q: gr.update(visible=q)), get("model_info"))
+
+    def poll_once(sent):
+        """Gradio 4: one timer tick (about every second), for this page's State."""
+        follower = live.Follower(jobs, dict(sent or {}))
+        try:
+            changed = follower.update(_extra())
+        except Exception:
+            log.debug("progress poll failed", exc_info=True)
+            changed = {}
+        return (*_values(changed), follower.sent)
+
+    def poll_forever():
+        """Gradio 3: one generator per open page (it ends when the page closes)."""
+        follower = live.Follower(jobs)
+        while True:
+            try:
+                changed = follower.update(_extra())
+            except Exception:
+                log.debug("progress poll failed", exc_info=True)
+                changed = {}
+            if changed:
+                yield _values(changed)
+            time.sleep(WATCH_INTERVAL)
+
+    def refresh(sent):
+        follower = live.Follower(jobs, {})
+        return (*_values(follower.update(_extra())), follower.sent)
 
     # ------------------------------------------------------------------ layout
     with gr.Blocks(analytics_enabled=False) as tab:
         images_state = gr.State([])
+        scan_state = gr.State({})
         selected_state = gr.State("")
-        gr.Markdown("## Train a LoRA\nImages → captions → dataset → training → a LoRA in your Lora folder.",
+        concept_auto = gr.State("")
+        pending_state = gr.State("")
+        sent_state = gr.State({})
+        gr.Markdown("## Train a LoRA\n1 pictures → 2 captions → 3 dataset → 4 training → a LoRA in your Lora "
+                    "folder. Hover or read the small text under each setting for what it does.",
                     elem_id="lora_trainer_header")
         if callable(getattr(host, "describe", None)):  # which WebUI this is and how it trains here (Forge hosts)
             gr.Markdown(host.describe(), elem_id="lora_trainer_host_info")
+        model_info = gr.Markdown(plan.setup_md(setup), elem_id="lora_trainer_model_info")
 
-        with gr.Accordion("1. Images", open=True, elem_id="lora_trainer_images_section"):
+        with gr.Accordion("1. Pictures", open=True, elem_id="lora_trainer_images_section"):
             with gr.Row():
-                folder = gr.Textbox(label="Image folder", placeholder="/path/to/your/images", scale=4,
-                                    elem_id="lora_trainer_folder")
-                recursive = gr.Checkbox(label="Include sub-folders", value=False, scale=1,
+                folder = gr.Textbox(label="Picture folder", placeholder="/path/to/your/pictures", scale=4,
+                                    info=HELP["folder"], elem_id="lora_trainer_folder")
+                recursive = gr.Checkbox(label="Include sub-folders", value=False, scale=1, info=HELP["recursive"],
                                         elem_id="lora_trainer_recursive")
                 load_btn = gr.Button("Load", variant="primary", scale=1, elem_id="lora_trainer_load")
-            upload_box = gr.File(label="…or upload images (and .txt captions)", file_count="multiple",
+            upload_box = gr.File(label="…or upload pictures (and .txt captions)", file_count="multiple",
                                  height=110, elem_id="lora_trainer_upload")
             summary = gr.Markdown("", elem_id="lora_trainer_summary")
-            gallery = gr.Gallery(label="Images and captions", columns=6, height=360, allow_preview=False,
-                                 elem_id="lora_trainer_gallery")
-            problems = gr.Dataframe(headers=["file", "problem"], datatype=["str", "str"], col_count=(2, "fixed"),
-                                    interactive=False, label="Problems (skipped files and warnings)", wrap=True,
-                                    height=180, elem_id="lora_trainer_problems")
-
-        with gr.Accordion("2. Auto-tag (WD14)", open=False, elem_id="lora_trainer_tag_section"):
             with gr.Row():
+                with gr.Column(scale=3):
+                    gallery = gr.Gallery(label="Pictures (file name: caption) — click one to edit its caption",
+                                         columns=5, height=420, allow_preview=False, elem_id="lora_trainer_gallery")
+                with gr.Column(scale=2):
+                    caption = gr.Textbox(label="Caption (click a picture)", lines=4, info=HELP["caption"],
+                                         elem_id="lora_trainer_caption")
+                    save_caption_btn = gr.Button("Save caption", elem_id="lora_trainer_save_caption")
+                    caption_status = gr.Markdown("", elem_id="lora_trainer_caption_status")
+            problems = gr.Dataframe(headers=["file", "problem"], datatype=["str", "str"], col_count=(2, "fixed"),
+                                    interactive=False, label="Problems (skipped files, and pictures too small for "
+                                    "the training resolution)", wrap=True, height=160, elem_id="lora_trainer_problems")
+
+        with gr.Accordion("2. Captions", open=True, elem_id="lora_trainer_caption_section"):
+            with gr.Row():
+                trigger = gr.Textbox(label="Trigger word", placeholder="ohwx", info=HELP["trigger"],
+                                     elem_id="lora_trainer_trigger")
                 tagger_model = gr.Dropdown(choices=list(MODELS), value=opt("lora_trainer_tagger_model"),
                                            allow_custom_value=True, label="Tagger (name or folder)",
-                                           elem_id="lora_trainer_tagger_model")
-                tag_mode = gr.Radio(["append", "overwrite", "skip"], value="append", label="Existing captions",
-                                    elem_id="lora_trainer_tag_mode")
+                                           info=HELP["tagger_model"], elem_id="lora_trainer_tagger_model")
             with gr.Row():
                 general = gr.Slider(0.0, 1.0, value=0.35, step=0.01, label="General tag threshold",
-                                    elem_id="lora_trainer_general_threshold")
+                                    info=HELP["general_threshold"], elem_id="lora_trainer_general_threshold")
                 character = gr.Slider(0.0, 1.0, value=0.85, step=0.01, label="Character tag threshold",
-                                      elem_id="lora_trainer_character_threshold")
-            with gr.Row():
-                trigger = gr.Textbox(label="Trigger word (first tag of every caption)", placeholder="ohwx",
-                                     elem_id="lora_trainer_trigger")
-                exclude = gr.Textbox(label="Never write these tags (comma-separated)",
-                                     elem_id="lora_trainer_exclude")
+                                      info=HELP["character_threshold"], elem_id="lora_trainer_character_threshold")
+            exclude = gr.Textbox(label="Never write these tags (comma-separated)", info=HELP["exclude"],
+                                 elem_id="lora_trainer_exclude")
+            tag_mode = gr.Radio(list(caphist.TAG_MODES), value=caphist.DEFAULT_TAG_MODE,
+                                label="Pictures that already have a caption", info=HELP["tag_mode"],
+                                elem_id="lora_trainer_tag_mode")
+            tag_preview_md = gr.Markdown(tag_preview("", [], caphist.DEFAULT_TAG_MODE),
+                                         elem_id="lora_trainer_tag_preview")
             tag_btn = gr.Button("Run tagger", variant="primary", elem_id="lora_trainer_tag_run")
             tag_status = gr.Markdown("", elem_id="lora_trainer_tag_status")
-
-        with gr.Accordion("3. Captions", open=False, elem_id="lora_trainer_caption_section"), gr.Row():
-            with gr.Column(scale=3):
-                caption = gr.Textbox(label="Caption (click an image above)", lines=3,
-                                     elem_id="lora_trainer_caption")
-                save_caption_btn = gr.Button("Save caption", elem_id="lora_trainer_save_caption")
-                gr.Markdown("**Edit every caption**")
-                with gr.Row():
-                    bulk_action = gr.Radio(["add", "add first", "remove", "replace"], value="add",
-                                           label="Action", elem_id="lora_trainer_bulk_action")
-                    bulk_tag = gr.Textbox(label="Tag", elem_id="lora_trainer_bulk_tag")
-                    bulk_new = gr.Textbox(label="Replace with", elem_id="lora_trainer_bulk_new")
-                bulk_btn = gr.Button("Apply to all captions", elem_id="lora_trainer_bulk_apply")
-                caption_status = gr.Markdown("", elem_id="lora_trainer_caption_status")
-            with gr.Column(scale=2):
-                freq = gr.Dataframe(headers=["tag", "images"], datatype=["str", "number"],
-                                    col_count=(2, "fixed"), interactive=False, label="Tag frequency",
-                                    height=300, elem_id="lora_trainer_tag_freq")
-
-        with gr.Accordion("4. Prepare the dataset", open=True, elem_id="lora_trainer_prepare_section"):
             with gr.Row():
-                concept = gr.Textbox(label="Concept (trigger word and class, e.g. 'ohwx dog')",
+                with gr.Column(scale=3):
+                    gr.Markdown("**Edit every caption**")
+                    with gr.Row():
+                        bulk_action = gr.Radio(["add", "add first", "remove", "replace"], value="add",
+                                               label="Action", info=HELP["bulk_action"],
+                                               elem_id="lora_trainer_bulk_action")
+                        bulk_tag = gr.Textbox(label="Tag", info=HELP["bulk_tag"], elem_id="lora_trainer_bulk_tag")
+                        bulk_new = gr.Textbox(label="Replace with", info=HELP["bulk_new"],
+                                              elem_id="lora_trainer_bulk_new")
+                    bulk_btn = gr.Button("Apply to all captions", elem_id="lora_trainer_bulk_apply")
+                    bulk_status = gr.Markdown("", elem_id="lora_trainer_bulk_status")
+                with gr.Column(scale=2):
+                    freq = gr.Dataframe(headers=["tag", "pictures"], datatype=["str", "number"],
+                                        col_count=(2, "fixed"), interactive=False, label="Tag frequency",
+                                        height=260, elem_id="lora_trainer_tag_freq")
+
+        with gr.Accordion("3. Prepare the dataset", open=True, elem_id="lora_trainer_prepare_section"):
+            with gr.Row():
+                concept = gr.Textbox(label="Concept", placeholder="ohwx dog", info=HELP["concept"],
                                      elem_id="lora_trainer_concept")
-                repeats = gr.Number(value=0, precision=0, label="Repeats per image (0 = suggested)",
-                                    elem_id="lora_trainer_repeats")
-                prep_out = gr.Textbox(label="Dataset folder (empty = the trainer's run folder)",
-                                      elem_id="lora_trainer_prepare_out")
+                repeats = gr.Number(value=0, precision=0, label="Repeats per picture (0 = suggested)",
+                                    info=HELP["repeats"], elem_id="lora_trainer_repeats")
             with gr.Row():
-                class_images = gr.Textbox(label="Regularisation images folder (optional)",
-                                          elem_id="lora_trainer_class_images")
-                class_name = gr.Textbox(label="Their class (e.g. 'dog')", elem_id="lora_trainer_class_name")
+                class_images = gr.Textbox(label="Generic pictures of the class (optional)",
+                                          info=HELP["class_images"], elem_id="lora_trainer_class_images")
+                class_name = gr.Textbox(label="Their class", placeholder="dog", info=HELP["class_name"],
+                                        elem_id="lora_trainer_class_name")
+                prep_out = gr.Textbox(label="Save the prepared copy in (optional)", info=HELP["prepare_out"],
+                                      elem_id="lora_trainer_prepare_out")
             steps_md = gr.Markdown(logic.steps_text(0, 0, 1, 1), elem_id="lora_trainer_steps_info")
             prep_btn = gr.Button("Prepare dataset", variant="primary", elem_id="lora_trainer_prepare")
             prep_status = gr.Markdown("", elem_id="lora_trainer_prepare_status")
 
-        with gr.Accordion("5. Train", open=True, elem_id="lora_trainer_train_section"):
+        with gr.Accordion("4. Train", open=True, elem_id="lora_trainer_train_section"):
             with gr.Row():
                 preset = gr.Dropdown(choices=list(PRESET_LABELS), value=_preset_label(preset_key),
-                                     label="Preset (GPU memory it needs)", elem_id="lora_trainer_preset")
-                name = gr.Textbox(label="LoRA name", value="my-lora", elem_id="lora_trainer_name")
-                data = gr.Textbox(label="Dataset folder (with img/)", elem_id="lora_trainer_data")
-            preset_md = gr.Markdown(_preset_info(preset_key), elem_id="lora_trainer_preset_info")
+                                     label="Preset (GPU memory it needs)", info=HELP["preset"],
+                                     elem_id="lora_trainer_preset")
+                name = gr.Textbox(label="LoRA name", value="my-lora", info=HELP["name"], elem_id="lora_trainer_name")
+                data = gr.Textbox(label="Training data (filled in by step 3)", info=HELP["data"],
+                                  elem_id="lora_trainer_data")
+            model_file = gr.Textbox(label="Checkpoint file", value=str(getattr(host, "model", None) or ""),
+                                    info=HELP["model_file"], visible=needs_model_file,
+                                    elem_id="lora_trainer_model_file")
+            preset_md = gr.Markdown(preset_info(preset_key, setup.family), elem_id="lora_trainer_preset_info")
             with gr.Row():
-                epochs = gr.Number(value=base.epochs, precision=0, label="Epochs", elem_id="lora_trainer_epochs")
-                max_steps = gr.Number(value=0, precision=0, label="Max steps (0 = by epochs)",
+                epochs = gr.Number(value=base.epochs, precision=0, label="Epochs", info=HELP["epochs"],
+                                   elem_id="lora_trainer_epochs")
+                max_steps = gr.Number(value=0, precision=0, label="Max steps (0 = by epochs)", info=HELP["max_steps"],
                                       elem_id="lora_trainer_max_steps")
-                batch = gr.Number(value=base.batch_size, precision=0, label="Batch size",
+                batch = gr.Number(value=base.batch_size, precision=0, label="Batch size", info=HELP["batch_size"],
                                   elem_id="lora_trainer_batch_size")
                 resolution = gr.Number(value=base.resolution, precision=0, label="Resolution",
-                                       elem_id="lora_trainer_resolution")
+                                       info=HELP["resolution"], elem_id="lora_trainer_resolution")
             with gr.Row():
-                rank = gr.Number(value=base.rank, precision=0, label="Rank", elem_id="lora_trainer_rank")
-                alpha = gr.Number(value=base.alpha, label="Alpha", elem_id="lora_trainer_alpha")
-                lr = gr.Number(value=base.learning_rate, label="Learning rate", elem_id="lora_trainer_lr")
-                seed = gr.Number(value=base.seed, precision=0, label="Seed", elem_id="lora_trainer_seed")
+                rank = gr.Number(value=base.rank, precision=0, label="Rank", info=HELP["rank"],
+                                 elem_id="lora_trainer_rank")
+                alpha = gr.Number(value=base.alpha, label="Alpha", info=HELP["alpha"], elem_id="lora_trainer_alpha")
+                lr = gr.Number(value=base.learning_rate, label="Learning rate", info=HELP["learning_rate"],
+                               elem_id="lora_trainer_lr")
+                seed = gr.Number(value=base.seed, precision=0, label="Seed", info=HELP["seed"],
+                                 elem_id="lora_trainer_seed")
                 train_te = gr.Checkbox(value=base.train_text_encoder, label="Train the text encoder",
-                                       elem_id="lora_trainer_train_te")
+                                       info=HELP["train_te"], elem_id="lora_trainer_train_te")
             with gr.Accordion("Samples and advanced", open=False, elem_id="lora_trainer_advanced"):
                 sample_prompt = gr.Textbox(label="Sample prompts (one per line; empty = no samples)", lines=2,
-                                           elem_id="lora_trainer_sample_prompt")
-                sample_every = gr.Number(value=1, precision=0, label="Sample every N epochs",
+                                           info=HELP["sample_prompts"], elem_id="lora_trainer_sample_prompt")
+                sample_every = gr.Number(value=1, precision=0, label="Sample every N epochs", info=HELP["sample_every"],
                                          elem_id="lora_trainer_sample_every")
-                subdir = gr.Textbox(label="Sub-folder of the Lora folder",
-                                    value=opt("lora_trainer_output_subdir"), elem_id="lora_trainer_subdir")
-                extra = gr.Textbox(label='More settings as JSON (any TrainConfig field, e.g. {"noise_offset": 0.05})',
-                                   lines=2, elem_id="lora_trainer_extra")
+                subdir = gr.Textbox(label="Sub-folder of the Lora folder", value=opt("lora_trainer_output_subdir"),
+                                    info=HELP["subdir"], elem_id="lora_trainer_subdir")
+                extra = gr.Textbox(label="More settings (JSON)", lines=2, info=HELP["extra"],
+                                   elem_id="lora_trainer_extra")
             with gr.Row():
                 plan_btn = gr.Button("Check plan", elem_id="lora_trainer_plan")
                 train_btn = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="lora_trainer_stop")
                 resume_btn = gr.Button("Resume", elem_id="lora_trainer_resume")
                 refresh_btn = gr.Button("Refresh progress", elem_id="lora_trainer_refresh")
+            run_state = gr.Markdown(live.run_state_md(jobs), elem_id="lora_trainer_run_state")
+            with gr.Row(visible=False, elem_id="lora_trainer_confirm") as confirm_row:
+                confirm_md = gr.Markdown("", elem_id="lora_trainer_confirm_text")
+                queue_btn = gr.Button("Queue it", variant="primary", elem_id="lora_trainer_queue_yes")
+                cancel_btn = gr.Button("Cancel", elem_id="lora_trainer_queue_no")
+            with gr.Row():
+                initial_runs = [label for label, _ in live.runs_choices(jobs)]
+                runs = gr.Dropdown(choices=initial_runs, value=initial_runs[0] if initial_runs else None,
+                                   label="Stopped runs (Resume continues the one chosen here)", info=HELP["runs"],
+                                   visible=bool(initial_runs), elem_id="lora_trainer_runs")
+                cancel_queued_btn = gr.Button("Cancel queued", visible=bool(
+                    [j for j in jobs.queued() if j.kind == "train"]), elem_id="lora_trainer_cancel_queued")
             plan_md = gr.Markdown("", elem_id="lora_trainer_plan_info")
             train_status = gr.Markdown("", elem_id="lora_trainer_train_status")
 
@@ -410,36 +639,58 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             result = gr.Markdown("", elem_id="lora_trainer_result")
             with gr.Row():
                 send_text = gr.Textbox(visible=False, elem_id="lora_trainer_send_text")
-                send_btn = gr.Button("Send to txt2img" if in_webui else "Copy prompt",
+                send_btn = gr.Button("Send to txt2img" if not standalone else "Copy prompt",
                                      elem_id="lora_trainer_send_to_txt2img")
+                gr.HTML("<span id='lora_trainer_copy_note'></span>", elem_id="lora_trainer_copy_note_box")
 
         # ------------------------------------------------------------------ wiring
-        load_outputs = [folder, gallery, problems, summary, images_state, freq, caption, selected_state]
-        steps_inputs = [images_state, repeats, epochs, batch]
-        load_btn.click(load, [folder, recursive, resolution], load_outputs).then(steps_info, steps_inputs, [steps_md])
-        folder.submit(load, [folder, recursive, resolution], load_outputs).then(steps_info, steps_inputs, [steps_md])
-        upload_box.upload(upload, [upload_box, recursive, resolution], load_outputs).then(steps_info, steps_inputs, [steps_md])
-        gallery.select(select, [images_state], [selected_state, caption])
-        save_caption_btn.click(save_caption, [selected_state, caption, folder, recursive], [caption_status, freq])
-        bulk_btn.click(bulk, [folder, bulk_action, bulk_tag, bulk_new, recursive, resolution],
-                       [caption_status, *load_outputs])
+        load_outputs = [folder, gallery, problems, summary, images_state, scan_state, freq, caption, selected_state,
+                        tag_preview_md]
+        steps_inputs = [images_state, repeats, epochs, batch, max_steps]
+        pending_in = [selected_state, caption, tag_mode]
+        load_btn.click(load, [folder, recursive, resolution, *pending_in], [caption_status, *load_outputs]
+                       ).then(steps_info, steps_inputs, [steps_md])
+        folder.submit(load, [folder, recursive, resolution, *pending_in], [caption_status, *load_outputs]
+                      ).then(steps_info, steps_inputs, [steps_md])
+        upload_box.upload(upload, [upload_box, recursive, resolution, *pending_in], [caption_status, *load_outputs]
+                          ).then(steps_info, steps_inputs, [steps_md])
+        gallery.select(select, [images_state, selected_state, caption],
+                       [selected_state, caption, caption_status, gallery])
+        save_caption_btn.click(save_caption, [selected_state, caption, folder, recursive, images_state, tag_mode],
+                               [caption_status, freq, gallery, tag_preview_md])
+        bulk_btn.click(bulk, [folder, bulk_action, bulk_tag, bulk_new, recursive, resolution, *pending_in],
+                       [bulk_status, *load_outputs])
+        tag_mode.change(tag_preview, [folder, images_state, tag_mode], [tag_preview_md])
         tag_btn.click(run_tag, [folder, tagger_model, general, character, trigger, tag_mode, exclude, recursive,
-                                resolution],
+                                resolution, selected_state, caption, images_state],
                       [tag_status, *load_outputs])
-        for box in (repeats, epochs, batch):
+        trigger.change(sync_concept, [trigger, concept, concept_auto], [concept, concept_auto])
+        for box in (repeats, epochs, batch, max_steps):
             box.change(steps_info, steps_inputs, [steps_md])
-        prep_btn.click(run_prepare, [folder, concept, repeats, class_images, class_name, prep_out, resolution],
-                       [prep_status, data])
-        preset.change(apply_preset, [preset], [preset_md, rank, alpha, lr, resolution, batch, train_te])
-        form = [preset, name, data, epochs, max_steps, rank, alpha, lr, resolution, batch, seed, train_te,
+        resolution.change(recheck_sizes, [scan_state, resolution], [problems])
+        prep_btn.click(run_prepare, [folder, concept, repeats, class_images, class_name, prep_out, resolution, epochs,
+                                     batch], [prep_status, data])
+        preset.change(apply_preset, [preset, scan_state],
+                      [preset_md, rank, alpha, lr, resolution, batch, train_te, problems])
+        form = [preset, name, data, model_file, epochs, max_steps, rank, alpha, lr, resolution, batch, seed, train_te,
                 sample_prompt, sample_every, subdir, extra]
-        watch_outputs = [job_id, progress, loss_plot, samples, result, send_text, train_status]
+        ask_outputs = [train_status, confirm_md, confirm_row, pending_state]
         plan_btn.click(check_plan, form, [plan_md])
-        train_btn.click(start_train, form, watch_outputs)
+        train_btn.click(start_train, form, ask_outputs)
+        resume_btn.click(resume, [runs], ask_outputs)
+        queue_btn.click(confirm_queue, [pending_state, *form], [train_status, confirm_row, pending_state])
+        cancel_btn.click(confirm_cancel, [pending_state], [train_status, confirm_row, pending_state])
         stop_btn.click(stop, [job_id], [train_status])
-        resume_btn.click(resume, [job_id], watch_outputs)
-        refresh_btn.click(refresh, [job_id], watch_outputs)
-        if not in_webui:  # inside a WebUI its javascript/ inserts the text into the txt2img prompt
+        cancel_queued_btn.click(cancel_queued, None, [train_status])
+        watch_outputs = [job_id, progress, loss_plot, samples, result, send_text, run_state, runs, cancel_queued_btn,
+                         model_info]
+        refresh_btn.click(refresh, [sent_state], [*watch_outputs, sent_state])
+        if compat.GRADIO_MAJOR >= 4:  # a timer tick per second; the first one right at load
+            tab.load(poll_once, [sent_state], [*watch_outputs, sent_state], show_progress="hidden")
+            tab.load(poll_once, [sent_state], [*watch_outputs, sent_state], every=WATCH_INTERVAL)
+        else:  # one generator per open page; Gradio 3 ends it when the page goes
+            tab.load(poll_forever, None, watch_outputs, show_progress="hidden")
+        if standalone:  # inside a WebUI its javascript/ inserts the text into the txt2img prompt
             send_btn.click(None, None, None, **compat.js_kwargs(COPY_JS))
 
     tab.lora_trainer_jobs = jobs  # for adapters and tests: the JobManager this tab uses

@@ -277,6 +277,19 @@ class A1111Host:
                 pass
 
     # ------------------------------------------------------------------ host services
+    def model_info(self) -> dict[str, Any]:
+        """What a run would train on, for the tab: the loaded model, without loading one (A1111's
+        `shared.sd_model` loads on first access; `model_data.sd_model` does not)."""
+        from modules import sd_models, shared
+
+        sd_model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        selected = str(getattr(shared.opts, "sd_model_checkpoint", "") or "")
+        if sd_model is None:
+            return {"name": selected, "family": None, "note": "the WebUI loads it when training starts"}
+        facts = model_facts(sd_model, shared.opts)
+        return {"name": Path(facts.checkpoint).name if facts.checkpoint else facts.name,
+                "family": None if facts.family == "unknown" else facts.family}
+
     def lora_dir(self) -> Path:
         from modules import shared
 

@@ -1,0 +1,165 @@
+"""What the tab says before training: which model, which device and how much memory, whether the
+preset fits the model, and how long the run will take. No Gradio here.
+
+Everything is read from the host (`model_info()`, an optional hook; `device()`) and the plan, so a new
+model family or host shows up here without changes: the family is whatever label the host reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import PRESETS
+from ..train.events import Schedule, estimate_seconds
+
+log = logging.getLogger(__name__)
+
+# Rough training speed of a mid-range consumer GPU (12-16 GB) for one image at the family's usual
+# resolution, used only before this computer has trained once; after that, its measured speed is used.
+# Families not listed get no first-time guess.
+_FIRST_GUESS_IT_S = {"SD1": (6.0, 512), "SD2": (5.0, 768), "SDXL": (1.2, 1024)}
+
+
+@dataclass
+class Setup:
+    model: str  # what will be trained on, in words
+    family: str | None  # "SD1", "SDXL", ... as the host reports it; None when unknown yet
+    device: str  # "cuda" / "cpu" / ...
+    device_text: str  # "NVIDIA RTX 4070 (11.2 of 12.0 GiB free)" / "CPU"
+    note: str = ""  # e.g. "loads when training starts"
+
+
+def describe_setup(host: Any) -> Setup:
+    info: dict[str, Any] = {}
+    hook = getattr(host, "model_info", None)
+    if callable(hook):
+        try:
+            info = dict(hook() or {})
+        except Exception:  # a host that cannot tell must not break the tab
+            log.debug("host.model_info failed", exc_info=True)
+    device = str(info.get("device") or _host_device(host))
+    return Setup(model=str(info.get("name") or ""), family=info.get("family") or None, device=device,
+                 device_text=_device_text(device), note=str(info.get("note") or ""))
+
+
+def _host_device(host: Any) -> str:
+    try:
+        return str(host.device())
+    except Exception:  # noqa: BLE001 - a host that cannot tell trains where torch decides
+        return "cpu"
+
+
+def _device_text(device: str) -> str:
+    try:
+        import torch
+
+        if device.startswith("cuda") and torch.cuda.is_available():
+            index = torch.device(device).index or 0
+            free, total = torch.cuda.mem_get_info(index)
+            return (f"{torch.cuda.get_device_name(index)} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)")
+    except Exception:  # no driver, busy device: say what we know
+        log.debug("cannot read the GPU's memory", exc_info=True)
+    if device.startswith("cpu"):
+        free = _free_ram()
+        ram = f", {free / 2**30:.1f} GiB of RAM free" if free else ""
+        return f"CPU (no CUDA GPU: fine for the tiny test model, very slow for a real one){ram}"
+    return device
+
+
+def _free_ram() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return None
+
+
+def setup_md(setup: Setup) -> str:
+    model = f"`{setup.model}`" if setup.model else "none yet"
+    family = f" ({setup.family})" if setup.family else ""
+    note = f" — {setup.note}" if setup.note else ""
+    return f"**Model:** {model}{family}{note} · **Device:** {setup.device_text}"
+
+
+def preset_family(preset_key: str) -> str | None:
+    """The family a preset is made for (its key starts with it: sd15 → SD1, sdxl → SDXL, flux → FLUX)."""
+    key = preset_key.lower()
+    if key.startswith("sdxl"):
+        return "SDXL"
+    if key.startswith("sd1"):
+        return "SD1"
+    return key.split("-")[0].upper() or None
+
+
+def preset_warning(preset_key: str, family: str | None) -> str:
+    """A warning when the preset is made for another family than the model (e.g. SDXL on SD1)."""
+    wanted = preset_family(preset_key)
+    if not family or not wanted or preset_key not in PRESETS:
+        return ""
+    compatible = {"SD1": {"SD1", "SD2"}, "SDXL": {"SDXL"}}.get(wanted, {wanted})
+    if family in compatible:
+        return ""
+    res = PRESETS[preset_key].settings.get("resolution")
+    fits = [p.label for k, p in PRESETS.items() if family in {"SD1": {"SD1", "SD2"}, "SDXL": {"SDXL"}}.get(
+        preset_family(k) or "", {preset_family(k)})]
+    hint = f"pick {' or '.join(fits)}" if fits else "pick a preset made for it"
+    return (f"⚠️ The preset is made for {wanted} models (it trains at {res} px), but the model is {family}; "
+            f"{hint}.")
+
+
+# ---------------------------------------------------------------------------------- time
+def _scaled_rate(rate: float, res_from: int, batch_from: int, res_to: int, batch_to: int) -> float:
+    """Steps/s at another resolution and batch: time per step grows with pixels × images."""
+    return rate * (res_from * res_from * max(1, batch_from)) / (res_to * res_to * max(1, batch_to))
+
+
+def _measured(history: list[dict[str, Any]], family: str | None) -> dict[str, Any] | None:
+    """The newest earlier run of the same family that measured its speed."""
+    for job in sorted(history, key=lambda j: j.get("created") or 0, reverse=True):
+        if job.get("kind") == "train" and job.get("it_per_s") and job.get("config") and (
+                not family or not job.get("family") or job.get("family") == family):
+            return job
+    return None
+
+
+def _hm(seconds: float) -> str:
+    m = max(1, round(seconds / 60))
+    return f"{m // 60} h {m % 60:02d} min" if m >= 60 else f"{m} min"
+
+
+def time_estimate(config: Any, plan: Any, setup: Setup, history: list[dict[str, Any]]) -> str:
+    """One line: about how long the training takes (steps, samples and saves), and what it is based on."""
+    schedule = Schedule.of(config, plan)
+    batch = max(1, plan.batch_size * plan.gradient_accumulation_steps)
+    past = _measured(history, setup.family)
+    if past is not None:
+        cfg = past["config"]
+        rate = _scaled_rate(float(past["it_per_s"]), int(cfg.get("resolution") or config.resolution),
+                            int(cfg.get("batch_size") or 1) * int(cfg.get("gradient_accumulation_steps") or 1),
+                            config.resolution, batch)
+        seconds = estimate_seconds(schedule, schedule.total_steps, rate)
+        when = "under a minute" if seconds < 60 else f"about {_hm(seconds)}"
+        return (f"**Time:** {when} for {plan.total_steps} steps at about {rate:.2f} it/s (measured by the run "
+                f"'{past.get('label', '')}' here, scaled to this resolution and batch), plus loading the model.")
+    guess = _FIRST_GUESS_IT_S.get(setup.family or "")
+    if setup.device.startswith("cuda") and guess:
+        rate = _scaled_rate(guess[0], guess[1], 1, config.resolution, batch)
+        low, high = (estimate_seconds(schedule, schedule.total_steps, rate * k) for k in (2.0, 0.5))
+        return (f"**Time:** roughly {_hm(low)} to {_hm(high)} for {plan.total_steps} steps, depending on the GPU "
+                "(a first guess; once a run has trained here, the estimate uses its measured speed).")
+    if setup.device.startswith("cpu"):
+        return (f"**Time:** {plan.total_steps} steps on the CPU; the speed is measured by the first run here "
+                "(a real SD1.5 model takes about a minute per step on a CPU).")
+    return f"**Time:** {plan.total_steps} steps; the speed is measured by the first run here."
+
+
+def plan_md(config: Any, plan: Any, setup: Setup, history: list[dict[str, Any]], *, warnings: list[str] = ()
+            ) -> str:
+    """The "Check plan" answer: model/device, warnings, the time estimate and the steps arithmetic."""
+    lines = [setup_md(setup)]
+    warn = preset_warning(config.preset, setup.family) if getattr(config, "preset", "") else ""
+    lines += [w for w in [warn, *warnings] if w]
+    lines.append(time_estimate(config, plan, setup, history))
+    return "\n\n".join(lines) + "\n\n```\n" + plan.text() + "\n```"
