@@ -182,7 +182,10 @@ def test_a_stopped_run_resumes_after_the_webui_restarts(a1111: WebUIServer):
     resumed = ui.interrupt_at(new_id, old["step"] + 3, timeout=300)
     assert resumed["state"] == "stopped", (resumed["error"], resumed["message"])
     assert resumed["resumed_from"] == old["state_dir"]
-    assert resumed["loss_history"][0][0] == old["step"] + 1  # continued where it stopped, not restarted
+    # the job carries the stopped run's loss curve on, and its first new step is the one after the stop
+    n = len(old["loss_history"])
+    assert resumed["loss_history"][:n] == old["loss_history"]
+    assert resumed["loss_history"][n][0] == old["step"] + 1  # continued where it stopped, not restarted
     assert resumed["step"] > old["step"] and Path(resumed["outputs"][0]).is_file()
 
 

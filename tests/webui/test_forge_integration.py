@@ -160,7 +160,10 @@ def test_a_stopped_run_resumes_after_forge_restarts(forge: Forge):
     resumed = ui.interrupt_at(new_id, old["step"] + 1, timeout=600)
     assert resumed["state"] == "stopped", (resumed["error"], resumed["message"])
     assert resumed["resumed_from"] == old["state_dir"]
-    assert resumed["loss_history"][0][0] == old["step"] + 1  # continued where it stopped
+    # the job carries the stopped run's loss curve on, and its first new step is the one after the stop
+    n = len(old["loss_history"])
+    assert resumed["loss_history"][:n] == old["loss_history"]
+    assert resumed["loss_history"][n][0] == old["step"] + 1  # continued where it stopped, not restarted
     assert not list(Path(old["state_dir"]).glob("*.corrupted"))
 
 
