@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -208,9 +209,19 @@ def test_neo_interrupt_button_stops_training_gracefully(neo: ForgeFamilyServer):
     job_id = ui.call("POST", "/lora-trainer/v1/train", {
         "data": str(ui.facts["prepared"]), "name": f"{RUN}_stop", "resolution": 64, "enable_bucket": False,
         "max_steps": 500, "rank": 2, "alpha": 1})["job_id"]
-    job = ui.interrupt_at(job_id, 1, timeout=600)  # Neo's own Interrupt (the progress bar's button)
+    ui.wait_step(job_id, 1)
+    # A txt2img sent now waits for Neo's queue lock, which the training run holds: training goes on
+    # (the step count moves) while the request is pending, and the image comes after the run stopped.
+    generated: list = []
+    request = threading.Thread(target=lambda: generated.append(ui.txt2img(PROMPT)), daemon=True)
+    request.start()
+    moved_on = ui.wait_step(job_id, ui.call("GET", f"/lora-trainer/v1/jobs/{job_id}")["step"] + 2)
+    assert request.is_alive() and not generated, "txt2img ran while the training run held the GPU"
+    job = ui.interrupt_at(job_id, moved_on, timeout=600)  # Neo's own Interrupt (the progress bar's button)
     assert job["state"] == "stopped", (job["error"], job["message"])
     assert 1 <= job["step"] < 500 and job["lora_name"] and Path(job["outputs"][0]).is_file()
+    request.join(600)
+    assert generated and (generated[0] == ui.facts["base"]).all()  # the waiting request got the usual image
     assert (ui.txt2img(PROMPT) == ui.facts["base"]).all()
     ui.facts["stopped_job"] = job
 

@@ -109,11 +109,18 @@ class WebUIServer:
             time.sleep(self.poll_s)
         raise AssertionError(f"job {job_id} did not finish in {timeout}s")
 
+    def wait_step(self, job_id: str, step: int, timeout: float | None = None) -> int:
+        """Wait until the job reached `step` (or ended); returns the step it is at."""
+        deadline = time.time() + (timeout or self.job_timeout)
+        while True:
+            job = self.call("GET", f"/lora-trainer/v1/jobs/{job_id}")
+            if (job["step"] or 0) >= step or job["state"] in ("done", "failed", "stopped") or time.time() > deadline:
+                return job["step"] or 0
+            time.sleep(self.poll_s)
+
     def interrupt_at(self, job_id: str, step: int, timeout: float | None = None) -> dict:
         """Press the WebUI's own Interrupt once the job reached `step`; returns the finished job."""
-        deadline = time.time() + (timeout or self.job_timeout)
-        while time.time() < deadline and (self.call("GET", f"/lora-trainer/v1/jobs/{job_id}")["step"] or 0) < step:
-            time.sleep(self.poll_s)
+        self.wait_step(job_id, step, timeout)
         self.call("POST", "/sdapi/v1/interrupt")
         return self.wait_job(job_id, timeout)
 
