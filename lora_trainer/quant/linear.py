@@ -1,0 +1,177 @@
+"""`QuantLinear`: a frozen Linear whose weight stays in its stored form, for LoRA training over it.
+
+The weight is dequantised to the compute dtype for the forward product and again in backward (for
+the input gradient; a frozen weight has no gradient of its own), and the dequantised copy is never
+kept: peak memory grows by one layer's weight at a time, whatever the format (QLoRA's recipe).
+peft wraps it like any `nn.Linear` (it is a subclass), so adapters, kohya export and removal work
+unchanged, and the base bytes are only ever read.
+
+Placement: `module.to(dtype)` sets the compute dtype and never casts the stored weight;
+`module.to(device)` sets the compute device and moves the stored form only when the layer owns it
+(`movable=True`, a model the trainer loaded). A host's weights (`movable=False`) stay where the host
+keeps them; a layer whose weight is on another device than its input dequantises onto the input's
+device per use, as the host's own swapped layers do.
+
+`weight` is a stand-in that carries shape, dtype and device only (its values are NaN): code that
+checks `layer.weight.dtype` (transformers' T5, peft) sees the compute dtype. Use
+`dequantized_weight()` for the values.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import FrozenWeight
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:  # torch >= 2.4 takes the device type
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, AttributeError):
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
+
+
+class _DequantLinearFn(torch.autograd.Function):
+    """y = x @ W.T + b with W dequantised in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, frozen, bias, dtype):  # type: ignore[override]
+        ctx.frozen = frozen
+        w = frozen.dequantize(dtype, x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        w = ctx.frozen.dequantize(grad.dtype, grad.device)
+        return grad @ w, None, None, None
+
+
+class QuantLinear(nn.Linear):
+    """A frozen Linear over a `FrozenWeight` (and an optional frozen bias)."""
+
+    def __init__(self, frozen: FrozenWeight, bias: torch.Tensor | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 movable: bool = True):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a weight
+        if len(frozen.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {tuple(frozen.shape)}")
+        self.out_features, self.in_features = int(frozen.shape[0]), int(frozen.shape[1])
+        self.frozen: FrozenWeight | None = frozen  # not a parameter or buffer: Module.to never casts it
+        self.movable = movable
+        # The bias is small and plain: an ordinary frozen parameter, placed and cast like a norm's weight.
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        device = frozen.device if device is None else torch.device(device)
+        # The compute dtype/device, as a tiny buffer so that Module.to/.cuda/.half keep it current.
+        self.register_buffer("_anchor", torch.full((1, 1), float("nan"), dtype=dtype, device=device),
+                             persistent=False)
+
+    # -- what code that inspects nn.Linear sees ---------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self._anchor.expand(self.out_features, self.in_features)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def compute_device(self) -> torch.device:
+        return self._anchor.device
+
+    @property
+    def format(self) -> str:
+        return "dropped" if self.frozen is None else self.frozen.format
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight's values (a temporary) in `dtype` (default: the compute dtype) on the compute device."""
+        return self._frozen().dequantize(dtype or self.compute_dtype, self.compute_device)
+
+    def _frozen(self) -> FrozenWeight:
+        if self.frozen is None:
+            raise RuntimeError("this QuantLinear's weight was dropped (moved to the meta device)")
+        return self.frozen
+
+    # -- placement ---------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        target = self._anchor.device
+        if self.movable and self.frozen is not None and self.frozen.device != target:
+            # the owner drops the model (meta): release the stored form; else move it (our own copy)
+            self.frozen = None if target.type == "meta" else self.frozen.to(target)
+        return self
+
+    # -- compute -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = self._frozen()
+        dtype = _autocast_dtype(x.device.type) or self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DequantLinearFn.apply(x, frozen, bias, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), frozen.dequantize(dtype, x.device), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.format}, compute={str(self.compute_dtype).replace('torch.', '')}")
+
+
+# ---------------------------------------------------------------------------------- model helpers
+def replace_linear(root: nn.Module, name: str, frozen: FrozenWeight, bias: torch.Tensor | None = None,
+                   **kwargs) -> QuantLinear:
+    """Put a QuantLinear over `frozen` at `root.<name>` (the module there is dropped, not copied)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    layer = QuantLinear(frozen, bias, **kwargs)
+    setattr(parent, leaf, layer)
+    return layer
+
+
+def quantize_linears(model: nn.Module, quantize: Callable[[str, nn.Linear], FrozenWeight | None], *,
+                     dtype: torch.dtype | None = None, movable: bool = True) -> int:
+    """Replace each frozen `nn.Linear` (exact type) for which `quantize(name, layer)` returns a FrozenWeight
+    by a QuantLinear over it (bias kept as is); returns how many. Computes in `dtype` (default: the
+    layer's own dtype). Layers with trainable weights (LoRA A/B) are never touched."""
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    done = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        frozen = quantize(name, layer)
+        if frozen is None:
+            continue
+        bias = None if layer.bias is None else layer.bias.detach()
+        replace_linear(model, name, frozen, bias, dtype=dtype or layer.weight.dtype, device=layer.weight.device,
+                       movable=movable)
+        done += 1
+    return done
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    """Every QuantLinear in `model` (peft base layers included), with its name."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            yield name, module
+
+
+def stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The stored form of every QuantLinear weight, by `<layer>.stored.<i>` (for hashing)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in quant_layers(model):
+        for i, t in enumerate(layer.frozen.storage() if layer.frozen is not None else []):
+            out[f"{name}.stored.{i}"] = t
+    return out
+
+
+def formats(model: nn.Module) -> Counter:
+    """{format: number of layers} of the QuantLinear layers in `model`."""
+    return Counter(layer.format for _, layer in quant_layers(model))
