@@ -96,7 +96,7 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
     hook(engine, "prepare_dataset", "scan dataset")
     hook(loader, "load_model", "load model")
     hook(engine, "cache_latents", "cache latents")
-    hook(engine, "encode_captions", "cache text", span=True)
+    hook(engine, "cache_text_outputs", "cache text")
     hook(network, "inject_lora", "inject LoRA")
     hook(accel, "prepare_model", "accel prepare", span=True)
     try:

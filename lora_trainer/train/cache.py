@@ -28,15 +28,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CachedLatent:
-    latent: torch.Tensor  # (4, h, w) fp32 on CPU, already multiplied by the scaling factor
+    latent: torch.Tensor  # (C, h, w) fp32 on CPU, already shifted and multiplied by the scaling factor
     flipped: torch.Tensor | None = None
 
 
-def vae_identity(vae, scaling_factor: float) -> str:
-    """Cheap fingerprint: config + scaling factor + the first and last encoder weights."""
+def vae_identity(vae, scaling_factor: float, shift_factor: float = 0.0) -> str:
+    """Cheap fingerprint: config + scaling/shift factors + the first and last encoder weights."""
     h = hashlib.sha256()
     h.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     h.update(str(scaling_factor).encode())
+    if shift_factor:
+        h.update(f"shift {shift_factor}".encode())
     for tensor in (vae.encoder.conv_in.weight, vae.encoder.conv_out.weight):
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -49,7 +51,8 @@ def cache_key(item: ImageItem, vae_id: str, flip: bool) -> str:
 
 
 @torch.no_grad()
-def encode_latent(vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
+def encode_latent(vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator,
+                  shift_factor: float = 0.0) -> torch.Tensor:
     param = next(vae.parameters())
     dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
     # Sample on the CPU generator so the draw is the same on every device.
@@ -61,13 +64,15 @@ def encode_latent(vae, pixels: torch.Tensor, scaling_factor: float, generator: t
         dist = vae32.encode(pixels.to(param.device, torch.float32)).latent_dist
         latent = dist.mean + dist.std * noise.to(dist.mean.device)
         del vae32
+    if shift_factor:  # Flux's AE: (z - shift) * scale
+        latent = latent - shift_factor
     return (latent * scaling_factor).cpu()
 
 
 def cache_latents(dataset: Dataset, vae, scaling_factor: float, *, flip: bool, seed: int,
-                  disk_dir: Path | None = None, progress: Callable[[int, int], None] | None = None
-                  ) -> list[CachedLatent]:
-    vae_id = vae_identity(vae, scaling_factor)
+                  disk_dir: Path | None = None, progress: Callable[[int, int], None] | None = None,
+                  shift_factor: float = 0.0) -> list[CachedLatent]:
+    vae_id = vae_identity(vae, scaling_factor, shift_factor)
     generator = torch.Generator().manual_seed(seed)
     out: list[CachedLatent] = []
     if disk_dir is not None:
@@ -81,8 +86,9 @@ def cache_latents(dataset: Dataset, vae, scaling_factor: float, *, flip: bool, s
             entry = cached[n]
             if entry is None:
                 pixels = next(decoded).result().unsqueeze(0)
-                latent = encode_latent(vae, pixels, scaling_factor, generator)[0]
-                flipped = encode_latent(vae, pixels.flip(-1), scaling_factor, generator)[0] if flip else None
+                latent = encode_latent(vae, pixels, scaling_factor, generator, shift_factor)[0]
+                flipped = (encode_latent(vae, pixels.flip(-1), scaling_factor, generator, shift_factor)[0]
+                           if flip else None)
                 entry = CachedLatent(latent, flipped)
                 if disk_dir is not None:
                     _to_disk(disk_dir, item, vae_id, flip, entry)

@@ -37,18 +37,18 @@ from .cache import CachedLatent, cache_latents
 from .captions import captions_are_static, process_caption
 from .data import Dataset, assign_buckets, epoch_batches, make_plan, scan_dataset
 from .events import ProgressEvent, RunClock, Schedule, TrainingPlan, TrainResult
+from .family import StepInputs, TrainFamily, family_for, stack_conditioning
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .placement import Placement, vae_dtype
 from .quiet import quiet_known_warnings
-from .sampling import generate, save_png
+from .sampling import save_png
 from .state import Position, load_state, position_from, rng_state, save_state, set_rng_state
-from .text import encode_captions, encode_ids, sdxl_time_ids, tokenize
+from .text_cache import cache_text_outputs
 from .usermeta import write_user_metadata
 
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[ProgressEvent], None]
-_TEXT_BATCH = 16  # captions per text-encoder call while caching (32 one-by-one calls took 1.5 s for SDXL on an H200)
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
 
@@ -231,6 +231,8 @@ class _Run:
         if given is not None:
             self.placement = Placement(bundle, device, None)
         self.own_bundle = bundle if own else None
+        self.family = family_for(bundle)
+        self.family.check_config(config)
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight_dtype, "no")
         homes = {id(m): (next(m.parameters()).device, m.training)
                  for m in (bundle.unet, bundle.vae, *bundle.text_encoders)}
@@ -280,30 +282,34 @@ class _Run:
         disk = (Path(config.latent_cache_dir) if config.latent_cache_dir else Path(config.output_dir) / ".cache"
                 / "latents") if config.cache_latents_to_disk else None
         latents = cache_latents(self.dataset, bundle.vae, bundle.scaling_factor, flip=config.flip_aug,
-                                seed=config.seed, disk_dir=disk, progress=self._cache_progress("latents"))
+                                seed=config.seed, disk_dir=disk, progress=self._cache_progress("latents"),
+                                shift_factor=self.family.latent_shift(bundle))
         self.placement.release(bundle.vae, needed_later=sampling)
         self._free(device)
 
         # --- text: cached when frozen and captions never change, otherwise encoded per step
         static = captions_are_static(config.shuffle_caption, config.caption_dropout_rate,
                                      config.caption_tag_dropout_rate)
-        self.text_cache: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        for te in bundle.text_encoders:
-            self.placement.to(te, device)
+        self.text_cache: list[dict[str, torch.Tensor]] | None = None
+
+        def place_encoders() -> None:
+            for te in bundle.text_encoders:
+                self.placement.to(te, device)
+
         if not config.train_text_encoder and static:
-            with torch.no_grad(), self._autocast(device, weight_dtype):
-                self.text_cache = []
-                items = self.dataset.items
-                for start in range(0, len(items), _TEXT_BATCH):  # batched: one call per chunk, not per caption
-                    chunk = items[start:start + _TEXT_BATCH]
-                    hidden, pooled = encode_captions(bundle, [process_caption(i.caption) for i in chunk],
-                                                     clip_skip=config.clip_skip)
-                    hidden = hidden.float().cpu()
-                    pooled = None if pooled is None else pooled.float().cpu()
-                    self.text_cache += [(hidden[k], None if pooled is None else pooled[k]) for k in range(len(chunk))]
+            text_disk = None
+            if config.cache_latents_to_disk:
+                text_disk = (Path(config.latent_cache_dir) / "text" if config.latent_cache_dir
+                             else Path(config.output_dir) / ".cache" / "text")
+            self.text_cache = cache_text_outputs(
+                self.family, bundle, [process_caption(i.caption) for i in self.dataset.items],
+                clip_skip=config.clip_skip, disk_dir=text_disk, ensure_encoders=place_encoders,
+                autocast=lambda: self._autocast(device, weight_dtype))
             for te in bundle.text_encoders:
                 self.placement.release(te, needed_later=sampling)
             self._free(device)
+        else:
+            place_encoders()
 
         self.placement.to(bundle.unet, device)
 
@@ -361,14 +367,8 @@ class _Run:
             torch.manual_seed(config.seed)
             if device.type == "cuda":
                 torch.cuda.manual_seed_all(config.seed)
-        noise_scheduler = bundle.noise_scheduler()
-        max_t = config.max_timestep or noise_scheduler.config.num_train_timesteps
-        if max_t > noise_scheduler.config.num_train_timesteps:
-            raise ConfigError(f"max_timestep {max_t} is beyond the model's {noise_scheduler.config.num_train_timesteps} "
-                              "timesteps; lower it or leave it at 0 (= all).")
-
-        ctx = _StepContext(bundle, device, weight_dtype, noise_scheduler, latents, config.min_timestep, max_t)
-        noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # once, not per step
+        objective = self.family.make_objective(bundle, config, device)
+        ctx = _StepContext(bundle, device, weight_dtype, objective, latents, self.family)
         runner = accel.StepRunner(lambda b: self._loss(ctx, b), trainable, optimizer, opts,
                                   max_grad_norm=config.max_grad_norm, scaler=scaler, device=device)
         stopped = False
@@ -452,56 +452,36 @@ class _Run:
             for k, flip in zip(batch, flips)]).to(ctx.device)
         out: dict[str, torch.Tensor] = {"latents": latents}
         if self.text_cache is not None:
-            out["hidden"] = torch.stack([self.text_cache[k][0] for k in batch]).to(ctx.device)
-            if ctx.bundle.is_sdxl:
-                out["pooled"] = torch.stack([self.text_cache[k][1] for k in batch]).to(ctx.device)
+            out.update(stack_conditioning([self.text_cache[k] for k in batch], ctx.device))
         else:
             captions = [process_caption(items[k].caption, shuffle=config.shuffle_caption,
                                         keep_tokens=config.keep_tokens,
                                         caption_dropout_rate=config.caption_dropout_rate,
                                         tag_dropout_rate=config.caption_tag_dropout_rate) for k in batch]
-            for i, tokenizer in enumerate(ctx.bundle.tokenizers):
-                out[f"input_ids_{i}"] = tokenize(tokenizer, captions).to(ctx.device)
-        out["noise"] = noise_math.make_noise(latents, noise_offset=config.noise_offset,
-                                             multires_iterations=config.multires_noise_iterations,
-                                             multires_discount=config.multires_noise_discount)
-        timesteps = noise_math.sample_timesteps(latents.shape[0], ctx.min_t, ctx.max_t, ctx.device)
-        out["timesteps"] = timesteps
+            out.update({k: v.to(ctx.device) for k, v in ctx.family.tokenize(ctx.bundle, captions).items()})
+        drawn = ctx.objective.draw(latents)  # noise, timesteps/sigmas: the step's random draws
+        objective_weights = drawn.pop("weights", None)
+        out.update(drawn)
         weights = torch.tensor([config.prior_loss_weight if items[k].is_reg else 1.0 for k in batch],
                                device=ctx.device)
-        if config.min_snr_gamma:
-            weights = weights * noise_math.min_snr_weight(ctx.scheduler, timesteps, config.min_snr_gamma)
+        if objective_weights is not None:
+            weights = weights * objective_weights
         out["weights"] = weights
-        if ctx.bundle.is_sdxl:
-            time_ids = []
-            for k, flip in zip(batch, flips):
-                item = items[k]
-                top, left = item.choice.crop_top_left
-                if flip:  # the crop seen from the mirrored side
-                    left = item.choice.resized[0] - item.choice.bucket[0] - left
-                time_ids.append(sdxl_time_ids((item.size[1], item.size[0]), (top, left),
-                                              (item.bucket[1], item.bucket[0])))
-            out["time_ids"] = torch.stack(time_ids).to(ctx.device)
+        extras = ctx.family.batch_extras(ctx.bundle, [items[k] for k in batch], flips)
+        out.update({k: v.to(ctx.device) for k, v in extras.items()})
         return out
 
     def _loss(self, ctx: _StepContext, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training objective on one prepared batch (no host syncs, no random draws)."""
-        config = self.config
+        config, family = self.config, ctx.family
         with self._autocast(ctx.device, ctx.dtype):
-            if "hidden" in b:
-                hidden, pooled = b["hidden"], b.get("pooled")
+            if self.text_cache is not None:
+                cond = {k: b[k] for k in family.cond_keys if k in b}
             else:
                 with torch.enable_grad() if config.train_text_encoder else torch.no_grad():
-                    hidden, pooled = encode_ids(ctx.bundle, [b[f"input_ids_{i}"] for i in
-                                                             range(len(ctx.bundle.tokenizers))],
-                                                clip_skip=config.clip_skip)
-            noisy = ctx.scheduler.add_noise(b["latents"], b["noise"], b["timesteps"])
-            kwargs = {}
-            if ctx.bundle.is_sdxl:
-                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": b["time_ids"]}
-            unet_dtype = ctx.unet_dtype
-            pred = ctx.bundle.unet(noisy.to(unet_dtype), b["timesteps"], hidden.to(unet_dtype), **kwargs).sample
-            target = noise_math.target_for(ctx.scheduler, b["latents"], b["noise"], b["timesteps"])
+                    cond = family.encode_tokens(ctx.bundle, b, clip_skip=config.clip_skip)
+            pred, target = family.prediction_and_target(StepInputs(ctx.bundle, b, cond, ctx.objective,
+                                                                   ctx.unet_dtype))
             loss = noise_math.per_sample_loss(pred, target, config.loss_type, config.huber_c)
             return (loss * b["weights"]).mean() * b["scale"]
 
@@ -580,7 +560,9 @@ class _Run:
         facts = training_facts(self.config, self.dataset, self.plan, self.pos.step, self.pos.epoch, self.started_at)
         facts.session_id = self.session_id
         facts.mixed_precision = self.precision  # what ran (fp32 on the CPU whatever was asked)
-        return build_metadata(self.network.bundle, self.network.spec, facts)
+        metadata = build_metadata(self.network.bundle, self.network.spec, facts)
+        metadata.update(self.family.metadata_extras(self.config))
+        return metadata
 
     def _write_user_metadata(self, path: Path, bundle: ModelBundle) -> None:
         activation = self.config.activation_text or ", ".join(self.dataset.class_tokens())
@@ -602,7 +584,7 @@ class _Run:
         try:
             progress(1, 0)
             with self.clock.phase("sample"):
-                images = generate(bundle, config.sample_prompts, seed=config.sample_seed, steps=steps,
+                images = self.family.generate(bundle, config.sample_prompts, seed=config.sample_seed, steps=steps,
                                   cfg_scale=config.sample_cfg_scale, width=config.resolution,
                                   height=config.resolution, negative_prompt=config.sample_negative_prompt,
                                   clip_skip=config.clip_skip, on_step=progress)
@@ -628,10 +610,9 @@ class _StepContext:
     bundle: ModelBundle
     device: torch.device
     dtype: torch.dtype  # autocast dtype (fp32 = none)
-    scheduler: Any
+    objective: Any  # the family's Objective for this run
     latents: list[CachedLatent]
-    min_t: int
-    max_t: int
+    family: TrainFamily
 
     @property
     def unet_dtype(self) -> torch.dtype:

@@ -29,10 +29,12 @@ _OVERLAP_SPARE = 4 * 2**30
 
 
 def vae_dtype(bundle: ModelBundle, dtype: torch.dtype) -> torch.dtype:
-    """The VAE encodes in the training dtype, except SDXL's with fp16 training: its fp16 activations
-    overflow (kohya's --no_half_vae), so fp32. bf16 has fp32's range: SDXL's VAE runs in it as kohya's
-    does by default, at a third of fp32's time and half its memory."""
-    return torch.float32 if bundle.is_sdxl and dtype == torch.float16 else dtype
+    """The VAE encodes in the training dtype unless the family says otherwise (SDXL's with fp16
+    training: its fp16 activations overflow (kohya's --no_half_vae), so fp32; bf16 has fp32's range:
+    SDXL's VAE runs in it as kohya's does by default, at a third of fp32's time and half its memory)."""
+    from .family import family_for
+
+    return family_for(bundle).vae_dtype(bundle, dtype)
 
 
 def training_dtypes(bundle: ModelBundle, dtype: torch.dtype) -> dict[int, torch.dtype]:

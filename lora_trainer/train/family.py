@@ -1,0 +1,152 @@
+"""The model-family interface: what the training engine asks of a family, and nothing more.
+
+The engine loop, caching, saving, stop/resume, progress and jobs are shared by every family; what
+differs between SD1/SD2/SDXL and Flux lives behind `TrainFamily`:
+
+- text: how captions become conditioning tensors (`encode_text`, batched, cacheable per caption),
+  or token tensors drawn per step when captions change or a text encoder trains (`tokenize`, then
+  `encode_tokens` inside the loss);
+- per-batch extras that come from the data, not the random stream (SDXL's size/crop `time_ids`);
+- the objective (`make_objective`): random draws of a step (`draw`) and the loss terms
+  (`prediction_and_target`), e.g. DDPM epsilon/v or rectified flow;
+- sampling during training (`generate`), latent encoding (`latent_shift`, `vae_dtype`), extra
+  `ss_*` metadata, and the memory plan (`swappable_blocks`).
+
+`family_for(bundle)` finds a bundle's family in a registry (no `if family == ...` in the engine).
+A family module registers itself with `register(key, factory)`; `train/family_sd.py` holds
+SD1/SD2/SDXL, `train/family_flux.py` Flux.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    """One family's training objective, set up for a run (schedules on the device, settings read).
+
+    `draw` makes every random draw of a step (noise, timesteps/sigmas) before the step, so the loss is
+    a pure function of the batch (CUDA graphs replay it); it may add a per-sample `weights` tensor
+    (e.g. min-SNR), which the engine multiplies with the prior-loss weights.
+    """
+
+    def draw(self, latents: torch.Tensor) -> Batch: ...
+
+
+@dataclass
+class StepInputs:
+    """What a family's model call gets inside the loss (all on the training device)."""
+
+    bundle: Any
+    batch: Batch  # the prepared batch: latents, noise, timesteps, conditioning, extras
+    cond: Batch  # text conditioning (from the cache or encoded this step)
+    objective: Any
+    model_dtype: torch.dtype  # the dtype of the denoiser's weights
+
+
+class TrainFamily:
+    """Base class: defaults shared by families; subclasses override what differs."""
+
+    key: str = ""
+    # conditioning tensors `encode_text` returns (cached per caption; batched by the engine)
+    cond_keys: tuple[str, ...] = ("hidden",)
+
+    # ---------------------------------------------------------------- text
+    def encode_text(self, bundle: Any, captions: list[str], *, clip_skip: int = 1) -> Batch:
+        """Conditioning for a batch of captions, on the text encoders' device (caller: no_grad/autocast)."""
+        raise NotImplementedError
+
+    def tokenize(self, bundle: Any, captions: list[str]) -> Batch:
+        """Token tensors (CPU) for captions encoded inside the step; keys must not clash with others."""
+        raise NotImplementedError
+
+    def encode_tokens(self, bundle: Any, tokens: Batch, *, clip_skip: int = 1) -> Batch:
+        """As `encode_text`, from `tokenize`'s tensors already on the device (inside the loss)."""
+        raise NotImplementedError
+
+    def text_identity(self, bundle: Any, clip_skip: int = 1) -> str | None:
+        """A short fingerprint of everything that decides `encode_text`'s output besides the caption
+        (encoders, tokenizer lengths, settings), for the on-disk text cache; None: do not cache on disk."""
+        return None
+
+    # ---------------------------------------------------------------- data
+    def batch_extras(self, bundle: Any, items: Sequence[Any], flips: Sequence[bool]) -> Batch:
+        """Tensors a batch needs besides latents and text, from the data (no random draws)."""
+        return {}
+
+    def latent_shift(self, bundle: Any) -> float:
+        """Subtracted from VAE samples before the scaling factor (Flux's AE: 0.1159)."""
+        return float(getattr(bundle, "shift_factor", 0.0) or 0.0)
+
+    def vae_dtype(self, bundle: Any, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the VAE encodes in, given the training dtype."""
+        return dtype
+
+    def check_config(self, config: Any) -> None:
+        """Refuse settings this family cannot train with (ConfigError), before any heavy work."""
+
+    # ---------------------------------------------------------------- objective
+    def make_objective(self, bundle: Any, config: Any, device: torch.device) -> Objective:
+        raise NotImplementedError
+
+    def prediction_and_target(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's prediction and the regression target for one batch (inside autocast)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- samples, metadata, memory
+    def generate(self, bundle: Any, prompts: list[str], *, seed: int, steps: int, cfg_scale: float,
+                 width: int, height: int, negative_prompt: str = "", clip_skip: int = 1,
+                 on_step: Callable[[int, int], None] | None = None) -> list:
+        """One PIL image per prompt from the modules being trained."""
+        raise NotImplementedError
+
+    def metadata_extras(self, config: Any) -> dict[str, str]:
+        """Family-specific `ss_*` keys added to the LoRA's metadata (kohya's `update_metadata`)."""
+        return {}
+
+    def swappable_blocks(self, model: torch.nn.Module) -> list[torch.nn.ModuleList]:
+        """The denoiser's block lists a block swapper may stream from host memory, in execution order."""
+        return []
+
+
+_REGISTRY: dict[str, Callable[[], TrainFamily]] = {}
+_INSTANCES: dict[str, TrainFamily] = {}
+
+
+def register(key: str, factory: Callable[[], TrainFamily]) -> None:
+    _REGISTRY[key] = factory
+    _INSTANCES.pop(key, None)
+
+
+def _load_builtin() -> None:
+    from . import family_sd  # noqa: F401 - registers sd1, sd2, sdxl
+
+    with contextlib.suppress(ImportError):  # Flux needs models.flux
+        from . import family_flux  # noqa: F401
+
+
+def family_for(bundle: Any) -> TrainFamily:
+    """The TrainFamily of a ModelBundle (by `bundle.family`'s value)."""
+    key = getattr(bundle.family, "value", bundle.family)
+    if key not in _REGISTRY:
+        _load_builtin()
+    if key not in _REGISTRY:
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"Training is not available for {key} models yet; pick an SD1.x, SD2.x, "
+                                    "SDXL or Flux.1 model.")
+    if key not in _INSTANCES:
+        _INSTANCES[key] = _REGISTRY[key]()
+    return _INSTANCES[key]
+
+
+def stack_conditioning(entries: Sequence[Batch], device: torch.device) -> Batch:
+    """Per-caption cached conditioning (CPU) -> one batch on the device, key by key."""
+    return {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
