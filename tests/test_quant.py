@@ -154,7 +154,7 @@ def test_lora_gradients_equal_a_linear_holding_the_dequantised_weight(fmt):
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
     if fmt == "int8_host":  # the host's function did the work, on the host's own tensor
-        assert frozen["fc1"].calls and all(t is frozen["fc1"].tensor for t in frozen["fc1"].calls)
+        assert frozen["fc1"].calls and all(t is frozen["fc1"].current() for t in frozen["fc1"].calls)
 
 
 @pytest.mark.parametrize("fmt", PARAMS)
@@ -339,3 +339,27 @@ def test_t5_runs_on_fp8_layers():
         for name, fw in frozen.items():
             ref.get_submodule(name).weight.copy_(fw.dequantize(torch.float32))
         torch.testing.assert_close(model(ids).last_hidden_state, ref(ids).last_hidden_state)
+
+
+def test_host_weight_follows_the_hosts_current_tensor():
+    """A host that moves or replaces a layer's weight (its memory manager offloading it) is followed on
+    the next use, and nothing of ours keeps the old tensor alive."""
+    import gc
+    import weakref
+
+    w = torch.randn(D_HID, D_IN)
+    host = nn.Module()  # stands in for a host layer: fp8 weight + scale_weight, replaced when moved
+    host.weight = nn.Parameter(Fp8Weight.quantize(w).data, requires_grad=False)
+    host.scale_weight = nn.Parameter(torch.tensor(0.5), requires_grad=False)
+    frozen = HostWeight(lambda: host.weight, shape=w.shape, format="fp8_scaled", scale=lambda: host.scale_weight)
+    layer = QuantLinear(frozen, movable=False)
+    x = _x()
+    first = layer(x)
+    torch.testing.assert_close(first, x @ (host.weight.float() * 0.5).T)
+    old = weakref.ref(host.weight)
+    host.weight = nn.Parameter(host.weight.data.clone(), requires_grad=False)  # the host "moved" it
+    host.scale_weight = nn.Parameter(torch.tensor(0.25), requires_grad=False)
+    gc.collect()
+    assert old() is None
+    torch.testing.assert_close(layer(x), first / 2)
+    assert frozen.storage()[0] is host.weight and frozen.storage()[1] is host.scale_weight

@@ -207,31 +207,51 @@ class GGUFWeight(FrozenWeight):
 
 
 class HostWeight(FrozenWeight):
-    """A host's own stored tensor and the host's function that dequantises it.
+    """A host's own stored weight and the host's function that dequantises it.
 
-    `fn(tensor) -> Tensor` is called on the tensor as the host keeps it (after moving it to the compute
-    device with the tensor's own `.to`, when `move_first`, as Forge's layers do for swapped weights);
-    the result is then cast to the compute dtype. `extra` lists further stored tensors (scales) for
-    hashing. The tensor object is the host's: it is only read.
+    `source` is the host's tensor, or a function returning the host's *current* tensor (e.g.
+    `lambda: layer.weight`): then each use reads wherever the host keeps the weight right now, so the
+    host's memory manager may move or offload the layer and nothing of ours pins its old copy.
+    `fn(tensor) -> Tensor` dequantises it as the host's layers do (None: the tensor is plain or fp8);
+    it is called on the tensor after moving it to the compute device with the tensor's own `.to`
+    (`move_first`, as Forge does for swapped layers). `scale` (a tensor, number, or function returning
+    one, e.g. Forge's `scale_weight`) multiplies the result in the compute dtype. `extra` lists further
+    stored tensors for hashing. The host's tensors are only ever read.
     """
 
-    def __init__(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], *, shape: Sequence[int],
-                 format: str, move_first: bool = True, extra: Sequence[torch.Tensor] = ()):
+    def __init__(self, source: torch.Tensor | Callable[[], torch.Tensor],
+                 fn: Callable[[torch.Tensor], torch.Tensor] | None = None, *, shape: Sequence[int], format: str,
+                 scale: torch.Tensor | float | Callable[[], torch.Tensor | float | None] | None = None,
+                 move_first: bool = True, extra: Sequence[torch.Tensor] = ()):
         super().__init__(shape)
-        self.tensor = tensor
+        self.source = source
         self.fn = fn
+        self.scale = scale
         self.format = format
         self.move_first = move_first
         self.extra = list(extra)
 
+    def current(self) -> torch.Tensor:
+        """The host's tensor as it is now."""
+        return self.source if isinstance(self.source, torch.Tensor) else self.source()
+
+    def _current_scale(self) -> torch.Tensor | float | None:
+        s = self.scale
+        return s() if callable(s) and not isinstance(s, torch.Tensor) else s
+
     def storage(self) -> list[torch.Tensor]:
-        return [self.tensor, *self.extra]
+        scale = self._current_scale()
+        return [self.current(), *([scale] if isinstance(scale, torch.Tensor) else []), *self.extra]
 
     def _dequantize(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        t = self.tensor
+        t = self.current()
         if self.move_first and t.device != device:
-            t = t.to(device=device)
-        return self.fn(t)
+            t = t.to(device=device, non_blocking=device.type == "cuda")
+        w = (self.fn(t) if self.fn is not None else t).to(device=device, dtype=dtype)
+        scale = self._current_scale()
+        if scale is None:
+            return w
+        return w * (scale.to(device=device, dtype=dtype) if isinstance(scale, torch.Tensor) else scale)
 
 
 def _numel(scale: torch.Tensor | float) -> int:
