@@ -43,15 +43,28 @@ for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
-               device: str | torch.device | None = "cpu") -> ModelBundle:
+               device: str | torch.device | None = "cpu", clip_l: str | os.PathLike | None = None,
+               t5: str | os.PathLike | None = None, vae: str | os.PathLike | None = None) -> ModelBundle:
     """Load a checkpoint file (with an optional same-named `.yaml` beside it) or a diffusers folder.
 
     `dtype=None, device=None`: the modules hold the file's own tensors as stored, memory-mapped
     (`.safetensors`, zip `.ckpt`), so nothing is read or converted until a part is moved or cast
-    (what the engine does, part by part, straight to the GPU: `train/placement.py`)."""
+    (what the engine does, part by part, straight to the GPU: `train/placement.py`).
+    Flux.1 files (and FluxPipeline folders) go to `models.flux.loader.load_flux`, with the separate
+    `clip_l`/`t5`/`vae` files (None: the model's own, or found beside it)."""
     path = Path(path)
     if not path.exists():
         raise UnsupportedModelError(f"Model {path} does not exist; check the path or pick the model again.")
+    components = {"clip_l": clip_l, "t5": t5, "vae": vae}
+    if _is_flux(path):
+        from .flux.loader import load_flux
+
+        return load_flux(path, **components, dtype=dtype, device=device)
+    given = [f"--{k.replace('_', '-')}" for k, v in components.items() if v is not None]
+    if given:
+        raise UnsupportedModelError(
+            f"{path.name} is not a Flux model, so {' and '.join(given)} cannot be used with it; leave "
+            f"{'them' if len(given) > 1 else 'it'} out for SD models.")
     if path.is_dir():
         from .diffusers_folder import load_diffusers_folder
 
@@ -69,6 +82,47 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.flo
     if path.stat().st_size <= _CHEAP_HASH_BYTES:
         bundle.model_hash = checkpoint_sha256(path)
     return bundle
+
+
+def _is_flux(path: Path) -> bool:
+    """A Flux file or FluxPipeline folder (refusals for Flux-like files that are not Flux.1 raise)."""
+    if path.is_dir():
+        index = path / "model_index.json"
+        return index.is_file() and '"Flux' in index.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".sft":  # BFL's first releases used .sft for safetensors
+        return True
+    if path.suffix.lower() != ".safetensors":
+        return False
+    from .flux.detect import component_only_error, inspect
+
+    tensors, _ = read_safetensors_header(path)
+    info = inspect(tensors, path.name)
+    if info is None:
+        return False
+    error = component_only_error(info, path.name)
+    if error is not None:
+        raise error
+    return "transformer" in info.prefixes
+
+
+def check_model_header(path: str | os.PathLike, *, clip_l: str | os.PathLike | None = None,
+                       t5: str | os.PathLike | None = None, vae: str | os.PathLike | None = None) -> Family | None:
+    """The family of a model file from headers alone (fast, before any heavy work), or an
+    UnsupportedModelError of one sentence. Flux: also finds and checks its text encoders and VAE.
+    None for what only loading can tell (.ckpt files, SD diffusers folders)."""
+    p = Path(path)
+    if not p.exists():
+        raise UnsupportedModelError(f"Model {p} does not exist; check the path or pick the model again.")
+    if _is_flux(p):
+        from .flux.loader import check_diffusers, resolve_flux_files
+
+        check_diffusers()
+        if p.is_file():
+            resolve_flux_files(p, clip_l=clip_l, t5=t5, vae=vae)
+        return Family.FLUX1
+    if p.is_file() and p.suffix.lower() == ".safetensors":
+        return classify(read_safetensors_header(p)[0], p.name)
+    return None
 
 
 _CHEAP_HASH_BYTES = 256 * 2**20  # hash small files now; big ones on demand (checkpoint_sha256)
@@ -393,5 +447,6 @@ def meta_modules(config: ModelConfig) -> dict[str, torch.nn.Module]:
     return modules
 
 
-__all__ = ["ModelConfig", "Schedule", "TextEncoderSpec", "bundle_from_ldm_state_dict", "checkpoint_sha256",
+__all__ = ["ModelConfig", "Schedule", "TextEncoderSpec", "bundle_from_ldm_state_dict", "check_model_header",
+           "checkpoint_sha256",
            "legacy_model_hash", "load_model", "meta_modules", "read_checkpoint"]

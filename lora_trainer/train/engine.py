@@ -80,14 +80,14 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
 def check_model_file(path: str) -> None:
     """Refuse a file that is not an SD checkpoint from its header alone, before any heavy work."""
     from ..errors import UnsupportedModelError
-    from ..models.detect import classify, read_safetensors_header
+    from ..models.loader import check_model_header
 
     p = Path(path)
     if p.is_dir():
         return  # a diffusers folder: the loader checks its parts
     suffix = p.suffix.lower()
-    if suffix == ".safetensors":
-        classify(read_safetensors_header(p)[0], p.name)
+    if suffix in (".safetensors", ".sft"):
+        check_model_header(p)  # SD, or Flux with its text encoders and VAE found beside it
     elif suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         raise UnsupportedModelError(f"{p.name} is not a model checkpoint (expected .safetensors or .ckpt); "
                                     "pick an SD1.x, SD2.x or SDXL checkpoint file.")
