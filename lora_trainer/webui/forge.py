@@ -106,12 +106,19 @@ class ForgeHost(A1111Host):
         if requested and not _same_file(requested, loaded):
             return self._load_file(requested, reason=None)
 
-        from . import forge_model
+        from . import forge_flux, forge_model
 
         forge_model.restore_clean_weights(sd_model)
+        flux = None
         try:
-            bundle = forge_model.bundle_from_forge(sd_model, device=self.device(), name=_model_name(info, loaded),
-                                                   model_hash=getattr(info, "sha256", None))
+            if forge_flux.is_flux(sd_model):  # Flux: read in place in any storage Forge holds (forge_flux.py)
+                flux = forge_flux.acquire(sd_model, config, device=self.device(), name=_model_name(info, loaded),
+                                          model_hash=getattr(info, "sha256", None))
+                bundle = flux.bundle
+            else:
+                bundle = forge_model.bundle_from_forge(sd_model, device=self.device(),
+                                                       name=_model_name(info, loaded),
+                                                       model_hash=getattr(info, "sha256", None))
         except forge_model.LowBitModelError as e:
             if not loaded:
                 raise
@@ -119,6 +126,10 @@ class ForgeHost(A1111Host):
         self._forge_model = sd_model
         self._forge_fingerprint = tensor_fingerprint(forge_model.forge_tensors(sd_model)) if self._verify else None
         self._begin_state("Training a LoRA")
+        if flux is not None:
+            self._note(flux.note)
+            _say(flux.line)
+            return bundle
         share = forge_model.shared_fraction(bundle, sd_model)
         _say(f"training on Forge's loaded model {bundle.name} ({bundle.family.label}, {bundle.prediction_type}; "
              + ("zero copy)" if share == 1.0 else f"{share:.0%} of the weights shared with Forge, the rest copied "
@@ -196,6 +207,17 @@ class ForgeHost(A1111Host):
             memory_management.soft_empty_cache()
         except ImportError:  # ldm_patched forks: their own memory manager keeps working as it is
             pass
+
+    def model_info(self) -> dict[str, Any]:
+        """The tab's model line; for a loaded Flux model also how it is stored and that it trains in place."""
+        from modules import sd_models
+
+        from . import forge_flux
+
+        sd_model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        if sd_model is not None and forge_flux.is_flux(sd_model):
+            return forge_flux.model_info(sd_model)
+        return super().model_info()
 
     def card_sd_version(self, label: str) -> str:
         """The "sd version" for the LoRA's card (jobs._publish): Neo names families by its presets."""

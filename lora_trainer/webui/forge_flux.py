@@ -1,0 +1,486 @@
+"""Forge's loaded Flux.1 -> a trainable Flux ModelBundle over Forge's own weights (Forge main and Neo).
+
+What Forge holds (lllyasviel/stable-diffusion-webui-forge `backend/`; Forge Neo keeps the same objects):
+`sd_model` is a `Flux` diffusion engine whose `forge_objects_original` has the transformer at
+`unet.model.diffusion_model` (BFL layout: `double_blocks.N.img_attn.qkv`, ...; its `config` dict holds
+hidden_size, depth, guidance_embed, ...), CLIP-L at `clip.cond_stage_model.clip_l.transformer` (a
+transformers CLIPTextModel), T5-XXL at `clip.cond_stage_model.t5xxl.transformer` (Forge's own T5 with
+transformers' parameter names) and an LDM-named AutoencoderKL at `vae.first_stage_model`. Every Linear
+there is one of Forge's operation classes whose `weight` is stored as the user chose: fp16/bf16/fp32,
+fp8 (with a `scale_weight` for fp8_scaled), bitsandbytes nf4/fp4, or GGUF (`ParameterGGUF`, baked by
+Forge's memory manager); Forge dequantises it per call.
+
+The hand-off builds our modules (models.flux's transformer, transformers' CLIP and T5, diffusers' VAE)
+on the meta device and gives them Forge's weights without copying them:
+- every Linear becomes a `quant.QuantLinear` over a `quant.HostWeight` that reads the Forge layer's
+  *current* weight (and scale) and dequantises it with Forge's own function (`dequantize_tensor` for
+  GGUF, `functional_dequantize_4bit` for bitsandbytes) per use, in forward and in backward. Forge's
+  memory manager keeps deciding where those weights live (on the GPU, or swapped to the CPU on a small
+  card); nothing of ours pins them, and the LoRA trains on the weights exactly as Forge generates
+  with them (fp8/nf4/GGUF included).
+- everything else (biases, norms, embeddings; the VAE) is aliased (`forge_model.alias`: the same
+  storage), and copied only where the training device or dtype differs (a few MB; embeddings).
+Before that, Forge's memory manager is asked to load the transformer and leave the room training
+needs (`memory_management.load_models_gpu`, as Forge's own sampler asks it). Forge's tensors are only
+read; ForgeHost hashes them before and after the run.
+
+Reads Forge's objects by attribute; imports `backend.*` only for Forge's dequantisers (tests give
+stand-ins in `sys.modules`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import quant
+from ..errors import UnsupportedModelError
+from ..models.bundle import Family, ModelBundle
+from . import forge_model, forge_storage
+
+log = logging.getLogger(__name__)
+
+FLUX_ENGINES = ("Flux",)  # Forge's diffusion-engine class names that hold Flux.1 dev/schnell
+_PARTS = ("transformer", "CLIP-L", "T5", "VAE")
+
+
+def is_flux(sd_model: Any) -> bool:
+    """True when the loaded model is a Flux-architecture engine (Flux.1, Chroma, Flux.2)."""
+    return type(sd_model).__name__ in (*FLUX_ENGINES, "Chroma", "Flux2")
+
+
+def check_family(sd_model: Any) -> tuple[Family, str]:
+    """(family, variant) of a Flux engine, or a one-sentence refusal for what we cannot train yet."""
+    kind = type(sd_model).__name__
+    if kind == "Chroma":
+        raise UnsupportedModelError(
+            "The loaded model is Chroma, which LoRA Trainer cannot train on yet; load a FLUX.1 dev or schnell "
+            "checkpoint, or an SD1/SDXL model.")
+    if kind not in FLUX_ENGINES:
+        raise UnsupportedModelError(
+            f"The loaded model ({kind}) is not FLUX.1, SD1, SD2 or SDXL, the families LoRA Trainer supports; "
+            "load one of those in the checkpoint menu.")
+    if _neo_kontext():
+        raise UnsupportedModelError(
+            "The loaded model is FLUX.1 Kontext, an image-editing model LoRA Trainer does not train yet; load a "
+            "FLUX.1 dev or schnell checkpoint.")
+    cfg = _config(transformer_of(sd_model))
+    variant = "dev" if cfg.get("guidance_embed", True) else "schnell"
+    return Family.FLUX1, variant
+
+
+def _neo_kontext() -> bool:
+    try:
+        from backend.args import dynamic_args
+    except ImportError:
+        return False
+    return bool(dynamic_args.get("kontext", False)) if isinstance(dynamic_args, dict) else False
+
+
+# ---------------------------------------------------------------- Forge's parts
+def transformer_of(sd_model: Any) -> nn.Module:
+    return sd_model.forge_objects_original.unet.model.diffusion_model
+
+
+def text_encoders_of(sd_model: Any) -> tuple[nn.Module, nn.Module]:
+    """(Forge's CLIP-L IntegratedCLIP, Forge's IntegratedT5)."""
+    joint = dict(sd_model.forge_objects_original.clip.cond_stage_model.named_children())
+    missing = [k for k in ("clip_l", "t5xxl") if k not in joint]
+    if missing:
+        raise UnsupportedModelError(
+            f"The loaded Flux model has no {' or '.join(missing)} text encoder; select the CLIP-L and T5 files in the "
+            "VAE / Text Encoder menu and generate once, or train from the model file.")
+    return joint["clip_l"], joint["t5xxl"]
+
+
+def vae_of(sd_model: Any) -> nn.Module:
+    return sd_model.forge_objects_original.vae.first_stage_model
+
+
+def parts_of(sd_model: Any) -> dict[str, nn.Module]:
+    clip_l, t5 = text_encoders_of(sd_model)
+    return {"transformer": transformer_of(sd_model), "CLIP-L": clip_l, "T5": t5, "VAE": vae_of(sd_model)}
+
+
+def storage_report(sd_model: Any) -> forge_storage.StorageReport:
+    """How each part's weights are stored, e.g. "transformer: fp8 e4m3fn; CLIP-L: fp16; T5: fp8 e4m3fn; VAE: bf16"."""
+    fo = sd_model.forge_objects_original
+    parts = parts_of(sd_model)
+    report = forge_storage.probe({k: parts[k] for k in _PARTS})
+    # bitsandbytes converts a bf16 file's weights to nf4 only when they first reach the GPU:
+    # Forge's storage_dtype says what the transformer will be stored as.
+    declared = getattr(fo.unet.model, "storage_dtype", None) or getattr(transformer_of(sd_model), "storage_dtype", None)
+    if isinstance(declared, str) and declared in ("nf4", "fp4") and declared not in report.parts["transformer"]:
+        report.parts["transformer"] = Counter({declared: sum(report.parts["transformer"].values())})
+        report.examples[("transformer", declared)] = "(Forge's storage_dtype)"
+    return report
+
+
+def _config(transformer: nn.Module) -> dict[str, Any]:
+    cfg = getattr(transformer, "config", None)
+    if cfg is None:
+        return {}
+    return dict(cfg) if not isinstance(cfg, dict) else cfg
+
+
+_FLUX2_OPTIONS = ("global_modulation", "mlp_silu_act", "yak_mlp", "txt_norm")  # Neo's Flux.2 switches
+
+
+def flux_params(transformer: nn.Module):
+    """Our FluxParams from Forge's transformer: its block lists and widths, and its config dict
+    (huggingface_guess's unet_config: latent `in_channels` 16 in Forge, the 2x2 patch is ours)."""
+    from ..models.flux.model import FluxParams
+
+    cfg = _config(transformer)
+    if any(cfg.get(k) for k in _FLUX2_OPTIONS):
+        raise UnsupportedModelError(
+            "The loaded model is a FLUX.2-style transformer, which LoRA Trainer cannot train yet; load a FLUX.1 dev "
+            "or schnell checkpoint.")
+    try:
+        patch = int(cfg.get("patch_size", 2))
+        hidden = int(getattr(transformer, "hidden_size", None) or cfg["hidden_size"])
+        in_channels = int(getattr(transformer, "in_channels", None) or int(cfg["in_channels"]) * patch * patch)
+        return FluxParams(
+            in_channels=in_channels, out_channels=int(getattr(transformer, "out_channels", None) or in_channels),
+            vec_in_dim=int(cfg.get("vec_in_dim", 768)), context_in_dim=int(cfg.get("context_in_dim", 4096)),
+            hidden_size=hidden, mlp_ratio=float(cfg.get("mlp_ratio", 4.0)),
+            num_heads=int(getattr(transformer, "num_heads", None) or cfg["num_heads"]),
+            depth=len(transformer.double_blocks), depth_single_blocks=len(transformer.single_blocks),
+            axes_dim=tuple(int(a) for a in cfg.get("axes_dim", (16, 56, 56))), theta=int(cfg.get("theta", 10_000)),
+            qkv_bias=bool(cfg.get("qkv_bias", True)), guidance_embed=bool(cfg.get("guidance_embed", True)))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise UnsupportedModelError(
+            f"The loaded Flux transformer's configuration is not what LoRA Trainer expects ({e!r}); train from the "
+            "model file instead.") from None
+
+
+# ---------------------------------------------------------------- one Linear's weight
+def _dequantizer(fmt: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Forge's own function for a low-bit format (None: a plain cast is enough)."""
+    if fmt.startswith("gguf"):
+        from backend.operations_gguf import dequantize_tensor
+
+        return dequantize_tensor
+    if fmt in ("nf4", "fp4", "nf4/fp4"):
+        from backend.operations_bnb import functional_dequantize_4bit
+
+        return functional_dequantize_4bit
+    if fmt == "int8":
+        return lambda t: t.to(torch.float32)  # Neo's int8: times `weight_scale`, applied as the scale
+    return None
+
+
+def layer_weight(layer: nn.Module, shape: torch.Size, *, what: str) -> quant.FrozenWeight:
+    """A live view of one Forge Linear's stored weight, dequantised as Forge does."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise UnsupportedModelError(
+            f"The loaded model's {what} has no weight LoRA Trainer can read; train from the model file instead.")
+    fmt = forge_storage.tensor_format(weight, layer)
+    if fmt == forge_storage.SVDQ or "svdq" in type(layer).__name__.lower():
+        raise UnsupportedModelError(
+            "The loaded model is a Nunchaku SVDQ model, whose packed weights LoRA Trainer cannot train over; load "
+            "the fp16/bf16, fp8, nf4 or GGUF version of it.")
+    known = forge_storage.is_trainable(fmt) or fmt.startswith(("fp8", "gguf")) or fmt in ("nf4", "fp4", "int8")
+    if not known:
+        raise UnsupportedModelError(
+            f"The loaded model's {what} is stored as {fmt}, which LoRA Trainer cannot read yet; set 'Diffusion in "
+            "Low Bits' to Automatic or load an fp16/bf16, fp8, nf4 or GGUF model.")
+    scale: Callable[[], Any] | None = None
+    if fmt == "fp8_scaled":
+        scale = lambda: getattr(layer, "scale_weight", None)  # read at each use, as Forge does
+    elif fmt == "int8":
+        scale = lambda: getattr(layer, "weight_scale", None)
+    return quant.HostWeight(lambda: layer.weight, _dequantizer(fmt), shape=shape, format=fmt, scale=scale)
+
+
+# ---------------------------------------------------------------- our modules over Forge's
+@dataclass
+class HandoffStats:
+    """What the hand-off did with Forge's weights, in bytes (for the console line and the tab)."""
+
+    live: int = 0  # Linear weights read from Forge's memory at each use (never copied)
+    aliased: int = 0  # other weights sharing Forge's storage
+    copied: int = 0  # small weights copied to the training device/dtype
+    formats: dict[str, Counter] = field(default_factory=dict)  # part -> {format: number of Linears}
+
+    def shared_fraction(self) -> float:
+        total = self.live + self.aliased + self.copied
+        return (self.live + self.aliased) / total if total else 0.0
+
+    def text(self) -> str:
+        mib = self.copied / 2**20
+        share = self.shared_fraction()
+        return ("zero copy" if self.copied == 0 else
+                f"{share:.0%} of the weights shared with Forge, {mib:.0f} MiB copied to the training device/dtype")
+
+
+def _fit(value: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None, stats: HandoffStats
+         ) -> torch.Tensor:
+    out = value
+    if value.is_floating_point():
+        out = value.to(device=device or value.device, dtype=dtype or value.dtype)
+    elif device is not None:
+        out = value.to(device)
+    size = value.numel() * value.element_size()
+    if out.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+        stats.aliased += size
+    else:
+        stats.copied += out.numel() * out.element_size()
+    return out
+
+
+def host_skeleton(skeleton: nn.Module, forge_root: nn.Module, *, what: str, device: torch.device | None,
+                  dtype: torch.dtype, stats: HandoffStats, part: str,
+                  rename: Callable[[str], str] = lambda n: n) -> nn.Module:
+    """Fill a meta-device `skeleton` from `forge_root` (the same module/parameter names after `rename`):
+    Linears become QuantLinears over Forge's live weights, other parameters aliases (or small copies)."""
+    theirs_modules = dict(forge_root.named_modules())
+    theirs_params = dict(forge_root.named_parameters())
+    formats: Counter = Counter()
+    for name, module in list(skeleton.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        src = theirs_modules.get(rename(name))
+        if src is None:
+            raise UnsupportedModelError(
+                f"The loaded model's {what} has no layer {rename(name)} LoRA Trainer expects; train from the model "
+                "file instead.")
+        frozen = layer_weight(src, module.weight.shape, what=f"{what} layer {rename(name)}")
+        bias = getattr(src, "bias", None)
+        if module.bias is not None and bias is None:
+            raise UnsupportedModelError(
+                f"The loaded model's {what} layer {rename(name)} has no bias; train from the model file instead.")
+        if bias is not None:
+            if getattr(bias, "gguf_cls", None) is not None:  # a quantised bias (rare): dequantise it once
+                bias = _dequantizer("gguf")(bias)
+            bias = _fit(forge_model.alias(bias), device, dtype, stats)
+        quant.replace_linear(skeleton, name, frozen, bias, dtype=dtype, device=device or frozen.device,
+                             movable=False)
+        stats.live += frozen.nbytes
+        formats[frozen.format] += 1
+    for name, param in list(skeleton.named_parameters()):
+        if not param.is_meta:
+            continue
+        src = theirs_params.get(rename(name))
+        if src is None:
+            raise UnsupportedModelError(
+                f"The loaded model's {what} lacks the weight {rename(name)} LoRA Trainer expects; train from the "
+                "model file instead.")
+        value = forge_model.alias(src)
+        if tuple(value.shape) != tuple(param.shape):
+            value = forge_model.fit_shape(value, param.shape)
+        parent, _, leaf = name.rpartition(".")
+        owner = skeleton.get_submodule(parent) if parent else skeleton
+        setattr(owner, leaf, nn.Parameter(_fit(value, device, dtype, stats), requires_grad=False))
+    stats.formats[part] = formats
+    return skeleton.eval().requires_grad_(False)
+
+
+def _meta(factory):
+    with torch.device("meta"):
+        return factory()
+
+
+def transformer_skeleton(forge_transformer: nn.Module, *, device, dtype, stats: HandoffStats):
+    from ..models.flux.model import FluxTransformer
+
+    params = flux_params(forge_transformer)
+    skeleton = _meta(lambda: FluxTransformer(params))
+    return host_skeleton(skeleton, forge_transformer, what="Flux transformer", device=device, dtype=dtype,
+                         stats=stats, part="transformer")
+
+
+def clip_skeleton(forge_clip: nn.Module, *, device, dtype, stats: HandoffStats):
+    """transformers' CLIPTextModel over Forge's (built with the same transformers: same names)."""
+    from transformers import CLIPTextModel
+
+    hf = forge_clip.transformer
+    skeleton = _meta(lambda: CLIPTextModel(hf.config))
+    host_skeleton(skeleton, hf, what="CLIP-L text encoder", device=device, dtype=dtype, stats=stats, part="CLIP-L")
+    forge_model._fill_buffers(skeleton, hf, device)
+    return skeleton
+
+
+def t5_skeleton(forge_t5: nn.Module, *, device, dtype, stats: HandoffStats):
+    """transformers' T5EncoderModel over Forge's T5 (`transformer.shared`, `transformer.encoder.*`)."""
+    from transformers import T5Config, T5EncoderModel
+
+    ft5 = forge_t5.transformer
+    cfg = dict(getattr(ft5, "config", {}) or {})
+    allowed = {k: v for k, v in cfg.items() if k not in ("architectures", "_name_or_path")}
+    config = T5Config(**allowed)
+    skeleton = _meta(lambda: T5EncoderModel(config))
+    host_skeleton(skeleton, ft5, what="T5 text encoder", device=device, dtype=dtype, stats=stats, part="T5",
+                  rename=lambda n: "shared" + n[len("encoder.embed_tokens"):] if n.startswith("encoder.embed_tokens")
+                  else n)
+    if skeleton.encoder.embed_tokens is not skeleton.shared:  # transformers 5 ties by name, not by object
+        skeleton.encoder.embed_tokens.weight = skeleton.shared.weight
+    return skeleton
+
+
+def bundle_from_forge_flux(sd_model: Any, *, device: torch.device | None, dtype: torch.dtype,
+                           name: str | None = None, model_hash: str | None = None,
+                           stats: HandoffStats | None = None) -> ModelBundle:
+    """A Flux ModelBundle over the weights Forge holds (call restore_clean_weights() and make_room() first)."""
+    from ..models.bundle import FLOW
+    from ..models.flux.tokenizers import flux_clip_tokenizer, t5_tokenizer
+
+    family, variant = check_family(sd_model)
+    stats = stats if stats is not None else HandoffStats()
+    parts = parts_of(sd_model)
+    transformer = transformer_skeleton(parts["transformer"], device=device, dtype=dtype, stats=stats)
+    clip = clip_skeleton(parts["CLIP-L"], device=device, dtype=dtype, stats=stats)
+    t5 = t5_skeleton(parts["T5"], device=device, dtype=dtype, stats=stats)
+    forge_vae = parts["VAE"]
+    vae = forge_model._vae(forge_vae, device)
+    theirs = {p.untyped_storage().data_ptr() for p in forge_vae.parameters()}
+    for p in vae.parameters():
+        size = p.numel() * p.element_size()
+        if p.untyped_storage().data_ptr() in theirs:
+            stats.aliased += size
+        else:
+            stats.copied += size
+    # The format of most Linear weights (what decides memory and precision), the VAE's from its parameters.
+    formats = {"unet": _main(stats.formats["transformer"]), "te1": _main(stats.formats["CLIP-L"]),
+               "te3": _main(stats.formats["T5"]), "vae": format_by_bytes(forge_vae)}
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    filename = getattr(sd_model, "filename", None) or getattr(info, "filename", "") or ""
+    return ModelBundle(
+        family=family, prediction_type=FLOW, unet=transformer, vae=vae, text_encoders=[clip, t5],
+        tokenizers=[flux_clip_tokenizer(), t5_tokenizer(host_roots=_tokenizer_roots(),
+                                                        max_length=512 if variant == "dev" else 256)],
+        scaling_factor=float(getattr(forge_vae, "scaling_factor", 0.3611)),
+        shift_factor=float(getattr(forge_vae, "shift_factor", 0.1159)),
+        name=name or (getattr(info, "model_name", None) or "forge-flux"),
+        source=f"forge:{filename}" if filename else "forge", model_hash=model_hash, variant=variant,
+        weight_formats=formats)
+
+
+def format_by_bytes(module: nn.Module) -> str:
+    """The storage format holding most of a part's matrix bytes (Linear/conv weights; not embeddings)."""
+    sizes: Counter = Counter()
+    for mod in module.modules():
+        if isinstance(mod, nn.Embedding) or "Embedding" in type(mod).__name__:
+            continue
+        for p_name, p in mod.named_parameters(recurse=False):
+            if p_name not in forge_storage.SCALE_NAMES and p.dim() >= 2:
+                sizes[forge_storage.tensor_format(p, mod)] += p.numel() * p.element_size()
+    return _main(sizes)
+
+
+def _main(counts: Counter) -> str:
+    return counts.most_common(1)[0][0] if counts else "unknown"
+
+
+def _tokenizer_roots() -> list[str]:
+    """Forge's bundled FLUX.1 tokenizer folders (backend/huggingface/...), where the T5 tokenizer lives."""
+    from pathlib import Path
+
+    try:
+        import backend
+
+        root = Path(backend.__file__).parent / "huggingface" / "black-forest-labs"
+        return [str(root / "FLUX.1-dev" / "tokenizer_2"), str(root / "FLUX.1-schnell" / "tokenizer_2")]
+    except (ImportError, AttributeError, TypeError):
+        return []
+
+
+# ---------------------------------------------------------------- Forge's memory manager
+def training_memory(config: Any, params: Any) -> int:
+    """Bytes of GPU room a run needs besides the weights (activations, LoRA, optimizer): a rough upper
+    estimate for asking Forge's memory manager, from the resolution, batch, checkpointing and rank."""
+    res = int(getattr(config, "resolution", 1024) or 1024)
+    batch = int(getattr(config, "batch_size", 1) or 1)
+    tokens = (res // 16) ** 2 + 512  # packed latent tokens + T5 tokens
+    per_token_block = params.hidden_size * 2 * (2 if getattr(config, "gradient_checkpointing", True) else 24)
+    blocks = params.depth + params.depth_single_blocks
+    activations = batch * tokens * per_token_block * blocks
+    rank = int(getattr(config, "network_dim", 16) or 16)
+    lora = blocks * 10 * rank * params.hidden_size * 2 * 16  # ~10 adapted Linears a block; fp32 weights + grads + Adam
+    return int(1.5 * 2**30 + activations + lora)
+
+
+def make_room(sd_model: Any, memory_required: int) -> None:
+    """Ask Forge's memory manager to load the transformer for training and leave `memory_required`
+    bytes free (it unloads or offloads other models, or keeps part of the transformer on the CPU on a
+    small card, exactly as before sampling)."""
+    try:
+        from backend import memory_management
+    except ImportError:
+        return
+    unet = sd_model.forge_objects_original.unet
+    memory_management.load_models_gpu([unet], memory_required=memory_required)
+
+
+# ---------------------------------------------------------------- what ForgeHost calls
+def training_dtype(config: Any, device: torch.device) -> torch.dtype:
+    """The compute dtype of a run (the engine's rule): fp32 on the CPU; on CUDA the mixed precision asked
+    for (bf16, or fp16 where the GPU has no bf16)."""
+    if device.type != "cuda":
+        return torch.float32
+    mp = str(getattr(config, "mixed_precision", "bf16") or "bf16")
+    if mp == "bf16" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return {"no": torch.float32, "fp16": torch.float16}.get(mp, torch.bfloat16)
+
+
+@dataclass
+class Handoff:
+    """The result of acquire(): the bundle, the console line and the note the UI shows."""
+
+    bundle: ModelBundle
+    stats: HandoffStats
+    line: str
+    note: str
+
+
+def formats_text(stats: HandoffStats) -> str:
+    """e.g. "transformer fp8 e4m3fn, CLIP-L fp16, T5 fp8 e4m3fn"."""
+    return ", ".join(f"{part} {_main(stats.formats[part])}" for part in ("transformer", "CLIP-L", "T5")
+                     if part in stats.formats)
+
+
+def acquire(sd_model: Any, config: Any, *, device: torch.device, name: str | None = None,
+            model_hash: str | None = None) -> Handoff:
+    """Make room through Forge's memory manager, then hand Forge's Flux over (weights read where they are)."""
+    check_family(sd_model)
+    params = flux_params(transformer_of(sd_model))
+    make_room(sd_model, training_memory(config, params))
+    stats = HandoffStats()
+    bundle = bundle_from_forge_flux(sd_model, device=device, dtype=training_dtype(config, device), name=name,
+                                    model_hash=model_hash, stats=stats)
+    formats = formats_text(stats)
+    quantised = [f for f in (_main(c) for c in stats.formats.values()) if not forge_storage.is_trainable(f)]
+    how = ("the LoRA trains over the weights as stored, dequantised one layer at a time" if quantised
+           else "the LoRA trains over Forge's own weights")
+    line = (f"training on Forge's loaded Flux model {bundle.name} ({bundle.variant}; {formats}; {how}; "
+            f"{stats.text()})")
+    note = f"Trains on the loaded Flux model as Forge holds it ({formats}); no second copy of the weights."
+    return Handoff(bundle=bundle, stats=stats, line=line, note=note)
+
+
+def model_info(sd_model: Any) -> dict[str, Any]:
+    """For the tab: the loaded Flux model, how each part is stored and that training uses it in place
+    (or, for what cannot be trained, the sentence a run would fail with)."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    filename = getattr(sd_model, "filename", None) or getattr(info, "filename", "") or ""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1] or str(getattr(info, "model_name", "") or "")
+    try:
+        check_family(sd_model)
+        theirs = parts_of(sd_model)
+        if any(fmt == forge_storage.SVDQ for _, fmt, _ in storage_report(sd_model).low_bit):
+            raise UnsupportedModelError(
+                "The loaded model is a Nunchaku SVDQ model, whose packed weights LoRA Trainer cannot train over; "
+                "load the fp16/bf16, fp8, nf4 or GGUF version of it.")
+    except UnsupportedModelError as e:
+        return {"name": name, "family": None, "note": str(e)}
+    parts = ", ".join(f"{part} {format_by_bytes(theirs[part])}" for part in ("transformer", "CLIP-L", "T5"))
+    return {"name": name, "family": "Flux", "storage": parts,
+            "note": f"stored as {parts}; trains on the loaded weights as stored (no second copy)"}

@@ -1,0 +1,467 @@
+"""The Flux hand-off from Forge's memory (webui/forge_flux.py) against Forge-shaped stand-ins.
+
+Forge's own code cannot run here, so the stand-ins reproduce what the hand-off reads, as Forge main
+and Neo hold a Flux model: a `Flux` engine whose `forge_objects_original` has the transformer in BFL
+layout with Forge-style Linear layers (weight stored as fp32/bf16, fp8, fp8 + `scale_weight`, GGUF
+blocks with a `gguf_cls`, or bitsandbytes nf4 with a `quant_state`; dequantised per call in forward,
+as Forge's operations do), CLIP-L as a transformers CLIPTextModel, T5 with transformers' names and a
+config dict, and an LDM-named VAE; every weight an inference tensor, as Forge's loader makes them.
+Forge's dequantisers are stand-ins installed as `backend.operations_gguf` / `backend.operations_bnb`
+(GGUF via the `gguf` package, nf4 via bitsandbytes); those cases skip where the package is missing.
+The real Forge and Neo run in the opt-in live suites (tests/webui).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import sys
+import types
+import weakref
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from flux_support import inputs, requires_flux_diffusers
+from torch import nn
+
+from lora_trainer import quant
+from lora_trainer.errors import UnsupportedModelError
+from lora_trainer.models.flux.tiny import build_tiny_flux_bundle
+from lora_trainer.models.ldm_convert import vae_to_ldm
+from lora_trainer.webui import forge_flux
+from lora_trainer.webui.common import tensor_fingerprint
+
+pytestmark = requires_flux_diffusers
+
+HAS_GGUF = importlib.util.find_spec("gguf") is not None
+
+
+def _bnb_ok() -> bool:
+    try:
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+        q, s = quantize_4bit(torch.ones(64, 64), blocksize=64, quant_type="nf4")
+        return bool(torch.allclose(dequantize_4bit(q, s), torch.ones(64, 64)))
+    except Exception:  # noqa: BLE001 - not installed, or no 4-bit backend for this machine
+        return False
+
+
+HAS_BNB = _bnb_ok()
+
+
+# ---------------------------------------------------------------- Forge-shaped stand-ins
+class Flux(SimpleNamespace):
+    """Forge's diffusion engine class for Flux.1 is named `Flux`."""
+
+
+class FakeGGUFQuant:
+    """Stands in for a Forge gguf quant class (`gguf_cls`): `dequantize_pytorch(parameter)`."""
+
+    def __init__(self, qtype):
+        self.qtype = qtype
+        self.__name__ = qtype.name
+
+    def dequantize_pytorch(self, p):
+        import gguf
+
+        values = gguf.quants.dequantize(p.detach().cpu().numpy(), self.qtype)
+        return torch.from_numpy(values).to(torch.float16).reshape(p.real_shape)  # Forge: computation_dtype fp16
+
+
+def _store(w: torch.Tensor, fmt: str) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """(weight as Forge stores it, scale_weight or None), both inference tensors."""
+    scale = None
+    with torch.inference_mode():
+        if fmt in ("fp32", "bf16", "fp16"):
+            weight = nn.Parameter(w.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[fmt]),
+                                  requires_grad=False)
+        elif fmt == "fp8":
+            weight = nn.Parameter(w.to(torch.float8_e4m3fn), requires_grad=False)
+        elif fmt == "fp8_scaled":
+            s = w.abs().max() / 448
+            weight = nn.Parameter((w / s).to(torch.float8_e4m3fn), requires_grad=False)
+            scale = nn.Parameter(s.reshape(()), requires_grad=False)
+        elif fmt == "gguf":
+            import gguf
+
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            weight = nn.Parameter(torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype)), requires_grad=False)
+            weight.gguf_cls = FakeGGUFQuant(qtype)
+            weight.real_shape = w.shape
+            weight.computation_dtype = torch.float16
+        elif fmt == "nf4":
+            from bitsandbytes.functional import quantize_4bit
+
+            data, state = quantize_4bit(w.contiguous(), blocksize=64, quant_type="nf4")
+            weight = nn.Parameter(data, requires_grad=False)
+            weight.quant_state, weight.bnb_quantized, weight.quant_type = state, True, "nf4"
+        else:
+            raise ValueError(fmt)
+    return weight, scale
+
+
+def _forge_dequantize(t: torch.Tensor) -> torch.Tensor:
+    if getattr(t, "gguf_cls", None) is not None:
+        return t.gguf_cls.dequantize_pytorch(t)
+    if getattr(t, "bnb_quantized", False):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(t, quant_state=t.quant_state)
+    return t
+
+
+class FakeForgeLinear(nn.Module):
+    """Forge's operations.Linear: the weight as stored (+ scale_weight), dequantised and cast per call."""
+
+    def __init__(self, linear: nn.Linear, fmt: str):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, scale = _store(linear.weight.detach().float(), fmt)
+        if scale is not None:
+            self.scale_weight = scale
+        with torch.inference_mode():
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        w = _forge_dequantize(self.weight).to(x.dtype)
+        if getattr(self, "scale_weight", None) is not None:
+            w = w * self.scale_weight.to(w.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _forge_ops(module: nn.Module, fmt: str) -> nn.Module:
+    """Every nn.Linear -> FakeForgeLinear(fmt); every other parameter an inference tensor."""
+    for name, child in list(module.named_modules()):
+        if type(child) is nn.Linear:
+            parent, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, FakeForgeLinear(child, fmt))
+    for name, p in list(module.named_parameters()):
+        if p.is_inference():
+            continue
+        parent, _, leaf = name.rpartition(".")
+        with torch.inference_mode():
+            setattr(module.get_submodule(parent) if parent else module, leaf,
+                    nn.Parameter(p.detach().clone(), requires_grad=False))
+    return module.eval()
+
+
+class FakePatcher:
+    def __init__(self, model):
+        self.model = model
+        self.refreshed = 0
+
+    def refresh_loras(self):
+        self.refreshed += 1
+
+
+class FakeForgeObjects(SimpleNamespace):
+    def shallow_copy(self):
+        return FakeForgeObjects(unet=self.unet, clip=self.clip, vae=self.vae, clipvision=None)
+
+
+def make_forge_flux(fmt: str = "fp32", *, t5_fmt: str = "fp32", seed: int = 0, variant: str = "dev"):
+    """(Forge-shaped Flux sd_model, the tiny bundle whose weights it holds)."""
+    ref = build_tiny_flux_bundle(variant, seed=seed)
+    params = ref.unet.params
+    transformer = _forge_ops(copy.deepcopy(ref.unet), fmt)
+    # Forge's IntegratedFluxTransformer2DModel: the same BFL module tree, `config` a plain dict
+    transformer.__class__ = type("IntegratedFluxTransformer2DModel", (type(transformer),), {"config": None})
+    transformer.config = {"in_channels": params.in_channels // 4, "vec_in_dim": params.vec_in_dim,
+                          "context_in_dim": params.context_in_dim, "hidden_size": params.hidden_size,
+                          "mlp_ratio": params.mlp_ratio, "num_heads": params.num_heads, "depth": params.depth,
+                          "depth_single_blocks": params.depth_single_blocks, "axes_dim": list(params.axes_dim),
+                          "theta": params.theta, "qkv_bias": params.qkv_bias, "guidance_embed": params.guidance_embed}
+    clip = nn.Module()  # Forge's IntegratedCLIP: a CLIPTextModel at .transformer
+    clip.transformer = _forge_ops(copy.deepcopy(ref.text_encoders[0]), "fp32")
+    hf_t5 = copy.deepcopy(ref.text_encoders[1])
+    t5_inner = nn.Module()  # Forge's own T5: transformers' names, a config dict
+    t5_inner.shared, t5_inner.encoder = hf_t5.shared, hf_t5.encoder
+    hf_t5.encoder.embed_tokens = None  # Forge's T5Stack has none (the embedding is `shared` only)
+    t5_inner.config = hf_t5.config.to_dict()
+    t5 = nn.Module()
+    t5.transformer = _forge_ops(t5_inner, t5_fmt)
+    joint = nn.Module()
+    joint.clip_l, joint.t5xxl = clip, t5
+    vae_cfg = ref.vae.config
+    vae = nn.Module()
+    with torch.inference_mode():
+        for k, v in vae_to_ldm(ref.vae.state_dict(), len(vae_cfg.block_out_channels), vae_cfg.layers_per_block,
+                               prefix="").items():
+            *path, leaf = k.split(".")
+            m = vae
+            for part in path:
+                if not hasattr(m, part):
+                    m.add_module(part, nn.Module())
+                m = getattr(m, part)
+            m.register_parameter(leaf, nn.Parameter(v.detach().clone(), requires_grad=False))
+    vae.config = dict(vae_cfg)
+    vae.scaling_factor, vae.shift_factor = 0.3611, 0.1159
+    kmodel = nn.Module()
+    kmodel.diffusion_model = transformer
+    unet = FakePatcher(kmodel)
+    original = FakeForgeObjects(unet=unet, clip=SimpleNamespace(patcher=FakePatcher(joint), cond_stage_model=joint),
+                                vae=SimpleNamespace(first_stage_model=vae), clipvision=None)
+    sd_model = Flux(forge_objects=original.shallow_copy(), forge_objects_original=original,
+                    forge_objects_after_applying_lora=original.shallow_copy(), current_lora_hash="[]",
+                    filename="/models/flux-tiny.safetensors",
+                    sd_checkpoint_info=SimpleNamespace(filename="/models/flux-tiny.safetensors", model_name="flux-tiny",
+                                                       sha256="cd" * 32))
+    return sd_model, ref
+
+
+def forge_tensors(sd_model) -> dict[str, torch.Tensor]:
+    fo = sd_model.forge_objects_original
+    out = {}
+    for prefix, m in (("unet.", fo.unet.model.diffusion_model), ("clip.", fo.clip.cond_stage_model),
+                      ("vae.", fo.vae.first_stage_model)):
+        out.update({prefix + k: v for k, v in m.named_parameters()})
+    return out
+
+
+@pytest.fixture
+def forge_backend(monkeypatch):
+    """Forge's dequantisers and memory manager as stand-ins in sys.modules; records load_models_gpu."""
+    calls = []
+    backend = types.ModuleType("backend")
+    gguf_ops = types.ModuleType("backend.operations_gguf")
+    gguf_ops.dequantize_tensor = _forge_dequantize
+    bnb_ops = types.ModuleType("backend.operations_bnb")
+    bnb_ops.functional_dequantize_4bit = _forge_dequantize
+    mm = types.ModuleType("backend.memory_management")
+    mm.load_models_gpu = lambda models, memory_required=0, **kw: calls.append((list(models), memory_required))
+    args = types.ModuleType("backend.args")
+    args.dynamic_args = {"kontext": False}
+    for name, mod in (("backend", backend), ("backend.operations_gguf", gguf_ops), ("backend.operations_bnb", bnb_ops),
+                      ("backend.memory_management", mm), ("backend.args", args)):
+        monkeypatch.setitem(sys.modules, name, mod)
+        if "." in name:
+            setattr(backend, name.split(".", 1)[1], mod)
+    return SimpleNamespace(calls=calls, dynamic_args=args.dynamic_args)
+
+
+FORMATS = ["fp32", "bf16", "fp8", "fp8_scaled",
+           pytest.param("gguf", marks=pytest.mark.skipif(not HAS_GGUF, reason="the gguf package is not installed")),
+           pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes has no 4-bit kernels here"))]
+FORMAT_NAMES = {"fp32": "fp32", "bf16": "bf16", "fp8": "fp8 e4m3fn", "fp8_scaled": "fp8_scaled", "gguf": "gguf Q8_0",
+                "nf4": "nf4"}
+
+
+def _handoff(sd_model, stats=None):
+    return forge_flux.bundle_from_forge_flux(sd_model, device=torch.device("cpu"), dtype=torch.float32, stats=stats)
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_transformer_computes_what_forge_computes(forge_backend, fmt):
+    """Our transformer over Forge's stored weights gives Forge's own output, in every storage format."""
+    sd_model, ref = make_forge_flux(fmt)
+    stats = forge_flux.HandoffStats()
+    bundle = _handoff(sd_model, stats)
+    forge_t = forge_flux.transformer_of(sd_model)
+    x = inputs(ref.unet.params)
+    with torch.no_grad():
+        want = forge_t(**x)
+        got = bundle.unet(**x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert stats.formats["transformer"] == {FORMAT_NAMES[fmt]: sum(1 for m in forge_t.modules()
+                                                                    if isinstance(m, FakeForgeLinear))}
+    assert bundle.weight_formats["unet"] == FORMAT_NAMES[fmt]
+    if fmt == "fp32":  # fp32 compute on the CPU: nothing copied at all
+        torch.testing.assert_close(got, ref.unet(**x))
+
+
+def test_no_weight_is_copied_and_forge_layers_are_read_live(forge_backend):
+    sd_model, _ = make_forge_flux("fp8_scaled", t5_fmt="fp8")
+    stats = forge_flux.HandoffStats()
+    bundle = _handoff(sd_model, stats)
+    forge_t = forge_flux.transformer_of(sd_model)
+    layers = dict(quant.quant_layers(bundle.unet))
+    assert len(layers) == sum(isinstance(m, FakeForgeLinear) for m in forge_t.modules())
+    for name, layer in layers.items():
+        theirs = forge_t.get_submodule(name)
+        assert layer.frozen.current() is theirs.weight and layer.frozen.storage()[1] is theirs.scale_weight
+        assert not layer.movable
+    theirs = {p.untyped_storage().data_ptr() for p in forge_t.parameters()}
+    assert all(p.untyped_storage().data_ptr() in theirs for p in bundle.unet.parameters())  # biases, norms: aliases
+    assert stats.copied == 0 and stats.shared_fraction() == 1.0 and stats.text() == "zero copy"
+    assert stats.formats["T5"] == {"fp8 e4m3fn": 14}
+
+
+def test_training_a_lora_leaves_forge_bit_identical(forge_backend):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    sd_model, ref = make_forge_flux("fp8_scaled")
+    before = tensor_fingerprint(forge_tensors(sd_model))
+    bundle = _handoff(sd_model)
+    model = bundle.unet
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=r".*_blocks\..*(qkv|proj|mlp\.0|mlp\.2|lin|linear1|linear2)"),
+                            model)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for p in lora)
+    opt = torch.optim.AdamW(lora, lr=1e-2)
+    x = inputs(ref.unet.params, latent=4)
+    target = torch.randn_like(ref.unet(**x))
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = F.mse_loss(model(**x), target)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert tensor_fingerprint(forge_tensors(sd_model), like=before) == before
+
+
+def test_forge_moving_a_layer_is_followed(forge_backend):
+    """Forge's memory manager replaces Parameters when it moves a model; we read the current one and keep
+    nothing of the old alive."""
+    sd_model, ref = make_forge_flux("fp8")
+    bundle = _handoff(sd_model)
+    x = inputs(ref.unet.params)
+    with torch.no_grad():
+        first = bundle.unet(**x)
+    layer = forge_flux.transformer_of(sd_model).double_blocks[0].img_attn.qkv
+    old = weakref.ref(layer.weight)
+    with torch.inference_mode():
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)  # "moved"
+    gc.collect()
+    assert old() is None
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.unet(**x), first)
+
+
+def test_text_encoders_and_vae_compute_what_forge_holds(forge_backend):
+    sd_model, ref = make_forge_flux("fp32", t5_fmt="fp8")
+    bundle = _handoff(sd_model)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.text_encoders[0](ids).pooler_output, ref.text_encoders[0](ids).pooler_output)
+        t5_ref = copy.deepcopy(ref.text_encoders[1])
+        for name, m in t5_ref.named_modules():  # the same T5 with Forge's fp8 weights dequantised
+            if type(m) is nn.Linear:
+                m.weight.copy_(m.weight.to(torch.float8_e4m3fn).float())
+        torch.testing.assert_close(bundle.text_encoders[1](ids).last_hidden_state, t5_ref(ids).last_hidden_state)
+        img = torch.rand(1, 3, 32, 32) * 2 - 1
+        torch.testing.assert_close(bundle.vae.encode(img).latent_dist.mean, ref.vae.encode(img).latent_dist.mean)
+    assert bundle.family.value == "flux1" and bundle.variant == "dev" and bundle.prediction_type == "flow"
+    assert bundle.scaling_factor == pytest.approx(0.3611) and bundle.shift_factor == pytest.approx(0.1159)
+    assert bundle.name == "flux-tiny" and bundle.source == "forge:/models/flux-tiny.safetensors"
+    assert bundle.weight_formats == {"unet": "fp32", "te1": "fp32", "te3": "fp8 e4m3fn", "vae": "fp32"}
+
+
+def test_schnell_is_recognised(forge_backend):
+    sd_model, _ = make_forge_flux("fp32", variant="schnell")
+    assert forge_flux.check_family(sd_model)[1] == "schnell"
+
+
+def test_storage_report_names_every_part(forge_backend):
+    sd_model, _ = make_forge_flux("fp8", t5_fmt="fp8")
+    assert forge_flux.storage_report(sd_model).describe() == (
+        "transformer: fp32 (48 weights), fp8 e4m3fn (36 weights); CLIP-L: fp32; T5: fp8 e4m3fn (14 weights), "
+        "fp32 (7 weights); VAE: fp32")  # 36 Linears (the tiny model's 2+2 blocks); biases, norms, embeddings
+
+
+def test_make_room_asks_forges_memory_manager(forge_backend):
+    sd_model, _ = make_forge_flux("fp32")
+    forge_flux.make_room(sd_model, 3 * 2**30)
+    assert forge_backend.calls == [([sd_model.forge_objects_original.unet], 3 * 2**30)]
+    need = forge_flux.training_memory(SimpleNamespace(resolution=1024, batch_size=1, gradient_checkpointing=True,
+                                                      network_dim=16), forge_flux.flux_params(
+                                                          forge_flux.transformer_of(sd_model)))
+    assert 1.5 * 2**30 < need < 3 * 2**30
+
+
+def test_what_cannot_be_trained_is_refused_with_one_sentence(forge_backend):
+    sd_model, _ = make_forge_flux("fp32")
+
+    class Chroma(Flux):
+        pass
+
+    with pytest.raises(UnsupportedModelError, match="Chroma"):
+        forge_flux.check_family(Chroma(**vars(sd_model)))
+    forge_backend.dynamic_args["kontext"] = True
+    with pytest.raises(UnsupportedModelError, match="Kontext"):
+        forge_flux.check_family(sd_model)
+    forge_backend.dynamic_args["kontext"] = False
+    layer = forge_flux.transformer_of(sd_model).single_blocks[0].linear1
+    layer.__class__ = type("SVDQW4A4Linear", (FakeForgeLinear,), {})
+    with pytest.raises(UnsupportedModelError, match="Nunchaku SVDQ"):
+        _handoff(sd_model)
+    sd_model2, _ = make_forge_flux("fp32")
+    forge_flux.transformer_of(sd_model2).config["yak_mlp"] = True
+    with pytest.raises(UnsupportedModelError, match="FLUX.2"):
+        _handoff(sd_model2)
+    del sd_model2.forge_objects_original.clip.cond_stage_model.t5xxl
+    with pytest.raises(UnsupportedModelError, match="t5xxl text encoder"):
+        forge_flux.text_encoders_of(sd_model2)
+
+
+# ---------------------------------------------------------------- ForgeHost with stand-in `modules`
+@pytest.fixture
+def fake_forge_flux(monkeypatch, forge_backend):
+    """Forge's `modules` with a loaded Flux model (mocked: no Forge here), plus the backend stand-ins."""
+    import threading
+
+    from lora_trainer.webui import forge
+
+    sd_model, ref = make_forge_flux("fp8_scaled", t5_fmt="fp8")
+    calls = forge_backend.calls
+    state = SimpleNamespace(interrupted=False, stopping_generation=False, textinfo=None, job=None,
+                            begin=lambda job: calls.append(f"begin:{job}"), end=lambda: calls.append("end"))
+    mods = {
+        "modules_forge": types.ModuleType("modules_forge"),
+        "modules": types.ModuleType("modules"),
+        "modules.sd_models": SimpleNamespace(forge_model_reload=lambda: (calls.append("reload"), (sd_model, False))[1],
+                                             model_data=SimpleNamespace(sd_model=sd_model)),
+        "modules.shared": SimpleNamespace(state=state, sd_model=sd_model, opts=SimpleNamespace(),
+                                          cmd_opts=SimpleNamespace(lora_dir="/webui/models/Lora")),
+        "modules.call_queue": SimpleNamespace(queue_lock=threading.Lock()),
+    }
+    mods["modules_forge"].__spec__ = SimpleNamespace(name="x")
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for sub in ("sd_models", "shared", "call_queue"):
+        monkeypatch.setattr(mods["modules"], sub, mods[f"modules.{sub}"], raising=False)
+    mm = sys.modules["backend.memory_management"]
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda: calls.append("empty_cache")
+    monkeypatch.setattr(forge, "_importable", lambda name: name.split(".")[0] in ("modules_forge", "backend"))
+    return SimpleNamespace(sd_model=sd_model, ref=ref, calls=calls)
+
+
+def test_forge_host_trains_flux_in_place_and_checks_it_after(fake_forge_flux, capsys):
+    from lora_trainer.webui import forge
+
+    host = forge.ForgeHost(kind=SimpleNamespace(label="Forge", summary=lambda: "Forge"))
+    sd_model = fake_forge_flux.sd_model
+    before = tensor_fingerprint(forge_tensors(sd_model))
+    config = SimpleNamespace(model="", resolution=512, batch_size=1, gradient_checkpointing=True, network_dim=4,
+                             mixed_precision="bf16")
+    with host.gpu_lock():
+        bundle = host.acquire_model(config)
+        loads = [c for c in fake_forge_flux.calls if isinstance(c, tuple)]
+        assert fake_forge_flux.calls[0] == "reload" and loads == [([sd_model.forge_objects_original.unet], loads[0][1])]
+        assert loads[0][1] > 2**30  # room for the run asked of Forge's memory manager
+        assert sd_model.forge_objects_original.unet.refreshed == 1  # merged LoRAs taken out first
+        assert bundle.family.value == "flux1" and bundle.name == "flux-tiny" and bundle.model_hash == "cd" * 32
+        assert host.last_notes == [("Trains on the loaded Flux model as Forge holds it (transformer fp8_scaled, CLIP-L "
+                                   "fp32, T5 fp8 e4m3fn); no second copy of the weights.")]
+        with torch.no_grad():
+            x = inputs(fake_forge_flux.ref.unet.params)
+            torch.testing.assert_close(bundle.unet(**x), forge_flux.transformer_of(sd_model)(**x))
+        host.release_model(bundle)
+    out = capsys.readouterr().out
+    assert ("LoRA Trainer: training on Forge's loaded Flux model flux-tiny (dev; transformer fp8_scaled, CLIP-L fp32, "
+            "T5 fp8 e4m3fn; the LoRA trains over the weights as stored, dequantised one layer at a time; zero copy)"
+            in out)
+    assert "LoRA Trainer: Forge's model is bit-identical after training" in out
+    assert sd_model.current_lora_hash == "[]" and "end" in fake_forge_flux.calls
+    assert tensor_fingerprint(forge_tensors(sd_model), like=before) == before
+    assert host.model_info() == {
+        "name": "flux-tiny.safetensors", "family": "Flux",
+        "storage": "transformer fp8_scaled, CLIP-L fp32, T5 fp8 e4m3fn",
+        "note": "stored as transformer fp8_scaled, CLIP-L fp32, T5 fp8 e4m3fn; trains on the loaded weights as stored "
+                "(no second copy)"}
