@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.bundle import V_PREDICTION, Family
+from ..models.bundle import FLOW, V_PREDICTION, Family
 from .errors import LoraFileError
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,10 @@ _CONTEXT_DIMS = {768: Family.SD1, 1024: Family.SD2, 2048: Family.SDXL}
 
 def family_from_metadata(metadata: Mapping[str, str]) -> Family | None:
     version = metadata.get("ss_base_model_version", "")
+    if version.startswith("flux"):
+        return Family.FLUX1
+    if version.startswith("chroma"):
+        return Family.CHROMA
     if version.startswith("sdxl"):
         return Family.SDXL
     if version.startswith("sd_v2"):
@@ -141,6 +145,10 @@ def family_from_metadata(metadata: Mapping[str, str]) -> Family | None:
     if version.startswith("sd_v1"):
         return Family.SD1
     arch = metadata.get("modelspec.architecture", "")
+    if arch.startswith("flux-1"):
+        return Family.FLUX1
+    if arch.startswith("chroma"):
+        return Family.CHROMA
     if arch.startswith("stable-diffusion-xl"):
         return Family.SDXL
     if arch.startswith("stable-diffusion-v2"):
@@ -151,7 +159,10 @@ def family_from_metadata(metadata: Mapping[str, str]) -> Family | None:
 
 
 def family_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> Family | None:
-    """From the cross-attention context width (UNet attn2 to_k) or the text encoder width."""
+    """From the cross-attention context width (UNet attn2 to_k) or the text encoder width; Flux from
+    its block names (`lora_unet_double_blocks_*` / `single_blocks_*`, kohya's and ComfyUI's naming)."""
+    if any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in shapes):
+        return Family.FLUX1
     for key, shape in shapes.items():
         if key.startswith("lora_unet_") and "attn2_to_k" in key and key.endswith(".lora_down.weight"):
             return _CONTEXT_DIMS.get(shape[1])
@@ -191,6 +202,8 @@ def read_lora_info(path: str | os.PathLike) -> LoraFileInfo:
     is_v = (version or "").endswith("_v") or metadata.get("modelspec.prediction_type") == "v" \
         or metadata.get("modelspec.architecture", "").startswith("stable-diffusion-v2-768-v")
     prediction = V_PREDICTION if is_v else ("epsilon" if family is not None else None)
+    if family is not None and family.is_flux:
+        prediction = FLOW
 
     downs = {k[: -len(".lora_down.weight")]: s for k, s in shapes.items() if k.endswith(".lora_down.weight")}
     linear = [s[0] for s in downs.values() if len(s) == 2 or tuple(s[2:]) == (1, 1)]

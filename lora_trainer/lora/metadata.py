@@ -25,6 +25,8 @@ from .network import LoraSpec
 SAI_MODEL_SPEC_VERSION = "1.0.1"
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
+IMPL_FLUX = "https://github.com/black-forest-labs/flux"
+IMPL_CHROMA = "https://huggingface.co/lodestones/Chroma"
 
 
 @dataclass
@@ -111,7 +113,7 @@ def _num(value: float | None) -> str:
 def _resolution(facts: TrainingFacts, family: Family, v: bool) -> tuple[int, int]:
     reso = facts.resolution
     if reso is None:
-        size = 1024 if family is Family.SDXL else (768 if family is Family.SD2 and v else 512)
+        size = 1024 if family is Family.SDXL or family.is_flux else (768 if family is Family.SD2 and v else 512)
         return (size, size)
     if isinstance(reso, int):
         return (reso, reso)
@@ -139,15 +141,25 @@ def _old_model_hash(source: str) -> str | None:
         return None
 
 
-def architecture(family: Family, prediction_type: str) -> str:
-    """modelspec.architecture of a LoRA for this family (kohya's determine_architecture)."""
-    if family is Family.SDXL:
+def architecture(family: Family, prediction_type: str, variant: str = "") -> str:
+    """modelspec.architecture of a LoRA for this family (kohya's determine_architecture).
+    variant: Flux.1's "dev" or "schnell"."""
+    if family is Family.FLUX1:
+        arch = {"dev": "flux-1-dev", "schnell": "flux-1-schnell"}.get(variant, "flux-1")
+    elif family is Family.CHROMA:
+        arch = "chroma"
+    elif family is Family.SDXL:
         arch = "stable-diffusion-xl-v1-base"
     elif family is Family.SD2:
         arch = "stable-diffusion-v2-768-v" if prediction_type == V_PREDICTION else "stable-diffusion-v2-512"
     else:
         arch = "stable-diffusion-v1"
     return arch + "/lora"
+
+
+def _implementation(family: Family) -> str:
+    return {Family.SDXL: IMPL_STABILITY_AI, Family.FLUX1: IMPL_FLUX, Family.CHROMA: IMPL_CHROMA}.get(
+        family, IMPL_DIFFUSERS)
 
 
 def build_metadata(bundle: Any, spec: LoraSpec,
@@ -164,6 +176,7 @@ def build_metadata(bundle: Any, spec: LoraSpec,
     elif not isinstance(facts, TrainingFacts):
         facts = TrainingFacts(**dict(facts))  # a plain dict of TrainingFacts' fields
     family = Family(bundle.family)
+    flux = family.is_flux
     v = bundle.prediction_type == V_PREDICTION
     finished = facts.training_finished_at if facts.training_finished_at is not None else time.time()
     reso = _resolution(facts, family, v)
@@ -183,7 +196,7 @@ def build_metadata(bundle: Any, spec: LoraSpec,
         "ss_max_train_steps": facts.max_train_steps,
         "ss_lr_warmup_steps": facts.lr_warmup_steps,
         "ss_lr_scheduler": facts.lr_scheduler,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora_flux" if flux else "networks.lora",
         "ss_network_dim": int(spec.rank),
         "ss_network_alpha": float(spec.effective_alpha),
         "ss_network_dropout": float(spec.dropout) if spec.dropout else None,
@@ -237,7 +250,11 @@ def build_metadata(bundle: Any, spec: LoraSpec,
         "ss_steps": facts.steps,
         "ss_epoch": facts.epoch,
     }
-    if spec.conv_rank is not None:
+    if flux:  # kohya's Flux metadata has no v-prediction key
+        del md["ss_v_parameterization"]
+        if getattr(spec, "train_t5", False):  # the --network_args kohya needs to train T5-XXL
+            md["ss_network_args"] = json.dumps({"train_t5xxl": "True"})
+    if spec.conv_rank is not None and not flux:
         # kohya writes the --network_args strings, plus the dropout it injects for LyCORIS.
         md["ss_network_args"] = json.dumps({"conv_dim": _num(spec.conv_rank),
                                             "conv_alpha": _num(spec.effective_conv_alpha),
@@ -254,8 +271,8 @@ def build_metadata(bundle: Any, spec: LoraSpec,
 
     spec_md: dict[str, str | None] = {
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": architecture(family, bundle.prediction_type),
-        "modelspec.implementation": IMPL_STABILITY_AI if family is Family.SDXL else IMPL_DIFFUSERS,
+        "modelspec.architecture": architecture(family, bundle.prediction_type, getattr(bundle, "variant", "")),
+        "modelspec.implementation": _implementation(family),
         "modelspec.title": facts.title or facts.output_name,
         "modelspec.resolution": f"{reso[0]}x{reso[1]}",
         "modelspec.description": facts.description,
@@ -266,7 +283,7 @@ def build_metadata(bundle: Any, spec: LoraSpec,
         "modelspec.usage_hint": facts.usage_hint,
         "modelspec.tags": facts.tags,
         "modelspec.trigger_phrase": facts.trigger_phrase,
-        "modelspec.prediction_type": "v" if v else "epsilon",
+        "modelspec.prediction_type": None if flux else ("v" if v else "epsilon"),  # kohya: none for Flux
         "modelspec.timestep_range": (f"{facts.min_timestep or 0},{facts.max_timestep or 1000}"
                                      if facts.min_timestep is not None or facts.max_timestep is not None else None),
         "modelspec.encoder_layer": str(facts.clip_skip) if facts.clip_skip is not None else None,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..models.bundle import ModelBundle
+from ..models.bundle import Family, ModelBundle
 from ..models.unet_keys import to_ldm_module_name
 from .errors import LoraFileError
 from .kohya_file import family_from_shapes, load_kohya_file, save_kohya
@@ -39,10 +39,11 @@ class LoraSpec:
     conv_rank: int | None = None  # LoCon on ResNet/Down/Upsample 3x3 convs when set
     conv_alpha: float | None = None
     train_unet: bool = True
-    train_text_encoder: bool = True
+    train_text_encoder: bool = True  # CLIP text encoder(s); Flux: CLIP-L
     dropout: float = 0.0  # peft lora_dropout: on the adapter's input (kohya's network_dropout is on the rank features)
     # kohya name -> rank, for files trained with per-block ranks (kohya's block_dims); else None
     module_ranks: dict[str, int] | None = None
+    train_t5: bool = False  # Flux: adapters on T5-XXL too (kohya's network_args train_t5xxl=True)
 
     @property
     def effective_alpha(self) -> float:
@@ -60,7 +61,7 @@ class LoraSpec:
                               "to train without LoCon.")
         if any(int(r) < 1 for r in (self.module_ranks or {}).values()):
             raise ConfigError("A per-module LoRA rank is below 1; use ranks of 1 or more.")
-        if not (self.train_unet or self.train_text_encoder):
+        if not (self.train_unet or self.train_text_encoder or self.train_t5):
             raise ConfigError("Neither the UNet nor the text encoder is set to train; enable at least one.")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"LoRA dropout {self.dropout} is outside [0, 1); use a value such as 0 or 0.1.")
@@ -97,8 +98,8 @@ class LoraSpec:
         return cls(rank=rank, alpha=alphas[main].most_common(1)[0][0], conv_rank=conv_rank,
                    conv_alpha=alphas[True].most_common(1)[0][0] if alphas[True] else None,
                    train_unet=any(n.startswith("lora_unet_") for n in ranks),
-                   train_text_encoder=any(n.startswith("lora_te") for n in ranks),
-                   module_ranks=odd or None)
+                   train_text_encoder=any(n.startswith("lora_te") and not n.startswith("lora_te3_") for n in ranks),
+                   module_ranks=odd or None, train_t5=any(n.startswith("lora_te3_") for n in ranks))
 
 
 @dataclass
@@ -282,6 +283,8 @@ class LoraNetwork:
     def _aliases(self) -> dict[str, LoraTarget]:
         """kohya names we accept: ours, plus the other UNet naming (diffusers vs SGM) that others write."""
         names = dict(self._by_name)
+        if getattr(self.bundle, "is_flux", False):
+            return names  # kohya, ComfyUI and Forge all name Flux modules by the BFL layout
         cfg = self.bundle.unet.config
         for t in self.targets:
             if t.component != "unet":
@@ -298,7 +301,10 @@ class LoraNetwork:
         strict=True they raise LoraFileError.
         """
         file_family = family_from_shapes({k: tuple(v.shape) for k, v in state_dict.items()})
-        if file_family is not None and file_family is not self.bundle.family:
+        model_family = Family(self.bundle.family)
+        if file_family is not None and file_family.is_flux and model_family.is_flux:
+            file_family = model_family  # Flux.1 LoRAs load on Flux-derived models, as in ComfyUI and Forge
+        if file_family is not None and file_family is not model_family:
             raise LoraFileError(f"The LoRA is for {file_family.label} but the model is {self.bundle.family.label}; "
                                 f"pick a {self.bundle.family.label} LoRA or load a {file_family.label} model.")
         aliases = self._aliases()
@@ -388,9 +394,9 @@ def inject_lora(bundle: ModelBundle, spec: LoraSpec, seed: int | None = None,
             raise ConfigError(f"The model's {component} already carries LoRA adapters; remove them "
                               "(LoraNetwork.remove()) before adding new ones.")
     targets = find_targets(bundle, unet=spec.train_unet, text_encoder=spec.train_text_encoder,
-                           conv=spec.conv_rank is not None)
+                           conv=spec.conv_rank is not None, t5=spec.train_t5)
     if not targets:
-        raise ConfigError("The model has no modules LoRA can train; load an SD1, SD2 or SDXL model.")
+        raise ConfigError("The model has no modules LoRA can train; load an SD1, SD2, SDXL or Flux.1 model.")
     network = LoraNetwork(bundle, spec, targets)
     network._inject(seed, dtype)
     return network
