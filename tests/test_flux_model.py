@@ -164,3 +164,35 @@ def test_t5_tokenizer_matches_flux_tokenizer_2():
     assert tok("a photo of a cat, hello World!").input_ids == [3, 9, 1202, 13, 3, 9, 1712, 6, 21820, 1150, 55, 1]
     padded = tok(["x"], padding="max_length", max_length=8, truncation=True).input_ids[0]
     assert padded == [3, 226, 1, 0, 0, 0, 0, 0] and len(tok) == 32100
+
+
+def test_t5_tokenizer_sources_and_the_error_naming_them(tmp_path, monkeypatch):
+    import gzip
+
+    from lora_trainer.errors import UnsupportedModelError
+    from lora_trainer.models.flux import tokenizers as ft
+
+    packed = ft.bundled_t5_tokenizer_file().read_bytes()
+    monkeypatch.setattr(ft, "bundled_t5_tokenizer_file", lambda: tmp_path / "gone" / "tokenizer.json.gz")
+    monkeypatch.setattr(ft, "_hub_cache_dirs", lambda: [tmp_path / "hub" / "tokenizer_2"])
+    ft._t5_tokenizer.cache_clear()
+    try:
+        with pytest.raises(UnsupportedModelError) as exc:
+            ft.t5_tokenizer(host_roots=[tmp_path / "forge"])
+        text = str(exc.value)
+        for place in (tmp_path / "gone", tmp_path / "forge" / "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2",
+                      tmp_path / "hub" / "tokenizer_2"):
+            assert str(place) in text
+        assert "\n" not in text
+        # a host's copy (Forge keeps FLUX.1's tokenizer_2 as tokenizer.json)
+        host = tmp_path / "forge" / "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2"
+        host.mkdir(parents=True)
+        (host / "tokenizer.json").write_bytes(gzip.decompress(packed))
+        assert ft.t5_tokenizer(host_roots=[tmp_path / "forge"])("a cat").input_ids == [3, 9, 1712, 1]
+        # a folder the user names
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        (mine / "tokenizer.json").write_bytes(gzip.decompress(packed))
+        assert ft.t5_tokenizer(mine, max_length=77).model_max_length == 77
+    finally:
+        ft._t5_tokenizer.cache_clear()
