@@ -29,6 +29,10 @@ SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restart
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "bf16", "float")
 LOSS_TYPES = ("l2", "huber")
+TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")  # Flux (train/flow.py)
+PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+MAX_BLOCKS_TO_SWAP = 38  # kohya's count: n // 2 of Flux's 19 double blocks and 2 * (n - n // 2) of its 38 single
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,12 @@ _NOT_HASHED = frozenset({
     "sample_negative_prompt", "latent_cache_dir", "cache_latents_to_disk", "preset", "log_every",
     "save_state", "activation_text", "preferred_weight", "accel",
 })
+# Settings added for Flux: hashed only when set, so the states of runs saved before they existed resume.
+_HASHED_IF_SET = frozenset({
+    "clip_l", "t5", "vae", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+    "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "t5_max_token_length",
+    "blocks_to_swap", "cpu_offload_checkpointing",
+})
 _NAME_OK = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")
 
 
@@ -80,6 +90,9 @@ _NAME_OK = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")
 class TrainConfig:
     # --- what to train on / where to write
     model: str = ""  # checkpoint file or diffusers folder (ignored when the host hands a model)
+    clip_l: str = ""  # Flux: CLIP-L file ("": the model file's own, or found beside it)
+    t5: str = ""  # Flux: T5-XXL file (t5xxl_fp16 / t5xxl_fp8_e4m3fn)
+    vae: str = ""  # Flux: the autoencoder (ae.safetensors)
     data: str = ""  # folder with img/<N>_<name>/ (and reg/), or the folder holding <N>_<name>/ itself
     reg_data: str = ""  # folder with <N>_<class>/ regularisation images; default <data>/reg
     output_dir: str = "output"
@@ -134,11 +147,24 @@ class TrainConfig:
     max_timestep: int = 0  # 0 = the schedule's num_train_timesteps
     loss_type: str = "l2"
     huber_c: float = 0.1
+    # --- Flux (rectified flow; kohya's names, its recommended values as defaults)
+    timestep_sampling: str = "shift"  # sigma | uniform | sigmoid | shift | flux_shift
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.1582
+    model_prediction_type: str = "raw"  # raw | additive | sigma_scaled
+    guidance_scale: float = 1.0  # Flux.1 dev's distilled guidance while training (1.0 = off)
+    weighting_scheme: str = "none"  # with timestep_sampling sigma / model_prediction_type sigma_scaled
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    t5_max_token_length: int = 0  # 0 = 512 for dev, 256 for schnell
     # --- precision and memory
     mixed_precision: str = "bf16"  # fp16 (with loss scaling) on GPUs without bf16; fp32 on the CPU
     save_precision: str = "fp16"
     gradient_checkpointing: bool = False
     fp8_base: bool = False  # frozen UNet/TE Linear weights stored in fp8 (CUDA, models we load ourselves)
+    blocks_to_swap: int = 0  # Flux: transformer blocks streamed from CPU memory (kohya's count, 0..38)
+    cpu_offload_checkpointing: bool = False  # Flux: keep the checkpointed block inputs in CPU memory
     accel: str = "auto"  # "auto": fused LoRA forward + CUDA graphs where they work; "off": plain eager
     cache_latents_to_disk: bool = False
     latent_cache_dir: str = ""  # default <output_dir>/.cache/latents
@@ -234,11 +260,15 @@ class TrainConfig:
 
     def hash(self) -> str:
         """Identity of the settings that decide what each step computes (checked on resume)."""
-        items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        defaults = TrainConfig()
+        items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED
+                 and not (k in _HASHED_IF_SET and v == getattr(defaults, k))}
         # buckets that follow the resolution hash as their values: a state saved with 256/1024 written
         # out resumes with 0/0 at 512 px (the same buckets)
         items["min_bucket_reso"], items["max_bucket_reso"] = self.bucket_limits()
-        items["model"] = os.path.basename(str(items["model"]))
+        for key in ("model", "clip_l", "t5", "vae"):
+            if key in items:
+                items[key] = os.path.basename(str(items[key]))
         items["data"] = os.path.basename(os.path.normpath(str(items["data"]))) if items["data"] else ""
         blob = json.dumps(items, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -325,6 +355,22 @@ class TrainConfig:
             raise ConfigError(f"Resume state {self.resume} does not exist; pass the <name>-state folder "
                               "written by the stopped run.")
         _choice("accel", self.accel, ("auto", "off"))
+        _choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        _choice("model_prediction_type", self.model_prediction_type, PREDICTION_TYPES)
+        _choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        _positive("discrete_flow_shift", self.discrete_flow_shift, "3.1582 is kohya's recommendation for Flux.1")
+        _positive("sigmoid_scale", self.sigmoid_scale, "1.0 is the usual value")
+        _positive("logit_std", self.logit_std, "1.0 is the usual value")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale cannot be negative (got {self.guidance_scale}); use 1.0 for Flux.1 dev.")
+        _non_negative_int("t5_max_token_length", self.t5_max_token_length)
+        if not 0 <= self.blocks_to_swap <= MAX_BLOCKS_TO_SWAP:
+            raise ConfigError(f"blocks_to_swap must be between 0 and {MAX_BLOCKS_TO_SWAP} (got {self.blocks_to_swap}); "
+                              "use 0 when the model fits on the GPU.")
+        for key in ("clip_l", "t5", "vae"):
+            value = getattr(self, key)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"The {key.replace('_', '-').upper()} file {value} does not exist; check the path.")
         if self.preset and self.preset not in PRESETS:
             raise ConfigError(f"Unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}.")
         return self

@@ -31,8 +31,9 @@ and without swapping, which is what the tests check.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -153,7 +154,10 @@ class BlockSwapper:
     `remove()` puts every swapped tensor back on `device` (or `to`) as an ordinary tensor."""
 
     def __init__(self, blocks: Sequence[nn.Module], swap: Iterable[int], device: torch.device | str, *,
-                 slots: int = 2, pin: bool | None = None, name: str = "blocks"):
+                 slots: int = 2, pin: bool | None = None, name: str = "blocks",
+                 prepare: Callable[[int, nn.Module], None] | None = None):
+        """`prepare(index, block)`, if given, is called for each swapped block just before it is packed
+        (e.g. cast or quantise it on the device), so only one such block is ever whole on the device."""
         self.device = torch.device(device)
         self.blocks = list(blocks)
         self.order = sorted({int(i) for i in swap})
@@ -162,36 +166,21 @@ class BlockSwapper:
         self.name = name
         self.k = max(1, min(int(slots), len(self.order)))
         cuda = self.device.type == "cuda"
-        pin = cuda if pin is None else pin
+        self._pin = cuda if pin is None else pin
         self._refs: list[list[_Ref]] = []
         self._offsets: list[list[int]] = []
-        self._host: list[torch.Tensor] = []
-        sizes = []
+        self._host: list[_HostBuffer] = []
+        self._slots: list[torch.Tensor] = []
+        self.slot_bytes = 0
+        self.host_bytes = 0
         for i in self.order:
-            refs = frozen_refs(self.blocks[i])
-            offsets, total = [], 0
-            for r in refs:
-                offsets.append(total)
-                total += _aligned(_nbytes(r.get()))
-            self._refs.append(refs)
-            self._offsets.append(offsets)
-            sizes.append(total)
-        self.slot_bytes = max(sizes, default=0)
-        self.host_bytes = sum(sizes)
-        self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.k)]
-        for j, (refs, offsets, size) in enumerate(zip(self._refs, self._offsets, sizes)):
-            host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-            slot = self._slots[j % self.k]
-            for r, off in zip(refs, offsets):
-                t = r.get()
-                _view(host, off, t).copy_(t.detach())
-                r.set(_view(slot, off, t))  # the original storage is released here
-            self._host.append(host)
+            if prepare is not None:
+                prepare(i, self.blocks[i])
+            self._pack(self.blocks[i])
         self._stream = torch.cuda.Stream(self.device) if cuda else None
         self._owner: list[int | None] = [None] * self.k  # swapped index each slot holds (or is loading)
         self._loaded: dict[int, Any] = {}  # swapped index -> event after its copy (CUDA) or True
         self._free: list[Any] = [None] * self.k  # event after the slot's last reader
-        self._pass = 0
         self.anchor = torch.zeros((), device=self.device, requires_grad=True)
         self.copies = 0
         self._handles = []
@@ -200,8 +189,36 @@ class BlockSwapper:
             self._handles.append(block.register_forward_pre_hook(self._pre_hook(j)))
             self._handles.append(block.register_forward_hook(self._post_hook(j)))
         self.prepare()
-        log.info("block swap (%s): %d of %d blocks through %d slots of %.0f MiB; %.2f GiB pinned on the host",
+        log.info("block swap (%s): %d of %d blocks through %d slots of %.0f MiB; %.2f GiB of host memory",
                  name, len(self.order), len(self.blocks), self.k, self.slot_bytes / 2**20, self.host_bytes / 2**30)
+
+    def _pack(self, block: nn.Module) -> None:
+        """Copy one block's frozen tensors into a host buffer and point them at their slot."""
+        j = len(self._refs)
+        refs = frozen_refs(block)
+        offsets, total = [], 0
+        for r in refs:
+            offsets.append(total)
+            total += _aligned(_nbytes(r.get()))
+        host = _HostBuffer(total, self._pin)
+        for r, off in zip(refs, offsets):
+            _view(host.tensor, off, r.get()).copy_(r.get().detach())
+        self._refs.append(refs)
+        self._offsets.append(offsets)
+        self._host.append(host)
+        self.host_bytes += total
+        if total > self.slot_bytes:  # the first block, or a larger one: (re)allocate the slots
+            self._slots = []
+            self._slots = [torch.empty(total, dtype=torch.uint8, device=self.device) for _ in range(self.k)]
+            self.slot_bytes = total
+            for jj in range(j):
+                self._point(jj)
+        self._point(j)  # the block's own storage is released here
+
+    def _point(self, j: int) -> None:
+        slot = self._slots[j % self.k]
+        for r, off in zip(self._refs[j], self._offsets[j]):
+            r.set(_view(slot, off, r.get()))
 
     # ------------------------------------------------------------------ copies
     def _current(self):
@@ -213,7 +230,7 @@ class BlockSwapper:
         self._owner[s] = j
         self.copies += 1
         if self._stream is None:
-            self._slots[s][:self._host[j].numel()].copy_(self._host[j])
+            self._slots[s][:self._host[j].nbytes].copy_(self._host[j].tensor)
             self._loaded[j] = True
             return
         current = self._current()
@@ -223,7 +240,7 @@ class BlockSwapper:
             free.record(current)
         self._stream.wait_event(free)
         with torch.cuda.stream(self._stream):
-            self._slots[s][:self._host[j].numel()].copy_(self._host[j], non_blocking=True)
+            self._slots[s][:self._host[j].nbytes].copy_(self._host[j].tensor, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._stream)
         self._loaded[j] = done
@@ -274,7 +291,6 @@ class BlockSwapper:
 
     def _begin(self) -> None:
         """Start of a forward pass: blocks 0..k-1 must be (or get) into their slots."""
-        self._pass += 1
         self._free = [None] * self.k
         for j in range(self.k):
             if self._owner[j] != j:
@@ -314,8 +330,37 @@ class BlockSwapper:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for refs, offsets, host in zip(self._refs, self._offsets, self._host):
             for r, off in zip(refs, offsets):
-                r.set(_view(host, off, r.get()).to(to, copy=True))
+                r.set(_view(host.tensor, off, r.get()).to(to, copy=True))
+            host.close()
         self._refs, self._host, self._slots = [], [], []
+
+
+class _HostBuffer:
+    """A CPU byte buffer of exactly `nbytes`, page-locked for asynchronous copies when `pin` (registered
+    with cudaHostRegister: torch's pinned allocator rounds sizes up to a power of two, up to twice the
+    memory for a swapped model)."""
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.nbytes = nbytes
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self._registered = False
+        if pin and nbytes:
+            try:
+                err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+                self._registered = int(getattr(err, "value", err)) == 0
+            except (AttributeError, RuntimeError, TypeError):
+                self._registered = False
+            if not self._registered:  # fall back to torch's pinned memory
+                self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self._registered = False
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: CUDA may be gone
+            self.close()
 
 
 def swapped_bytes(blocks: Sequence[nn.Module], swap: Iterable[int]) -> int:

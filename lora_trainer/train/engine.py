@@ -77,17 +77,24 @@ def plan_training(config: TrainConfig) -> TrainingPlan:
     return prepare_dataset(config, decode=False)[1]
 
 
-def check_model_file(path: str) -> None:
-    """Refuse a file that is not an SD checkpoint from its header alone, before any heavy work."""
+def model_components(config: TrainConfig) -> dict[str, str]:
+    """The separate part files given for the model (Flux: clip_l, t5, vae), as load_model takes them."""
+    return {k: getattr(config, k) for k in ("clip_l", "t5", "vae") if getattr(config, k, "")}
+
+
+def check_model_file(path: str, components: dict[str, str] | None = None) -> None:
+    """Refuse a file that is not a model we train from its header alone, before any heavy work."""
     from ..errors import UnsupportedModelError
     from ..models.loader import check_model_header
 
     p = Path(path)
     if p.is_dir():
+        if components:
+            check_model_header(p, **components)
         return  # a diffusers folder: the loader checks its parts
     suffix = p.suffix.lower()
     if suffix in (".safetensors", ".sft"):
-        check_model_header(p)  # SD, or Flux with its text encoders and VAE found beside it
+        check_model_header(p, **(components or {}))  # SD, or Flux with its text encoders and VAE
     elif suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         raise UnsupportedModelError(f"{p.name} is not a model checkpoint (expected .safetensors or .ckpt); "
                                     "pick an SD1.x, SD2.x or SDXL checkpoint file.")
@@ -128,7 +135,7 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
     config.validate(need_model=bundle is None)
     check_optimizer_available(config.optimizer)
     if bundle is None:
-        check_model_file(config.model)
+        check_model_file(config.model, model_components(config))
     dataset, plan = prepare_dataset(config)
     resume = load_state(config.resume, config.hash()) if config.resume else None
     already = set(position_from(resume).saved) if resume else set()
@@ -216,7 +223,7 @@ class _Run:
         from ..models.loader import load_model
 
         # The file's tensors, memory-mapped: each part is read and cast as it goes to the device (placement.py).
-        bundle = load_model(self.config.model, dtype=None, device=None)
+        bundle = load_model(self.config.model, dtype=None, device=None, **model_components(self.config))
         self.placement = Placement(bundle, device, dtype)
         return bundle
 
@@ -231,8 +238,9 @@ class _Run:
         if given is not None:
             self.placement = Placement(bundle, device, None)
         self.own_bundle = bundle if own else None
-        self.family = family_for(bundle)
+        self.family = family_for(bundle, config)
         self.family.check_config(config)
+        self.models = self.family.placement(bundle, self.placement, device, config, own)
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight_dtype, "no")
         homes = {id(m): (next(m.parameters()).device, m.training)
                  for m in (bundle.unet, bundle.vae, *bundle.text_encoders)}
@@ -251,6 +259,8 @@ class _Run:
             raise
         finally:
             self.placement.close()
+            if getattr(self, "models", None) is not None:
+                self.models.close()
             if self.network is not None:
                 self.network.remove()
                 self.network = None
@@ -277,7 +287,7 @@ class _Run:
 
         # --- latents, once, then the VAE leaves the GPU (the UNet may upload meanwhile: placement.py)
         sampling = bool(config.sample_prompts and config.sample_every_n_epochs)
-        self.placement.upload_in_background(bundle.unet)
+        self.models.start_early()
         self.placement.to(bundle.vae, device)
         disk = (Path(config.latent_cache_dir) if config.latent_cache_dir else Path(config.output_dir) / ".cache"
                 / "latents") if config.cache_latents_to_disk else None
@@ -292,10 +302,7 @@ class _Run:
                                      config.caption_tag_dropout_rate)
         self.text_cache: list[dict[str, torch.Tensor]] | None = None
 
-        def place_encoders() -> None:
-            for te in bundle.text_encoders:
-                self.placement.to(te, device)
-
+        place_encoders = self.models.text_encoders
         if not config.train_text_encoder and static:
             text_disk = None
             if config.cache_latents_to_disk:
@@ -311,7 +318,7 @@ class _Run:
         else:
             place_encoders()
 
-        self.placement.to(bundle.unet, device)
+        self.models.denoiser()
 
         # --- adapters (fp32) on the modules being trained
         spec = LoraSpec(rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank or None,
@@ -340,8 +347,9 @@ class _Run:
         from .. import accel
 
         opts = accel.AccelOptions.from_config(config)
-        if bundle is not self.own_bundle or device.type != "cuda":
-            opts.fp8_base = False  # would replace the host's Linear modules in its skeleton; no gain on CPU
+        if bundle is not self.own_bundle or device.type != "cuda" or self.models.quantizes_base:
+            # would replace the host's Linear modules in its skeleton; no gain on CPU; or already done
+            opts.fp8_base = False
         for component in network.components():
             accel.prepare_model(network.roots[component], opts, device=device)
         log.info(accel.describe(opts, device))
@@ -433,6 +441,7 @@ class _Run:
         total = 0.0
         for i, batch in enumerate(chunk):
             inputs = self._make_batch(ctx, batch)
+            self.models.before_step()
             inputs["scale"] = torch.full((), 1.0 / len(chunk), device=ctx.device)
             loss = float(runner.step(inputs, apply=i == len(chunk) - 1))
             if not math.isfinite(loss):
@@ -573,8 +582,8 @@ class _Run:
     def _sample(self, bundle: ModelBundle, device: torch.device, epoch: int) -> None:
         config = self.config
         modes = {id(m): m.training for m in (bundle.unet, *bundle.text_encoders)}
-        for m in (bundle.vae, *bundle.text_encoders):
-            self.placement.to(m, device)
+        self.placement.to(bundle.vae, device)
+        self.models.text_encoders()
         bundle.unet.eval()
         n, steps = len(config.sample_prompts), config.sample_steps
 

@@ -51,12 +51,48 @@ class StepInputs:
     model_dtype: torch.dtype  # the dtype of the denoiser's weights
 
 
+class ModelPlacement:
+    """Where a family's parts go for training, through the engine's `train.placement.Placement`.
+
+    The default moves whole modules (SD): the UNet may upload during latent caching (`start_early`),
+    the text encoders go to the device for caching (`text_encoders`), the denoiser before LoRA injection
+    (`denoiser`). A family with a memory plan (fp8 base weights, block swap) overrides these;
+    `before_step()` runs before every optimizer step (e.g. restore swap slots after sampling) and
+    `close()` at the end of the run. `quantizes_base`: the plan already stored frozen weights in fp8.
+    """
+
+    quantizes_base = False
+
+    def __init__(self, bundle: Any, placement: Any, device: torch.device, config: Any, own: bool):
+        self.bundle, self.placement, self.device, self.config, self.own = bundle, placement, device, config, own
+
+    def start_early(self) -> None:
+        self.placement.upload_in_background(self.bundle.unet)
+
+    def text_encoders(self) -> None:
+        for te in self.bundle.text_encoders:
+            self.placement.to(te, self.device)
+
+    def denoiser(self) -> None:
+        self.placement.to(self.bundle.unet, self.device)
+
+    def before_step(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class TrainFamily:
-    """Base class: defaults shared by families; subclasses override what differs."""
+    """Base class: defaults shared by families; subclasses override what differs. One instance per run
+    (`family_for(bundle, config)`), so it may keep the run's settings in `self.config`."""
 
     key: str = ""
     # conditioning tensors `encode_text` returns (cached per caption; batched by the engine)
     cond_keys: tuple[str, ...] = ("hidden",)
+
+    def __init__(self, config: Any = None):
+        self.config = config
 
     # ---------------------------------------------------------------- text
     def encode_text(self, bundle: Any, captions: list[str], *, clip_skip: int = 1) -> Batch:
@@ -115,14 +151,16 @@ class TrainFamily:
         """The denoiser's block lists a block swapper may stream from host memory, in execution order."""
         return []
 
+    def placement(self, bundle: Any, placement: Any, device: torch.device, config: Any, own: bool) -> ModelPlacement:
+        """The memory plan for this run (`own`: the engine may replace/cast the bundle's modules)."""
+        return ModelPlacement(bundle, placement, device, config, own)
 
-_REGISTRY: dict[str, Callable[[], TrainFamily]] = {}
-_INSTANCES: dict[str, TrainFamily] = {}
+
+_REGISTRY: dict[str, Callable[..., TrainFamily]] = {}
 
 
-def register(key: str, factory: Callable[[], TrainFamily]) -> None:
+def register(key: str, factory: Callable[..., TrainFamily]) -> None:
     _REGISTRY[key] = factory
-    _INSTANCES.pop(key, None)
 
 
 def _load_builtin() -> None:
@@ -132,8 +170,8 @@ def _load_builtin() -> None:
         from . import family_flux  # noqa: F401
 
 
-def family_for(bundle: Any) -> TrainFamily:
-    """The TrainFamily of a ModelBundle (by `bundle.family`'s value)."""
+def family_for(bundle: Any, config: Any = None) -> TrainFamily:
+    """A TrainFamily for a ModelBundle (by `bundle.family`'s value), set up with the run's `config`."""
     key = getattr(bundle.family, "value", bundle.family)
     if key not in _REGISTRY:
         _load_builtin()
@@ -142,9 +180,7 @@ def family_for(bundle: Any) -> TrainFamily:
 
         raise UnsupportedModelError(f"Training is not available for {key} models yet; pick an SD1.x, SD2.x, "
                                     "SDXL or Flux.1 model.")
-    if key not in _INSTANCES:
-        _INSTANCES[key] = _REGISTRY[key]()
-    return _INSTANCES[key]
+    return _REGISTRY[key](config)
 
 
 def stack_conditioning(entries: Sequence[Batch], device: torch.device) -> Batch:

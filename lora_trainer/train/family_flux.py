@@ -1,0 +1,247 @@
+"""Flux.1 (dev, schnell) as a training family: kohya's `flux_train_network.py` math on our BFL-layout
+transformer (`models.flux.FluxTransformer`).
+
+- Conditioning: CLIP-L's pooled output (`pooled`, 77 tokens) and T5-XXL's last hidden state (`t5`,
+  512 tokens for dev, 256 for schnell, or `t5_max_token_length`), as kohya's FluxTextEncodingStrategy
+  (no T5 attention mask, kohya's default).
+- Objective: rectified flow (`train/flow.py`): σ from `timestep_sampling`, x_σ = (1 - σ)x₀ + σε, target
+  ε - x₀, prediction read per `model_prediction_type`; latents packed into 2x2 patches; the model gets σ
+  as its timestep (kohya's `timesteps / 1000`, rounded through the training dtype as kohya's are) and,
+  for dev, the distilled guidance `guidance_scale` (1.0 = off while training).
+- Memory plan (`FluxPlacement`): fp8 base weights and block swap are applied block by block while the
+  transformer goes to the GPU, so neither the bf16 model nor the whole fp8 model need fit there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from . import flow
+from .family import Batch, ModelPlacement, StepInputs, TrainFamily, register
+
+
+def kohya_swap_split(blocks_to_swap: int, n_double: int = 19, n_single: int = 38) -> tuple[int, int]:
+    """kohya's `--blocks_to_swap N` as (double, single) blocks: N // 2 double and 2 * (N - N // 2) single
+    (a single block is about half a double one)."""
+    double = min(n_double, blocks_to_swap // 2)
+    single = min(n_single, 2 * (blocks_to_swap - blocks_to_swap // 2))
+    return double, single
+
+
+class FlowObjective:
+    """Rectified-flow draws for one run (kohya's `get_noisy_model_input_and_timesteps`)."""
+
+    def __init__(self, config: Any, device: torch.device):
+        self.config = config
+        self.device = device
+
+    def draw(self, latents: torch.Tensor) -> Batch:
+        c = self.config
+        noise = torch.randn_like(latents)  # kohya: noise first, then σ
+        sigmas = flow.sample_sigmas(latents.shape[0], tuple(latents.shape[-2:]), latents.device,
+                                    method=c.timestep_sampling, sigmoid_scale=c.sigmoid_scale,
+                                    shift=c.discrete_flow_shift, weighting_scheme=c.weighting_scheme,
+                                    logit_mean=c.logit_mean, logit_std=c.logit_std, mode_scale=c.mode_scale)
+        out = {"noise": noise, "sigmas": sigmas.float()}
+        if c.model_prediction_type == "sigma_scaled":
+            out["weights"] = flow.loss_weighting(c.weighting_scheme, sigmas.float())
+        return out
+
+
+def _fingerprint(module: torch.nn.Module, h: Any) -> None:
+    config = getattr(module, "config", None)
+    h.update(json.dumps(config.to_dict() if hasattr(config, "to_dict") else str(config), sort_keys=True,
+                        default=str).encode())
+    for name, p in list(module.named_parameters())[-2:]:  # small tensors read from the file, not the whole model
+        if p.device.type != "meta":
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes()[:1 << 16])
+
+
+class FluxFamily(TrainFamily):
+    key = "flux1"
+    cond_keys = ("pooled", "t5")
+
+    # ---------------------------------------------------------------- text
+    def _t5_length(self, bundle: Any, config: Any | None = None) -> int:
+        n = int(getattr(config, "t5_max_token_length", 0) or 0) if config is not None else 0
+        return n or int(bundle.tokenizers[1].model_max_length)
+
+    def tokenize(self, bundle: Any, captions: list[str]) -> Batch:
+        clip_tok, t5_tok = bundle.tokenizers
+        length = self._t5_length(bundle, self.config)
+        clip = clip_tok(captions, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+        t5 = t5_tok(captions, max_length=length, padding="max_length", truncation=True, return_tensors="pt")
+        return {"clip_ids": clip.input_ids, "t5_ids": t5.input_ids}
+
+    def encode_tokens(self, bundle: Any, tokens: Batch, *, clip_skip: int = 1) -> Batch:
+        clip, t5 = bundle.text_encoders
+        pooled = clip(tokens["clip_ids"].to(_device(clip)), output_hidden_states=False).pooler_output
+        trains_t5 = any(p.requires_grad for p in t5.parameters())
+        with torch.enable_grad() if trains_t5 and torch.is_grad_enabled() else torch.no_grad():
+            hidden = t5(tokens["t5_ids"].to(_device(t5))).last_hidden_state
+        return {"pooled": pooled, "t5": hidden}
+
+    def encode_text(self, bundle: Any, captions: list[str], *, clip_skip: int = 1) -> Batch:
+        return self.encode_tokens(bundle, self.tokenize(bundle, captions))
+
+    def text_identity(self, bundle: Any, clip_skip: int = 1) -> str | None:
+        h = hashlib.sha256(b"flux1-text-v1")
+        h.update(str(self._t5_length(bundle, self.config)).encode())
+        for te in bundle.text_encoders:
+            _fingerprint(te, h)
+        return h.hexdigest()[:24]
+
+    # ---------------------------------------------------------------- data, config
+    def check_config(self, config: Any) -> None:
+        for key, what in (("min_snr_gamma", "min-SNR weighting"), ("noise_offset", "noise offset"),
+                          ("multires_noise_iterations", "multires noise"), ("min_timestep", "min_timestep"),
+                          ("max_timestep", "max_timestep")):
+            if getattr(config, key):
+                raise ConfigError(f"{key} ({what}) applies to SD models, not to Flux's rectified flow; set it to 0 "
+                                  "and use timestep_sampling / discrete_flow_shift instead.")
+        if config.clip_skip > 1:
+            raise ConfigError("clip_skip does not apply to Flux (it uses CLIP-L's pooled output); set it to 1.")
+        if config.resolution % 16:
+            raise ConfigError(f"Flux needs a resolution divisible by 16 (got {config.resolution}); use e.g. 512, "
+                              "768 or 1024.")
+        if config.enable_bucket and config.bucket_reso_steps % 16:
+            raise ConfigError(f"Flux needs bucket_reso_steps divisible by 16 (got {config.bucket_reso_steps}); "
+                              "use 64.")
+
+    def make_objective(self, bundle: Any, config: Any, device: torch.device) -> FlowObjective:
+        return FlowObjective(config, device)
+
+    # ---------------------------------------------------------------- the model call
+    def prediction_and_target(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..models.flux.model import image_ids, pack_latents, text_ids, unpack_latents
+
+        b, c, dtype = inputs.batch, inputs.objective.config, inputs.model_dtype
+        x0, noise, sigmas = b["latents"], b["noise"], b["sigmas"]
+        bsz, _, h, w = x0.shape
+        noisy = flow.noisy_input(x0, noise, sigmas)
+        t5 = inputs.cond["t5"].to(dtype)
+        # kohya hands the model `timesteps / 1000` with timesteps = σ·1000 in the training dtype
+        timesteps = (sigmas * 1000).to(dtype) / 1000
+        guidance = torch.full((bsz,), float(c.guidance_scale), device=x0.device, dtype=dtype)
+        pred = inputs.bundle.unet(img=pack_latents(noisy.to(dtype)), img_ids=image_ids(bsz, h, w, device=x0.device),
+                                  txt=t5, txt_ids=text_ids(bsz, t5.shape[1], device=x0.device), timesteps=timesteps,
+                                  y=inputs.cond["pooled"].to(dtype), guidance=guidance)
+        pred = unpack_latents(pred, h, w)
+        pred, _ = flow.apply_prediction_type(c.model_prediction_type, pred, noisy, sigmas)
+        return pred, flow.flow_target(x0, noise)
+
+    # ---------------------------------------------------------------- samples, metadata, memory
+    def generate(self, bundle: Any, prompts: list[str], *, seed: int = 1234, steps: int = 20,
+                 cfg_scale: float = 3.5, width: int = 1024, height: int = 1024, negative_prompt: str = "",
+                 clip_skip: int = 1, on_step: Callable[[int, int], None] | None = None) -> list:
+        from .flux_sampling import generate
+
+        return generate(bundle, self, prompts, seed=seed, steps=steps, guidance=cfg_scale, width=width,
+                        height=height, on_step=on_step)
+
+    def metadata_extras(self, config: Any) -> dict[str, str]:
+        # kohya's FluxNetworkTrainer.update_metadata (str() of each value, as all ss_* keys)
+        values = {"ss_model_type": "flux", "ss_apply_t5_attn_mask": False,
+                  "ss_weighting_scheme": config.weighting_scheme, "ss_logit_mean": config.logit_mean,
+                  "ss_logit_std": config.logit_std, "ss_mode_scale": config.mode_scale,
+                  "ss_guidance_scale": config.guidance_scale, "ss_timestep_sampling": config.timestep_sampling,
+                  "ss_sigmoid_scale": config.sigmoid_scale, "ss_model_prediction_type": config.model_prediction_type,
+                  "ss_discrete_flow_shift": config.discrete_flow_shift}
+        return {k: str(v) for k, v in values.items()}
+
+    def swappable_blocks(self, model: torch.nn.Module) -> list[torch.nn.ModuleList]:
+        return [model.double_blocks, model.single_blocks]
+
+    def placement(self, bundle: Any, placement: Any, device: torch.device, config: Any, own: bool) -> ModelPlacement:
+        return FluxPlacement(self, bundle, placement, device, config, own)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class FluxPlacement(ModelPlacement):
+    """fp8 base weights and block swap for a Flux model the engine owns, applied while it is placed.
+
+    `fp8_base`: every frozen Linear of the transformer blocks (and of T5-XXL) becomes fp8 with one scale
+    per row, on the device, layer by layer (files already in fp8 stay as stored). `blocks_to_swap`:
+    kohya's count of blocks kept in CPU memory and streamed in (accel/swap.py), spread through the
+    double and single blocks. Without either (or for a host's model) the parts move whole, as for SD."""
+
+    def __init__(self, family: FluxFamily, bundle: Any, placement: Any, device: torch.device, config: Any,
+                 own: bool):
+        super().__init__(bundle, placement, device, config, own)
+        self.family = family
+        # Also on the CPU when asked (no speed or memory gain there, but the same arithmetic: tests)
+        self.fp8 = bool(config.fp8_base and own)
+        self.swap = int(config.blocks_to_swap) if own else 0
+        formats = getattr(bundle, "weight_formats", {}) or {}
+        self.stored_fp8 = {k for k, v in formats.items() if str(v).startswith("fp8")}
+        self.blockwise = own and (self.fp8 or self.swap > 0 or "unet" in self.stored_fp8)
+        self.quantizes_base = self.fp8
+        self.swappers: list[Any] = []
+        self._dtype = getattr(placement, "_dtypes", {}).get(id(bundle.unet)) or torch.float32
+
+    def start_early(self) -> None:
+        if not self.blockwise:
+            super().start_early()
+
+    def text_encoders(self) -> None:
+        from .lowmem import has_fp8_weights, place_module
+
+        for te in self.bundle.text_encoders:
+            if self.own and (self.fp8 or has_fp8_weights(te)) and not _on(te, self.device):
+                # T5-XXL is 9.5 GB in bf16: fp8 with fp8_base (kohya's advice for small cards), fp8 files as stored
+                place_module(te, self.device, self._te_dtype(te), fp8=self.fp8)
+            else:
+                self.placement.to(te, self.device)
+
+    def _te_dtype(self, te: torch.nn.Module) -> torch.dtype:
+        return getattr(self.placement, "_dtypes", {}).get(id(te)) or self._dtype
+
+    def denoiser(self) -> None:
+        if not self.blockwise:
+            return super().denoiser()
+        from ..accel.swap import BlockSwapper, spread
+        from .lowmem import place_module
+
+        model, device, dtype = self.bundle.unet, self.device, self._dtype
+        lists = self.family.swappable_blocks(model)
+        for child in model.children():  # embedders, final layer: small, always resident
+            if all(child is not blocks for blocks in lists):
+                place_module(child, device, dtype, fp8=False)
+        counts = kohya_swap_split(self.swap, len(lists[0]), len(lists[1]))
+        for blocks, n, name in zip(lists, counts, ("double blocks", "single blocks")):
+            swapped = set(spread(len(blocks), n))
+            for i, block in enumerate(blocks):
+                if i not in swapped:
+                    place_module(block, device, dtype, fp8=self.fp8)
+            if swapped:
+                self.swappers.append(BlockSwapper(
+                    blocks, sorted(swapped), device, name=name,
+                    prepare=lambda i, block: place_module(block, device, dtype, fp8=self.fp8)))
+        return None
+
+    def before_step(self) -> None:
+        for s in self.swappers:
+            s.prepare()
+
+    def close(self) -> None:
+        for s in self.swappers:
+            s.remove(to="cpu")
+        self.swappers = []
+
+
+def _on(module: torch.nn.Module, device: torch.device) -> bool:
+    p = next(module.parameters(), None)
+    return p is not None and p.device.type == device.type
+
+
+register("flux1", FluxFamily)
