@@ -197,7 +197,7 @@ class FluxPlacement(ModelPlacement):
         from .lowmem import has_fp8_weights, place_module
 
         for te in self.bundle.text_encoders:
-            if self.own and (self.fp8 or has_fp8_weights(te)) and not _on(te, self.device):
+            if self.own and (self.fp8 or has_fp8_weights(te)):  # idempotent: fp8 layers are kept
                 # T5-XXL is 9.5 GB in bf16: fp8 with fp8_base (kohya's advice for small cards), fp8 files as stored
                 place_module(te, self.device, self._te_dtype(te), fp8=self.fp8)
             else:
@@ -238,10 +238,6 @@ class FluxPlacement(ModelPlacement):
             s.remove(to="cpu")
         self.swappers = []
 
-
-def _on(module: torch.nn.Module, device: torch.device) -> bool:
-    p = next(module.parameters(), None)
-    return p is not None and p.device.type == device.type
 
 
 register("flux1", FluxFamily)
