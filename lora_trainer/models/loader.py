@@ -118,7 +118,7 @@ def check_model_header(path: str | os.PathLike, *, clip_l: str | os.PathLike | N
 
         check_diffusers()
         if p.is_file():
-            resolve_flux_files(p, clip_l=clip_l, t5=t5, vae=vae)
+            return resolve_flux_files(p, clip_l=clip_l, t5=t5, vae=vae).info.family
         return Family.FLUX1
     if p.is_file() and p.suffix.lower() == ".safetensors":
         return classify(read_safetensors_header(p)[0], p.name)

@@ -105,9 +105,22 @@ _SINGLE = {
 }
 
 
-def _leaf_pairs(double: int, single: int) -> list[tuple[str, list[str]]]:
-    """(BFL module path, diffusers module paths) for every module of the model."""
+def _approximator_layers(keys: Iterable[str]) -> int:
+    """Chroma's approximator depth (0 for Flux.1)."""
+    return max((int(k.split(".")[2]) + 1 for k in keys if k.startswith("distilled_guidance_layer.layers.")),
+               default=0)
+
+
+def _leaf_pairs(double: int, single: int, approximator: int = 0) -> list[tuple[str, list[str]]]:
+    """(BFL module path, diffusers module paths) for every module of the model (Chroma: with its
+    approximator, whose MLP layers diffusers names linear_1/linear_2)."""
     pairs = [(k, v) for k, v in _TOP.items()]
+    if approximator:
+        pairs += [(f"distilled_guidance_layer.{n}", [f"distilled_guidance_layer.{n}"]) for n in ("in_proj", "out_proj")]
+        for i in range(approximator):
+            a = f"distilled_guidance_layer.layers.{i}"
+            pairs += [(f"{a}.in_layer", [f"{a}.linear_1"]), (f"{a}.out_layer", [f"{a}.linear_2"]),
+                      (f"distilled_guidance_layer.norms.{i}", [f"distilled_guidance_layer.norms.{i}"])]
     for i in range(double):
         pairs += [(f"double_blocks.{i}.{k}", [f"transformer_blocks.{i}.{n}" for n in v]) for k, v in _DOUBLE.items()]
     for i in range(single):
@@ -118,7 +131,7 @@ def _leaf_pairs(double: int, single: int) -> list[tuple[str, list[str]]]:
 
 def _param_names(bfl_module: str) -> tuple[tuple[str, str], ...]:
     """(BFL parameter suffix, diffusers parameter suffix): RMSNorm `scale` is diffusers' `weight`."""
-    if bfl_module.endswith(("query_norm", "key_norm")):
+    if bfl_module.endswith(("query_norm", "key_norm")) or ".norms." in bfl_module:
         return (("scale", "weight"),)
     return (("weight", "weight"), ("bias", "bias"))
 
@@ -138,7 +151,7 @@ def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     double, single = count_blocks(state_dict, "diffusers")
     out: dict[str, torch.Tensor] = {}
     used: set[str] = {"scaled_fp8"}
-    for bfl, names in _leaf_pairs(double, single):
+    for bfl, names in _leaf_pairs(double, single, _approximator_layers(state_dict)):
         for bsuf, dsuf in _param_names(bfl):
             keys = [f"{n}.{dsuf}" for n in names]
             if not all(k in state_dict for k in keys):
@@ -168,7 +181,7 @@ def bfl_to_diffusers(state_dict: Mapping[str, torch.Tensor], hidden_size: int) -
     """BFL keys -> diffusers FluxTransformer2DModel keys (fused projections sliced as views)."""
     double, single = count_blocks(state_dict, "bfl")
     out: dict[str, torch.Tensor] = {}
-    for bfl, names in _leaf_pairs(double, single):
+    for bfl, names in _leaf_pairs(double, single, _approximator_layers(state_dict)):
         for bsuf, dsuf in _param_names(bfl):
             key = f"{bfl}.{bsuf}"
             if key not in state_dict:

@@ -1,9 +1,9 @@
 """What a Flux-related file holds, from key names and shapes only (a safetensors header is enough).
 
-A Flux.1 transformer (BFL or diffusers layout, any known prefix, bf16/fp16/fp8/scaled fp8), the
-separate CLIP-L, T5-XXL and VAE files, and all-in-one checkpoints holding several of them. Files
-that look like Flux but are something we cannot train (FLUX.2, Fill, Canny/Depth, Kontext, Chroma,
-a LoRA, a quantised NF4 file) are refused with one sentence saying what they are.
+A Flux.1 or Chroma transformer (BFL layout, or diffusers layout for Flux.1; any known prefix;
+bf16/fp16/fp8/scaled fp8), the separate CLIP-L, T5-XXL and VAE files, and all-in-one checkpoints
+holding several of them. Files that look like Flux but are something we cannot train (FLUX.2, Fill,
+Canny/Depth, Kontext, a LoRA, a quantised NF4 file) are refused with one sentence saying what they are.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ _T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _VAE_MARKERS = ("decoder.conv_in.weight",)
 
 TRANSFORMER, CLIP_L, T5, VAE = "transformer", "clip_l", "t5", "vae"
+PARTS_NEEDED = {Family.FLUX1: (CLIP_L, T5, VAE), Family.CHROMA: (T5, VAE)}
 PART_LABELS = {TRANSFORMER: "the Flux transformer", CLIP_L: "a CLIP-L text encoder",
                T5: "a T5-XXL text encoder", VAE: "the Flux VAE (ae.safetensors)"}
 
@@ -41,7 +42,7 @@ class FluxFileInfo:
     prefixes: dict[str, str] = field(default_factory=dict)
     layout: str = "bfl"  # transformer keys: "bfl" or "diffusers"
     family: Family = Family.FLUX1
-    variant: str = "dev"  # "dev" (guidance embedding) or "schnell"
+    variant: str = "dev"  # "dev" (guidance embedding) or "schnell"; "" for Chroma
     params: FluxParams | None = None
     formats: dict[str, str] = field(default_factory=dict)  # part -> "bf16"/"fp16"/"fp32"/"fp8_e4m3fn"/"fp8_scaled"
     vae_layout: str = "ldm"  # "ldm" (ae.safetensors) or "diffusers"
@@ -99,6 +100,29 @@ def bfl_params(tensors: Mapping[str, TensorInfo], prefix: str = "") -> FluxParam
         guidance_embed=prefix + "guidance_in.in_layer.weight" in tensors)
 
 
+def chroma_params(tensors: Mapping[str, TensorInfo], prefix: str = "") -> FluxParams:
+    """Chroma's shape from BFL-layout keys (no modulation Linears; the approximator's sizes)."""
+    from .chroma import ChromaParams
+
+    def shape(key: str) -> tuple[int, ...]:
+        return tensors[prefix + key].shape
+
+    keys = [k[len(prefix):] for k in tensors if k.startswith(prefix)]
+    depth, single = cv.count_blocks(keys, "bfl")
+    hidden, in_channels = shape("img_in.weight")
+    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0] if depth else \
+        shape("single_blocks.0.norm.query_norm.scale")[0]
+    mlp = shape("double_blocks.0.img_mlp.0.weight")[0] if depth else shape("single_blocks.0.linear2.weight")[1] - hidden
+    approx_hidden, approx_in = shape("distilled_guidance_layer.in_proj.weight")
+    return ChromaParams(
+        in_channels=in_channels, out_channels=shape("final_layer.linear.weight")[0],
+        context_in_dim=shape("txt_in.weight")[1], hidden_size=hidden, mlp_ratio=mlp / hidden,
+        num_heads=hidden // head_dim, depth=depth, depth_single_blocks=single, axes_dim=_axes_dim(head_dim),
+        qkv_bias=prefix + "double_blocks.0.img_attn.qkv.bias" in tensors or depth == 0,
+        approximator_in_dim=approx_in, approximator_hidden_size=approx_hidden,
+        approximator_depth=cv._approximator_layers(keys))
+
+
 def diffusers_params(tensors: Mapping[str, TensorInfo], prefix: str = "") -> FluxParams:
     def shape(key: str) -> tuple[int, ...]:
         return tensors[prefix + key].shape
@@ -137,9 +161,6 @@ def inspect(tensors: Mapping[str, TensorInfo], name: str) -> FluxFileInfo | None
     if any(k.endswith(("double_stream_modulation_img.lin.weight", "single_stream_modulation.lin.weight"))
            for k in keys):
         raise refuse(name, "a FLUX.2 model")
-    if any(k.startswith(("distilled_guidance_layer.", "model.diffusion_model.distilled_guidance_layer."))
-           for k in keys):
-        raise refuse(name, "a Chroma model (not supported yet)")
     info = FluxFileInfo(name=name)
     found = cv.transformer_prefix(keys)
     if found is not None:
@@ -149,8 +170,12 @@ def inspect(tensors: Mapping[str, TensorInfo], name: str) -> FluxFileInfo | None
             raise refuse(name, "a Flux model quantised to NF4/int8 (bitsandbytes)",
                          "choose the bf16 or fp8 transformer file (e.g. flux1-dev.safetensors or "
                          "flux1-dev-fp8.safetensors) as the model.")
+        chroma = prefix + "distilled_guidance_layer.in_proj.weight" in tensors
         try:
-            params = bfl_params(tensors, prefix) if layout == "bfl" else diffusers_params(tensors, prefix)
+            if chroma and layout == "bfl":
+                params = chroma_params(tensors, prefix)
+            else:
+                params = bfl_params(tensors, prefix) if layout == "bfl" else diffusers_params(tensors, prefix)
         except (KeyError, IndexError, ValueError, ZeroDivisionError) as exc:
             raise UnsupportedModelError(
                 f"{name} looks like a Flux transformer but lacks weights it needs ({exc}); the file is incomplete "
@@ -167,7 +192,8 @@ def inspect(tensors: Mapping[str, TensorInfo], name: str) -> FluxFileInfo | None
         info.prefixes[TRANSFORMER] = prefix
         info.layout = layout
         info.params = params
-        info.variant = "dev" if params.guidance_embed else "schnell"
+        info.family = Family.CHROMA if chroma else Family.FLUX1
+        info.variant = "" if chroma else ("dev" if params.guidance_embed else "schnell")
         probe = "double_blocks.0.img_attn.qkv.weight" if layout == "bfl" else "transformer_blocks.0.attn.to_q.weight"
         info.formats[TRANSFORMER] = _format(tensors, prefix, probe)
     clip = cv.find_prefix(keys, [_CLIP_MARKER], cv.CLIP_PREFIXES)

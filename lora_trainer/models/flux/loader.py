@@ -177,10 +177,13 @@ def build_transformer(state_dict: Mapping[str, torch.Tensor], *, params: FluxPar
                       name: str = "model", dtype: torch.dtype | None = None,
                       device: str | torch.device | None = None) -> FluxTransformer:
     """A FluxTransformer holding `state_dict` (BFL keys, no prefix) as is; params from shapes."""
+    from .chroma import ChromaParams, ChromaTransformer
+
     if params is None:
         infos = {k: _info(v) for k, v in state_dict.items()}
-        params = fd.bfl_params(infos)
-    model = _empty(lambda: FluxTransformer(params))
+        params = fd.chroma_params(infos) if "distilled_guidance_layer.in_proj.weight" in infos else fd.bfl_params(infos)
+    cls = ChromaTransformer if isinstance(params, ChromaParams) else FluxTransformer
+    model = _empty(lambda: cls(params))
     return _assign(model, state_dict, "Flux transformer", name, dtype, device)
 
 
@@ -287,7 +290,13 @@ def resolve_flux_files(model: str | os.PathLike, *, clip_l: str | os.PathLike | 
         raise reason or UnsupportedModelError(f"{model.name} holds no Flux transformer weights; {fd.REMEDY}")
     parts: dict[str, tuple[_File, str]] = {fd.TRANSFORMER: (main, info.prefixes[fd.TRANSFORMER])}
     looked: list[Path] = []
+    needed = fd.PARTS_NEEDED[info.family]
+    if clip_l is not None and fd.CLIP_L not in needed:
+        raise UnsupportedModelError(
+            f"{model.name} is a Chroma model, which has no CLIP-L text encoder; leave --clip-l out.")
     for part, given in ((fd.CLIP_L, clip_l), (fd.T5, t5), (fd.VAE, vae)):
+        if part not in needed:
+            continue
         if given is not None:
             f = _open(given, f"The {_SHORT[part]} file")
             fd.check_part(f.info, part, f.path.name, OPTIONS[part], f.tensors)
@@ -303,12 +312,12 @@ def resolve_flux_files(model: str | os.PathLike, *, clip_l: str | os.PathLike | 
                 fd.check_part(f.info, part, found.name, OPTIONS[part], f.tensors)
                 log.info("Flux %s: using %s", part, found)
                 parts[part] = (f, f.info.prefixes[part])
-    missing = [p for p in (fd.CLIP_L, fd.T5, fd.VAE) if p not in parts]
+    missing = [p for p in needed if p not in parts]
     if missing:
         what = " and ".join(_SHORT[p] for p in missing)
         where = ", ".join(str(d) for d in looked) if looked else "nowhere (search is off)"
         raise UnsupportedModelError(
-            f"Flux needs its {what}, which {model.name} does not contain and none was found beside it (looked in "
+            f"{'Chroma' if info.family is Family.CHROMA else 'Flux'} needs its {what}, which {model.name} does not contain and none was found beside it (looked in "
             f"{where}); pass the file{'s' if len(missing) > 1 else ''} with "
             + " and ".join(OPTIONS[p] for p in missing) + ".")
     return FluxFiles(main, parts)
@@ -319,7 +328,7 @@ def load_flux(model: str | os.PathLike, *, clip_l: str | os.PathLike | None = No
               t5_tokenizer_dir: str | os.PathLike | None = None, host_roots: Iterable[str | os.PathLike] = (),
               dtype: torch.dtype | None = torch.float32, device: str | torch.device | None = "cpu",
               search: bool = True) -> ModelBundle:
-    """Load a Flux.1 model. `clip_l`/`t5`/`vae`: separate files (None: the model file's own, else
+    """Load a Flux.1 (or Chroma: T5 and VAE only) model. `clip_l`/`t5`/`vae`: separate files (None: the model file's own, else
     found beside it when `search`). `dtype=None, device=None`: tensors as stored, memory-mapped
     (fp8 stays fp8, see fp8.py); a dtype dequantises fp8 and casts everything."""
     check_diffusers()
@@ -341,25 +350,27 @@ def load_flux(model: str | os.PathLike, *, clip_l: str | os.PathLike | None = No
                 f"{fd.REMEDY}") from None
     transformer = build_transformer(transformer_sd, params=info.params, name=model.name, dtype=dtype,
                                     device=device)
-    source = {part: files.parts[part][0] for part in (fd.CLIP_L, fd.T5, fd.VAE)}
-    clip = build_clip_l(files.read(fd.CLIP_L), name=source[fd.CLIP_L].path.name, dtype=dtype, device=device)
-    t5_model = build_t5(files.read(fd.T5), name=source[fd.T5].path.name, dtype=dtype, device=device)
+    chroma = info.family is Family.CHROMA
+    source = {part: files.parts[part][0] for part in fd.PARTS_NEEDED[info.family]}
+    encoders = [] if chroma else [
+        build_clip_l(files.read(fd.CLIP_L), name=source[fd.CLIP_L].path.name, dtype=dtype, device=device)]
+    encoders.append(build_t5(files.read(fd.T5), name=source[fd.T5].path.name, dtype=dtype, device=device))
     vae_model = build_vae(files.read(fd.VAE), layout=source[fd.VAE].info.vae_layout, name=source[fd.VAE].path.name,
                           dtype=dtype, device=device)
     formats = {"unet": info.formats.get(fd.TRANSFORMER, "unknown")}
     for part, key in ((fd.CLIP_L, "te1"), (fd.T5, "te3"), (fd.VAE, "vae")):
-        formats[key] = source[part].info.formats.get(part, "unknown")
+        if part in source:
+            formats[key] = source[part].info.formats.get(part, "unknown")
     if dtype is not None:
         formats = {k: _dtype_name(dtype) for k in formats}
+    t5_tok = t5_tokenizer(t5_tokenizer_dir, host_roots=host_roots,
+                          max_length=256 if info.variant == "schnell" else 512)
     bundle = ModelBundle(
-        family=Family.FLUX1, prediction_type=FLOW, unet=transformer, vae=vae_model,
-        text_encoders=[clip, t5_model],
-        tokenizers=[flux_clip_tokenizer(), t5_tokenizer(t5_tokenizer_dir, host_roots=host_roots,
-                                                        max_length=512 if info.variant == "dev" else 256)],
+        family=info.family, prediction_type=FLOW, unet=transformer, vae=vae_model, text_encoders=encoders,
+        tokenizers=[t5_tok] if chroma else [flux_clip_tokenizer(), t5_tok],
         scaling_factor=float(vae_model.config.scaling_factor), shift_factor=float(vae_model.config.shift_factor),
         name=model.stem, source=str(model), variant=info.variant, weight_formats=formats,
-        component_sources={"clip_l": str(source[fd.CLIP_L].path), "t5": str(source[fd.T5].path),
-                           "vae": str(source[fd.VAE].path)})
+        component_sources={part: str(f.path) for part, f in source.items()})
     if model.stat().st_size <= 256 * 2**20:
         from ..loader import checkpoint_sha256
 

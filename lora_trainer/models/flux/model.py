@@ -94,10 +94,10 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tenso
     return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """q, k, v: (B, H, L, D) -> (B, L, H*D)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+    """q, k, v: (B, H, L, D) -> (B, L, H*D). mask: (B, 1, 1, L) bool, True where keys may be attended."""
     q, k = apply_rope(q, k, pe)
-    x = nn.functional.scaled_dot_product_attention(q, k, v)
+    x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return x.transpose(1, 2).flatten(2)
 
 
@@ -199,28 +199,37 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, joined in one attention."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = False,
+                 modulation: bool = True):
         super().__init__()
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
+        self.modulated = modulation  # Chroma: no modulation Linears, the vectors come from its approximator
         # Definition order = kohya's module order (named_modules) for the LoRA targets.
-        self.img_mod = Modulation(hidden_size, double=True)
+        if modulation:
+            self.img_mod = Modulation(hidden_size, double=True)
         self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
         self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.img_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_dim, bias=True), nn.GELU(approximate="tanh"),
                                      nn.Linear(mlp_hidden_dim, hidden_size, bias=True))
-        self.txt_mod = Modulation(hidden_size, double=True)
+        if modulation:
+            self.txt_mod = Modulation(hidden_size, double=True)
         self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
         self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.txt_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_dim, bias=True), nn.GELU(approximate="tanh"),
                                      nn.Linear(mlp_hidden_dim, hidden_size, bias=True))
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+    def forward(self, img: Tensor, txt: Tensor, vec: Any, pe: Tensor,
+                mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """vec: the conditioning vector (B, D), or for Chroma ((img_mod1, img_mod2), (txt_mod1, txt_mod2))."""
+        if self.modulated:
+            img_mod1, img_mod2 = self.img_mod(vec)
+            txt_mod1, txt_mod2 = self.txt_mod(vec)
+        else:
+            (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
 
         img_in = (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift
         img_q, img_k, img_v = _split_heads(self.img_attn.qkv(img_in), self.num_heads)
@@ -231,7 +240,7 @@ class DoubleStreamBlock(nn.Module):
         txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
 
         attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                         torch.cat((txt_v, img_v), dim=2), pe=pe)
+                         torch.cat((txt_v, img_v), dim=2), pe=pe, mask=mask)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -244,8 +253,9 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """One stream over text+image tokens; attention and MLP in parallel (fused linear1/linear2)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, modulation: bool = True):
         super().__init__()
+        self.modulated = modulation
         self.hidden_dim = hidden_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -255,29 +265,37 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp_act = nn.GELU(approximate="tanh")
-        self.modulation = Modulation(hidden_size, double=False)
+        if modulation:
+            self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        mod, _ = self.modulation(vec)
+    def forward(self, x: Tensor, vec: Any, pe: Tensor, mask: Tensor | None = None) -> Tensor:
+        """vec: the conditioning vector (B, D), or for Chroma its ModulationOut."""
+        mod = self.modulation(vec)[0] if self.modulated else vec
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe=pe), self.mlp_act(mlp)), 2))
+        out = self.linear2(torch.cat((attention(q, k, v, pe=pe, mask=mask), self.mlp_act(mlp)), 2))
         return x + mod.gate * out
 
 
 class LastLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulation: bool = True):
         super().__init__()
+        self.modulated = modulation
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
-        x = (1 + scale[:, None, :]) * self.norm_final(x) + shift[:, None, :]
-        return self.linear(x)
+    def forward(self, x: Tensor, vec: Any) -> Tensor:
+        """vec: the conditioning vector (B, D), or for Chroma (shift, scale), each (B, 1, D)."""
+        if self.modulated:
+            shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
+            shift, scale = shift[:, None, :], scale[:, None, :]
+        else:
+            shift, scale = vec
+        return self.linear((1 + scale) * self.norm_final(x) + shift)
 
 
 # ---------------------------------------------------------------- the model

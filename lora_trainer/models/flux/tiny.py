@@ -55,33 +55,50 @@ def vae_config() -> dict[str, Any]:
             "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False}
 
 
+def tiny_chroma_params(*, depth: int = 2, depth_single: int = 2, hidden: int = 64, num_heads: int = 2):
+    from .chroma import ChromaParams
+
+    p = tiny_params("schnell", depth=depth, depth_single=depth_single, hidden=hidden, num_heads=num_heads)
+    return ChromaParams(**{**p.to_dict(), "axes_dim": p.axes_dim, "vec_in_dim": 0, "guidance_embed": False},
+                        approximator_in_dim=64, approximator_depth=2, approximator_hidden_size=hidden)
+
+
 def build_tiny_flux_bundle(variant: str = "dev", seed: int = 0, *, depth: int = 2, depth_single: int = 2,
                            hidden: int = 64, num_heads: int = 2) -> ModelBundle:
-    """A random tiny Flux.1 in memory (fp32, CPU): BFL-layout transformer, CLIP-L, T5, VAE."""
+    """A random tiny Flux.1 in memory (fp32, CPU): BFL-layout transformer, CLIP-L, T5, VAE.
+    variant "chroma": a tiny Chroma (approximator instead of modulation Linears; T5 and VAE only)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    if variant not in ("dev", "schnell"):
-        raise ValueError(f"variant must be 'dev' or 'schnell', not {variant!r}")
+    if variant not in ("dev", "schnell", "chroma"):
+        raise ValueError(f"variant must be 'dev', 'schnell' or 'chroma', not {variant!r}")
     g = torch.Generator().manual_seed(seed)
-    transformer = FluxTransformer(tiny_params(variant, depth=depth, depth_single=depth_single, hidden=hidden,
-                                              num_heads=num_heads))
-    clip = CLIPTextModel(CLIPTextConfig(**clip_config()))
-    t5 = T5EncoderModel(T5Config(**t5_config()))
+    sizes = {"depth": depth, "depth_single": depth_single, "hidden": hidden, "num_heads": num_heads}
+    if variant == "chroma":
+        from .chroma import ChromaTransformer
+
+        transformer = ChromaTransformer(tiny_chroma_params(**sizes))
+        encoders = [T5EncoderModel(T5Config(**t5_config()))]
+    else:
+        transformer = FluxTransformer(tiny_params(variant, **sizes))
+        encoders = [CLIPTextModel(CLIPTextConfig(**clip_config())), T5EncoderModel(T5Config(**t5_config()))]
     vae = AutoencoderKL(**vae_config())
-    for m in (transformer, clip, t5, vae):
+    for m in (transformer, *encoders, vae):
         _randomize(m, g)
         m.eval().requires_grad_(False)
     with torch.no_grad():
         vae.decoder.conv_out.weight.mul_(0.35)  # decoded pixels mostly inside [-1, 1]
-        for m in t5.modules():  # T5's RMS norms have no bias: keep them near 1 like a trained model
+        for m in encoders[-1].modules():  # T5's RMS norms have no bias: keep them near 1 like a trained model
             if type(m).__name__.endswith("LayerNorm") and hasattr(m, "weight"):
                 m.weight.fill_(1.0)
+    t5_tok = t5_tokenizer(max_length=256 if variant == "schnell" else 512)
+    chroma = variant == "chroma"
     return ModelBundle(
-        family=Family.FLUX1, prediction_type=FLOW, unet=transformer, vae=vae, text_encoders=[clip, t5],
-        tokenizers=[flux_clip_tokenizer(), t5_tokenizer(max_length=512 if variant == "dev" else 256)],
-        scaling_factor=0.3611, shift_factor=0.1159, name=f"tiny-flux-{variant}", source="built in memory",
-        variant=variant, weight_formats={"unet": "fp32", "te1": "fp32", "te3": "fp32", "vae": "fp32"})
+        family=Family.CHROMA if chroma else Family.FLUX1, prediction_type=FLOW, unet=transformer, vae=vae,
+        text_encoders=encoders, tokenizers=[t5_tok] if chroma else [flux_clip_tokenizer(), t5_tok],
+        scaling_factor=0.3611, shift_factor=0.1159, name=f"tiny-{variant}" if chroma else f"tiny-flux-{variant}",
+        source="built in memory", variant="" if chroma else variant,
+        weight_formats={"unet": "fp32", **({} if chroma else {"te1": "fp32"}), "te3": "fp32", "vae": "fp32"})
 
 
 LAYOUTS = ("bfl", "prefixed", "diffusers", "all-in-one", "folder")
@@ -112,11 +129,12 @@ def component_state_dicts(bundle: ModelBundle) -> dict[str, dict[str, torch.Tens
     (`shared.weight` + `encoder.*`), ae.safetensors (LDM-style VAE keys)."""
     vae = bundle.vae
     levels = len(vae.config.block_out_channels)
-    t5 = {k: v for k, v in bundle.text_encoders[1].state_dict().items() if k != "encoder.embed_tokens.weight"}
-    return {"transformer": dict(bundle.unet.state_dict()),
-            "clip_l": canonical_text_keys(bundle.text_encoders[0].state_dict()),
-            "t5": t5,
-            "vae": vae_to_ldm(vae.state_dict(), levels, vae.config.layers_per_block, prefix="")}
+    t5 = {k: v for k, v in bundle.text_encoders[-1].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    parts = {"transformer": dict(bundle.unet.state_dict()), "t5": t5,
+             "vae": vae_to_ldm(vae.state_dict(), levels, vae.config.layers_per_block, prefix="")}
+    if len(bundle.text_encoders) == 2:
+        parts["clip_l"] = canonical_text_keys(bundle.text_encoders[0].state_dict())
+    return parts
 
 
 def _save(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
@@ -145,6 +163,8 @@ def write_tiny_flux_checkpoint(folder: str | Path, variant: str = "dev", seed: i
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    if variant == "chroma" and layout in ("diffusers", "folder"):
+        raise ValueError("Chroma is written in BFL layout only")
     if fp8 not in FP8:
         raise ValueError(f"fp8 must be one of {FP8}, not {fp8!r}")
     bundle = build_tiny_flux_bundle(variant, seed, **sizes)
@@ -155,7 +175,7 @@ def write_tiny_flux_checkpoint(folder: str | Path, variant: str = "dev", seed: i
     if fp8 is not None:
         transformer = quantize_fp8(transformer, scaled=fp8 == "fp8_scaled")
     if name is None:
-        name = f"tiny-flux-{variant}" + ("" if layout == "bfl" else f"-{layout}") + (f"-{fp8}" if fp8 else "")
+        name = ("tiny-chroma" if variant == "chroma" else f"tiny-flux-{variant}") + ("" if layout == "bfl" else f"-{layout}") + (f"-{fp8}" if fp8 else "")
     meta = {"lora_trainer": f"tiny random FLUX.1 {variant}", "seed": str(seed)}
     if layout == "folder":
         return _save_pipeline_folder(bundle, transformer, folder / name)
@@ -169,14 +189,15 @@ def write_tiny_flux_checkpoint(folder: str | Path, variant: str = "dev", seed: i
         _save({"model.diffusion_model." + k: v for k, v in transformer.items()}, path, meta)
     elif layout == "all-in-one":
         merged = {"model.diffusion_model." + k: v for k, v in transformer.items()}
-        merged.update({"text_encoders.clip_l.transformer." + k: v for k, v in sds["clip_l"].items()})
+        merged.update({"text_encoders.clip_l.transformer." + k: v for k, v in sds.get("clip_l", {}).items()})
         merged.update({"text_encoders.t5xxl.transformer." + k: v for k, v in sds["t5"].items()})
         merged.update({"vae." + k: v for k, v in sds["vae"].items()})
         return _save(merged, path, meta)
     else:
         _save(transformer, path, meta)
     if parts:
-        _save(sds["clip_l"], folder / "clip_l.safetensors")
+        if "clip_l" in sds:
+            _save(sds["clip_l"], folder / "clip_l.safetensors")
         _save(sds["t5"], folder / "t5xxl.safetensors")
         _save(sds["vae"], folder / "ae.safetensors")
     return path
