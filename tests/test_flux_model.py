@@ -196,3 +196,27 @@ def test_t5_tokenizer_sources_and_the_error_naming_them(tmp_path, monkeypatch):
         assert ft.t5_tokenizer(mine, max_length=77).model_max_length == 77
     finally:
         ft._t5_tokenizer.cache_clear()
+
+
+def test_fp8_t5_file(tmp_path, tiny_dev):
+    """t5xxl_fp8_e4m3fn: fp8 Linears stay fp8 as stored; an fp8 token embedding becomes bf16 (no fp8 path)."""
+    from safetensors.torch import save_file
+
+    from lora_trainer.models.flux.loader import load_flux
+    from lora_trainer.models.flux.tiny import component_state_dicts
+
+    model = write_tiny_flux_checkpoint(tmp_path, "dev", seed=0)
+    t5 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in component_state_dicts(tiny_dev)["t5"].items()}
+    save_file(t5, str(tmp_path / "t5xxl_fp8_e4m3fn.safetensors"))
+    (tmp_path / "t5xxl.safetensors").unlink()
+    stored = load_flux(model, dtype=None, device=None)
+    enc = stored.text_encoders[1]
+    assert stored.weight_formats["te3"] == "fp8_e4m3fn" and stored.component_sources["t5"].endswith("fp8_e4m3fn.safetensors")
+    assert enc.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    assert enc.shared.weight.dtype == torch.bfloat16
+    cast = load_flux(model)  # float32: every fp8 tensor dequantised
+    ref = tiny_dev.text_encoders[1].state_dict()
+    for key, value in cast.text_encoders[1].state_dict().items():
+        assert value.dtype == torch.float32
+        if ref[key].dim() == 2:
+            torch.testing.assert_close(value, ref[key].to(torch.float8_e4m3fn).float())

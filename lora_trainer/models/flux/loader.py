@@ -158,6 +158,8 @@ def _assign(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], what: 
         scale = weights.get(key[: -len("weight")] + SCALE) if key.endswith("weight") else None
         ready[key] = _cast(tensor, scale if dtype is not None else None, dtype, device)
     module.load_state_dict(ready, strict=False, assign=True)
+    if dtype is None:
+        _widen_fp8_non_linear(module)
     if dtype is None:  # keep scaled-fp8 scales beside their weights, named as in the file
         for key, scale in weights.items():
             if key.endswith("." + SCALE) and key[: -len(SCALE)] + "weight" in ready:
@@ -171,6 +173,17 @@ def _assign(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], what: 
                     sub._buffers[bname] = buf.to(target)
     module.eval().requires_grad_(False)
     return module
+
+
+def _widen_fp8_non_linear(module: torch.nn.Module) -> None:
+    """fp8 files may store embeddings and norms in fp8 too (t5xxl_fp8_e4m3fn); only Linear layers
+    have an fp8 path (dequantised per layer), so those few small tensors become bf16 here."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear):
+            continue
+        for pname, param in list(sub._parameters.items()):
+            if param is not None and is_fp8(param):
+                sub._parameters[pname] = torch.nn.Parameter(param.data.to(torch.bfloat16), requires_grad=False)
 
 
 def build_transformer(state_dict: Mapping[str, torch.Tensor], *, params: FluxParams | None = None,
