@@ -110,6 +110,7 @@ def test_double_blocks_and_clip_through_diffusers(tmp_path, caplog, with_clip):
         "txt_mod_lin", "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2"}
 
 
+@pytest.mark.slow  # a 3072-wide block: about 10 s and 1.5 GB on a 2-core CPU
 def test_single_block_at_full_width_through_diffusers(tmp_path, caplog):
     bundle = build_tiny_flux_bundle("schnell", seed=2, depth=0, depth_single=1, hidden=3072, num_heads=24)
     network = _check(bundle, tmp_path, caplog, with_clip=True)
