@@ -82,8 +82,7 @@ def test_missing_model_and_data(tmp_path, data):
         tiny_config(tmp_path / "missing", tmp_path / "o").validate(need_model=False)
 
 
-@pytest.mark.parametrize("name, package", [("AdamW8bit", "bitsandbytes"), ("Prodigy", "prodigyopt"),
-                                           ("Lion8bit", "bitsandbytes")])
+@pytest.mark.parametrize("name, package", [("Prodigy", "prodigyopt"), ("Lion8bit", "bitsandbytes")])
 def test_missing_optional_optimizer_package(name, package):
     if importlib.util.find_spec(package) is not None:
         pytest.skip(f"{package} is installed here")

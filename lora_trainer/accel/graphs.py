@@ -34,6 +34,8 @@ class _Graph:
 
 
 def _capturable_optimizer(opt: torch.optim.Optimizer) -> bool:
+    if getattr(opt, "capturable_in_graphs", False):  # e.g. train.adamw8bit.AdamW8bit: no host syncs
+        return True
     if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
         return False
     return all(g.get("capturable", False) or g.get("fused", False) for g in opt.param_groups)

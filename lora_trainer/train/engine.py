@@ -677,6 +677,11 @@ def training_facts(config: TrainConfig, dataset: Dataset, plan: TrainingPlan, st
                        "Prodigy": "prodigyopt.prodigy.Prodigy",
                        "Adafactor": "transformers.optimization.Adafactor"}
     optimizer = optimizer_names[config.optimizer]
+    if config.optimizer == "AdamW8bit":
+        from .optim import bitsandbytes_works
+
+        if not bitsandbytes_works():
+            optimizer = "lora_trainer.train.adamw8bit.AdamW8bit"
     if config.optimizer_args:
         optimizer += "(" + ",".join(f"{k}={v}" for k, v in config.optimizer_args.items()) + ")"
     return TrainingFacts(

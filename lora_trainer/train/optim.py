@@ -16,9 +16,9 @@ from ..errors import MissingPackageError
 
 log = logging.getLogger(__name__)
 
-# optimizer -> (package to install, import name), for the optional ones
+# optimizer -> (package to install, import name), for the optional ones (AdamW8bit: bitsandbytes where it
+# imports, else our own 8-bit AdamW in train/adamw8bit.py)
 _OPTIONAL = {
-    "AdamW8bit": ("bitsandbytes", "bitsandbytes"),
     "Lion8bit": ("bitsandbytes", "bitsandbytes"),
     "Prodigy": ("prodigyopt", "prodigyopt"),
 }
@@ -31,6 +31,18 @@ def check_optimizer_available(name: str) -> None:
             raise MissingPackageError(package, f"The {name} optimizer")
     if name == "Lion" and not (importlib.util.find_spec("lion_pytorch") or importlib.util.find_spec("bitsandbytes")):
         raise MissingPackageError("lion-pytorch", "The Lion optimizer")
+
+
+def bitsandbytes_works() -> bool:
+    """bitsandbytes imports (it may be installed without a usable build for this machine)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken native library raises anything
+        log.warning("bitsandbytes is installed but does not import; AdamW8bit uses lora_trainer's own")
+        return False
+    return True
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, weight_decay: float,
@@ -51,9 +63,14 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, weigh
             args.pop("capturable", None)
             return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **args)
     if name == "AdamW8bit":
-        import bitsandbytes as bnb
+        if bitsandbytes_works():
+            import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay, **args)
+            return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay, **args)
+        from .adamw8bit import AdamW8bit
+
+        log.info("AdamW8bit: bitsandbytes is not available here; using lora_trainer's own 8-bit AdamW")
+        return AdamW8bit(groups, lr=lr, weight_decay=weight_decay, **args)
     if name == "Lion8bit":
         import bitsandbytes as bnb
 
