@@ -126,6 +126,11 @@ def test_block_swap_fp8_and_checkpointing_keep_the_arithmetic(tmp_path, data):
     assert swapped.losses == plain.losses
     a, b = lora_tensors(plain.lora_path), lora_tensors(swapped.lora_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    offloaded = run_training(_config(data, tmp_path / "e", blocks_to_swap=5, cpu_offload_checkpointing=True, **common),
+                             bundle=build_tiny_flux_bundle("dev", seed=6), owns_bundle=True)
+    assert offloaded.losses == plain.losses
+    c = lora_tensors(offloaded.lora_path)
+    assert all(torch.equal(a[k], c[k]) for k in a)
     fp8 = run_training(_config(data, tmp_path / "c", fp8_base=True, **common),
                        bundle=build_tiny_flux_bundle("dev", seed=6), owns_bundle=True)
     fp8_swap = run_training(_config(data, tmp_path / "d", fp8_base=True, blocks_to_swap=3, **common),

@@ -27,17 +27,24 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "keep_tokens": ("keep_tokens", int), "save_precision": ("save_precision", str),
     "min_bucket_reso": ("min_bucket_reso", int), "max_bucket_reso": ("max_bucket_reso", int),
     "bucket_reso_steps": ("bucket_reso_steps", int),
+    # Flux (kohya's names)
+    "clip_l": ("clip_l", str), "t5": ("t5", str), "vae": ("vae", str), "blocks_to_swap": ("blocks_to_swap", int),
+    "guidance_scale": ("guidance_scale", float), "timestep_sampling": ("timestep_sampling", str),
+    "discrete_flow_shift": ("discrete_flow_shift", float), "sigmoid_scale": ("sigmoid_scale", float),
+    "model_prediction_type": ("model_prediction_type", str), "t5_max_token_length": ("t5_max_token_length", int),
 }
 _SWITCHES = {"overwrite": "overwrite", "train_text_encoder": "train_text_encoder",
              "gradient_checkpointing": "gradient_checkpointing", "shuffle_caption": "shuffle_caption",
-             "flip_aug": "flip_aug", "no_bucket": None, "cache_latents_to_disk": "cache_latents_to_disk"}
+             "flip_aug": "flip_aug", "no_bucket": None, "cache_latents_to_disk": "cache_latents_to_disk",
+             "fp8_base": "fp8_base", "cpu_offload_checkpointing": "cpu_offload_checkpointing"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="settings file (.toml or .json); flags override it")
     p.add_argument("--preset", choices=list(PRESETS),
                    help="; ".join(f"{k}: {v.label}" for k, v in PRESETS.items()))
-    p.add_argument("--model", metavar="CKPT", help="base checkpoint (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument("--model", metavar="CKPT", help="base checkpoint (.safetensors/.ckpt) or diffusers folder; "
+                   "Flux.1: flux1-dev.safetensors (bf16/fp8) or a FluxPipeline folder")
     p.add_argument("--data", metavar="DIR", help="Kohya dataset: folder holding img/<repeats>_<name>/ (and reg/)")
     p.add_argument("--reg-data", metavar="DIR", help="regularisation folder (<repeats>_<class>/), default DATA/reg")
     p.add_argument("--name", help="LoRA name: OUT/NAME.safetensors")
@@ -77,6 +84,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the <name>-state folder of a stopped run (its settings are used unless --config is given)")
     for flag in _SWITCHES:
         p.add_argument("--" + flag.replace("_", "-"), action="store_true", default=None)
+    flux = p.add_argument_group("Flux.1 (text encoders and VAE are found beside --model when not given)")
+    flux.add_argument("--clip-l", metavar="FILE", help="CLIP-L file (clip_l.safetensors)")
+    flux.add_argument("--t5", metavar="FILE", help="T5-XXL file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)")
+    flux.add_argument("--vae", metavar="FILE", help="Flux autoencoder (ae.safetensors)")
+    flux.add_argument("--blocks-to-swap", type=int, metavar="N",
+                      help="transformer blocks kept in CPU memory and streamed to the GPU (kohya's count, 0-38)")
+    flux.add_argument("--guidance-scale", type=float, help="Flux.1 dev's distilled guidance while training (1.0)")
+    flux.add_argument("--timestep-sampling", choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
+                      help="how noise levels are drawn (default shift, with --discrete-flow-shift 3.1582)")
+    flux.add_argument("--discrete-flow-shift", type=float)
+    flux.add_argument("--sigmoid-scale", type=float)
+    flux.add_argument("--model-prediction-type", choices=["raw", "additive", "sigma_scaled"])
+    flux.add_argument("--t5-max-token-length", type=int, help="T5 tokens per caption (default 512 dev, 256 schnell)")
     p.add_argument("--save-config", metavar="FILE", help="also write the final settings to FILE (.toml/.json)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit without training")
 

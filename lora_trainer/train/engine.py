@@ -352,6 +352,7 @@ class _Run:
             opts.fp8_base = False
         for component in network.components():
             accel.prepare_model(network.roots[component], opts, device=device)
+        self.models.ready()
         log.info(accel.describe(opts, device))
         optimizer = build_optimizer(config.optimizer, groups, lr=config.learning_rate,
                                     weight_decay=config.weight_decay, args=config.optimizer_args,

@@ -57,7 +57,7 @@ class ModelPlacement:
     The default moves whole modules (SD): the UNet may upload during latent caching (`start_early`),
     the text encoders go to the device for caching (`text_encoders`), the denoiser before LoRA injection
     (`denoiser`). A family with a memory plan (fp8 base weights, block swap) overrides these;
-    `before_step()` runs before every optimizer step (e.g. restore swap slots after sampling) and
+    `ready()` runs once adapters, checkpointing and accel are in place; `before_step()` runs before every optimizer step (e.g. restore swap slots after sampling) and
     `close()` at the end of the run. `quantizes_base`: the plan already stored frozen weights in fp8.
     """
 
@@ -75,6 +75,9 @@ class ModelPlacement:
 
     def denoiser(self) -> None:
         self.placement.to(self.bundle.unet, self.device)
+
+    def ready(self) -> None:
+        """Adapters injected, checkpointing and accel applied; the optimizer comes next."""
 
     def before_step(self) -> None:
         pass

@@ -229,6 +229,13 @@ class FluxPlacement(ModelPlacement):
                     prepare=lambda i, block: place_module(block, device, dtype, fp8=self.fp8)))
         return None
 
+    def ready(self) -> None:
+        model = self.bundle.unet
+        if self.config.cpu_offload_checkpointing and getattr(model, "gradient_checkpointing", False):
+            from ..accel.offload import OffloadedCheckpoint
+
+            model._gradient_checkpointing_func = OffloadedCheckpoint()
+
     def before_step(self) -> None:
         for s in self.swappers:
             s.prepare()
