@@ -17,7 +17,8 @@ from ..errors import UnsupportedModelError
 from .bundle import EPSILON, V_PREDICTION, Family
 from .ldm_convert import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, SDXL_TEXT1_PREFIX, SDXL_TEXT2_PREFIX, UNET_PREFIX
 
-_REMEDY = "choose an SD1.x, SD2.x or SDXL base checkpoint (.safetensors, .ckpt or a diffusers folder)."
+_REMEDY = ("choose an SD1.x, SD2.x, SDXL or FLUX.1 base model (.safetensors, .ckpt or a diffusers folder; "
+           "quantised files: the bf16/fp16/fp8 .safetensors of the same model).")
 
 
 @dataclass(frozen=True)
