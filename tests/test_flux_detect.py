@@ -150,12 +150,28 @@ def test_old_diffusers_refuses_flux_in_one_sentence(tmp_path):
 
 
 @requires_flux_diffusers
-def test_cli_exit_2_one_line(tmp_path, flux_dir, capsys):
+@pytest.mark.parametrize("case, words", [("t5-as-model", "T5-XXL text encoder"), ("truncated", "is truncated"),
+                                         ("no-text-encoders", "--clip-l and --t5"),
+                                         ("wrong-part", "is a T5-XXL text encoder; pass the right file with --clip-l")])
+def test_cli_exit_2_one_line(tmp_path, flux_dir, capsys, case, words):
     from lora_trainer.cli import main
 
     data = make_dataset(tmp_path / "data", n=1)
-    rc = main(["train", "--model", str(flux_dir / "t5xxl.safetensors"), "--data", str(data), "--name", "x",
-               "--out", str(tmp_path / "o"), "--device", "cpu"])
+    model, extra = flux_dir / "tiny-flux-dev.safetensors", []
+    if case == "t5-as-model":
+        model = flux_dir / "t5xxl.safetensors"
+    elif case == "truncated":
+        model = tmp_path / "flux1-dev.safetensors"
+        data_bytes = (flux_dir / "tiny-flux-dev.safetensors").read_bytes()
+        model.write_bytes(data_bytes[: len(data_bytes) - 100])
+    elif case == "no-text-encoders":
+        model = write_tiny_flux_checkpoint(tmp_path / "alone", "dev", parts=False)
+        extra = ["--vae", str(flux_dir / "ae.safetensors")]
+    else:
+        extra = ["--clip-l", str(flux_dir / "t5xxl.safetensors")]
+    rc = main(["train", "--model", str(model), "--data", str(data), "--name", "x", "--out", str(tmp_path / "o"),
+               "--device", "cpu", *extra])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: ") and "T5-XXL text encoder" in err
+    assert rc == 2 and err.startswith("error: ") and words in err, err
     assert "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
