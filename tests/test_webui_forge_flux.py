@@ -465,3 +465,19 @@ def test_forge_host_trains_flux_in_place_and_checks_it_after(fake_forge_flux, ca
         "storage": "transformer fp8_scaled, CLIP-L fp32, T5 fp8 e4m3fn",
         "note": "stored as transformer fp8_scaled, CLIP-L fp32, T5 fp8 e4m3fn; trains on the loaded weights as stored "
                 "(no second copy)"}
+
+
+def test_neo_rms_norms_named_weight_are_found(forge_backend):
+    """Neo builds Flux's q/k norms as torch.nn.RMSNorm, whose parameter is `weight` (BFL: `scale`)."""
+    sd_model, ref = make_forge_flux("bf16")
+    forge_t = forge_flux.transformer_of(sd_model)
+    for module in forge_t.modules():
+        if "scale" in module._parameters:
+            module._parameters["weight"] = module._parameters.pop("scale")
+    want = _handoff(make_forge_flux("bf16")[0]).unet(**inputs(ref.unet.params))
+    bundle = _handoff(sd_model)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.unet(**inputs(ref.unet.params)), want.detach(), rtol=0, atol=0)
+    norm = bundle.unet.double_blocks[0].img_attn.norm.query_norm.scale
+    assert norm.untyped_storage().data_ptr() == \
+        forge_t.double_blocks[0].img_attn.norm.query_norm.weight.untyped_storage().data_ptr()

@@ -268,7 +268,10 @@ def host_skeleton(skeleton: nn.Module, forge_root: nn.Module, *, what: str, devi
     for name, param in list(skeleton.named_parameters()):
         if not param.is_meta:
             continue
-        src = theirs_params.get(rename(name))
+        theirs_name = rename(name)
+        src = theirs_params.get(theirs_name)
+        if src is None and theirs_name.endswith(".scale"):  # Neo's RMSNorm (torch.nn.RMSNorm) calls it `weight`
+            src = theirs_params.get(theirs_name[: -len("scale")] + "weight")
         if src is None:
             raise UnsupportedModelError(
                 f"The loaded model's {what} lacks the weight {rename(name)} LoRA Trainer expects; train from the "

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Write stored-format variants of a Flux transformer file, as users download them, for the live suites:
+
+    python tests/webui/flux_variants.py SRC.safetensors --gguf Q8_0 [--fp8-scaled] [--out-dir DIR]
+
+- `--gguf Q8_0|Q5_1|Q5_0|Q4_1|Q4_0`: `<stem>-<type>.gguf`, city96's layout (ComfyUI-GGUF, what Forge and Neo read):
+  the BFL keys, every 2-D weight quantised to that type with the `gguf` package, 1-D tensors as F32,
+  architecture "flux".
+- `--fp8-scaled`: `<stem>-fp8_scaled.safetensors`, ComfyUI's scaled fp8: every Linear weight in
+  float8_e4m3fn with a per-tensor `scale_weight`, plus the `scaled_fp8` marker.
+- `--fp8`: `<stem>-fp8_e4m3fn.safetensors`, a plain cast of the Linear weights (the common fp8 download).
+
+Tensors are read and written one at a time (the source stays memory-mapped). Needs `gguf` for --gguf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def _tensors(src: Path):
+    with safe_open(str(src), framework="pt", device="cpu") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+            yield key, f.get_tensor(key)
+
+
+def _is_matrix(key: str, value: torch.Tensor) -> bool:
+    return key.endswith(".weight") and value.dim() == 2
+
+
+def write_gguf(src: Path, out: Path, qtype_name: str) -> Path:
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    writer = gguf.GGUFWriter(str(out), arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in _tensors(src):
+        data = value.float().numpy()
+        if _is_matrix(key, value) and data.shape[-1] % block == 0:
+            writer.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)  # shape from the bytes
+        else:
+            writer.add_tensor(key, data.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def write_fp8(src: Path, out: Path, *, scaled: bool) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in _tensors(src):
+        if _is_matrix(key, value):
+            w = value.float()
+            if scaled:
+                scale = (w.abs().max() / 448.0).clamp(min=1e-12)
+                tensors[key] = (w / scale).to(torch.float8_e4m3fn)
+                tensors[key[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+            else:
+                tensors[key] = w.clamp(-448, 448).to(torch.float8_e4m3fn)
+        else:
+            tensors[key] = value
+    if scaled:
+        tensors["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", type=Path)
+    ap.add_argument("--out-dir", type=Path)
+    ap.add_argument("--gguf", action="append", default=[], choices=["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"])
+    ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--fp8-scaled", action="store_true")
+    a = ap.parse_args(argv)
+    out_dir = a.out_dir or a.src.parent
+    stem = a.src.stem
+    for qtype in a.gguf:
+        print(write_gguf(a.src, out_dir / f"{stem}-{qtype}.gguf", qtype))
+    if a.fp8:
+        print(write_fp8(a.src, out_dir / f"{stem}-fp8_e4m3fn.safetensors", scaled=False))
+    if a.fp8_scaled:
+        print(write_fp8(a.src, out_dir / f"{stem}-fp8_scaled.safetensors", scaled=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
