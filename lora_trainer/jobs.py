@@ -185,6 +185,7 @@ class JobManager:
             job = self.get(job_id)
             if job.state == "queued":
                 self._queue.remove(job)
+                job.state_dir = job.resumed_from  # a resume that never ran leaves its run resumable
                 self._finish(job, "stopped", message="Stopped before it started.")
             elif job.state == "running":
                 job.stop_event.set()
@@ -242,14 +243,16 @@ class JobManager:
         with self._lock:
             newest: dict[str, Job] = {}
             for job in self._jobs.values():
-                if job.kind == "train" and job.state_dir and job.state in FINAL_STATES:
-                    seen = newest.get(job.state_dir)
+                run = job.state_dir or job.resumed_from  # a resumed run is the same run, saved or not
+                if job.kind == "train" and run and job.state in ("done", "stopped"):  # a failed resume: try again
+                    seen = newest.get(run)
                     if seen is None or job.created >= seen.created:
-                        newest[job.state_dir] = job
-            busy = {j.config.resume for j in [*self._queue, *([self._current] if self._current else [])]
-                    if j.kind == "train" and j.config is not None and j.config.resume}
-        return sorted((j for d, j in newest.items() if j.state == "stopped" and d not in busy and Path(d).is_dir()),
-                      key=lambda j: j.created, reverse=True)
+                        newest[run] = job
+            active = [*self._queue, *([self._current] if self._current else [])]
+            busy = {j.config.resume for j in active if j.kind == "train" and j.state not in FINAL_STATES
+                    and j.config is not None and j.config.resume}
+        return sorted((j for d, j in newest.items() if j.state == "stopped" and j.state_dir and d not in busy
+                       and Path(j.state_dir).is_dir()), key=lambda j: j.created, reverse=True)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         job = self.get(job_id)
@@ -406,6 +409,7 @@ class JobManager:
         job.message = "Waiting for the GPU (a generation may be running)…"
         with self.host.gpu_lock():
             if job.stop_event.is_set():  # stopped while it waited for the GPU: never load the model
+                job.state_dir = job.resumed_from  # a resume that never ran leaves its run resumable
                 self._finish(job, "stopped", message="Stopped before it started.")
                 return
             job.message = "Loading the model…"

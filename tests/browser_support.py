@@ -9,6 +9,7 @@ shows, with a deadline, never a fixed delay.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -75,7 +76,14 @@ class Page:
             raise RuntimeError(f"{expr[:80]}: {res['exceptionDetails'].get('text')}")
         return res.get("result", {}).get("value")
 
+    def front(self) -> None:
+        """Make this the visible tab (a background tab is throttled and not laid out, like a real one)."""
+        self.call("Page.bringToFront")
+
     def close(self) -> None:
+        """Close the tab itself (its page stops polling), not only our connection to it."""
+        with contextlib.suppress(Exception):  # already gone
+            self.call("Page.close")
         self.ws.close()
 
     # ------------------------------------------------------------------ reading the page
@@ -112,6 +120,13 @@ class Page:
              f" return t.includes({json.dumps(needle)}) ? t : ''; }})()"
         return self.wait(js, timeout=timeout, what=f"{needle!r} in {selector} (now: {self.text(selector)[:300]!r})")
 
+    def wait_value(self, elem_id: str, needle: str, *, timeout: float | None = None) -> str:
+        """Until the component's input/textarea value contains `needle`; returns the value."""
+        sel = json.dumps(f"#{elem_id} textarea, #{elem_id} input")
+        js = (f"(() => {{ const e = {ROOT_JS}.querySelector({sel}); const v = e ? e.value : '';"
+              f" return v.includes({json.dumps(needle)}) ? v : ''; }})()")
+        return self.wait(js, timeout=timeout, what=f"{needle!r} in the value of #{elem_id}")
+
     # ------------------------------------------------------------------ acting like a user
     def _centre(self, selector: str) -> tuple[float, float]:
         js = (f"(() => {{ const e = {self.q(selector)}; if (!e) return null; e.scrollIntoView({{block: 'center'}});"
@@ -120,7 +135,19 @@ class Page:
         return xy[0], xy[1]
 
     def click(self, selector: str) -> None:
-        x, y = self._centre(selector)
+        """A mouse click at the element's centre, once nothing else (a menu, an overlay) covers it there."""
+        hit = (f"(x, y) => {{ const e = {self.q(selector)}; const h = document.elementFromPoint(x, y);"
+               " return !!e && !!h && (e === h || e.contains(h) || (h.shadowRoot && h.shadowRoot.contains(e))); }")
+        deadline = time.monotonic() + 10
+        while True:  # like a person: wait until it stops moving (the page updates itself every second)
+            x, y = self._centre(selector)
+            time.sleep(0.05)
+            still = (x, y) == self._centre(selector)
+            if (still and self.eval(f"({hit})({x}, {y})")) or time.monotonic() > deadline:
+                break
+            if still:
+                self.key("Escape", "Escape", 27)  # close an open dropdown list that covers it
+            time.sleep(0.1)
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
@@ -155,6 +182,14 @@ class Page:
         self.wait(js, what=f"{text!r} in {selector}")
         self.click(f"{selector}[data-lt-pick='1']")
 
+    def click_nth(self, selector: str, n: int) -> None:
+        """Click the n-th (0-based) element matching `selector`."""
+        js = (f"(() => {{ const all = [...{ROOT_JS}.querySelectorAll({json.dumps(selector)})];"
+              f" if (all.length <= {n}) return null; all.forEach(e => e.removeAttribute('data-lt-pick'));"
+              f" all[{n}].setAttribute('data-lt-pick', '1'); return true; }})()")
+        self.wait(js, what=f"{n + 1} of {selector}")
+        self.click(f"{selector}[data-lt-pick='1']")
+
     def goto(self, url: str) -> None:
         self.call("Page.navigate", url=url)
         self.wait("document.readyState === 'complete'", what="page load")
@@ -177,7 +212,14 @@ class Page:
         """A picture of one part of the page (a tutorial step)."""
         js = (f"(() => {{ const e = {self.q(selector)}; e.scrollIntoView(); const r = e.getBoundingClientRect();"
               " return [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height]; })()")
-        x, y, w, h = self.wait(js, what=f"element {selector}")
+        box = None
+        for _ in range(50):  # until the layout has settled (pictures loading, a poll's update)
+            now = self.wait(js, what=f"element {selector}")
+            if now == box:
+                break
+            box = now
+            time.sleep(0.2)
+        x, y, w, h = box
         clip = {"x": max(0, x - pad), "y": max(0, y - pad), "width": w + 2 * pad, "height": h + 2 * pad, "scale": 1}
         data = self.call("Page.captureScreenshot", format="png", clip=clip, captureBeyondViewport=True)["data"]
         Path(path).write_bytes(base64.b64decode(data))

@@ -7,6 +7,7 @@ milliseconds; tests/test_jobs_engine.py runs the real engine on a tiny model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -119,7 +120,7 @@ def host(tmp_path):
 def wait_running(job, timeout=10.0):
     """Until the runner has started (its plan is out), past waiting for the GPU lock."""
     deadline = time.monotonic() + timeout
-    while (job.state == "queued" or not job.total_steps) and time.monotonic() < deadline:
+    while (job.state == "queued" or not job.plan_text) and time.monotonic() < deadline:
         time.sleep(0.005)
     assert job.state == "running"
 
@@ -403,3 +404,45 @@ def test_intermediate_saves_are_published_under_names_that_say_what_they_are(hos
     # the same run's files published again (a resumed run lists its earlier saves): recognised, left alone
     again = jm.wait(jm.submit_train(config(dataset)).id, 10)
     assert sorted(p.name for p in lora_dir.iterdir()) == names and again.lora_name == "mylora_2"
+
+
+def test_resumable_lists_each_stopped_run_once_until_it_is_finished(host, dataset, tmp_path):
+    """What the tab's "Stopped runs" offers: per run, its newest job decides; a resumed run that
+    finished without saving a state of its own (the engine's usual case) is done, not resumable."""
+    gate = threading.Event()
+    base = make_runner(steps=20, gate=gate)
+
+    def runner(config, **kw):  # as the engine: no state folder when the run ends without a stop
+        result = base(config, **kw)
+        return result if result.stopped else dataclasses.replace(result, state_dir=None)
+
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=runner)
+    runs = []
+    for name in ("a", "b"):
+        job = jm.submit_train(config(dataset, name=name))
+        wait_running(job)
+        jm.stop(job.id)
+        gate.set()
+        jm.wait(job.id, 10)
+        gate.clear()
+        runs.append(job)
+    assert [j.config.name for j in jm.resumable()] == ["b", "a"]
+    held = jm.submit_train(config(dataset, name="c"))  # keeps the resume below waiting in the queue
+    wait_running(held)
+    again = jm.resume(runs[0].id)
+    assert [j.config.name for j in jm.resumable()] == ["b"]  # being resumed: not offered twice
+    jm.stop(again.id)  # cancelled before it ran: "a" can still go on
+    assert [j.config.name for j in jm.resumable()] == ["a", "b"]  # newest first
+    jm.stop(held.id)
+    gate.set()
+    jm.wait(held.id, 10)
+    gate.clear()
+    again = jm.resume(runs[0].id)
+    wait_running(again)
+    jm.stop(again.id)
+    gate.set()
+    assert jm.wait(again.id, 10).state == "stopped"
+    assert [(j.config.name, j.id) for j in jm.resumable()] == [("a", again.id), ("c", held.id), ("b", runs[1].id)]
+    finished = jm.wait(jm.resume(again.id).id, 10)
+    assert finished.state == "done" and finished.state_dir is None
+    assert [j.config.name for j in jm.resumable()] == ["c", "b"]

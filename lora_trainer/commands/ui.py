@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     settings = {"lora_trainer_default_preset": args.preset} if args.preset else {}
     tab = build_tab(host, settings, jobs=jobs)
     tab.title = "LoRA Trainer"
-    tab.queue()
+    from ..ui import compat
+
+    tab.queue(**compat.queue_kwargs(64))  # as A1111 does
     print(f"LoRA Trainer tab on http://{args.host}:{args.port} (LoRAs go to {host.lora_dir()})")
     try:
         tab.launch(server_name=args.host, server_port=args.port, inbrowser=False, show_api=False)

@@ -414,7 +414,7 @@ class _Run:
         if stopped and self.pos.step < plan.total_steps:
             path = self._save(step_tag(self.pos.step), optimizer, scheduler, scaler, force_state=True)
             self.emit(ProgressEvent("stopped", step=self.pos.step, total_steps=plan.total_steps,
-                                    epoch=self.pos.epoch + (1 if self.pos.chunk else 0),  # as its steps showed
+                                    epoch=self._shown_epoch(),
                                     total_epochs=plan.epochs, loss=final_loss,
                                     message=f"Stopped at step {self.pos.step}; resume from {self.state_path}.",
                                     path=str(path)))
@@ -508,9 +508,13 @@ class _Run:
                                     eta_s=self.clock.eta(self.pos.step), vram_bytes=vram, phase="train",
                                     phase_done=self.pos.step, phase_total=self.plan.total_steps))
 
+    def _shown_epoch(self) -> int:
+        """The epoch as the last step showed it (1-based), also mid-epoch at a stop or save."""
+        return self.pos.epoch + (1 if self.pos.chunk else 0)
+
     def _emit_phase(self, phase: str, done: int, total: int, message: str) -> None:
         self.emit(ProgressEvent("phase", step=self.pos.step, total_steps=self.plan.total_steps,
-                                epoch=self.pos.epoch, total_epochs=self.plan.epochs, message=message, phase=phase,
+                                epoch=self._shown_epoch(), total_epochs=self.plan.epochs, message=message, phase=phase,
                                 phase_done=done, phase_total=total, it_per_s=self.clock.rate(),
                                 eta_s=self.clock.eta(self.pos.step)))
 
@@ -549,7 +553,7 @@ class _Run:
             self.saved.append(path)
         self.pos.saved = [str(p) for p in self.saved]
         self.emit(ProgressEvent("save", step=self.pos.step, total_steps=self.plan.total_steps,
-                                epoch=self.pos.epoch, total_epochs=self.plan.epochs, message=f"Saved {path}",
+                                epoch=self._shown_epoch(), total_epochs=self.plan.epochs, message=f"Saved {path}",
                                 path=str(path)))
         return path
 

@@ -63,10 +63,13 @@ def _save(work_dir: Path, history: History) -> None:
         log.warning("could not keep the caption history of %s: %s", history.folder, e)
 
 
-def record_tagging(work_dir: Path, folder: str | Path, captions: dict[str, str]) -> None:
-    """The tagger wrote `captions` ({relative path: text}) into `folder`."""
+def record_tagging(work_dir: Path, folder: str | Path, captions: dict[str, str], *,
+                   users: set[str] = frozenset()) -> None:
+    """The tagger wrote `captions` ({relative path: text}) into `folder`. `users`: captions that were
+    the user's before ("append" added tags to them); they stay the user's, so a later "Replace all
+    captions" still warns that their words would be lost."""
     history = load(work_dir, folder)
-    history.tagger.update(captions)
+    history.tagger.update({rel: text for rel, text in captions.items() if rel not in users})
     _save(work_dir, history)
 
 

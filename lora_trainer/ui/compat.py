@@ -35,3 +35,10 @@ def selected_index(evt: Any) -> int | None:
     if isinstance(index, (list, tuple)):
         index = index[0] if index else None
     return int(index) if index is not None else None
+
+
+def queue_kwargs(workers: int) -> dict[str, Any]:
+    """Blocks.queue() arguments for `workers` events at once. Gradio 3 needs them: an open page's
+    progress generator holds one worker while the page is open (A1111 runs `queue(64)`); Gradio 4
+    limits each event separately and polls with short timer ticks, so its default is kept."""
+    return {"concurrency_count": workers} if GRADIO_MAJOR < 4 else {}

@@ -15,6 +15,8 @@ from typing import Any
 from ..jobs import FINAL_STATES, Job, JobManager
 from . import logic
 
+PLOT_EVERY = 5.0  # seconds between redraws of the loss figure while a run goes on
+
 
 def followed(jobs: JobManager) -> Job | None:
     """The run the page shows: the active training run, else the newest one that ran (a queued run
@@ -98,7 +100,7 @@ class Follower:
         keys = {
             "job_id": job_id,
             "progress": logic.progress_html(snap),
-            "loss_plot": (job_id, len(history), history[-1] if history else None),
+            "loss_plot": self._plot_key(snap, history),
             "samples": (job_id, tuple(shown)),
             "result": logic.result_md(snap),
             "send_text": (snap or {}).get("prompt_text", ""),
@@ -119,6 +121,17 @@ class Follower:
         if "runs" in changed:
             changed["runs"] = runs
         return changed
+
+    def _plot_key(self, snap: dict[str, Any] | None, history: list) -> tuple:
+        """When the loss figure is drawn again: a new run, the run's end, or while it runs every
+        PLOT_EVERY seconds (drawing it is the poll's costliest part; the numbers above update each second)."""
+        if not snap:
+            return ("", 0, None)
+        old = self.sent.get("loss_plot")
+        running = snap["state"] not in FINAL_STATES
+        if running and old and old[0] == snap["id"] and old[3] and time.time() - old[4] < PLOT_EVERY:
+            return old
+        return (snap["id"], len(history), history[-1] if history else None, running, time.time() if running else 0)
 
     def forget(self) -> None:
         """Send everything again next time."""

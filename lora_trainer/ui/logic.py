@@ -196,6 +196,29 @@ def save_uploads(files: list[Any], dest_root: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- prepare / plan
+def dataset_origin(data: str) -> tuple[str, str, int]:
+    """(picture folder it was prepared from, concept, repeats) of a prepared dataset, from its
+    dataset.json and `img/<repeats>_<concept>/` ("" / 0 where it does not say)."""
+    import json
+
+    root = Path(data or "")
+    source = ""
+    try:
+        manifest = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+        source = next((str(s.get("source") or "") for s in manifest.get("subsets") or [] if s.get("kind") == "img"),
+                      "")
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    img = root / "img" if (root / "img").is_dir() else root
+    try:
+        names = sorted(p.name for p in img.iterdir() if p.is_dir()) if data else []
+    except OSError:
+        names = []
+    for name in names:
+        if m := re.match(r"^(\d+)_(.+)$", name):
+            return source, m.group(2), int(m.group(1))
+    return source, "", 0
+
 def steps_text(images: int, repeats: int, epochs: int, batch_size: int, reg_images: int = 0) -> str:
     from ..dataset.prepare import steps_plan, suggest_repeats
 
@@ -315,12 +338,14 @@ def result_md(job: dict[str, Any] | None) -> str:
         return f"### Training failed\n{job.get('error') or ''}"
     if state not in ("done", "stopped") or not job.get("lora_name"):
         if state == "stopped":
-            return "### Stopped\nNo LoRA was saved before the stop."
+            resume = ("\n\nIts training state was saved: choose it under **Stopped runs** and press **Resume** to "
+                      "continue." if job.get("state_dir") else "")
+            return f"### Stopped\nNo LoRA was saved before the stop.{resume}"
         return ""
     title = "LoRA ready" if state == "done" else "Stopped — the LoRA so far is saved"
     lines = [f"### {title}: `{job['lora_name']}`", f"Prompt: `{job.get('prompt_text', '')}`", "", "Files:"]
     lines += [f"- `{p}`" for p in job.get("outputs", [])]
     if state == "stopped" and job.get("state_dir"):
-        lines.append("\nPress **Resume** to continue this run where it stopped.")
+        lines.append("\nPress **Resume** to continue this run where it stopped (it is listed under **Stopped runs**).")
     lines += [f"\nNote: {n}" for n in job.get("notes") or []]
     return "\n".join(lines)

@@ -8,7 +8,6 @@ model family or host shows up here without changes: the family is whatever label
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,17 +62,8 @@ def _device_text(device: str) -> str:
     except Exception:  # no driver, busy device: say what we know
         log.debug("cannot read the GPU's memory", exc_info=True)
     if device.startswith("cpu"):
-        free = _free_ram()
-        ram = f", {free / 2**30:.1f} GiB of RAM free" if free else ""
-        return f"CPU (no CUDA GPU: fine for the tiny test model, very slow for a real one){ram}"
+        return "CPU (no CUDA GPU: fine for the tiny test model, very slow for a real one)"
     return device
-
-
-def _free_ram() -> int | None:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not POSIX
-        return None
 
 
 def setup_md(setup: Setup) -> str:

@@ -37,6 +37,16 @@ from .texts import HELP, check_extra_keys, form_message
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0  # seconds between progress updates
+# The parts that update themselves about once a second must not grey out or flash while an update is
+# on its way (Gradio marks every output of a running event). In the tab's own HTML, so it applies in
+# the WebUIs (whose page-wide CSS is their own) and standalone alike.
+_LIVE = [f"#lora_trainer_{n}" for n in ("progress", "run_state", "model_info", "result", "loss_plot", "samples",
+                                        "runs", "cancel_queued")]
+LIVE_CSS = (", ".join(f"{i}.pending, {i} .pending" for i in _LIVE)
+            + " { opacity: 1 !important; animation: none !important; }"
+            + ", ".join(f"{i}.generating, {i} .generating" for i in _LIVE)  # Gradio 3's running-event border
+            + " { border-color: var(--block-border-color) !important; animation: none !important; }"
+            + " #lora_trainer_live_css { display: none; }")
 PRESET_LABELS = {f"{p.label} ({key})": key for key, p in PRESETS.items()}
 # Standalone there is no txt2img: "Copy prompt" copies the text, or (plain http beyond localhost has
 # no clipboard API) selects the prompt in the result card so Ctrl+C copies it, and says which happened.
@@ -48,7 +58,7 @@ COPY_JS = """() => {
   const text = box ? box.value : '';
   if (!text) { say('Nothing to copy yet: the prompt appears when a run has saved a LoRA.'); return []; }
   const select = () => {
-    const code = root.querySelector('#lora_trainer_result code');
+    const code = [...root.querySelectorAll('#lora_trainer_result code')].find((c) => c.textContent === text);
     if (!code) { say('Copy this prompt: ' + text); return; }
     const range = document.createRange(); range.selectNodeContents(code);
     const sel = window.getSelection(); sel.removeAllRanges(); sel.addRange(range);
@@ -210,7 +220,8 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         if snap["state"] != "done":
             yield (_job_status(snap) + kept,) + unchanged()
             return
-        caphist.record_tagging(jobs.work_dir, folder, (snap.get("result") or {}).get("captions") or {})
+        users = set(state.changed) | set(state.foreign) if caphist.TAG_MODES.get(mode) == "append" else set()
+        caphist.record_tagging(jobs.work_dir, folder, (snap.get("result") or {}).get("captions") or {}, users=users)
         out = scan(folder, recursive, resolution, selected)
         yield (_job_status(snap) + kept,) + out[:9] + (_mode_md(out[9], mode),)
 
@@ -241,7 +252,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         except Exception as e:
             return error_md(e)
 
-    def run_prepare(folder, concept, repeats, class_images, class_name, out_dir, resolution, epochs, batch):
+    def run_prepare(folder, concept, repeats, class_images, class_name, out_dir, resolution):
         try:
             concept = (concept or "").strip()
             if not (folder or "").strip():
@@ -280,8 +291,8 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
                  if any("small image" not in str(x) for x in v)]
         if other:
             text += f"; {len(other)} file(s) converted, renamed or skipped (listed in dataset.json)"
-        steps = logic.steps_text(int(counts.get("usable") or 0), used_repeats, int(epochs or 1), int(batch or 1))
-        yield (f"{text}. **Training data** in step 4 is filled in. {steps}", result.get("data", out))
+        yield (f"{text} ({used_repeats} repeats per picture). **Training data** in step 4 is filled in.",
+               result.get("data", out))
 
     # ------------------------------------------------------------------ training
     def apply_preset(label, scanned):
@@ -472,12 +483,33 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
                 yield _values(changed)
             time.sleep(WATCH_INTERVAL)
 
+    def restore_form():
+        """Opening the page: the form shows the run the page follows (its settings, and the pictures and
+        concept its dataset was prepared from), so a page reopened mid-run says what is training, and
+        Resume or a new run starts from there."""
+        job = live.followed(jobs)
+        c = getattr(job, "config", None)
+        if c is None:
+            return (gr.update(),) * 19
+        source, concept_name, concept_repeats = logic.dataset_origin(c.data)
+        return (_preset_label(c.preset) if c.preset in PRESETS else gr.update(), c.name, c.data,
+                c.model if needs_model_file and c.model else gr.update(), c.epochs, c.max_steps, c.rank, c.alpha,
+                c.learning_rate, c.resolution, c.batch_size, c.seed, c.train_text_encoder,
+                "\n".join(c.sample_prompts or []), c.sample_every_n_epochs or 1, job.lora_subdir,
+                source or gr.update(), concept_name or gr.update(), concept_repeats or gr.update())
+
+    def reload_pictures(folder, recursive, resolution, selected, text, mode):
+        if not (folder or "").strip():
+            return (gr.update(),) * 11
+        return load(folder, recursive, resolution, selected, text, mode)
+
     def refresh(sent):
         follower = live.Follower(jobs, {})
         return (*_values(follower.update(_extra())), follower.sent)
 
     # ------------------------------------------------------------------ layout
     with gr.Blocks(analytics_enabled=False) as tab:
+        gr.HTML(f"<style>{LIVE_CSS}</style>", visible=True, elem_id="lora_trainer_live_css")
         images_state = gr.State([])
         scan_state = gr.State({})
         selected_state = gr.State("")
@@ -668,9 +700,9 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         for box in (repeats, epochs, batch, max_steps):
             box.change(steps_info, steps_inputs, [steps_md])
         resolution.change(recheck_sizes, [scan_state, resolution], [problems])
-        prep_btn.click(run_prepare, [folder, concept, repeats, class_images, class_name, prep_out, resolution, epochs,
-                                     batch], [prep_status, data])
-        preset.change(apply_preset, [preset, scan_state],
+        prep_btn.click(run_prepare, [folder, concept, repeats, class_images, class_name, prep_out, resolution],
+                       [prep_status, data])
+        preset.input(apply_preset, [preset, scan_state],  # the user's choice; restoring the form sets it too
                       [preset_md, rank, alpha, lr, resolution, batch, train_te, problems])
         form = [preset, name, data, model_file, epochs, max_steps, rank, alpha, lr, resolution, batch, seed, train_te,
                 sample_prompt, sample_every, subdir, extra]
@@ -685,6 +717,9 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         watch_outputs = [job_id, progress, loss_plot, samples, result, send_text, run_state, runs, cancel_queued_btn,
                          model_info]
         refresh_btn.click(refresh, [sent_state], [*watch_outputs, sent_state])
+        tab.load(restore_form, None, [*form[:15], subdir, folder, concept, repeats], show_progress="hidden"
+                 ).then(reload_pictures, [folder, recursive, resolution, *pending_in], [caption_status, *load_outputs]
+                        ).then(steps_info, steps_inputs, [steps_md])
         if compat.GRADIO_MAJOR >= 4:  # a timer tick per second; the first one right at load
             tab.load(poll_once, [sent_state], [*watch_outputs, sent_state], show_progress="hidden")
             tab.load(poll_once, [sent_state], [*watch_outputs, sent_state], every=WATCH_INTERVAL)
