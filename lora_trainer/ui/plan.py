@@ -73,29 +73,30 @@ def setup_md(setup: Setup) -> str:
     return f"**Model:** {model}{family}{note} · **Device:** {setup.device_text}"
 
 
-def preset_family(preset_key: str) -> str | None:
-    """The family a preset is made for (its key starts with it: sd15 → SD1, sdxl → SDXL, flux → FLUX)."""
-    key = preset_key.lower()
-    if key.startswith("sdxl"):
-        return "SDXL"
-    if key.startswith("sd1"):
-        return "SD1"
-    return key.split("-")[0].upper() or None
+# Which model families a preset's key prefix is made for (a family not listed: its own name).
+_PRESET_FITS = {"sd15": ("sd1", "sd2"), "sdxl": ("sdxl",), "flux": ("flux", "chroma")}
+
+
+def preset_family(preset_key: str) -> str:
+    """The family prefix of a preset key: "sd15-lowvram" → "sd15", "flux-12gb" → "flux"."""
+    return preset_key.lower().split("-")[0]
+
+
+def _fits(preset_key: str, family: str) -> bool:
+    prefix = preset_family(preset_key)
+    return family.lower() in _PRESET_FITS.get(prefix, (prefix,))
 
 
 def preset_warning(preset_key: str, family: str | None) -> str:
     """A warning when the preset is made for another family than the model (e.g. SDXL on SD1)."""
-    wanted = preset_family(preset_key)
-    if not family or not wanted or preset_key not in PRESETS:
+    if not family or preset_key not in PRESETS or _fits(preset_key, family):
         return ""
-    compatible = {"SD1": {"SD1", "SD2"}, "SDXL": {"SDXL"}}.get(wanted, {wanted})
-    if family in compatible:
-        return ""
-    res = PRESETS[preset_key].settings.get("resolution")
-    fits = [p.label for k, p in PRESETS.items() if family in {"SD1": {"SD1", "SD2"}, "SDXL": {"SDXL"}}.get(
-        preset_family(k) or "", {preset_family(k)})]
+    preset = PRESETS[preset_key]
+    made_for = preset.label.split(" ")[0]  # "SDXL", "SD1.5", "Flux.1"
+    res = preset.settings.get("resolution")
+    fits = [p.label for k, p in PRESETS.items() if _fits(k, family)]
     hint = f"pick {' or '.join(fits)}" if fits else "pick a preset made for it"
-    return (f"⚠️ The preset is made for {wanted} models (it trains at {res} px), but the model is {family}; "
+    return (f"⚠️ The preset is made for {made_for} models (it trains at {res} px), but the model is {family}; "
             f"{hint}.")
 
 
