@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run kohya sd-scripts' `train_network.py` or `sdxl_train_network.py` in this process, exactly as
+"""Run kohya sd-scripts' `train_network.py`, `sdxl_train_network.py` or `flux_train_network.py` in this process, exactly as
 its own `__main__` does, and write when each phase and each training step happened.
 
 Run it from an sd-scripts checkout (its `library` must import) with sd-scripts' own package
@@ -68,8 +68,8 @@ def timed_batch(self, *args, **kwargs):
 
 
 train_network.NetworkTrainer.process_batch = timed_batch
-trainer_class = (trainer_module.SdxlNetworkTrainer if hasattr(trainer_module, "SdxlNetworkTrainer")
-                 else train_network.NetworkTrainer)
+trainer_class = next((getattr(trainer_module, n) for n in ("SdxlNetworkTrainer", "FluxNetworkTrainer")
+                      if hasattr(trainer_module, n)), train_network.NetworkTrainer)
 timed_phase(trainer_class, "load_target_model", "load model")
 timed_phase(train_util.DatasetGroup, "new_cache_latents", "cache latents")
 timed_phase(trainer_class, "cache_text_encoder_outputs_if_needed", "cache text")

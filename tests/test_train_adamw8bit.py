@@ -43,8 +43,18 @@ def test_tracks_torch_adamw():
     assert rel < 0.02
     state = opt.state[params[0]]
     n = sum(p.numel() for p in params)
-    assert state["m_code"].dtype == torch.int8 and state["v_code"].dtype == torch.uint8
-    assert state["m_code"].numel() < n + 256  # one byte each, one flat buffer for the whole group
+    assert state["m_code0"].dtype == torch.int8 and state["v_code0"].dtype == torch.uint8
+    assert state["m_code0"].numel() < n + 256  # one byte each, one flat buffer for the (small) group
+
+
+def test_chunked_update_equals_one_chunk(monkeypatch):
+    import lora_trainer.train.adamw8bit as mod
+
+    whole, params_a, _ = _run(AdamW8bit, steps=20)
+    monkeypatch.setattr(mod, "CHUNK", 1000)  # the 64x48 matrix alone, then the bias
+    chunked, params_b, opt = _run(AdamW8bit, steps=20)
+    assert "m_code1" in opt.state[params_b[0]]
+    assert chunked == whole and all(torch.equal(a, b) for a, b in zip(params_a, params_b))
 
 
 def test_state_dict_resumes_exactly():

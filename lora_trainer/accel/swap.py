@@ -321,7 +321,8 @@ class BlockSwapper:
         return all(self._owner[j] == j for j in range(self.k))
 
     def remove(self, to: torch.device | str | None = None) -> None:
-        """Undo: every swapped tensor becomes an ordinary tensor on `to` (default the device)."""
+        """Undo: every swapped tensor becomes an ordinary tensor on `to` (default the device; "cpu": the
+        host copies themselves, no copy made)."""
         to = self.device if to is None else torch.device(to)
         for h in self._handles:
             h.remove()
@@ -330,7 +331,8 @@ class BlockSwapper:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for refs, offsets, host in zip(self._refs, self._offsets, self._host):
             for r, off in zip(refs, offsets):
-                r.set(_view(host.tensor, off, r.get()).to(to, copy=True))
+                view = _view(host.tensor, off, r.get())
+                r.set(view if to.type == "cpu" else view.to(to, copy=True))
             host.close()
         self._refs, self._host, self._slots = [], [], []
 

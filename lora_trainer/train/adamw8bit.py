@@ -1,12 +1,12 @@
 """AdamW with 8-bit optimizer states, in plain torch: the `AdamW8bit` choice where bitsandbytes does not
 import (no CUDA build for this platform, a CPU-only install, a GPU machine without it).
 
-Both moments live as one flat block-quantised buffer for all parameters (256 values per block, one fp32
-scale per block): the first moment as a signed 8-bit code of sign·sqrt(|m|/absmax) (companding keeps
+Both moments live as flat block-quantised buffers (256 values per block, one fp32 scale per block; one
+buffer per chunk of up to 16 M values, which bounds the step's temporaries): the first moment as a signed 8-bit code of sign·sqrt(|m|/absmax) (companding keeps
 small values, as bitsandbytes' dynamic map does), the second as an unsigned 8-bit code of
 (v/absmax)^(1/4). That is 2 bytes per parameter instead of AdamW's 8 (Flux rank-16 LoRA: 150 MB
-instead of 610 MB). Each step dequantises, updates and requantises the whole flat buffer in a few large
-kernels (no per-parameter loop), with the learning rate and step count as device tensors, so the step
+instead of 610 MB). Each step dequantises, updates and requantises each chunk in a few large kernels (no
+per-parameter loop), with the learning rate and step count as device tensors, so the step
 is capturable in a CUDA graph (accel.StepRunner treats it like a capturable torch AdamW).
 """
 
@@ -30,18 +30,20 @@ class AdamW8bit(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
     def _group_state(self, group: dict) -> dict:
+        """The group's state, kept under its first parameter: the step count and, per chunk of at most
+        CHUNK values (whole parameters), the quantised moments and their block scales."""
         params = group["params"]
-        key = params[0]
-        state = self.state[key]
-        if "m_code" not in state:
-            n = sum(p.numel() for p in params)
-            padded = (n + BLOCK - 1) // BLOCK * BLOCK
+        state = self.state[params[0]]
+        if "step" not in state:
             device = params[0].device
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-            state["m_code"] = torch.zeros(padded, dtype=torch.int8, device=device)
-            state["m_scale"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=device)
-            state["v_code"] = torch.zeros(padded, dtype=torch.uint8, device=device)
-            state["v_scale"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=device)
+            for c, chunk in enumerate(_chunks(params)):
+                n = sum(p.numel() for p in chunk)
+                padded = (n + BLOCK - 1) // BLOCK * BLOCK
+                state[f"m_code{c}"] = torch.zeros(padded, dtype=torch.int8, device=device)
+                state[f"m_scale{c}"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=device)
+                state[f"v_code{c}"] = torch.zeros(padded, dtype=torch.uint8, device=device)
+                state[f"v_scale{c}"] = torch.zeros(padded // BLOCK, dtype=torch.float32, device=device)
         return state
 
     @staticmethod
@@ -61,30 +63,53 @@ class AdamW8bit(torch.optim.Optimizer):
             if not any(p.grad is not None for p in params):
                 continue
             state = self._group_state(group)
-            padded = state["m_code"].numel()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            g = self._flat(grads, padded)
-            w = self._flat(params, padded)
             b1, b2 = group["betas"]
             lr = group["lr"]
-            lr = lr.to(w.device, torch.float32) if isinstance(lr, torch.Tensor) else torch.tensor(
-                float(lr), device=w.device)
+            lr = lr.to(params[0].device, torch.float32) if isinstance(lr, torch.Tensor) else torch.tensor(
+                float(lr), device=params[0].device)
             state["step"] += 1
-            m = _dequant_signed(state["m_code"], state["m_scale"])
-            v = _dequant_quartic(state["v_code"], state["v_scale"])
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
             step = state["step"]
             bc1 = 1 - b1 ** step
             bc2 = 1 - b2 ** step
-            w.mul_(1 - lr * group["weight_decay"])
-            denom = (v / bc2).sqrt_().add_(group["eps"])
-            w.sub_(lr * (m / bc1) / denom)
-            _quant_signed(m, state["m_code"], state["m_scale"])
-            _quant_quartic(v, state["v_code"], state["v_scale"])
-            new = w[: sum(p.numel() for p in params)].split([p.numel() for p in params])
-            torch._foreach_copy_(params, [t.view_as(p).to(p.dtype) for t, p in zip(new, params)])
+            for c, chunk in enumerate(_chunks(params)):
+                codes = (state[f"m_code{c}"], state[f"m_scale{c}"], state[f"v_code{c}"], state[f"v_scale{c}"])
+                self._update(chunk, codes, group, lr, bc1, bc2)
         return loss
+
+    def _update(self, params: list[torch.Tensor], codes, group: dict, lr, bc1, bc2) -> None:
+        m_code, m_scale, v_code, v_scale = codes
+        padded = m_code.numel()
+        b1, b2 = group["betas"]
+        g = self._flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], padded)
+        w = self._flat(params, padded)
+        m = _dequant_signed(m_code, m_scale)
+        v = _dequant_quartic(v_code, v_scale)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        del g
+        w.mul_(1 - lr * group["weight_decay"])
+        denom = (v / bc2).sqrt_().add_(group["eps"])
+        w.sub_(lr * (m / bc1) / denom)
+        del denom
+        _quant_signed(m, m_code, m_scale)
+        _quant_quartic(v, v_code, v_scale)
+        new = w[: sum(p.numel() for p in params)].split([p.numel() for p in params])
+        torch._foreach_copy_(params, [t.view_as(p).to(p.dtype) for t, p in zip(new, params)])
+
+
+CHUNK = 1 << 24  # values updated at once: bounds the step's fp32 temporaries (~6 x 64 MB)
+
+
+def _chunks(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    chunks: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for p in params:
+        if chunks[-1] and size + p.numel() > CHUNK:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(p)
+        size += p.numel()
+    return chunks
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:

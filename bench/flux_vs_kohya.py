@@ -1,0 +1,500 @@
+#!/usr/bin/env python3
+"""Flux.1 LoRA training, ours vs kohya sd-scripts' `flux_train_network.py`, on the same random full-size
+Flux.1-dev weights (issue 15's targets), in one call on the GPU machine.
+
+What runs (each kohya run is a fresh process; ours run one after the other in one process, peak memory
+counters reset between them, so each run's peak covers its own load, caching, training and save):
+  K24  kohya at its 24 GB settings: --fp8_base, gradient checkpointing, no block swap
+  K16  kohya at its 12 GB settings: the same with --blocks_to_swap 16
+  R1   ours, preset flux-24gb        R2  ours, preset flux-12gb        R3  ours, preset flux-8gb
+  R0   ours, plain eager bf16 reference (accel off, no fp8 base, no swap): the loss-curve reference
+Same data (8 captioned 1024 px images, latents and T5/CLIP outputs cached), batch 1, LoRA rank 16 /
+alpha 16 on the transformer's double and single blocks, lr 1e-4 constant, kohya's recommended flow
+settings (timestep_sampling shift, discrete_flow_shift 3.1582, raw prediction, guidance 1.0), seed 0.
+kohya uses torch's AdamW at both settings (its 12 GB advice is bitsandbytes' AdamW8bit, which the GPU
+machine does not have); our 12/8 GB presets use our own 8-bit AdamW.
+
+The weights (random, seeded, drawn on the GPU and written tensor by tensor): the transformer in BFL
+layout with its block Linear weights in float8_e4m3fn (as flux1-dev-fp8 files; both tools then train over
+fp8 weights with --fp8_base, and the bf16 reference dequantises the same values), CLIP-L fp16,
+T5-XXL with fp8 Linear weights (t5xxl_fp8_e4m3fn), the autoencoder in bf16 (ae.safetensors layout).
+
+    python bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site \\
+        --work /tmp/fluxbench --out $OUT/flux_vs_kohya.json
+    python bench/flux_vs_kohya.py --size smoke --device cpu --skip-kohya --work /tmp/fb --out /tmp/fb.json  # CPU
+
+`--deadline S` stops starting runs S seconds after the script started (what ran is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+T_BEGIN = time.time()
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+RANK, ALPHA, LR, SEED = 16, 16.0, 1e-4, 0
+SIZES = {
+    # transformer blocks/width, T5 layers/width/ff/heads, CLIP layers/width, image side, images, steps
+    "full": {"depth": 19, "single": 38, "hidden": 3072, "heads": 24, "t5_layers": 24, "t5_width": 4096,
+             "t5_ff": 10240, "t5_heads": 64, "clip_layers": 12, "clip_width": 768, "res": 1024, "images": 8},
+    "smoke": {"depth": 1, "single": 2, "hidden": 128, "heads": 2, "t5_layers": 1, "t5_width": 64, "t5_ff": 128,
+              "t5_heads": 2, "clip_layers": 1, "clip_width": 64, "res": 64, "images": 3},
+    # full widths, one block of each kind and one T5 layer: checks the files against kohya's loaders on a CPU
+    "keys": {"depth": 1, "single": 1, "hidden": 3072, "heads": 24, "t5_layers": 1, "t5_width": 4096, "t5_ff": 10240,
+             "t5_heads": 64, "clip_layers": 12, "clip_width": 768, "res": 64, "images": 2},
+}
+_ST = {"F16": 2, "BF16": 2, "F32": 4, "F8_E4M3": 1, "I64": 8}
+
+
+# ------------------------------------------------------------------------------------ weights
+def meta_files(size: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> {key: meta tensor} in the layouts users have (BFL transformer, transformers CLIP-L,
+    T5 `encoder.*`/`shared.weight`, LDM-style ae)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from lora_trainer.models.bundle import FLOW, Family, ModelBundle
+    from lora_trainer.models.flux import FLUX_DEV, FluxTransformer
+    from lora_trainer.models.flux.tiny import component_state_dicts
+    from lora_trainer.models.ldm_config import bundled_config
+
+    head = size["hidden"] // size["heads"]
+    first = head // 8
+    rest = (head - first) // 2
+    params = FLUX_DEV.replace(depth=size["depth"], depth_single_blocks=size["single"], hidden_size=size["hidden"],
+                              num_heads=size["heads"], axes_dim=(first, rest, head - first - rest),
+                              vec_in_dim=size["clip_width"], context_in_dim=size["t5_width"])
+    if size["hidden"] == 3072:
+        params = FLUX_DEV.replace(depth=size["depth"], depth_single_blocks=size["single"])
+    clip_cfg = bundled_config("clip_vit_l14")
+    clip_cfg.update(hidden_size=size["clip_width"], intermediate_size=4 * size["clip_width"],
+                    num_hidden_layers=size["clip_layers"], num_attention_heads=max(1, size["clip_width"] // 64),
+                    projection_dim=size["clip_width"])
+    t5_cfg = bundled_config("t5_xxl")
+    t5_cfg.update(d_model=size["t5_width"], d_ff=size["t5_ff"], num_layers=size["t5_layers"],
+                  num_decoder_layers=size["t5_layers"], num_heads=size["t5_heads"],
+                  d_kv=size["t5_width"] // size["t5_heads"])
+    vae_cfg = bundled_config("flux_vae")
+    with torch.device("meta"):
+        transformer = FluxTransformer(params)
+        clip = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in clip_cfg.items()
+                                               if k not in ("architectures", "model_type")}))
+        t5 = T5EncoderModel(T5Config(**{k: v for k, v in t5_cfg.items() if k != "architectures"}))
+        vae = AutoencoderKL(**{k: v for k, v in vae_cfg.items() if not k.startswith("_")})
+    bundle = ModelBundle(Family.FLUX1, FLOW, transformer, vae, [clip, t5], [])
+    parts = component_state_dicts(bundle)
+    parts["t5"]["shared.weight"] = t5.shared.weight
+    return {"flux1-dev-random-fp8.safetensors": parts["transformer"], "clip_l.safetensors": parts["clip_l"],
+            "t5xxl_fp8_e4m3fn.safetensors": parts["t5"], "ae.safetensors": parts["vae"]}
+
+
+def _dtype_for(file: str, key: str, t) -> str:
+    import torch
+
+    if t.dtype == torch.int64:
+        return "I64"
+    linear = t.dim() == 2 and key.endswith(".weight")
+    if file.startswith("flux1") and linear and "_blocks." in key:
+        return "F8_E4M3"
+    if file.startswith("t5xxl") and linear and key.startswith("encoder.block."):
+        return "F8_E4M3"
+    if file.startswith("ae"):
+        return "BF16"
+    return "F16" if file.startswith(("clip", "t5")) else "BF16"
+
+
+def _values(key: str, shape: tuple[int, ...], g) -> torch.Tensor:
+    """Bounded random weights: N(0, (0.5^2)/fan_in) for matrices and kernels, 1 + N(0, 0.02^2) for norm
+    scales, N(0, 0.02^2) for biases and embeddings (tests/webui/random_checkpoint.py's recipe)."""
+    import torch
+
+    if key.endswith("position_ids"):
+        return torch.arange(shape[-1]).expand(shape).clone()
+    if len(shape) <= 1:
+        norm = any(s in key for s in ("norm", "ln_", "scale", "layer_norm")) and not key.endswith("bias")
+        return (1.0 if norm else 0.0) + torch.randn(shape, generator=g, device=g.device) * 0.02
+    if "embed" in key or key == "shared.weight" or "relative_attention_bias" in key:
+        return torch.randn(shape, generator=g, device=g.device) * 0.02
+    fan_in = 1
+    for d in shape[1:]:
+        fan_in *= d
+    return torch.randn(shape, generator=g, device=g.device) * (0.5 / fan_in ** 0.5)
+
+
+def write_models(folder: Path, size: dict, device: str, seed: int = 1234) -> dict[str, str]:
+    """The four files, written once (skipped when present with the same description)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = json.dumps({"size": size, "seed": seed}, sort_keys=True)
+    paths = {}
+    g = torch.Generator(device=device).manual_seed(seed)
+    torch_dt = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64,
+                "F8_E4M3": getattr(torch, "float8_e4m3fn", None)}
+    for name, meta in meta_files(size).items():
+        path = folder / name
+        paths[name.split(".")[0]] = str(path)
+        if path.is_file() and (folder / f"{name}.stamp").is_file() and (folder / f"{name}.stamp").read_text() == stamp:
+            continue
+        names = sorted(meta)
+        header: dict = {"__metadata__": {"format": "pt", "lora_trainer_random": f"flux bench seed {seed}"}}
+        offset = 0
+        for k in names:
+            dt = _dtype_for(name, k, meta[k])
+            n = meta[k].numel() * _ST[dt]
+            header[k] = {"dtype": dt, "shape": list(meta[k].shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for k in names:
+                dt = torch_dt[header[k]["dtype"]]
+                v = _values(k, tuple(meta[k].shape), g)
+                if dt in (torch.float16, torch.bfloat16) or str(dt).startswith("torch.float8"):
+                    v = v.clamp(-448, 448)
+                v = v.to(dt).to("cpu").contiguous()
+                f.write(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        os.replace(tmp, path)
+        (folder / f"{name}.stamp").write_text(stamp)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ data
+def make_dataset(root: Path, side: int, count: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "img" / "1_bench"
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
+        return root
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        yy, xx = np.mgrid[0:side, 0:side]
+        img = (np.stack([xx * 255 // side, yy * 255 // side, np.full_like(xx, 40 * i)], -1)
+               + rng.integers(0, 30, (side, side, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:03d}.png", compress_level=1)
+        (folder / f"{i:03d}.txt").write_text(f"bench, a gradient picture number {i}", encoding="utf-8")
+    return root
+
+
+def write_kohya_tokenizers(folder: Path) -> None:
+    """The CLIP and T5 tokenizer folders sd-scripts looks for in --tokenizer_cache_dir (no Hub)."""
+    sys.path.insert(0, str(HERE))
+    import gzip
+
+    from e2e_vs_kohya import write_kohya_tokenizers as clip_folders
+
+    from lora_trainer.models.flux.tokenizers import bundled_t5_tokenizer_file
+
+    clip_folders(folder)
+    # T5TokenizerFast files any transformers reads (save_pretrained of transformers 5 writes a config 4.x
+    # cannot parse): the bundled tokenizer.json and the plain special tokens.
+    t5 = folder / "google_t5-v1_1-xxl"
+    t5.mkdir(parents=True, exist_ok=True)
+    src = bundled_t5_tokenizer_file()
+    data = gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes()
+    (t5 / "tokenizer.json").write_bytes(data)
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (t5 / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    (t5 / "tokenizer_config.json").write_text(json.dumps(dict(special, tokenizer_class="T5TokenizerFast",
+                                                              model_max_length=512, extra_ids=100)), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------ ours
+OURS = {
+    "R1": {"preset": "flux-24gb"},
+    "R2": {"preset": "flux-12gb"},
+    "R3": {"preset": "flux-8gb"},
+    "R0": {"preset": "flux-24gb", "fp8_base": False, "accel": "off"},  # plain eager bf16 reference
+}
+
+
+def child_ours(spec_path: str, result_path: str) -> int:
+    """Run our configurations in this process, one after the other; JSON with each run's step times,
+    losses and whole-run peak reserved memory."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.train import run_training
+
+    spec = json.loads(Path(spec_path).read_text())
+    cuda = torch.cuda.is_available()
+    running_max = [0]
+    original_reset = torch.cuda.reset_peak_memory_stats
+
+    def reset(*a, **k):  # the engine resets the peak before its loop: keep the whole run's
+        if cuda:
+            running_max[0] = max(running_max[0], torch.cuda.max_memory_reserved())
+        return original_reset(*a, **k)
+
+    torch.cuda.reset_peak_memory_stats = reset
+    results = {}
+    for name in spec["runs"]:
+        if time.time() > spec["deadline"]:
+            results[name] = {"skipped": "deadline"}
+            continue
+        settings = dict(spec["common"])
+        overrides = dict(OURS[name])
+        config = TrainConfig().with_preset(overrides.pop("preset"))
+        for k, v in {**settings, **overrides}.items():
+            setattr(config, k, v)
+        config.output_dir = str(Path(spec["out"]) / name)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            original_reset()
+        running_max[0] = 0
+        base = torch.cuda.memory_reserved() if cuda else 0
+        stamps, losses, phases = [], [], {}
+        t0 = time.time()
+
+        def on_event(e, stamps=stamps, losses=losses, phases=phases, t0=t0):
+            now = time.time() - t0
+            if e.kind == "step":
+                stamps.append(now)
+                losses.append(e.loss)
+            elif e.kind in ("cache", "phase") and e.phase not in phases:
+                phases[e.phase] = now
+        row = {"settings": {k: getattr(config, k) for k in ("preset", "fp8_base", "blocks_to_swap", "optimizer",
+                                                            "gradient_checkpointing", "cpu_offload_checkpointing",
+                                                            "accel", "rank", "alpha", "resolution")}}
+        try:
+            result = run_training(config, on_event=on_event)
+            row["final_loss"] = result.final_loss
+        except Exception as e:  # noqa: BLE001 - recorded, the next run goes on
+            import traceback
+
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {e}"[:600]
+        row["wall_s"] = round(time.time() - t0, 2)
+        row["reserved_before_gib"] = round(base / 2**30, 3)
+        if cuda:
+            row["peak_reserved_gib"] = round(max(running_max[0], torch.cuda.max_memory_reserved()) / 2**30, 3)
+            row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        row["step_end_s"] = [round(s, 3) for s in stamps]
+        row["losses"] = losses
+        row["phase_start_s"] = phases
+        results[name] = row
+        Path(result_path).write_text(json.dumps(results, indent=1))
+        print(f"{name}: {summary_line(row)}", flush=True)
+    return 0
+
+
+def summary_line(row: dict) -> str:
+    if row.get("error"):
+        return "ERROR " + row["error"][:200]
+    rate = steady_rate(row.get("step_end_s") or [])
+    return (f"{rate and round(rate, 3)} it/s, peak reserved {row.get('peak_reserved_gib')} GiB, "
+            f"wall {row.get('wall_s')} s, losses {[round(x, 4) for x in (row.get('losses') or [])][:4]}...")
+
+
+def steady_rate(ends: list[float], skip: int = 4) -> float | None:
+    body = ends[skip:]
+    if len(body) < 3:
+        body = ends[1:]
+    if len(body) < 2:
+        return None
+    return (len(body) - 1) / (body[-1] - body[0])
+
+
+# ------------------------------------------------------------------------------------ kohya
+def kohya_args(models: dict, data: Path, out: Path, tok: Path, size: dict, steps: int, swap: int) -> list[str]:
+    args = ["--pretrained_model_name_or_path", models["flux1-dev-random-fp8"], "--clip_l", models["clip_l"],
+            "--t5xxl", models["t5xxl_fp8_e4m3fn"], "--ae", models["ae"],
+            "--train_data_dir", str(data / "img"), "--output_dir", str(out), "--output_name", "kohya",
+            "--resolution", f"{size['res']},{size['res']}", "--train_batch_size", "1",
+            "--max_train_steps", str(steps), "--learning_rate", str(LR), "--lr_scheduler", "constant",
+            "--seed", str(SEED), "--save_model_as", "safetensors", "--save_precision", "bf16",
+            "--caption_extension", ".txt", "--tokenizer_cache_dir", str(tok), "--mixed_precision", "bf16", "--sdpa",
+            "--cache_latents", "--cache_text_encoder_outputs", "--network_train_unet_only",
+            "--network_module", "networks.lora_flux", "--network_dim", str(RANK), "--network_alpha", str(ALPHA),
+            "--optimizer_type", "AdamW", "--max_grad_norm", "1.0", "--max_data_loader_n_workers", "1",
+            "--persistent_data_loader_workers", "--fp8_base", "--gradient_checkpointing", "--guidance_scale", "1.0",
+            "--timestep_sampling", "shift", "--discrete_flow_shift", "3.1582", "--model_prediction_type", "raw"]
+    if swap:
+        args += ["--blocks_to_swap", str(swap)]
+    return args
+
+
+def summarise_kohya(raw: dict, t_launch: float, t_exit: float) -> dict:
+    starts = [s - t_launch for s in raw.get("steps") or []]
+    ends = starts[1:]  # a step ends when the next starts
+    row = {"wall_s": round(t_exit - t_launch, 2), "error": raw.get("error"),
+           "step_start_s": [round(s, 3) for s in starts], "peak_reserved_gib": raw.get("peak_reserved_gib"),
+           "peak_allocated_gib": raw.get("peak_allocated_gib"),
+           "phases_s": {k: [round(a - t_launch, 2), round(b - t_launch, 2)] for k, (a, b) in
+                        (raw.get("phases") or {}).items()}}
+    row["steady_it_s"] = steady_rate(ends, skip=3)
+    return row
+
+
+# ------------------------------------------------------------------------------------ main
+def loss_deltas(a: list[float], b: list[float]) -> dict:
+    n = min(len(a), len(b))
+    if not n:
+        return {}
+    rel = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a[:n], b[:n])]
+    return {"steps": n, "max_rel": round(max(rel), 5), "mean_rel": round(sum(rel) / n, 5),
+            "first_step_rel": round(rel[0], 6)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/fluxbench")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", choices=list(SIZES), default="full")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--kohya-steps", type=int, default=8)
+    p.add_argument("--sd-scripts", default=str(ROOT / ".kohya" / "sd-scripts"))
+    p.add_argument("--kohya-site", default="/tmp/kohya-site")
+    p.add_argument("--skip-kohya", action="store_true")
+    p.add_argument("--ours", default="R1,R2,R3,R0", help="which of our runs, in order")
+    p.add_argument("--order", default="R1,R2,R0,K24,K16,R3", help="run order (kohya: K24, K16)")
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds after start: start no run after this")
+    a = p.parse_args()
+
+    work = Path(a.work)
+    size = SIZES[a.size]
+    result: dict = {"command": " ".join(sys.argv), "size": a.size, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    if torch.cuda.is_available():
+        result["gpu"] = torch.cuda.get_device_name(0)
+    result["torch"] = torch.__version__
+    t = time.time()
+    models = write_models(work / "models", size, a.device if torch.cuda.is_available() else "cpu")
+    result["write_models_s"] = round(time.time() - t, 1)
+    result["model_files_gib"] = {k: round(os.path.getsize(v) / 2**30, 2) for k, v in models.items()}
+    data = make_dataset(work / "data", size["res"], size["images"])
+    tok = work / "tokenizers"
+    write_kohya_tokenizers(tok)
+    for f in models.values():  # page cache warm for both tools
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+    result["prepared_s"] = round(time.time() - T_BEGIN, 1)
+    print(f"models and data ready after {result['prepared_s']} s: {result['model_files_gib']}", flush=True)
+
+    common = {"model": models["flux1-dev-random-fp8"], "clip_l": models["clip_l"], "t5": models["t5xxl_fp8_e4m3fn"],
+              "vae": models["ae"], "data": str(data), "name": "ours", "max_steps": a.steps, "epochs": 0,
+              "seed": SEED, "save_state": False, "overwrite": True, "device": a.device, "save_precision": "bf16",
+              "rank": RANK, "alpha": ALPHA, "learning_rate": LR, "resolution": size["res"]}
+    if a.size == "smoke":
+        common.update(bucket_reso_steps=32, min_bucket_reso=32, max_bucket_reso=128)
+    ours_done: dict = {}
+    kohya_done: dict = {}
+    pending_ours: list[str] = []
+
+    def flush_ours() -> None:
+        if not pending_ours:
+            return
+        spec = work / "ours_spec.json"
+        spec.write_text(json.dumps({"runs": list(pending_ours), "common": common, "out": str(work / "out"),
+                                    "deadline": T_BEGIN + a.deadline}))
+        res = work / "ours_result.json"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = work / "ours.log"
+        t_launch = time.time()
+        with open(log, "w") as f:
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-ours", str(spec), str(res)],
+                           env=env, cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT, check=False)
+        got = json.loads(res.read_text()) if res.is_file() else {}
+        for name in pending_ours:
+            row = got.get(name, {"error": "no result (see log)"})
+            row["steady_it_s"] = steady_rate(row.get("step_end_s") or [])
+            ours_done[name] = row
+        result["ours_process_s"] = round(time.time() - t_launch, 1)
+        result["ours_log_tail"] = log.read_text(errors="replace")[-3000:]
+        pending_ours.clear()
+
+    wanted = set(a.ours.split(","))
+    for item in a.order.split(","):
+        if item.startswith("R"):
+            if item in wanted:
+                pending_ours.append(item)
+            continue
+        flush_ours()
+        if a.skip_kohya or time.time() - T_BEGIN > a.deadline:
+            kohya_done[item] = {"skipped": "skip-kohya" if a.skip_kohya else "deadline"}
+            continue
+        swap = 16 if item == "K16" else 0
+        out = work / "kohya" / item
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        raw_path = out / "timing.json"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join([a.kohya_site, a.sd_scripts])}
+        cmd = [sys.executable, str(HERE / "kohya_run.py"), str(raw_path), "flux_train_network.py", "--",
+               *kohya_args(models, data, out, tok, size, a.kohya_steps, swap)]
+        log = out / "log.txt"
+        t_launch = time.time()
+        with open(log, "w") as f:
+            subprocess.run(cmd, env=env, cwd=a.sd_scripts, stdout=f, stderr=subprocess.STDOUT, check=False)
+        t_exit = time.time()
+        raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {"error": "no timing file"}
+        row = summarise_kohya(raw, t_launch, t_exit)
+        row["args"] = " ".join(kohya_args(models, data, Path("OUT"), Path("TOK"), size, a.kohya_steps, swap))
+        if row.get("error") or not row.get("steady_it_s"):
+            row["log_tail"] = log.read_text(errors="replace")[-3000:]
+        kohya_done[item] = row
+        print(f"{item}: {row.get('steady_it_s')} it/s, peak reserved {row.get('peak_reserved_gib')} GiB, "
+              f"wall {row['wall_s']} s, error {row.get('error')}", flush=True)
+        Path(a.out).write_text(json.dumps({**result, "ours": ours_done, "kohya": kohya_done}, indent=1))
+    flush_ours()
+
+    result["ours"], result["kohya"] = ours_done, kohya_done
+    ref = ours_done.get("R0", {}).get("losses") or []
+    result["loss_vs_eager_bf16"] = {k: loss_deltas(v.get("losses") or [], ref) for k, v in ours_done.items()
+                                    if k != "R0"}
+    targets = {}
+
+    def rate(d, k):
+        return (d.get(k) or {}).get("steady_it_s")
+
+    def peak(d, k):
+        return (d.get(k) or {}).get("peak_reserved_gib")
+
+    if rate(ours_done, "R1") and rate(kohya_done, "K24"):
+        targets["24gb_speedup_vs_kohya"] = round(rate(ours_done, "R1") / rate(kohya_done, "K24"), 3)
+        targets["24gb_peak_not_higher"] = (peak(ours_done, "R1") or 1e9) <= (peak(kohya_done, "K24") or 0)
+    if rate(ours_done, "R2") and rate(kohya_done, "K16"):
+        targets["12gb_speedup_vs_kohya_swap16"] = round(rate(ours_done, "R2") / rate(kohya_done, "K16"), 3)
+    targets["12gb_peak_le_11_5"] = peak(ours_done, "R2") is not None and peak(ours_done, "R2") <= 11.5
+    targets["8gb_peak_le_7_5"] = peak(ours_done, "R3") is not None and peak(ours_done, "R3") <= 7.5
+    result["targets"] = targets
+    result["total_s"] = round(time.time() - T_BEGIN, 1)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({"targets": targets, "loss_vs_eager_bf16": result["loss_vs_eager_bf16"]}, indent=1))
+    for k, v in itertools.chain(ours_done.items(), kohya_done.items()):
+        print(f"{k}: {v.get('steady_it_s')} it/s, peak reserved {v.get('peak_reserved_gib')} GiB, error "
+              f"{(v.get('error') or '')[:200]}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-ours":
+        sys.exit(child_ours(sys.argv[2], sys.argv[3]))
+    sys.exit(main())
