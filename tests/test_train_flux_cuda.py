@@ -20,7 +20,7 @@ def _run(data, out, **kw):
     from lora_trainer.train import run_training
 
     base = {"resolution": 256, "min_bucket_reso": 256, "max_bucket_reso": 256, "bucket_reso_steps": 64,
-            "device": "cuda", "mixed_precision": "bf16", "gradient_checkpointing": True, "max_steps": 6, "epochs": 0,
+            "device": "cuda", "mixed_precision": "bf16", "gradient_checkpointing": True, "max_steps": 5, "epochs": 0,
             "t5_max_token_length": 64, "learning_rate": 1e-3, "save_precision": "float"}
     base.update(kw)
     bundle = build_tiny_flux_bundle("dev", seed=3, depth=3, depth_single=6, hidden=512, num_heads=8)
@@ -45,9 +45,6 @@ def test_swap_fp8_offload_and_fast_path_match_plain_bf16(tmp_path, data):
     assert swapped == fast  # streaming the weights changes no number
     assert _close(fast, eager, 2e-2), (fast, eager)  # the fast path stays within bf16 noise
     fp8 = _run(data, tmp_path / "fp8", fp8_base=True)
-    fp8_swap = _run(data, tmp_path / "fp8swap", fp8_base=True, blocks_to_swap=4)
-    fp8_offload = _run(data, tmp_path / "fp8off", fp8_base=True, blocks_to_swap=4, cpu_offload_checkpointing=True,
-                       optimizer="AdamW8bit")
-    assert fp8_swap == fp8
+    fp8_swap_offload = _run(data, tmp_path / "fp8swap", fp8_base=True, blocks_to_swap=4, cpu_offload_checkpointing=True)
+    assert fp8_swap_offload == fp8
     assert _close(fp8, eager, 5e-2), (fp8, eager)
-    assert fp8_offload[0] == fp8[0] and _close(fp8_offload, fp8, 5e-2)  # 8-bit AdamW after step 1
