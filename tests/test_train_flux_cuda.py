@@ -42,9 +42,11 @@ def test_swap_fp8_offload_and_fast_path_match_plain_bf16(tmp_path, data):
     eager = _run(data, tmp_path / "eager", accel="off")  # the reference: bf16, no swap, no graphs
     fast = _run(data, tmp_path / "fast")
     swapped = _run(data, tmp_path / "swap", blocks_to_swap=4)  # 2 double + 4 single blocks streamed
-    assert swapped == fast  # streaming the weights changes no number
+    # streaming the weights changes no arithmetic (exact on the CPU, tests/test_train_flux.py); on the GPU
+    # attention's backward accumulates with atomics, so two runs agree to rounding only
+    assert _close(swapped, fast, 2e-3), (swapped, fast)
     assert _close(fast, eager, 2e-2), (fast, eager)  # the fast path stays within bf16 noise
     fp8 = _run(data, tmp_path / "fp8", fp8_base=True)
     fp8_swap_offload = _run(data, tmp_path / "fp8swap", fp8_base=True, blocks_to_swap=4, cpu_offload_checkpointing=True)
-    assert fp8_swap_offload == fp8
+    assert _close(fp8_swap_offload, fp8, 2e-3), (fp8_swap_offload, fp8)
     assert _close(fp8, eager, 5e-2), (fp8, eager)
