@@ -93,7 +93,7 @@ _NOT_HASHED = frozenset({
     "resume", "overwrite", "device", "output_dir", "save_every_n_epochs", "save_every_n_steps",
     "sample_prompts", "sample_every_n_epochs", "sample_steps", "sample_cfg_scale", "sample_seed",
     "sample_negative_prompt", "latent_cache_dir", "cache_latents_to_disk", "preset", "log_every",
-    "save_state", "activation_text", "preferred_weight", "accel",
+    "save_state", "activation_text", "preferred_weight", "accel", "processes",
 })
 # Settings added for Flux: hashed only when set, so the states of runs saved before they existed resume.
 _HASHED_IF_SET = frozenset({
@@ -187,6 +187,7 @@ class TrainConfig:
     cache_latents_to_disk: bool = False
     latent_cache_dir: str = ""  # default <output_dir>/.cache/latents
     device: str = "auto"
+    processes: int = 1  # data-parallel processes, one per GPU (`train --gpus N`); batch_size is per process
     # --- saving, samples, logging
     save_every_n_epochs: int = 0
     save_every_n_steps: int = 0
@@ -267,6 +268,11 @@ class TrainConfig:
         """Where a run keeps its resumable state: `<output_dir>/<name>-state/`."""
         return Path(self.output_dir) / f"{self.name}-state"
 
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step and micro-batch across all processes of a multi-GPU run."""
+        return self.batch_size * max(1, self.processes)
+
     def bucket_limits(self) -> tuple[int, int]:
         """(smallest, largest) bucket side: the settings, or where they are 0, half and twice the
         resolution on the bucket grid (kohya's 256..1024 at 512 px, 512..2048 at 1024 px, 64..256 at
@@ -284,6 +290,9 @@ class TrainConfig:
         # buckets that follow the resolution hash as their values: a state saved with 256/1024 written
         # out resumes with 0/0 at 512 px (the same buckets)
         items["min_bucket_reso"], items["max_bucket_reso"] = self.bucket_limits()
+        # several GPUs train the global batch (batch_size per process x processes): that is what
+        # decides the steps, so 2 GPUs x 4 resume on 1 GPU x 8 (and a 1-process hash is unchanged)
+        items["batch_size"] = self.global_batch_size
         for key in ("model", "clip_l", "t5", "vae"):
             if key in items:
                 items[key] = os.path.basename(str(items[key]))
@@ -338,6 +347,7 @@ class TrainConfig:
         if self.epochs < 0 or self.max_steps < 0:
             raise ConfigError("epochs and max_steps cannot be negative; set at least one of them to ≥ 1.")
         _positive_int("batch_size", self.batch_size)
+        _positive_int("processes", self.processes, "1 per GPU")
         _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)

@@ -36,6 +36,7 @@ from .buckets import BucketSelector
 from .cache import CachedLatent, cache_latents
 from .captions import captions_are_static, process_caption
 from .data import Dataset, assign_buckets, epoch_batches, make_plan, scan_dataset
+from .distributed import SINGLE, Group
 from .events import ProgressEvent, RunClock, Schedule, TrainingPlan, TrainResult
 from .family import StepInputs, TrainFamily, family_for, stack_conditioning
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
@@ -66,7 +67,7 @@ def prepare_dataset(config: TrainConfig, *, decode: bool = True) -> tuple[Datase
             raise ConfigError(f"Image {item.path.name} ({item.size[0]}x{item.size[1]}) is smaller than one "
                               f"{config.bucket_reso_steps}-pixel bucket step; remove it or turn off "
                               "bucket_no_upscale.")
-    plan = make_plan(dataset, batch_size=config.batch_size, grad_accum=config.gradient_accumulation_steps,
+    plan = make_plan(dataset, batch_size=config.global_batch_size, grad_accum=config.gradient_accumulation_steps,
                      epochs=config.epochs, max_steps=config.max_steps)
     return dataset, plan
 
@@ -126,12 +127,18 @@ def planned_files(config: TrainConfig, plan: TrainingPlan) -> list[Path]:
 # ---------------------------------------------------------------------------------- entry point
 def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
                  on_event: EventCallback | None = None, stop: threading.Event | None = None,
-                 owns_bundle: bool = False) -> TrainResult:
+                 owns_bundle: bool = False, dist: Group | None = None) -> TrainResult:
     """Train a LoRA (see the module docstring). `owns_bundle=True` hands a bundle over for good
     (benchmarks, the demo): the engine may then replace its frozen modules (fp8 base weights) and
-    leaves its parts where training left them; a host's bundle (False) is given back as it came."""
-    emit = on_event or (lambda event: None)
+    leaves its parts where training left them; a host's bundle (False) is given back as it came.
+    `dist`: this process's place in a multi-GPU run (`train.distributed`); only rank 0 reports."""
+    from .distributed import check_processes, match_resume
+
+    dist = dist or SINGLE
+    emit = (on_event if dist.is_main else None) or (lambda event: None)
     quiet_known_warnings()
+    check_processes(config, dist, hosted=bundle is not None)
+    config = match_resume(config)
     config.validate(need_model=bundle is None)
     check_optimizer_available(config.optimizer)
     if bundle is None:
@@ -146,7 +153,7 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
                                   "or pass --overwrite.")
     emit(ProgressEvent("plan", total_steps=plan.total_steps, total_epochs=plan.epochs, message=plan.text(),
                        plan=plan))
-    run = _Run(config, dataset, plan, emit, stop or threading.Event(), resume)
+    run = _Run(config, dataset, plan, emit, stop or threading.Event(), resume, dist)
     try:
         return run.execute(bundle, owns_bundle)
     except LoraTrainerError as e:
@@ -180,9 +187,10 @@ def _is_oom(e: BaseException) -> bool:
 
 class _Run:
     def __init__(self, config: TrainConfig, dataset: Dataset, plan: TrainingPlan, emit: EventCallback,
-                 stop: threading.Event, resume: dict[str, Any] | None):
+                 stop: threading.Event, resume: dict[str, Any] | None, dist: Group = SINGLE):
         self.config, self.dataset, self.plan, self.emit, self.stop = config, dataset, plan, emit, stop
-        self.resume = resume
+        self.resume, self.dist = resume, dist
+        self.device: torch.device | None = None
         self.pos = position_from(resume) if resume else Position()
         self.saved: list[Path] = []
         self.samples: list[Path] = []
@@ -198,6 +206,8 @@ class _Run:
     def _device(self, bundle: ModelBundle | None) -> torch.device:
         if bundle is not None:
             return next(bundle.unet.parameters()).device
+        if self.dist.device is not None:
+            return self.dist.device
         if self.config.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -230,7 +240,7 @@ class _Run:
     # ------------------------------------------------------------------ main
     def execute(self, given: ModelBundle | None, owns_bundle: bool = False) -> TrainResult:
         config = self.config
-        device = self._device(given)
+        device = self.device = self._device(given)
         own = given is None or owns_bundle
         weight_dtype = self._weight_dtype(device) if given is None else next(given.unet.parameters()).dtype
         bundle = self._load(device, weight_dtype) if given is None else given
@@ -287,13 +297,17 @@ class _Run:
 
         # --- latents, once, then the VAE leaves the GPU (the UNet may upload meanwhile: placement.py)
         sampling = bool(config.sample_prompts and config.sample_every_n_epochs)
+        sampling = sampling and self.dist.is_main  # only rank 0 samples
         self.models.start_early()
-        self.placement.to(bundle.vae, device)
         disk = (Path(config.latent_cache_dir) if config.latent_cache_dir else Path(config.output_dir) / ".cache"
                 / "latents") if config.cache_latents_to_disk else None
-        latents = cache_latents(self.dataset, bundle.vae, bundle.scaling_factor, flip=config.flip_aug,
-                                seed=config.seed, disk_dir=disk, progress=self._cache_progress("latents"),
-                                shift_factor=self.family.latent_shift(bundle))
+
+        def encode_latents() -> list[CachedLatent]:
+            self.placement.to(bundle.vae, device)
+            return cache_latents(self.dataset, bundle.vae, bundle.scaling_factor, flip=config.flip_aug,
+                                 seed=config.seed, disk_dir=disk, progress=self._cache_progress("latents"),
+                                 shift_factor=self.family.latent_shift(bundle))
+        latents = self.dist.build_once(encode_latents)  # several GPUs: rank 0 encodes, the others receive
         self.placement.release(bundle.vae, needed_later=sampling)
         self._free(device)
 
@@ -308,10 +322,10 @@ class _Run:
             if config.cache_latents_to_disk:
                 text_disk = (Path(config.latent_cache_dir) / "text" if config.latent_cache_dir
                              else Path(config.output_dir) / ".cache" / "text")
-            self.text_cache = cache_text_outputs(
+            self.text_cache = self.dist.build_once(lambda: cache_text_outputs(  # several GPUs: rank 0 encodes
                 self.family, bundle, [process_caption(i.caption) for i in self.dataset.items],
                 clip_skip=config.clip_skip, disk_dir=text_disk, ensure_encoders=place_encoders,
-                autocast=lambda: self._autocast(device, weight_dtype))
+                autocast=lambda: self._autocast(device, weight_dtype)))
             for te in bundle.text_encoders:
                 self.placement.release(te, needed_later=sampling)
             self._free(device)
@@ -366,7 +380,7 @@ class _Run:
             scheduler.load_state_dict(self.resume["scheduler"])
             if scaler is not None and self.resume.get("scaler"):
                 scaler.load_state_dict(self.resume["scaler"])
-            set_rng_state(self.resume["rng"])
+            set_rng_state(self.resume["rng"], device=device)
             self.saved = [Path(p) for p in self.pos.saved]
         else:
             # Seeded here, after all setup, so the training stream (data flips, caption shuffles,
@@ -378,18 +392,22 @@ class _Run:
                 torch.cuda.manual_seed_all(config.seed)
         objective = self.family.make_objective(bundle, config, device)
         ctx = _StepContext(bundle, device, weight_dtype, objective, latents, self.family)
-        runner = accel.StepRunner(lambda b: self._loss(ctx, b), trainable, optimizer, opts,
+        # several GPUs: the loss runs through torch's DDP, which all-reduces the LoRA gradients
+        loss_fn = self.dist.wrap(lambda b: self._loss(ctx, b), [network.roots[c] for c in network.components()])
+        opts.graph_warmup = max(opts.graph_warmup, self.dist.graph_warmup)
+        runner = accel.StepRunner(loss_fn, trainable, optimizer, opts,
                                   max_grad_norm=config.max_grad_norm, scaler=scaler, device=device)
         stopped = False
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
         while self.pos.epoch < plan.epochs and self.pos.step < plan.total_steps:
-            batches = epoch_batches(self.dataset, config.batch_size, config.seed, self.pos.epoch)
+            batches = epoch_batches(self.dataset, config.global_batch_size, config.seed, self.pos.epoch)
             accum = config.gradient_accumulation_steps
             chunks = [batches[i:i + accum] for i in range(0, len(batches), accum)]
             while self.pos.chunk < len(chunks) and self.pos.step < plan.total_steps:
                 loss = self._step(ctx, chunks[self.pos.chunk], runner)
+                loss = self.dist.mean(loss)  # several GPUs: the loss of the whole (global) batch
                 scheduler.step()
                 self.pos.step += 1
                 self.pos.chunk += 1
@@ -400,13 +418,14 @@ class _Run:
                 if config.save_every_n_steps and self.pos.step % config.save_every_n_steps == 0 \
                         and self.pos.step < plan.total_steps:
                     self._save(step_tag(self.pos.step), optimizer, scheduler, scaler)
-                if self.stop.is_set():
+                if self.dist.any(self.stop.is_set()):  # several GPUs: a stop asked on any rank stops all here
                     stopped = True
                     break
             if self.pos.chunk >= len(chunks):
                 self.pos.epoch += 1
                 self.pos.chunk = 0
                 self._epoch_end(bundle, optimizer, scheduler, scaler, device)
+                self.dist.barrier()  # the other GPUs wait here while rank 0 saves and samples
             if stopped:
                 break
 
@@ -426,6 +445,7 @@ class _Run:
                                     total_epochs=plan.epochs, loss=final_loss, smoothed_loss=self.pos.smoothed,
                                     message=f"Finished: {path}", path=str(path),
                                     paths=[str(p) for p in self.saved]))
+        self.dist.barrier()  # several GPUs: no process ends before rank 0 has written everything
         return TrainResult(lora_path=path, saved=list(self.saved), samples=list(self.samples),
                            state_dir=self.state_path, stopped=stopped, steps=self.pos.step, final_loss=final_loss,
                            plan=plan, losses=list(self.pos.losses))
@@ -441,10 +461,11 @@ class _Run:
         """One optimizer step over `chunk` (gradient accumulation); returns the mean loss."""
         total = 0.0
         for i, batch in enumerate(chunk):
-            inputs = self._make_batch(ctx, batch)
+            inputs = self.dist.take(self._make_batch(ctx, batch))  # several GPUs: this rank's slice
             self.models.before_step()
             inputs["scale"] = torch.full((), 1.0 / len(chunk), device=ctx.device)
-            loss = float(runner.step(inputs, apply=i == len(chunk) - 1))
+            with self.dist.no_sync(accumulating=i < len(chunk) - 1):
+                loss = float(runner.step(inputs, apply=i == len(chunk) - 1))
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"The loss became {'NaN' if math.isnan(loss) else 'infinite'} at step {self.pos.step + 1}; "
@@ -526,7 +547,7 @@ class _Run:
         last = epoch >= self.plan.epochs or self.pos.step >= self.plan.total_steps
         if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and not last:
             self._save(epoch_tag(epoch), optimizer, scheduler, scaler)
-        if config.sample_every_n_epochs and config.sample_prompts and (
+        if config.sample_every_n_epochs and config.sample_prompts and self.dist.is_main and (
                 epoch % config.sample_every_n_epochs == 0):
             with _rng_guard():
                 self._sample(bundle, device, epoch)
@@ -548,7 +569,8 @@ class _Run:
         meta = self._metadata()
         self._emit_phase("save", 0, 1, f"Saving {path.name}…")
         with self.clock.phase("save"):
-            self.network.save_kohya(path, meta, dtype=_SAVE_DTYPES[self.config.save_precision])
+            if self.dist.is_main:  # several GPUs: one writer
+                self.network.save_kohya(path, meta, dtype=_SAVE_DTYPES[self.config.save_precision])
         if path not in self.saved:
             self.saved.append(path)
         self.pos.saved = [str(p) for p in self.saved]
@@ -560,12 +582,14 @@ class _Run:
     def _save(self, tag: str, optimizer, scheduler, scaler, *, force_state: bool = False) -> Path:
         with _rng_guard():  # saving must not move the training's random streams (resume exactness)
             path = self._write_lora(lora_file(self.config, tag))
-        if self.config.save_state or force_state:
+        if (self.config.save_state or force_state) and not self.dist.is_main:
+            self.state_path = self.config.state_dir()  # rank 0 writes it
+        elif self.config.save_state or force_state:
             self.state_path = save_state(
                 self.config.state_dir(), config_hash=self.config.hash(),
                 config_json=json.dumps(self.config.to_dict(), indent=2, default=str),
                 lora=self.network.kohya_state_dict(torch.float32), optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, position=dataclasses.replace(self.pos))
+                scaler=scaler, position=dataclasses.replace(self.pos), device=self.device)
         return path
 
     def _metadata(self) -> dict[str, str]:
@@ -579,6 +603,8 @@ class _Run:
         return metadata
 
     def _write_user_metadata(self, path: Path, bundle: ModelBundle) -> None:
+        if not self.dist.is_main:
+            return
         activation = self.config.activation_text or ", ".join(self.dataset.class_tokens())
         write_user_metadata(path, activation_text=activation, preferred_weight=self.config.preferred_weight,
                             sd_version=bundle.family.label,

@@ -39,7 +39,7 @@ class Position:
     saved: list[str] = field(default_factory=list)  # LoRA files this run wrote (may be rewritten on resume)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -49,10 +49,14 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        if device is not None and device.type == "cuda":
+            # the training GPU's stream by itself: a run resumed on other GPUs (another process count,
+            # each rank on its own device) continues it there
+            state["cuda_train"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -60,10 +64,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda_train" in state and device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_train"], device)
 
 
 def save_state(folder: Path, *, config_hash: str, config_json: str, lora: dict[str, torch.Tensor],
-               optimizer, scheduler, scaler, position: Position) -> Path:
+               optimizer, scheduler, scaler, position: Position, device: torch.device | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
@@ -72,7 +78,7 @@ def save_state(folder: Path, *, config_hash: str, config_json: str, lora: dict[s
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
+        "rng": rng_state(device),
         "position": {"step": position.step, "epoch": position.epoch, "chunk": position.chunk,
                      "losses": list(position.losses), "smoothed": position.smoothed,
                      "saved": list(position.saved)},
