@@ -205,8 +205,19 @@ def prepare_summary(result: Any) -> dict[str, Any]:
         "written": len(result.written),
         "unchanged": result.unchanged,
         "removed": len(result.removed),
-        "message": f"Prepared {result.out}: {training.get('summary', 'done')}.",
+        "message": f"Prepared {result.out}: {_per_epoch(training)}.",
     }
+
+
+def _per_epoch(training: dict[str, Any]) -> str:
+    """What preparing decides: pictures × repeats per epoch. The steps follow from the batch size and
+    epochs chosen for training (the manifest's steps assume batch 1 and its default epochs)."""
+    if not training.get("images"):
+        return "done"
+    reg = " x 2 (regularisation images)" if training.get("regularisation_images") else ""
+    per_epoch = training["images"] * training.get("repeats", 1) * (2 if reg else 1)
+    return (f"{training['images']} images x {training.get('repeats', 1)} repeats{reg} = {per_epoch} samples per "
+            "epoch; the steps are these / batch size x epochs, as set for training")
 
 
 def _jsonable(value: Any) -> Any:

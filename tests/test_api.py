@@ -88,6 +88,8 @@ def test_tag_prepare_train_poll_done(setup):
     assert job["state"] == "done", job["error"]
     data = job["result"]["data"]
     assert (Path(data) / "img" / "1_ohwx").is_dir()
+    # no step count for a batch size preparing does not know (it said batch 1 where training used 2)
+    assert "= 2 samples per epoch" in job["message"] and "batch size 1" not in job["message"]
 
     r = client.post(f"{BASE}/train", json={"data": data, "name": "api-lora", "max_steps": 2, **TINY})
     assert r.status_code == 200, r.text

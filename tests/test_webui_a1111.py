@@ -356,3 +356,39 @@ def test_model_info_reads_the_loaded_model_without_loading_one(fake_webui, monke
     sd_models.model_data.sd_model = SimpleNamespace(
         is_sdxl=True, sd_checkpoint_info=SimpleNamespace(filename="/m/sd_xl_base_1.0.safetensors"))
     assert host.model_info() == {"name": "sd_xl_base_1.0.safetensors", "family": "SDXL"}
+
+
+def test_the_ab_grid_shows_its_progress_in_the_job(fake_webui, monkeypatch, tmp_path):
+    """The before/after grid runs after training: the tab shows it as a phase with a count, not a
+    frozen "done" display (the WebUI's txt2img stands in here: modules.processing is faked)."""
+    from PIL import Image
+
+    from lora_trainer.jobs import Job
+    from lora_trainer.webui.a1111 import A1111Host
+
+    seen = []
+    job = Job(id="j", kind="train", label="train x", lora_name="x", message="Done.")
+
+    class Txt2Img:
+        def __init__(self, **kw):
+            self.prompt = kw["prompt"]
+
+        def close(self):
+            pass
+
+    def process_images(p):
+        seen.append((job.phase, job.phase_done, job.phase_total, job.message))
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8), "gray")])
+
+    processing = SimpleNamespace(StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images)
+    monkeypatch.setitem(sys.modules, "modules.processing", processing)
+    sys.modules["modules"].processing = processing
+    final = tmp_path / "Lora" / "x.safetensors"
+    final.parent.mkdir()
+    final.write_bytes(b"lora")
+    job.outputs = [str(final)]
+    host = A1111Host(settings={"lora_trainer_ab_grid": True, "lora_trainer_ab_steps": 2})
+    host.after_run(job)
+    assert [s[:3] for s in seen] == [("grid", i, 4) for i in range(4)]  # no LoRA, then 3 strengths
+    assert seen[1][3] == "Making the before/after grid with the WebUI: picture 1/4"
+    assert job.phase == "" and job.message == "Done." and job.outputs[-1].endswith(".ab-grid.png")

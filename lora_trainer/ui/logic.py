@@ -20,6 +20,7 @@ from PIL import Image
 from ..dataset import captions as cap
 from ..errors import DatasetError, LoraTrainerError
 from ..paths import resolve_user_path
+from .texts import form_message
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def _hms(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-PHASE_WORDS = {"cache": "Preparing", "sample": "Sampling", "save": "Saving"}
+PHASE_WORDS = {"cache": "Preparing", "sample": "Sampling", "save": "Saving", "grid": "Before/after grid"}
 
 
 def progress_html(job: dict[str, Any] | None) -> str:
@@ -272,7 +273,7 @@ def progress_html(job: dict[str, Any] | None) -> str:
                  f"<b>{PHASE_WORDS[job['phase']]}</b> {done}/{of}</div>")
     if job.get("vram_bytes"):  # the process's peak reserved GPU memory, as nvidia-smi counts it
         parts.append(f"GPU memory {job['vram_bytes'] / 2**30:.1f} GiB")
-    message = job.get("error") or job.get("message") or ""
+    message = form_message(job.get("error") or job.get("message") or "", bold=False)
     notes = "".join(f"<div class='lora_trainer_note' style='margin-top:4px'>Note: {html.escape(n)}</div>"
                     for n in job.get("notes") or [])  # the host's word on the model (e.g. trained from the file)
     return (
@@ -335,7 +336,7 @@ def result_md(job: dict[str, Any] | None) -> str:
         return ""
     state = job["state"]
     if state == "failed":
-        return f"### Training failed\n{job.get('error') or ''}"
+        return f"### Training failed\n{form_message(job.get('error') or '')}"
     if state not in ("done", "stopped") or not job.get("lora_name"):
         if state == "stopped":
             resume = ("\n\nIts training state was saved: choose it under **Stopped runs** and press **Resume** to "

@@ -83,12 +83,18 @@ _FLAG_REMEDIES = [  # CLI/API wording -> the form's, for messages raised below t
 ]
 
 
-def form_message(e: BaseException | str) -> str:
+def form_message(e: BaseException | str, *, bold: bool = True) -> str:
     """A message for the form: field and flag names become the form's labels ("rank must be at least 1"
-    -> "**Rank** must be at least 1"); anything the form has no field for keeps its setting name."""
+    -> "**Rank** must be at least 1"); anything the form has no field for keeps its setting name.
+    bold=False: plain text (for HTML)."""
     text = e if isinstance(e, str) else str(e)
     for pattern, repl in _FLAG_REMEDIES:
         text = re.sub(pattern, repl, text)
+    text = _labels(text)
+    return text if bold else text.replace("**", "")
+
+
+def _labels(text: str) -> str:
     for field, label in FORM_LABELS.items():
         text = re.sub(rf"--{field.replace('_', '-')}\b", f"**{label}**", text)
         if "_" in field:  # a snake_case name is never an ordinary word

@@ -395,12 +395,22 @@ class A1111Host:
         if isinstance(sample_prompt, (list, tuple)) and sample_prompt:
             prompt = str(sample_prompt[0]) or prompt
         size = int(getattr(config, "resolution", 512) or 512)
-        job.message = (job.message + " " if job.message else "") + "Making the A/B grid…"
-        grid = make_ab_grid(final, epochs, prompt=prompt, seed=int(getattr(config, "seed", 42) or 42),
-                            size=size, steps=int(self.settings.get("lora_trainer_ab_steps", 20) or 20))
+        before = job.message
+
+        def on_image(done: int, total: int) -> None:  # the tab shows it as the run's "grid" phase
+            job.phase, job.phase_done, job.phase_total = "grid", done, total
+            job.message = f"Making the before/after grid with the WebUI: picture {done}/{total}"
+
+        on_image(0, 1 + (len(epochs) + 1) * len(AB_WEIGHTS))
+        job.eta_s = None  # not in the training ETA
+        try:
+            grid = make_ab_grid(final, epochs, prompt=prompt, seed=int(getattr(config, "seed", 42) or 42),
+                                size=size, steps=int(self.settings.get("lora_trainer_ab_steps", 20) or 20),
+                                on_image=on_image)
+        finally:
+            job.phase, job.message = "", before
         if grid is not None:
             job.outputs.append(str(grid))
-        job.message = job.message.replace(" Making the A/B grid…", "").replace("Making the A/B grid…", "")
 
 
 @contextmanager
@@ -444,11 +454,13 @@ def _state_job(title: str, count: int):
 
 
 def make_ab_grid(final: Path, epochs: list[Path], *, prompt: str, seed: int, size: int = 512,
-                 steps: int = 20, weights: tuple[float, ...] = AB_WEIGHTS) -> Path | None:
+                 steps: int = 20, weights: tuple[float, ...] = AB_WEIGHTS,
+                 on_image: Any = None) -> Path | None:
     """One PNG next to `final`: rows = intermediate epochs + final, columns = no LoRA, then weights.
 
     Generated with the WebUI's own txt2img (`StableDiffusionProcessingTxt2Img` + `process_images`)
     under its queue lock, with `<lora:name:w>` in the prompt — exactly what the user will run.
+    `on_image(done, total)` after each picture (the tab's progress).
     """
     from modules import processing, shared
     from modules.call_queue import queue_lock
@@ -458,6 +470,7 @@ def make_ab_grid(final: Path, epochs: list[Path], *, prompt: str, seed: int, siz
     aliases = {f"lora_trainer_ab_{i}_{p.stem}": p for i, p in enumerate(epochs)}
     names = [*aliases, final.stem]
     images: list[list[Any]] = []
+    total, done = 1 + len(names) * len(weights), 0
     with queue_lock, _temporary_networks(aliases), _state_job("LoRA Trainer: A/B grid", len(names) * len(weights)):
         base = None
         for name in names:
@@ -478,6 +491,9 @@ def make_ab_grid(final: Path, epochs: list[Path], *, prompt: str, seed: int, siz
                 if shared.state.interrupted:
                     return None
                 row.append(res.images[0])
+                done += 1
+                if on_image is not None:
+                    on_image(done, total)
                 if w == 0.0:
                     base = res.images[0]
             images.append(row)
