@@ -80,9 +80,10 @@ def _store(w: torch.Tensor, fmt: str) -> tuple[nn.Parameter, nn.Parameter | None
                                   requires_grad=False)
         elif fmt == "fp8":
             weight = nn.Parameter(w.to(torch.float8_e4m3fn), requires_grad=False)
-        elif fmt == "fp8_scaled":
+        elif fmt in ("fp8_scaled", "fp32_scaled"):  # fp32_scaled: an fp8_scaled file in Forge main's CPU storage
             s = w.abs().max() / 448
-            weight = nn.Parameter((w / s).to(torch.float8_e4m3fn), requires_grad=False)
+            stored = (w / s).to(torch.float8_e4m3fn)
+            weight = nn.Parameter(stored if fmt == "fp8_scaled" else stored.float(), requires_grad=False)
             scale = nn.Parameter(s.reshape(()), requires_grad=False)
         elif fmt == "gguf":
             import gguf
@@ -242,10 +243,11 @@ def forge_backend(monkeypatch):
     return SimpleNamespace(calls=calls, dynamic_args=args.dynamic_args)
 
 
-FORMATS = ["fp32", "bf16", "fp8", "fp8_scaled",
+FORMATS = ["fp32", "bf16", "fp8", "fp8_scaled", "fp32_scaled",
            pytest.param("gguf", marks=pytest.mark.skipif(not HAS_GGUF, reason="the gguf package is not installed")),
            pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes has no 4-bit kernels here"))]
-FORMAT_NAMES = {"fp32": "fp32", "bf16": "bf16", "fp8": "fp8 e4m3fn", "fp8_scaled": "fp8_scaled", "gguf": "gguf Q8_0",
+FORMAT_NAMES = {"fp32": "fp32", "bf16": "bf16", "fp8": "fp8 e4m3fn", "fp8_scaled": "fp8_scaled",
+                "fp32_scaled": "fp32 scaled", "gguf": "gguf Q8_0",
                 "nf4": "nf4"}
 
 

@@ -111,6 +111,8 @@ FP8 = getattr(torch, "float8_e4m3fn", None)
     (lambda: _Linear(torch.zeros(4, 4, dtype=torch.bfloat16)), "bf16"),
     (lambda: _Linear(torch.zeros(4, 4).to(FP8)), "fp8 e4m3fn"),
     (lambda: _Linear(torch.zeros(4, 4).to(FP8), scale_weight=torch.ones(())), "fp8_scaled"),
+    # an fp8_scaled file in fp32 storage (Forge main on the CPU): the values are scaled, not the weights
+    (lambda: _Linear(torch.zeros(4, 4), scale_weight=torch.ones(())), "fp32 scaled"),
     (lambda: _Linear(torch.zeros(4, 4, dtype=torch.int8), weight_scale=0.1), "int8"),
     (lambda: _Linear(_param(torch.uint8, gguf_cls=Q4_K)), "gguf Q4_K"),
     (lambda: _Linear(_param(torch.uint8, bnb_quantized=True, quant_type="nf4")), "nf4"),

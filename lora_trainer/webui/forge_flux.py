@@ -187,13 +187,14 @@ def layer_weight(layer: nn.Module, shape: torch.Size, *, what: str) -> quant.Fro
         raise UnsupportedModelError(
             "The loaded model is a Nunchaku SVDQ model, whose packed weights LoRA Trainer cannot train over; load "
             "the fp16/bf16, fp8, nf4 or GGUF version of it.")
-    known = forge_storage.is_trainable(fmt) or fmt.startswith(("fp8", "gguf")) or fmt in ("nf4", "fp4", "int8")
+    plain = fmt.removesuffix(" scaled")
+    known = forge_storage.is_trainable(plain) or fmt.startswith(("fp8", "gguf")) or fmt in ("nf4", "fp4", "int8")
     if not known:
         raise UnsupportedModelError(
             f"The loaded model's {what} is stored as {fmt}, which LoRA Trainer cannot read yet; set 'Diffusion in "
             "Low Bits' to Automatic or load an fp16/bf16, fp8, nf4 or GGUF model.")
     scale: Callable[[], Any] | None = None
-    if fmt == "fp8_scaled":
+    if getattr(layer, "scale_weight", None) is not None:  # Forge scales any stored weight that has one
         scale = lambda: getattr(layer, "scale_weight", None)  # read at each use, as Forge does
     elif fmt == "int8":
         scale = lambda: getattr(layer, "weight_scale", None)

@@ -21,14 +21,17 @@ PLAIN_FORMATS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def tensor_format(t: torch.Tensor, owner: torch.nn.Module | None = None) -> str:
-    """How `t` is stored: fp32/fp16/bf16, fp8 e4m3fn/e5m2, fp8_scaled, int8, nf4, fp4, gguf Q4_K, ..."""
+    """How `t` is stored: fp32/fp16/bf16 (+ " scaled"), fp8 e4m3fn/e5m2, fp8_scaled, int8, nf4, fp4, gguf Q4_K, ..."""
     gguf = getattr(t, "gguf_cls", None)
     if gguf is not None:
         return f"gguf {getattr(gguf, '__name__', '')}".strip()
     if hasattr(t, "bnb_quantized") or hasattr(t, "quant_state"):
         return str(getattr(t, "quant_type", None) or "nf4/fp4")
     if t.dtype in PLAIN_FORMATS:
-        return PLAIN_FORMATS[t.dtype]
+        # Forge multiplies any weight by its layer's `scale_weight`: an fp8_scaled file loaded into fp16/fp32
+        # storage (Forge main on the CPU) holds scaled values, not the weights themselves.
+        scaled = owner is not None and getattr(owner, "scale_weight", None) is not None
+        return PLAIN_FORMATS[t.dtype] + (" scaled" if scaled else "")
     if t.dtype == torch.int8 and owner is not None and getattr(owner, "weight_scale", None) is not None:
         return "int8"  # Neo's int8 layers: weight + per-tensor/row weight_scale
     name = str(t.dtype).replace("torch.", "")
