@@ -116,6 +116,23 @@ def test_the_line_beside_the_buttons_and_the_time_estimate(tmp_path):
     assert plan.preset_warning("sd15", "SD2") == "" and plan.preset_warning("sd15", None) == ""
 
 
+def test_the_model_line_shows_free_memory_without_churning():
+    from types import SimpleNamespace
+
+    from lora_trainer.ui import plan
+
+    gib = 2**30
+    gpu = plan.Setup(model="m.safetensors", family="SD1", device="cuda:0", device_text="RTX 4070",
+                     free=int(7.26 * gib), total=12 * gib)
+    assert plan.setup_md(gpu) == "**Model:** `m.safetensors` (SD1) · **Device:** RTX 4070 (7.3 of 12.0 GiB free)"
+    # small moves keep the number the page shows; a noticeable one (here over 0.6 GiB = 5%) shows
+    assert plan.steady(gpu, int(7.0 * gib)).free == int(7.0 * gib)
+    assert plan.steady(gpu, int(8.0 * gib)).free == int(7.26 * gib)
+    assert plan.steady(gpu, None) is gpu
+    cpu = plan.describe_setup(SimpleNamespace(device=lambda: "cpu"))
+    assert cpu.free and cpu.total and ", " in plan.setup_md(cpu) and "GiB of RAM free" in plan.setup_md(cpu)
+
+
 def test_ui_help_lists_the_presets():
     import subprocess
     import sys

@@ -8,7 +8,8 @@ model family or host shows up here without changes: the family is whatever label
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import PRESETS
@@ -27,8 +28,10 @@ class Setup:
     model: str  # what will be trained on, in words
     family: str | None  # "SD1", "SDXL", ... as the host reports it; None when unknown yet
     device: str  # "cuda" / "cpu" / ...
-    device_text: str  # "NVIDIA RTX 4070 (11.2 of 12.0 GiB free)" / "CPU"
+    device_text: str  # "NVIDIA RTX 4070" / "CPU (...)"
     note: str = ""  # e.g. "loads when training starts"
+    free: int | None = None  # bytes free on the device (GPU memory; RAM for the CPU), None when unknown
+    total: int | None = None
 
 
 def describe_setup(host: Any) -> Setup:
@@ -40,8 +43,9 @@ def describe_setup(host: Any) -> Setup:
         except Exception:  # a host that cannot tell must not break the tab
             log.debug("host.model_info failed", exc_info=True)
     device = str(info.get("device") or _host_device(host))
+    free, total = _memory(device)
     return Setup(model=str(info.get("name") or ""), family=info.get("family") or None, device=device,
-                 device_text=_device_text(device), note=str(info.get("note") or ""))
+                 device_text=_device_text(device), note=str(info.get("note") or ""), free=free, total=total)
 
 
 def _host_device(host: Any) -> str:
@@ -52,25 +56,56 @@ def _host_device(host: Any) -> str:
 
 
 def _device_text(device: str) -> str:
-    try:
-        import torch
+    if device.startswith("cuda"):
+        try:
+            import torch
 
-        if device.startswith("cuda") and torch.cuda.is_available():
-            index = torch.device(device).index or 0
-            free, total = torch.cuda.mem_get_info(index)
-            return (f"{torch.cuda.get_device_name(index)} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)")
-    except Exception:  # no driver, busy device: say what we know
-        log.debug("cannot read the GPU's memory", exc_info=True)
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_name(torch.device(device).index or 0)
+        except Exception:  # no driver, busy device: say what we know
+            log.debug("cannot read the GPU's name", exc_info=True)
     if device.startswith("cpu"):
         return "CPU (no CUDA GPU: fine for the tiny test model, very slow for a real one)"
     return device
+
+
+def _memory(device: str) -> tuple[int | None, int | None]:
+    """(free, total) bytes where a run on `device` keeps its weights: the GPU's memory, or RAM."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.mem_get_info(torch.device(device).index or 0)
+        elif device.startswith("cpu"):
+            page = os.sysconf("SC_PAGE_SIZE")
+            return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+    except Exception:  # not POSIX, no driver, busy device: the line says nothing about memory
+        log.debug("cannot read the device's memory", exc_info=True)
+    return None, None
+
+
+def steady(setup: Setup, shown_free: int | None) -> Setup:
+    """`setup` with the free memory the page already shows, unless it moved noticeably (half a GiB or 5%
+    of the device, whichever is more): other programs and the run itself move it a little all the time,
+    and a number that changes every second says nothing a user can act on."""
+    if setup.free is None or shown_free is None:
+        return setup
+    if abs(setup.free - shown_free) < max(2**29, 0.05 * (setup.total or 0)):
+        return replace(setup, free=shown_free)
+    return setup
 
 
 def setup_md(setup: Setup) -> str:
     model = f"`{setup.model}`" if setup.model else "none yet"
     family = f" ({setup.family})" if setup.family else ""
     note = f" — {setup.note}" if setup.note else ""
-    return f"**Model:** {model}{family}{note} · **Device:** {setup.device_text}"
+    memory = ""
+    if setup.free is not None and setup.total:
+        free, total = setup.free / 2**30, setup.total / 2**30
+        memory = (f", {free:.1f} GiB of RAM free" if setup.device.startswith("cpu")
+                  else f" ({free:.1f} of {total:.1f} GiB free)")
+    return f"**Model:** {model}{family}{note} · **Device:** {setup.device_text}{memory}"
 
 
 # Which model families a preset's key prefix is made for (a family not listed: its own name).

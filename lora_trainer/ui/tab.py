@@ -448,8 +448,11 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         done = f" ({snap['step']}/{snap['total_steps']})" if snap.get("total_steps") else ""
         return f"{snap['label']}: {snap['state']}{done} — {snap.get('message', '')}"
 
-    def _extra():
-        return {"model_info": plan.setup_md(plan.describe_setup(host))}
+    def _extra(sent):
+        """The model line, polled too (the WebUI's checkpoint can change any time); its free-memory
+        number changes only when it moved noticeably, so the line does not churn every second."""
+        setup = plan.steady(plan.describe_setup(host), sent.get("model_free"))
+        return {"model_info": plan.setup_md(setup), "model_free": setup.free}
 
     def _values(changed):
         """The poll's outputs: a changed value, or "leave it" for the rest."""
@@ -464,7 +467,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         """Gradio 4: one timer tick (about every second), for this page's State."""
         follower = live.Follower(jobs, dict(sent or {}))
         try:
-            changed = follower.update(_extra())
+            changed = follower.update(_extra(follower.sent))
         except Exception:
             log.debug("progress poll failed", exc_info=True)
             changed = {}
@@ -475,7 +478,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         follower = live.Follower(jobs)
         while True:
             try:
-                changed = follower.update(_extra())
+                changed = follower.update(_extra(follower.sent))
             except Exception:
                 log.debug("progress poll failed", exc_info=True)
                 changed = {}
@@ -505,7 +508,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
 
     def refresh(sent):
         follower = live.Follower(jobs, {})
-        return (*_values(follower.update(_extra())), follower.sent)
+        return (*_values(follower.update(_extra(follower.sent))), follower.sent)
 
     # ------------------------------------------------------------------ layout
     with gr.Blocks(analytics_enabled=False) as tab:
