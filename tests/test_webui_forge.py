@@ -257,20 +257,97 @@ def test_training_on_the_aliases_leaves_forge_weights_bit_identical():
         assert v is before[k] and v.is_inference()
 
 
-def test_half_precision_clip_on_the_cpu_trains_on_fp32_copies():
-    """Forge keeps CLIP in fp16 even with --always-cpu; CPU training needs fp32 (a copy of ours)."""
-    sd_model, ref = make_forge_model(Family.SD1, clip_dtype=torch.float16)
+def test_half_precision_clip_on_the_cpu_is_read_in_place_and_widened_per_layer():
+    """Forge keeps CLIP in fp16 even with --always-cpu / --cpu; CPU training computes in fp32. Each Linear
+    reads Forge's fp16 tensor and widens it for one product at a time; the rest is a small fp32 copy."""
+    from lora_trainer import quant
+
+    sd_model, ref = make_forge_model(Family.SD1, clip_dtype=torch.float16)  # ref holds the fp16 values in fp32
     before = digest(forge_tensors(sd_model))
     bundle = forge_model.bundle_from_forge(sd_model, device=torch.device("cpu"))
     te = bundle.text_encoders[0]
-    assert {p.dtype for p in te.parameters()} == {torch.float32}
-    ids = bundle.tokenizers[0](["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():  # the fp16 weights, widened: close to the fp32 reference
-        torch.testing.assert_close(te(ids)[0], ref.text_encoders[0](ids)[0], rtol=1e-2, atol=1e-2)
+    assert {p.dtype for p in te.parameters()} == {torch.float32}  # embeddings, norms, biases: fp32 copies
+    layers = dict(quant.quant_layers(te))
+    assert len(layers) == sum(1 for m in ref.text_encoders[0].modules() if type(m) is torch.nn.Linear)
+    assert {layer.compute_dtype for layer in layers.values()} == {torch.float32}
     forge_ptrs = {t.untyped_storage().data_ptr() for t in forge_tensors(sd_model).values()}
+    stored = quant.stored_tensors(te)
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert {t.untyped_storage().data_ptr() for t in stored.values()} <= forge_ptrs  # Forge's own fp16 tensors
+    ids = bundle.tokenizers[0](["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():  # widening per layer computes what an fp32 copy of the fp16 weights computes
+        torch.testing.assert_close(te(ids)[0], ref.text_encoders[0](ids)[0], rtol=0, atol=0)
     assert _storage_ptrs(bundle.unet) <= forge_ptrs  # the fp32 UNet is still shared
-    assert 0.3 < forge_model.shared_fraction(bundle, sd_model) < 1.0
+    assert 0.5 < forge_model.shared_fraction(bundle, sd_model) < 1.0  # embeddings (most of a tiny CLIP), norms, biases copied
+    assert forge_model.widened_per_layer(bundle) == "text encoders fp16"
     assert digest(forge_tensors(sd_model)) == before
+
+
+def _round_unet(ref, dtype: torch.dtype) -> None:
+    """Round the reference UNet's weights to `dtype` (kept in fp32): what a half-precision copy holds."""
+    with torch.no_grad():
+        for p in ref.unet.parameters():
+            p.copy_(p.to(dtype).float())
+
+
+@pytest.mark.parametrize("unet_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_unet_on_the_cpu_trains_as_an_fp32_copy_would(tmp_path, unet_dtype):
+    """Neo's --bf16-unet / --fp16-unet on the CPU: the UNet's Linears are read from Neo's half tensors one
+    layer at a time (no fp32 copy of them), and the run learns what it learns on an fp32 copy of them."""
+    from safetensors.torch import load_file
+    from train_support import make_dataset, tiny_config
+
+    from lora_trainer import quant
+    from lora_trainer.train import run_training
+
+    ref = build_tiny_bundle(Family.SDXL, EPSILON, seed=3)
+    _round_unet(ref, unet_dtype)
+    half, _ = make_forge_model(Family.SDXL, clip_dtype=torch.float16, ref=ref, unet_dtype=unet_dtype)
+    ref = build_tiny_bundle(Family.SDXL, EPSILON, seed=3)
+    _round_unet(ref, unet_dtype)
+    full, _ = make_forge_model(Family.SDXL, clip_dtype=torch.float16, ref=ref)  # the same values in fp32
+    before = forge_tensors(half)
+    before_digest = digest(before)
+    bundle = forge_model.bundle_from_forge(half, device=torch.device("cpu"), name="tiny")
+    forge_ptrs = {t.untyped_storage().data_ptr() for t in before.values()}
+    stored = quant.stored_tensors(bundle.unet)
+    linears = sum(1 for m in ref.unet.modules() if type(m) is torch.nn.Linear)
+    assert len(dict(quant.quant_layers(bundle.unet))) == linears and not any(
+        type(m) is torch.nn.Linear for m in bundle.unet.modules())
+    assert {t.dtype for t in stored.values()} == {unet_dtype}
+    assert {t.untyped_storage().data_ptr() for t in stored.values()} <= forge_ptrs
+    assert next(bundle.unet.parameters()).dtype == torch.float32  # the engine trains in fp32 on the CPU
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[unet_dtype]
+    assert forge_model.widened_per_layer(bundle) == f"UNet {name}, text encoders fp16"
+    with torch.no_grad():  # the same numbers as the fp32 copy (the old way) gives
+        copy = forge_model.bundle_from_forge(full, device=torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g)
+        cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.zeros(1, 6)}
+        torch.testing.assert_close(bundle.unet(x, 10, ctx, added_cond_kwargs=cond).sample,
+                                   copy.unet(x, 10, ctx, added_cond_kwargs=cond).sample, rtol=0, atol=0)
+    del copy
+
+    data = make_dataset(tmp_path / "data", n=2, repeats=1)
+    loras = []
+    for i, (sd_model, given) in enumerate(((half, bundle), (full, None))):
+        given = given or forge_model.bundle_from_forge(sd_model, device=torch.device("cpu"), name="tiny")
+        # eps 1: AdamW's step follows the gradient's size instead of its sign (comparable across runs whose
+        # backward products differ in the last bits, as grad @ W and autograd's may)
+        config = tiny_config(data, tmp_path / f"out{i}", max_steps=2, train_text_encoder=True, learning_rate=1e-1,
+                             gradient_checkpointing=True, optimizer="AdamW", optimizer_args={"eps": 1.0})
+        result = run_training(config, bundle=given)
+        loras.append((result.losses, load_file(str(result.lora_path))))
+    (loss_half, lora_half), (loss_full, lora_full) = loras
+    assert loss_half == pytest.approx(loss_full, rel=1e-5)
+    assert lora_half.keys() == lora_full.keys() and any(k.startswith("lora_unet_") for k in lora_half)
+    ups = [v for k, v in lora_half.items() if k.endswith("lora_up.weight")]  # zero before training
+    assert sum(1 for v in ups if v.abs().max() > 1e-5) > 0.8 * len(ups)  # it learned (up to ~5e-3)
+    for k in lora_half:
+        torch.testing.assert_close(lora_half[k], lora_full[k], rtol=1e-4, atol=1e-6)
+    after = forge_tensors(half)
+    assert digest(after) == before_digest  # Neo's half weights: bit-identical, the same tensors
+    assert all(after[k] is before[k] and after[k].is_inference() for k in before)
 
 
 def test_the_real_engine_trains_on_forge_weights_and_leaves_them_bit_identical(tmp_path):
@@ -474,6 +551,7 @@ def fake_loader(monkeypatch):
     loaded = []
     module = types.ModuleType("lora_trainer.models.loader")
     module.load_model = lambda path, **kw: loaded.append((path, kw)) or build_tiny_bundle(Family.SD1)
+    module.check_model_header = lambda path, **kw: None  # what it says of a .ckpt: only loading can tell
     monkeypatch.setitem(sys.modules, "lora_trainer.models.loader", module)
     return loaded
 
@@ -492,6 +570,46 @@ def test_low_bit_weights_train_from_the_checkpoint_file(fake_forge, fake_loader,
     assert "low bits" in capsys.readouterr().out and "loading model.safetensors from disk" in host.last_notes[0]
     host.release_model(bundle)
     assert sd_model.current_lora_hash != "[]"  # Forge's own model was not touched
+
+
+def test_on_the_cpu_the_file_fallback_reads_half_linears_from_the_mapped_file(fake_forge, fake_loader, tmp_path):
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"x")
+    host = forge.ForgeHost()
+    host._load_file(str(ckpt), reason="test")
+    assert fake_loader[0][1]["dtype"] is None and fake_loader[0][1]["device"] is None  # as stored, memory-mapped
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_widen_half_linears_computes_what_an_fp32_load_computes(tmp_path, dtype):
+    """The CPU fallback: a half-precision file loaded as stored, its Linears widened per layer, the rest fp32."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_trainer import quant
+    from lora_trainer.models.loader import load_model
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path, "sdxl", seed=2)
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}, str(path))
+    full = load_model(path, dtype=torch.float32, device="cpu")
+    bundle = forge_model.widen_half_linears(load_model(path, dtype=None, device=None))
+    for ours, theirs in ((bundle.unet, full.unet), (bundle.vae, full.vae),
+                         *zip(bundle.text_encoders, full.text_encoders)):
+        assert {p.dtype for p in ours.parameters()} == {torch.float32} and not any(
+            p.requires_grad for p in ours.parameters())
+        n_linear = sum(1 for m in theirs.modules() if type(m) is torch.nn.Linear)
+        assert n_linear and len(dict(quant.quant_layers(ours))) == n_linear
+        assert {t.dtype for t in quant.stored_tensors(ours).values()} == {dtype}
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g)
+    cond = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.zeros(1, 6)}
+    ids = bundle.tokenizers[0](["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.unet(x, 10, ctx, added_cond_kwargs=cond).sample,
+                                   full.unet(x, 10, ctx, added_cond_kwargs=cond).sample, rtol=0, atol=0)
+        torch.testing.assert_close(bundle.vae.decode(x).sample, full.vae.decode(x).sample, rtol=0, atol=0)
+        for ours, theirs in zip(bundle.text_encoders, full.text_encoders):
+            torch.testing.assert_close(ours(ids)[0], theirs(ids)[0], rtol=0, atol=0)
 
 
 def test_older_forge_backends_train_from_the_selected_file(fake_forge, fake_loader, monkeypatch, tmp_path):

@@ -131,9 +131,12 @@ class ForgeHost(A1111Host):
             _say(flux.line)
             return bundle
         share = forge_model.shared_fraction(bundle, sd_model)
+        widened = forge_model.widened_per_layer(bundle)
         _say(f"training on Forge's loaded model {bundle.name} ({bundle.family.label}, {bundle.prediction_type}; "
-             + ("zero copy)" if share == 1.0 else f"{share:.0%} of the weights shared with Forge, the rest copied "
-                "to fp32 / the training device)"))
+             + ("zero copy" if share == 1.0 else f"{share:.0%} of the weights shared with Forge, the rest copied "
+                "to fp32 / the training device")
+             + (f"; Linear weights read in place ({widened}) and widened to fp32 one layer at a time)" if widened
+                else ")"))
         return bundle
 
     def _load_file(self, path: str | None, *, reason: str | None) -> ModelBundle:
@@ -142,7 +145,7 @@ class ForgeHost(A1111Host):
                                     "checkpoint menu or give a model file.")
         import torch
 
-        from ..models.loader import load_model
+        from ..models.loader import check_model_header, load_model
 
         if reason:
             self._note(f"cannot train on the loaded model in place ({reason}); loading {Path(path).name} "
@@ -150,7 +153,15 @@ class ForgeHost(A1111Host):
         self._unload_forge_models()  # make room: training gets its own copy of the weights
         self._forge_model = None
         self._begin_state("Training a LoRA")
-        return load_model(Path(path), dtype=torch.float32, device=self.device())
+        device = self.device()
+        family = check_model_header(path)  # None: only loading can tell (.ckpt)
+        if device.type == "cpu" and not (family and family.is_flux):
+            # The file's tensors memory-mapped as stored, half-precision Linears widened per layer: beside the
+            # WebUI's own copy in RAM, only the small rest becomes an fp32 copy (an SDXL: ~2 GB, not 14).
+            from . import forge_model
+
+            return forge_model.widen_half_linears(load_model(Path(path), dtype=None, device=None))
+        return load_model(Path(path), dtype=torch.float32, device=device)
 
     def release_model(self, bundle: ModelBundle) -> None:
         """Drop our aliases, check Forge's weights are unchanged, make its next generation re-apply LoRAs."""

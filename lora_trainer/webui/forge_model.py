@@ -10,6 +10,12 @@ Instead we build diffusers/transformers skeletons on the meta device and give ea
 parameters a fresh tensor `set_()` onto the same storage as Forge's: zero copy, an ordinary
 (non-inference) tensor autograd accepts, and Forge's own tensors stay untouched.
 
+On the CPU, training computes in fp32. Forge keeps CLIP in fp16 there, and Neo's `--bf16-unet` /
+`--fp16-unet` keep the UNet in half precision: each such Linear becomes a `quant.QuantLinear` over
+the very same half-precision tensor, widened to fp32 for one product at a time (forward and
+backward), exactly as Forge's own layers cast per call; only the small rest (convolutions, norms,
+embeddings) is copied to fp32.
+
 This module reads Forge's objects by attribute only (no `backend.*` import), so the tests can
 drive it with Forge-shaped stand-ins.
 """
@@ -18,11 +24,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
+from .. import quant
 from ..errors import UnsupportedModelError
 from ..models.bundle import EPSILON, V_PREDICTION, Family, ModelBundle, Schedule
 from . import forge_storage
@@ -86,15 +95,27 @@ def forge_tensors(sd_model: Any) -> dict[str, torch.Tensor]:
 
 
 def shared_fraction(bundle: ModelBundle, sd_model: Any) -> float:
-    """Share of the bundle's weights (by bytes) that live in Forge's own storage (1.0 = zero copy)."""
+    """Share of the bundle's weights (by bytes) that live in Forge's own storage (1.0 = zero copy);
+    Linears read per layer (QuantLinear) count with their stored tensors."""
     theirs = {t.untyped_storage().data_ptr() for t in forge_tensors(sd_model).values()}
     total = shared = 0
     for module in (bundle.unet, bundle.vae, *bundle.text_encoders):
-        for p in module.parameters():
+        for p in (*module.parameters(), *quant.stored_tensors(module).values()):
             size = p.numel() * p.element_size()
             total += size
             shared += size if p.untyped_storage().data_ptr() in theirs else 0
     return shared / total if total else 0.0
+
+
+def widened_per_layer(bundle: ModelBundle) -> str:
+    """e.g. "UNet bf16, text encoders fp16": the parts whose Linears are read in half precision and
+    widened one layer at a time ("" when none is)."""
+    parts = []
+    for what, modules in (("UNet", [bundle.unet]), ("text encoders", bundle.text_encoders)):
+        counts = sum((quant.formats(m) for m in modules if m is not None), Counter())
+        if counts:
+            parts.append(f"{what} {'/'.join(sorted(counts))}")
+    return ", ".join(parts)
 
 
 def restore_clean_weights(sd_model: Any) -> None:
@@ -252,12 +273,20 @@ def _place(value: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return value
 
 
+def _widen_per_layer(src: torch.Tensor, device: torch.device | None) -> bool:
+    """A half-precision weight that stays on the CPU: read in place, widened per product."""
+    on_cpu = src.device.type == "cpu" and (device is None or device.type == "cpu")
+    return on_cpu and src.dtype in (torch.float16, torch.bfloat16)
+
+
 def assign_aliases(skeleton: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, what: str,
                    device: torch.device | None = None) -> torch.nn.Module:
     """Fill a meta-device skeleton with aliases of `tensors` (names in the skeleton's own layout).
 
-    Every parameter must be given with a fitting shape; tensors on another device than `device`,
-    or half precision on the CPU, are copied (the copy is ours, Forge's tensor stays as it was).
+    Every parameter must be given with a fitting shape. A Linear whose weight is half precision on
+    the CPU becomes a QuantLinear over Forge's tensor (fp32 compute, widened one layer at a time);
+    other tensors on another device than `device`, or half precision on the CPU, are copied (the copy
+    is ours, Forge's tensor stays as it was).
     """
     params = dict(skeleton.named_parameters())
     missing = sorted(set(params) - set(tensors))
@@ -265,16 +294,39 @@ def assign_aliases(skeleton: torch.nn.Module, tensors: Mapping[str, torch.Tensor
         raise UnsupportedModelError(
             f"The loaded model's {what} lacks {len(missing)} weights LoRA Trainer expects (e.g. {missing[0]}); "
             "train from the checkpoint file instead.")
-    for name, target in params.items():
-        src = tensors[name]
+
+    def aliased(name: str, shape: torch.Size) -> torch.Tensor:
         try:
-            value = fit_shape(alias(src), target.shape)
+            return fit_shape(alias(tensors[name]), shape)
         except ValueError as e:
             raise UnsupportedModelError(
                 f"The loaded model's {what} weight {name} has an unexpected shape ({e}); "
                 "train from the checkpoint file instead.") from None
-        _set_tensor(skeleton, name, _place(value, device), parameter=True)
+
+    for name, module in list(skeleton.named_modules()):
+        if type(module) is nn.Linear and _widen_per_layer(tensors[f"{name}.weight"], device):
+            weight = quant.PlainWeight(aliased(f"{name}.weight", module.weight.shape))
+            bias = None if module.bias is None else _place(aliased(f"{name}.bias", module.bias.shape), device)
+            quant.replace_linear(skeleton, name, weight, bias, dtype=torch.float32, device=weight.device,
+                                 movable=False)
+    for name, target in list(skeleton.named_parameters()):
+        if target.is_meta:  # not set above (QuantLinear biases are)
+            _set_tensor(skeleton, name, _place(aliased(name, target.shape), device), parameter=True)
     return skeleton
+
+
+def widen_half_linears(bundle: ModelBundle) -> ModelBundle:
+    """A model loaded as stored (`load_model(dtype=None)`: the file's tensors, memory-mapped) made
+    trainable on the CPU: half-precision Linears become QuantLinears over the file's tensors, widened
+    to fp32 one layer at a time; the rest (convolutions, norms, embeddings) becomes fp32 copies."""
+    def plain(_name: str, layer: nn.Linear) -> quant.FrozenWeight | None:
+        return quant.PlainWeight(layer.weight.detach()) if layer.weight.dtype in (torch.float16, torch.bfloat16) else None
+
+    for module in (bundle.unet, bundle.vae, *bundle.text_encoders):
+        module.requires_grad_(False)
+        quant.quantize_linears(module, plain, dtype=torch.float32, movable=False)
+        module.float()  # QuantLinear keeps its stored weight as it is
+    return bundle
 
 
 def _fill_buffers(skeleton: torch.nn.Module, source: torch.nn.Module, device: torch.device | None) -> None:

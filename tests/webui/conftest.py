@@ -24,6 +24,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--neo-dir", default=None, help="Forge Neo checkout (shared/harness/neo layout)")
     group.addoption("--neo-model", default=None,
                     help="checkpoint the Neo suite runs on: sd15-random (default) or sdxl-random (in models/Stable-diffusion)")
+    group.addoption("--neo-args", default=None,
+                    help="extra Neo flags for its launch (NEO_EXTRA_ARGS), e.g. --bf16-unet; default: --bf16-unet for "
+                         "sdxl-random on a machine with less than 32 GiB of RAM, else none")
     group.addoption("--webui-port", default=None, help="port for the WebUI under test (default 7871)")
 
 
@@ -60,6 +63,12 @@ def neo_dir(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def neo_model(request: pytest.FixtureRequest) -> str:
     return request.config.getoption("--neo-model", default=None) or os.environ.get("NEO_MODEL_NAME") or "sd15-random"
+
+
+@pytest.fixture(scope="session")
+def neo_args(request: pytest.FixtureRequest) -> str | None:
+    """Extra Neo launch flags, or None for the suite's default for the model."""
+    return request.config.getoption("--neo-args", default=None)
 
 
 @pytest.fixture(scope="session")

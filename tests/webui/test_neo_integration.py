@@ -1,6 +1,7 @@
 """The extension inside real Forge Neo (CPU, random full-size SD1.5), opt-in:
 
     pytest tests/webui/test_neo_integration.py --neo-dir <work>/webui [--webui-port 7873] [--neo-model sdxl-random]
+        [--neo-args=--bf16-unet]
 
 `<work>` is laid out as shared/harness/neo/ expects (<work>/webui = the Neo tree, <work>/venv, <work>/run,
 the checkpoint `sd15-random.safetensors` (and for `--neo-model sdxl-random` the SDXL one, written by
@@ -34,23 +35,32 @@ NEO_PINS = {"diffusers": "0.36.0", "peft": "0.17.1", "transformers": "4.56.2", "
             "numpy": "2.3.5", "gradio": "4.40.0", "safetensors": "0.7.0", "accelerate": "1.12.0"}
 
 # What differs between the two families the suite runs on (kohya module counts: UNet, text encoders), and
-# the RAM it takes to *use* a LoRA in Neo on the CPU: Neo keeps the UNet in fp32 there and merges a LoRA
-# into it with a backup of every patched weight (on the fly only for low-bit storage). For SDXL that is
-# 11.5 GiB of model + ~9 GiB of backups: measured 20.4 GiB anonymous RSS (and rising) when the harness was
-# stopped with 1.5 GiB left on this 24 GiB machine. Below that RAM the SDXL run trains and checks
-# everything but generating with the LoRA (A/B grid off, no `<lora:…>` images, no smoke test).
+# the RAM it takes to *use* a LoRA in Neo on the CPU (`use_lora_gib`, by how Neo stores the UNet): Neo keeps
+# the UNet in fp32 there unless told otherwise, and merges a LoRA into it with a backup of every patched
+# weight (on the fly only for low-bit storage). For SDXL in fp32 that is 11.5 GiB of model + ~9 GiB of
+# backups: measured 20.4 GiB anonymous RSS (and rising) when the harness was stopped with 1.5 GiB left on a
+# 24 GiB machine. So below 32 GiB the SDXL run launches Neo with --bf16-unet (HALF_UNET_ARGS): the UNet
+# stored in bf16, as Neo stores it on a GPU (fp16/bf16), half the memory; our hand-off then reads its
+# Linears in place and widens them one layer at a time. Below `use_lora_gib` the run trains and checks
+# everything but generating with the LoRA (A/B grid off, no `<lora:…>` images, no smoke test); below
+# `fp8_file_gib` it skips the fp8 fallback, which loads the checkpoint file beside Neo's own copy.
 MODELS = {
     "sd15-random": {"family": "SD1", "card": "sd", "base_version": "sd_v1", "unet_keys": 192, "clip_keys": 72,
-                    "use_lora_gib": 16},
+                    "use_lora_gib": {"fp32": 16, "bf16": 12, "fp16": 12}, "fp8_file_gib": 16, "smoke_max_s": 60},
     "sdxl-random": {"family": "SDXL", "card": "xl", "base_version": "sdxl_base_v1-0", "unet_keys": 722,
-                    "clip_keys": 264, "use_lora_gib": 32},
+                    "clip_keys": 264, "use_lora_gib": {"fp32": 32, "bf16": 22, "fp16": 22}, "fp8_file_gib": 22,
+                    "smoke_max_s": 300},
 }
+HALF_UNET_ARGS = "--bf16-unet"
+UNET_FLAGS = {"--bf16-unet": "bf16", "--fp16-unet": "fp16", "--fp32-unet": "fp32"}
+TORCH_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 
 pytestmark = pytest.mark.webui
 
 
 @pytest.fixture(scope="module")
-def neo(neo_dir: Path, neo_model: str, webui_port: int, tmp_path_factory: pytest.TempPathFactory):
+def neo(neo_dir: Path, neo_model: str, neo_args: str | None, webui_port: int,
+        tmp_path_factory: pytest.TempPathFactory):
     harness = harness_dir("neo")
     if harness is None:
         pytest.skip("shared/harness/neo not found beside the repository")
@@ -62,9 +72,14 @@ def neo(neo_dir: Path, neo_model: str, webui_port: int, tmp_path_factory: pytest
     if neo_model not in MODELS or not (neo_dir / "models" / "Stable-diffusion" / f"{neo_model}.safetensors").is_file():
         pytest.fail(f"--neo-model {neo_model}: needs one of {sorted(MODELS)} in models/Stable-diffusion")
     ui.facts.update(MODELS[neo_model], model=neo_model)
-    ui.refuse_other_copies()
+    if neo_args is None:
+        neo_args = HALF_UNET_ARGS if neo_model == "sdxl-random" and _total_ram_gib() < 32 else ""
+    storage = [UNET_FLAGS[a] for a in neo_args.split() if a in UNET_FLAGS]
+    ui.facts["unet_storage"] = storage[-1] if storage else "fp32"  # Neo's choice on the CPU: fp32
     # No warm-up generation: Neo then has no model loaded until something asks (lazy, as Forge).
-    ui.install_and_launch(launch_env={"NEO_NO_WARMUP": "1", "MODEL_NAME": neo_model})
+    ui.facts["launch_env"] = {"NEO_NO_WARMUP": "1", "MODEL_NAME": neo_model, "NEO_EXTRA_ARGS": neo_args}
+    ui.refuse_other_copies()
+    ui.install_and_launch(launch_env=ui.facts["launch_env"])
     # A second name for the same file: switching checkpoints is how Neo's API re-reads "Diffusion in Low
     # Bits" (set_config does not); selecting one loads nothing yet.
     folder = neo_dir / "models" / "Stable-diffusion"
@@ -73,6 +88,7 @@ def neo(neo_dir: Path, neo_model: str, webui_port: int, tmp_path_factory: pytest
     ui.facts["alias"] = alias.stem
     ui.call("POST", "/sdapi/v1/refresh-checkpoints")
     _reload_with_storage(ui, "Automatic")
+    ui.facts["use_lora_gib"] = ui.facts["use_lora_gib"][ui.facts["unet_storage"]]
     ui.facts["use_lora"] = _total_ram_gib() >= ui.facts["use_lora_gib"]
     ui.call("POST", "/sdapi/v1/options", {"lora_trainer_ab_grid": ui.facts["use_lora"]})
     # --server-name 127.0.0.1 counts as "non-local" for the WebUI: typed paths must lie in its folder.
@@ -155,9 +171,14 @@ def test_train_on_the_loaded_model_and_find_the_lora_in_neo(neo: ForgeFamilyServ
     lora = ui.webui / "models" / "Lora" / f"{name}.safetensors"
     assert str(lora) in train["outputs"]
     log = ui.log_text()
-    # --cpu: UNet and VAE are Neo's fp32 tensors (shared); its fp16 CLIP is widened to fp32 (a copy)
+    storage = f["unet_storage"]
+    assert re.search(rf"Using (Default|Override) Model Data Type: {TORCH_DTYPES[storage]}", log)  # what Neo holds
+    # --cpu: the VAE is Neo's fp32 tensors, shared; so is an fp32 UNet. Neo's fp16 CLIP (and a bf16/fp16 UNet):
+    # the Linears read in place and widened to fp32 per layer; the small rest (embeddings, norms, convs) copied
+    widened = "text encoders fp16" if storage == "fp32" else f"UNet {storage}, text encoders fp16"
     assert re.search(rf"LoRA Trainer: training on Forge's loaded model {f['model']} \({f['family']}, epsilon; \d+% of "
-                     r"the weights shared", log), log[-3000:]
+                     rf"the weights shared with Forge, .*; Linear weights read in place \({widened}\) and widened to "
+                     r"fp32 one layer at a time\)", log), log[-3000:]
     assert log.count("LoRA Trainer: Forge's model is bit-identical after training") == 2
     loras = {x["name"]: x for x in ui.call("GET", "/sdapi/v1/loras")}
     assert name in loras and loras[name]["metadata"]["ss_base_model_version"] == f["base_version"]
@@ -198,7 +219,7 @@ def test_the_lora_changes_the_image_and_neo_matches_every_key(neo: ForgeFamilySe
 def test_harness_smoke_test_passes_with_the_trained_lora(neo: ForgeFamilyServer):
     if "lora" not in neo.facts:
         pytest.skip("needs the training test")
-    res = neo.smoke_test(neo.facts["lora"], "--model", neo.facts["model"])
+    res = neo.smoke_test(neo.facts["lora"], "--model", neo.facts["model"], "--max-seconds", str(neo.facts["smoke_max_s"]))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 
 
@@ -232,7 +253,7 @@ def test_a_stopped_run_resumes_after_neo_restarts(neo: ForgeFamilyServer):
         pytest.skip("needs the interrupt test")
     old = ui.facts["stopped_job"]
     assert old["state_dir"], old["message"]
-    ui.relaunch({"NEO_NO_WARMUP": "1", "MODEL_NAME": ui.facts["model"]})
+    ui.relaunch(ui.facts["launch_env"])
     job = ui.call("GET", f"/lora-trainer/v1/jobs/{old['id']}")  # listed again from its job.json
     assert (job["state"], job["step"], job["state_dir"]) == ("stopped", old["step"], old["state_dir"])
     new_id = ui.call("POST", f"/lora-trainer/v1/jobs/{old['id']}/resume")["job_id"]
@@ -262,9 +283,10 @@ def test_fp8_storage_trains_from_the_checkpoint_file_and_says_so(neo: ForgeFamil
     ui = neo
     if "base" not in ui.facts:
         pytest.skip("needs the training test")
-    if ui.facts["family"] == "SDXL" and _total_ram_gib() < 40:
-        # the fallback loads the file in fp32 (14 GiB for SDXL) while Neo keeps its own copy in RAM
-        pytest.skip(f"SDXL from the file beside Neo's loaded SDXL needs about 30 GiB of RAM ({_total_ram_gib():.0f} here)")
+    if _total_ram_gib() < ui.facts["fp8_file_gib"]:
+        # the fallback loads the checkpoint file while Neo keeps its own (fp8) copy in RAM
+        pytest.skip(f"{ui.facts['family']} from the file beside Neo's loaded model needs about "
+                    f"{ui.facts['fp8_file_gib']} GiB of RAM ({_total_ram_gib():.0f} here)")
     ui.call("POST", "/sdapi/v1/options", {"lora_trainer_ab_grid": False})
     _reload_with_storage(ui, "float8-e4m3fn")
     try:
