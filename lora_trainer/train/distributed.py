@@ -248,6 +248,10 @@ class DataParallel(Group):
                            static_graph=True)
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
+            # DDP times its first 10 iterations and then every 100th with CUDA events it reads in the next
+            # forward; events recorded inside a captured step would never run. Past the warm-up: never.
+            if hasattr(self.ddp, "_set_ddp_runtime_logging_sample_rate"):
+                self.ddp._set_ddp_runtime_logging_sample_rate(2**31 - 1)
         return self.ddp
 
     def no_sync(self, accumulating: bool) -> contextlib.AbstractContextManager[Any]:
