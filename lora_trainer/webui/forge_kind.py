@@ -67,8 +67,10 @@ class ForgeKind:
 
     def summary(self) -> str:
         """One markdown line for the tab: which WebUI this is and what training does here."""
-        how = (f"trains on the loaded model ({IN_PLACE_STORAGE} weights; fp8/int8/nf4/GGUF storage trains from "
-               "the checkpoint file)" if self.loaded_model else "trains from the selected checkpoint file")
+        flux = "; FLUX.1 as stored, fp8/nf4/GGUF included" if "FLUX.1" in self.families else ""
+        how = (f"trains on the loaded model ({IN_PLACE_STORAGE} weights; fp8/int8/nf4/GGUF storage of an SD model "
+               f"trains from the checkpoint file{flux})" if self.loaded_model
+               else "trains from the selected checkpoint file")
         found = f" Detected from: {', '.join(f'`{e}`' for e in self.evidence)}." if self.evidence else ""
         untested = "" if self.tested else " Not tested live by LoRA Trainer."
         return f"**{self.label}**: {', '.join(self.families)}; {how}.{found}{untested}"
@@ -77,9 +79,9 @@ class ForgeKind:
 def _kind(key: str, evidence: tuple[str, ...] = ()) -> ForgeKind:
     table = {
         "a1111": ("AUTOMATIC1111 Stable Diffusion WebUI", "ldm", ("SD1", "SD2", "SDXL"), True, True),
-        "forge": ("Stable Diffusion WebUI Forge (lllyasviel, 2.x)", "backend", ("SD1", "SD2", "SDXL"), True, True),
-        "neo": ("Forge Neo", "backend", ("SD1", "SDXL"), True, True),
-        "ersatzforge": ("ersatzForge", "backend", ("SD1", "SD2", "SDXL"), True, False),
+        "forge": ("Stable Diffusion WebUI Forge (lllyasviel, 2.x)", "backend", ("SD1", "SD2", "SDXL", "FLUX.1"), True, True),
+        "neo": ("Forge Neo", "backend", ("SD1", "SDXL", "FLUX.1"), True, True),
+        "ersatzforge": ("ersatzForge", "backend", ("SD1", "SD2", "SDXL", "FLUX.1"), True, False),
         "reforge": ("reForge", "ldm_patched", ("SD1", "SD2", "SDXL"), False, False),
         "forge-classic": ("Forge Classic", "ldm_patched", ("SD1", "SD2", "SDXL"), False, False),
         "forge-1": ("Forge 1.x (before the 2024 backend)", "ldm_patched", ("SD1", "SD2", "SDXL"), False, False),

@@ -136,7 +136,7 @@ def test_tab_api_and_which_forge_this_is(neo: ForgeFamilyServer):
     assert "trains on the loaded model" in status["host_description"]
     assert Path(status["lora_dir"]).resolve() == (neo.webui / "models" / "Lora").resolve()
     log = neo.log_text()
-    assert "LoRA Trainer: host Forge Neo: SD1, SDXL; trains on the loaded model" in log
+    assert "LoRA Trainer: host Forge Neo: SD1, SDXL, FLUX.1; trains on the loaded model" in log
     assert "LoRA Trainer is disabled" not in log
 
 
