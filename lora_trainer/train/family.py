@@ -14,7 +14,7 @@ differs between SD1/SD2/SDXL and Flux lives behind `TrainFamily`:
 
 `family_for(bundle)` finds a bundle's family in a registry (no `if family == ...` in the engine).
 A family module registers itself with `register(key, factory)`; `train/family_sd.py` holds
-SD1/SD2/SDXL, `train/family_flux.py` Flux.
+SD1/SD2/SDXL, `train/family_flux.py` Flux.1, `train/family_chroma.py` Chroma.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _load_builtin() -> None:
     from . import family_sd  # noqa: F401 - registers sd1, sd2, sdxl
 
     with contextlib.suppress(ImportError):  # Flux needs models.flux
-        from . import family_flux  # noqa: F401
+        from . import family_chroma, family_flux  # noqa: F401
 
 
 def family_for(bundle: Any, config: Any = None) -> TrainFamily:
@@ -182,7 +182,7 @@ def family_for(bundle: Any, config: Any = None) -> TrainFamily:
         from ..errors import UnsupportedModelError
 
         raise UnsupportedModelError(f"Training is not available for {key} models yet; pick an SD1.x, SD2.x, "
-                                    "SDXL or Flux.1 model.")
+                                    "SDXL, Flux.1 or Chroma model.")
     return _REGISTRY[key](config)
 
 

@@ -71,7 +71,7 @@ class FluxFamily(TrainFamily):
     # ---------------------------------------------------------------- text
     def _t5_length(self, bundle: Any, config: Any | None = None) -> int:
         n = int(getattr(config, "t5_max_token_length", 0) or 0) if config is not None else 0
-        return n or int(bundle.tokenizers[1].model_max_length)
+        return n or int(bundle.tokenizers[-1].model_max_length)
 
     def tokenize(self, bundle: Any, captions: list[str]) -> Batch:
         clip_tok, t5_tok = bundle.tokenizers
@@ -119,20 +119,30 @@ class FluxFamily(TrainFamily):
         return FlowObjective(config, device)
 
     # ---------------------------------------------------------------- the model call
+    def text_inputs(self, cond: Batch, bsz: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """The transformer's text arguments from one batch of conditioning (`encode_text`'s keys)."""
+        from ..models.flux.model import text_ids
+
+        t5 = cond["t5"].to(device, dtype)
+        return {"txt": t5, "txt_ids": text_ids(bsz, t5.shape[1], device=device), "y": cond["pooled"].to(device, dtype)}
+
+    def train_guidance(self, config: Any) -> float:
+        """The guidance input while training (Flux.1 dev's distilled guidance; schnell ignores it)."""
+        return float(config.guidance_scale)
+
     def prediction_and_target(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..models.flux.model import image_ids, pack_latents, text_ids, unpack_latents
+        from ..models.flux.model import image_ids, pack_latents, unpack_latents
 
         b, c, dtype = inputs.batch, inputs.objective.config, inputs.model_dtype
         x0, noise, sigmas = b["latents"], b["noise"], b["sigmas"]
         bsz, _, h, w = x0.shape
         noisy = flow.noisy_input(x0, noise, sigmas)
-        t5 = inputs.cond["t5"].to(dtype)
         # kohya hands the model `timesteps / 1000` with timesteps = σ·1000 in the training dtype
         timesteps = (sigmas * 1000).to(dtype) / 1000
-        guidance = torch.full((bsz,), float(c.guidance_scale), device=x0.device, dtype=dtype)
+        guidance = torch.full((bsz,), self.train_guidance(c), device=x0.device, dtype=dtype)
         pred = inputs.bundle.unet(img=pack_latents(noisy.to(dtype)), img_ids=image_ids(bsz, h, w, device=x0.device),
-                                  txt=t5, txt_ids=text_ids(bsz, t5.shape[1], device=x0.device), timesteps=timesteps,
-                                  y=inputs.cond["pooled"].to(dtype), guidance=guidance)
+                                  timesteps=timesteps, guidance=guidance,
+                                  **self.text_inputs(inputs.cond, bsz, x0.device, dtype))
         pred = unpack_latents(pred, h, w)
         pred, _ = flow.apply_prediction_type(c.model_prediction_type, pred, noisy, sigmas)
         return pred, flow.flow_target(x0, noise)
@@ -146,12 +156,15 @@ class FluxFamily(TrainFamily):
         return generate(bundle, self, prompts, seed=seed, steps=steps, guidance=cfg_scale, width=width,
                         height=height, on_step=on_step)
 
+    model_type = "flux"  # kohya's --model_type
+    t5_attention_mask = False  # kohya's --apply_t5_attn_mask
+
     def metadata_extras(self, config: Any) -> dict[str, str]:
         # kohya's FluxNetworkTrainer.update_metadata (str() of each value, as all ss_* keys)
-        values = {"ss_model_type": "flux", "ss_apply_t5_attn_mask": False,
+        values = {"ss_model_type": self.model_type, "ss_apply_t5_attn_mask": self.t5_attention_mask,
                   "ss_weighting_scheme": config.weighting_scheme, "ss_logit_mean": config.logit_mean,
                   "ss_logit_std": config.logit_std, "ss_mode_scale": config.mode_scale,
-                  "ss_guidance_scale": config.guidance_scale, "ss_timestep_sampling": config.timestep_sampling,
+                  "ss_guidance_scale": self.train_guidance(config), "ss_timestep_sampling": config.timestep_sampling,
                   "ss_sigmoid_scale": config.sigmoid_scale, "ss_model_prediction_type": config.model_prediction_type,
                   "ss_discrete_flow_shift": config.discrete_flow_shift}
         return {k: str(v) for k, v in values.items()}
