@@ -542,3 +542,24 @@ def test_the_real_engine_trains_flux_on_forges_stored_weights(forge_backend, tmp
         network.remove()
     rel = float((effects[0] - effects[1]).norm() / effects[1].norm())
     assert effects[1].abs().max() > 1e-4 and rel < EFFECT_TOLERANCE[fmt], rel
+
+
+@pytest.mark.parametrize(("gib", "preset"), [(23.0, "flux-24gb"), (15.0, "flux-16gb"), (11.2, "flux-12gb"),
+                                             (7.5, "flux-8gb"), (6.0, None)])
+def test_the_preset_that_fits_the_free_vram(gib, preset):
+    found = forge_flux.fitting_preset(int(gib * 2**30))
+    assert (found.key if found else None) == preset
+
+
+def test_the_tab_says_which_preset_fits_with_forges_flux_counted_in(forge_backend, monkeypatch):
+    """No GPU here: the VRAM budget (free + what Forge's Flux holds on the GPU) is given; on the CPU none."""
+    sd_model, _ = make_forge_flux("fp8")
+    assert forge_flux.gpu_budget(forge_flux.parts_of(sd_model).values()) is None  # no CUDA: no preset line
+    assert "preset" not in forge_flux.model_info(sd_model)
+    monkeypatch.setattr(forge_flux, "gpu_budget", lambda parts: int(11.2 * 2**30))
+    info = forge_flux.model_info(sd_model)
+    assert info["preset"] == "flux-12gb"
+    assert info["note"].endswith("; 11.2 GiB of VRAM free with Forge's Flux counted in: preset Flux.1 — 12 GB fits")
+    monkeypatch.setattr(forge_flux, "gpu_budget", lambda parts: 5 * 2**30)
+    info = forge_flux.model_info(sd_model)
+    assert info["preset"] is None and "less than the smallest Flux preset (8 GB) needs" in info["note"]

@@ -486,5 +486,47 @@ def model_info(sd_model: Any) -> dict[str, Any]:
     except UnsupportedModelError as e:
         return {"name": name, "family": None, "note": str(e)}
     parts = ", ".join(f"{part} {format_by_bytes(theirs[part])}" for part in ("transformer", "CLIP-L", "T5"))
-    return {"name": name, "family": "Flux", "storage": parts,
-            "note": f"stored as {parts}; trains on the loaded weights as stored (no second copy)"}
+    out = {"name": name, "family": "Flux", "storage": parts,
+           "note": f"stored as {parts}; trains on the loaded weights as stored (no second copy)"}
+    budget = gpu_budget(theirs.values())
+    if budget is not None:
+        preset = fitting_preset(budget)
+        out["preset"] = preset.key if preset else None
+        out["note"] += (f"; {budget / 2**30:.1f} GiB of VRAM free with Forge's Flux counted in: "
+                        + (f"preset {preset.label} fits" if preset else
+                           "less than the smallest Flux preset (8 GB) needs, training will be slow"))
+    return out
+
+
+def gpu_budget(parts: Any) -> int | None:
+    """Bytes of VRAM a run can use: what is free plus what Forge's Flux holds on the GPU (training reads
+    those weights in place, and Forge's memory manager moves the rest out to make room); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from backend import memory_management
+
+        device = memory_management.get_torch_device()
+    except ImportError:
+        device = torch.device("cuda")
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    seen: set[int] = set()
+    held = 0
+    for module in parts:
+        for t in (*module.parameters(), *module.buffers()):
+            ptr = t.untyped_storage().data_ptr()
+            if t.device.type == "cuda" and ptr not in seen:
+                seen.add(ptr)
+                held += t.untyped_storage().nbytes()
+    return int(free + held)
+
+
+def fitting_preset(budget: int):
+    """The Flux preset for the biggest card that `budget` bytes cover (a card's usable memory is ~90% of its
+    nominal GB), or None below the smallest one."""
+    from ..config import PRESETS
+
+    flux = sorted((p for k, p in PRESETS.items() if k.startswith("flux")), key=lambda p: p.vram_gb, reverse=True)
+    return next((p for p in flux if p.vram_gb * 1e9 * 0.9 <= budget), None)
