@@ -99,7 +99,7 @@ _NOT_HASHED = frozenset({
 _HASHED_IF_SET = frozenset({
     "clip_l", "t5", "vae", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
     "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "t5_max_token_length",
-    "blocks_to_swap", "cpu_offload_checkpointing",
+    "blocks_to_swap", "cpu_offload_checkpointing", "train_t5",
 })
 _NAME_OK = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")
 
@@ -123,7 +123,8 @@ class TrainConfig:
     conv_rank: int = 0
     conv_alpha: float = 1.0
     train_unet: bool = True
-    train_text_encoder: bool = False
+    train_text_encoder: bool = False  # CLIP (SD's text encoder(s); Flux.1: CLIP-L)
+    train_t5: bool = False  # Flux.1/Chroma: LoRA on T5-XXL too (kohya's network_args train_t5xxl=True)
     # --- data
     resolution: int = 512
     enable_bucket: bool = True
@@ -318,7 +319,7 @@ class TrainConfig:
         _positive("alpha", self.alpha)
         if self.conv_rank:
             _positive("conv_alpha", self.conv_alpha)
-        if not (self.train_unet or self.train_text_encoder):
+        if not (self.train_unet or self.train_text_encoder or self.train_t5):
             raise ConfigError("Neither the UNet nor the text encoder is trained; enable at least one.")
         _positive("learning_rate", self.learning_rate, "1e-4 is a good start")
         if self.text_encoder_lr < 0:

@@ -36,7 +36,8 @@ _FLAGS: dict[str, tuple[str, type]] = {
 _SWITCHES = {"overwrite": "overwrite", "train_text_encoder": "train_text_encoder",
              "gradient_checkpointing": "gradient_checkpointing", "shuffle_caption": "shuffle_caption",
              "flip_aug": "flip_aug", "no_bucket": None, "cache_latents_to_disk": "cache_latents_to_disk",
-             "fp8_base": "fp8_base", "cpu_offload_checkpointing": "cpu_offload_checkpointing"}
+             "fp8_base": "fp8_base", "cpu_offload_checkpointing": "cpu_offload_checkpointing",
+             "train_t5": "train_t5"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="STATE",
                    help="the <name>-state folder of a stopped run (its settings are used unless --config is given)")
     for flag in _SWITCHES:
-        p.add_argument("--" + flag.replace("_", "-"), action="store_true", default=None)
+        if flag != "train_t5":
+            p.add_argument("--" + flag.replace("_", "-"), action="store_true", default=None)
     flux = p.add_argument_group("Flux.1 (text encoders and VAE are found beside --model when not given)")
     flux.add_argument("--clip-l", metavar="FILE", help="CLIP-L file (clip_l.safetensors)")
     flux.add_argument("--t5", metavar="FILE", help="T5-XXL file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)")
@@ -97,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flux.add_argument("--sigmoid-scale", type=float)
     flux.add_argument("--model-prediction-type", choices=["raw", "additive", "sigma_scaled"])
     flux.add_argument("--t5-max-token-length", type=int, help="T5 tokens per caption (default 512 dev, 256 schnell)")
+    flux.add_argument("--train-t5", action="store_true", default=None,
+                      help="also train a LoRA on T5-XXL (kohya's train_t5xxl; lora_te3_ keys; T5 then runs every "
+                           "step, which needs much more memory and time)")
     p.add_argument("--save-config", metavar="FILE", help="also write the final settings to FILE (.toml/.json)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit without training")
 

@@ -317,7 +317,7 @@ class _Run:
         self.text_cache: list[dict[str, torch.Tensor]] | None = None
 
         place_encoders = self.models.text_encoders
-        if not config.train_text_encoder and static:
+        if not (config.train_text_encoder or config.train_t5) and static:
             text_disk = None
             if config.cache_latents_to_disk:
                 text_disk = (Path(config.latent_cache_dir) / "text" if config.latent_cache_dir
@@ -337,26 +337,27 @@ class _Run:
         # --- adapters (fp32) on the modules being trained
         spec = LoraSpec(rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank or None,
                         conv_alpha=config.conv_alpha if config.conv_rank else None,
-                        train_unet=config.train_unet, train_text_encoder=config.train_text_encoder)
+                        train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
+                        train_t5=config.train_t5)
         self.network = network = inject_lora(bundle, spec, seed=config.seed, dtype=torch.float32)
         if self.resume:
             network.load_kohya_state_dict(self.resume["lora"], strict=True)
         groups = []
         if config.train_unet:
             groups.append({"params": list(network.parameters("unet")), "lr": config.learning_rate})
-        if config.train_text_encoder:
+        trained_tes = [network.roots[c] for c in network.components() if c != "unet"]  # CLIP, T5 (train_t5)
+        if trained_tes:
             groups.append({"params": list(network.parameters("te")),
                            "lr": config.text_encoder_lr or config.learning_rate})
         trainable = [p for g in groups for p in g["params"]]
         bundle.unet.train(config.train_unet)
         for te in bundle.text_encoders:
-            te.train(config.train_text_encoder)
+            te.train(any(te is t for t in trained_tes))
         if config.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
             bundle.unet.train()  # diffusers only checkpoints in training mode
-            if config.train_text_encoder:
-                for te in bundle.text_encoders:
-                    _te_checkpointing(te)
+            for te in trained_tes:
+                _te_checkpointing(te)
 
         from .. import accel
 
@@ -509,7 +510,7 @@ class _Run:
             if self.text_cache is not None:
                 cond = {k: b[k] for k in family.cond_keys if k in b}
             else:
-                with torch.enable_grad() if config.train_text_encoder else torch.no_grad():
+                with torch.enable_grad() if config.train_text_encoder or config.train_t5 else torch.no_grad():
                     cond = family.encode_tokens(ctx.bundle, b, clip_skip=config.clip_skip)
             pred, target = family.prediction_and_target(StepInputs(ctx.bundle, b, cond, ctx.objective,
                                                                    ctx.unet_dtype))

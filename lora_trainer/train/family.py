@@ -128,8 +128,15 @@ class TrainFamily:
         """The dtype the VAE encodes in, given the training dtype."""
         return dtype
 
+    has_t5 = False  # a T5 text encoder that `train_t5` puts a LoRA on
+
     def check_config(self, config: Any) -> None:
         """Refuse settings this family cannot train with (ConfigError), before any heavy work."""
+        if getattr(config, "train_t5", False) and not self.has_t5:
+            from ..errors import ConfigError
+
+            raise ConfigError("train_t5 trains Flux.1's or Chroma's T5-XXL text encoder, which this model does not "
+                              "have; turn it off (train_text_encoder trains its CLIP text encoder).")
 
     # ---------------------------------------------------------------- objective
     def make_objective(self, bundle: Any, config: Any, device: torch.device) -> Objective:

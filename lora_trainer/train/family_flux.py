@@ -99,6 +99,8 @@ class FluxFamily(TrainFamily):
         return h.hexdigest()[:24]
 
     # ---------------------------------------------------------------- data, config
+    has_t5 = True
+
     def check_config(self, config: Any) -> None:
         for key, what in (("min_snr_gamma", "min-SNR weighting"), ("noise_offset", "noise offset"),
                           ("multires_noise_iterations", "multires noise"), ("min_timestep", "min_timestep"),
