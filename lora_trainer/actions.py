@@ -56,10 +56,15 @@ def train_config_from_request(jobs: JobManager, params: dict[str, Any], *,
     for key, why in TRAIN_FORBIDDEN.items():
         if key in params:
             raise ConfigError(f"The field {key} cannot be set in a request ({why}); remove it.")
-    standalone_model = getattr(host, "name", "") == "standalone"
+    if not str(params.get("model") or "").strip():
+        params.pop("model", None)
+    elif getattr(host, "name", "") != "standalone":  # never silently train another model than asked
+        raise ConfigError("This server trains the checkpoint the WebUI has loaded, so the request's model "
+                          "would be ignored; remove \"model\" and load that checkpoint in the WebUI first.")
+    elif getattr(host, "fixed_model", None):
+        raise ConfigError(f"This server trains {host.fixed_model}, so the request's model would be ignored; "
+                          "remove \"model\", or restart the server with --model instead of --tiny.")
     known = TrainConfig.field_names() - set(TRAIN_FORBIDDEN) | set(TRAIN_EXTRA)
-    if not standalone_model:
-        known -= {"model"}  # the WebUI trains the model it has loaded
     _unknown(set(params), known, "train")
     sub = str(params.pop("lora_subdir", "") or (defaults or {}).get("lora_subdir", "") or "")
     lora_subdir(Path(host.lora_dir()), sub)  # refuse a bad sub-folder now, not after training
@@ -146,7 +151,8 @@ def _tag_list(value: Any) -> list[str]:
 
 # ---------------------------------------------------------------------- preparing
 PREPARE_FIELDS = {"source": None, "out": None, "concept": None, "repeats": None, "class_images": None,
-                  "class_name": None, "class_repeats": 1, "recursive": False, "resolution": 512}
+                  "class_name": None, "class_repeats": 1, "recursive": False, "resolution": 512,
+                  "overwrite": False}
 PREPARE_ALIASES = {"data": "source", "src": "source", "folder": "source"}
 
 
@@ -180,6 +186,8 @@ def submit_prepare(jobs: JobManager, params: dict[str, Any]) -> Job:
         raise ConfigError(f"repeats, class_repeats and resolution must be whole numbers ({e}); fix them.") from e
     if args.get("repeats") is not None:
         validate_repeats(args["repeats"])
+    if not isinstance(args.get("overwrite", False), bool):
+        raise ConfigError("overwrite must be true or false; send a JSON boolean.")
     source, out, concept = args.pop("source"), args.pop("out"), args.pop("concept")
 
     def run(job: Job) -> dict[str, Any]:

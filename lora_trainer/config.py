@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -101,6 +102,21 @@ _HASHED_IF_SET = frozenset({
     "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "t5_max_token_length",
     "blocks_to_swap", "cpu_offload_checkpointing", "train_t5",
 })
+# Upper bounds that catch typos and hostile requests (`rank: 1e9` would only fail as "out of memory",
+# `max_steps: 1e12` would show an ETA of trillions of seconds): field -> (lowest, highest, hint).
+LIMITS: dict[str, tuple[int, int, str]] = {
+    "rank": (1, 1024, "16 is a good start"),
+    "conv_rank": (0, 1024, "4 to 32 is usual"),
+    "epochs": (0, 10_000, "10 is typical"),
+    "max_steps": (0, 1_000_000, "a few thousand is typical"),
+    "batch_size": (1, 256, "1 to 8 fit most GPUs"),
+    "gradient_accumulation_steps": (1, 1024, "1 unless the batch does not fit"),
+    "resolution": (8, 4096, "512 for SD1.5, 1024 for SDXL"),
+    "lr_warmup_steps": (0, 1_000_000, "0 or about 5% of the steps"),
+    "sample_steps": (1, 1000, "20 is typical"),
+    "keep_tokens": (0, 1000, "1 keeps a trigger word first"),
+}
+MAX_SAMPLE_PROMPTS = 64
 _NAME_OK = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")
 
 
@@ -314,6 +330,14 @@ class TrainConfig:
         if not Path(self.data).is_dir():
             raise ConfigError(f"Dataset folder {self.data} does not exist; check the path.")
         check_name(self.name)
+        for key, (low, high, hint) in LIMITS.items():
+            value = getattr(self, key)
+            if value > high:
+                raise ConfigError(f"{key} must be at most {high:,} (got {value:,}); the allowed range is "
+                                  f"{low}..{high:,}, {hint}.")
+        if len(self.sample_prompts) > MAX_SAMPLE_PROMPTS:
+            raise ConfigError(f"{len(self.sample_prompts)} sample prompts were given; use at most "
+                              f"{MAX_SAMPLE_PROMPTS} (each is drawn at every sampling round).")
         _positive_int("rank", self.rank, "16 is a good start")
         _non_negative_int("conv_rank", self.conv_rank)
         _positive("alpha", self.alpha)
@@ -422,6 +446,8 @@ def check_name(name: str) -> None:
 def _coerce(key: str, value: Any, default: Any, f: dataclasses.Field) -> Any:
     """Settings files and form fields give strings and ints loosely; make them the field's type."""
     try:
+        if isinstance(value, bool) and not isinstance(default, bool) and isinstance(default, (int, float)):
+            raise TypeError("a true/false value is not a number")
         if isinstance(default, bool):
             if isinstance(value, str):
                 if value.strip().lower() in ("1", "true", "yes", "on"):
@@ -435,7 +461,10 @@ def _coerce(key: str, value: Any, default: Any, f: dataclasses.Field) -> Any:
                 raise ValueError(value)
             return int(value)
         if isinstance(default, float):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(value)
+            return number
         if isinstance(default, str):
             return "" if value is None else str(value)
         if isinstance(default, list):
@@ -446,7 +475,7 @@ def _coerce(key: str, value: Any, default: Any, f: dataclasses.Field) -> Any:
             if isinstance(value, str):
                 return json.loads(value) if value.strip() else {}
             return dict(value)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"Setting {key} has the value {value!r}, which is not a valid "
                           f"{type(default).__name__}; fix it in your settings.") from e
     return value

@@ -93,6 +93,11 @@ class StandaloneHost:
         except ImportError:  # pragma: no cover - torch is a hard dependency
             pass
 
+    @property
+    def fixed_model(self) -> str | None:
+        """What every run trains whatever a request names (the factory's model), else None."""
+        return "its built-in model (started with --tiny)" if self._bundle_factory is not None else None
+
     def model_info(self) -> dict[str, Any]:
         """What a run will train on, for the tab (optional host hook): name, family label, device."""
         if self._bundle_factory is not None:

@@ -164,16 +164,18 @@ class JobManager:
 
     def resume(self, job_id: str, **overrides: Any) -> Job:
         """A new training job that continues the stopped job `job_id` from its saved state."""
-        old = self.get(job_id)
-        if old.kind != "train" or old.state != "stopped" or not old.state_dir:
-            raise JobError(f"Job {job_id} cannot be resumed: only a stopped training run that saved its "
-                           "state can; start a new run instead.")
-        if not Path(old.state_dir).is_dir():
-            raise JobError(f"Job {job_id} cannot be resumed: its saved state {old.state_dir} is gone; "
-                           "start a new run instead.")
-        config = dataclasses.replace(old.config, resume=old.state_dir, **overrides)
-        job = self.submit_train(config, lora_subdir=old.lora_subdir, label=f"resume {config.name}")
-        with self._lock:  # the curve and counters go on from where the stopped run was, not from 0
+        with self._lock:  # check and queue in one go: two Resume clicks must not start two runs
+            old = self.get(job_id)
+            if old.kind != "train" or old.state != "stopped" or not old.state_dir:
+                raise JobError(f"Job {job_id} cannot be resumed: only a stopped training run that saved its "
+                               "state can; start a new run instead.")
+            _check_not_resumed(old, self._jobs.values())
+            if not Path(old.state_dir).is_dir():
+                raise JobError(f"Job {job_id} cannot be resumed: its saved state {old.state_dir} is gone; "
+                               "start a new run instead.")
+            config = dataclasses.replace(old.config, resume=old.state_dir, **overrides)
+            job = self.submit_train(config, lora_subdir=old.lora_subdir, label=f"resume {config.name}")
+            # the curve and counters go on from where the stopped run was, not from 0
             job.loss_history = list(old.loss_history)
             job.step, job.total_steps, job.total_epochs = old.step, old.total_steps, old.total_epochs
             job.epoch = old.epoch
@@ -264,6 +266,7 @@ class JobManager:
         with self._lock:
             self._closed = True
             for job in list(self._queue):
+                job.state_dir = job.resumed_from  # a queued Resume stays resumable after the restart
                 self._finish(job, "stopped", message="Stopped: the server is shutting down.")
             self._queue.clear()
             if self._current is not None:
@@ -578,6 +581,26 @@ class JobManager:
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_not_resumed(old: Job, jobs: Any) -> None:
+    """JobError when another job already continues `old`'s state: one waiting or running (a second
+    Resume would train the same steps twice into the same folder), or a newer one that finished or
+    stopped (the state folder now holds that run's progress: continue the newest instead)."""
+    others = [j for j in jobs if j is not old and j.kind == "train" and j.resumed_from == old.state_dir]
+    for other in others:
+        if other.state in ("queued", "running"):
+            raise JobError(f"Job {old.id} is already being resumed by job {other.id} ({other.state}); "
+                           "follow that job instead of resuming again.")
+    newer = [j for j in others if j.created > old.created and j.state in ("done", "stopped")]
+    if not newer:
+        return
+    newest = max(newer, key=lambda j: j.created)
+    if newest.state == "done":
+        raise JobError(f"Job {old.id} was already resumed by job {newest.id}, which finished; its LoRA is "
+                       f"{newest.lora_name or 'in the Lora folder'}, start a new run to train more.")
+    raise JobError(f"Job {old.id} was resumed by job {newest.id}, which stopped later; resume job "
+                   f"{newest.id} instead (it holds the newer progress).")
+
+
 _CONCEPT_DIR = re.compile(r"^\d+_(.+)$")
 
 

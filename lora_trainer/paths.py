@@ -69,6 +69,46 @@ def resolve_user_path(value: str | os.PathLike[str], roots: Sequence[Path] | Non
     return path
 
 
+def check_can_create_in(folder: str | os.PathLike[str], what: str, remedy: str) -> Path:
+    """Raise UserPathError unless new files can be created in `folder`, or, when it does not exist
+    yet, unless it can be created (its nearest existing parent is a folder we can write into).
+    Proven by creating and removing a temporary file: permissions, read-only disks, ACLs and a
+    full disk all answer the same way. Nothing is left behind. Returns the folder as a Path."""
+    folder = Path(folder)
+    target = folder
+    if target.exists():
+        if not target.is_dir():
+            raise UserPathError(f"The {what} {folder} is a file, not a folder; {remedy}.")
+    else:
+        parent = target.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserPathError(f"The {what} {folder} cannot be created because {parent} is a file; {remedy}.")
+        target = parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        where = f"the {what} {folder}" if target == folder else f"{target} (to create the {what} {folder})"
+        raise UserPathError(f"Cannot write into {where}: {e.strerror or e}; {remedy}.") from None
+    return folder
+
+
+def check_new_file(path: str | os.PathLike[str], what: str, remedy: str) -> Path:
+    """Raise UserPathError unless `path` can be written as a file: not a folder, in an existing folder
+    we can write into (missing folders are not created: a typo should not make a tree of them)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserPathError(f"The {what} {path} is a folder; give a file name, e.g. {path / 'report.json'}.")
+    if not path.parent.is_dir():
+        raise UserPathError(f"The folder of the {what} ({path.parent}) does not exist; create it first, or "
+                            f"{remedy}.")
+    check_can_create_in(path.parent, f"folder of the {what}", remedy)
+    return path
+
+
 def validate_lora_name(name: str, *, what: str = "LoRA name") -> str:
     """The name as a safe single file-name stem (a trailing `.safetensors` is dropped)."""
     text = unicodedata.normalize("NFC", str(name)).strip()

@@ -223,6 +223,60 @@ def test_graceful_stop_keeps_a_usable_lora_and_resumes(host, dataset, tmp_path):
         jm.resume(resumed.id)
 
 
+def test_a_stopped_job_is_resumed_once(host, dataset, tmp_path):
+    """A second Resume of the same stopped job is refused while the first waits or runs, after it
+    finished, and after it stopped again (then the newer job is the one to resume)."""
+    gate = threading.Event()
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=50, gate=gate))
+    job = jm.submit_train(config(dataset))
+    wait_running(job)
+    jm.stop(job.id)
+    gate.set()
+    assert jm.wait(job.id, 10).state == "stopped"
+    gate.clear()
+    second = jm.resume(job.id)
+    with pytest.raises(JobError, match=f"already being resumed by job {second.id}"):
+        jm.resume(job.id)
+    wait_running(second)
+    with pytest.raises(JobError, match="already being resumed"):
+        jm.resume(job.id)
+    jm.stop(second.id)
+    gate.set()
+    assert jm.wait(second.id, 10).state == "stopped"
+    with pytest.raises(JobError, match=f"resume job {second.id} instead"):
+        jm.resume(job.id)
+    third = jm.wait(jm.resume(second.id).id, 10)
+    assert third.state == "done"
+    for old in (job, second):
+        with pytest.raises(JobError, match=f"already resumed by job {third.id}, which finished"):
+            jm.resume(old.id)
+
+
+def test_concurrent_resume_requests_start_one_run(host, dataset, tmp_path):
+    gate = threading.Event()
+    jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=50, gate=gate))
+    job = jm.submit_train(config(dataset))
+    wait_running(job)
+    jm.stop(job.id)
+    gate.set()
+    jm.wait(job.id, 10)
+    gate.clear()
+    results: list[object] = []
+
+    def click():
+        try:
+            results.append(jm.resume(job.id))
+        except JobError as e:
+            results.append(e)
+    threads = [threading.Thread(target=click) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gate.set()
+    assert sum(not isinstance(r, JobError) for r in results) == 1
+
+
 def test_host_interrupt_becomes_graceful_stop(host, dataset, tmp_path):
     gate = threading.Event()
     jm = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=50, gate=gate),

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recursive", action="store_true", help="include images in subfolders")
     p.add_argument("--resolution", type=int, default=512,
                    help="training resolution: images under half of it are flagged (default 512)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in OUT that prepare did not write (a dataset.json of your own, images "
+                        "or captions already in OUT/img/...); default: refuse and change nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     result = prepare_dataset(args.src, args.out, args.concept, repeats=args.repeats,
                              class_images=args.class_images, class_name=args.class_name,
                              class_repeats=args.class_repeats, recursive=args.recursive,
-                             resolution=args.resolution)
+                             resolution=args.resolution, overwrite=args.overwrite)
     m = result.manifest
     c = m["counts"]
     for part in m["subsets"]:
@@ -48,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.repeats is None:
         print(f"Repeats: {training['repeats']} (suggested for {c['usable'] - c.get('class_images', 0)} images)")
     print(f"Steps: {training['summary']}")
+    if m.get("caption_encodings"):
+        print(f"Captions not in plain UTF-8 (copied as UTF-8): {len(m['caption_encodings'])}; see "
+              f"caption_encodings in {MANIFEST}")
     print(f"Dataset: {result.out} ({len(result.written)} file(s) written, {result.unchanged} unchanged, "
           f"{len(result.removed)} stale removed); details in {result.out / MANIFEST}")
     return 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetError
+from ..paths import check_can_create_in, check_new_file
 from ..tagger.registry import DEFAULT_MODEL, MODELS, default_cache_dir
 
 HELP = "Caption images with a WD14 tagger: writes <image stem>.txt beside each image."
@@ -58,6 +59,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, metavar="FILE", help="write captions and every tag's score as JSON")
 
 
+def _check_caption_folders(root: Path, recursive: bool) -> None:
+    """Every folder that holds images must take new caption files (read-only folders fail here,
+    not after the model ran)."""
+    from ..dataset.images import iter_candidates
+
+    folders = {p.parent for p in iter_candidates(root, recursive, {})} or {root}
+    for folder in sorted(folders):
+        check_can_create_in(folder, "image folder", "make it writable, or copy the images to a folder you can "
+                            "write to (captions are written beside the images)")
+
+
 def _progress(done: int, total: int) -> None:
     print(f"\r  {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
@@ -76,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude, always_first=args.always_first, replacements=dict(args.replace),
     )
     options.validate()
-    if not Path(args.dir).is_dir():  # before loading (maybe downloading) a model
+    # Everything that can be refused is refused before loading (maybe downloading) a model.
+    if not Path(args.dir).is_dir():
         raise DatasetError(f"Folder {args.dir} does not exist; check the path.")
+    if args.report:
+        check_new_file(args.report, "report file", "give --report a file in an existing folder")
+    _check_caption_folders(Path(args.dir), args.recursive)
     tagger = Tagger.load(args.model, args.cache_dir, provider=args.provider, local_only=args.offline)
     batch = tagger.batch_size(args.batch_size)
     print(f"Tagger: {tagger.files.name} ({tagger.size}px, batch {batch}) on {tagger.provider}")

@@ -1,109 +1,184 @@
-"""`python -m lora_trainer train --model CKPT --data DIR --name NAME --out DIR ...`: train a LoRA."""
+"""`python -m lora_trainer train --model CKPT --data DIR --name NAME --out DIR ...`: train a LoRA.
+
+Options are declared in `OPTIONS` (flag → TrainConfig field, type, help) so that new model
+families or launchers add theirs in one place; `--help` shows each one's default from TrainConfig.
+Ctrl+C, SIGTERM and SIGHUP stop gracefully (`lora_trainer.signals`): the step finishes, the LoRA
+and a resumable state are saved, and the exit status says which signal stopped the run.
+"""
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..config import PRESETS, TrainConfig
+from ..config import (
+    MAX_BLOCKS_TO_SWAP,
+    OPTIMIZERS,
+    PREDICTION_TYPES,
+    PRESETS,
+    SCHEDULERS,
+    TIMESTEP_SAMPLING,
+    TrainConfig,
+)
 
 HELP = "Train a Kohya-format LoRA from a Kohya dataset folder (img/<repeats>_<name>/)."
+EPILOG = ("The defaults shown apply where neither --preset nor --config sets a value; flags override both. "
+          "Ctrl+C, `kill` (SIGTERM) or closing the terminal (SIGHUP) stops after the current step, saves "
+          "OUT/NAME-stepN.safetensors and the resumable state OUT/NAME-state/, and exits with 128 + the "
+          "signal's number (130 after Ctrl+C, 143 after SIGTERM); a second signal aborts without saving. "
+          "Continue with --resume OUT/NAME-state.")
 
-# flag -> TrainConfig field, for flags that map one to one
-_FLAGS: dict[str, tuple[str, type]] = {
-    "model": ("model", str), "data": ("data", str), "reg_data": ("reg_data", str), "name": ("name", str),
-    "out": ("output_dir", str), "rank": ("rank", int), "alpha": ("alpha", float), "conv_rank": ("conv_rank", int),
-    "conv_alpha": ("conv_alpha", float), "lr": ("learning_rate", float), "text_encoder_lr": ("text_encoder_lr", float),
-    "epochs": ("epochs", int), "max_steps": ("max_steps", int), "batch_size": ("batch_size", int),
-    "grad_accum": ("gradient_accumulation_steps", int), "resolution": ("resolution", int), "seed": ("seed", int),
-    "mixed_precision": ("mixed_precision", str), "device": ("device", str), "resume": ("resume", str),
-    "optimizer": ("optimizer", str), "scheduler": ("lr_scheduler", str), "warmup_steps": ("lr_warmup_steps", int),
-    "save_every_n_epochs": ("save_every_n_epochs", int), "save_every_n_steps": ("save_every_n_steps", int),
-    "sample_every_n_epochs": ("sample_every_n_epochs", int), "clip_skip": ("clip_skip", int),
-    "noise_offset": ("noise_offset", float), "min_snr_gamma": ("min_snr_gamma", float),
-    "keep_tokens": ("keep_tokens", int), "save_precision": ("save_precision", str),
-    "min_bucket_reso": ("min_bucket_reso", int), "max_bucket_reso": ("max_bucket_reso", int),
-    "bucket_reso_steps": ("bucket_reso_steps", int),
+
+@dataclass(frozen=True)
+class Option:
+    """One `--flag VALUE` that sets one TrainConfig field."""
+
+    flag: str  # "max-steps"
+    field: str  # "max_steps"
+    kind: type = str
+    help: str = ""
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    group: str = ""  # options sharing a group are mutually exclusive
+    section: str = ""  # a titled block of --help (e.g. a model family's options)
+
+
+FLUX = "Flux.1 (text encoders and VAE are found beside --model when not given)"
+
+
+OPTIONS: list[Option] = [
+    Option("model", "model", str, "base checkpoint (.safetensors/.ckpt, with an optional same-named .yaml) "
+           "or diffusers folder; Flux.1: flux1-dev.safetensors (bf16/fp8) or a FluxPipeline folder", "CKPT"),
+    Option("data", "data", str, "Kohya dataset: the folder holding img/<repeats>_<name>/ (and reg/), "
+           "as written by `prepare`", "DIR"),
+    Option("reg-data", "reg_data", str, "regularisation folder holding <repeats>_<class>/ (default: DATA/reg)",
+           "DIR"),
+    Option("name", "name", str, "LoRA name: the result is OUT/NAME.safetensors"),
+    Option("out", "output_dir", str, "output folder for the LoRA, intermediate saves, samples and the state",
+           "DIR"),
+    Option("rank", "rank", int, "LoRA rank (network_dim): capacity and file size; 1..1024"),
+    Option("alpha", "alpha", float, "LoRA alpha (network_alpha): the update is scaled by alpha/rank"),
+    Option("conv-rank", "conv_rank", int, "LoCon rank for 3x3 convolutions (0 = plain LoRA)"),
+    Option("conv-alpha", "conv_alpha", float, "LoCon alpha"),
+    Option("lr", "learning_rate", float, "learning rate of the UNet LoRA"),
+    Option("text-encoder-lr", "text_encoder_lr", float,
+           "learning rate of the text-encoder LoRA with --train-text-encoder (0 = same as --lr)"),
+    Option("epochs", "epochs", int, "passes over the dataset (img x repeats)", group="length"),
+    Option("max-steps", "max_steps", int, "stop after this many optimizer steps instead of counting epochs "
+           "(0 = use --epochs)", group="length"),
+    Option("batch-size", "batch_size", int, "images per step"),
+    Option("grad-accum", "gradient_accumulation_steps", int, "batches accumulated into one optimizer step"),
+    Option("resolution", "resolution", int, "training resolution in pixels (512 for SD1.5, 1024 for SDXL)"),
+    Option("min-bucket-reso", "min_bucket_reso", int, "smallest bucket side (0 = half the resolution)"),
+    Option("max-bucket-reso", "max_bucket_reso", int, "largest bucket side (0 = twice the resolution)"),
+    Option("bucket-reso-steps", "bucket_reso_steps", int, "bucket side granularity in pixels"),
+    Option("seed", "seed", int, "random seed (the same seed and settings give the same LoRA)"),
+    Option("mixed-precision", "mixed_precision", str, "training precision on a GPU (the CPU trains in fp32)",
+           choices=("no", "fp16", "bf16")),
+    Option("save-precision", "save_precision", str, "precision of the saved LoRA", choices=("fp16", "bf16", "float")),
+    Option("device", "device", str, "auto, cpu, cuda, cuda:1 ... (auto: the GPU when there is one)"),
+    Option("optimizer", "optimizer", str, "optimizer (8bit ones need bitsandbytes, Prodigy prodigyopt)",
+           choices=OPTIMIZERS),
+    Option("scheduler", "lr_scheduler", str, "learning-rate schedule", choices=SCHEDULERS),
+    Option("warmup-steps", "lr_warmup_steps", int, "learning-rate warm-up steps"),
+    Option("clip-skip", "clip_skip", int, "text-encoder layer to use, counted from the end (2 for many anime models)"),
+    Option("noise-offset", "noise_offset", float, "noise offset (0.05-0.1 helps very dark/bright images; 0 = off)"),
+    Option("min-snr-gamma", "min_snr_gamma", float, "Min-SNR loss weighting gamma (5 is the paper's; 0 = off)"),
+    Option("keep-tokens", "keep_tokens", int, "caption tags kept in front when shuffling (e.g. 1 for a trigger word)"),
+    Option("save-every-n-epochs", "save_every_n_epochs", int, "also save OUT/NAME-NNNNNN.safetensors every N epochs "
+           "(0 = only at the end)"),
+    Option("save-every-n-steps", "save_every_n_steps", int, "also save OUT/NAME-stepNNNNNNNN.safetensors every N "
+           "steps (0 = off)"),
+    Option("sample-every-n-epochs", "sample_every_n_epochs", int, "sample images every N epochs "
+           "(with --sample-prompt; 0 = off)"),
+    Option("resume", "resume", str, "the NAME-state folder of a stopped run: continue it (its saved settings are "
+           "used unless --config is given)", "STATE"),
     # Flux (kohya's names)
-    "clip_l": ("clip_l", str), "t5": ("t5", str), "vae": ("vae", str), "blocks_to_swap": ("blocks_to_swap", int),
-    "guidance_scale": ("guidance_scale", float), "timestep_sampling": ("timestep_sampling", str),
-    "discrete_flow_shift": ("discrete_flow_shift", float), "sigmoid_scale": ("sigmoid_scale", float),
-    "model_prediction_type": ("model_prediction_type", str), "t5_max_token_length": ("t5_max_token_length", int),
+    Option("clip-l", "clip_l", str, "CLIP-L file (clip_l.safetensors)", "FILE", section=FLUX),
+    Option("t5", "t5", str, "T5-XXL file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)", "FILE", section=FLUX),
+    Option("vae", "vae", str, "Flux autoencoder (ae.safetensors)", "FILE", section=FLUX),
+    Option("blocks-to-swap", "blocks_to_swap", int, "transformer blocks kept in CPU memory and streamed to the "
+           f"GPU (kohya's count, 0-{MAX_BLOCKS_TO_SWAP})", section=FLUX),
+    Option("guidance-scale", "guidance_scale", float, "Flux.1 dev's distilled guidance while training",
+           section=FLUX),
+    Option("timestep-sampling", "timestep_sampling", str, "how noise levels are drawn (shift uses "
+           "--discrete-flow-shift)", choices=TIMESTEP_SAMPLING, section=FLUX),
+    Option("discrete-flow-shift", "discrete_flow_shift", float, "shift of the noise levels", section=FLUX),
+    Option("sigmoid-scale", "sigmoid_scale", float, "scale for sigmoid/shift timestep sampling", section=FLUX),
+    Option("model-prediction-type", "model_prediction_type", str, "how the model output becomes the prediction",
+           choices=PREDICTION_TYPES, section=FLUX),
+    Option("t5-max-token-length", "t5_max_token_length", int, "T5 tokens per caption (0 = 512 for dev, 256 for "
+           "schnell)", section=FLUX),
+]
+# `--switch` → TrainConfig field set to True (None: see config_from_args)
+SWITCHES: dict[str, tuple[str | None, str]] = {
+    "overwrite": ("overwrite", "replace existing output files of the same name (default: refuse)"),
+    "train-text-encoder": ("train_text_encoder", "also train a text-encoder LoRA"),
+    "gradient-checkpointing": ("gradient_checkpointing", "less GPU memory, about 20%% slower steps"),
+    "shuffle-caption": ("shuffle_caption", "shuffle the caption's tags every step (see --keep-tokens)"),
+    "flip-aug": ("flip_aug", "randomly mirror images (not for asymmetric subjects or text)"),
+    "no-bucket": (None, "crop every image to a square instead of aspect-ratio buckets"),
+    "cache-latents-to-disk": ("cache_latents_to_disk", "keep the encoded images in OUT/.cache for later runs"),
+    "fp8-base": ("fp8_base", "store the frozen base weights in fp8 (CUDA; less GPU memory)"),
+    "cpu-offload-checkpointing": ("cpu_offload_checkpointing", "Flux: keep checkpointed block inputs in CPU "
+                                  "memory (less GPU memory)"),
+    "train-t5": ("train_t5", "also train a LoRA on T5-XXL (kohya's train_t5xxl; lora_te3_ keys; T5 then runs "
+                 "every step, which needs much more memory and time)"),
 }
-_SWITCHES = {"overwrite": "overwrite", "train_text_encoder": "train_text_encoder",
-             "gradient_checkpointing": "gradient_checkpointing", "shuffle_caption": "shuffle_caption",
-             "flip_aug": "flip_aug", "no_bucket": None, "cache_latents_to_disk": "cache_latents_to_disk",
-             "fp8_base": "fp8_base", "cpu_offload_checkpointing": "cpu_offload_checkpointing",
-             "train_t5": "train_t5"}
+SWITCH_SECTIONS = {"train-t5": FLUX}  # switches listed in a section of --help
+# Kept for code that reads the old tables: flag (underscored) → (field, type)
+_FLAGS: dict[str, tuple[str, type]] = {o.flag.replace("-", "_"): (o.field, o.kind) for o in OPTIONS}
+_SWITCHES = {flag.replace("-", "_"): field for flag, (field, _) in SWITCHES.items()}
+
+
+def _default_text(field: str, help_text: str) -> str:
+    value: Any = getattr(TrainConfig(), field, None)
+    if value in ("", None) or (value == 0 and "(0 = " in help_text):  # "(0 = off)" says it already
+        return ""
+    return f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
+
+
+_METAVARS = {int: "N", float: "X"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="settings file (.toml or .json); flags override it")
-    p.add_argument("--preset", choices=list(PRESETS),
-                   help="; ".join(f"{k}: {v.label}" for k, v in PRESETS.items()))
-    p.add_argument("--model", metavar="CKPT", help="base checkpoint (.safetensors/.ckpt) or diffusers folder; "
-                   "Flux.1: flux1-dev.safetensors (bf16/fp8) or a FluxPipeline folder")
-    p.add_argument("--data", metavar="DIR", help="Kohya dataset: folder holding img/<repeats>_<name>/ (and reg/)")
-    p.add_argument("--reg-data", metavar="DIR", help="regularisation folder (<repeats>_<class>/), default DATA/reg")
-    p.add_argument("--name", help="LoRA name: OUT/NAME.safetensors")
-    p.add_argument("--out", metavar="DIR", help="output folder")
-    p.add_argument("--rank", type=int, help="LoRA rank (network_dim)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha")
-    p.add_argument("--conv-rank", type=int, help="LoCon rank for 3x3 convs (0 = off)")
-    p.add_argument("--conv-alpha", type=float)
-    p.add_argument("--lr", type=float, help="learning rate (UNet)")
-    p.add_argument("--text-encoder-lr", type=float, help="text-encoder learning rate (with --train-text-encoder)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--min-bucket-reso", type=int, help="smallest bucket side (default: half the resolution)")
-    p.add_argument("--max-bucket-reso", type=int, help="largest bucket side (default: twice the resolution)")
-    p.add_argument("--bucket-reso-steps", type=int, help="bucket side granularity (default 64)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--save-precision", choices=["fp16", "bf16", "float"])
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--optimizer", choices=["AdamW", "AdamW8bit", "Prodigy", "Lion", "Lion8bit", "Adafactor"])
-    p.add_argument("--scheduler", choices=["constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
-                                           "linear", "polynomial"])
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--clip-skip", type=int)
-    p.add_argument("--noise-offset", type=float)
-    p.add_argument("--min-snr-gamma", type=float)
-    p.add_argument("--keep-tokens", type=int)
-    p.add_argument("--save-every-n-epochs", type=int)
-    p.add_argument("--save-every-n-steps", type=int)
-    p.add_argument("--sample-prompt", action="append", metavar="PROMPT", help="sample prompt (repeatable)")
-    p.add_argument("--sample-every-n-epochs", type=int)
-    p.add_argument("--resume", metavar="STATE",
-                   help="the <name>-state folder of a stopped run (its settings are used unless --config is given)")
-    for flag in _SWITCHES:
-        if flag != "train_t5":
-            p.add_argument("--" + flag.replace("_", "-"), action="store_true", default=None)
-    flux = p.add_argument_group("Flux.1 (text encoders and VAE are found beside --model when not given)")
-    flux.add_argument("--clip-l", metavar="FILE", help="CLIP-L file (clip_l.safetensors)")
-    flux.add_argument("--t5", metavar="FILE", help="T5-XXL file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)")
-    flux.add_argument("--vae", metavar="FILE", help="Flux autoencoder (ae.safetensors)")
-    flux.add_argument("--blocks-to-swap", type=int, metavar="N",
-                      help="transformer blocks kept in CPU memory and streamed to the GPU (kohya's count, 0-38)")
-    flux.add_argument("--guidance-scale", type=float, help="Flux.1 dev's distilled guidance while training (1.0)")
-    flux.add_argument("--timestep-sampling", choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
-                      help="how noise levels are drawn (default shift, with --discrete-flow-shift 3.1582)")
-    flux.add_argument("--discrete-flow-shift", type=float)
-    flux.add_argument("--sigmoid-scale", type=float)
-    flux.add_argument("--model-prediction-type", choices=["raw", "additive", "sigma_scaled"])
-    flux.add_argument("--t5-max-token-length", type=int, help="T5 tokens per caption (default 512 dev, 256 schnell)")
-    flux.add_argument("--train-t5", action="store_true", default=None,
-                      help="also train a LoRA on T5-XXL (kohya's train_t5xxl; lora_te3_ keys; T5 then runs every "
-                           "step, which needs much more memory and time)")
+    p.epilog = EPILOG
+    p.add_argument("--config", metavar="FILE", help="settings file (.toml or .json, TrainConfig field names); "
+                   "flags override it")
+    p.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                   help="settings for a GPU size: " + "; ".join(f"{k}: {v.label}" for k, v in PRESETS.items()))
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for o in OPTIONS:
+        target: Any = p
+        if o.section:
+            if o.section not in sections:
+                sections[o.section] = p.add_argument_group(o.section)
+            target = sections[o.section]
+        if o.group:
+            if o.group not in groups:
+                groups[o.group] = p.add_mutually_exclusive_group()
+            target = groups[o.group]
+        kwargs: dict[str, Any] = {"type": o.kind, "help": (o.help + _default_text(o.field, o.help)).replace("%", "%%")}
+        if o.choices:
+            kwargs["choices"] = list(o.choices)
+        if o.metavar or not o.choices:
+            kwargs["metavar"] = o.metavar or _METAVARS.get(o.kind, o.flag.split("-")[-1].upper())
+        target.add_argument("--" + o.flag, dest=o.flag.replace("-", "_"), **kwargs)
+    for flag, (_, text) in SWITCHES.items():
+        section = SWITCH_SECTIONS.get(flag)
+        if section and section not in sections:
+            sections[section] = p.add_argument_group(section)
+        target = sections[section] if section else p
+        target.add_argument("--" + flag, action="store_true", default=None, help=text)
+    p.add_argument("--sample-prompt", action="append", metavar="PROMPT",
+                   help="prompt for sample images (repeatable; samples every epoch unless --sample-every-n-epochs)")
     p.add_argument("--save-config", metavar="FILE", help="also write the final settings to FILE (.toml/.json)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit without training")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (images, buckets, steps) and exit")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -155,7 +230,15 @@ def _print_event(event) -> None:
         print(event.message, flush=True)
 
 
+def _stopping_message(signum: int) -> str:
+    from ..signals import signal_name
+
+    return (f"{signal_name(signum)} received: stopping after this step and saving a resumable state "
+            "(send it again to abort without saving)...")
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..signals import GracefulStop, safe_streams
     from ..train import plan_training, run_training
 
     config = config_from_args(args)
@@ -165,21 +248,13 @@ def run(args: argparse.Namespace) -> int:
         print(plan_training(config).text())
         return 0
     stop = threading.Event()
-
-    def ask_stop(signum, frame):  # first Ctrl+C: finish the step and save; second: abort
-        if stop.is_set():
-            raise KeyboardInterrupt
-        print("stopping after this step (Ctrl+C again to abort)...", file=sys.stderr, flush=True)
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, ask_stop) if threading.current_thread() is threading.main_thread() else None
-    try:
+    with safe_streams(), GracefulStop(lambda signum: stop.set(), message=_stopping_message) as stopper:
         result = run_training(config, on_event=_print_event, stop=stop)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if result.stopped:
-        print(f"Stopped at step {result.steps}: LoRA {result.lora_path}; resume with --resume {result.state_dir}")
-    else:
-        print(f"LoRA: {result.lora_path}")
+        if result.stopped:
+            print(f"Stopped at step {result.steps}: LoRA {result.lora_path}; continue with "
+                  f"--resume {result.state_dir}", flush=True)
+            return stopper.exit_code or 1
+        if stopper.signum is not None:
+            print("The run finished before the stop took effect.", file=sys.stderr, flush=True)
+        print(f"LoRA: {result.lora_path}", flush=True)
     return 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import threading
 
-from .serve import add_host_arguments, make_host
+from .serve import _listen_address, add_host_arguments, auth_credentials, make_host
 
 HELP = "Open the Train LoRA tab in the browser without a WebUI (listens on 127.0.0.1 by default)."
 
@@ -19,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    creds = auth_credentials(args)  # refuses --listen without --api-auth / --insecure-no-auth
+    address = _listen_address(args)
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -34,9 +37,30 @@ def run(args: argparse.Namespace) -> int:
     from ..ui import compat
 
     tab.queue(**compat.queue_kwargs(64))  # as A1111 does
-    print(f"LoRA Trainer tab on http://{args.host}:{args.port} (LoRAs go to {host.lora_dir()})")
-    try:
-        tab.launch(server_name=args.host, server_port=args.port, inbrowser=False, show_api=False)
-    finally:
-        jobs.shutdown()
-    return 0
+    print(f"LoRA Trainer tab on http://{address}:{args.port} (LoRAs go to {host.lora_dir()})", flush=True)
+    from ..signals import GracefulStop, safe_streams, signal_name
+
+    drained = threading.Event()
+    stopped_jobs: list[str] = []
+
+    def drain() -> None:  # off the signal handler: the running job may take a while to save
+        jobs.shutdown(timeout=None)
+        drained.set()
+
+    def on_stop(signum: int) -> None:
+        current = jobs.current()
+        if current is not None and current.state == "running":
+            stopped_jobs.append(current.id)
+        threading.Thread(target=drain, name="lora-trainer-drain", daemon=True).start()
+
+    with safe_streams(), GracefulStop(on_stop, message=lambda s: f"{signal_name(s)} received: stopping the "
+                                      "running job after its step (saved, resumable); again to abort.") as stopper:
+        try:
+            tab.launch(server_name=address, server_port=args.port, inbrowser=False, show_api=False,
+                       auth=list(creds.items()) or None, prevent_thread_lock=True)
+            while not drained.wait(0.5):  # the main thread must stay free to take the signals
+                pass
+        finally:
+            jobs.shutdown(timeout=0)
+            tab.close()
+    return (stopper.exit_code or 1) if stopped_jobs else 0

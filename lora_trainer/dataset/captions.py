@@ -32,45 +32,68 @@ def caption_path(image: str | os.PathLike[str]) -> Path:
     return Path(image).with_suffix(CAPTION_EXTENSION)
 
 
-def decode_caption_bytes(raw: bytes) -> tuple[str, str | None]:
-    """Decode caption bytes; return (text, warning or None). UTF-8 (BOM stripped) needs no warning."""
+# Code pages tried, in order, for captions that are not UTF-8. Windows' Western page first (what
+# Notepad and most editors on Western Windows write; Latin-1 text reads the same in it); the CJK ones
+# only when it cannot decode the bytes at all (Shift-JIS kanji and GBK text use bytes cp1252 lacks);
+# Latin-1 last, which reads any bytes. Statistical guessing picked Urdu's cp1006 for "café, grey".
+FALLBACK_ENCODINGS = ("cp1252", "cp932", "gb18030")
+_LABELS = {"utf-8-sig": "UTF-8 with a BOM (removed)", "utf-16": "UTF-16", "utf-16-le": "UTF-16 without a BOM",
+           "utf-16-be": "UTF-16 (big-endian) without a BOM", "cp1252": "Windows-1252 (Western)",
+           "cp932": "Shift-JIS (cp932)", "gb18030": "GB18030 (Chinese)", "latin-1": "Latin-1",
+           "utf-32": "UTF-32"}
+
+
+def decode_caption(raw: bytes) -> tuple[str, str]:
+    """(text, Python codec name used): "utf-8", "utf-8-sig", "utf-16"/"utf-32" (BOM), "utf-16-le"/
+    "utf-16-be" (no BOM, recognised by its zero bytes), then FALLBACK_ENCODINGS, then "latin-1"."""
     if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return raw.decode("utf-16"), "is UTF-16, read as such (save captions as UTF-8)"
+        return raw[len(codecs.BOM_UTF8):].decode("utf-8", errors="replace"), "utf-8-sig"
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return raw.decode("utf-32", errors="replace"), "utf-32"
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16", errors="replace"), "utf-16"
+    if len(raw) >= 4 and len(raw) % 2 == 0:  # mostly-ASCII UTF-16 has a zero in every other byte
+        odd_zero, even_zero = raw[1::2].count(0), raw[0::2].count(0)
+        for encoding, zeros in (("utf-16-le", odd_zero), ("utf-16-be", even_zero)):
+            if zeros >= len(raw) // 4:
+                try:
+                    return raw.decode(encoding), encoding
+                except UnicodeDecodeError:
+                    pass
     try:
-        return raw.decode("utf-8"), None
+        return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
-    encoding = _guess_encoding(raw)
-    return raw.decode(encoding, errors="replace"), f"is not UTF-8, decoded as {encoding} (save captions as UTF-8)"
-
-
-def _guess_encoding(raw: bytes) -> str:
-    try:  # charset_normalizer ships with requests, so it is nearly always there
-        from charset_normalizer import from_bytes
-
-        matches = from_bytes(raw)
-        best = matches.best()
-        if best is not None and best.encoding:
-            # Short Latin text fits several code pages equally well; Windows' Western one is the likeliest.
-            tied = {m.encoding for m in matches if m.chaos <= best.chaos}
-            return "cp1252" if "cp1252" in tied else str(best.encoding)
-    except ImportError:
-        pass
-    for encoding in ("cp932", "gb18030", "cp1252"):  # common non-UTF-8 editors' defaults
+    for encoding in FALLBACK_ENCODINGS:
         try:
-            raw.decode(encoding)
-            return encoding
+            return raw.decode(encoding), encoding
         except UnicodeDecodeError:
             continue
-    return "latin-1"
+    return raw.decode("latin-1"), "latin-1"
+
+
+def encoding_label(encoding: str) -> str:
+    return _LABELS.get(encoding, encoding)
+
+
+def decode_caption_bytes(raw: bytes) -> tuple[str, str | None]:
+    """Decode caption bytes; return (text, warning or None). UTF-8 (BOM stripped) needs no warning."""
+    text, encoding = decode_caption(raw)
+    if encoding in ("utf-8", "utf-8-sig"):
+        return text, None
+    return text, f"is {encoding_label(encoding)}, not UTF-8: read as such (save captions as UTF-8)"
 
 
 def read_caption_checked(path: str | os.PathLike[str]) -> tuple[str, str | None]:
     """(caption text stripped, warning about its encoding or None)."""
     text, warning = decode_caption_bytes(Path(path).read_bytes())
     return text.replace("\r\n", "\n").strip(), warning
+
+
+def read_caption_encoding(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(caption text stripped, codec it was read with; see decode_caption)."""
+    text, encoding = decode_caption(Path(path).read_bytes())
+    return text.replace("\r\n", "\n").strip(), encoding
 
 
 def read_caption(path: str | os.PathLike[str]) -> str:

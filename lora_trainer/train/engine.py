@@ -40,6 +40,7 @@ from .distributed import SINGLE, Group
 from .events import ProgressEvent, RunClock, Schedule, TrainingPlan, TrainResult
 from .family import StepInputs, TrainFamily, family_for, stack_conditioning
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
+from .outputs import OutputClaim, claim_outputs
 from .placement import Placement, vae_dtype
 from .quiet import quiet_known_warnings
 from .sampling import save_png
@@ -146,23 +147,25 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
     dataset, plan = prepare_dataset(config)
     resume = load_state(config.resume, config.hash()) if config.resume else None
     already = set(position_from(resume).saved) if resume else set()
-    if not config.overwrite:
-        for path in planned_files(config, plan):
-            if path.exists() and str(path) not in already:
-                raise ConfigError(f"{path} already exists; choose another name or output folder, "
-                                  "or pass --overwrite.")
-    emit(ProgressEvent("plan", total_steps=plan.total_steps, total_epochs=plan.epochs, message=plan.text(),
-                       plan=plan))
-    run = _Run(config, dataset, plan, emit, stop or threading.Event(), resume, dist)
-    try:
-        return run.execute(bundle, owns_bundle)
-    except LoraTrainerError as e:
-        emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps, message=str(e)))
-        raise
-    except Exception as e:  # unexpected: report, keep the traceback for the log
-        emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps,
-                           message=f"{e.__class__.__name__}: {e}"))
-        raise
+    # OUT writable, our names claimed against concurrent runs, nothing overwritten: before any heavy work
+    # (several GPUs: rank 0 alone writes, so it alone claims; a refusal there stops the others as PeerFailed)
+    claims: list[OutputClaim] = []
+    dist.build_once(lambda: claims.append(claim_outputs(config, planned_files(config, plan), resumed=already)))
+    claim = claims[0] if claims else None
+    with claim or contextlib.nullcontext():
+        emit(ProgressEvent("plan", total_steps=plan.total_steps, total_epochs=plan.epochs, message=plan.text(),
+                           plan=plan))
+        run = _Run(config, dataset, plan, emit, stop or threading.Event(), resume, dist)
+        run.claim = claim
+        try:
+            return run.execute(bundle, owns_bundle)
+        except LoraTrainerError as e:
+            emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps, message=str(e)))
+            raise
+        except Exception as e:  # unexpected: report, keep the traceback for the log
+            emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps,
+                               message=f"{e.__class__.__name__}: {e}"))
+            raise
 
 
 def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.dtype, *,
@@ -201,6 +204,7 @@ class _Run:
         self.started_at = time.time()
         self.clock = RunClock(Schedule.of(config, plan))
         self.session_id = int.from_bytes(os.urandom(4), "little")  # kohya's ss_session_id, not from the seeded RNG
+        self.claim: OutputClaim | None = None  # our names in OUT (train/outputs.py); checks disk room before step 1
 
     # ------------------------------------------------------------------ setup
     def _device(self, bundle: ModelBundle | None) -> torch.device:
@@ -376,6 +380,8 @@ class _Run:
                                     total_steps=plan.total_steps, num_cycles=config.lr_scheduler_num_cycles,
                                     power=config.lr_scheduler_power)
         scaler = _grad_scaler() if weight_dtype == torch.float16 and device.type == "cuda" else None
+        if self.claim is not None:
+            self._check_room(trainable)
         if self.resume:
             optimizer.load_state_dict(self.resume["optimizer"])
             scheduler.load_state_dict(self.resume["scheduler"])
@@ -592,6 +598,14 @@ class _Run:
                 lora=self.network.kohya_state_dict(torch.float32), optimizer=optimizer, scheduler=scheduler,
                 scaler=scaler, position=dataclasses.replace(self.pos), device=self.device)
         return path
+
+    def _check_room(self, trainable: list[torch.Tensor]) -> None:
+        """Disk room for the LoRA files, the state (weights + ~2 optimizer moments, fp32) and samples."""
+        n = sum(p.numel() for p in trainable)
+        rounds = self.plan.epochs // self.config.sample_every_n_epochs if self.config.sample_every_n_epochs else 0
+        samples = rounds * len(self.config.sample_prompts) * 3 * self.config.resolution ** 2  # PNG ≤ raw RGB
+        self.claim.check_room(lora_bytes=n * _SAVE_DTYPES[self.config.save_precision].itemsize + (1 << 20),
+                              state_bytes=n * 4 * 4, sample_bytes=samples)
 
     def _metadata(self) -> dict[str, str]:
         from ..lora.metadata import build_metadata

@@ -11,8 +11,9 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from secrets import compare_digest
 from typing import Any
+
+from ..auth import basic_auth_dependency, parse_api_auth
 
 log = logging.getLogger("lora_trainer.webui")
 
@@ -23,39 +24,10 @@ TAB_LABEL = "Train LoRA"
 TAB_ID = "lora_trainer"
 
 
-def parse_api_auth(value: str | None) -> dict[str, str]:
-    """`--api-auth user:pass,user2:pass2` as {user: password} (the WebUI's own parsing)."""
-    creds: dict[str, str] = {}
-    for item in (value or "").split(","):
-        item = item.strip()
-        if item and ":" in item:
-            user, password = item.split(":", 1)
-            creds[user] = password
-    return creds
-
-
 def api_auth_dependency(cmd_opts: Any) -> Callable[..., bool] | None:
     """A FastAPI dependency enforcing `--api-auth` with HTTP basic auth, as A1111's `Api.auth`;
     None when the WebUI runs without it."""
-    creds = parse_api_auth(getattr(cmd_opts, "api_auth", None))
-    if not creds:
-        return None
-    from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
-
-    basic = HTTPBasic()
-
-    def auth(credentials: HTTPBasicCredentials = Depends(basic)) -> bool:  # noqa: B008 - FastAPI idiom
-        expected = creds.get(credentials.username)
-        if expected is not None and compare_digest(credentials.password.encode(), expected.encode()):
-            return True
-        raise HTTPException(status_code=401, detail="Incorrect username or password",
-                            headers={"WWW-Authenticate": "Basic"})
-
-    # Real classes, not the strings `from __future__ import annotations` leaves: FastAPI 0.94 resolves
-    # string annotations in this module's globals, where HTTPBasicCredentials is not imported.
-    auth.__annotations__ = {"credentials": HTTPBasicCredentials, "return": bool}
-    return auth
+    return basic_auth_dependency(parse_api_auth(getattr(cmd_opts, "api_auth", None)))
 
 
 def _is_loopback(host: str) -> bool:
