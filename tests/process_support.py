@@ -162,7 +162,7 @@ def unprivileged_prefix() -> list[str] | None:
         folder.chmod(0o555)
         try:
             probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(folder / 'x')!r}, 'w')"],
-                                   capture_output=True, timeout=60)
+                                   check=False, capture_output=True, timeout=60)
         finally:
             folder.chmod(0o755)
         return prefix if probe.returncode != 0 else None
@@ -173,4 +173,4 @@ def run_cli(args: list[str], *, prefix: list[str] | None = None, timeout: float 
     """`python -m lora_trainer ARGS` to completion (optionally under `prefix`), output captured."""
     return subprocess.run([*(prefix or []), sys.executable, "-m", "lora_trainer", *args], cwd=cwd,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=timeout)
+                          check=False, capture_output=True, text=True, timeout=timeout)
