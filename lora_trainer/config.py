@@ -243,6 +243,8 @@ class TrainConfig:
     def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
         """Read a `.toml` or `.json` settings file (flat keys, or a [train] table in TOML)."""
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"Settings file {p} is a folder; give the path of a .toml or .json file.")
         if not p.is_file():
             raise ConfigError(f"Settings file {p} does not exist; check the path.")
         try:

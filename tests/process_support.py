@@ -10,7 +10,6 @@ import json
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -135,11 +134,6 @@ def wait_until(check, *, what: str, timeout: float = DEADLINE, poll_s: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(poll_s)
-
-
-def stop_signals() -> list[tuple[int, int]]:
-    """(signal, expected exit status) for the signals a user's system sends to stop a program."""
-    return [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)]
 
 
 def unprivileged_prefix() -> list[str] | None:

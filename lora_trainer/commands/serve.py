@@ -33,22 +33,22 @@ log = logging.getLogger(__name__)
 def add_host_arguments(p: argparse.ArgumentParser, *, port: int) -> None:
     """Options shared by `serve` and `ui`: where LoRAs go, which model trains, who may connect."""
     p.epilog = EPILOG
-    p.add_argument("--host", default="127.0.0.1",
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
                    help="address to listen on (default 127.0.0.1: only this machine; anything else needs "
                         "--api-auth or --insecure-no-auth)")
     p.add_argument("--listen", action="store_true", help="listen on every network interface (= --host 0.0.0.0)")
-    p.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0 = any free port)")
+    p.add_argument("--port", type=int, default=port, metavar="N", help=f"port (default {port}; 0 = any free port)")
     p.add_argument("--api-auth", default=None, metavar="USER:PASSWORD",
-                   help="require HTTP basic authentication with these credentials (several: comma-separated, "
-                        f"as the WebUI's --api-auth); also read from ${AUTH_ENV}")
+                   help="require this user name and password (HTTP basic auth for the API, a login page for "
+                        f"the tab; several: comma-separated, as the WebUI's --api-auth); also read from ${AUTH_ENV}")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow listening beyond 127.0.0.1 without --api-auth (only on a network you trust)")
-    p.add_argument("--lora-dir", default="models/Lora", help="where finished LoRAs go (default models/Lora)")
-    p.add_argument("--work-dir", default=None,
+    p.add_argument("--lora-dir", default="models/Lora", metavar="DIR", help="where finished LoRAs go (default models/Lora)")
+    p.add_argument("--work-dir", default=None, metavar="DIR",
                    help="run folders, uploads and prepared datasets (default: lora_trainer_runs beside the "
                         "Lora folder)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--model", default=None, help="checkpoint (.safetensors/.ckpt) or diffusers folder to train on "
+    group.add_argument("--model", default=None, metavar="CKPT", help="checkpoint (.safetensors/.ckpt) or diffusers folder to train on "
                        "(default: each request's \"model\")")
     group.add_argument("--tiny", choices=("sd1", "sd2", "sdxl"), default=None,
                        help="train a tiny random model (for trying the API or tab; the LoRA is useless)")

@@ -238,11 +238,13 @@ def _stopping_message(signum: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..paths import check_new_file
     from ..signals import GracefulStop, safe_streams
     from ..train import plan_training, run_training
 
     config = config_from_args(args)
     if args.save_config:
+        check_new_file(args.save_config, "settings file", "give --save-config a file in a folder you can write to")
         config.save(args.save_config)
     if args.dry_run:
         print(plan_training(config).text())
