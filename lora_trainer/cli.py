@@ -64,11 +64,31 @@ def os_error_message(e: OSError) -> str:
     return f"Cannot use{where}: {cause}; {remedy}."
 
 
+class _UserFormatter(logging.Formatter):
+    """What a user reads: notes as plain lines, problems as "warning: ..."; -v shows logger names."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+# Internal detail a user cannot act on (counts of patched modules, graph capture): shown with -v.
+_QUIET_LOGGERS = ("lora_trainer.accel",)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _UserFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if not verbose:
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.verbose)
     from .signals import Aborted, exit_code
 
     try:
