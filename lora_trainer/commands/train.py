@@ -124,8 +124,8 @@ SWITCHES: dict[str, tuple[str | None, str]] = {
     "no-bucket": (None, "crop every image to a square instead of aspect-ratio buckets"),
     "cache-latents-to-disk": ("cache_latents_to_disk", "keep the encoded images in OUT/.cache for later runs"),
     "fp8-base": ("fp8_base", "store the frozen base weights in fp8 (CUDA; less GPU memory)"),
-    "cpu-offload-checkpointing": ("cpu_offload_checkpointing", "Flux: keep checkpointed block inputs in CPU "
-                                  "memory (less GPU memory)"),
+    "cpu-offload-checkpointing": ("cpu_offload_checkpointing",
+                                  "Flux: keep checkpointed block inputs in CPU memory (less GPU memory)"),
     "train-t5": ("train_t5", "also train a LoRA on T5-XXL (kohya's train_t5xxl; lora_te3_ keys; T5 then runs "
                  "every step, which needs much more memory and time)"),
 }
