@@ -590,7 +590,9 @@ def _check_not_resumed(old: Job, jobs: Any) -> None:
         if other.state in ("queued", "running"):
             raise JobError(f"Job {old.id} is already being resumed by job {other.id} ({other.state}); "
                            "follow that job instead of resuming again.")
-    newer = [j for j in others if j.created > old.created and j.state in ("done", "stopped")]
+    # a newer job stopped before it trained a step past ours (e.g. cancelled in the queue) holds no newer progress
+    newer = [j for j in others if j.created > old.created
+             and (j.state == "done" or (j.state == "stopped" and j.step > old.step))]
     if not newer:
         return
     newest = max(newer, key=lambda j: j.created)
