@@ -126,8 +126,8 @@ SWITCHES: dict[str, tuple[str | None, str]] = {
     "fp8-base": ("fp8_base", "store the frozen base weights in fp8 (CUDA; less GPU memory)"),
     "cpu-offload-checkpointing": ("cpu_offload_checkpointing",
                                   "Flux: keep checkpointed block inputs in CPU memory (less GPU memory)"),
-    "train-t5": ("train_t5", "also train a LoRA on T5-XXL (kohya's train_t5xxl; lora_te3_ keys; T5 then runs "
-                 "every step, which needs much more memory and time)"),
+    "train-t5": ("train_t5", ("also train a LoRA on T5-XXL (kohya's train_t5xxl; lora_te3_ keys; T5 then "
+                              "runs every step, which needs much more memory and time)")),
 }
 SWITCH_SECTIONS = {"train-t5": FLUX}  # switches listed in a section of --help
 # Kept for code that reads the old tables: flag (underscored) → (field, type)
