@@ -94,13 +94,13 @@ _NOT_HASHED = frozenset({
     "resume", "overwrite", "device", "output_dir", "save_every_n_epochs", "save_every_n_steps",
     "sample_prompts", "sample_every_n_epochs", "sample_steps", "sample_cfg_scale", "sample_seed",
     "sample_negative_prompt", "latent_cache_dir", "cache_latents_to_disk", "preset", "log_every",
-    "save_state", "activation_text", "preferred_weight", "accel", "processes",
+    "save_state", "activation_text", "preferred_weight", "accel", "processes", "validate_every_n_epochs",
 })
 # Settings added for Flux: hashed only when set, so the states of runs saved before they existed resume.
 _HASHED_IF_SET = frozenset({
     "clip_l", "t5", "vae", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
     "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "t5_max_token_length",
-    "blocks_to_swap", "cpu_offload_checkpointing", "train_t5",
+    "blocks_to_swap", "cpu_offload_checkpointing", "train_t5", "validation_split",
 })
 # Upper bounds that catch typos and hostile requests (`rank: 1e9` would only fail as "out of memory",
 # `max_steps: 1e12` would show an ETA of trillions of seconds): field -> (lowest, highest, hint).
@@ -209,6 +209,9 @@ class TrainConfig:
     save_every_n_epochs: int = 0
     save_every_n_steps: int = 0
     save_state: bool = True
+    # --- "did it learn?" (train/report.py): validation/leakage scores per epoch, best epoch kept
+    validate_every_n_epochs: int = 1  # 0 = no report
+    validation_split: float = 0.0  # share of the training images held out for scoring (0: fixed noise on them)
     sample_prompts: list[str] = field(default_factory=list)
     sample_negative_prompt: str = ""
     sample_every_n_epochs: int = 0
@@ -403,6 +406,10 @@ class TrainConfig:
         if self.sample_every_n_epochs and not self.sample_prompts:
             raise ConfigError("Samples are requested but no sample prompt is given; add --sample-prompt.")
         _positive_int("sample_steps", self.sample_steps)
+        _non_negative_int("validate_every_n_epochs", self.validate_every_n_epochs)
+        if not 0 <= self.validation_split < 1:
+            raise ConfigError(f"validation_split must be at least 0 and below 1 (got {self.validation_split}); "
+                              "0.1 holds out a tenth of the images, 0 scores the training images.")
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise ConfigError(f"caption_extension must start with a dot (got '{self.caption_extension}'); "
                               "use .txt or .caption.")

@@ -89,6 +89,7 @@ class Job:
     family: str = ""  # the model family trained ("SD1", "SDXL", ...), once known
     error: str | None = None
     result: Any = None  # tag/prepare: a JSON-able summary; train: the TrainResult
+    report: dict[str, Any] | None = None  # train: "did it learn?" (train/report.py LearnReport.to_dict())
     state_dir: str | None = None
     resumed_from: str | None = None
     config: Any = None  # TrainConfig for training jobs
@@ -121,7 +122,7 @@ class Job:
             "saves": list(self.saves), "outputs": list(self.outputs), "lora_name": self.lora_name,
             "prompt_text": self.prompt_text, "plan": self.plan_text, "message": self.message,
             "notes": list(self.notes), "family": self.family, "error": self.error, "state_dir": self.state_dir,
-            "resumed_from": self.resumed_from, "result": summary,
+            "resumed_from": self.resumed_from, "result": summary, "report": self.report,
             "config": self.config.to_dict() if hasattr(self.config, "to_dict") else None,
         }
 
@@ -438,6 +439,7 @@ class JobManager:
         job.result = result
         job.state_dir = str(result.state_dir) if getattr(result, "state_dir", None) else None
         job.samples = [str(p) for p in getattr(result, "samples", [])] or job.samples
+        job.report = getattr(result, "report", None) or job.report
         stopped = bool(getattr(result, "stopped", False))
         if result.lora_path:
             self._publish(job, config, result, family)
@@ -495,6 +497,8 @@ class JobManager:
             paths = [str(p) for p in (getattr(ev, "paths", None) or [])]
             if getattr(ev, "path", None):
                 paths.insert(0, str(ev.path))
+            if kind == "validation" and getattr(ev, "report", None) is not None:
+                job.report = ev.report
             if kind == "sample":
                 job.samples.extend(p for p in paths if p not in job.samples)
             elif kind == "save":
@@ -556,6 +560,8 @@ class JobManager:
                                                 sd_version=meta["sd version"],
                                                 description=f"{what} {meta['description']}", notes=meta["notes"])
                 done.files.insert(1, json_path)
+            if job.report and str(src) == job.report.get("best_path"):  # the best epoch's file, as published
+                job.report = {**job.report, "best_lora": done.stem}
             if is_main:
                 job.lora_name = done.stem
                 if done.stem != publish.lora_stem(name, kind, **totals):
@@ -614,7 +620,7 @@ def _job_from_record(data: dict[str, Any]) -> Job:
     for name in ("created", "started", "finished", "step", "total_steps", "epoch", "total_epochs", "loss",
                  "smoothed_loss", "lr", "it_per_s", "eta_s", "vram_bytes", "samples", "saves", "outputs",
                  "lora_name", "prompt_text", "message", "notes", "family", "error", "state_dir", "resumed_from",
-                 "lora_subdir"):
+                 "lora_subdir", "report"):
         if data.get(name) is not None:
             setattr(job, name, data[name])
     job.plan_text = data.get("plan") or ""

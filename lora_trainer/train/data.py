@@ -12,7 +12,7 @@ import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ class Dataset:
     img_root: Path
     reg_root: Path | None
     warnings: list[str]
+    held_out: list[ImageItem] = field(default_factory=list)  # validation images, never trained on (report.py)
 
     @property
     def train_items(self) -> list[ImageItem]:

@@ -43,6 +43,7 @@ from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .outputs import OutputClaim, claim_outputs
 from .placement import Placement, vae_dtype
 from .quiet import quiet_known_warnings
+from .report import Validator, split_held_out
 from .sampling import save_png
 from .state import Position, load_state, position_from, rng_state, save_state, set_rng_state
 from .text_cache import cache_text_outputs
@@ -62,8 +63,11 @@ def prepare_dataset(config: TrainConfig, *, decode: bool = True) -> tuple[Datase
     selector = BucketSelector(config.resolution, enable=config.enable_bucket, min_size=low, max_size=high,
                               steps=config.bucket_reso_steps,
                               no_upscale=config.bucket_no_upscale)
+    split_held_out(dataset, config.validation_split, config.seed)  # "did it learn?" images, never trained on
     assign_buckets(dataset, selector)
-    for item in dataset.items:
+    for item in dataset.held_out:
+        item.choice = selector.select(*item.size)
+    for item in dataset.items + dataset.held_out:
         if min(item.bucket) < 8:
             raise ConfigError(f"Image {item.path.name} ({item.size[0]}x{item.size[1]}) is smaller than one "
                               f"{config.bucket_reso_steps}-pixel bucket step; remove it or turn off "
@@ -203,6 +207,7 @@ class _Run:
         self.precision = config.mixed_precision
         self.started_at = time.time()
         self.clock = RunClock(Schedule.of(config, plan))
+        self.validator: Validator | None = None
         self.session_id = int.from_bytes(os.urandom(4), "little")  # kohya's ss_session_id, not from the seeded RNG
         self.claim: OutputClaim | None = None  # our names in OUT (train/outputs.py); checks disk room before step 1
 
@@ -312,6 +317,12 @@ class _Run:
                                  seed=config.seed, disk_dir=disk, progress=self._cache_progress("latents"),
                                  shift_factor=self.family.latent_shift(bundle))
         latents = self.dist.build_once(encode_latents)  # several GPUs: rank 0 encodes, the others receive
+        if self.dist.is_main:  # "did it learn?" (report.py): fixed pairs, held-out latents; rank 0 scores
+            self.validator = Validator.create(
+                config, self.dataset, latents, bundle, self.family, device, weight_dtype, emit=self._emit_validation,
+                cache=lambda items: cache_latents(Dataset(items, self.dataset.img_root, None, []), bundle.vae,
+                                                  bundle.scaling_factor, flip=False, seed=config.seed,
+                                                  shift_factor=self.family.latent_shift(bundle)))
         self.placement.release(bundle.vae, needed_later=sampling)
         self._free(device)
 
@@ -326,10 +337,15 @@ class _Run:
             if config.cache_latents_to_disk:
                 text_disk = (Path(config.latent_cache_dir) / "text" if config.latent_cache_dir
                              else Path(config.output_dir) / ".cache" / "text")
+            captions = [process_caption(i.caption) for i in self.dataset.items]
+            scored = self.validator.captions() if self.validator is not None else []
             self.text_cache = self.dist.build_once(lambda: cache_text_outputs(  # several GPUs: rank 0 encodes
-                self.family, bundle, [process_caption(i.caption) for i in self.dataset.items],
+                self.family, bundle, captions + scored,
                 clip_skip=config.clip_skip, disk_dir=text_disk, ensure_encoders=place_encoders,
                 autocast=lambda: self._autocast(device, weight_dtype)))
+            if self.validator is not None:  # the scored captions went through the same cache
+                self.validator.set_text(scored, self.text_cache[len(captions):])
+            self.text_cache = self.text_cache[:len(captions)]
             for te in bundle.text_encoders:
                 self.placement.release(te, needed_later=sampling)
             self._free(device)
@@ -404,6 +420,10 @@ class _Run:
         opts.graph_warmup = max(opts.graph_warmup, self.dist.graph_warmup)
         runner = accel.StepRunner(loss_fn, trainable, optimizer, opts,
                                   max_grad_norm=config.max_grad_norm, scaler=scaler, device=device)
+        if self.validator is not None:
+            with _rng_guard():
+                self.models.before_step()
+                self.validator.start(network, objective, resumed=self.resume is not None, history=self.pos.report)
         stopped = False
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -438,7 +458,10 @@ class _Run:
 
         final_loss = self.pos.losses[-1] if self.pos.losses else None
         if stopped and self.pos.step < plan.total_steps:
+            if self.validator is not None:  # before the state is saved, so a resumed run lists the file
+                self.validator.keep_best(self._write_snapshot)
             path = self._save(step_tag(self.pos.step), optimizer, scheduler, scaler, force_state=True)
+            report = self.validator.finish(None, self.pos.epoch, self._write_snapshot) if self.validator else None
             self.emit(ProgressEvent("stopped", step=self.pos.step, total_steps=plan.total_steps,
                                     epoch=self._shown_epoch(),
                                     total_epochs=plan.epochs, loss=final_loss,
@@ -448,6 +471,8 @@ class _Run:
             stopped = False
             path = self._write_lora(lora_file(config))
             self._write_user_metadata(path, bundle)
+            # the best epoch's file (when not the last) is written before "done" lists the files
+            report = self.validator.finish(path, self.pos.epoch, self._write_snapshot) if self.validator else None
             self.emit(ProgressEvent("done", step=self.pos.step, total_steps=plan.total_steps, epoch=self.pos.epoch,
                                     total_epochs=plan.epochs, loss=final_loss, smoothed_loss=self.pos.smoothed,
                                     message=f"Finished: {path}", path=str(path),
@@ -455,7 +480,8 @@ class _Run:
         self.dist.barrier()  # several GPUs: no process ends before rank 0 has written everything
         return TrainResult(lora_path=path, saved=list(self.saved), samples=list(self.samples),
                            state_dir=self.state_path, stopped=stopped, steps=self.pos.step, final_loss=final_loss,
-                           plan=plan, losses=list(self.pos.losses))
+                           plan=plan, losses=list(self.pos.losses),
+                           report=report.to_dict() if report is not None else None)
 
     # ------------------------------------------------------------------ one optimizer step
     @staticmethod
@@ -552,12 +578,44 @@ class _Run:
                                 total_epochs=self.plan.epochs, loss=self.pos.losses[-1] if self.pos.losses else None,
                                 smoothed_loss=self.pos.smoothed))
         last = epoch >= self.plan.epochs or self.pos.step >= self.plan.total_steps
+        every = config.validate_every_n_epochs
+        if self.validator is not None and every and (epoch % every == 0 or last):
+            with _rng_guard():
+                self.models.before_step()
+                self.validator.epoch(epoch, self.pos.step, self._snapshot)
+            self.pos.report = self.validator.history()
         if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and not last:
             self._save(epoch_tag(epoch), optimizer, scheduler, scaler)
         if config.sample_every_n_epochs and config.sample_prompts and self.dist.is_main and (
                 epoch % config.sample_every_n_epochs == 0):
             with _rng_guard():
                 self._sample(bundle, device, epoch)
+
+    def _emit_validation(self, report: dict[str, Any]) -> None:
+        self.emit(ProgressEvent("validation", step=self.pos.step, total_steps=self.plan.total_steps,
+                                epoch=self.pos.epoch, total_epochs=self.plan.epochs, message=report["message"],
+                                report=report))
+
+    def _snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """This epoch's LoRA as it would be saved (CPU tensors + metadata): kept while it is the best."""
+        return self.network.kohya_state_dict(_SAVE_DTYPES[self.config.save_precision]), self._metadata()
+
+    def _write_snapshot(self, epoch: int, snapshot: tuple[dict[str, torch.Tensor], dict[str, str]]) -> Path | None:
+        """Write the best epoch's remembered LoRA as that epoch's save (unless one is there already)."""
+        from ..lora.kohya_file import save_kohya
+
+        path = lora_file(self.config, epoch_tag(epoch))
+        if path in self.saved:
+            return path
+        if path.exists() and not self.config.overwrite:
+            log.warning("best epoch %d not kept: %s already exists", epoch, path)
+            return None
+        save_kohya(path, *snapshot)
+        self.saved.append(path)
+        self.pos.saved = [str(p) for p in self.saved]
+        self.emit(ProgressEvent("save", step=self.pos.step, total_steps=self.plan.total_steps, epoch=self.pos.epoch,
+                                total_epochs=self.plan.epochs, message=f"Saved {path} (best epoch)", path=str(path)))
+        return path
 
     def _cache_progress(self, what: str) -> Callable[[int, int], None]:
         last = [0.0]

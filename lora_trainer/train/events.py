@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EVENT_KINDS = ("plan", "cache", "step", "epoch", "phase", "sample", "save", "done", "stopped", "error")
+EVENT_KINDS = ("plan", "cache", "step", "epoch", "validation", "phase", "sample", "save", "done", "stopped", "error")
 # "cache": progress of the one-off latent / text-encoder caching before step 1
+# "validation": after an epoch was scored ("did it learn?", train/report.py): `report` holds the
+#          LearnReport so far as a dict, `message` its one-sentence verdict
 # "phase": the run is busy with something other than a training step (sampling, saving), with its
 #          progress in phase_done/phase_total; "sample"/"save" report the files once written
 PHASES = ("cache", "train", "sample", "save")
@@ -71,6 +73,7 @@ class ProgressEvent:
     path: str | None = None
     paths: list[str] = field(default_factory=list)
     plan: TrainingPlan | None = None  # on "plan"
+    report: dict[str, Any] | None = None  # on "validation": LearnReport.to_dict() (train/report.py)
 
 
 @dataclass
@@ -84,6 +87,7 @@ class TrainResult:
     final_loss: float | None
     plan: TrainingPlan
     losses: list[float] = field(default_factory=list)  # per optimizer step, for plots and tests
+    report: dict[str, Any] | None = None  # "did it learn?": LearnReport.to_dict(), None when validation is off
 
 
 # ---------------------------------------------------------------------------------- speed and ETA

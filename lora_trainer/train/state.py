@@ -37,6 +37,7 @@ class Position:
     losses: list[float] = field(default_factory=list)
     smoothed: float | None = None
     saved: list[str] = field(default_factory=list)  # LoRA files this run wrote (may be rewritten on resume)
+    report: dict[str, Any] = field(default_factory=dict)  # "did it learn?" so far (train/report.py)
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def save_state(folder: Path, *, config_hash: str, config_json: str, lora: dict[s
         "rng": rng_state(device),
         "position": {"step": position.step, "epoch": position.epoch, "chunk": position.chunk,
                      "losses": list(position.losses), "smoothed": position.smoothed,
-                     "saved": list(position.saved)},
+                     "saved": list(position.saved), "report": position.report},
     }
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(payload, tensors)
@@ -155,4 +156,4 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def position_from(payload: dict[str, Any]) -> Position:
     p = payload["position"]
     return Position(step=p["step"], epoch=p["epoch"], chunk=p["chunk"], losses=list(p["losses"]),
-                    smoothed=p["smoothed"], saved=list(p["saved"]))
+                    smoothed=p["smoothed"], saved=list(p["saved"]), report=p.get("report") or {})

@@ -350,3 +350,90 @@ def result_md(job: dict[str, Any] | None) -> str:
         lines.append("\nPress **Resume** to continue this run where it stopped (it is listed under **Stopped runs**).")
     lines += [f"\nNote: {n}" for n in job.get("notes") or []]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- "did it learn?"
+_VERDICT_TITLES = {"learned": "Learned", "not_learned": "Not learned yet", "leaks": "Leaks", "pending": "Scoring…"}
+
+
+def report_md(report: dict[str, Any] | None) -> str:
+    """The "did it learn?" card: the one-sentence verdict, the best epoch's file, what was measured
+    and the thresholds (measured on the demo model). Empty without a report."""
+    if not report:
+        return ""
+    title = _VERDICT_TITLES.get(report.get("verdict", ""), "Did it learn?")
+    lines = [f"### Did it learn? {title}", report.get("message", "")]
+    best = report.get("best_epoch")
+    if best is not None:
+        name = report.get("best_lora") or (Path(report["best_path"]).stem if report.get("best_path") else None)
+        lines.append(f"\nBest epoch: **{best}**" + (f" (`{name}`)" if name else ""))
+    epochs = report.get("epochs") or []
+    if epochs:
+        last = epochs[-1]
+        leak = "" if last.get("leak") is None else f", leakage {last['leak']:.0%}"
+        lines.append(f"Last epoch: validation loss {last['improvement']:.1%} below the base model's{leak}.")
+    th = report.get("thresholds") or {}
+    trigger = report.get("trigger") or ""
+    how = (f"Scored on {report.get('pairs', 0)} fixed noise/timestep pairs of {report.get('images', 0)} "
+           f"{report.get('method', '')} images" + (f", with and without the trigger `{trigger}`" if trigger
+                                                  else "; no trigger word in the captions, so leakage is not measured"))
+    if th:
+        how += (f". Learned means at least {th.get('learned_min_improvement', 0):.0%} below the base model; "
+                f"leaking means more than {th.get('leak_max', 0):.0%} of the effect without the trigger "
+                "(thresholds measured on the demo model).")
+    lines.append(f"\n<small>{how}</small>")
+    return "\n".join(lines)
+
+
+def report_figure(report: dict[str, Any] | None, history: list[list[Any]] | None = None):
+    """Training loss (average), validation loss with the trigger per epoch and leakage per epoch
+    (right axis) against the step, the base model's validation loss dashed, the best epoch marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6, 2.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    epochs = (report or {}).get("epochs") or []
+    if history:
+        smooth = [(h[0], h[2]) for h in history if len(h) > 2 and h[2] is not None]
+        if smooth:
+            ax.plot([s for s, _ in smooth], [v for _, v in smooth], color="#93c5fd", linewidth=1,
+                    label="training loss (average)")
+    if epochs:
+        steps = [e["step"] for e in epochs]
+        ax.plot(steps, [e["val_loss"] for e in epochs], "o-", color="#1d4ed8", linewidth=2,
+                label="validation loss (trigger)")
+        base = report.get("base_loss")
+        if base is not None and base == base:  # not NaN
+            ax.axhline(base, color="#1d4ed8", linestyle="--", linewidth=1, alpha=0.6, label="base model")
+        best = report.get("best_epoch")
+        for e in epochs:
+            if e["epoch"] == best:
+                ax.plot([e["step"]], [e["val_loss"]], marker="*", markersize=16, color="#f59e0b",
+                        linestyle="none", label=f"best: epoch {best}")
+        leaks = [(e["step"], e["leak"]) for e in epochs if e.get("leak") is not None]
+        if leaks:
+            ax2 = ax.twinx()
+            ax2.plot([s for s, _ in leaks], [v for _, v in leaks], "s-", color="#dc2626", linewidth=1.5,
+                     label="leakage (right)")
+            limit = (report.get("thresholds") or {}).get("leak_max")
+            if limit is not None:
+                ax2.axhline(limit, color="#dc2626", linestyle=":", linewidth=1, alpha=0.7)
+            ax2.set_ylim(0, max(1.0, max(v for _, v in leaks) * 1.1))
+            ax2.set_ylabel("leakage")
+            lines, labels = ax.get_legend_handles_labels()
+            lines2, labels2 = ax2.get_legend_handles_labels()
+            ax.legend(lines + lines2, labels + labels2, loc="best", fontsize=7)
+        else:
+            ax.legend(loc="best", fontsize=7)
+    elif not history:
+        ax.text(0.5, 0.5, "the report appears after the first epoch", ha="center", va="center",
+                transform=ax.transAxes, color="#888")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,340 @@
+""""Did it learn?": a validation loss and a leakage measure after every epoch, from the model being
+trained and nothing else.
+
+A fixed set of (image, timestep, noise) triples is scored after each epoch:
+- **validation loss** (with the trigger): the denoising loss on the images' own captions. The run
+  starts by scoring the base model (LoRA off), so every epoch reads as *improvement* = how far below
+  the base model's loss it is. A LoRA that has not learned its concept yet barely moves it.
+- **leakage**: the same triples with the trigger removed from the captions. How far the LoRA moves
+  the prediction away from the base model's *without* the trigger, relative to how far it moves it
+  *with* the trigger: near 0 the LoRA acts only when asked for; near 1 it changes every prompt.
+
+Images: `validation_split` > 0 holds that share of the training images out (scored, never trained
+on); otherwise the training images themselves are scored with fixed noise. The best epoch is the
+lowest validation loss among the epochs that do not leak; its LoRA file is kept.
+
+Thresholds (`LEARNED_MIN_IMPROVEMENT`, `LEAK_MAX`): see their comment below; the report states them
+and where they come from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Thresholds, in one place; the report states them and THRESHOLDS_SOURCE says where they come from.
+LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base model's: the concept shows
+LEAK_MAX = 0.5  # without the trigger the LoRA moves the model at most half as much as with it
+PAIRS = 16  # (image, timestep) pairs scored per epoch: 2 forward passes each (with/without trigger)
+MAX_IMAGES = 8
+
+
+@dataclass
+class EpochCheck:
+    epoch: int
+    step: int
+    val_loss: float  # with the trigger
+    improvement: float  # 1 - val_loss / base loss
+    leak: float | None  # LoRA's effect without the trigger / with it (None: no trigger in the captions)
+
+
+@dataclass
+class LearnReport:
+    """What `TrainResult.report`, the "validation" event and the job JSON's `report` carry."""
+
+    method: str  # "held-out" | "training images, fixed noise"
+    images: int
+    pairs: int
+    trigger: str  # "" when the captions hold none
+    base_loss: float
+    epochs: list[EpochCheck] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_path: str | None = None  # the kept file of the best epoch (the final LoRA when it is the last)
+    verdict: str = "pending"  # "learned" | "not_learned" | "leaks" | "pending"
+    message: str = ""
+    thresholds: dict[str, float] = field(default_factory=lambda: {
+        "learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": LEAK_MAX})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearnReport:
+        data = dict(data)
+        data["epochs"] = [EpochCheck(**e) for e in data.get("epochs", [])]
+        return cls(**data)
+
+    def judge(self) -> None:
+        """Pick the best epoch and write the verdict (one sentence) from the epochs scored so far."""
+        if not self.epochs:
+            self.verdict, self.message = "pending", "No epoch has been scored yet."
+            return
+        clean = [e for e in self.epochs if e.leak is None or e.leak <= LEAK_MAX]
+        learned = [e for e in self.epochs if e.improvement >= LEARNED_MIN_IMPROVEMENT]
+        if clean:
+            best = min(clean, key=lambda e: e.val_loss)
+        else:  # every epoch leaks: the earliest one that learned leaks least in practice
+            best = min(learned or self.epochs, key=lambda e: (e.leak or 0.0, e.epoch))
+        self.best_epoch = best.epoch
+        last = self.epochs[-1]
+        top = max(e.improvement for e in self.epochs)
+        if not learned:
+            self.verdict = "not_learned"
+            self.message = (f"Not learned yet: the validation loss with the trigger fell only {top:.1%} below the "
+                            f"base model's (a learned concept shows at least {LEARNED_MIN_IMPROVEMENT:.0%}); "
+                            "train longer or raise the learning rate.")
+        elif last.leak is not None and last.leak > LEAK_MAX:
+            better = f"; epoch {best.epoch} is the better pick" if best.epoch != last.epoch else ""
+            self.verdict = "leaks"
+            self.message = (f"Leaks: without the trigger the LoRA still changes the model {last.leak:.0%} as much as "
+                            f"with it (more than {LEAK_MAX:.0%}){better}; use fewer steps, a lower rank, or add "
+                            "regularisation images.")
+        else:
+            leak = "" if last.leak is None else f", and without the trigger it changes the model {last.leak:.0%} as much"
+            pick = f"; epoch {best.epoch} scored best" if best.epoch != last.epoch else ""
+            self.verdict = "learned"
+            self.message = (f"Learned: the validation loss with the trigger is {last.improvement:.1%} below the base "
+                            f"model's{leak}{pick}.")
+
+
+# ---------------------------------------------------------------------------------- triggers in captions
+def trigger_words(activation_text: str, class_tokens: list[str]) -> list[str]:
+    """The phrases that call the LoRA: the activation text's comma-separated parts, else the
+    dataset's `<N>_<name>` folder names."""
+    source = [p.strip() for p in activation_text.split(",")] if activation_text.strip() else class_tokens
+    return [p for p in dict.fromkeys(s.strip() for s in source) if p]
+
+
+def strip_trigger(caption: str, triggers: list[str]) -> str | None:
+    """The caption without the trigger phrases (whole words, any case), or None when it holds none."""
+    text = caption
+    for phrase in sorted(triggers, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w]){re.escape(phrase)}(?![\w])", "", text, flags=re.IGNORECASE)
+    if text == caption:
+        return None
+    parts = [re.sub(r"\s+", " ", p).strip() for p in text.split(",")]
+    return ", ".join(p for p in parts if p)
+
+
+def split_held_out(dataset, fraction: float, seed: int) -> None:
+    """Move `fraction` of the training images (at least one, never all) to `dataset.held_out`:
+    scored after every epoch, never trained on. The pick depends only on the seed."""
+    if fraction <= 0:
+        return
+    import numpy as np
+
+    train = [k for k, item in enumerate(dataset.items) if not item.is_reg]
+    n = min(len(train) - 1, max(1, round(len(train) * fraction)))
+    if n < 1:
+        dataset.warnings.append("validation_split needs at least two training images; scoring the training "
+                                "images with fixed noise instead.")
+        return
+    chosen = set(np.random.default_rng([seed, 7919]).choice(train, size=n, replace=False).tolist())
+    dataset.held_out = [item for k, item in enumerate(dataset.items) if k in chosen]
+    dataset.items = [item for k, item in enumerate(dataset.items) if k not in chosen]
+
+
+# ---------------------------------------------------------------------------------- the validator
+@dataclass
+class _Pair:
+    latent: torch.Tensor  # (C, h, w), scaled, CPU
+    caption: str
+    plain: str | None  # caption without the trigger
+    item: Any  # ImageItem (the family's per-image extras, e.g. SDXL's size conditioning)
+    draws: dict[str, torch.Tensor] = field(default_factory=dict)  # noise, timesteps/sigmas: fixed, CPU
+
+
+class Validator:
+    """Scores the fixed pairs before training (base model) and after every epoch, through the
+    model family's own text encoding, objective draws and prediction (train/family.py).
+
+    The engine calls: `create` (latents cached), `captions`/`set_text` (frozen text encoders: the
+    captions go through the run's text cache), `start` (adapters injected, objective made), `epoch`
+    (an epoch's end), `finish` (the run's end).
+    """
+
+    def __init__(self, pairs: list[_Pair], method: str, images: int, trigger: str, bundle, family,
+                 device: torch.device, dtype: torch.dtype, clip_skip: int, seed: int, emit: Callable[[dict], None]):
+        self.pairs, self.bundle, self.family = pairs, bundle, family
+        self.device, self.dtype, self.clip_skip, self.seed, self.emit = device, dtype, clip_skip, seed, emit
+        self.report = LearnReport(method=method, images=images, pairs=len(pairs), trigger=trigger, base_loss=math.nan)
+        self.fixed_text: dict[str, dict[str, torch.Tensor]] | None = None
+        self.objective: Any = None
+        self.base: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.best_snapshot: tuple[int, Any] | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, config, dataset, latents: list, bundle, family, device: torch.device, dtype: torch.dtype,
+               emit: Callable[[dict], None], cache: Callable[[list], list]) -> Validator | None:
+        if not getattr(config, "validate_every_n_epochs", 1):
+            return None
+        held = list(getattr(dataset, "held_out", []) or [])
+        if held:
+            items, lats, method = held, cache(held), "held-out"
+        else:
+            train = [(i, item) for i, item in enumerate(dataset.items) if not item.is_reg]
+            stride = max(1, len(train) / MAX_IMAGES)
+            chosen = [train[int(k * stride)] for k in range(min(MAX_IMAGES, len(train)))]
+            items, lats, method = [c[1] for c in chosen], [latents[c[0]] for c in chosen], "training images, fixed noise"
+        if not items:
+            return None
+        from .captions import process_caption
+
+        triggers = trigger_words(config.activation_text, dataset.class_tokens())
+        per_image = max(1, math.ceil(PAIRS / len(items)))
+        pairs = []
+        for k in range(per_image * len(items)):
+            item, cached = items[k % len(items)], lats[k % len(items)]
+            caption = process_caption(item.caption)
+            pairs.append(_Pair(cached.latent, caption, strip_trigger(caption, triggers), item))
+        trigger = ", ".join(triggers) if any(p.plain is not None for p in pairs) else ""
+        return cls(pairs, method, len(items), trigger, bundle, family, device, dtype, int(config.clip_skip),
+                   int(config.seed), emit)
+
+    # ------------------------------------------------------------------ text
+    def captions(self) -> list[str]:
+        """Every caption scored (with and without the trigger), for the run's text cache."""
+        return list(dict.fromkeys([p.caption for p in self.pairs] + [p.plain for p in self.pairs if p.plain]))
+
+    def set_text(self, captions: list[str], conditioning: list[dict[str, torch.Tensor]]) -> None:
+        """Frozen text encoders: the conditioning of `captions()` from the run's text cache."""
+        self.fixed_text = dict(zip(captions, conditioning))
+
+    def _text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from .family import stack_conditioning
+
+        if self.fixed_text is not None:
+            return stack_conditioning([self.fixed_text[c] for c in captions], self.device)
+        with torch.no_grad(), self._autocast():
+            return self.family.encode_text(self.bundle, captions, clip_skip=self.clip_skip)
+
+    # ------------------------------------------------------------------ scoring
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _draw(self, objective) -> None:
+        """The objective's own draws (noise, timesteps or sigmas) per pair, once, from a fixed seed."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        for k, pair in enumerate(self.pairs):
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed * 7919 + k)
+                drawn = objective.draw(pair.latent.unsqueeze(0).to(self.device))
+            drawn.pop("weights", None)  # a plain, unweighted loss is scored
+            pair.draws = {name: value[0].detach().cpu() for name, value in drawn.items()}
+
+    @torch.no_grad()
+    def _predict(self, plain: bool) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """(prediction, target) per pair, on the CPU in fp32; None where the caption has no trigger."""
+        from .family import StepInputs
+
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.pairs)
+        groups: dict[tuple, list[int]] = {}
+        for k, p in enumerate(self.pairs):
+            if not plain or p.plain is not None:
+                groups.setdefault(tuple(p.latent.shape), []).append(k)
+        model_dtype = next(self.bundle.unet.parameters()).dtype
+        for keys in groups.values():
+            for start in range(0, len(keys), 8):
+                part = keys[start:start + 8]
+                chunk = [self.pairs[k] for k in part]
+                batch = {"latents": torch.stack([p.latent for p in chunk]).to(self.device)}
+                for name in chunk[0].draws:
+                    batch[name] = torch.stack([p.draws[name] for p in chunk]).to(self.device)
+                extras = self.family.batch_extras(self.bundle, [p.item for p in chunk], [False] * len(chunk))
+                batch.update({name: v.to(self.device) for name, v in extras.items()})
+                cond = self._text([p.plain if plain else p.caption for p in chunk])
+                with self._autocast():
+                    pred, target = self.family.prediction_and_target(
+                        StepInputs(self.bundle, batch, cond, self.objective, model_dtype))
+                for j, k in enumerate(part):
+                    out[k] = (pred[j].float().cpu(), target[j].float().cpu())
+        return out
+
+    def _score(self) -> tuple[list, list]:
+        modules = [self.bundle.unet, *self.bundle.text_encoders]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            return self._predict(False), self._predict(True)
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+    def start(self, network, objective, *, resumed: bool = False, history: dict[str, Any] | None = None) -> None:
+        """Score the base model: the adapters at multiplier 0 (at step 0 they are exactly zero anyway)."""
+        self.objective = objective
+        self._draw(objective)
+        network.set_multiplier(0.0)
+        try:
+            with_t, without_t = self._score()
+        finally:
+            network.set_multiplier(1.0)
+        self.base = [(w[0] if w else None, wo[0] if wo else None) for w, wo in zip(with_t, without_t)]
+        self.report.base_loss = _mse([w for w in with_t if w is not None])
+        if resumed and history and history.get("epochs"):
+            earlier = LearnReport.from_dict(history)
+            self.report.epochs = earlier.epochs
+            self.report.best_epoch, self.report.best_path = earlier.best_epoch, earlier.best_path
+        log.info("validation: %d pairs on %d %s, base loss %.5f", len(self.pairs), self.report.images,
+                 self.report.method, self.report.base_loss)
+
+    def epoch(self, epoch: int, step: int, snapshot: Callable[[], Any]) -> LearnReport:
+        """Score the LoRA as it is after `epoch`; remember its weights when it is the best so far."""
+        with_t, without_t = self._score()
+        val = _mse([w for w in with_t if w is not None])
+        leak = None
+        if self.report.trigger:
+            moved_with = _mse([(w[0], b[0]) for w, b in zip(with_t, self.base) if w is not None and b[0] is not None])
+            moved_without = _mse([(w[0], b[1]) for w, b in zip(without_t, self.base)
+                                  if w is not None and b[1] is not None])
+            leak = moved_without / moved_with if moved_with > 0 else 0.0
+        self.report.epochs = [e for e in self.report.epochs if e.epoch != epoch]
+        self.report.epochs.append(EpochCheck(epoch=epoch, step=step, val_loss=val,
+                                             improvement=1.0 - val / self.report.base_loss, leak=leak))
+        previous = self.report.best_epoch
+        self.report.judge()
+        if self.report.best_epoch == epoch and previous != epoch:
+            self.best_snapshot = (epoch, snapshot())
+        self.emit(self.report.to_dict())
+        return self.report
+
+    def keep_best(self, write: Callable[[int, Any], Path | None]) -> None:
+        """Write the remembered best epoch's LoRA (`write(epoch, snapshot)` -> path, or None when it cannot)."""
+        if self.best_snapshot is not None and self.best_snapshot[0] == self.report.best_epoch:
+            path = write(*self.best_snapshot)
+            self.report.best_path = str(path) if path is not None else None
+
+    def finish(self, final_path: Path | None, last_epoch: int,
+               write: Callable[[int, Any], Path | None]) -> LearnReport:
+        """Keep the best epoch's file: the final LoRA when it is the last epoch, else the remembered
+        weights written as that epoch's save."""
+        self.report.judge()
+        if self.report.best_epoch is not None:
+            if self.report.best_epoch == last_epoch and final_path is not None:
+                self.report.best_path = str(final_path)
+            else:
+                self.keep_best(write)
+        return self.report
+
+    def history(self) -> dict[str, Any]:
+        return self.report.to_dict()
+
+
+def _mse(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    if not pairs:
+        return math.nan
+    return float(sum(torch.mean((p - t) ** 2) for p, t in pairs) / len(pairs))

@@ -1,0 +1,172 @@
+""""Did it learn?" (train/report.py): scored every epoch by the engine, on the result, in events, in
+the job JSON, kept across stop/resume; the best epoch's file is kept. Tiny random model on the CPU:
+these check the mechanics; what the numbers mean is measured on the demo model (test_demo_learning.py)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from train_support import make_dataset, tiny_config
+
+from lora_trainer.host import StandaloneHost
+from lora_trainer.jobs import JobManager
+from lora_trainer.models.tiny import build_tiny_bundle
+from lora_trainer.train import report as report_mod
+from lora_trainer.train import run_training
+from lora_trainer.train.report import EpochCheck, LearnReport, strip_trigger, trigger_words
+
+
+def test_trigger_words_and_stripping():
+    assert trigger_words("", ["shape", "thing"]) == ["shape", "thing"]
+    assert trigger_words("demostar, red theme", ["shape"]) == ["demostar", "red theme"]
+    assert strip_trigger("yellow demostar, blue background", ["demostar"]) == "yellow, blue background"
+    assert strip_trigger("Shape, circle, colour 1", ["shape"]) == "circle, colour 1"
+    assert strip_trigger("shapeshifter, circle", ["shape"]) is None  # whole words only
+    assert strip_trigger("red circle", ["demostar"]) is None
+
+
+def _report(*epochs) -> LearnReport:
+    r = LearnReport(method="training images, fixed noise", images=4, pairs=16, trigger="x", base_loss=1.0)
+    r.epochs = [EpochCheck(epoch=k + 1, step=10 * (k + 1), val_loss=1 - imp, improvement=imp, leak=leak)
+                for k, (imp, leak) in enumerate(epochs)]
+    r.judge()
+    return r
+
+
+def test_verdicts_and_best_epoch():
+    lo, hi = report_mod.LEARNED_MIN_IMPROVEMENT, report_mod.LEAK_MAX
+    r = _report((lo / 4, 0.1), (lo / 2, 0.1))
+    assert r.verdict == "not_learned" and "train longer or raise the learning rate" in r.message
+    assert r.best_epoch == 2
+    r = _report((lo * 2, hi / 3), (lo * 3, hi / 2))
+    assert r.verdict == "learned" and r.best_epoch == 2 and r.message.startswith("Learned")
+    # the last epoch leaks: the verdict says so and the best pick is the last epoch that did not
+    r = _report((lo * 2, hi / 2), (lo * 4, hi * 0.9), (lo * 5, hi * 1.5))
+    assert r.verdict == "leaks" and r.best_epoch == 2
+    assert "fewer steps, a lower rank, or add regularisation images" in r.message and "epoch 2" in r.message
+    # everything leaks: the learned epoch that leaks least
+    r = _report((lo / 2, hi * 1.2), (lo * 2, hi * 1.4), (lo * 3, hi * 2))
+    assert r.verdict == "leaks" and r.best_epoch == 2
+    assert LearnReport.from_dict(r.to_dict()) == r
+
+
+def test_report_every_epoch_on_result_and_events(tmp_path):
+    data = make_dataset(tmp_path / "ds", n=4, repeats=1)
+    events = []
+    result = run_training(tiny_config(data, tmp_path / "out", epochs=2), bundle=build_tiny_bundle("sd1"),
+                          on_event=events.append)
+    kinds = [e.kind for e in events]
+    assert kinds.count("validation") == 2 and kinds.index("validation") > kinds.index("epoch")
+    rep = result.report
+    assert rep["method"] == "training images, fixed noise" and rep["images"] == 4 and rep["pairs"] >= 16
+    assert rep["trigger"] == "shape" and math.isfinite(rep["base_loss"])
+    assert [e["epoch"] for e in rep["epochs"]] == [1, 2]
+    for e in rep["epochs"]:
+        assert math.isfinite(e["val_loss"]) and e["leak"] is not None and e["leak"] >= 0
+        assert e["improvement"] == pytest.approx(1 - e["val_loss"] / rep["base_loss"])
+    assert rep["verdict"] in ("learned", "not_learned", "leaks") and rep["message"]
+    assert rep["best_epoch"] in (1, 2) and rep["best_path"] in [str(p) for p in result.saved]
+    assert events[-1].kind == "done"
+    assert [e for e in events if e.kind == "validation"][-1].report["epochs"] == rep["epochs"]
+
+
+def test_scored_captions_share_the_text_cache_call(tmp_path):
+    """Frozen text encoder: the scored captions (with and without the trigger) are encoded in the run's
+    one batched caching call, not one by one and not again per epoch."""
+    data = make_dataset(tmp_path / "ds", n=3, repeats=1)
+    bundle = build_tiny_bundle("sd1")
+    calls = []
+    handle = bundle.text_encoders[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        result = run_training(tiny_config(data, tmp_path / "out", epochs=2), bundle=bundle)
+    finally:
+        handle.remove()
+    assert calls == [6] and len(result.report["epochs"]) == 2  # 3 captions + the same 3 without "shape"
+
+
+def test_scoring_leaves_training_unchanged(tmp_path):
+    """Validation runs beside training: the losses and weights are those of a run without it."""
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1)
+    runs = []
+    for every in (0, 1):
+        r = run_training(tiny_config(data, tmp_path / f"out{every}", epochs=2, validate_every_n_epochs=every),
+                         bundle=build_tiny_bundle("sd1"))
+        runs.append(r)
+    assert runs[0].report is None and runs[1].report is not None
+    assert runs[0].losses == runs[1].losses
+
+
+def test_best_epoch_file_is_kept(tmp_path, monkeypatch):
+    """When an earlier epoch scores best, its LoRA is written as that epoch's save (the final one stays)."""
+    judge = LearnReport.judge
+
+    def first_is_best(self):
+        judge(self)
+        self.best_epoch = 1
+
+    monkeypatch.setattr(LearnReport, "judge", first_is_best)
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1)
+    result = run_training(tiny_config(data, tmp_path / "out", epochs=3), bundle=build_tiny_bundle("sd1"))
+    best = tmp_path / "out" / "tiny-000001.safetensors"
+    assert result.report["best_path"] == str(best) and best in result.saved
+    assert (tmp_path / "out" / "tiny.safetensors") in result.saved
+    with safe_open(str(best), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_epoch"] == "1" and meta["ss_steps"] == "2"  # that epoch's weights, that epoch's facts
+
+
+def test_held_out_images_are_scored_not_trained(tmp_path):
+    data = make_dataset(tmp_path / "ds", n=4, repeats=1)
+    result = run_training(tiny_config(data, tmp_path / "out", validation_split=0.5), bundle=build_tiny_bundle("sd1"))
+    assert result.plan.num_images == 2
+    assert result.report["method"] == "held-out" and result.report["images"] == 2
+
+
+def test_no_trigger_in_captions_means_no_leakage(tmp_path):
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1, name="shape")
+    for caption in (data / "img" / "1_shape").glob("*.txt"):
+        caption.write_text("circle, colour", encoding="utf-8")
+    result = run_training(tiny_config(data, tmp_path / "out"), bundle=build_tiny_bundle("sd1"))
+    assert result.report["trigger"] == "" and result.report["epochs"][0]["leak"] is None
+
+
+class _StopAtFirstValidation(StandaloneHost):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.pressed = threading.Event()
+
+    def report(self, event):
+        super().report(event)
+        if event.kind == "validation":
+            self.pressed.set()
+
+    def interrupted(self):
+        return self.pressed.is_set()
+
+
+def test_job_json_has_the_report_and_resume_continues_it(tmp_path):
+    data = make_dataset(tmp_path / "ds", n=2, repeats=2)
+    host = _StopAtFirstValidation(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"))
+    jm = JobManager(host, work_dir=tmp_path / "runs", poll_interval=0.01)
+    config = tiny_config(data, tmp_path / "unused", epochs=3)
+    job = jm.wait(jm.submit_train(config).id, 120)
+    assert job.state == "stopped", job.error
+    first = job.to_dict()["report"]
+    assert first and [e["epoch"] for e in first["epochs"]] == [1]
+    host.pressed.clear()
+    host.interrupted = lambda: False
+    resumed = jm.wait(jm.resume(job.id).id, 120)
+    assert resumed.state == "done", resumed.error
+    rep = resumed.to_dict()["report"]
+    assert [e["epoch"] for e in rep["epochs"]] == [1, 2, 3]
+    assert rep["epochs"][0] == first["epochs"][0]
+    assert rep["base_loss"] == pytest.approx(first["base_loss"])
+    if rep["best_epoch"] == 3:
+        assert rep["best_lora"] == resumed.lora_name
+    else:
+        assert rep["best_lora"].startswith("tiny-epoch")
+    assert Path(rep["best_path"]).is_file()
