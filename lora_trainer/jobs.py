@@ -549,12 +549,15 @@ class JobManager:
                 kind = publish.SaveKind("step", int(getattr(result, "steps", 0) or job.step))
             sample = (job.samples[-1] if job.samples else None) if is_main else (
                 publish.epoch_sample(job.samples, name, kind.number) if kind.kind == "epoch" else None)
-            done = publish.publish_file(src, dest_dir, publish.lora_stem(name, kind, **totals),
-                                        preview=_preview_png([sample] if sample else []))
+            best = bool(job.report) and str(src) == job.report.get("best_path") and not is_main
+            stem = publish.lora_stem(name, kind, **totals) + ("-best" if best else "")  # "did it learn?" pick
+            done = publish.publish_file(src, dest_dir, stem, preview=_preview_png([sample] if sample else []))
             if done.new:
                 what = publish.describe(kind, stopped=stopped and is_main, step=int(getattr(result, "steps", 0) or 0),
                                         total_steps=totals["total_steps"], epoch=job.epoch,
                                         total_epochs=totals["total_epochs"])
+                if best:
+                    what = f"{what} The best epoch by the run's \"did it learn?\" report: {job.report['message']}"
                 json_path = write_user_metadata(done.path, activation_text=meta["activation text"],
                                                 preferred_weight=meta["preferred weight"],
                                                 sd_version=meta["sd version"],

@@ -21,7 +21,7 @@ def test_report_card_says_verdict_best_epoch_and_thresholds():
     assert md.startswith("### Did it learn? Leaks")
     assert "Leaks: without the trigger the LoRA still changes the model 90% as much" in md
     assert "Best epoch: **2** (`demo-epoch2`)" in md
-    assert "with and without the trigger `demostar`" in md and "thresholds measured on the demo model" in md
+    assert "with and without the trigger `demostar`" in md and "(thresholds set by hand" in md
     assert logic.report_md(None) == ""
     none = {**_report(), "trigger": "", "epochs": [{**e, "leak": None} for e in _report()["epochs"]]}
     assert "leakage is not measured" in logic.report_md(none)
@@ -33,7 +33,7 @@ def test_report_figure_plots_losses_leakage_and_best_epoch():
     ax = fig.axes[0]
     labels = [line.get_label() for line in ax.get_lines()]
     assert {"training loss (average)", "validation loss (trigger)", "base model", "best: epoch 2"} <= set(labels)
-    assert [line.get_label() for line in fig.axes[1].get_lines()][0] == "leakage (right)"
+    assert fig.axes[1].get_lines()[0].get_label() == "leakage (right)"
     best = next(line for line in ax.get_lines() if line.get_label() == "best: epoch 2")
     assert list(best.get_xdata()) == [20]
     empty = logic.report_figure(None, [])

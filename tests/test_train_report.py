@@ -1,6 +1,8 @@
 """"Did it learn?" (train/report.py): scored every epoch by the engine, on the result, in events, in
-the job JSON, kept across stop/resume; the best epoch's file is kept. Tiny random model on the CPU:
-these check the mechanics; what the numbers mean is measured on the demo model (test_demo_learning.py)."""
+the job JSON (real FastAPI routes), printed by the CLI, kept across stop/resume; the best epoch's file is
+kept. Tiny random model on the CPU: these check the mechanics, not what the numbers mean."""
+
+# ruff: noqa: F811  (pytest fixtures imported from train_support are used as arguments)
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-from train_support import make_dataset, tiny_config
+from train_support import make_dataset, tiny_config, tiny_sd1_ckpt  # noqa: F401 (a fixture)
 
 from lora_trainer.host import StandaloneHost
 from lora_trainer.jobs import JobManager
@@ -170,3 +172,91 @@ def test_job_json_has_the_report_and_resume_continues_it(tmp_path):
     else:
         assert rep["best_lora"].startswith("tiny-epoch")
     assert Path(rep["best_path"]).is_file()
+
+
+def test_report_text_block_ends_with_the_verdict():
+    r = _report((0.001, 0.1), (0.004, 0.2)).to_dict()
+    text = report_mod.report_text(r)
+    lines = text.splitlines()
+    assert lines[0] == "Did it learn? not learned yet"
+    assert lines[-1] == r["message"] and "train longer or raise the learning rate" in lines[-1]
+    assert any(ln.startswith("  epoch 2: validation loss") and ln.endswith("<- best") for ln in lines)
+    assert any("thresholds: learned = at least 2% below the base model" in ln and report_mod.THRESHOLDS_SOURCE in ln
+               for ln in lines)
+    many = _report(*[(0.05, 0.1)] * 9 + [(0.01, 0.1)]).to_dict()  # best epoch 1 of 10: listed, the oldest others not
+    many["best_epoch"] = 1
+    shown = report_mod.report_text(many)
+    assert "  epoch 1: validation loss" in shown and "epoch 2:" not in shown and "epoch 10:" in shown
+    assert "earlier epochs not listed" in shown and len(shown.splitlines()) <= 12
+
+
+def test_cli_prints_each_epoch_and_the_report(tmp_path, tiny_sd1_ckpt, capsys):
+    from lora_trainer.cli import main
+
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1)
+    argv = ["train", "--model", str(tiny_sd1_ckpt), "--data", str(data), "--name", "cli", "--out",
+            str(tmp_path / "o"), "--resolution", "64", "--min-bucket-reso", "32", "--max-bucket-reso", "128",
+            "--bucket-reso-steps", "32", "--rank", "4", "--device", "cpu", "--epochs", "2", "--lr", "1e-3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum(ln.startswith("epoch ") and "validation loss" in ln and "leakage" in ln for ln in out) == 2
+    start = out.index(next(ln for ln in out if ln.startswith("Did it learn? ")))
+    block = out[start:]
+    assert block[-1].startswith("LoRA: ")
+    assert block[-2].startswith(("Learned:", "Not learned yet:", "Leaks:"))  # the one-sentence verdict
+    assert any(ln.startswith("  thresholds: ") for ln in block) and len(block) <= 12
+    # bad settings of the report: exit 2, one line
+    assert main([*argv, "--validation-split", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "validation_split must be at least 0 and below 1" in err and "\n" not in err
+
+
+def test_api_returns_the_report_and_names_the_best_file(tmp_path, monkeypatch):
+    """Through the real FastAPI routes: the job JSON carries the report; an earlier best epoch's file is
+    published as `<name>-epochNN-best` with a description that says so."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import json
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from lora_trainer.api import create_app
+
+    judge = LearnReport.judge
+
+    def first_is_best(self):
+        judge(self)
+        self.best_epoch = 1
+
+    monkeypatch.setattr(LearnReport, "judge", first_is_best)  # which epoch wins is not what this checks
+    root = tmp_path / "allowed"
+    data = make_dataset(root / "ds", n=2, repeats=1)
+    host = StandaloneHost(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"), allowed_roots=[root])
+    jobs = JobManager(host, work_dir=tmp_path / "runs", poll_interval=0.01)
+    client = TestClient(create_app(host, jobs))
+    try:
+        body = {"data": str(data), "name": "api", "epochs": 3, "resolution": 64, "min_bucket_reso": 32,
+                "max_bucket_reso": 128, "bucket_reso_steps": 32, "rank": 4, "lr": 1e-3, "seed": 7}
+        r = client.post("/lora-trainer/v1/train", json=body)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 180
+        while (job := client.get(f"/lora-trainer/v1/jobs/{r.json()['job_id']}").json())["state"] not in (
+                "done", "failed", "stopped"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert job["state"] == "done", job["error"]
+        rep = job["report"]
+        assert [e["epoch"] for e in rep["epochs"]] == [1, 2, 3] and rep["best_epoch"] == 1
+        assert rep["verdict"] in ("learned", "not_learned", "leaks") and rep["message"]
+        assert rep["thresholds"] == {"learned_min_improvement": report_mod.LEARNED_MIN_IMPROVEMENT,
+                                     "leak_max": report_mod.LEAK_MAX, "source": report_mod.THRESHOLDS_SOURCE}
+        assert rep["best_lora"] == "api-epoch01-best"
+        best = (tmp_path / "Lora" / "api-epoch01-best.safetensors").resolve()
+        assert str(best) in job["outputs"] and (tmp_path / "Lora" / "api.safetensors").is_file()
+        meta = json.loads(best.with_suffix(".json").read_text(encoding="utf-8"))
+        assert 'The best epoch by the run\'s "did it learn?" report' in meta["description"]
+        short = client.get(f"/lora-trainer/v1/jobs/{job['id']}?history=false").json()
+        assert short["report"] == rep
+    finally:
+        jobs.shutdown()

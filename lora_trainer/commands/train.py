@@ -97,6 +97,10 @@ OPTIONS: list[Option] = [
            "(with --sample-prompt; 0 = off)"),
     Option("resume", "resume", str, "the NAME-state folder of a stopped run: continue it (its saved settings are "
            "used unless --config is given)", "STATE"),
+    Option("validate-every-n-epochs", "validate_every_n_epochs", int, 'the "did it learn?" report: score the LoRA '
+           "every N epochs (0 = no report)"),
+    Option("validation-split", "validation_split", float, 'share of the images held out for the "did it learn?" '
+           "report (0 = the training images with fixed noise)", "SHARE"),
     # Flux (kohya's names)
     Option("clip-l", "clip_l", str, "CLIP-L file (clip_l.safetensors)", "FILE", section=FLUX),
     Option("t5", "t5", str, "T5-XXL file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)", "FILE", section=FLUX),
@@ -225,6 +229,10 @@ def _print_event(event) -> None:
         if event.vram_bytes:
             parts.append(f"GPU memory {event.vram_bytes / 2**30:.1f} GiB")  # peak reserved by this process
         print("  ".join(parts), flush=True)
+    elif event.kind == "validation" and event.report and event.report.get("epochs"):
+        from ..train.report import epoch_line
+
+        print(epoch_line(event.report), flush=True)
     elif event.kind in ("cache", "save", "sample", "stopped", "done") or (
             event.kind == "phase" and event.phase_done == 0):  # a phase's start: its steps would be too many lines
         print(event.message, flush=True)
@@ -241,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
     from ..paths import check_new_file
     from ..signals import GracefulStop, safe_streams
     from ..train import plan_training, run_training
+    from ..train.report import report_text
 
     config = config_from_args(args)
     if args.save_config:
@@ -252,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     with safe_streams(), GracefulStop(lambda signum: stop.set(), message=_stopping_message) as stopper:
         result = run_training(config, on_event=_print_event, stop=stop)
+        if result.report:
+            print(report_text(result.report), flush=True)
         if result.stopped:
             print(f"Stopped at step {result.steps}: LoRA {result.lora_path}; continue with "
                   f"--resume {result.state_dir}", flush=True)

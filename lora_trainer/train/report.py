@@ -32,9 +32,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Thresholds, in one place; the report states them and THRESHOLDS_SOURCE says where they come from.
+# The verdict's thresholds, in this one place; every report states them with THRESHOLDS_SOURCE.
 LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base model's: the concept shows
 LEAK_MAX = 0.5  # without the trigger the LoRA moves the model at most half as much as with it
+THRESHOLDS_SOURCE = ("set by hand from runs on the tiny test models; not yet measured on the demo model")
 PAIRS = 16  # (image, timestep) pairs scored per epoch: 2 forward passes each (with/without trigger)
 MAX_IMAGES = 8
 
@@ -62,8 +63,8 @@ class LearnReport:
     best_path: str | None = None  # the kept file of the best epoch (the final LoRA when it is the last)
     verdict: str = "pending"  # "learned" | "not_learned" | "leaks" | "pending"
     message: str = ""
-    thresholds: dict[str, float] = field(default_factory=lambda: {
-        "learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": LEAK_MAX})
+    thresholds: dict[str, Any] = field(default_factory=lambda: {
+        "learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": LEAK_MAX, "source": THRESHOLDS_SOURCE})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +106,48 @@ class LearnReport:
             self.verdict = "learned"
             self.message = (f"Learned: the validation loss with the trigger is {last.improvement:.1%} below the base "
                             f"model's{leak}{pick}.")
+
+
+# ---------------------------------------------------------------------------------- as text (CLI)
+_TITLES = {"learned": "learned", "not_learned": "not learned yet", "leaks": "leaks", "pending": "not scored yet"}
+MAX_LINES = 6  # epochs listed in the text block (the best and the last ones)
+
+
+def epoch_line(report: dict[str, Any], epoch: dict[str, Any] | None = None) -> str:
+    """One epoch's scores in words: `epoch 2: validation loss 0.1200 (2.7% below the base model's), leakage 20%`."""
+    e = epoch or report["epochs"][-1]
+    leak = "" if e.get("leak") is None else f", leakage {e['leak']:.0%}"
+    return (f"epoch {e['epoch']}: validation loss {e['val_loss']:.5f} ({e['improvement']:.1%} below the base "
+            f"model's){leak}")
+
+
+def report_text(report: dict[str, Any] | None) -> str:
+    """The report as a short text block for the CLI; its last line is the one-sentence verdict."""
+    if not report:
+        return ""
+    epochs = report.get("epochs") or []
+    best = report.get("best_epoch")
+    shown = epochs[-MAX_LINES:]
+    if best is not None and all(e["epoch"] != best for e in shown):
+        shown = [e for e in epochs if e["epoch"] == best] + shown[1:]
+    trigger = report.get("trigger") or ""
+    th = report.get("thresholds") or {}
+    lines = [f"Did it learn? {_TITLES.get(report.get('verdict', ''), report.get('verdict', ''))}",
+             f"  scored: {report.get('pairs', 0)} fixed noise/timestep pairs on {report.get('images', 0)} images "
+             f"({report.get('method', '')}); " + (f"with and without the trigger '{trigger}'" if trigger else
+                                                   "no trigger in the captions, so leakage is not measured"),
+             f"  base model: validation loss {report.get('base_loss', math.nan):.5f}"]
+    lines += ["  " + epoch_line(report, e) + ("  <- best" if e["epoch"] == best else "") for e in shown]
+    if len(shown) < len(epochs):
+        lines.insert(3, f"  ({len(epochs) - len(shown)} earlier epochs not listed)")
+    if best is not None and (report.get("best_lora") or report.get("best_path")):
+        lines.append(f"  best epoch {best}: {report.get('best_lora') or report.get('best_path')}")
+    if th:
+        lines.append(f"  thresholds: learned = at least {th.get('learned_min_improvement', 0):.0%} below the base "
+                     f"model; leaks = more than {th.get('leak_max', 0):.0%} of the effect without the trigger"
+                     + (f" ({th['source']})" if th.get("source") else ""))
+    lines.append(report.get("message", ""))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------- triggers in captions

@@ -114,8 +114,8 @@ class Follower:
             if name not in self.sent or self.sent[name] != key:
                 self.sent[name] = key
                 changed[name] = key
-        if "loss_plot" in changed:
-            changed["loss_plot"] = logic.loss_figure(history)
+        if "loss_plot" in changed:  # with the "did it learn?" scores once an epoch is scored
+            changed["loss_plot"] = logic.loss_figure(history, (snap or {}).get("report"))
         if "samples" in changed:
             changed["samples"] = logic.sample_items(shown)
         if "runs" in changed:
@@ -127,11 +127,15 @@ class Follower:
         PLOT_EVERY seconds (drawing it is the poll's costliest part; the numbers above update each second)."""
         if not snap:
             return ("", 0, None)
+        report = snap.get("report") or {}
+        scored = (len(report.get("epochs") or []), report.get("verdict"), report.get("best_epoch"))
         old = self.sent.get("loss_plot")
         running = snap["state"] not in FINAL_STATES
-        if running and old and old[0] == snap["id"] and old[3] and time.time() - old[4] < PLOT_EVERY:
+        if (running and old and old[0] == snap["id"] and old[3] and old[5] == scored
+                and time.time() - old[4] < PLOT_EVERY):
             return old
-        return (snap["id"], len(history), history[-1] if history else None, running, time.time() if running else 0)
+        return (snap["id"], len(history), history[-1] if history else None, running, time.time() if running else 0,
+                scored)
 
     def forget(self) -> None:
         """Send everything again next time."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import re
 import shutil
 import threading
@@ -285,8 +286,11 @@ def progress_html(job: dict[str, Any] | None) -> str:
     )
 
 
-def loss_figure(history: list[list[Any]]):
-    """Loss per step and its running average, as a matplotlib Figure (no pyplot global state)."""
+def loss_figure(history: list[list[Any]], report: dict[str, Any] | None = None):
+    """Loss per step and its running average, as a matplotlib Figure (no pyplot global state); once
+    the "did it learn?" report has scored an epoch, `report_figure` (validation and leakage beside it)."""
+    if report and report.get("epochs"):
+        return report_figure(report, history)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -337,18 +341,21 @@ def result_md(job: dict[str, Any] | None) -> str:
     state = job["state"]
     if state == "failed":
         return f"### Training failed\n{form_message(job.get('error') or '')}"
+    card = report_md(job.get("report"))  # "did it learn?", from the first scored epoch on
     if state not in ("done", "stopped") or not job.get("lora_name"):
         if state == "stopped":
             resume = ("\n\nIts training state was saved: choose it under **Stopped runs** and press **Resume** to "
                       "continue." if job.get("state_dir") else "")
-            return f"### Stopped\nNo LoRA was saved before the stop.{resume}"
-        return ""
+            return f"### Stopped\nNo LoRA was saved before the stop.{resume}" + (f"\n\n{card}" if card else "")
+        return card
     title = "LoRA ready" if state == "done" else "Stopped — the LoRA so far is saved"
     lines = [f"### {title}: `{job['lora_name']}`", f"Prompt: `{job.get('prompt_text', '')}`", "", "Files:"]
     lines += [f"- `{p}`" for p in job.get("outputs", [])]
     if state == "stopped" and job.get("state_dir"):
         lines.append("\nPress **Resume** to continue this run where it stopped (it is listed under **Stopped runs**).")
     lines += [f"\nNote: {n}" for n in job.get("notes") or []]
+    if card:
+        lines += ["", card]
     return "\n".join(lines)
 
 
@@ -358,7 +365,7 @@ _VERDICT_TITLES = {"learned": "Learned", "not_learned": "Not learned yet", "leak
 
 def report_md(report: dict[str, Any] | None) -> str:
     """The "did it learn?" card: the one-sentence verdict, the best epoch's file, what was measured
-    and the thresholds (measured on the demo model). Empty without a report."""
+    and the thresholds with where they come from. Empty without a report."""
     if not report:
         return ""
     title = _VERDICT_TITLES.get(report.get("verdict", ""), "Did it learn?")
@@ -375,12 +382,12 @@ def report_md(report: dict[str, Any] | None) -> str:
     th = report.get("thresholds") or {}
     trigger = report.get("trigger") or ""
     how = (f"Scored on {report.get('pairs', 0)} fixed noise/timestep pairs of {report.get('images', 0)} "
-           f"{report.get('method', '')} images" + (f", with and without the trigger `{trigger}`" if trigger
+           f"images ({report.get('method', '')})" + (f", with and without the trigger `{trigger}`" if trigger
                                                   else "; no trigger word in the captions, so leakage is not measured"))
     if th:
+        source = f" (thresholds {th['source']})" if th.get("source") else ""
         how += (f". Learned means at least {th.get('learned_min_improvement', 0):.0%} below the base model; "
-                f"leaking means more than {th.get('leak_max', 0):.0%} of the effect without the trigger "
-                "(thresholds measured on the demo model).")
+                f"leaking means more than {th.get('leak_max', 0):.0%} of the effect without the trigger{source}.")
     lines.append(f"\n<small>{how}</small>")
     return "\n".join(lines)
 
@@ -406,7 +413,7 @@ def report_figure(report: dict[str, Any] | None, history: list[list[Any]] | None
         ax.plot(steps, [e["val_loss"] for e in epochs], "o-", color="#1d4ed8", linewidth=2,
                 label="validation loss (trigger)")
         base = report.get("base_loss")
-        if base is not None and base == base:  # not NaN
+        if base is not None and not math.isnan(base):
             ax.axhline(base, color="#1d4ed8", linestyle="--", linewidth=1, alpha=0.6, label="base model")
         best = report.get("best_epoch")
         for e in epochs:
