@@ -90,6 +90,24 @@ def test_scored_captions_share_the_text_cache_call(tmp_path):
     assert calls == [6] and len(result.report["epochs"]) == 2  # 3 captions + the same 3 without "shape"
 
 
+def test_scoring_runs_in_chunks_of_the_training_batch(tmp_path):
+    """The scored pairs go through the model no more at once than a training batch (which fits the GPU)."""
+    data = make_dataset(tmp_path / "ds", n=4, repeats=1)
+    bundle = build_tiny_bundle("sd1")
+    sizes = []
+
+    def seen(module, args, kwargs):
+        sizes.append((args[0] if args else kwargs["sample"]).shape[0])
+
+    handle = bundle.unet.register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        result = run_training(tiny_config(data, tmp_path / "out", batch_size=2), bundle=bundle)
+    finally:
+        handle.remove()
+    # training: 2 per step; scoring: the base model and epoch 1, each with and without the trigger
+    assert max(sizes) == 2 and sum(sizes) == 2 * result.steps + 2 * 2 * result.report["pairs"], sizes
+
+
 def test_scoring_leaves_training_unchanged(tmp_path):
     """Validation runs beside training: the losses and weights are those of a run without it."""
     data = make_dataset(tmp_path / "ds", n=2, repeats=1)

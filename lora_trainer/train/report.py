@@ -207,8 +207,10 @@ class Validator:
     """
 
     def __init__(self, pairs: list[_Pair], method: str, images: int, trigger: str, bundle, family,
-                 device: torch.device, dtype: torch.dtype, clip_skip: int, seed: int, emit: Callable[[dict], None]):
+                 device: torch.device, dtype: torch.dtype, clip_skip: int, seed: int, emit: Callable[[dict], None],
+                 batch: int = 8):
         self.pairs, self.bundle, self.family = pairs, bundle, family
+        self.batch = max(1, batch)  # pairs per forward pass: the training batch, which fits the GPU
         self.device, self.dtype, self.clip_skip, self.seed, self.emit = device, dtype, clip_skip, seed, emit
         self.report = LearnReport(method=method, images=images, pairs=len(pairs), trigger=trigger, base_loss=math.nan)
         self.fixed_text: dict[str, dict[str, torch.Tensor]] | None = None
@@ -243,7 +245,7 @@ class Validator:
             pairs.append(_Pair(cached.latent, caption, strip_trigger(caption, triggers), item))
         trigger = ", ".join(triggers) if any(p.plain is not None for p in pairs) else ""
         return cls(pairs, method, len(items), trigger, bundle, family, device, dtype, int(config.clip_skip),
-                   int(config.seed), emit)
+                   int(config.seed), emit, batch=int(config.batch_size))
 
     # ------------------------------------------------------------------ text
     def captions(self) -> list[str]:
@@ -290,8 +292,8 @@ class Validator:
                 groups.setdefault(tuple(p.latent.shape), []).append(k)
         model_dtype = next(self.bundle.unet.parameters()).dtype
         for keys in groups.values():
-            for start in range(0, len(keys), 8):
-                part = keys[start:start + 8]
+            for start in range(0, len(keys), self.batch):
+                part = keys[start:start + self.batch]
                 chunk = [self.pairs[k] for k in part]
                 batch = {"latents": torch.stack([p.latent for p in chunk]).to(self.device)}
                 for name in chunk[0].draws:
