@@ -83,6 +83,9 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+    from .quiet import quiet_known_warnings
+
+    quiet_known_warnings()  # library noise a user cannot act on, from the first import on
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import ConfigError, LoraTrainerError, TrainingError
 from ..models.bundle import ModelBundle
+from ..quiet import quiet_known_warnings
 from . import noise as noise_math
 from .buckets import BucketSelector
 from .cache import CachedLatent, cache_latents
@@ -42,7 +43,6 @@ from .family import StepInputs, TrainFamily, family_for, stack_conditioning
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .outputs import OutputClaim, claim_outputs
 from .placement import Placement, vae_dtype
-from .quiet import quiet_known_warnings
 from .report import Validator, split_held_out
 from .sampling import save_png
 from .state import Position, load_state, position_from, rng_state, save_state, set_rng_state
@@ -388,7 +388,7 @@ class _Run:
         for component in network.components():
             accel.prepare_model(network.roots[component], opts, device=device)
         self.models.ready()
-        log.info(accel.describe(opts, device))
+        logging.getLogger(accel.__name__).info(accel.describe(opts, device))  # internal: the CLI shows it with -v
         optimizer = build_optimizer(config.optimizer, groups, lr=config.learning_rate,
                                     weight_decay=config.weight_decay, args=config.optimizer_args,
                                     extra=accel.optimizer_kwargs(device) if opts.enabled else None)

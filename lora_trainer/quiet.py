@@ -15,7 +15,21 @@ class _EmptyFp32Warning(logging.Filter):
         return "should be kept in float32: []" not in record.getMessage()
 
 
-_FILTERS = {"diffusers.models.modeling_utils": _EmptyFp32Warning()}
+class _TorchvisionFallback(logging.Filter):
+    """transformers 5 warns "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+    `CLIPImageProcessorPil`" when diffusers' pipelines import their feature-extractor classes. We never
+    use those processors (no safety checker, no image encoder), so installing torchvision would change
+    nothing for the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("requires torchvision (not installed); falling back to" in text and "ImageProcessor" in text)
+
+
+_FILTERS: dict[str, logging.Filter] = {
+    "diffusers.models.modeling_utils": _EmptyFp32Warning(),
+    "transformers.utils.import_utils": _TorchvisionFallback(),
+}
 
 
 def quiet_known_warnings() -> None:

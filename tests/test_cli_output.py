@@ -1,0 +1,38 @@
+"""What a user reads from a real `python -m lora_trainer` process: no internal INFO lines, no
+third-party warnings they cannot act on, and nothing left untracked in a clone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # this checkout's lora_trainer
+
+
+def test_demo_prints_only_its_own_lines(tmp_path):
+    """The demo (tag, prepare, train, A/B image) writes nothing to stderr: the engine's "accel: ..."
+    detail is shown with -v only, and library notices such as transformers 5's "requires torchvision,
+    falling back" are filtered at their source."""
+    proc = subprocess.run([sys.executable, "-m", "lora_trainer", "demo", "--out", str(tmp_path / "demo"),
+                           "--epochs", "1", "--images", "4"], cwd=tmp_path, capture_output=True, text=True,
+                          env=ENV, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert "LoRA:" in proc.stdout
+    verbose = subprocess.run([sys.executable, "-m", "lora_trainer", "-v", "demo", "--out", str(tmp_path / "demo2"),
+                              "--epochs", "1", "--images", "4"], cwd=tmp_path, capture_output=True, text=True,
+                             env=ENV, timeout=600, check=False)
+    assert verbose.returncode == 0 and "accel: " in verbose.stderr  # still there for whoever asks
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_demo_folder_is_ignored_in_a_clone():
+    """`python -m lora_trainer demo` run from the clone's root writes ./lora-trainer-demo/: git ignores it."""
+    proc = subprocess.run(["git", "check-ignore", "-q", "lora-trainer-demo/ab.png"], cwd=ROOT, check=False)
+    assert proc.returncode == 0
