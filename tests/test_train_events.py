@@ -70,8 +70,8 @@ def test_diffusers_empty_fp32_list_warning_is_not_printed():
 
     import torch
 
-    from lora_trainer.models.tiny import build_tiny_bundle
     from lora_trainer import quiet
+    from lora_trainer.models.tiny import build_tiny_bundle
     from lora_trainer.quiet import quiet_known_warnings
 
     records = []
