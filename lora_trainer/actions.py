@@ -80,6 +80,10 @@ def train_config_from_request(jobs: JobManager, params: dict[str, Any], *,
         params["name"] = validate_lora_name(str(params["name"]))
     config = TrainConfig.from_dict(params, source="the request")
     config.validate(need_model=False)
+    if config.processes > 1:  # a WebUI/server job trains in its host's process, on one GPU
+        from .launch import one_process_here
+
+        raise ConfigError(one_process_here(config.processes))
     return config, sub
 
 

@@ -4,6 +4,7 @@ one process trains. The multi-process runs themselves are in test_train_ddp_proc
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -69,9 +70,103 @@ def test_resume_keeps_the_images_per_step(tmp_path):
 
 def test_a_webui_or_server_run_refuses_several_gpus(tmp_path):
     """Inside a WebUI (or `serve`/`ui`) a run is one process on one GPU: asking for more says how to
-    get them instead of silently using one."""
+    get them instead of silently using one. The engine refuses (a settings file loaded by any caller),
+    and a request does at once: the real API route answers 400 before a job is queued (the WebUI tab's
+    form goes through the same request check)."""
     from lora_trainer.train.distributed import SINGLE, check_processes
 
     with pytest.raises(ConfigError, match="--gpus 4"):
         check_processes(TrainConfig(processes=4), SINGLE, hosted=True)
     check_processes(TrainConfig(processes=1), SINGLE, hosted=True)
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from lora_trainer.api import create_app
+    from lora_trainer.host import StandaloneHost
+    from lora_trainer.jobs import JobManager
+
+    (tmp_path / "ds").mkdir()
+    host = StandaloneHost(tmp_path / "Lora", allowed_roots=[tmp_path])
+    jobs = JobManager(host, work_dir=tmp_path / "runs")
+    try:
+        client = TestClient(create_app(host, jobs))
+        r = client.post("/lora-trainer/v1/train", json={"data": str(tmp_path / "ds"), "name": "x", "processes": 2})
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"].startswith("Training here runs in one process on one GPU, and these settings "
+                                             "ask for 2 (processes); set processes to 1 to train here")
+        assert "python -m lora_trainer train --gpus 2" in r.json()["detail"]
+        assert jobs.jobs() == []
+    finally:
+        jobs.shutdown()
+
+
+# ---------------------------------------------------------------------- the launcher's side
+_FILES = itertools.count()
+
+
+def _failure(tmp_path, rank: int, exitcode: int, record: dict | None = None):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    path = tmp_path / f"error-{rank}-{next(_FILES)}.json"
+    if record is not None:
+        data = {"message": record["message"], "timestamp": 1, "lora_trainer": {**record, "time": rank}}
+        path.write_text(json.dumps(data), encoding="utf-8")
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(path))
+
+
+def _report(tmp_path, capsys, failures: dict) -> tuple[int, str]:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from lora_trainer.launch import _report_failure
+
+    code = _report_failure(ChildFailedError("lora_trainer", failures), len(failures))
+    return code, capsys.readouterr().err
+
+
+def test_launcher_names_the_first_failure_in_one_line(tmp_path, capsys):
+    """What torch elastic hands the launcher (its real ChildFailedError/ProcessFailure, reading the error
+    files the workers write) becomes one line: the failing process and its message; peers that failed
+    because of it, and processes the launcher stopped, are not reported."""
+    oom = "Training on cuda ran out of memory at step 3 (resolution 1024, batch 8); lower the batch size."
+    code, err = _report(tmp_path, capsys, {
+        0: _failure(tmp_path, 0, 3, {"kind": "peer", "message": "another process of the run failed"}),
+        1: _failure(tmp_path, 1, 2, {"kind": "error", "message": oom})})
+    assert code == 2 and err == f"error: process 1 of 2 failed: {oom}\n"
+    # the same error on every rank (bad settings): just the message
+    bad = "Settings file x.toml cannot be parsed; fix its syntax."
+    code, err = _report(tmp_path, capsys, {r: _failure(tmp_path, r, 2, {"kind": "error", "message": bad})
+                                           for r in (0, 1)})
+    assert code == 2 and err == f"error: {bad}\n"
+    # killed without a word (the kernel's OOM killer): the signal, and what usually sends it
+    code, err = _report(tmp_path, capsys, {
+        0: _failure(tmp_path, 0, 3, {"kind": "peer", "message": "another process of the run failed"}),
+        1: _failure(tmp_path, 1, -9)})
+    assert code == 2 and err.startswith("error: process 1 of 2 was killed by SIGKILL (often the system running out")
+    assert err.count("\n") == 1
+    # every process stopped by a signal sent to it (not to the launcher): a stop, not a failure
+    code, err = _report(tmp_path, capsys, {r: _failure(tmp_path, r, 143) for r in (0, 1)})
+    assert code == 143 and err == ""
+
+
+def test_gpus_and_processes_options(tmp_path, capsys):
+    from lora_trainer.cli import main
+
+    rc = main(["train", "--data", str(tmp_path), "--gpus", "2", "--device", "cpu"])
+    assert rc == 2 and "use --processes 2 --device cpu" in capsys.readouterr().err
+    rc = main(["train", "--data", str(tmp_path), "--gpus", "two"])
+    assert rc == 2 and "--gpus takes a number of GPUs or 'all'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        rc = main(["train", "--data", str(tmp_path), "--gpus", "all"])
+        assert rc == 2 and "found no GPU" in capsys.readouterr().err
+        rc = main(["train", "--data", str(tmp_path), "--gpus", "2"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--gpus 2 found no GPU" in err and "--processes 2 --device cpu" in err
+    from train_support import make_dataset
+
+    data = make_dataset(tmp_path / "d", n=3, repeats=2)
+    rc = main(["train", "--data", str(data), "--processes", "2", "--batch-size", "2", "--resolution", "64",
+               "--min-bucket-reso", "32", "--max-bucket-reso", "128", "--bucket-reso-steps", "32", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "6 samples / batch 4 = 2 batches per epoch" in out  # the plan counts both processes

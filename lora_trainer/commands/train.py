@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import launch
 from ..config import (
     MAX_BLOCKS_TO_SWAP,
     OPTIMIZERS,
@@ -183,6 +184,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt for sample images (repeatable; samples every epoch unless --sample-every-n-epochs)")
     p.add_argument("--save-config", metavar="FILE", help="also write the final settings to FILE (.toml/.json)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (images, buckets, steps) and exit")
+    launch.add_arguments(p)  # --gpus N, --processes N
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -213,7 +215,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         config.sample_prompts = list(args.sample_prompt)
         if not config.sample_every_n_epochs:
             config.sample_every_n_epochs = 1
-    return config
+    return launch.apply_arguments(args, config)
 
 
 def _print_event(event) -> None:
@@ -258,6 +260,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan_training(config).text())
         return 0
+    code = launch.handle(config, args)  # several GPUs: launch one process per GPU, or be one of them
+    if code is not None:
+        return code
     stop = threading.Event()
     with safe_streams(), GracefulStop(lambda signum: stop.set(), message=_stopping_message) as stopper:
         result = run_training(config, on_event=_print_event, stop=stop)

@@ -161,7 +161,7 @@ class DataParallel(Group):
 
     def describe(self) -> str:
         where = "GPUs" if self.device is not None and self.device.type == "cuda" else "CPU processes"
-        return f"{self.world} {where} ({self.backend})"
+        return f"{self.world} {where} ({'NCCL' if self.backend == 'nccl' else self.backend})"  # as `--gpus` says
 
     def close(self) -> None:
         import torch.distributed as dist
@@ -403,10 +403,9 @@ def check_processes(config: Any, dist: Group, *, hosted: bool) -> None:
             raise ConfigError(f"The settings ask for {config.processes} process(es) but the launcher started "
                               f"{dist.world}; start as many as the settings say (--gpus {config.processes}).")
     elif config.processes > 1:
-        n = config.processes
-        raise ConfigError(f"Training here runs in one process on one GPU, and these settings ask for {n} "
-                          "(processes); set processes to 1 to train here, or train on several GPUs from a "
-                          f"terminal: python -m lora_trainer train --gpus {n} --config <settings file>.")
+        from ..launch import one_process_here
+
+        raise ConfigError(one_process_here(config.processes))
 
 
 def match_resume(config: Any) -> Any:
