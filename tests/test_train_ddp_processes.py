@@ -140,12 +140,16 @@ def _assert_same_lora(a: Path, b: Path) -> None:
 def test_torchrun_two_processes_train_the_single_process_lora(tmp_path, tiny_sd1_ckpt, two_buckets):
     """Plain torchrun, 2 gloo ranks x batch 1 = one process x batch 2: the same losses and the same LoRA
     within fp32 rounding. With the text encoder trained too (both LoRAs in DDP), captions shuffled (text
-    encoded every step on every rank), gradient accumulation 2 (no_sync), flips and a padded tail batch."""
+    encoded every step on every rank), gradient accumulation 2 (no_sync), flips, a padded tail batch and
+    the fused LoRA forward (accel auto; CUDA graphs need a GPU)."""
     config = _config(tiny_sd1_ckpt, two_buckets, tmp_path / "two", train_text_encoder=True, shuffle_caption=True,
                      text_encoder_lr=0.05)
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 "-m", "lora_trainer", "train", "--config", _settings(config, tmp_path / "two.json")])
+                 "-m", "lora_trainer", "-v", "train", "--config", _settings(config, tmp_path / "two.json")])
     assert proc.returncode == 0, proc.stdout
+    # the fast path stays on under DDP: both ranks train through the fused LoRA forward (UNet and text encoder)
+    fused = [int(n) for n in re.findall(r"accel.prepare_model: \{'fused_lora': (\d+)", proc.stdout)]
+    assert len(fused) == 4 and min(fused) > 0, proc.stdout
     assert proc.stdout.count("step 6/6") == 1  # progress from rank 0 only
     assert proc.stdout.count("Data parallel on 2 CPU processes (gloo): batch 1 per process, 2 images per step") == 1
     single = _single(dataclasses.replace(config, output_dir=str(tmp_path / "one"), batch_size=2))
@@ -221,5 +225,8 @@ def test_one_failing_process_ends_the_run_with_one_message(tmp_path, tiny_sd1_ck
     assert errors == [errors[0]] and errors[0].startswith(
         "error: process 1 of 2 failed: Training on cpu ran out of memory at step 1"), run.stdout
     assert "Traceback" not in run.stdout
-    names = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    from lora_trainer.train.outputs import CLAIMS_DIR  # the run's name claims (locks), kept by design
+
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.rglob("*") if p.is_file() and CLAIMS_DIR not in p.relative_to(out).parts)
     assert names == ["config.json", "ddp-step00000001.safetensors", "state.safetensors"], names
