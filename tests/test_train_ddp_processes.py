@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flux_support import requires_flux_diffusers
 from train_support import lora_tensors, make_dataset, tiny_sd1_ckpt  # noqa: F401
 
 from lora_trainer.config import TrainConfig
@@ -230,3 +231,21 @@ def test_one_failing_process_ends_the_run_with_one_message(tmp_path, tiny_sd1_ck
     out = tmp_path / "out"
     names = sorted(p.name for p in out.rglob("*") if p.is_file() and CLAIMS_DIR not in p.relative_to(out).parts)
     assert names == ["config.json", "ddp-step00000001.safetensors", "state.safetensors"], names
+
+
+@requires_flux_diffusers
+def test_flux_with_block_swap_on_two_processes(tmp_path, two_buckets):
+    """Flux.1 under DDP with block swap (frozen block weights streamed through slots, LoRA weights on the
+    device): 2 processes x batch 1 train the LoRA of one process x batch 2."""
+    from lora_trainer.models.flux.tiny import write_tiny_flux_checkpoint
+
+    ckpt = write_tiny_flux_checkpoint(tmp_path / "flux", "dev", seed=0)  # with clip_l, t5xxl and ae beside it
+    config = _config(ckpt, two_buckets, tmp_path / "two", resolution=64, min_bucket_reso=32, max_bucket_reso=128,
+                     t5_max_token_length=32, epochs=0, max_steps=3, flip_aug=False,
+                     gradient_accumulation_steps=1, blocks_to_swap=2)
+    run = _train("--config", _settings(config, tmp_path / "s.json"), "--processes", "2")
+    assert run.returncode == 0, run.stdout
+    assert "block swap" in run.stdout
+    single = _single(dataclasses.replace(config, output_dir=str(tmp_path / "one"), batch_size=2))
+    _assert_same_lora(tmp_path / "two" / "ddp.safetensors", single.lora_path)
+    assert _losses(run.stdout) == pytest.approx(single.losses, rel=1e-4, abs=1e-4)
