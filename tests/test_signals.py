@@ -42,7 +42,7 @@ def _stopped_step(proc: Proc) -> int:
 def test_sigterm_then_resume_then_sighup_with_the_terminal_gone(tmp_path, ckpt):
     """SIGTERM (kill, systemd, Docker) saves the LoRA and the state and exits 143; `--resume` goes on
     from the next step; a closing terminal there (stdout gone, then SIGHUP) saves again and exits 129.
-    (SIGINT, Ctrl+C, is covered on `serve` below and by the in-process test.)"""
+    (SIGINT, Ctrl+C: the next test and `serve` below.)"""
     data, out = make_dataset(tmp_path / "data"), tmp_path / "out"
     first = Proc(_train_args(ckpt, data, out))
     try:
@@ -73,6 +73,29 @@ def test_sigterm_then_resume_then_sighup_with_the_terminal_gone(tmp_path, ckpt):
     m = int(saves[-1].stem.split("step")[1])
     assert len(saves) == 2 and m > steps[1]  # the second stop saved later than step n + 2
     assert json.loads((state / "config.json").read_text())["max_steps"] == 5000
+
+
+def test_ctrl_c_on_train_saves_and_the_resume_goes_on(tmp_path, ckpt):
+    """SIGINT (Ctrl+C in the terminal) on a real `train`: saved, exit 130; the resume starts at the next step."""
+    data, out = make_dataset(tmp_path / "data"), tmp_path / "out"
+    first = Proc(_train_args(ckpt, data, out, name="int"))
+    try:
+        first.wait_for_line(r"^step 2/5000")
+        first.signal(signal.SIGINT)
+        assert first.wait() == 130, first.stderr
+    finally:
+        first.kill()
+    assert "Traceback" not in first.stderr and "SIGINT received" in first.stderr
+    n = _stopped_step(first)
+    assert (out / f"int-step{n:08d}.safetensors").is_file() and (out / "int-state" / "state.safetensors").is_file()
+    second = Proc(["train", "--resume", str(out / "int-state")])
+    try:
+        second.wait_for_line(rf"^step {n + 1}/5000")
+        second.signal(signal.SIGTERM)
+        assert second.wait() == 143, second.stderr
+    finally:
+        second.kill()
+    assert step_lines(second.lines)[0] == n + 1 and "Traceback" not in second.stderr
 
 
 def test_second_signal_aborts_and_exit_codes():
