@@ -79,7 +79,9 @@ _QUIET_LOGGERS = ("lora_trainer.accel",)
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _UserFormatter())
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    # our notes at INFO; other libraries only from WARNING (httpx's "HTTP Request: ..." lines are not for users)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
+    logging.getLogger("lora_trainer").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         for name in _QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from process_support import Proc
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # this checkout's lora_trainer
@@ -39,3 +42,22 @@ def test_demo_folder_is_ignored_in_a_clone():
     """`python -m lora_trainer demo` run from the clone's root writes ./lora-trainer-demo/: git ignores it."""
     proc = subprocess.run(["git", "check-ignore", "-q", "lora-trainer-demo/ab.png"], cwd=ROOT, check=False)
     assert proc.returncode == 0
+
+
+def test_ui_shows_no_library_request_lines_and_stops_on_sigterm(tmp_path):
+    """The standalone tab: Gradio 4's own HTTP checks (httpx "HTTP Request: ..." INFO lines) stay out of
+    the user's terminal; SIGTERM on an idle tab exits 0 without a traceback."""
+    pytest.importorskip("gradio", reason="Gradio is not installed in this stack")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = Proc(["ui", "--tiny", "sd1", "--lora-dir", str(tmp_path / "Lora"), "--work-dir", str(tmp_path / "runs"),
+                 "--port", str(port)], cwd=ROOT)
+    try:
+        proc.wait_for_line(r"Running on local URL")  # Gradio has started and checked its own server
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0, proc.stderr
+    finally:
+        proc.kill()
+    assert "HTTP Request" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "SIGTERM received" in proc.stderr
