@@ -174,6 +174,9 @@ def test_tab_builds_with_stable_elem_ids_and_every_setting_explained(tmp_path):
     # the way through: every step is open, one trigger word field, the caption editor beside the gallery
     for section in ("images", "caption", "prepare", "train"):
         assert ids[f"lora_trainer_{section}_section"].open is True
+    # every box has its own name: one picture folder, one training-data folder (no two "Dataset folder"s)
+    names = [b.label for b in settings]
+    assert len(names) == len(set(names)) and not [n for n in names if "dataset folder" in n.lower()], names
     assert "model" in ids["lora_trainer_model_info"].value.lower() and "tiny-sd1" in ids["lora_trainer_model_info"].value
     assert "CPU" in ids["lora_trainer_model_info"].value
 
@@ -249,8 +252,13 @@ def test_full_flow_load_tag_edit_prepare_train(tmp_path, photos):
     s["lora_trainer_repeats"] = 1
     s.fire("lora_trainer_repeats", "change")
     assert "3 images x 1 repeats" in s["lora_trainer_steps_info"]
+    s.fire("lora_trainer_plan")  # too early: nothing prepared yet
+    assert "**Training data** is empty" in s["lora_trainer_plan_info"]
+    s.fire("lora_trainer_train")
+    assert "**Training data** is empty" in s["lora_trainer_train_status"]
     s.fire("lora_trainer_prepare")
     assert "Prepared" in s["lora_trainer_prepare_status"], s["lora_trainer_prepare_status"]
+    assert s["lora_trainer_plan_info"] == s["lora_trainer_train_status"] == ""  # the old errors are gone
     assert (Path(s["lora_trainer_data"]) / "img" / "1_ohwx").is_dir()
 
     s["lora_trainer_name"], s["lora_trainer_epochs"] = "flow", 1
@@ -382,6 +390,7 @@ def test_bad_settings_name_the_forms_fields(tmp_path, photos):
     s["lora_trainer_resolution"], s["lora_trainer_data"] = 64, str(photos)
     s.fire("lora_trainer_train")
     assert s["lora_trainer_train_status"].startswith("Started")  # the earlier error line is gone
+    assert s["lora_trainer_plan_info"] == ""  # and so is the plan's ("Training data is empty")
     job = s.tab.lora_trainer_jobs.wait(s.tab.lora_trainer_jobs.latest("train").id, 60)
     assert job.state == "failed"
     s.fire("lora_trainer_refresh")
@@ -513,6 +522,11 @@ def test_every_stopped_run_stays_listed_and_resumable(tmp_path):
         stopped.append(job)
     assert [j.state for j in stopped] == ["stopped", "stopped"]
     assert [j.lora_name for j in stopped] == [f"older-step{stopped[0].step:02d}", f"newer-step{stopped[1].step:02d}"]
+    # the server restarts: a page opened then shows the last run and both stopped runs at once
+    restarted = Session(build_tab(host, jobs=JobManager(host, work_dir=tmp_path / "runs")))
+    restarted.open()
+    assert "Stopped" in restarted["lora_trainer_progress"] and restarted["lora_trainer_name"] == "newer"
+    assert [c.split(" — ")[0] for c in restarted.prop("lora_trainer_runs", "choices")] == ["newer", "older"]
     s.fire("lora_trainer_refresh")
     choices = s.prop("lora_trainer_runs", "choices")
     assert [c.split(" — ")[0] for c in choices] == ["newer", "older"]

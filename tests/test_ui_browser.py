@@ -91,6 +91,11 @@ def _walk(page, browser, base, photos, tagger, lora_dir, work, shot):
     page.wait(f"{ROOT_JS}.querySelectorAll('#lora_trainer_gallery img').length >= 6", what="6 thumbnails")
     page.wait_text("#lora_trainer_gallery", "shape0.png")
     page.wait_text("#lora_trainer_tag_preview", "None of the 6 images has a caption yet")
+    # the caption editor sits beside the gallery it edits (not far below it)
+    gallery, box = (page.eval(f"(() => {{ const r = {page.q(sel)}.getBoundingClientRect();"
+                              " return [r.left, r.top, r.right, r.bottom]; })()")
+                    for sel in ("#lora_trainer_gallery", "#lora_trainer_caption textarea"))
+    assert box[0] >= gallery[2] - 1 and gallery[1] <= box[1] < gallery[3], (gallery, box)
 
     log('2. tagging')
     # 2. tagging: the trigger word is typed once and becomes the concept
@@ -145,12 +150,19 @@ def _walk(page, browser, base, photos, tagger, lora_dir, work, shot):
     assert "my own words" in again["shape1"]
 
     log('3. prepare')
+    # Check plan and Train pressed too early: each says what is missing, in the form's words
+    page.click("#lora_trainer_plan")
+    page.wait_text("#lora_trainer_plan_info", "Training data is empty; prepare the dataset in step 3")
+    page.click("#lora_trainer_train")
+    page.wait_text("#lora_trainer_train_status", "Training data is empty")
     # 3. prepare: long enough a run to act on it while it trains
     page.fill("lora_trainer_repeats", 25)
     page.fill("lora_trainer_resolution", 64)  # no bucket setting needed below 256 px
     page.click("#lora_trainer_prepare")
     page.wait_text("#lora_trainer_prepare_status", "Prepared")
     assert page.value("lora_trainer_data").endswith("shape")
+    page.wait(f"!{page.q('#lora_trainer_plan_info')}.innerText.trim() && "
+              f"!{page.q('#lora_trainer_train_status')}.innerText.trim()", what="the old error lines gone")
 
     log('4. plan')
     # 4. plan and train
@@ -255,3 +267,66 @@ def _walk(page, browser, base, photos, tagger, lora_dir, work, shot):
         page.screenshot(SHOTS / f"tab-gradio{GRADIO}-after-run.png")
     errors = [c for c in page.console if "fonts.googleapis" not in c and "preload" not in c]
     assert not errors, errors
+
+
+def test_the_tab_inside_a_webui_like_page_follows_the_run(tmp_path):
+    """As A1111 and Forge show it: the tab's Blocks rendered into the WebUI's own Blocks, in a tab of its
+    Tabs. The page-load events and (Gradio 4) the timer must work from there too, also after a reload
+    and with the tab opened only later."""
+    import socket
+
+    from train_support import make_dataset
+
+    from lora_trainer.host import StandaloneHost
+    from lora_trainer.jobs import JobManager
+    from lora_trainer.models.tiny import build_tiny_bundle
+    from lora_trainer.ui import build_tab, compat
+
+    class WebUIHost(StandaloneHost):
+        name = "webui-like"  # not standalone: "Send to txt2img", no checkpoint box
+
+    data = make_dataset(tmp_path / "ds", n=4, repeats=100)
+    host = WebUIHost(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"))
+    jobs = JobManager(host, work_dir=tmp_path / "runs")
+    tab = build_tab(host, jobs=jobs)
+    with gr.Blocks(analytics_enabled=False) as demo, gr.Tabs(elem_id="tabs"):
+        with gr.TabItem("txt2img", id="txt2img", elem_id="tab_txt2img"):
+            gr.Textbox(label="Prompt", elem_id="txt2img_prompt")
+        with gr.TabItem("Train LoRA", id="lora_trainer", elem_id="tab_lora_trainer"):
+            tab.render()
+    demo.queue(**compat.queue_kwargs(64))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_api=False)
+    try:
+        with chromium() as browser:
+            page = browser.new_page(f"http://127.0.0.1:{port}/")
+            page.wait(f"!!{ROOT_JS}.querySelector('#tabs')", what="the WebUI-like page")
+            assert not page.visible("#lora_trainer_run_state")  # another tab is open first
+            page.click_text("#tabs button", "Train LoRA")
+            page.wait_text("#lora_trainer_run_state", "Nothing is training")
+            assert page.text("#lora_trainer_send_to_txt2img").strip() == "Send to txt2img"
+            page.fill("lora_trainer_data", data)
+            page.fill("lora_trainer_resolution", 64)
+            page.fill("lora_trainer_name", "nested")
+            page.click("#lora_trainer_train")
+            page.wait(f"/step [1-9]\\d*\\/\\d+/.test({ROOT_JS}.querySelector('#lora_trainer_progress').innerText)",
+                      what="training steps shown without a click")
+            page.click_text("#tabs button", "txt2img")
+            page.click_text("#tabs button", "Train LoRA")
+            seen = _step(page)
+            page.wait(f"(() => {{ const m = /step (\\d+)\\//.exec({ROOT_JS}.querySelector('#lora_trainer_progress')"
+                      f".innerText); return m && +m[1] > {seen}; }})()", what="still updating after switching tabs")
+            page.reload()
+            page.click_text("#tabs button", "Train LoRA")
+            page.wait_text("#lora_trainer_progress", "Running")
+            assert page.value("lora_trainer_name") == "nested"  # the form shows what trains
+            page.click("#lora_trainer_stop")
+            page.wait_text("#lora_trainer_train_status", "Stopping nested")
+            page.wait_text("#lora_trainer_result", "Stopped", timeout=120)
+            errors = [c for c in page.console if "fonts.googleapis" not in c and "preload" not in c]
+            assert not errors, errors
+    finally:
+        demo.close()
+        jobs.shutdown()

@@ -29,6 +29,28 @@ def test_host_notes_are_shown_in_progress_and_result():
     assert "Note:" not in logic.progress_html({**job, "notes": []})
 
 
+def test_progress_shows_the_phase_between_steps_and_the_eta_counting_it():
+    from lora_trainer.ui import logic
+
+    job = {"state": "running", "step": 150, "total_steps": 600, "epoch": 1, "total_epochs": 4, "loss": 0.1,
+           "it_per_s": 5.0, "eta_s": 130.0, "phase": "sample", "phase_done": 7, "phase_total": 20}
+    shown = logic.progress_html(job)
+    assert "step 150/600 · epoch 1/4" in shown and "ETA 0:02:10" in shown
+    assert "data-phase='sample'" in shown and "<b>Sampling</b> 7/20" in shown
+    assert "lora_trainer_phase" not in logic.progress_html({**job, "phase": "train"})
+    assert "lora_trainer_phase" not in logic.progress_html({**job, "state": "stopped"})
+
+
+def test_an_old_error_line_goes_when_a_later_action_succeeds():
+    from lora_trainer.ui import logic
+
+    error = "**Error:** **Training data** is empty; prepare the dataset in step 3."
+    assert logic.outdated_errors("Started `shapes`.", error) == ""
+    assert logic.outdated_errors("Prepared `/d`.", error, "a plan") == ("", "a plan")
+    assert logic.outdated_errors("**Error:** again", error) == error  # still failing: both stay
+    assert logic.outdated_errors("", error) == error  # asked first (nothing done yet)
+
+
 def test_messages_name_the_forms_fields_not_cli_flags():
     from lora_trainer.ui.texts import form_message
 

@@ -43,6 +43,18 @@ def error_md(e: BaseException) -> str:
     return f"**Error:** {html.escape(user_error(e))}"
 
 
+def is_error(line: str | None) -> bool:
+    return (line or "").lstrip().startswith("**Error:**")
+
+
+def outdated_errors(fresh: str | None, *lines: str | None) -> Any:
+    """The other status lines of a step, with an error emptied once `fresh` (the line of the action just
+    done) says it went well: an old error beside a later success says something that is no longer true."""
+    settled = bool((fresh or "").strip()) and not is_error(fresh)
+    out = tuple("" if settled and is_error(line) else line for line in lines)
+    return out if len(out) > 1 else out[0]
+
+
 # ---------------------------------------------------------------------- dataset
 _THUMBS: OrderedDict[tuple[str, int, int], Image.Image] = OrderedDict()  # (path, mtime, size) -> thumbnail
 _THUMBS_LOCK = threading.Lock()

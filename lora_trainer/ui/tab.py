@@ -704,16 +704,18 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             box.change(steps_info, steps_inputs, [steps_md])
         resolution.change(recheck_sizes, [scan_state, resolution], [problems])
         prep_btn.click(run_prepare, [folder, concept, repeats, class_images, class_name, prep_out, resolution],
-                       [prep_status, data])
+                       [prep_status, data]
+                       ).then(logic.outdated_errors, [prep_status, plan_md, train_status], [plan_md, train_status])
         preset.input(apply_preset, [preset, scan_state],  # the user's choice; restoring the form sets it too
                       [preset_md, rank, alpha, lr, resolution, batch, train_te, problems])
         form = [preset, name, data, model_file, epochs, max_steps, rank, alpha, lr, resolution, batch, seed, train_te,
                 sample_prompt, sample_every, subdir, extra]
         ask_outputs = [train_status, confirm_md, confirm_row, pending_state]
-        plan_btn.click(check_plan, form, [plan_md])
-        train_btn.click(start_train, form, ask_outputs)
-        resume_btn.click(resume, [runs], ask_outputs)
-        queue_btn.click(confirm_queue, [pending_state, *form], [train_status, confirm_row, pending_state])
+        plan_btn.click(check_plan, form, [plan_md]).then(logic.outdated_errors, [plan_md, train_status], [train_status])
+        for started in (train_btn.click(start_train, form, ask_outputs), resume_btn.click(resume, [runs], ask_outputs),
+                        queue_btn.click(confirm_queue, [pending_state, *form], [train_status, confirm_row,
+                                                                                pending_state])):
+            started.then(logic.outdated_errors, [train_status, plan_md], [plan_md])
         cancel_btn.click(confirm_cancel, [pending_state], [train_status, confirm_row, pending_state])
         stop_btn.click(stop, [job_id], [train_status])
         cancel_queued_btn.click(cancel_queued, None, [train_status])
