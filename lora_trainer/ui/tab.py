@@ -37,6 +37,9 @@ from .texts import HELP, check_extra_keys, form_message
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0  # seconds between progress updates
+# Gradio 3 notices a closed page only when its generator sends something: with nothing new for this many
+# polls it sends an empty update, so a closed page's generator ends (and frees its queue worker) soon.
+QUIET_POLLS = 5
 # The parts that update themselves about once a second must not grey out or flash while an update is
 # on its way (Gradio marks every output of a running event). In the tab's own HTML, so it applies in
 # the WebUIs (whose page-wide CSS is their own) and standalone alike.
@@ -476,13 +479,16 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
     def poll_forever():
         """Gradio 3: one generator per open page (it ends when the page closes)."""
         follower = live.Follower(jobs)
+        quiet = 0
         while True:
             try:
                 changed = follower.update(_extra(follower.sent))
             except Exception:
                 log.debug("progress poll failed", exc_info=True)
                 changed = {}
-            if changed:
+            quiet = 0 if changed else quiet + 1
+            if changed or quiet >= QUIET_POLLS:
+                quiet = 0
                 yield _values(changed)
             time.sleep(WATCH_INTERVAL)
 
