@@ -189,6 +189,26 @@ def test_serve_sigterm_saves_the_running_job_and_resumes_after_restart(tmp_path)
     assert record["id"] == resumed and record["state"] == "stopped" and record["step"] > n
 
 
+def test_serve_sigterm_says_which_jobs_did_not_start(tmp_path):
+    """A job still waiting in the queue when the server stops has nothing to save: the server says so,
+    with its id, so the user knows to send it again."""
+    data = make_dataset(tmp_path / "data")
+    body = {"data": str(data), "max_steps": 100000, "resolution": 64, "min_bucket_reso": 32,
+            "max_bucket_reso": 128, "bucket_reso_steps": 32, "rank": 4}
+    server, base = _serve(tmp_path)
+    try:
+        first = http("POST", f"{base}/train", {**body, "name": "one"})[1]["job_id"]
+        wait_until(lambda: _job(base, first)["state"] == "running", what="the first job running")
+        second = http("POST", f"{base}/train", {**body, "name": "two"})[1]["job_id"]
+        assert _job(base, second)["state"] == "queued"
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 143, server.stderr
+    finally:
+        server.kill()
+    assert "Traceback" not in server.stderr
+    assert re.search(rf"job\(s\) did not start training \([^)]*{second}", server.stdout), server.stdout
+
+
 def test_serve_api_auth_and_idle_sigterm_exits_0(tmp_path):
     """`serve --api-auth user:password` answers 401 without them; an idle server stops with status 0."""
     server, base = _serve(tmp_path, "--api-auth", "alice:s3cret")

@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     server = _uvicorn_server(app)
     port = sock.getsockname()[1]
     stopped_jobs: list[str] = []
+    dropped: list[str] = []  # queued jobs that never started (nothing of theirs to save)
 
     def drain() -> None:  # off the signal handler: the running job may take a while to save
         jobs.shutdown(timeout=None)
@@ -175,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         current = jobs.current()
         if current is not None and current.state == "running":
             stopped_jobs.append(current.id)
+        dropped.extend(job.id for job in jobs.queued() if not job.resumed_from)
         threading.Thread(target=drain, name="lora-trainer-drain", daemon=True).start()
 
     def message(signum: int) -> str:
@@ -193,8 +195,14 @@ def run(args: argparse.Namespace) -> int:
             jobs.shutdown(timeout=0)
             raise
         jobs.shutdown(timeout=None)  # returns at once after a drain
-    if stopper.signum is not None and stopped_jobs:
-        print(f"Stopped job {', '.join(stopped_jobs)} and saved it; after a restart, POST "
+    saved = [i for i in stopped_jobs if jobs.get(i).state_dir]
+    if saved:
+        print(f"Stopped job {', '.join(saved)} and saved it; after a restart, POST "
               f"/lora-trainer/v1/jobs/<id>/resume continues it.", flush=True)
+    dropped += [i for i in stopped_jobs if i not in saved]  # stopped before its first step: nothing saved
+    if dropped:
+        print(f"{len(dropped)} job(s) did not start training ({', '.join(dropped)}); send them again after the "
+              "restart.", flush=True)
+    if stopper.signum is not None and stopped_jobs:
         return stopper.exit_code or 1
     return 0
