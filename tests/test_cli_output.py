@@ -61,3 +61,21 @@ def test_ui_shows_no_library_request_lines_and_stops_on_sigterm(tmp_path):
         proc.kill()
     assert "HTTP Request" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "SIGTERM received" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["tag", "prepare", "train", "serve", "ui"])
+def test_every_option_has_help_text(command):
+    """`--help` explains every option (train's also shows its defaults)."""
+    import argparse
+
+    from lora_trainer.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    missing = [a.option_strings or [a.dest] for a in parser._actions if not a.help and a.dest != "help"]
+    assert missing == []
+    if command == "train":  # the defaults that apply without --preset/--config are shown
+        from lora_trainer.config import TrainConfig
+
+        text = " ".join(parser.format_help().split())
+        assert f"1..1024 (default: {TrainConfig().rank})" in text
