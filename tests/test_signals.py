@@ -223,6 +223,7 @@ def test_serve_api_auth_and_idle_sigterm_exits_0(tmp_path):
     finally:
         server.kill()
     assert "Traceback" not in server.stderr
+    assert "INFO" not in server.stderr  # uvicorn's startup and access lines only with -v
 
 
 def test_signal_handlers_only_in_the_main_thread():

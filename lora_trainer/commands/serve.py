@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     host, jobs = make_host(args)
     sock = bind_socket(address, args.port)
     app = create_app(host, jobs, auth=basic_auth_dependency(creds))
-    server = _uvicorn_server(app)
+    # uvicorn's startup lines and per-request access log only with -v: our own line below says where it listens
+    server = _uvicorn_server(app, log_level="info" if getattr(args, "verbose", False) else "warning")
     port = sock.getsockname()[1]
     stopped_jobs: list[str] = []
     dropped: list[str] = []  # queued jobs that never started (nothing of theirs to save)
