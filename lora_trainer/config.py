@@ -380,6 +380,12 @@ class TrainConfig:
         _positive_int("processes", self.processes, "1 per GPU")
         _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "Prodigy" and min(self.learning_rate, self.text_encoder_lr or 1.0) < 0.1:
+            # Prodigy estimates the step size itself; its learning rate only scales that estimate, so
+            # an AdamW-sized rate (1e-4) would make a LoRA that learns nothing.
+            raise ConfigError(f"Prodigy sets its own step size and takes the learning rate as a multiplier "
+                              f"(got {self.learning_rate:g}, text encoder {self.text_encoder_lr:g}); "
+                              "use 1.0 for both.")
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("save_precision", self.save_precision, SAVE_PRECISION)

@@ -138,3 +138,31 @@ def test_bucket_limits_follow_the_resolution_unless_set(data, tmp_path):
 
     plan = plan_training(TrainConfig(data=str(data), resolution=128, output_dir=str(tmp_path / "o")))
     assert list(plan.buckets) == ["128x128"]
+
+
+def test_prodigy_takes_its_learning_rate_as_a_multiplier(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    with pytest.raises(ConfigError, match="Prodigy sets its own step size .* use 1.0 for both"):
+        tiny_config(data, tmp_path / "o", optimizer="Prodigy", learning_rate=1e-4).validate(need_model=False)
+    with pytest.raises(ConfigError, match="text encoder 0.0001"):
+        tiny_config(data, tmp_path / "o", optimizer="Prodigy", learning_rate=1.0,
+                    text_encoder_lr=1e-4).validate(need_model=False)
+    tiny_config(data, tmp_path / "o", optimizer="Prodigy", learning_rate=1.0).validate(need_model=False)
+
+
+def test_prodigy_adapts_its_step_size():
+    """prodigyopt is a dependency: the optimizer builds with the fine-tuning settings and raises its
+    step-size estimate d from the tiny initial one as it sees gradients."""
+    import torch
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(16))
+    opt = build_optimizer("Prodigy", [{"params": [p], "lr": 1.0}], lr=1.0, weight_decay=0.01)
+    group = opt.param_groups[0]
+    assert group["use_bias_correction"] and group["safeguard_warmup"]
+    d0 = group["d"]
+    for _ in range(100):
+        opt.zero_grad()
+        ((p - 3.0) ** 2).sum().backward()
+        opt.step()
+    assert group["d"] > 1e4 * d0 and abs(float(p.detach().mean()) - 3.0) < 1.0  # from 1e-6 to ~0.4: it got there

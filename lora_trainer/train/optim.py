@@ -86,6 +86,9 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, weigh
     if name == "Prodigy":
         from prodigyopt import Prodigy
 
+        # the settings its authors give for fine-tuning with a warm-up (kohya's LoRA guides use them too)
+        args.setdefault("use_bias_correction", True)
+        args.setdefault("safeguard_warmup", True)
         return Prodigy(groups, lr=lr, weight_decay=weight_decay, **args)
     if name == "Adafactor":
         from transformers.optimization import Adafactor
