@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="a setting for every run, e.g. --set resolution=128")
     p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--keep", metavar="DIR", help="keep every run's LoRA files here (default: a temporary folder)")
     args = p.parse_args(argv)
 
     import torch
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         common[field] = json.loads(value)
     results = []
     with tempfile.TemporaryDirectory(prefix="learn-thresholds-") as tmp:
+        tmp = args.keep or tmp
         for k, (label, settings) in enumerate(runs.items()):
             settings = dict(settings)
             kind = settings.pop("kind", "")

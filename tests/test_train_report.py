@@ -278,3 +278,13 @@ def test_api_returns_the_report_and_names_the_best_file(tmp_path, monkeypatch):
         assert short["report"] == rep
     finally:
         jobs.shutdown()
+
+
+def test_when_every_epoch_leaks_alike_the_lowest_loss_is_best():
+    """Leakage that hardly differs between epochs (as measured on the demo model: 0.92-0.99 over 60 epochs)
+    does not decide the pick: the lowest validation loss among the epochs leaking about least does."""
+    lo, hi = report_mod.LEARNED_MIN_IMPROVEMENT, report_mod.LEAK_MAX
+    r = _report((lo * 2, hi * 1.9), (lo * 6, hi * 1.92), (lo * 9, hi * 1.94))
+    assert r.verdict == "leaks" and r.best_epoch == 3
+    r = _report((lo * 2, hi * 1.2), (lo * 6, hi * 1.9), (lo * 9, hi * 2))  # clearly rising: the early one
+    assert r.best_epoch == 1

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # The verdict's thresholds, in this one place; every report states them with THRESHOLDS_SOURCE.
 LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base model's: the concept shows
 LEAK_MAX = 0.5  # without the trigger the LoRA moves the model at most half as much as with it
+LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
 THRESHOLDS_SOURCE = ("set by hand from runs on the tiny test models; not yet measured on the demo model")
 PAIRS = 16  # (image, timestep) pairs scored per epoch: 2 forward passes each (with/without trigger)
 MAX_IMAGES = 8
@@ -84,8 +85,11 @@ class LearnReport:
         learned = [e for e in self.epochs if e.improvement >= LEARNED_MIN_IMPROVEMENT]
         if clean:
             best = min(clean, key=lambda e: e.val_loss)
-        else:  # every epoch leaks: the earliest one that learned leaks least in practice
-            best = min(learned or self.epochs, key=lambda e: (e.leak or 0.0, e.epoch))
+        else:  # every epoch leaks: the lowest loss among those leaking (about) least; leakage measured on the
+            # demo model barely moves between epochs (0.92-0.99), so its least alone would pick a noisy early one
+            pool = learned or self.epochs
+            least = min(e.leak or 0.0 for e in pool)
+            best = min((e for e in pool if (e.leak or 0.0) <= least + LEAK_MARGIN), key=lambda e: e.val_loss)
         self.best_epoch = best.epoch
         last = self.epochs[-1]
         top = max(e.improvement for e in self.epochs)
