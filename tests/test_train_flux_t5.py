@@ -111,3 +111,52 @@ def test_train_t5_cli_switch_and_refusal_for_sd(tmp_path, tiny_data, capsys):
     with pytest.raises(ConfigError, match="train_t5 trains Flux.1's or Chroma's T5-XXL"):
         run_training(tiny_config(tiny_data, tmp_path / "o", max_steps=1, epochs=0, train_t5=True),
                      bundle=build_tiny_bundle("sd1"))
+
+
+# ------------------------------------------------------------------ what is cached
+def test_clip_training_caches_t5_once_per_caption(tmp_path, data, monkeypatch):
+    """CLIP-L trains, T5 does not: T5's outputs are cached (content-hashed on disk), CLIP-L runs every step;
+    the losses are those of encoding both every step."""
+    from lora_trainer.train import engine
+
+    calls: dict[str, list[int]] = {"T5EncoderModel": [], "CLIPTextModel": []}
+    cache = tmp_path / "cache"
+
+    def run(out, **kw):
+        bundle = build_tiny_flux_bundle("dev", seed=8)
+        handles = [te.register_forward_hook(lambda m, i, o: calls[type(m).__name__].append(int(i[0].shape[0])))
+                   for te in bundle.text_encoders]
+        settings = {"max_steps": 4, "epochs": 0, "train_text_encoder": True, "cache_latents_to_disk": True,
+                    "latent_cache_dir": str(cache), "sample_prompts": ["a circle"], "sample_every_n_epochs": 1,
+                    "sample_steps": 1, **kw}
+        try:
+            return run_training(_config(data, out, **settings), bundle=bundle)
+        finally:
+            for h in handles:
+                h.remove()
+
+    first = run(tmp_path / "a")
+    # T5: the two captions in one batched call (plus the sample prompt); CLIP-L: every step (and the sample)
+    assert calls["T5EncoderModel"] == [2, 1] and calls["CLIPTextModel"] == [1, 1, 1, 1, 1]
+    assert len(list((cache / "text").glob("*.safetensors"))) == 2
+    tensors = lora_tensors(first.lora_path)
+    assert any(k.startswith("lora_te1_") for k in tensors) and not any(k.startswith("lora_te3_") for k in tensors)
+
+    for v in calls.values():
+        v.clear()
+    again = run(tmp_path / "b")  # the T5 entries come from disk
+    assert calls["T5EncoderModel"] == [1] and again.losses == first.losses  # only the sample prompt
+
+    for v in calls.values():
+        v.clear()
+    monkeypatch.setattr(engine, "captions_are_static", lambda *a: False)  # reference: both encoders every step
+    per_step = run(tmp_path / "c")
+    assert calls["T5EncoderModel"] == [1, 1, 1, 1, 1]
+    assert per_step.losses == pytest.approx(first.losses, rel=1e-5)
+    monkeypatch.undo()
+
+    for v in calls.values():
+        v.clear()
+    run(tmp_path / "d", train_text_encoder=False)  # a full entry (CLIP-L + T5) is another file than a T5-only one
+    assert calls["T5EncoderModel"] == [2, 1] and calls["CLIPTextModel"] == [2, 1]
+    assert len(list((cache / "text").glob("*.safetensors"))) == 4

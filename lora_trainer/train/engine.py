@@ -326,13 +326,21 @@ class _Run:
         self.placement.release(bundle.vae, needed_later=sampling)
         self._free(device)
 
-        # --- text: cached when frozen and captions never change, otherwise encoded per step
+        # --- text: outputs of frozen encoders cached when captions never change, the rest encoded per step
         static = captions_are_static(config.shuffle_caption, config.caption_dropout_rate,
                                      config.caption_tag_dropout_rate)
         self.text_cache: list[dict[str, torch.Tensor]] | None = None
-
-        place_encoders = self.models.text_encoders
-        if not (config.train_text_encoder or config.train_t5) and static:
+        cached = self.family.cacheable_cond_keys(config) if static else ()
+        # conditioning encoded inside each step; `step_keys` given to tokenize only when part is cached (Flux: CLIP-L
+        # trains, T5's outputs are cached)
+        self.step_keys = tuple(k for k in self.family.cond_keys if k not in cached)
+        partial = bool(cached and self.step_keys)
+        self._tokenize_keys = {"keys": self.step_keys} if partial else {}
+        step_encoders = self.family.encoders_for(bundle, self.step_keys) if self.step_keys else []
+        self.cached_encoders = [] if not cached else [  # frozen, used only for the cache: leave the GPU after it
+            te for te in (self.family.encoders_for(bundle, cached) if partial else bundle.text_encoders)
+            if not any(te is s for s in step_encoders)]
+        if cached:
             text_disk = None
             if config.cache_latents_to_disk:
                 text_disk = (Path(config.latent_cache_dir) / "text" if config.latent_cache_dir
@@ -340,17 +348,17 @@ class _Run:
             captions = [process_caption(i.caption) for i in self.dataset.items]
             scored = self.validator.captions() if self.validator is not None else []
             self.text_cache = self.dist.build_once(lambda: cache_text_outputs(  # several GPUs: rank 0 encodes
-                self.family, bundle, captions + scored,
-                clip_skip=config.clip_skip, disk_dir=text_disk, ensure_encoders=place_encoders,
-                autocast=lambda: self._autocast(device, weight_dtype)))
+                self.family, bundle, captions + scored, clip_skip=config.clip_skip, disk_dir=text_disk,
+                ensure_encoders=lambda: self.models.text_encoders(only=self.cached_encoders),
+                autocast=lambda: self._autocast(device, weight_dtype), keys=cached if partial else None))
             if self.validator is not None:  # the scored captions went through the same cache
                 self.validator.set_text(scored, self.text_cache[len(captions):])
             self.text_cache = self.text_cache[:len(captions)]
-            for te in bundle.text_encoders:
+            for te in self.cached_encoders:
                 self.placement.release(te, needed_later=sampling)
             self._free(device)
-        else:
-            place_encoders()
+        if step_encoders:
+            self.models.text_encoders(only=step_encoders)
 
         self.models.denoiser()
 
@@ -517,12 +525,13 @@ class _Run:
         out: dict[str, torch.Tensor] = {"latents": latents}
         if self.text_cache is not None:
             out.update(stack_conditioning([self.text_cache[k] for k in batch], ctx.device))
-        else:
+        if self.step_keys:
             captions = [process_caption(items[k].caption, shuffle=config.shuffle_caption,
                                         keep_tokens=config.keep_tokens,
                                         caption_dropout_rate=config.caption_dropout_rate,
                                         tag_dropout_rate=config.caption_tag_dropout_rate) for k in batch]
-            out.update({k: v.to(ctx.device) for k, v in ctx.family.tokenize(ctx.bundle, captions).items()})
+            tokens = ctx.family.tokenize(ctx.bundle, captions, **self._tokenize_keys)
+            out.update({k: v.to(ctx.device) for k, v in tokens.items()})
         drawn = ctx.objective.draw(latents)  # noise, timesteps/sigmas: the step's random draws
         objective_weights = drawn.pop("weights", None)
         out.update(drawn)
@@ -539,11 +548,10 @@ class _Run:
         """The training objective on one prepared batch (no host syncs, no random draws)."""
         config, family = self.config, ctx.family
         with self._autocast(ctx.device, ctx.dtype):
-            if self.text_cache is not None:
-                cond = {k: b[k] for k in family.cond_keys if k in b}
-            else:
+            cond = {k: b[k] for k in family.cond_keys if k in b} if self.text_cache is not None else {}
+            if self.step_keys:
                 with torch.enable_grad() if config.train_text_encoder or config.train_t5 else torch.no_grad():
-                    cond = family.encode_tokens(ctx.bundle, b, clip_skip=config.clip_skip)
+                    cond.update(family.encode_tokens(ctx.bundle, b, clip_skip=config.clip_skip))
             pred, target = family.prediction_and_target(StepInputs(ctx.bundle, b, cond, ctx.objective,
                                                                    ctx.unet_dtype))
             loss = noise_math.per_sample_loss(pred, target, config.loss_type, config.huber_c)
@@ -705,9 +713,8 @@ class _Run:
             bundle.unet.train(modes[id(bundle.unet)])
             for te in bundle.text_encoders:
                 te.train(modes[id(te)])
-            if self.text_cache is not None:
-                for te in bundle.text_encoders:
-                    te.to("cpu")
+            for te in self.cached_encoders:  # trained encoders stay where training needs them
+                te.to("cpu")
             bundle.vae.to("cpu")
             self._free(device)
         paths = [save_png(img, Path(config.output_dir) / "sample" / f"{config.name}_e{epoch:06d}_{i:02d}.png")

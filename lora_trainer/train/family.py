@@ -69,8 +69,9 @@ class ModelPlacement:
     def start_early(self) -> None:
         self.placement.upload_in_background(self.bundle.unet)
 
-    def text_encoders(self) -> None:
-        for te in self.bundle.text_encoders:
+    def text_encoders(self, only: Sequence[torch.nn.Module] | None = None) -> None:
+        """Put the text encoders (or `only` these) on the device."""
+        for te in self.bundle.text_encoders if only is None else only:
             self.placement.to(te, self.device)
 
     def denoiser(self) -> None:
@@ -109,6 +110,17 @@ class TrainFamily:
     def encode_tokens(self, bundle: Any, tokens: Batch, *, clip_skip: int = 1) -> Batch:
         """As `encode_text`, from `tokenize`'s tensors already on the device (inside the loss)."""
         raise NotImplementedError
+
+    def cacheable_cond_keys(self, config: Any) -> tuple[str, ...]:
+        """The conditioning keys whose encoders stay frozen in this run: cached once per caption (when captions
+        never change); the others are encoded every step. A family whose keys come from separate encoders
+        (Flux: CLIP-L `pooled`, T5 `t5`) may cache part of them; it then takes `keys=` in `encode_text`,
+        `tokenize` and `text_identity`, and names their encoders in `encoders_for`."""
+        return () if config.train_text_encoder else self.cond_keys
+
+    def encoders_for(self, bundle: Any, keys: Sequence[str]) -> list[torch.nn.Module]:
+        """The text encoders that produce `keys`."""
+        return list(bundle.text_encoders)
 
     def text_identity(self, bundle: Any, clip_skip: int = 1) -> str | None:
         """A short fingerprint of everything that decides `encode_text`'s output besides the caption

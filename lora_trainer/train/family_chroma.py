@@ -16,7 +16,7 @@ What differs from Flux.1 (`family_flux.py`, whose objective, memory plan and met
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ class ChromaFamily(FluxFamily):
     t5_attention_mask = True
 
     # ---------------------------------------------------------------- text
-    def tokenize(self, bundle: Any, captions: list[str], keys: tuple[str, ...] | None = None) -> Batch:
+    def tokenize(self, bundle: Any, captions: list[str], keys: Sequence[str] | None = None) -> Batch:
         t5 = bundle.tokenizers[-1](captions, max_length=self._t5_length(bundle, self.config), padding="max_length",
                                    truncation=True, return_tensors="pt")
         return {"t5_ids": t5.input_ids, "t5_mask": t5.attention_mask}
@@ -47,7 +47,13 @@ class ChromaFamily(FluxFamily):
             hidden = t5(tokens["t5_ids"].to(device), attention_mask=mask).last_hidden_state
         return {"t5": hidden, "t5_mask": mask}
 
-    def text_identity(self, bundle: Any, clip_skip: int = 1) -> str | None:
+    def cacheable_cond_keys(self, config: Any) -> tuple[str, ...]:
+        return () if getattr(config, "train_t5", False) else self.cond_keys
+
+    def encoders_for(self, bundle: Any, keys: Sequence[str]) -> list[torch.nn.Module]:
+        return list(bundle.text_encoders)
+
+    def text_identity(self, bundle: Any, clip_skip: int = 1, keys: Sequence[str] | None = None) -> str | None:
         h = hashlib.sha256(b"chroma-text-v1")  # masked T5: not interchangeable with Flux.1's unmasked entries
         h.update(str(self._t5_length(bundle, self.config)).encode())
         for te in bundle.text_encoders:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -73,28 +73,50 @@ class FluxFamily(TrainFamily):
         n = int(getattr(config, "t5_max_token_length", 0) or 0) if config is not None else 0
         return n or int(bundle.tokenizers[-1].model_max_length)
 
-    def tokenize(self, bundle: Any, captions: list[str]) -> Batch:
+    def tokenize(self, bundle: Any, captions: list[str], keys: Sequence[str] | None = None) -> Batch:
+        keys = self.cond_keys if keys is None else keys
         clip_tok, t5_tok = bundle.tokenizers
-        length = self._t5_length(bundle, self.config)
-        clip = clip_tok(captions, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
-        t5 = t5_tok(captions, max_length=length, padding="max_length", truncation=True, return_tensors="pt")
-        return {"clip_ids": clip.input_ids, "t5_ids": t5.input_ids}
+        out = {}
+        if "pooled" in keys:
+            out["clip_ids"] = clip_tok(captions, max_length=77, padding="max_length", truncation=True,
+                                       return_tensors="pt").input_ids
+        if "t5" in keys:
+            out["t5_ids"] = t5_tok(captions, max_length=self._t5_length(bundle, self.config), padding="max_length",
+                                   truncation=True, return_tensors="pt").input_ids
+        return out
 
     def encode_tokens(self, bundle: Any, tokens: Batch, *, clip_skip: int = 1) -> Batch:
+        """What `tokens` hold ids for: `pooled` from `clip_ids`, `t5` from `t5_ids`."""
         clip, t5 = bundle.text_encoders
-        pooled = clip(tokens["clip_ids"].to(_device(clip)), output_hidden_states=False).pooler_output
-        trains_t5 = any(p.requires_grad for p in t5.parameters())
-        with torch.enable_grad() if trains_t5 and torch.is_grad_enabled() else torch.no_grad():
-            hidden = t5(tokens["t5_ids"].to(_device(t5))).last_hidden_state
-        return {"pooled": pooled, "t5": hidden}
+        out = {}
+        if "clip_ids" in tokens:
+            out["pooled"] = clip(tokens["clip_ids"].to(_device(clip)), output_hidden_states=False).pooler_output
+        if "t5_ids" in tokens:
+            trains_t5 = any(p.requires_grad for p in t5.parameters())
+            with torch.enable_grad() if trains_t5 and torch.is_grad_enabled() else torch.no_grad():
+                out["t5"] = t5(tokens["t5_ids"].to(_device(t5))).last_hidden_state
+        return out
 
-    def encode_text(self, bundle: Any, captions: list[str], *, clip_skip: int = 1) -> Batch:
-        return self.encode_tokens(bundle, self.tokenize(bundle, captions))
+    def encode_text(self, bundle: Any, captions: list[str], *, clip_skip: int = 1,
+                    keys: Sequence[str] | None = None) -> Batch:
+        return self.encode_tokens(bundle, self.tokenize(bundle, captions, keys))
 
-    def text_identity(self, bundle: Any, clip_skip: int = 1) -> str | None:
+    def cacheable_cond_keys(self, config: Any) -> tuple[str, ...]:
+        # kohya: T5 outputs are cached while only CLIP-L trains; nothing is cached while T5 trains
+        if getattr(config, "train_t5", False):
+            return ()
+        return ("t5",) if config.train_text_encoder else self.cond_keys
+
+    def encoders_for(self, bundle: Any, keys: Sequence[str]) -> list[torch.nn.Module]:
+        return ([bundle.text_encoders[0]] if "pooled" in keys else []) + (
+            [bundle.text_encoders[-1]] if "t5" in keys else [])
+
+    def text_identity(self, bundle: Any, clip_skip: int = 1, keys: Sequence[str] | None = None) -> str | None:
         h = hashlib.sha256(b"flux1-text-v1")
         h.update(str(self._t5_length(bundle, self.config)).encode())
-        for te in bundle.text_encoders:
+        if keys is not None and tuple(keys) != self.cond_keys:  # a partial entry (T5 only) is another entry
+            h.update(",".join(keys).encode())
+        for te in self.encoders_for(bundle, self.cond_keys if keys is None else keys):
             _fingerprint(te, h)
         return h.hexdigest()[:24]
 
@@ -208,10 +230,10 @@ class FluxPlacement(ModelPlacement):
         if not self.blockwise:
             super().start_early()
 
-    def text_encoders(self) -> None:
+    def text_encoders(self, only: Sequence[torch.nn.Module] | None = None) -> None:
         from .lowmem import has_fp8_weights, place_module
 
-        for te in self.bundle.text_encoders:
+        for te in self.bundle.text_encoders if only is None else only:
             if self.own and (self.fp8 or has_fp8_weights(te)):  # idempotent: fp8 layers are kept
                 # T5-XXL is 9.5 GB in bf16: fp8 with fp8_base (kohya's advice for small cards), fp8 files as stored
                 place_module(te, self.device, self._te_dtype(te), fp8=self.fp8)

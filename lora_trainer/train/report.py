@@ -264,7 +264,12 @@ class Validator:
         from .family import stack_conditioning
 
         if self.fixed_text is not None:
-            return stack_conditioning([self.fixed_text[c] for c in captions], self.device)
+            cond = stack_conditioning([self.fixed_text[c] for c in captions], self.device)
+            missing = tuple(k for k in self.family.cond_keys if k not in cond)
+            if missing:  # partly cached (Flux: T5 while CLIP-L trains): the rest from its encoder, on the device
+                with torch.no_grad(), self._autocast():
+                    cond.update(self.family.encode_text(self.bundle, captions, clip_skip=self.clip_skip, keys=missing))
+            return cond
         with torch.no_grad(), self._autocast():
             return self.family.encode_text(self.bundle, captions, clip_skip=self.clip_skip)
 

@@ -30,13 +30,16 @@ def cache_key(caption: str, identity: str) -> str:
 
 def cache_text_outputs(family: Any, bundle: Any, captions: list[str], *, clip_skip: int = 1,
                        disk_dir: Path | None = None, ensure_encoders: Callable[[], None] | None = None,
-                       autocast: Any = None, progress: Callable[[int, int], None] | None = None) -> list[Entry]:
+                       autocast: Any = None, progress: Callable[[int, int], None] | None = None,
+                       keys: tuple[str, ...] | None = None) -> list[Entry]:
     """One conditioning entry per caption (`family.encode_text` output row, fp32 on the CPU).
 
     `ensure_encoders()` puts the encoders on the device; it is called once, before the first caption
     that is not found on disk. `autocast` is a context manager factory for the encoders' precision.
+    `keys`: only these conditioning tensors (e.g. Flux's T5 output while CLIP-L trains); None: all.
     """
-    identity = family.text_identity(bundle, clip_skip) if disk_dir is not None else None
+    part = {} if keys is None else {"keys": keys}
+    identity = family.text_identity(bundle, clip_skip, **part) if disk_dir is not None else None
     entries: list[Entry | None] = [None] * len(captions)
     if identity is not None:
         disk_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +56,7 @@ def cache_text_outputs(family: Any, bundle: Any, captions: list[str], *, clip_sk
     for start in range(0, len(texts), TEXT_BATCH):  # batched: one call per chunk, not per caption
         chunk = texts[start:start + TEXT_BATCH]
         with torch.no_grad(), (autocast() if autocast is not None else _null()):
-            out = family.encode_text(bundle, chunk, clip_skip=clip_skip)
+            out = family.encode_text(bundle, chunk, clip_skip=clip_skip, **part)
         out = {k: v.float().cpu() for k, v in out.items()}
         for row, text in enumerate(chunk):
             entry = {k: v[row] for k, v in out.items()}
