@@ -9,6 +9,7 @@ output; ComfyUI's key map for `lora_te3_` is covered by the opt-in tests/test_lo
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -128,7 +129,7 @@ def test_clip_training_caches_t5_once_per_caption(tmp_path, data, monkeypatch):
                    for te in bundle.text_encoders]
         settings = {"max_steps": 4, "epochs": 0, "train_text_encoder": True, "cache_latents_to_disk": True,
                     "latent_cache_dir": str(cache), "sample_prompts": ["a circle"], "sample_every_n_epochs": 1,
-                    "sample_steps": 1, **kw}
+                    "sample_steps": 1, "validate_every_n_epochs": 0, **kw}
         try:
             return run_training(_config(data, out, **settings), bundle=bundle)
         finally:
@@ -160,3 +161,11 @@ def test_clip_training_caches_t5_once_per_caption(tmp_path, data, monkeypatch):
     run(tmp_path / "d", train_text_encoder=False)  # a full entry (CLIP-L + T5) is another file than a T5-only one
     assert calls["T5EncoderModel"] == [2, 1] and calls["CLIPTextModel"] == [2, 1]
     assert len(list((cache / "text").glob("*.safetensors"))) == 4
+
+    for v in calls.values():
+        v.clear()
+    # "did it learn?" scores the captions with and without the trigger: their T5 outputs join the same cache
+    # (one call for 2 + 2 captions), CLIP-L encodes them when scoring (base model and the epoch's end)
+    scored = run(tmp_path / "e", cache_latents_to_disk=False, validate_every_n_epochs=1)
+    assert calls["T5EncoderModel"] == [4, 1]
+    assert scored.report is not None and math.isfinite(scored.report["base_loss"]) and scored.report["epochs"]
