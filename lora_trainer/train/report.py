@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base model's: the concept shows
 LEAK_MAX = 0.5  # without the trigger the LoRA moves the model at most half as much as with it
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
-THRESHOLDS_SOURCE = ("set by hand from runs on the tiny test models; not yet measured on the demo model")
+# Measured on the demo model (bench/results/learn_thresholds_demo_cpu.md): leakage 0.92-1.0 at every epoch of
+# a good and a slow run alike, and no run there clearly good by the classifier yet, so these are not set from it.
+THRESHOLDS_SOURCE = "set by hand; not yet calibrated on the demo model"
 PAIRS = 16  # (image, timestep) pairs scored per epoch: 2 forward passes each (with/without trigger)
 MAX_IMAGES = 8
 
