@@ -34,11 +34,15 @@ log = logging.getLogger(__name__)
 
 # The verdict's thresholds, in this one place; every report states them with THRESHOLDS_SOURCE.
 LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base model's: the concept shows
-LEAK_MAX = 0.5  # without the trigger the LoRA moves the model at most half as much as with it
+# leaking: without the trigger the LoRA moves the model more than with it. The demo model's LoRAs showed
+# 0.92-0.996 in every epoch while drawing no star where another shape was asked for (a limit of 0.5 called
+# all of them leaking); not yet checked against an over-trained run.
+LEAK_MAX = 1.0
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
 # Measured on the demo model (bench/results/learn_thresholds_demo_cpu.md): leakage 0.92-1.0 at every epoch of
-# a good and a slow run alike, and no run there clearly good by the classifier yet, so these are not set from it.
-THRESHOLDS_SOURCE = "set by hand; not yet calibrated on the demo model"
+# a good and a slow run alike, and no run there clearly good by the classifier yet: only partly set from it.
+THRESHOLDS_SOURCE = ("leakage limit above what the demo model's LoRAs showed, the learned limit set by hand; "
+                     "not yet fully calibrated")
 PAIRS = 16  # (image, timestep) pairs scored per epoch: 2 forward passes each (with/without trigger)
 MAX_IMAGES = 8
 

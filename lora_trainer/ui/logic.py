@@ -397,7 +397,7 @@ def report_md(report: dict[str, Any] | None) -> str:
            f"images ({report.get('method', '')})" + (f", with and without the trigger `{trigger}`" if trigger
                                                   else "; no trigger word in the captions, so leakage is not measured"))
     if th:
-        source = f" (thresholds {th['source']})" if th.get("source") else ""
+        source = f" ({th['source']})" if th.get("source") else ""
         how += (f". Learned means at least {th.get('learned_min_improvement', 0):.0%} below the base model; "
                 f"leaking means more than {th.get('leak_max', 0):.0%} of the effect without the trigger{source}.")
     lines.append(f"\n<small>{how}</small>")
