@@ -62,5 +62,9 @@ def run(args: argparse.Namespace) -> int:
                 pass
         finally:
             jobs.shutdown(timeout=0)
-            tab.close()
+            # Gradio 3.41's close() can wait forever on a page's websocket after the page is gone; the jobs
+            # are saved by now, so give it a few seconds and let the process end either way.
+            closer = threading.Thread(target=tab.close, name="lora-trainer-close", daemon=True)
+            closer.start()
+            closer.join(10)
     return (stopper.exit_code or 1) if stopped_jobs else 0

@@ -79,10 +79,22 @@ def _memory(device: str) -> tuple[int | None, int | None]:
                 return torch.cuda.mem_get_info(torch.device(device).index or 0)
         elif device.startswith("cpu"):
             page = os.sysconf("SC_PAGE_SIZE")
-            return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+            return _ram_available() or os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
     except Exception:  # not POSIX, no driver, busy device: the line says nothing about memory
         log.debug("cannot read the device's memory", exc_info=True)
     return None, None
+
+
+def _ram_available() -> int | None:
+    """Linux's MemAvailable: free RAM plus the file cache it would give up (what a run can still use)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # not Linux
+        pass
+    return None
 
 
 def steady(setup: Setup, shown_free: int | None) -> Setup:
