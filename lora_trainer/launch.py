@@ -298,7 +298,7 @@ def run_worker(config: TrainConfig, *, verbose: bool = False) -> int:
 
         # The launcher gone (killed, or a second Ctrl+C while we save): leave now, as an abort would.
         with watch_parent(lambda: os._exit(exit_code(signal.SIGTERM))), safe_streams(), \
-                GracefulStop(on_stop) as stopper:
+                GracefulStop(on_stop, keep_ignored=False) as stopper:  # the launcher forwards on purpose
             with dist.watch_peers(peer_lost):  # a peer gone: leave at once instead of waiting in a collective
                 result = run_training(config, on_event=_print_event, stop=stop, dist=dist)
             signum = dist.agree_max(stopper.signum or 0)  # which signal stopped the run; the last collective

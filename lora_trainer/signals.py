@@ -49,12 +49,16 @@ class GracefulStop:
 
     on_stop(signum) runs once, on the first signal, inside the signal handler: keep it short
     (set an Event, start a thread). `message(signum)` is printed to stderr at that moment.
+    A signal the process inherited as ignored stays ignored (`nohup` means "keep running when the
+    terminal closes", as Python itself leaves an ignored SIGINT alone); `keep_ignored=False` is for a
+    worker whose launcher forwards signals on purpose.
     """
 
     def __init__(self, on_stop: Callable[[int], None], *,
-                 message: Callable[[int], str] | None = None) -> None:
+                 message: Callable[[int], str] | None = None, keep_ignored: bool = True) -> None:
         self.on_stop = on_stop
         self.message = message
+        self.keep_ignored = keep_ignored
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -75,6 +79,8 @@ class GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 try:
+                    if self.keep_ignored and signal.getsignal(sig) is signal.SIG_IGN:
+                        continue  # ignored by whoever started us (nohup: SIGHUP; a script's `cmd &`: SIGINT)
                     self._previous[sig] = signal.signal(sig, self._handle)
                 except (OSError, ValueError):  # not settable here (embedded interpreters)
                     pass

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+_STOP = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 DEADLINE = 240.0  # seconds; a healthy run reaches each state in a few seconds on 2 CPU cores
 TINY_TRAIN = ["--resolution", "64", "--min-bucket-reso", "32", "--max-bucket-reso", "128",
               "--bucket-reso-steps", "32", "--rank", "4", "--device", "cpu", "--save-precision", "float"]
@@ -28,10 +30,20 @@ class Proc:
     """A running `python -m lora_trainer` whose stdout lines are collected as they come."""
 
     def __init__(self, args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
-                 stdout_pipe_only: bool = False):
+                 stdout_pipe_only: bool = False, ignored: tuple[int, ...] = ()):
+        """`ignored`: signals the process starts with ignored (as `nohup` does with SIGHUP); the other
+        stop signals start at their defaults, as in a terminal, whatever the test runner inherited."""
         self.args = args
         self.stderr_path = None
+
+        # A small Python sets the dispositions, then becomes the real process (exec keeps "ignored" and
+        # "default"; preexec_fn is unsafe beside the tests' threads).
+        start = ("import os, signal, sys\n"
+                 f"for s in {[int(s) for s in _STOP]}: signal.signal(s, signal.SIG_DFL)\n"
+                 f"for s in {[int(s) for s in ignored]}: signal.signal(s, signal.SIG_IGN)\n"
+                 "os.execv(sys.executable, [sys.executable, '-m', 'lora_trainer', *sys.argv[1:]])")
         self.proc = subprocess.Popen(
+            [sys.executable, "-c", start, *args] if os.name == "posix" else
             [sys.executable, "-m", "lora_trainer", *args], cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

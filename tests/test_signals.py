@@ -98,6 +98,24 @@ def test_ctrl_c_on_train_saves_and_the_resume_goes_on(tmp_path, ckpt):
     assert step_lines(second.lines)[0] == n + 1 and "Traceback" not in second.stderr
 
 
+def test_nohup_keeps_training_through_a_hangup(tmp_path, ckpt):
+    """Started with SIGHUP ignored (`nohup ... &`), the run goes on when the terminal closes; `kill` still
+    stops it gracefully."""
+    data, out = make_dataset(tmp_path / "data"), tmp_path / "out"
+    proc = Proc(_train_args(ckpt, data, out, name="nohup"), ignored=(signal.SIGHUP,))
+    try:
+        proc.wait_for_line(r"^step 2/5000")
+        proc.signal(signal.SIGHUP)
+        last = step_lines(proc.lines)[-1]
+        proc.wait_for_line(rf"^step {last + 3}/5000")  # three more steps after the hang-up: still training
+        assert proc.proc.poll() is None and "SIGHUP" not in proc.stderr
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 143, proc.stderr
+    finally:
+        proc.kill()
+    assert "Traceback" not in proc.stderr and (out / "nohup-state" / "state.safetensors").is_file()
+
+
 def test_second_signal_aborts_and_exit_codes():
     """In-process: the first signal asks for a graceful stop, the second raises Aborted."""
     asked: list[int] = []
