@@ -1,4 +1,5 @@
-"""`python -m lora_trainer demo`: the whole pipeline offline on the CPU (short settings here)."""
+"""`python -m lora_trainer demo --tiny`: the whole pipeline offline on the CPU, on a random tiny model
+(the demo on the shipped demo model runs in tests/test_cli_output.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from lora_trainer.cli import main
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--epochs", "1", "--images", "4"]) == 0
+    assert main(["demo", "--tiny", "--out", str(out), "--epochs", "1", "--images", "4"]) == 0
     printed = capsys.readouterr().out
     lora = out / "lora" / "demo-lora.safetensors"
     assert lora.is_file() and f"LoRA:          {lora}" in printed
@@ -25,3 +26,4 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert ab.width == 2 * 128 and f"A/B image:     {out / 'ab.png'}" in printed
     left, right = ab.crop((0, 14, 128, 142)), ab.crop((128, 14, 256, 142))
     assert left.tobytes() != right.tobytes()  # the LoRA changes the picture (same seed and prompt)
+

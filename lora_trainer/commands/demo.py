@@ -1,9 +1,13 @@
-"""`python -m lora_trainer demo [--out DIR]`: the whole pipeline on a tiny model, on the CPU, offline.
+"""`python -m lora_trainer demo [--out DIR]`: train a LoRA on the built-in demo model, offline, on the CPU.
 
-Builds a tiny random SD1 checkpoint and a dozen coloured-shape images, captions them with the
-synthetic WD14 tagger through the real tagger code, prepares a Kohya folder with the real
-preparer, trains a short LoRA run, and writes an A/B image (same prompt and seed, without and
-with the LoRA loaded back from the saved file).
+The package ships a small SD1-architecture model pretrained by us on synthetic shapes, never a
+star (`lora_trainer.demo`). The demo draws sixteen star pictures captioned "yellow demostar, blue
+background", adds the synthetic WD14 tagger's confident tags through the real tagger code, prepares
+a Kohya folder with the real preparer, trains a LoRA on the CPU and writes an A/B image: the same
+prompts and seeds without the LoRA and with the LoRA loaded back from the saved file. How far the
+LoRA gets towards drawing a star is measured in docs/demo-model.md.
+
+`--tiny` runs the same pipeline on a tiny random model in seconds (for tests; its pictures mean nothing).
 """
 
 from __future__ import annotations
@@ -13,17 +17,23 @@ import shutil
 import time
 from pathlib import Path
 
-HELP = "Run the whole pipeline on a tiny built-in model and dataset (CPU, no downloads, ~1 minute)."
+HELP = "Train a LoRA on the built-in demo model: the whole pipeline on the CPU, no downloads."
 
-TRIGGER = "demoshape"
+TRIGGER = "demoshape"  # --tiny
 PROMPT = f"{TRIGGER}, red theme, simple background"
 SIZE = 64
+# the A/B image: one column per prompt, row 1 without the LoRA, row 2 with it (same seeds)
+AB_PROMPTS = ("yellow demostar, blue background", "red demostar, white background",
+              "white demostar, black background", "orange demostar, teal background")
+AB_SEED = 7
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="./lora-trainer-demo", help="folder for everything the demo writes")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
-    p.add_argument("--images", type=int, default=10, help="generated images (default 10)")
+    p.add_argument("--epochs", type=int, default=0, help="training epochs (default 15; 4 with --tiny)")
+    p.add_argument("--images", type=int, default=0, help="training pictures (default 16; 10 with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model instead of the demo model "
+                   "(seconds; for tests, its pictures mean nothing)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=1)
 
@@ -54,6 +64,14 @@ def make_images(folder: Path, count: int, seed: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tiny:
+        args.epochs, args.images = args.epochs or 4, args.images or 10
+        return run_tiny(args)
+    args.epochs, args.images = args.epochs or 15, args.images or 16
+    return run_demo(args)
+
+
+def run_tiny(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import TrainConfig
@@ -120,6 +138,105 @@ def run(args: argparse.Namespace) -> int:
     print(f"User metadata: {Path(result.lora_path).with_suffix('.json')}")
     print(f"Settings:      {out / 'lora' / 'demo-lora.toml'}")
     print(f"Samples:       {', '.join(str(p) for p in result.samples)}")
+    print(f"A/B image:     {ab}")
+    print(f"Loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f} ({result.steps} steps, "
+          f"{time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def demo_config(model: str, data: Path, output_dir: Path, *, epochs: int, seed: int, device: str):
+    """The demo's training settings (measured on the demo model: docs/demo-model.md)."""
+    from ..config import TrainConfig
+    from ..demo import TRIGGER
+
+    return TrainConfig(
+        model=model, data=str(data), output_dir=str(output_dir), name="demo-lora", overwrite=True,
+        resolution=SIZE, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32,
+        rank=8, alpha=8.0, learning_rate=3e-3, train_text_encoder=True, text_encoder_lr=1.5e-3,
+        epochs=epochs, batch_size=4, seed=seed, device=device, save_precision="fp16",
+        save_state=False, activation_text=TRIGGER, log_every=10)
+
+
+def ab_grid(rows: list[list], labels: tuple[str, str] = ("without LoRA", "with LoRA"), scale: int = 2):
+    """Rows of pictures (enlarged `scale` times, sharp pixels) under a label each."""
+    from PIL import Image, ImageDraw
+
+    size = rows[0][0].width * scale
+    strip = 14
+    canvas = Image.new("RGB", (size * len(rows[0]), (size + strip) * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        y = r * (size + strip)
+        draw.text((3, y + 1), label, fill="black")
+        for c, image in enumerate(row):
+            canvas.paste(image.resize((size, size), Image.NEAREST), (c * size, y + strip))
+    return canvas
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import demo
+    from ..dataset.prepare import prepare_dataset
+    from ..demo.dataset import write_concept_images
+    from ..demo.measure import generate_batch
+    from ..demo.world import to_pil
+    from ..lora import LoraSpec, inject_lora, load_kohya_file
+    from ..models.loader import load_model
+    from ..tagger.demo_model import write_demo_tagger
+    from ..tagger.engine import Tagger
+    from ..tagger.folder import tag_folder
+    from ..tagger.thresholds import TagOptions
+    from ..train import run_training
+    from ..train.sampling import save_png
+
+    started = time.perf_counter()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"Demo folder: {out}")
+    print(f"1/5 demo model: {demo.DEMO_MODEL.name} (pretrained on shapes, never a star)")
+
+    images = out / "images"
+    shutil.rmtree(images, ignore_errors=True)
+    write_concept_images(images, args.images, args.seed)
+    tagger = Tagger.load(write_demo_tagger(out / "tagger"), provider="cpu")
+    tagged = tag_folder(images, tagger, TagOptions(general_threshold=0.9, include_characters=False),
+                        mode="append")
+    example = next(iter(tagged.captions.items()))
+    print(f"2/5 {len(tagged.captions)} star pictures, captions + demo WD14 tags "
+          f"(e.g. {Path(example[0]).name}: '{example[1]}')")
+
+    dataset = prepare_dataset(images, out / "dataset", demo.TRIGGER, repeats=1, resolution=SIZE)
+    print(f"3/5 Kohya dataset: {dataset.out}/img/1_{demo.TRIGGER}/")
+
+    config = demo_config(str(demo.DEMO_MODEL), dataset.out, out / "lora", epochs=args.epochs, seed=args.seed,
+                         device=args.device)
+    config.save(out / "lora" / "demo-lora.toml")
+    bundle = load_model(demo.DEMO_MODEL, dtype=torch.float32, device=torch.device(args.device))
+
+    def pictures() -> list:
+        return to_pil(generate_batch(bundle, list(AB_PROMPTS), seed=AB_SEED, steps=20, cfg_scale=5.0, size=SIZE))
+
+    without = pictures()
+    print("4/5 training (UNet + text encoder LoRA, rank 8):", flush=True)
+
+    def progress(event) -> None:
+        if event.kind == "step" and (event.step % 40 == 0 or event.step == event.total_steps):
+            print(f"    step {event.step}/{event.total_steps}  loss {event.smoothed_loss:.4f}", flush=True)
+
+    result = run_training(config, bundle=bundle, on_event=progress, owns_bundle=False)
+    tensors, _ = load_kohya_file(result.lora_path)
+    network = inject_lora(bundle, LoraSpec.from_kohya_state_dict(tensors))
+    try:
+        network.load_kohya_state_dict(tensors, strict=True)
+        with_lora = pictures()
+    finally:
+        network.remove()
+    ab = save_png(ab_grid([without, with_lora]), out / "ab.png")
+    print(f"5/5 A/B image: {ab}")
+    print(f"    prompts: {'; '.join(AB_PROMPTS)} (seeds {AB_SEED}..{AB_SEED + len(AB_PROMPTS) - 1})")
+    print()
+    print(f"LoRA:          {result.lora_path}")
     print(f"A/B image:     {ab}")
     print(f"Loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f} ({result.steps} steps, "
           f"{time.perf_counter() - started:.0f} s)")
