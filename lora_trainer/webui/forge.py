@@ -130,10 +130,10 @@ class ForgeHost(A1111Host):
             self._note(flux.note)
             _say(flux.line)
             return bundle
-        share = forge_model.shared_fraction(bundle, sd_model)
+        share = forge_model.shared_fraction(bundle, sd_model)  # rounded down: "100%" only when nothing is copied
         widened = forge_model.widened_per_layer(bundle)
         _say(f"training on Forge's loaded model {bundle.name} ({bundle.family.label}, {bundle.prediction_type}; "
-             + ("zero copy" if share == 1.0 else f"{share:.0%} of the weights shared with Forge, the rest copied "
+             + ("zero copy" if share == 1.0 else f"{int(share * 100)}% of the weights shared with Forge, the rest copied "
                 "to fp32 / the training device")
              + (f"; Linear weights read in place ({widened}) and widened to fp32 one layer at a time)" if widened
                 else ")"))

@@ -41,15 +41,18 @@ NEO_PINS = {"diffusers": "0.36.0", "peft": "0.17.1", "transformers": "4.56.2", "
 # backups: measured 20.4 GiB anonymous RSS (and rising) when the harness was stopped with 1.5 GiB left on a
 # 24 GiB machine. So below 32 GiB the SDXL run launches Neo with --bf16-unet (HALF_UNET_ARGS): the UNet
 # stored in bf16, as Neo stores it on a GPU (fp16/bf16), half the memory; our hand-off then reads its
-# Linears in place and widens them one layer at a time. Below `use_lora_gib` the run trains and checks
+# Linears in place and widens them one layer at a time. Generating with the LoRA still needs more than a
+# 24 GiB machine has: with a bf16 UNet the Neo process reached 21.0 GiB anonymous RSS (LoRA merged with its
+# bf16 backups, then a training run) and the machine ran out. Below `use_lora_gib` the run trains and checks
 # everything but generating with the LoRA (A/B grid off, no `<lora:…>` images, no smoke test); below
 # `fp8_file_gib` it skips the fp8 fallback, which loads the checkpoint file beside Neo's own copy.
 MODELS = {
     "sd15-random": {"family": "SD1", "card": "sd", "base_version": "sd_v1", "unet_keys": 192, "clip_keys": 72,
-                    "use_lora_gib": {"fp32": 16, "bf16": 12, "fp16": 12}, "fp8_file_gib": 16, "smoke_max_s": 60},
+                    "use_lora_gib": {"fp32": 16, "bf16": 12, "fp16": 12}, "fp8_file_gib": 16, "smoke_max_s": 60,
+                    "lora_changes": 0.05},
     "sdxl-random": {"family": "SDXL", "card": "xl", "base_version": "sdxl_base_v1-0", "unet_keys": 722,
-                    "clip_keys": 264, "use_lora_gib": {"fp32": 32, "bf16": 22, "fp16": 22}, "fp8_file_gib": 22,
-                    "smoke_max_s": 300},
+                    "clip_keys": 264, "use_lora_gib": {"fp32": 32, "bf16": 28, "fp16": 28}, "fp8_file_gib": 28,
+                    "smoke_max_s": 300, "lora_changes": 0.005},
 }
 HALF_UNET_ARGS = "--bf16-unet"
 UNET_FLAGS = {"--bf16-unet": "bf16", "--fp16-unet": "fp16", "--fp32-unet": "fp32"}
@@ -203,7 +206,9 @@ def test_the_lora_changes_the_image_and_neo_matches_every_key(neo: ForgeFamilySe
                     f"of RAM ({_total_ram_gib():.0f} here; see MODELS)")
     name, base = f["trained"], f["base"]
     with_lora = ui.txt2img(f"{PROMPT} <lora:{name}:1>")
-    assert (with_lora != base).mean() > 0.05
+    # share of pixel values the LoRA changes (SD1.5 fp32: nearly all; the random SDXL with a bf16 UNet, 64 px,
+    # 2 steps: 1.6% in Neo 3df257ae); `:0` and no LoRA must stay exactly the base image
+    assert (with_lora != base).mean() > f["lora_changes"]
     assert (ui.txt2img(f"{PROMPT} <lora:{name}:0>") == base).all()
     assert (ui.txt2img(PROMPT) == base).all()
     # Neo's loader matched every key (A/B grid and the calls above): no "unmatched", no "mismatch"
