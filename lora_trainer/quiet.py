@@ -26,9 +26,21 @@ class _TorchvisionFallback(logging.Filter):
         return not ("requires torchvision (not installed); falling back to" in text and "ImageProcessor" in text)
 
 
+class _Bnb4bitCpuKernel(logging.Filter):
+    """diffusers imports bitsandbytes whenever it is installed; bitsandbytes >= 0.49 then tries to fetch
+    a CPU 4-bit matmul kernel from the Hub (through `kernels`) and warns when it cannot (offline, no
+    trust). We never run bitsandbytes' 4-bit CPU matmul, so neither line tells the user anything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("gemm_4bit_forward" in text or "kernels-community/quantization-bitsandbytes" in text)
+
+
 _FILTERS: dict[str, logging.Filter] = {
     "diffusers.models.modeling_utils": _EmptyFp32Warning(),
     "transformers.utils.import_utils": _TorchvisionFallback(),
+    "bitsandbytes.backends.cpu.ops": _Bnb4bitCpuKernel(),
+    "kernels._internals.hf_hub": _Bnb4bitCpuKernel(),
 }
 
 
