@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 
 class _EmptyFp32Warning(logging.Filter):
@@ -46,6 +47,10 @@ _FILTERS: dict[str, logging.Filter] = {
 
 def quiet_known_warnings() -> None:
     """Install the filters once (idempotent)."""
+    # diffusers 0.36 decorates Kandinsky 5 methods with a CUDA autocast at import time; on a machine
+    # without CUDA torch warns once per decorator. We never run Kandinsky, and the CPU is not an error.
+    warnings.filterwarnings("ignore", message=r"CUDA is not available or torch_xla is imported\. Disabling autocast",
+                            category=UserWarning, module=r"diffusers\.")
     for name, flt in _FILTERS.items():
         logger = logging.getLogger(name)
         if flt not in logger.filters:
