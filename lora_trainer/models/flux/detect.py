@@ -80,17 +80,26 @@ def _axes_dim(head_dim: int) -> tuple[int, int, int]:
     return first, rest, head_dim - first - rest
 
 
-def bfl_params(tensors: Mapping[str, TensorInfo], prefix: str = "") -> FluxParams:
-    """Transformer shape from BFL-layout keys (any number of blocks, any width)."""
-    def shape(key: str) -> tuple[int, ...]:
-        return tensors[prefix + key].shape
+def _shape_of(tensors: Mapping[str, TensorInfo], prefix: str):
+    return lambda key: tensors[prefix + key].shape
 
-    keys = [k[len(prefix):] for k in tensors if k.startswith(prefix)]
-    depth, single = cv.count_blocks(keys, "bfl")
+
+def _block_sizes(tensors: Mapping[str, TensorInfo], prefix: str) -> tuple[int, int, int, int, int, int]:
+    """(double blocks, single blocks, width, input channels, head dim, MLP width): the sizes Flux and
+    Chroma share, read from BFL-layout keys."""
+    shape = _shape_of(tensors, prefix)
+    depth, single = cv.count_blocks([k[len(prefix):] for k in tensors if k.startswith(prefix)], "bfl")
     hidden, in_channels = shape("img_in.weight")
     head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0] if depth else \
         shape("single_blocks.0.norm.query_norm.scale")[0]
     mlp = shape("double_blocks.0.img_mlp.0.weight")[0] if depth else shape("single_blocks.0.linear2.weight")[1] - hidden
+    return depth, single, hidden, in_channels, head_dim, mlp
+
+
+def bfl_params(tensors: Mapping[str, TensorInfo], prefix: str = "") -> FluxParams:
+    """Transformer shape from BFL-layout keys (any number of blocks, any width)."""
+    shape = _shape_of(tensors, prefix)
+    depth, single, hidden, in_channels, head_dim, mlp = _block_sizes(tensors, prefix)
     return FluxParams(
         in_channels=in_channels, out_channels=shape("final_layer.linear.weight")[0],
         vec_in_dim=shape("vector_in.in_layer.weight")[1], context_in_dim=shape("txt_in.weight")[1],
@@ -104,15 +113,8 @@ def chroma_params(tensors: Mapping[str, TensorInfo], prefix: str = "") -> FluxPa
     """Chroma's shape from BFL-layout keys (no modulation Linears; the approximator's sizes)."""
     from .chroma import ChromaParams
 
-    def shape(key: str) -> tuple[int, ...]:
-        return tensors[prefix + key].shape
-
-    keys = [k[len(prefix):] for k in tensors if k.startswith(prefix)]
-    depth, single = cv.count_blocks(keys, "bfl")
-    hidden, in_channels = shape("img_in.weight")
-    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0] if depth else \
-        shape("single_blocks.0.norm.query_norm.scale")[0]
-    mlp = shape("double_blocks.0.img_mlp.0.weight")[0] if depth else shape("single_blocks.0.linear2.weight")[1] - hidden
+    shape = _shape_of(tensors, prefix)
+    depth, single, hidden, in_channels, head_dim, mlp = _block_sizes(tensors, prefix)
     approx_hidden, approx_in = shape("distilled_guidance_layer.in_proj.weight")
     return ChromaParams(
         in_channels=in_channels, out_channels=shape("final_layer.linear.weight")[0],
@@ -120,7 +122,7 @@ def chroma_params(tensors: Mapping[str, TensorInfo], prefix: str = "") -> FluxPa
         num_heads=hidden // head_dim, depth=depth, depth_single_blocks=single, axes_dim=_axes_dim(head_dim),
         qkv_bias=prefix + "double_blocks.0.img_attn.qkv.bias" in tensors or depth == 0,
         approximator_in_dim=approx_in, approximator_hidden_size=approx_hidden,
-        approximator_depth=cv._approximator_layers(keys))
+        approximator_depth=cv._approximator_layers([k[len(prefix):] for k in tensors if k.startswith(prefix)]))
 
 
 def diffusers_params(tensors: Mapping[str, TensorInfo], prefix: str = "") -> FluxParams:
