@@ -12,119 +12,34 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
-import re
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dataset.atomic import write_text_atomic
 from .errors import LoraTrainerError
 from .host import checkpoint_family
-from .paths import lora_subdir, validate_lora_name
+from .job_record import (  # noqa: F401  (Job, its states and errors: imported from here by the UI, API, tests)
+    FINAL_STATES,
+    KEEP_FINISHED,
+    STATES,
+    Job,
+    JobError,
+    JobQueueFullError,
+    UnknownJobError,
+    read_records,
+    write_record,
+)
+from .paths import validate_lora_name
+from .publish import PREFERRED_WEIGHT, activation_text, engine_sd_version, publish_run, user_metadata  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "done", "failed", "stopped")
-FINAL_STATES = frozenset({"done", "failed", "stopped"})
-PREFERRED_WEIGHT = 0.8
-_KEEP_FINISHED = 50  # finished jobs remembered for polling
-_RECORD = "job.json"  # a training job's card in its run folder, read back after a restart
-
-
-class JobError(LoraTrainerError):
-    """A job request cannot be carried out as asked."""
-
-
-class UnknownJobError(JobError):
-    """No job has the requested id."""
-
-
-class JobQueueFullError(JobError):
-    """Too many jobs are waiting already."""
-
-
 Runner = Callable[..., Any]  # run_training(config, *, bundle, on_event, stop) -> TrainResult
-
-
-@dataclass
-class Job:
-    """One queued/running/finished job; `to_dict()` is what the UI and API show."""
-
-    id: str
-    kind: str  # "train" | "tag" | "prepare"
-    label: str
-    state: str = "queued"
-    created: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    step: int = 0
-    total_steps: int = 0
-    epoch: int = 0
-    total_epochs: int = 0
-    loss: float | None = None
-    smoothed_loss: float | None = None
-    lr: float | None = None
-    it_per_s: float | None = None
-    eta_s: float | None = None
-    vram_bytes: int | None = None  # peak GPU memory the process reserved (torch's cache included)
-    phase: str = ""  # what the run does now: "cache", "train", "sample", "save" (ProgressEvent.phase)
-    phase_done: int = 0
-    phase_total: int = 0
-    loss_history: list[tuple[int, float, float | None]] = field(default_factory=list)
-    samples: list[str] = field(default_factory=list)
-    saves: list[str] = field(default_factory=list)  # LoRAs the engine wrote in the run folder
-    outputs: list[str] = field(default_factory=list)  # published files (Lora folder) or results
-    lora_name: str | None = None
-    prompt_text: str = ""
-    plan_text: str = ""
-    message: str = ""
-    notes: list[str] = field(default_factory=list)  # the host's notes on the model (host.last_notes)
-    family: str = ""  # the model family trained ("SD1", "SDXL", ...), once known
-    error: str | None = None
-    result: Any = None  # tag/prepare: a JSON-able summary; train: the TrainResult
-    report: dict[str, Any] | None = None  # train: "did it learn?" (train/report.py LearnReport.to_dict())
-    state_dir: str | None = None
-    resumed_from: str | None = None
-    config: Any = None  # TrainConfig for training jobs
-    lora_subdir: str = ""
-    stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
-    done_event: threading.Event = field(default_factory=threading.Event, repr=False)
-    _fn: Callable[[Job], Any] | None = field(default=None, repr=False)
-    _gpu: bool = field(default=True, repr=False)
-
-    @property
-    def finished_ok(self) -> bool:
-        return self.state == "done"
-
-    def progress(self, done: int, total: int, message: str = "") -> None:
-        """For tag/prepare functions: report `done` of `total` items."""
-        self.step, self.total_steps = done, total
-        if message:
-            self.message = message
-
-    def to_dict(self) -> dict[str, Any]:
-        summary = self.result if isinstance(self.result, (dict, list, str, int, float)) else None
-        return {
-            "id": self.id, "kind": self.kind, "label": self.label, "state": self.state,
-            "created": self.created, "started": self.started, "finished": self.finished,
-            "step": self.step, "total_steps": self.total_steps, "epoch": self.epoch,
-            "total_epochs": self.total_epochs, "loss": self.loss, "smoothed_loss": self.smoothed_loss,
-            "lr": self.lr, "it_per_s": self.it_per_s, "eta_s": self.eta_s, "vram_bytes": self.vram_bytes,
-            "phase": self.phase, "phase_done": self.phase_done, "phase_total": self.phase_total,
-            "loss_history": [list(x) for x in self.loss_history], "samples": list(self.samples),
-            "saves": list(self.saves), "outputs": list(self.outputs), "lora_name": self.lora_name,
-            "prompt_text": self.prompt_text, "plan": self.plan_text, "message": self.message,
-            "notes": list(self.notes), "family": self.family, "error": self.error, "state_dir": self.state_dir,
-            "resumed_from": self.resumed_from, "result": summary, "report": self.report,
-            "config": self.config.to_dict() if hasattr(self.config, "to_dict") else None,
-        }
 
 
 class JobManager:
@@ -300,7 +215,7 @@ class JobManager:
 
     def _forget_old(self) -> None:
         done = [j for j in self._jobs.values() if j.state in FINAL_STATES]
-        for job in done[: max(0, len(done) - _KEEP_FINISHED)]:
+        for job in done[: max(0, len(done) - KEEP_FINISHED)]:
             del self._jobs[job.id]
 
     def _work(self) -> None:
@@ -355,36 +270,13 @@ class JobManager:
             job.eta_s = 0.0 if state == "done" else job.eta_s
             job.phase, job.phase_done, job.phase_total = "", 0, 0
             job._fn = None
-        self._record(job)
+        write_record(job)
         job.done_event.set()
 
     # ------------------------------------------------------------------ records across restarts
-    def _record(self, job: Job) -> None:
-        """Keep a training job's card in its run folder (`job.json`), so that after a restart of the
-        server or WebUI the run is listed again and, if stopped, can be resumed from the tab/API."""
-        output_dir = getattr(job.config, "output_dir", "") if job.kind == "train" else ""
-        if not output_dir or not Path(output_dir).is_dir():
-            return
-        try:
-            write_text_atomic(Path(output_dir) / _RECORD, json.dumps(
-                {**job.to_dict(), "lora_subdir": job.lora_subdir, "record_version": 1}, default=str))
-        except (OSError, TypeError, ValueError) as e:  # never fail a job over its record
-            log.warning("could not write the job record in %s: %s", output_dir, e)
-
     def _restore(self) -> None:
-        """Training jobs recorded by earlier sessions (newest last, at most `_KEEP_FINISHED`). A run
-        that was still going when the process ended comes back as stopped, resumable from its
-        last saved state when it has one."""
-        try:
-            records = sorted(self.work_dir.glob(f"*/{_RECORD}"), key=lambda p: p.stat().st_mtime)
-        except OSError:
-            return
-        for path in records[-_KEEP_FINISHED:]:
-            try:
-                job = _job_from_record(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError, KeyError, LoraTrainerError) as e:
-                log.warning("ignoring the job record %s: %s", path, e)
-                continue
+        """Training jobs recorded by earlier sessions (`job_record.read_records`)."""
+        for job in read_records(self.work_dir):
             if job.id not in self._jobs:
                 self._jobs[job.id] = job
 
@@ -404,7 +296,7 @@ class JobManager:
             config = dataclasses.replace(config, output_dir=str(run_dir))
             job.config = config
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        self._record(job)  # a run cut short by the process ending is found again after a restart
+        write_record(job)  # a run cut short by the process ending is found again after a restart
         runner = self._runner_fn()
         run_over = threading.Event()
         watcher = threading.Thread(target=self._watch_interrupt, args=(job, run_over), daemon=True,
@@ -434,7 +326,7 @@ class JobManager:
                     self.host.release_model(bundle)
                 del bundle
         if family is None:  # the engine loaded the model: its own user metadata names the family
-            family = _engine_sd_version(result)
+            family = engine_sd_version(result)
         job.family = family or job.family
         job.result = result
         job.state_dir = str(result.state_dir) if getattr(result, "state_dir", None) else None
@@ -521,72 +413,8 @@ class JobManager:
 
     # ------------------------------------------------------------------ publishing
     def _publish(self, job: Job, config: Any, result: Any, family: str | None) -> None:
-        """Copy the run's LoRAs into the Lora folder (see `publish`): the finished one under the
-        user's name, a stopped run's under `<name>-stepN`, intermediate saves under names that say
-        which epoch/step they are; each with its `.json` (incl. "sd version") and a preview."""
-        from . import publish
-        from .train.usermeta import write_user_metadata  # the engine's writer: one format everywhere
-
-        dest_dir = lora_subdir(Path(self.host.lora_dir()), job.lora_subdir)
-        name = validate_lora_name(config.name)
-        stopped = bool(getattr(result, "stopped", False))
-        main = Path(result.lora_path)
-        family = family or _file_sd_version(main)
-        trigger = activation_text(config)
-        meta = user_metadata(config, result, family=family, trigger=trigger)
-        card_version = getattr(self.host, "card_sd_version", None)  # hosts that name families their own way
-        if callable(card_version):
-            meta["sd version"] = card_version(meta["sd version"])
-        totals = {"total_epochs": job.total_epochs or getattr(config, "epochs", 0) or 0,
-                  "total_steps": job.total_steps or getattr(result, "steps", 0) or 0}
-        files = [Path(p) for p in getattr(result, "saved", []) or []]
-        files = [p for p in files if p != main and p.is_file()] + [main]  # intermediate saves first, main last
-        outputs: list[str] = []
-        for src in files:
-            kind = publish.save_kind(name, src)
-            is_main = src == main
-            if is_main and stopped and kind.kind == "final":  # a stop file always says it is one
-                kind = publish.SaveKind("step", int(getattr(result, "steps", 0) or job.step))
-            sample = (job.samples[-1] if job.samples else None) if is_main else (
-                publish.epoch_sample(job.samples, name, kind.number) if kind.kind == "epoch" else None)
-            best = bool(job.report) and str(src) == job.report.get("best_path") and not is_main
-            stem = publish.lora_stem(name, kind, **totals) + ("-best" if best else "")  # "did it learn?" pick
-            done = publish.publish_file(src, dest_dir, stem, preview=_preview_png([sample] if sample else []))
-            if done.new:
-                what = publish.describe(kind, stopped=stopped and is_main, step=int(getattr(result, "steps", 0) or 0),
-                                        total_steps=totals["total_steps"], epoch=job.epoch,
-                                        total_epochs=totals["total_epochs"])
-                if best:
-                    what = f"{what} The best epoch by the run's \"did it learn?\" report: {job.report['message']}"
-                json_path = write_user_metadata(done.path, activation_text=meta["activation text"],
-                                                preferred_weight=meta["preferred weight"],
-                                                sd_version=meta["sd version"],
-                                                description=f"{what} {meta['description']}", notes=meta["notes"])
-                done.files.insert(1, json_path)
-            if job.report and str(src) == job.report.get("best_path"):  # the best epoch's file, as published
-                job.report = {**job.report, "best_lora": done.stem}
-            if is_main:
-                job.lora_name = done.stem
-                if done.stem != publish.lora_stem(name, kind, **totals):
-                    job.notes.append(f"A LoRA named {publish.lora_stem(name, kind, **totals)} was already in the "
-                                     f"Lora folder, so this one is {done.stem}.")
-                outputs = [str(p) for p in done.files] + outputs  # the LoRA to use comes first
-            else:
-                outputs += [str(p) for p in done.files]
-            if done.new:
-                try:
-                    self.host.after_save(done.path)
-                except Exception:  # a failed Lora-list refresh must not fail the run
-                    log.warning("Refreshing the Lora list failed", exc_info=True)
-        job.outputs = outputs
-        weight = getattr(config, "preferred_weight", PREFERRED_WEIGHT) or PREFERRED_WEIGHT
-        job.prompt_text = f"<lora:{job.lora_name}:{weight:g}>" + (f" {trigger}" if trigger else "")
-        after_run = getattr(self.host, "after_run", None)  # optional hook (A1111: the A/B grid)
-        if after_run is not None and not stopped:
-            try:
-                after_run(job)
-            except Exception:
-                log.warning("The host's after-run step failed", exc_info=True)
+        """Copy the run's LoRAs into the host's Lora folder (`publish.publish_run`)."""
+        publish_run(self.host, job, config, result, family)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -612,112 +440,6 @@ def _check_not_resumed(old: Job, jobs: Any) -> None:
                    f"{newest.id} instead (it holds the newer progress).")
 
 
-_CONCEPT_DIR = re.compile(r"^\d+_(.+)$")
-
-
-def _job_from_record(data: dict[str, Any]) -> Job:
-    from .config import TrainConfig
-
-    config = TrainConfig.from_dict(data["config"], source="job record")
-    job = Job(id=str(data["id"]), kind="train", label=str(data.get("label") or f"train {config.name}"))
-    for name in ("created", "started", "finished", "step", "total_steps", "epoch", "total_epochs", "loss",
-                 "smoothed_loss", "lr", "it_per_s", "eta_s", "vram_bytes", "samples", "saves", "outputs",
-                 "lora_name", "prompt_text", "message", "notes", "family", "error", "state_dir", "resumed_from",
-                 "lora_subdir", "report"):
-        if data.get(name) is not None:
-            setattr(job, name, data[name])
-    job.plan_text = data.get("plan") or ""
-    job.loss_history = [tuple(x) for x in data.get("loss_history") or []]
-    job.config = config
-    job.state = data.get("state") or "stopped"
-    if job.state not in FINAL_STATES:  # the process ended while it ran (or waited)
-        saved = config.state_dir()
-        job.state, job.finished = "stopped", job.finished or job.started or job.created
-        job.state_dir = str(saved) if saved.is_dir() else None
-        job.message = ("Interrupted when the server stopped; Resume continues from the last saved state."
-                       if job.state_dir else "Interrupted when the server stopped, before it saved a state.")
-    job.done_event.set()
-    return job
-
-
-def activation_text(config: Any) -> str:
-    """The trigger word(s): the setting, else the concept names of the `<N>_<concept>` folders."""
-    text = (getattr(config, "activation_text", "") or "").strip()
-    if text or not getattr(config, "data", ""):
-        return text
-    root = Path(config.data)
-    folder = root / "img" if (root / "img").is_dir() else root
-    try:
-        names = sorted(m.group(1).strip() for p in folder.iterdir() if p.is_dir()
-                       and (m := _CONCEPT_DIR.match(p.name)))
-    except OSError:
-        return ""
-    return ", ".join(dict.fromkeys(n for n in names if n))
-
-
-def user_metadata(config: Any, result: Any, *, family: str | None, trigger: str) -> dict[str, Any]:
-    """The WebUI's `<name>.json` user metadata (read by A1111's and Forge's Lora cards)."""
-    plan = getattr(result, "plan", None)
-    steps = getattr(result, "steps", 0)
-    parts = [f"Trained with LoRA Trainer for {steps} steps"]
-    if plan is not None and getattr(plan, "epochs", None):
-        parts[0] += f" ({plan.epochs} epochs planned, {getattr(plan, 'num_images', '?')} images)"
-    parts.append(f"rank {config.rank}, alpha {config.alpha:g}, learning rate {config.learning_rate:g}, "
-                 f"resolution {config.resolution}, batch {config.batch_size}")
-    if getattr(result, "final_loss", None) is not None:
-        parts.append(f"final loss {result.final_loss:.4f}")
-    if getattr(result, "stopped", False):
-        parts.append("stopped early")
-    return {
-        "description": "; ".join(parts) + ".",
-        "sd version": family or "Unknown",
-        "activation text": trigger,
-        "preferred weight": getattr(config, "preferred_weight", PREFERRED_WEIGHT) or PREFERRED_WEIGHT,
-        "notes": f"base model: {Path(str(getattr(config, 'model', '') or 'the WebUI model')).name}",
-    }
-
-
-def _file_sd_version(lora: Path) -> str | None:
-    """"sd version" read from a LoRA file itself (its ss_* metadata or key shapes)."""
-    try:
-        from .lora.kohya_file import read_lora_info
-
-        family = read_lora_info(lora).family
-    except Exception:  # an unreadable header just means we cannot tell
-        log.debug("cannot read %s", lora, exc_info=True)
-        return None
-    return family.label if family is not None else None
-
-
-def _engine_sd_version(result: Any) -> str | None:
-    """"sd version" from the `<name>.json` the engine wrote beside its LoRA in the run folder."""
-    lora = getattr(result, "lora_path", None)
-    if not lora:
-        return None
-    try:
-        from .train.usermeta import user_metadata_path
-
-        data = json.loads(user_metadata_path(lora).read_text(encoding="utf-8"))
-        return str(data.get("sd version") or "") or None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _preview_png(samples: list[str]) -> bytes | None:
-    """The last sample image as PNG bytes (None when there is none or it cannot be read)."""
-    for path in reversed(samples):
-        try:
-            import io
-
-            from PIL import Image
-
-            with Image.open(path) as im:
-                buf = io.BytesIO()
-                im.convert("RGB").save(buf, format="PNG")
-                return buf.getvalue()
-        except Exception:  # a bad sample just means no preview
-            log.debug("cannot read sample %s", path, exc_info=True)
-    return None
 
 
 def _user_message(e: BaseException, job: Job) -> str:
