@@ -366,6 +366,24 @@ def test_storage_report_names_every_part(forge_backend):
         "fp32 (7 weights); VAE: fp32")  # 36 Linears (the tiny model's 2+2 blocks); biases, norms, embeddings
 
 
+@pytest.mark.parametrize(("fmt", "online", "advice"), [
+    ("fp8", False, True), ("fp8_scaled", False, True), ("fp32_scaled", False, True),  # merged into fp8 / scaled
+    ("fp8", True, False), ("fp8_scaled", True, False),  # "(fp16 LoRA)": applied on the fly, exact
+    ("fp32", False, False), ("bf16", False, False)])
+def test_the_run_says_how_to_use_the_lora_where_forges_merge_would_lose_it(forge_backend, fmt, online, advice):
+    """Forge merges LoRAs into fp8 weights by rounding the sum to fp8 (a change of a few percent of a weight mostly
+    rounds away), and into scaled weights without their scale_weight; "(fp16 LoRA)" applies them on the fly."""
+    forge_backend.dynamic_args["online_lora"] = online
+    sd_model, _ = make_forge_flux(fmt)
+    stats = forge_flux.HandoffStats()
+    _handoff(sd_model, stats)
+    text = forge_flux.lora_use_advice(stats)
+    assert (text is not None) == advice
+    if advice:
+        assert text.startswith(f"Forge applies LoRAs to this model by merging them into its {FORMAT_NAMES[fmt]} weights")
+        assert "'Automatic (fp16 LoRA)'" in text and text.count(". ") == 0  # one sentence: cause; remedy
+
+
 def test_make_room_asks_forges_memory_manager(forge_backend):
     sd_model, _ = make_forge_flux("fp32")
     forge_flux.make_room(sd_model, 3 * 2**30)
@@ -450,7 +468,9 @@ def test_forge_host_trains_flux_in_place_and_checks_it_after(fake_forge_flux, ca
         assert sd_model.forge_objects_original.unet.refreshed == 1  # merged LoRAs taken out first
         assert bundle.family.value == "flux1" and bundle.name == "flux-tiny" and bundle.model_hash == "cd" * 32
         assert host.last_notes == [("Trains on the loaded Flux model as Forge holds it (transformer fp8_scaled, CLIP-L "
-                                   "fp32, T5 fp8 e4m3fn); no second copy of the weights.")]
+                                   "fp32, T5 fp8 e4m3fn); no second copy of the weights."), host.last_notes[1]]
+        # no "online_lora" in Forge's dynamic_args: Forge merges LoRAs, so the run says how to use this one
+        assert host.last_notes[1].startswith("Forge applies LoRAs to this model by merging them into its fp8_scaled")
         with torch.no_grad():
             x = inputs(fake_forge_flux.ref.unet.params)
             torch.testing.assert_close(bundle.unet(**x), forge_flux.transformer_of(sd_model)(**x))

@@ -129,6 +129,8 @@ class ForgeHost(A1111Host):
         if flux is not None:
             self._note(flux.note)
             _say(flux.line)
+            if flux.advice:  # e.g. fp8 weights that Forge merges LoRAs into: how to use the LoRA at full effect
+                self._note(flux.advice)
             return bundle
         share = forge_model.shared_fraction(bundle, sd_model)  # rounded down: "100%" only when nothing is copied
         widened = forge_model.widened_per_layer(bundle)

@@ -443,12 +443,35 @@ class Handoff:
     stats: HandoffStats
     line: str
     note: str
+    advice: str | None = None  # how to use the LoRA at full effect on this base, where Forge's settings lose it
 
 
 def formats_text(stats: HandoffStats) -> str:
     """e.g. "transformer fp8 e4m3fn, CLIP-L fp16, T5 fp8 e4m3fn"."""
     return ", ".join(f"{part} {_main(stats.formats[part])}" for part in ("transformer", "CLIP-L", "T5")
                      if part in stats.formats)
+
+
+def _loras_merged() -> bool:
+    """True when Forge applies LoRAs by merging them into the stored weights: "Diffusion in Low Bits" without
+    "(fp16 LoRA)" (Forge main and Neo set `dynamic_args["online_lora"]` from it; Neo forces it on for GGUF)."""
+    try:
+        from backend.args import dynamic_args
+    except ImportError:
+        return False
+    return isinstance(dynamic_args, dict) and not dynamic_args.get("online_lora", False)
+
+
+def lora_use_advice(stats: HandoffStats) -> str | None:
+    """A note for bases where Forge's merge loses most of a LoRA: fp8 weights (the sum is rounded to fp8: a
+    change of a few percent of a weight mostly rounds away) and scaled weights (Forge adds the change to the
+    unscaled values it multiplies by `scale_weight` at use). Applied on the fly ("(fp16 LoRA)"), it is exact."""
+    fmt = _main(stats.formats.get("transformer", Counter()))
+    if not (fmt.startswith("fp8") or "scaled" in fmt) or not _loras_merged():
+        return None
+    return (f"Forge applies LoRAs to this model by merging them into its {fmt} weights, which loses most of a LoRA's "
+            "effect; to use this LoRA at full strength here, set 'Diffusion in Low Bits' to an '(fp16 LoRA)' option "
+            "(such as 'Automatic (fp16 LoRA)' or 'float8-e4m3fn (fp16 LoRA)'), which applies LoRAs on the fly.")
 
 
 def acquire(sd_model: Any, config: Any, *, device: torch.device, name: str | None = None,
@@ -467,7 +490,7 @@ def acquire(sd_model: Any, config: Any, *, device: torch.device, name: str | Non
     line = (f"training on Forge's loaded Flux model {bundle.name} ({bundle.variant}; {formats}; {how}; "
             f"{stats.text()})")
     note = f"Trains on the loaded Flux model as Forge holds it ({formats}); no second copy of the weights."
-    return Handoff(bundle=bundle, stats=stats, line=line, note=note)
+    return Handoff(bundle=bundle, stats=stats, line=line, note=note, advice=lora_use_advice(stats))
 
 
 def model_info(sd_model: Any) -> dict[str, Any]:
