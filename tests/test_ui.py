@@ -587,7 +587,7 @@ def test_the_page_keeps_following_by_itself(tmp_path, monkeypatch):
         assert all(isinstance(v, dict) and set(v) == {"__type__"} for v in again[:-1])  # nothing changed
     else:
         index = next(i for i, d in enumerate(deps) if d.get("trigger") == "load" and len(d["outputs"]) == 10)
-        monkeypatch.setattr("lora_trainer.ui.tab.WATCH_INTERVAL", 0.01)
+        monkeypatch.setattr("lora_trainer.ui.tab_results.WATCH_INTERVAL", 0.01)
         loop = tab.fns[index].fn()
         first = next(loop)
         assert "No training run yet" in first[1]

@@ -8,38 +8,28 @@ Runs live in the JobManager, not in the page: every page follows the run that is
 newest), from the moment it opens, by polling about once a second (`live.Follower`; Gradio 4: a
 `gr.Timer` tick per second, Gradio 3: one generator per open page that ends when the page closes).
 Train and Resume while a run is active ask first (queue it, or cancel); Stop acts on the run shown.
+
+This module lays the tab out and wires it; each step's event functions live in their own module:
+`tab_tag` (1 pictures, 2 captions), `tab_prepare` (3), `tab_train` (4), `tab_results` (progress and
+result), with what they share in `tab_shared`.
 """
 
-# Handlers catch every exception on purpose: the tab shows the message (error_md), and
-# logic.user_error logs the traceback of anything that is not a LoraTrainerError.
-# ruff: noqa: BLE001
-
-import html
-import json
-import logging
-import time
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from .. import actions
-from ..config import PRESETS, TrainConfig
-from ..errors import ConfigError
-from ..jobs import FINAL_STATES, JobManager, UnknownJobError, manager_for
-from ..paths import resolve_user_path
+from ..config import PRESETS
+from ..jobs import JobManager, manager_for
 from ..tagger.registry import MODELS
 from . import captions as caphist
-from . import compat, live, logic, plan
+from . import compat, live, logic, plan, tab_prepare, tab_results, tab_tag, tab_train
 from .settings import get_setting
-from .texts import HELP, check_extra_keys, form_message
+from .tab_results import QUIET_POLLS, WATCH_INTERVAL  # noqa: F401  (the tab's polling: tests patch them there)
+from .tab_shared import PRESET_LABELS, TabContext, error_md  # noqa: F401  (error_md: the tab's error format)
+from .tab_shared import preset_label as _preset_label
+from .tab_shared import train_defaults as _train_defaults
+from .texts import HELP
 
-log = logging.getLogger(__name__)
-
-WATCH_INTERVAL = 1.0  # seconds between progress updates
-# Gradio 3 notices a closed page only when its generator sends something: with nothing new for this many
-# polls it sends an empty update, so a closed page's generator ends (and frees its queue worker) soon.
-QUIET_POLLS = 5
 # The parts that update themselves about once a second must not grey out or flash while an update is
 # on its way (Gradio marks every output of a running event). In the tab's own HTML, so it applies in
 # the WebUIs (whose page-wide CSS is their own) and standalone alike.
@@ -50,7 +40,6 @@ LIVE_CSS = (", ".join(f"{i}.pending, {i} .pending" for i in _LIVE)
             + ", ".join(f"{i}.generating, {i} .generating" for i in _LIVE)  # Gradio 3's running-event border
             + " { border-color: var(--block-border-color) !important; animation: none !important; }"
             + " #lora_trainer_live_css { display: none; }")
-PRESET_LABELS = {f"{p.label} ({key})": key for key, p in PRESETS.items()}
 # Standalone there is no txt2img: "Copy prompt" copies the text, or (plain http beyond localhost has
 # no clipboard API) selects the prompt in the result card so Ctrl+C copies it, and says which happened.
 COPY_JS = """() => {
@@ -75,21 +64,6 @@ COPY_JS = """() => {
 }"""
 
 
-def _preset_label(key: str) -> str:
-    for label, k in PRESET_LABELS.items():
-        if k == key:
-            return label
-    return next(iter(PRESET_LABELS))
-
-
-def _train_defaults(preset_key: str) -> TrainConfig:
-    return TrainConfig().with_preset(preset_key)
-
-
-def error_md(e: BaseException) -> str:
-    """An error for the form: our message in the form's words (a field's label, not its flag)."""
-    return f"**Error:** {html.escape(form_message(logic.user_error(e))).replace('&#x27;', chr(39))}"
-
 
 def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | None = None) -> gr.Blocks:
     """The tab for `host`; `settings` keyed as `ui.settings.SETTINGS` (missing keys use defaults)."""
@@ -104,417 +78,24 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
     standalone = getattr(host, "name", "standalone") == "standalone"
     needs_model_file = standalone and getattr(host, "_bundle_factory", None) is None
     setup = plan.describe_setup(host)
+    ctx = TabContext(host, jobs, settings, preset_key, standalone, needs_model_file)
+    preset_info = ctx.preset_info
 
-    def roots():
-        return jobs.allowed_roots()
-
-    def preset_info(key, family=None):
-        p = PRESETS[key]
-        text = f"**{p.label}** — needs about {p.vram_gb} GB of GPU memory. {p.note}"
-        warning = plan.preset_warning(key, family)
-        return text + (f"\n\n{warning}" if warning else "")
-
-    # ------------------------------------------------------------------ images and captions
-    def scan(folder, recursive, resolution, selected=""):
-        """The outputs every (re)load gives: keeps the selected image when it is still there."""
-        found = logic.scan_folder(folder, roots(), recursive=bool(recursive), resolution=int(resolution or 512))
-        freq = logic.tag_frequency_rows(found["folder"], roots(), recursive=bool(recursive))
-        keep = selected if selected in found["images"] else ""
-        box = (gr.update(value=logic.read_caption_or_empty(keep), label=f"Caption of {Path(keep).name}") if keep
-               else gr.update(value="", label="Caption (click a picture)"))
-        preview = caphist.caption_state(jobs.work_dir, found["folder"], found["images"])
-        return (found["folder"], found["gallery"], found["problems"], found["summary"], found["images"],
-                {"skipped": found["skipped"], "sizes": found["sizes"]}, freq, box, keep, preview)
-
-    load_outputs_count = 10
-
-    def unchanged():
-        return (gr.update(),) * load_outputs_count
-
-    def _mode_md(state, mode):
-        return caphist.mode_preview(state, mode) if state is not None else ""
-
-    def load(folder, recursive, resolution, selected, text, mode):
-        kept = _keep(selected, text).strip()
-        try:
-            out = scan(folder, recursive, resolution)
-        except Exception as e:  # the summary says why; nothing of another folder stays on show
-            return (kept, gr.update(), [], [], error_md(e), [], {}, [], gr.update(value="", label="Caption"), "",
-                    gr.update())
-        return (kept,) + out[:9] + (_mode_md(out[9], mode),)
-
-    def upload(files, recursive, resolution, selected, text, mode):
-        try:
-            dest = logic.save_uploads(compat.upload_paths(files), jobs.work_dir / "uploads")
-        except Exception as e:
-            return ("", gr.update(), gr.update(), gr.update(), error_md(e)) + (gr.update(),) * 6
-        return load(str(dest), recursive, resolution, selected, text, mode)
-
-    def _keep(selected, text):
-        """Save a pending caption edit before something replaces the caption box."""
-        try:
-            note = logic.keep_unsaved_caption(selected, text, roots())
-        except Exception as e:
-            return f" {error_md(e)}"
-        return f" {note}" if note else ""
-
-    def select(images, selected, text, evt: gr.SelectData):
-        kept = _keep(selected, text).strip()
-        index = compat.selected_index(evt)
-        if index is None or index >= len(images):
-            return "", gr.update(value="", label="Caption (click a picture)"), kept, gr.update()
-        path = images[index]
-        gallery = logic.gallery_items(images) if kept else gr.update()  # the kept edit shows under its picture
-        return path, gr.update(value=logic.read_caption_or_empty(path), label=f"Caption of {Path(path).name}"), \
-            kept, gallery
-
-    def save_caption(selected, text, folder, recursive, images, mode):
-        try:
-            status = logic.save_caption(selected, text, roots())
-            freq = logic.tag_frequency_rows(folder, roots(), recursive=bool(recursive))
-            state = caphist.caption_state(jobs.work_dir, folder, images)
-            return status, freq, logic.gallery_items(images), _mode_md(state, mode)
-        except Exception as e:
-            return error_md(e), gr.update(), gr.update(), gr.update()
-
-    def bulk(folder, action, tag, new, recursive, resolution, selected, text, mode):
-        kept = _keep(selected, text)
-        try:
-            status = logic.bulk_edit(folder, action, tag, new, roots(), recursive=bool(recursive))
-            folder = str(resolve_user_path(folder, roots(), what="image folder"))
-            if action == "remove" or action == "replace":
-                caphist.record_bulk(jobs.work_dir, folder, removed=[tag.strip()],
-                                    added=[new.strip()] if action == "replace" else [])
-                status += f" The tagger will not write '{tag.strip()}' again in this folder."
-            else:
-                caphist.record_bulk(jobs.work_dir, folder, added=[tag.strip()])
-            out = scan(folder, recursive, resolution, selected)
-        except Exception as e:
-            return (error_md(e),) + unchanged()
-        return (status + kept,) + out[:9] + (_mode_md(out[9], mode),)
-
-    def tag_preview(folder, images, mode):
-        if not folder or not images:
-            return caphist.mode_preview(caphist.CaptionState(0, 0, [], [], {}, []), mode)
-        try:
-            return _mode_md(caphist.caption_state(jobs.work_dir, folder, images), mode)
-        except Exception as e:
-            return error_md(e)
-
-    def run_tag(folder, model, general, character, trigger, mode, exclude, recursive, resolution, selected, text,
-                images):
-        kept = _keep(selected, text)
-        try:
-            folder = str(resolve_user_path(folder, roots(), what="image folder"))
-            state = caphist.caption_state(jobs.work_dir, folder, images or [])
-            never = [t.strip() for t in (exclude or "").split(",") if t.strip()] + state.removed
-            job = actions.submit_tag(jobs, {
-                "data": folder, "model": model or "", "general_threshold": general,
-                "character_threshold": character, "trigger": trigger or "",
-                "mode": caphist.TAG_MODES.get(mode, "skip"), "exclude": never, "recursive": bool(recursive)},
-                cache_dir=opt("lora_trainer_tagger_cache") or None, keep_out=state.keep_out)
-        except Exception as e:
-            yield (error_md(e),) + unchanged()
-            return
-        snap = None
-        for snap in _follow(job.id):
-            if snap["state"] not in FINAL_STATES:
-                yield (_job_status(snap) + kept,) + unchanged()
-        if snap["state"] != "done":
-            yield (_job_status(snap) + kept,) + unchanged()
-            return
-        users = set(state.changed) | set(state.foreign) if caphist.TAG_MODES.get(mode) == "append" else set()
-        caphist.record_tagging(jobs.work_dir, folder, (snap.get("result") or {}).get("captions") or {}, users=users)
-        out = scan(folder, recursive, resolution, selected)
-        yield (_job_status(snap) + kept,) + out[:9] + (_mode_md(out[9], mode),)
-
-    def recheck_sizes(scanned, resolution):
-        """Image-size warnings follow the training resolution (a 96 px picture is fine at 128 px)."""
-        if not scanned:
-            return gr.update()
-        try:
-            res = int(resolution or 512)
-        except (TypeError, ValueError):
-            return gr.update()
-        return list(scanned.get("skipped") or []) + logic.size_problems(scanned.get("sizes") or {}, res)
-
-    def sync_concept(trigger, concept, last):
-        """The concept starts as the trigger word (typed once); a concept the user typed is theirs."""
-        trigger = (trigger or "").strip()
-        if not (concept or "").strip() or (concept or "").strip() == (last or "").strip():
-            return trigger, trigger
-        return gr.update(), last
-
-    # ------------------------------------------------------------------ prepare
-    def steps_info(images, repeats, epochs, batch, max_steps):
-        try:
-            text = logic.steps_text(len(images or []), int(repeats or 0), int(epochs or 1), int(batch or 1))
-            if int(max_steps or 0) > 0 and images:
-                text += f" Max steps is set: training stops after {int(max_steps)} steps."
-            return text
-        except Exception as e:
-            return error_md(e)
-
-    def run_prepare(folder, concept, repeats, class_images, class_name, out_dir, resolution):
-        try:
-            concept = (concept or "").strip()
-            if not (folder or "").strip():
-                raise ConfigError("No picture folder is loaded; load your pictures in step 1 first.")
-            if not concept:
-                raise ConfigError("The concept is empty; type it in **Concept** (usually your trigger word, "
-                                  "e.g. 'ohwx dog').")
-            if (class_images or "").strip() and not (class_name or "").strip():
-                raise ConfigError("Generic pictures are given without their class; type it in **Their class** "
-                                  "(e.g. 'dog').")
-            out = (out_dir or "").strip() or str(jobs.work_dir / "datasets" / concept)
-            params = {"source": folder, "out": out, "concept": concept,
-                      "repeats": int(repeats) if repeats else None, "resolution": int(resolution or 512)}
-            if (class_images or "").strip():
-                params.update(class_images=class_images.strip(), class_name=class_name.strip())
-            job = actions.submit_prepare(jobs, params)
-        except Exception as e:
-            yield error_md(e), gr.update()
-            return
-        snap = None
-        for snap in _follow(job.id):
-            if snap["state"] not in FINAL_STATES:
-                yield _job_status(snap), gr.update()
-        if snap["state"] != "done":
-            yield _job_status(snap), gr.update()
-            return
-        result = snap["result"] or {}
-        manifest = result.get("manifest") or {}
-        counts = manifest.get("counts") or {}
-        subsets = [s for s in manifest.get("subsets") or [] if s.get("kind") == "img"]
-        used_repeats = int(subsets[0].get("repeats") or 1) if subsets else int(repeats or 1)
-        text = f"Prepared `{result.get('data', out)}`"
-        if counts:
-            text += f": {counts.get('usable', '?')} picture(s), {counts.get('captioned', '?')} with captions"
-        other = [k for k, v in (manifest.get("problems") or {}).items()
-                 if any("small image" not in str(x) for x in v)]
-        if other:
-            text += f"; {len(other)} file(s) converted, renamed or skipped (listed in dataset.json)"
-        yield (f"{text} ({used_repeats} repeats per picture). **Training data** in step 4 is filled in.",
-               result.get("data", out))
-
-    # ------------------------------------------------------------------ training
-    def apply_preset(label, scanned):
-        key = PRESET_LABELS.get(label, preset_key)
-        c = _train_defaults(key)
-        family = plan.describe_setup(host).family
-        return (preset_info(key, family), c.rank, c.alpha, c.learning_rate, c.resolution, c.batch_size,
-                c.train_text_encoder, recheck_sizes(scanned, c.resolution))
-
-    def form_params(label, name, data, model_file, epochs, max_steps, rank, alpha, lr, resolution, batch, seed,
-                    train_te, sample_prompt, sample_every, subdir, extra):
-        if not (data or "").strip():
-            raise ConfigError("**Training data** is empty; prepare the dataset in step 3 (it fills it in), or "
-                              "type the folder that holds img/.")
-        params: dict = {
-            "preset": PRESET_LABELS.get(label, preset_key), "name": (name or "").strip(), "data": data or "",
-            "epochs": epochs, "max_steps": max_steps or 0, "rank": rank, "alpha": alpha, "learning_rate": lr,
-            "resolution": resolution, "batch_size": batch, "seed": seed, "train_text_encoder": bool(train_te),
-            "lora_subdir": (subdir or "").strip(),
-        }
-        if needs_model_file:
-            if not (model_file or "").strip():
-                raise ConfigError("No model to train on; type a checkpoint (.safetensors) in **Checkpoint file**.")
-            params["model"] = model_file.strip()
-        prompts = [p.strip() for p in (sample_prompt or "").splitlines() if p.strip()]
-        if prompts:
-            params["sample_prompts"] = prompts
-            params["sample_every_n_epochs"] = int(sample_every or 1)
-        if (extra or "").strip():
-            try:
-                more = json.loads(extra)
-            except ValueError as e:
-                raise ConfigError(f"More settings is not valid JSON ({e}); write it like "
-                                  '{"noise_offset": 0.05}.') from e
-            if not isinstance(more, dict):
-                raise ConfigError('More settings must be a JSON object; write it like {"noise_offset": 0.05}.')
-            known = TrainConfig.field_names() - set(actions.TRAIN_FORBIDDEN) | set(actions.TRAIN_ALIASES)
-            check_extra_keys(list(more), known - ({"model"} if not standalone else set()),
-                             {**actions.TRAIN_FORBIDDEN, **({} if standalone else {
-                                 "model": "the WebUI trains the model it has loaded"})})
-            params.update(more)
-        return params
-
-    def check_plan(*form):
-        try:
-            from ..train import plan_training
-
-            config, _ = actions.train_config_from_request(jobs, form_params(*form))
-            training = plan_training(config)
-            history = [jobs.snapshot(j.id) for j in jobs.jobs() if j.kind == "train" and j.it_per_s]
-            lora_dir = Path(host.lora_dir())
-            warnings = []
-            if (lora_dir / f"{config.name}.safetensors").exists():
-                warnings.append(f"⚠️ A LoRA named `{config.name}` is already in the Lora folder; this one would "
-                                f"be saved as `{config.name}_2`. Choose another **LoRA name** to avoid that.")
-            return plan.plan_md(config, training, plan.describe_setup(host), history, warnings=warnings)
-        except Exception as e:
-            return error_md(e)
-
-    def _ask(what):
-        question = live.busy_question(jobs, what)
-        return None if question is None else (question, gr.update(visible=True))
-
-    def start_train(*form):
-        try:
-            config, sub = actions.train_config_from_request(
-                jobs, form_params(*form), defaults={"lora_subdir": opt("lora_trainer_output_subdir")})
-            asked = _ask("Training this one")
-            if asked is not None:
-                return ("",) + asked + ("train",)
-            job = jobs.submit_train(config, lora_subdir=sub)
-        except Exception as e:
-            return error_md(e), gr.update(), gr.update(visible=False), ""
-        return f"Started `{job.config.name}`.", "", gr.update(visible=False), ""
-
-    def resume(run_label):
-        try:
-            run_id = live.run_id_of(run_label) or next((j.id for j in jobs.resumable()), "")
-            if not run_id:
-                raise ConfigError("There is no stopped run to resume; a run you stop appears in **Stopped runs**.")
-            asked = _ask("Resuming this run")
-            if asked is not None:
-                return ("",) + asked + (f"resume:{run_id}",)
-            job = jobs.resume(run_id)
-        except Exception as e:
-            return error_md(e), gr.update(), gr.update(visible=False), ""
-        return f"Resumed `{job.config.name}` from step {jobs.get(run_id).step}.", "", gr.update(visible=False), ""
-
-    def confirm_queue(pending, *form):
-        try:
-            if pending.startswith("resume:"):
-                job = jobs.resume(pending.split(":", 1)[1])
-            elif pending == "train":
-                config, sub = actions.train_config_from_request(
-                    jobs, form_params(*form), defaults={"lora_subdir": opt("lora_trainer_output_subdir")})
-                job = jobs.submit_train(config, lora_subdir=sub)
-            else:
-                return "", gr.update(visible=False), ""
-        except Exception as e:
-            return error_md(e), gr.update(visible=False), ""
-        before = jobs.active_train()
-        after = f" after `{before.config.name}`" if before is not None and before is not job else ""
-        return f"Queued `{job.config.name}`: it starts{after} when the current run ends.", gr.update(visible=False), ""
-
-    def confirm_cancel(pending):
-        active = jobs.active_train()
-        going = f"; `{active.config.name}` goes on" if active is not None else ""
-        return f"Not started{going}.", gr.update(visible=False), ""
-
-    def stop(job_id):
-        job = None
-        try:
-            job = jobs.get(job_id) if job_id else None
-        except UnknownJobError:
-            job = None
-        if job is None or job.state in FINAL_STATES:
-            job = jobs.active_train()
-        if job is None:
-            return "Nothing is training."
-        try:
-            jobs.stop(job.id)
-        except Exception as e:
-            return error_md(e)
-        waiting = [j for j in jobs.queued() if j.kind == "train"]
-        nxt = (f" The queued run `{waiting[0].config.name}` starts next; *Cancel queued* if you do not want it."
-               if waiting else "")
-        if job.state == "running":
-            return (f"Stopping `{job.config.name}` after this step; its LoRA so far is saved as "
-                    f"`{job.config.name}-step…` and it can be resumed.{nxt}")
-        return f"`{job.config.name}` will not start.{nxt}"
-
-    def cancel_queued():
-        waiting = [j for j in jobs.queued() if j.kind == "train"]
-        for job in waiting:
-            jobs.stop(job.id)
-        return (f"Cancelled {len(waiting)} queued run(s): {', '.join(j.config.name for j in waiting)}."
-                if waiting else "No run is queued.")
-
-    # ------------------------------------------------------------------ following the run
-    def _follow(job_id):
-        """Snapshots of a tag/prepare job until it ends (the last one is final)."""
-        job = jobs.get(job_id)
-        while True:
-            snap = jobs.snapshot(job_id)
-            yield snap
-            if snap["state"] in FINAL_STATES:
-                return
-            job.done_event.wait(WATCH_INTERVAL)
-
-    def _job_status(snap):
-        if snap["state"] == "failed":
-            return f"**Error:** {html.escape(form_message(snap['error'] or ''))}"
-        done = f" ({snap['step']}/{snap['total_steps']})" if snap.get("total_steps") else ""
-        return f"{snap['label']}: {snap['state']}{done} — {snap.get('message', '')}"
-
-    def _extra(sent):
-        """The model line, polled too (the WebUI's checkpoint can change any time); its free-memory
-        number changes only when it moved noticeably, so the line does not churn every second."""
-        setup = plan.steady(plan.describe_setup(host), sent.get("model_free"))
-        return {"model_info": plan.setup_md(setup), "model_free": setup.free}
-
-    def _values(changed):
-        """The poll's outputs: a changed value, or "leave it" for the rest."""
-        def get(name, fn=lambda v: v):
-            return fn(changed[name]) if name in changed else gr.update()
-        runs = get("runs", lambda r: gr.update(choices=[label for label, _ in r],
-                                               value=r[0][0] if r else None, visible=bool(r)))
-        return (get("job_id"), get("progress"), get("loss_plot"), get("samples"), get("result"), get("send_text"),
-                get("run_state"), runs, get("queued", lambda q: gr.update(visible=q)), get("model_info"))
-
-    def poll_once(sent):
-        """Gradio 4: one timer tick (about every second), for this page's State."""
-        follower = live.Follower(jobs, dict(sent or {}))
-        try:
-            changed = follower.update(_extra(follower.sent))
-        except Exception:
-            log.debug("progress poll failed", exc_info=True)
-            changed = {}
-        return (*_values(changed), follower.sent)
-
-    def poll_forever():
-        """Gradio 3: one generator per open page (it ends when the page closes)."""
-        follower = live.Follower(jobs)
-        quiet = 0
-        while True:
-            try:
-                changed = follower.update(_extra(follower.sent))
-            except Exception:
-                log.debug("progress poll failed", exc_info=True)
-                changed = {}
-            quiet = 0 if changed else quiet + 1
-            if changed or quiet >= QUIET_POLLS:
-                quiet = 0
-                yield _values(changed)
-            time.sleep(WATCH_INTERVAL)
-
-    def restore_form():
-        """Opening the page: the form shows the run the page follows (its settings, and the pictures and
-        concept its dataset was prepared from), so a page reopened mid-run says what is training, and
-        Resume or a new run starts from there."""
-        job = live.followed(jobs)
-        c = getattr(job, "config", None)
-        if c is None:
-            return (gr.update(),) * 19
-        source, concept_name, concept_repeats = logic.dataset_origin(c.data)
-        return (_preset_label(c.preset) if c.preset in PRESETS else gr.update(), c.name, c.data,
-                c.model if needs_model_file and c.model else gr.update(), c.epochs, c.max_steps, c.rank, c.alpha,
-                c.learning_rate, c.resolution, c.batch_size, c.seed, c.train_text_encoder,
-                "\n".join(c.sample_prompts or []), c.sample_every_n_epochs or 1, job.lora_subdir,
-                source or gr.update(), concept_name or gr.update(), concept_repeats or gr.update())
-
-    def reload_pictures(folder, recursive, resolution, selected, text, mode):
-        if not (folder or "").strip():
-            return (gr.update(),) * 11
-        return load(folder, recursive, resolution, selected, text, mode)
-
-    def refresh(sent):
-        follower = live.Follower(jobs, {})
-        return (*_values(follower.update(_extra(follower.sent))), follower.sent)
+    # ------------------------------------------------------------------ each step's event functions
+    tags = tab_tag.handlers(ctx)
+    load, upload, select, save_caption, bulk = tags.load, tags.upload, tags.select, tags.save_caption, tags.bulk
+    tag_preview, run_tag, recheck_sizes, sync_concept = tags.tag_preview, tags.run_tag, tags.recheck_sizes, \
+        tags.sync_concept
+    prepare = tab_prepare.handlers(ctx)
+    steps_info, run_prepare = prepare.steps_info, prepare.run_prepare
+    training = tab_train.handlers(ctx, tags)
+    apply_preset, check_plan, start_train, resume = training.apply_preset, training.check_plan, \
+        training.start_train, training.resume
+    confirm_queue, confirm_cancel, stop, cancel_queued = training.confirm_queue, training.confirm_cancel, \
+        training.stop, training.cancel_queued
+    results = tab_results.handlers(ctx, tags)
+    poll_once, poll_forever, restore_form, reload_pictures, refresh = results.poll_once, results.poll_forever, \
+        results.restore_form, results.reload_pictures, results.refresh
 
     # ------------------------------------------------------------------ layout
     with gr.Blocks(analytics_enabled=False) as tab:
