@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from .model import (
     DoubleStreamBlock,
-    EmbedND,
     FluxParams,
     FluxTransformer,
     LastLayer,
@@ -63,17 +62,7 @@ class ChromaTransformer(FluxTransformer):
 
     def __init__(self, params: ChromaParams = CHROMA):
         nn.Module.__init__(self)
-        if params.hidden_size % params.num_heads:
-            raise ValueError(f"hidden_size {params.hidden_size} is not divisible by num_heads {params.num_heads}")
-        if sum(params.axes_dim) != params.head_dim:
-            raise ValueError(f"axes_dim {params.axes_dim} does not add up to the head size {params.head_dim}")
-        self.params = params
-        self.in_channels = params.in_channels
-        self.out_channels = params.out_channels
-        self.hidden_size = params.hidden_size
-        self.num_heads = params.num_heads
-        self.pe_embedder = EmbedND(params.head_dim, params.theta, params.axes_dim)
-        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
+        self._init_input(params)
         self.distilled_guidance_layer = Approximator(params.approximator_in_dim, params.hidden_size,
                                                      params.approximator_hidden_size, params.approximator_depth)
         self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size)

@@ -308,17 +308,7 @@ class FluxTransformer(nn.Module):
 
     def __init__(self, params: FluxParams = FLUX_DEV):
         super().__init__()
-        if params.hidden_size % params.num_heads:
-            raise ValueError(f"hidden_size {params.hidden_size} is not divisible by num_heads {params.num_heads}")
-        if sum(params.axes_dim) != params.head_dim:
-            raise ValueError(f"axes_dim {params.axes_dim} does not add up to the head size {params.head_dim}")
-        self.params = params
-        self.in_channels = params.in_channels
-        self.out_channels = params.out_channels
-        self.hidden_size = params.hidden_size
-        self.num_heads = params.num_heads
-        self.pe_embedder = EmbedND(params.head_dim, params.theta, params.axes_dim)
-        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
+        self._init_input(params)
         self.time_in = MLPEmbedder(256, params.hidden_size)
         self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size)
         self.guidance_in = MLPEmbedder(256, params.hidden_size) if params.guidance_embed else nn.Identity()
@@ -356,6 +346,21 @@ class FluxTransformer(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(block, *args)
         return block(*args)
+
+    def _init_input(self, params: Any) -> None:
+        """The checks, sizes, position embedder and image input layer Flux and Chroma share (in this order:
+        it is the order of the modules' parameters)."""
+        if params.hidden_size % params.num_heads:
+            raise ValueError(f"hidden_size {params.hidden_size} is not divisible by num_heads {params.num_heads}")
+        if sum(params.axes_dim) != params.head_dim:
+            raise ValueError(f"axes_dim {params.axes_dim} does not add up to the head size {params.head_dim}")
+        self.params = params
+        self.in_channels = params.in_channels
+        self.out_channels = params.out_channels
+        self.hidden_size = params.hidden_size
+        self.num_heads = params.num_heads
+        self.pe_embedder = EmbedND(params.head_dim, params.theta, params.axes_dim)
+        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                 y: Tensor, guidance: Tensor | None = None) -> Tensor:
