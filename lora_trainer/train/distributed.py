@@ -305,7 +305,6 @@ class DataParallel(Group):
         (the engine ends with a barrier), and pass a collective before exiting (`agree_max`), so that a
         normal end is never taken for a loss."""
         import socket
-        import threading
 
         import torch.distributed as dist
 
@@ -313,21 +312,8 @@ class DataParallel(Group):
         dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=self.control)
         mine = socket.gethostname()
         pids = [pid for rank, (host, pid) in enumerate(peers) if rank != self.rank and host == mine]
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.wait(interval):
-                if any(not _alive(pid) for pid in pids):
-                    if not done.wait(grace):
-                        on_lost()
-                    return
-
-        thread = threading.Thread(target=watch, name="peer-watch", daemon=True)
-        thread.start()
-        try:
+        with _watching("peer-watch", lambda: any(not _alive(pid) for pid in pids), on_lost, interval, grace):
             yield
-        finally:
-            done.set()
 
 
 class _LossModule(torch.nn.Module):
@@ -373,18 +359,29 @@ def is_peer_failure(e: BaseException) -> bool:
 def watch_parent(on_gone: Callable[[], None], interval: float = 0.5) -> Iterator[None]:
     """Call `on_gone()` (from a daemon thread) if the launcher that started this process goes away:
     killed, or aborted by a second Ctrl+C while the workers were still saving."""
+    parent = os.getppid()
+    with _watching("launcher-watch", lambda: os.getppid() != parent, on_gone, interval):
+        yield
+
+
+@contextlib.contextmanager
+def _watching(name: str, gone: Callable[[], bool], on_gone: Callable[[], None], interval: float,
+              grace: float | None = None) -> Iterator[None]:
+    """While the block runs, a daemon thread checks `gone()` every `interval` seconds; once it is true,
+    it calls `on_gone()` (with a `grace`: after that many seconds more, unless the block has ended by
+    then) and stops."""
     import threading
 
-    parent = os.getppid()
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(interval):
-            if os.getppid() != parent:
-                on_gone()
+            if gone():
+                if grace is None or not done.wait(grace):
+                    on_gone()
                 return
 
-    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread = threading.Thread(target=watch, name=name, daemon=True)
     thread.start()
     try:
         yield
