@@ -49,19 +49,9 @@ STEP = re.compile(r"^step (\d+)/(\d+) .*?(?:  ([\d.]+) it/s)?(?:  ETA [\d:]+)?(?
 
 def make_dataset(root: Path, size: int, count: int) -> Path:
     """`root/img/10_bench/NNN.png` + captions, one bucket (square images)."""
-    import numpy as np
-    from PIL import Image
+    from random_data import random_pixels_dataset  # bench/ is on sys.path when a benchmark runs
 
-    folder = root / "img" / f"{REPEATS}_bench"
-    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
-        return root
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png",
-                                                                                     compress_level=1)
-        (folder / f"{i:03d}.txt").write_text(f"bench, random pixels, image {i}", encoding="utf-8")
-    return root
+    return random_pixels_dataset(root, size, count, repeats=REPEATS, caption="bench, random pixels, image {i}")
 
 
 def write_config(path: Path, ckpt: Path, data: Path, out: Path, res: int, batch: int, steps: int,

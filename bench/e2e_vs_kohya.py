@@ -211,19 +211,9 @@ def apply_variant(variant: str) -> None:
 # ------------------------------------------------------------------------------------ set-up
 def make_dataset(root: Path, size: int, count: int) -> Path:
     """`root/img/10_bench/NNN.png` + captions (random pixels: PNG decoding as costly as it gets)."""
-    import numpy as np
-    from PIL import Image
+    from random_data import random_pixels_dataset  # bench/ is on sys.path when a benchmark runs
 
-    folder = root / "img" / f"{REPEATS}_bench"
-    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
-        return root
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png",
-                                                                                     compress_level=1)
-        (folder / f"{i:03d}.txt").write_text(f"bench, random pixels, test image {i}", encoding="utf-8")
-    return root
+    return random_pixels_dataset(root, size, count, repeats=REPEATS, caption="bench, random pixels, test image {i}")
 
 
 def write_kohya_tokenizers(folder: Path) -> None:
