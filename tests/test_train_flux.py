@@ -11,11 +11,11 @@ import threading
 
 import pytest
 import torch
-from flux_support import requires_flux_diffusers
-from train_support import lora_tensors, make_dataset, tiny_config
+from flux_support import check_lora_learns, flux_config, requires_flux_diffusers, two_bucket_data
+from train_support import lora_tensors
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.lora import LoraSpec, inject_lora, load_kohya_file
+from lora_trainer.lora import load_kohya_file
 from lora_trainer.models.flux import image_ids, pack_latents, text_ids, unpack_latents
 from lora_trainer.models.flux.tiny import build_tiny_flux_bundle
 from lora_trainer.train import flow, run_training
@@ -28,15 +28,12 @@ pytestmark = requires_flux_diffusers
 
 
 def _config(data, out, **kw):
-    base = {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32,
-            "learning_rate": 2e-3, "sample_cfg_scale": 3.5, "t5_max_token_length": 32}
-    base.update(kw)
-    return tiny_config(data, out, **base)
+    return flux_config(data, out, **{"sample_cfg_scale": 3.5, **kw})
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("flux-data"), n=2, repeats=2, sizes=[(64, 64), (96, 64)])
+    return two_bucket_data(tmp_path_factory, "flux-data")
 
 
 def _model_call(bundle, x0, noise, sigma, cond, guidance=1.0):
@@ -93,25 +90,12 @@ def _eval_loss(bundle, latents, conds, seed=0, n=8) -> float:
 
 
 def test_flux_lora_learns_the_data(tmp_path):
-    data = make_dataset(tmp_path / "d", n=2, repeats=10)
-    bundle = build_tiny_flux_bundle("dev", seed=4)
-    config = _config(data, tmp_path / "o", rank=8, alpha=8.0, learning_rate=4e-3, epochs=2, batch_size=2,
-                     timestep_sampling="uniform")
-    dataset, _ = prepare_dataset(config)
-    latents = [c.latent for c in cache_latents(dataset, bundle.vae, bundle.scaling_factor, flip=False, seed=1,
-                                               shift_factor=bundle.shift_factor)]
-    family = family_for(bundle, config)
-    with torch.no_grad():
-        conds = [family.encode_text(bundle, [i.caption]) for i in dataset.items]
-    before = _eval_loss(bundle, latents, conds)
-    result = run_training(config, bundle=bundle)
-    assert result.steps == 20
-    tensors, _ = load_kohya_file(result.lora_path)
-    network = inject_lora(bundle, LoraSpec.from_kohya_state_dict(tensors))
-    network.load_kohya_state_dict(tensors, strict=True)
-    after = _eval_loss(bundle, latents, conds)
-    network.remove()
-    assert after < 0.8 * before, (before, after)
+    def encode(bundle, config, dataset):
+        family = family_for(bundle, config)
+        with torch.no_grad():
+            return [family.encode_text(bundle, [i.caption]) for i in dataset.items]
+
+    check_lora_learns(tmp_path, "dev", _config, encode, _eval_loss)
 
 
 # ------------------------------------------------------------------ memory plan: same numbers
