@@ -132,29 +132,22 @@ class LoraFileInfo:
 _CONTEXT_DIMS = {768: Family.SD1, 1024: Family.SD2, 2048: Family.SDXL}
 
 
+# (metadata key, (value prefix, family) in the order they are tried): kohya's version first, then modelspec's.
+_FAMILY_PREFIXES = (
+    ("ss_base_model_version", (("flux", Family.FLUX1), ("chroma", Family.CHROMA), ("sdxl", Family.SDXL),
+                               ("sd_v2", Family.SD2), ("sd_v1", Family.SD1))),
+    ("modelspec.architecture", (("flux-1", Family.FLUX1), ("chroma", Family.CHROMA),
+                                ("stable-diffusion-xl", Family.SDXL), ("stable-diffusion-v2", Family.SD2),
+                                ("stable-diffusion-v1", Family.SD1))),
+)
+
+
 def family_from_metadata(metadata: Mapping[str, str]) -> Family | None:
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("flux"):
-        return Family.FLUX1
-    if version.startswith("chroma"):
-        return Family.CHROMA
-    if version.startswith("sdxl"):
-        return Family.SDXL
-    if version.startswith("sd_v2"):
-        return Family.SD2
-    if version.startswith("sd_v1"):
-        return Family.SD1
-    arch = metadata.get("modelspec.architecture", "")
-    if arch.startswith("flux-1"):
-        return Family.FLUX1
-    if arch.startswith("chroma"):
-        return Family.CHROMA
-    if arch.startswith("stable-diffusion-xl"):
-        return Family.SDXL
-    if arch.startswith("stable-diffusion-v2"):
-        return Family.SD2
-    if arch.startswith("stable-diffusion-v1"):
-        return Family.SD1
+    for key, prefixes in _FAMILY_PREFIXES:
+        value = metadata.get(key, "")
+        for prefix, family in prefixes:
+            if value.startswith(prefix):
+                return family
     return None
 
 
