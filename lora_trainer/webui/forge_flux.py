@@ -24,8 +24,8 @@ Before that, Forge's memory manager is asked to load the transformer and leave t
 needs (`memory_management.load_models_gpu`, as Forge's own sampler asks it). Forge's tensors are only
 read; ForgeHost hashes them before and after the run.
 
-Reads Forge's objects by attribute; imports `backend.*` only for Forge's dequantisers (tests give
-stand-ins in `sys.modules`).
+Reads Forge's objects by attribute (`forge_flux_parts.py`: detection, parts, storage, one Linear's weight);
+imports `backend.*` only for Forge's dequantisers (tests give stand-ins in `sys.modules`).
 """
 
 from __future__ import annotations
@@ -41,165 +41,23 @@ from torch import nn
 
 from .. import quant
 from ..errors import UnsupportedModelError
-from ..models.bundle import Family, ModelBundle
+from ..models.bundle import ModelBundle
 from . import forge_model, forge_storage
+from .forge_flux_parts import (  # noqa: F401  (what Forge holds: ForgeHost and the tests read it from here)
+    FLUX_ENGINES,
+    check_family,
+    dequantizer,
+    flux_params,
+    is_flux,
+    layer_weight,
+    parts_of,
+    storage_report,
+    text_encoders_of,
+    transformer_of,
+    vae_of,
+)
 
 log = logging.getLogger(__name__)
-
-FLUX_ENGINES = ("Flux",)  # Forge's diffusion-engine class names that hold Flux.1 dev/schnell
-_PARTS = ("transformer", "CLIP-L", "T5", "VAE")
-
-
-def is_flux(sd_model: Any) -> bool:
-    """True when the loaded model is a Flux-architecture engine (Flux.1, Chroma, Flux.2)."""
-    return type(sd_model).__name__ in (*FLUX_ENGINES, "Chroma", "Flux2")
-
-
-def check_family(sd_model: Any) -> tuple[Family, str]:
-    """(family, variant) of a Flux engine, or a one-sentence refusal for what we cannot train yet."""
-    kind = type(sd_model).__name__
-    if kind == "Chroma":
-        raise UnsupportedModelError(
-            "The loaded model is Chroma, which LoRA Trainer cannot train on yet; load a FLUX.1 dev or schnell "
-            "checkpoint, or an SD1/SDXL model.")
-    if kind not in FLUX_ENGINES:
-        raise UnsupportedModelError(
-            f"The loaded model ({kind}) is not FLUX.1, SD1, SD2 or SDXL, the families LoRA Trainer supports; "
-            "load one of those in the checkpoint menu.")
-    if _neo_kontext():
-        raise UnsupportedModelError(
-            "The loaded model is FLUX.1 Kontext, an image-editing model LoRA Trainer does not train yet; load a "
-            "FLUX.1 dev or schnell checkpoint.")
-    cfg = _config(transformer_of(sd_model))
-    variant = "dev" if cfg.get("guidance_embed", True) else "schnell"
-    return Family.FLUX1, variant
-
-
-def _neo_kontext() -> bool:
-    try:
-        from backend.args import dynamic_args
-    except ImportError:
-        return False
-    return bool(dynamic_args.get("kontext", False)) if isinstance(dynamic_args, dict) else False
-
-
-# ---------------------------------------------------------------- Forge's parts
-def transformer_of(sd_model: Any) -> nn.Module:
-    return sd_model.forge_objects_original.unet.model.diffusion_model
-
-
-def text_encoders_of(sd_model: Any) -> tuple[nn.Module, nn.Module]:
-    """(Forge's CLIP-L IntegratedCLIP, Forge's IntegratedT5)."""
-    joint = dict(sd_model.forge_objects_original.clip.cond_stage_model.named_children())
-    missing = [k for k in ("clip_l", "t5xxl") if k not in joint]
-    if missing:
-        raise UnsupportedModelError(
-            f"The loaded Flux model has no {' or '.join(missing)} text encoder; select the CLIP-L and T5 files in the "
-            "VAE / Text Encoder menu and generate once, or train from the model file.")
-    return joint["clip_l"], joint["t5xxl"]
-
-
-def vae_of(sd_model: Any) -> nn.Module:
-    return sd_model.forge_objects_original.vae.first_stage_model
-
-
-def parts_of(sd_model: Any) -> dict[str, nn.Module]:
-    clip_l, t5 = text_encoders_of(sd_model)
-    return {"transformer": transformer_of(sd_model), "CLIP-L": clip_l, "T5": t5, "VAE": vae_of(sd_model)}
-
-
-def storage_report(sd_model: Any) -> forge_storage.StorageReport:
-    """How each part's weights are stored, e.g. "transformer: fp8 e4m3fn; CLIP-L: fp16; T5: fp8 e4m3fn; VAE: bf16"."""
-    fo = sd_model.forge_objects_original
-    parts = parts_of(sd_model)
-    report = forge_storage.probe({k: parts[k] for k in _PARTS})
-    # bitsandbytes converts a bf16 file's weights to nf4 only when they first reach the GPU:
-    # Forge's storage_dtype says what the transformer will be stored as.
-    declared = getattr(fo.unet.model, "storage_dtype", None) or getattr(transformer_of(sd_model), "storage_dtype", None)
-    if isinstance(declared, str) and declared in ("nf4", "fp4") and declared not in report.parts["transformer"]:
-        report.parts["transformer"] = Counter({declared: sum(report.parts["transformer"].values())})
-        report.examples[("transformer", declared)] = "(Forge's storage_dtype)"
-    return report
-
-
-def _config(transformer: nn.Module) -> dict[str, Any]:
-    cfg = getattr(transformer, "config", None)
-    if cfg is None:
-        return {}
-    return dict(cfg) if not isinstance(cfg, dict) else cfg
-
-
-_FLUX2_OPTIONS = ("global_modulation", "mlp_silu_act", "yak_mlp", "txt_norm")  # Neo's Flux.2 switches
-
-
-def flux_params(transformer: nn.Module):
-    """Our FluxParams from Forge's transformer: its block lists and widths, and its config dict
-    (huggingface_guess's unet_config: latent `in_channels` 16 in Forge, the 2x2 patch is ours)."""
-    from ..models.flux.model import FluxParams
-
-    cfg = _config(transformer)
-    if any(cfg.get(k) for k in _FLUX2_OPTIONS):
-        raise UnsupportedModelError(
-            "The loaded model is a FLUX.2-style transformer, which LoRA Trainer cannot train yet; load a FLUX.1 dev "
-            "or schnell checkpoint.")
-    try:
-        patch = int(cfg.get("patch_size", 2))
-        hidden = int(getattr(transformer, "hidden_size", None) or cfg["hidden_size"])
-        in_channels = int(getattr(transformer, "in_channels", None) or int(cfg["in_channels"]) * patch * patch)
-        return FluxParams(
-            in_channels=in_channels, out_channels=int(getattr(transformer, "out_channels", None) or in_channels),
-            vec_in_dim=int(cfg.get("vec_in_dim", 768)), context_in_dim=int(cfg.get("context_in_dim", 4096)),
-            hidden_size=hidden, mlp_ratio=float(cfg.get("mlp_ratio", 4.0)),
-            num_heads=int(getattr(transformer, "num_heads", None) or cfg["num_heads"]),
-            depth=len(transformer.double_blocks), depth_single_blocks=len(transformer.single_blocks),
-            axes_dim=tuple(int(a) for a in cfg.get("axes_dim", (16, 56, 56))), theta=int(cfg.get("theta", 10_000)),
-            qkv_bias=bool(cfg.get("qkv_bias", True)), guidance_embed=bool(cfg.get("guidance_embed", True)))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise UnsupportedModelError(
-            f"The loaded Flux transformer's configuration is not what LoRA Trainer expects ({e!r}); train from the "
-            "model file instead.") from None
-
-
-# ---------------------------------------------------------------- one Linear's weight
-def _dequantizer(fmt: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Forge's own function for a low-bit format (None: a plain cast is enough)."""
-    if fmt.startswith("gguf"):
-        from backend.operations_gguf import dequantize_tensor
-
-        return dequantize_tensor
-    if fmt in ("nf4", "fp4", "nf4/fp4"):
-        from backend.operations_bnb import functional_dequantize_4bit
-
-        return functional_dequantize_4bit
-    if fmt == "int8":
-        return lambda t: t.to(torch.float32)  # Neo's int8: times `weight_scale`, applied as the scale
-    return None
-
-
-def layer_weight(layer: nn.Module, shape: torch.Size, *, what: str) -> quant.FrozenWeight:
-    """A live view of one Forge Linear's stored weight, dequantised as Forge does."""
-    weight = getattr(layer, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise UnsupportedModelError(
-            f"The loaded model's {what} has no weight LoRA Trainer can read; train from the model file instead.")
-    fmt = forge_storage.tensor_format(weight, layer)
-    if fmt == forge_storage.SVDQ or "svdq" in type(layer).__name__.lower():
-        raise UnsupportedModelError(
-            "The loaded model is a Nunchaku SVDQ model, whose packed weights LoRA Trainer cannot train over; load "
-            "the fp16/bf16, fp8, nf4 or GGUF version of it.")
-    plain = fmt.removesuffix(" scaled")
-    known = forge_storage.is_trainable(plain) or fmt.startswith(("fp8", "gguf")) or fmt in ("nf4", "fp4", "int8")
-    if not known:
-        raise UnsupportedModelError(
-            f"The loaded model's {what} is stored as {fmt}, which LoRA Trainer cannot read yet; set 'Diffusion in "
-            "Low Bits' to Automatic or load an fp16/bf16, fp8, nf4 or GGUF model.")
-    scale: Callable[[], Any] | None = None
-    if getattr(layer, "scale_weight", None) is not None:  # Forge scales any stored weight that has one
-        scale = lambda: getattr(layer, "scale_weight", None)  # read at each use, as Forge does
-    elif fmt == "int8":
-        scale = lambda: getattr(layer, "weight_scale", None)
-    return quant.HostWeight(lambda: layer.weight, _dequantizer(fmt), shape=shape, format=fmt, scale=scale)
-
 
 # ---------------------------------------------------------------- our modules over Forge's
 @dataclass
@@ -260,7 +118,7 @@ def host_skeleton(skeleton: nn.Module, forge_root: nn.Module, *, what: str, devi
                 f"The loaded model's {what} layer {rename(name)} has no bias; train from the model file instead.")
         if bias is not None:
             if getattr(bias, "gguf_cls", None) is not None:  # a quantised bias (rare): dequantise it once
-                bias = _dequantizer("gguf")(bias)
+                bias = dequantizer("gguf")(bias)
             bias = _fit(forge_model.alias(bias), device, dtype, stats)
         quant.replace_linear(skeleton, name, frozen, bias, dtype=dtype, device=device or frozen.device,
                              movable=False)
