@@ -1,5 +1,8 @@
+import gc
 import sys
 
 from .cli import main
 
-sys.exit(main())
+rc = main()
+gc.freeze()  # the process ends now: its final garbage collection need not walk torch & co. (gc_freeze.py)
+sys.exit(rc)

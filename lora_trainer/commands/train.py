@@ -248,10 +248,13 @@ def _stopping_message(signum: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..gc_freeze import building
     from ..paths import check_new_file
     from ..signals import GracefulStop, safe_streams
-    from ..train import plan_training, run_training
-    from ..train.report import report_text
+
+    with building():  # torch and the engine: no garbage to look for while they import (gc_freeze.py)
+        from ..train import plan_training, run_training
+        from ..train.report import report_text
 
     config = config_from_args(args)
     if args.save_config:

@@ -30,6 +30,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError, LoraTrainerError, TrainingError
+from ..gc_freeze import building, run_scope, thaw
 from ..models.bundle import ModelBundle
 from ..quiet import quiet_known_warnings
 from . import noise as noise_math
@@ -130,6 +131,7 @@ def planned_files(config: TrainConfig, plan: TrainingPlan) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------- entry point
+@run_scope()  # the collector skips what lives through the run (gc_freeze.py)
 def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
                  on_event: EventCallback | None = None, stop: threading.Event | None = None,
                  owns_bundle: bool = False, dist: Group | None = None) -> TrainResult:
@@ -147,7 +149,8 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
     config.validate(need_model=bundle is None)
     check_optimizer_available(config.optimizer)
     if bundle is None:
-        check_model_file(config.model, model_components(config))
+        with building():
+            check_model_file(config.model, model_components(config))
     dataset, plan = prepare_dataset(config)
     resume = load_state(config.resume, config.hash()) if config.resume else None
     already = set(position_from(resume).saved) if resume else set()
@@ -242,7 +245,8 @@ class _Run:
         from ..models.loader import load_model
 
         # The file's tensors, memory-mapped: each part is read and cast as it goes to the device (placement.py).
-        bundle = load_model(self.config.model, dtype=None, device=None, **model_components(self.config))
+        with building():
+            bundle = load_model(self.config.model, dtype=None, device=None, **model_components(self.config))
         self.placement = Placement(bundle, device, dtype)
         return bundle
 
@@ -291,6 +295,7 @@ class _Run:
                     m.to(home_device)
                 m.train(was_training)
             del bundle
+            thaw()  # cycles among what the run loaded are collected now
             self._free(device)
 
     @staticmethod
