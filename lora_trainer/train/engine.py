@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import math
 import os
@@ -39,21 +38,21 @@ from .cache import CachedLatent, cache_latents
 from .captions import captions_are_static, process_caption
 from .data import Dataset, assign_buckets, epoch_batches, make_plan, scan_dataset
 from .distributed import SINGLE, Group
+from .epoch_samples import SamplingMixin
 from .events import ProgressEvent, RunClock, Schedule, TrainingPlan, TrainResult
 from .family import StepInputs, TrainFamily, family_for, stack_conditioning
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .outputs import OutputClaim, claim_outputs
 from .placement import Placement, vae_dtype
 from .report import Validator, split_held_out
-from .sampling import save_png
-from .state import Position, load_state, position_from, rng_state, save_state, set_rng_state
+from .saving import SavingMixin, epoch_tag, lora_file, step_tag
+from .saving import rng_guard as _rng_guard
+from .state import Position, load_state, position_from, set_rng_state
 from .text_cache import cache_text_outputs
-from .usermeta import write_user_metadata
 
 log = logging.getLogger(__name__)
 
 EventCallback = Callable[[ProgressEvent], None]
-_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -105,18 +104,6 @@ def check_model_file(path: str, components: dict[str, str] | None = None) -> Non
     elif suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         raise UnsupportedModelError(f"{p.name} is not a model checkpoint (expected .safetensors or .ckpt); "
                                     "pick an SD1.x, SD2.x or SDXL checkpoint file.")
-
-
-def lora_file(config: TrainConfig, tag: str = "") -> Path:
-    return Path(config.output_dir) / f"{config.name}{tag}.safetensors"
-
-
-def epoch_tag(epoch: int) -> str:
-    return f"-{epoch:06d}"  # kohya: name-000004.safetensors
-
-
-def step_tag(step: int) -> str:
-    return f"-step{step:08d}"  # kohya: name-step00000500.safetensors
 
 
 def planned_files(config: TrainConfig, plan: TrainingPlan) -> list[Path]:
@@ -195,7 +182,7 @@ def _is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
-class _Run:
+class _Run(SavingMixin, SamplingMixin):
     def __init__(self, config: TrainConfig, dataset: Dataset, plan: TrainingPlan, emit: EventCallback,
                  stop: threading.Event, resume: dict[str, Any] | None, dist: Group = SINGLE):
         self.config, self.dataset, self.plan, self.emit, self.stop = config, dataset, plan, emit, stop
@@ -609,27 +596,6 @@ class _Run:
                                 epoch=self.pos.epoch, total_epochs=self.plan.epochs, message=report["message"],
                                 report=report))
 
-    def _snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """This epoch's LoRA as it would be saved (CPU tensors + metadata): kept while it is the best."""
-        return self.network.kohya_state_dict(_SAVE_DTYPES[self.config.save_precision]), self._metadata()
-
-    def _write_snapshot(self, epoch: int, snapshot: tuple[dict[str, torch.Tensor], dict[str, str]]) -> Path | None:
-        """Write the best epoch's remembered LoRA as that epoch's save (unless one is there already)."""
-        from ..lora.kohya_file import save_kohya
-
-        path = lora_file(self.config, epoch_tag(epoch))
-        if path in self.saved:
-            return path
-        if path.exists() and not self.config.overwrite:
-            log.warning("best epoch %d not kept: %s already exists", epoch, path)
-            return None
-        save_kohya(path, *snapshot)
-        self.saved.append(path)
-        self.pos.saved = [str(p) for p in self.saved]
-        self.emit(ProgressEvent("save", step=self.pos.step, total_steps=self.plan.total_steps, epoch=self.pos.epoch,
-                                total_epochs=self.plan.epochs, message=f"Saved {path} (best epoch)", path=str(path)))
-        return path
-
     def _cache_progress(self, what: str) -> Callable[[int, int], None]:
         last = [0.0]
 
@@ -641,94 +607,6 @@ class _Run:
                                         message=f"Caching {what}: {done}/{total} images", phase="cache",
                                         phase_done=done, phase_total=total))
         return report
-
-    def _write_lora(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = self._metadata()
-        self._emit_phase("save", 0, 1, f"Saving {path.name}…")
-        with self.clock.phase("save"):
-            if self.dist.is_main:  # several GPUs: one writer
-                self.network.save_kohya(path, meta, dtype=_SAVE_DTYPES[self.config.save_precision])
-        if path not in self.saved:
-            self.saved.append(path)
-        self.pos.saved = [str(p) for p in self.saved]
-        self.emit(ProgressEvent("save", step=self.pos.step, total_steps=self.plan.total_steps,
-                                epoch=self._shown_epoch(), total_epochs=self.plan.epochs, message=f"Saved {path}",
-                                path=str(path)))
-        return path
-
-    def _save(self, tag: str, optimizer, scheduler, scaler, *, force_state: bool = False) -> Path:
-        with _rng_guard():  # saving must not move the training's random streams (resume exactness)
-            path = self._write_lora(lora_file(self.config, tag))
-        if (self.config.save_state or force_state) and not self.dist.is_main:
-            self.state_path = self.config.state_dir()  # rank 0 writes it
-        elif self.config.save_state or force_state:
-            self.state_path = save_state(
-                self.config.state_dir(), config_hash=self.config.hash(),
-                config_json=json.dumps(self.config.to_dict(), indent=2, default=str),
-                lora=self.network.kohya_state_dict(torch.float32), optimizer=optimizer, scheduler=scheduler,
-                scaler=scaler, position=dataclasses.replace(self.pos), device=self.device)
-        return path
-
-    def _check_room(self, trainable: list[torch.Tensor]) -> None:
-        """Disk room for the LoRA files, the state (weights + ~2 optimizer moments, fp32) and samples."""
-        n = sum(p.numel() for p in trainable)
-        rounds = self.plan.epochs // self.config.sample_every_n_epochs if self.config.sample_every_n_epochs else 0
-        samples = rounds * len(self.config.sample_prompts) * 3 * self.config.resolution ** 2  # PNG ≤ raw RGB
-        self.claim.check_room(lora_bytes=n * _SAVE_DTYPES[self.config.save_precision].itemsize + (1 << 20),
-                              state_bytes=n * 4 * 4, sample_bytes=samples)
-
-    def _metadata(self) -> dict[str, str]:
-        from ..lora.metadata import build_metadata
-
-        facts = training_facts(self.config, self.dataset, self.plan, self.pos.step, self.pos.epoch, self.started_at)
-        facts.session_id = self.session_id
-        facts.mixed_precision = self.precision  # what ran (fp32 on the CPU whatever was asked)
-        metadata = build_metadata(self.network.bundle, self.network.spec, facts)
-        metadata.update(self.family.metadata_extras(self.config))
-        return metadata
-
-    def _write_user_metadata(self, path: Path, bundle: ModelBundle) -> None:
-        if not self.dist.is_main:
-            return
-        activation = self.config.activation_text or ", ".join(self.dataset.class_tokens())
-        write_user_metadata(path, activation_text=activation, preferred_weight=self.config.preferred_weight,
-                            sd_version=bundle.family.label,
-                            description=f"Trained with lora-trainer on {bundle.name} ({self.pos.step} steps).")
-
-    def _sample(self, bundle: ModelBundle, device: torch.device, epoch: int) -> None:
-        config = self.config
-        modes = {id(m): m.training for m in (bundle.unet, *bundle.text_encoders)}
-        self.placement.to(bundle.vae, device)
-        self.models.text_encoders()
-        bundle.unet.eval()
-        n, steps = len(config.sample_prompts), config.sample_steps
-
-        def progress(image: int, step: int) -> None:  # image and step 1-based
-            self._emit_phase("sample", (image - 1) * steps + step, n * steps,
-                             f"Sampling after epoch {epoch}: image {image}/{n}, step {step}/{steps}")
-        try:
-            progress(1, 0)
-            with self.clock.phase("sample"):
-                images = self.family.generate(bundle, config.sample_prompts, seed=config.sample_seed, steps=steps,
-                                  cfg_scale=config.sample_cfg_scale, width=config.resolution,
-                                  height=config.resolution, negative_prompt=config.sample_negative_prompt,
-                                  clip_skip=config.clip_skip, on_step=progress)
-        finally:
-            bundle.unet.train(modes[id(bundle.unet)])
-            for te in bundle.text_encoders:
-                te.train(modes[id(te)])
-            for te in self.cached_encoders:  # trained encoders stay where training needs them
-                te.to("cpu")
-            bundle.vae.to("cpu")
-            self._free(device)
-        paths = [save_png(img, Path(config.output_dir) / "sample" / f"{config.name}_e{epoch:06d}_{i:02d}.png")
-                 for i, img in enumerate(images)]
-        self.samples += paths
-        self.emit(ProgressEvent("sample", step=self.pos.step, total_steps=self.plan.total_steps, epoch=epoch,
-                                total_epochs=self.plan.epochs, message=f"{len(paths)} sample image(s)",
-                                path=str(paths[0]) if paths else None, paths=[str(p) for p in paths]))
-
 
 @dataclasses.dataclass
 class _StepContext:
@@ -742,16 +620,6 @@ class _StepContext:
     @property
     def unet_dtype(self) -> torch.dtype:
         return next(self.bundle.unet.parameters()).dtype
-
-
-@contextlib.contextmanager
-def _rng_guard():
-    """Run side work (saves, samples) without consuming python/numpy/torch random numbers."""
-    saved = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(saved)
 
 
 def _grad_scaler():
@@ -770,58 +638,3 @@ def _te_checkpointing(te) -> None:
     except TypeError:  # transformers < 4.35: reentrant checkpointing needs inputs that require grad
         te.gradient_checkpointing_enable()
         te.enable_input_require_grads()
-
-
-def training_facts(config: TrainConfig, dataset: Dataset, plan: TrainingPlan, step: int, epoch: int,
-                   started_at: float) -> Any:
-    """What kohya records about a run (ss_* metadata), from our settings and plan."""
-    from ..lora.metadata import TrainingFacts
-
-    dirs: dict[str, dict[str, int]] = {}
-    reg_dirs: dict[str, dict[str, int]] = {}
-    tags: dict[str, dict[str, int]] = {}
-    for item in dataset.items:
-        entry = (reg_dirs if item.is_reg else dirs).setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
-        entry["img_count"] += 1
-        if not item.is_reg:
-            freq = tags.setdefault(item.folder, {})
-            for tag in (t.strip() for t in item.caption.split(",")):
-                if tag:
-                    freq[tag] = freq.get(tag, 0) + 1
-    optimizer_names = {"AdamW": "torch.optim.adamw.AdamW", "AdamW8bit": "bitsandbytes.optim.adamw.AdamW8bit",
-                       "Lion": "lion_pytorch.lion_pytorch.Lion", "Lion8bit": "bitsandbytes.optim.lion.Lion8bit",
-                       "Prodigy": "prodigyopt.prodigy.Prodigy",
-                       "Adafactor": "transformers.optimization.Adafactor"}
-    optimizer = optimizer_names[config.optimizer]
-    if config.optimizer == "AdamW8bit":
-        from .optim import bitsandbytes_works
-
-        if not bitsandbytes_works():
-            optimizer = "lora_trainer.train.adamw8bit.AdamW8bit"
-    if config.optimizer_args:
-        optimizer += "(" + ",".join(f"{k}={v}" for k, v in config.optimizer_args.items()) + ")"
-    return TrainingFacts(
-        output_name=config.name, training_started_at=started_at, steps=step, epoch=epoch,
-        num_epochs=plan.epochs, max_train_steps=plan.total_steps, num_train_images=plan.images_x_repeats,
-        num_reg_images=plan.reg_x_repeats, num_batches_per_epoch=plan.batches_per_epoch,
-        batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        gradient_checkpointing=config.gradient_checkpointing, learning_rate=config.learning_rate,
-        unet_lr=config.learning_rate if config.train_unet else None,
-        text_encoder_lr=(config.text_encoder_lr or config.learning_rate) if config.train_text_encoder else None,
-        lr_scheduler=config.lr_scheduler, lr_warmup_steps=config.lr_warmup_steps, optimizer=optimizer,
-        max_grad_norm=config.max_grad_norm, mixed_precision=config.mixed_precision, seed=config.seed,
-        clip_skip=config.clip_skip if config.clip_skip > 1 else None,
-        noise_offset=config.noise_offset or None,
-        multires_noise_iterations=config.multires_noise_iterations or None,
-        multires_noise_discount=config.multires_noise_discount,
-        min_snr_gamma=config.min_snr_gamma or None, prior_loss_weight=config.prior_loss_weight,
-        caption_dropout_rate=config.caption_dropout_rate, caption_tag_dropout_rate=config.caption_tag_dropout_rate,
-        min_timestep=config.min_timestep or None, max_timestep=config.max_timestep or None,
-        resolution=config.resolution, enable_bucket=config.enable_bucket, min_bucket_reso=config.bucket_limits()[0],
-        max_bucket_reso=config.bucket_limits()[1], bucket_no_upscale=config.bucket_no_upscale,
-        bucket_info={"buckets": {str(i): {"resolution": [int(x) for x in k.split("x")], "count": v}
-                                 for i, (k, v) in enumerate(plan.buckets.items())}},
-        flip_aug=config.flip_aug, shuffle_caption=config.shuffle_caption, keep_tokens=config.keep_tokens,
-        dataset_dirs=dirs, reg_dataset_dirs=reg_dirs, tag_frequency=tags,
-        trigger_phrase=config.activation_text or ", ".join(dataset.class_tokens()) or None,
-    )
