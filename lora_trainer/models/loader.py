@@ -2,13 +2,12 @@
 or the WebUI's in-memory LDM state dict.
 
 Modules are built on the meta device and the checkpoint's own tensors are assigned into them
-(renamed, reshaped or sliced as views), so the weights exist once in memory; a tensor is copied only
-when it must change dtype or device.
+(renamed, reshaped or sliced as views; `build.py`), so the weights exist once in memory; a tensor is
+copied only when it must change dtype or device.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from . import ldm_convert as lc
+from .build import build_text_encoders, build_unet, build_vae, meta_modules
 from .bundle import EPSILON, V_PREDICTION, Family, ModelBundle, Schedule
 from .detect import (
     TensorInfo,
@@ -30,7 +30,6 @@ from .detect import (
 )
 from .ldm_config import ModelConfig, TextEncoderSpec
 from .tokenizers import PAD_ENDOFTEXT, PAD_EXCLAMATION, clip_tokenizer
-from .unet_keys import unet_state_dict_to_diffusers
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +230,9 @@ def _build_bundle(state_dict, config, name: str, label: str, source: str, dtype,
             "fix or remove the .yaml beside the checkpoint.")
     if config is None and hint is not None:
         cfg.prediction_type = hint
-    unet = _build_unet(cfg, state_dict, label, dtype, device)
-    vae = _build_vae(cfg, state_dict, label, dtype, device)
-    encoders = _build_text_encoders(cfg, state_dict, label, dtype, device)
+    unet = build_unet(cfg, state_dict, label, dtype, device)
+    vae = build_vae(cfg, state_dict, label, dtype, device)
+    encoders = build_text_encoders(cfg, state_dict, label, dtype, device)
     if config is None and hint is None and family is Family.SD2:
         cfg.prediction_type = V_PREDICTION if _sd2_is_v_prediction(unet) else EPSILON
     pads = {Family.SD1: [PAD_ENDOFTEXT], Family.SD2: [PAD_EXCLAMATION],
@@ -303,148 +302,6 @@ def _sd2_is_v_prediction(unet: Any) -> bool:
     except RuntimeError as exc:  # e.g. fp16 kernels missing on this CPU build
         log.warning("Could not test the SD2 model for v-prediction (%s); assuming epsilon.", exc)
         return False
-
-
-# ---------------------------------------------------------------- module building
-def _init_kwargs(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
-    accepted = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in config.items() if k in accepted and not k.startswith("_")}
-
-
-def _empty(factory):
-    """Build a module with parameters on the meta device (buffers stay real: CLIP's position_ids)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return factory()
-
-
-def _config_remedy(cfg: ModelConfig) -> str:
-    if cfg.source == "bundled":
-        return (f"it is not a standard {cfg.family.label} model, so put its .yaml beside the checkpoint "
-                "(same name) or choose a standard checkpoint.")
-    return "the file is incomplete or its .yaml describes another model; fix or remove the .yaml."
-
-
-def _assign(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], component: str, name: str,
-            cfg: ModelConfig, dtype: torch.dtype | None,
-            device: str | torch.device | None) -> torch.nn.Module:
-    expected = module.state_dict()
-    buffers = {n for n, _ in module.named_buffers()}
-    ready: dict[str, torch.Tensor] = {}
-    for key, target in expected.items():
-        if key not in weights:
-            continue
-        tensor = weights[key]
-        try:
-            tensor = lc.fit_shape(tensor, target.shape)
-        except ValueError:
-            raise UnsupportedModelError(
-                f"{name}: {component} weight {key} has shape {tuple(tensor.shape)} but the model config "
-                f"expects {tuple(target.shape)}; {_config_remedy(cfg)}") from None
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        if device is not None and tensor.device != torch.device(device):
-            tensor = tensor.to(device)
-        ready[key] = tensor
-    missing = [k for k in expected if k not in weights and k not in buffers]
-    if missing:
-        raise UnsupportedModelError(
-            f"{name} lacks {len(missing)} {component} weights the model config expects (e.g. {missing[0]}); "
-            f"{_config_remedy(cfg)}")
-    module.load_state_dict(ready, strict=False, assign=True)
-    # Buffers the file does not hold (CLIP's position_ids) were built on the CPU: move them to where
-    # the weights are, also when the host's tensors already sit on its GPU (device=None).
-    target = torch.device(device) if device is not None else next((t.device for t in ready.values()), None)
-    if target is not None:
-        for sub in module.modules():
-            for bname, buf in sub._buffers.items():
-                if buf is not None and buf.device != target:
-                    sub._buffers[bname] = buf.to(target)
-    module.eval().requires_grad_(False)
-    return module
-
-
-def _build_unet(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtype, device):
-    from diffusers import UNet2DConditionModel
-
-    config = dict(cfg.unet)
-    proj = sd.get(lc.UNET_PREFIX + "input_blocks.4.1.proj_in.weight")
-    if proj is None:
-        proj = next((v for k, v in sd.items() if k.startswith(lc.UNET_PREFIX) and k.endswith("proj_in.weight")), None)
-    if proj is not None:  # both layouts occur in SD2 files; follow the file
-        config["use_linear_projection"] = proj.dim() == 2
-    try:
-        weights = unet_state_dict_to_diffusers(sd, config, prefix=lc.UNET_PREFIX)
-    except KeyError as exc:
-        raise UnsupportedModelError(
-            f"{name} has UNet weights the model config does not know ({exc.args[0]}); "
-            f"{_config_remedy(cfg)}") from None
-    unet = _empty(lambda: UNet2DConditionModel(**_init_kwargs(UNet2DConditionModel, config)))
-    return _assign(unet, weights, "UNet", name, cfg, dtype, device)
-
-
-def _build_vae(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtype, device):
-    from diffusers import AutoencoderKL
-
-    config = dict(cfg.vae)
-    config["scaling_factor"] = cfg.scaling_factor
-    weights = lc.vae_to_diffusers(sd, len(config["block_out_channels"]), int(config.get("layers_per_block", 2)))
-    vae = _empty(lambda: AutoencoderKL(**_init_kwargs(AutoencoderKL, config)))
-    return _assign(vae, weights, "VAE", name, cfg, dtype, device)
-
-
-def _text_prefix(family: Family, index: int) -> str:
-    if family is Family.SDXL:
-        return (lc.SDXL_TEXT1_PREFIX, lc.SDXL_TEXT2_PREFIX)[index]
-    return lc.SD2_TEXT_PREFIX if family is Family.SD2 else lc.SD1_TEXT_PREFIX
-
-
-def _build_text_encoders(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], name: str, dtype, device) -> list:
-    encoders = []
-    for i, spec in enumerate(cfg.text_encoders):
-        prefix = _text_prefix(cfg.family, i)
-        config = dict(spec.config)
-        with_projection = cfg.family is Family.SDXL and i == 1
-        if prefix.endswith(".model."):  # OpenCLIP layout
-            layers = lc.open_clip_layer_count(sd, prefix)
-            keep = layers - 1 if spec.penultimate else layers
-            weights = lc.open_clip_to_diffusers(sd, prefix, keep, with_projection)
-            proj = sd.get(prefix + "text_projection")
-            if with_projection and proj is not None:
-                config["projection_dim"] = int(proj.shape[1])
-        else:
-            weights = lc.clip_to_diffusers(sd, prefix)
-            keep = 1 + max((int(k.split(".")[3]) for k in weights if k.startswith("text_model.encoder.layers.")),
-                           default=-1)
-        if keep <= 0:
-            raise UnsupportedModelError(f"{name} has no text encoder layers under {prefix}; the file is incomplete.")
-        config["num_hidden_layers"] = keep
-        module = _empty_text_encoder(config, with_projection)
-        encoders.append(_assign(module, lc.module_text_keys(weights, module), f"text encoder {i + 1}", name,
-                                cfg, dtype, device))
-    return encoders
-
-
-def _empty_text_encoder(config: Mapping[str, Any], with_projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    return _empty(lambda: cls(te_config))
-
-
-def meta_modules(config: ModelConfig) -> dict[str, torch.nn.Module]:
-    """The modules a config describes, parameters on the meta device (sizes, names; no memory)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    modules = {"unet": _empty(lambda: UNet2DConditionModel(**_init_kwargs(UNet2DConditionModel, config.unet))),
-               "vae": _empty(lambda: AutoencoderKL(**_init_kwargs(AutoencoderKL, config.vae)))}
-    for i, spec in enumerate(config.text_encoders):
-        te = dict(spec.config)
-        te["num_hidden_layers"] -= int(spec.penultimate)
-        modules[f"te{i + 1}"] = _empty_text_encoder(te, config.family is Family.SDXL and i == 1)
-    return modules
 
 
 __all__ = ["ModelConfig", "Schedule", "TextEncoderSpec", "bundle_from_ldm_state_dict", "check_model_header",

@@ -21,6 +21,7 @@ import torch
 
 from ...errors import UnsupportedModelError
 from .. import ldm_convert as lc
+from ..build import empty_module, move_buffers
 from ..bundle import FLOW, Family, ModelBundle
 from ..detect import read_safetensors_header
 from ..ldm_config import bundled_config
@@ -118,13 +119,6 @@ def find_part(part: str, dirs: Iterable[Path]) -> Path | None:
 
 
 # ---------------------------------------------------------------- module building
-def _empty(factory):
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return factory()
-
-
 def _cast(tensor: torch.Tensor, scale: torch.Tensor | None, dtype, device) -> torch.Tensor:
     if dtype is not None and tensor.is_floating_point() and (tensor.dtype != dtype or scale is not None):
         tensor = dequantize(tensor, scale, dtype) if (is_fp8(tensor) or scale is not None) else tensor.to(dtype)
@@ -165,12 +159,7 @@ def _assign(module: torch.nn.Module, weights: Mapping[str, torch.Tensor], what: 
             if key.endswith("." + SCALE) and key[: -len(SCALE)] + "weight" in ready:
                 owner = module.get_submodule(key[: -len(SCALE) - 1])
                 owner.register_buffer(SCALE, scale if device is None else scale.to(device))
-    target = torch.device(device) if device is not None else next((t.device for t in ready.values()), None)
-    if target is not None:
-        for sub in module.modules():
-            for bname, buf in sub._buffers.items():
-                if buf is not None and buf.device != target:
-                    sub._buffers[bname] = buf.to(target)
+    move_buffers(module, device, ready)
     module.eval().requires_grad_(False)
     return module
 
@@ -196,7 +185,7 @@ def build_transformer(state_dict: Mapping[str, torch.Tensor], *, params: FluxPar
         infos = {k: _info(v) for k, v in state_dict.items()}
         params = fd.chroma_params(infos) if "distilled_guidance_layer.in_proj.weight" in infos else fd.bfl_params(infos)
     cls = ChromaTransformer if isinstance(params, ChromaParams) else FluxTransformer
-    model = _empty(lambda: cls(params))
+    model = empty_module(lambda: cls(params))
     return _assign(model, state_dict, "Flux transformer", name, dtype, device)
 
 
@@ -220,7 +209,7 @@ def build_clip_l(state_dict: Mapping[str, torch.Tensor], *, name: str = "clip_l"
         num_hidden_layers=1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")),
         num_attention_heads=max(1, width // 64), projection_dim=width)
     te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    module = _empty(lambda: CLIPTextModel(te_config))
+    module = empty_module(lambda: CLIPTextModel(te_config))
     return _assign(module, lc.module_text_keys(sd, module), "CLIP-L", name, dtype, device)
 
 
@@ -242,7 +231,7 @@ def build_t5(state_dict: Mapping[str, torch.Tensor], *, name: str = "t5xxl", dty
         relative_attention_num_buckets=sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[0])
     config["num_decoder_layers"] = config["num_layers"]
     t5_config = T5Config(**{k: v for k, v in config.items() if k not in ("architectures",)})
-    module = _empty(lambda: T5EncoderModel(t5_config))
+    module = empty_module(lambda: T5EncoderModel(t5_config))
     module = _assign(module, sd, "T5-XXL", name, dtype, device)
     return module
 
@@ -269,7 +258,7 @@ def build_vae(state_dict: Mapping[str, torch.Tensor], *, layout: str = "ldm", na
                   latent_channels=weights["decoder.conv_in.weight"].shape[1])
     accepted = _inspect.signature(AutoencoderKL.__init__).parameters
     kwargs = {k: v for k, v in config.items() if k in accepted}
-    module = _empty(lambda: AutoencoderKL(**kwargs))
+    module = empty_module(lambda: AutoencoderKL(**kwargs))
     return _assign(module, weights, "VAE", name, dtype, device)
 
 
