@@ -41,9 +41,12 @@ def run_scope() -> Iterator[None]:
 
 
 def thaw() -> None:
-    """Unfreeze now (before the engine's final clean-up, so cycles among the run's own frozen objects,
-    e.g. a model it loaded, are collected then); the outermost scope's end unfreezes anyway."""
-    gc.unfreeze()
+    """Unfreeze now, inside the outermost scope only (before the engine's final clean-up, so cycles among
+    the run's own frozen objects, e.g. a model it loaded, are collected then). Inside an outer scope
+    (the CLI's: the process ends with the run) that walk is left out; the outer scope unfreezes at its end."""
+    with _lock:
+        if _depth <= 1:
+            gc.unfreeze()
 
 
 @contextlib.contextmanager

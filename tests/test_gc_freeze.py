@@ -64,6 +64,22 @@ def test_what_was_built_is_frozen_until_thaw_then_collected():
         assert ref() is None
 
 
+def test_thaw_inside_an_outer_scope_leaves_the_freeze_to_that_scope():
+    with gc_freeze.run_scope():  # the CLI's: the process ends with the run
+        with gc_freeze.run_scope():  # the engine's
+            with gc_freeze.building():
+                built = _Node()
+            ref = weakref.ref(built)
+            del built
+            gc_freeze.thaw()
+            gc.collect()
+            assert ref() is not None
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert ref() is None
+
+
 def test_building_keeps_the_collector_off_if_it_was_off():
     gc.disable()
     try:

@@ -248,7 +248,7 @@ def _stopping_message(signum: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..gc_freeze import building
+    from ..gc_freeze import building, run_scope
     from ..paths import check_new_file
     from ..signals import GracefulStop, safe_streams
 
@@ -268,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
         return code
     stop = threading.Event()
     with safe_streams(), GracefulStop(lambda signum: stop.set(), message=_stopping_message) as stopper:
-        result = run_training(config, on_event=_print_event, stop=stop)
+        with run_scope():  # the process ends with the run: its last clean-up need not walk everything
+            result = run_training(config, on_event=_print_event, stop=stop)
         if result.report:
             print(report_text(result.report), flush=True)
         if result.stopped:
