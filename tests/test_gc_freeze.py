@@ -116,3 +116,13 @@ def test_a_run_from_a_file_freezes_while_training_and_leaves_nothing_frozen_or_a
     gc.collect()  # as before this module: the run's own objects hold the model until run_training returns
     assert loaded and all(ref() is None for ref in loaded), "the loaded model is freed after the run"
     assert engine.run_training.__wrapped__  # the scope wraps the engine's entry point
+
+
+def test_a_refused_run_leaves_nothing_frozen(tmp_path, tiny_data):  # noqa: F811 - fixture
+    from lora_trainer.errors import LoraTrainerError
+
+    config = tiny_config(tiny_data, tmp_path / "out", model=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(LoraTrainerError):
+        run_training(config)
+    assert gc.get_freeze_count() == 0
+    assert gc.isenabled()
