@@ -1,11 +1,11 @@
 """Keep Python's cyclic garbage collector off the objects that live through a whole training run.
 
 A full collection walks every object the process tracks. With torch, diffusers and transformers
-imported that is ~400,000 objects: 0.25-0.45 s per collection on a desktop CPU (more inside a
-WebUI, whose own heap is larger), paid at each memory clean-up of the engine and at each automatic
-full collection while those libraries import: ~3.5 s per CLI run before the first step
-(`bench/results/startup_cpu.md`). None of it finds garbage: modules, classes and model weights stay
-alive for the whole run.
+imported that is 250,000-400,000 objects, 0.25-0.45 s per collection on the 2-core development CPU
+(more inside a WebUI, whose own heap is larger), paid at each memory clean-up of the engine and at each
+automatic full collection while those libraries import: 0.7-0.9 s of CPU per CLI run there, under load
+up to 3.5 s of wall clock (`bench/results/startup_cpu.md`). Modules, classes and model weights stay
+alive for the whole run, so those walks are wasted.
 
 `gc.freeze()` moves every object alive now into a permanent generation that collections skip;
 `gc.unfreeze()` gives them back. Reference counting, which frees nearly everything (tensors,
