@@ -64,7 +64,7 @@ class LearnReport:
     images: int
     pairs: int
     trigger: str  # "" when the captions hold none
-    base_loss: float
+    base_loss: float | None  # None until the base model is scored (at the first scored epoch)
     epochs: list[EpochCheck] = field(default_factory=list)
     best_epoch: int | None = None
     best_path: str | None = None  # the kept file of the best epoch (the final LoRA when it is the last)
@@ -146,7 +146,8 @@ def report_text(report: dict[str, Any] | None) -> str:
              f"  scored: {report.get('pairs', 0)} fixed noise/timestep pairs on {report.get('images', 0)} images "
              f"({report.get('method', '')}); " + (f"with and without the trigger '{trigger}'" if trigger else
                                                    "no trigger in the captions, so leakage is not measured"),
-             f"  base model: validation loss {report.get('base_loss', math.nan):.5f}"]
+             "  base model: " + (f"validation loss {report['base_loss']:.5f}" if report.get("base_loss") is not None
+                                  else "not scored yet")]
     lines += ["  " + epoch_line(report, e) + ("  <- best" if e["epoch"] == best else "") for e in shown]
     if len(shown) < len(epochs):
         lines.insert(3, f"  ({len(epochs) - len(shown)} earlier epochs not listed)")
@@ -208,7 +209,7 @@ class _Pair:
 
 
 class Validator:
-    """Scores the fixed pairs before training (base model) and after every epoch, through the
+    """Scores the fixed pairs with the base model (at the first scored epoch) and after every epoch, through the
     model family's own text encoding, objective draws and prediction (train/family.py).
 
     The engine calls: `create` (latents cached), `captions`/`set_text` (frozen text encoders: the
@@ -222,9 +223,10 @@ class Validator:
         self.pairs, self.bundle, self.family = pairs, bundle, family
         self.batch = max(1, batch)  # pairs per forward pass: the training batch, which fits the GPU
         self.device, self.dtype, self.clip_skip, self.seed, self.emit = device, dtype, clip_skip, seed, emit
-        self.report = LearnReport(method=method, images=images, pairs=len(pairs), trigger=trigger, base_loss=math.nan)
+        self.report = LearnReport(method=method, images=images, pairs=len(pairs), trigger=trigger, base_loss=None)
         self.fixed_text: dict[str, dict[str, torch.Tensor]] | None = None
         self.objective: Any = None
+        self.network: Any = None
         self.base: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self.best_snapshot: tuple[int, Any] | None = None
 
@@ -335,25 +337,32 @@ class Validator:
                 m.train(mode)
 
     def start(self, network, objective, *, resumed: bool = False, history: dict[str, Any] | None = None) -> None:
-        """Score the base model: the adapters at multiplier 0 (at step 0 they are exactly zero anyway)."""
-        self.objective = objective
+        """Fix the pairs' draws; the base model is scored later, at the first scored epoch (`_score_base`),
+        so that these forward passes do not delay the first training step."""
+        self.network, self.objective = network, objective
         self._draw(objective)
-        network.set_multiplier(0.0)
-        try:
-            with_t, without_t = self._score()
-        finally:
-            network.set_multiplier(1.0)
-        self.base = [(w[0] if w else None, wo[0] if wo else None) for w, wo in zip(with_t, without_t)]
-        self.report.base_loss = _mse([w for w in with_t if w is not None])
         if resumed and history and history.get("epochs"):
             earlier = LearnReport.from_dict(history)
             self.report.epochs = earlier.epochs
             self.report.best_epoch, self.report.best_path = earlier.best_epoch, earlier.best_path
-        log.info("validation: %d pairs on %d %s, base loss %.5f", len(self.pairs), self.report.images,
-                 self.report.method, self.report.base_loss)
+        log.info("validation: %d pairs on %d %s", len(self.pairs), self.report.images, self.report.method)
+
+    def _score_base(self) -> None:
+        """The base model's predictions: the adapters at multiplier 0 (the same as the model before training)."""
+        if self.base:
+            return
+        self.network.set_multiplier(0.0)
+        try:
+            with_t, without_t = self._score()
+        finally:
+            self.network.set_multiplier(1.0)
+        self.base = [(w[0] if w else None, wo[0] if wo else None) for w, wo in zip(with_t, without_t)]
+        self.report.base_loss = _mse([w for w in with_t if w is not None])
+        log.info("validation: base model loss %.5f", self.report.base_loss)
 
     def epoch(self, epoch: int, step: int, snapshot: Callable[[], Any]) -> LearnReport:
         """Score the LoRA as it is after `epoch`; remember its weights when it is the best so far."""
+        self._score_base()
         with_t, without_t = self._score()
         val = _mse([w for w in with_t if w is not None])
         leak = None
