@@ -6,6 +6,7 @@ kept. Tiny random model on the CPU: these check the mechanics, not what the numb
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from pathlib import Path
@@ -288,3 +289,14 @@ def test_when_every_epoch_leaks_alike_the_lowest_loss_is_best():
     assert r.verdict == "leaks" and r.best_epoch == 3
     r = _report((lo * 2, hi * 1.2), (lo * 6, hi * 1.9), (lo * 9, hi * 2))  # clearly rising: the early one
     assert r.best_epoch == 1
+
+
+def test_a_report_before_the_first_scored_epoch_says_the_base_is_not_scored_yet():
+    # the base model is scored at the first scored epoch (not before step 1): a Stop before then
+    # leaves base_loss None, which stays valid JSON and reads as "not scored yet"
+    r = LearnReport(method="held-out", images=2, pairs=16, trigger="x", base_loss=None)
+    r.judge()
+    data = r.to_dict()
+    assert json.loads(json.dumps(data, allow_nan=False))["base_loss"] is None
+    text = report_mod.report_text(data)
+    assert "base model: not scored yet" in text and text.splitlines()[-1] == "No epoch has been scored yet."
