@@ -417,6 +417,12 @@ def test_what_cannot_be_trained_is_refused_with_one_sentence(forge_backend):
     del sd_model2.forge_objects_original.clip.cond_stage_model.t5xxl
     with pytest.raises(UnsupportedModelError, match="t5xxl text encoder"):
         forge_flux.text_encoders_of(sd_model2)
+    # Forge main builds FLUX.1 at its fixed depth and loads a file with fewer blocks leniently: Linears without weights
+    sd_model3, _ = make_forge_flux("fp32")
+    forge_flux.transformer_of(sd_model3).double_blocks[1].img_mod.lin.weight = None
+    with pytest.raises(UnsupportedModelError, match=r"transformer layer double_blocks\.1\.img_mod\.lin has no weight, so "
+                       r"Forge loaded the model incompletely .*; load a complete FLUX\.1"):
+        _handoff(sd_model3)
 
 
 # ---------------------------------------------------------------- ForgeHost with stand-in `modules`

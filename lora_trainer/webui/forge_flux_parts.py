@@ -153,7 +153,8 @@ def layer_weight(layer: nn.Module, shape: torch.Size, *, what: str) -> quant.Fro
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise UnsupportedModelError(
-            f"The loaded model's {what} has no weight LoRA Trainer can read; train from the model file instead.")
+            f"The loaded model's {what} has no weight, so Forge loaded the model incompletely (its console lists the "
+            "keys after 'Missing:'); load a complete FLUX.1 dev or schnell checkpoint with its text encoders.")
     fmt = forge_storage.tensor_format(weight, layer)
     if fmt == forge_storage.SVDQ or "svdq" in type(layer).__name__.lower():
         raise UnsupportedModelError(
