@@ -12,13 +12,15 @@ transformer are written beside it by flux_variants.py (with Neo's venv and its v
 Checks, through the API only: install; train on the loaded Flux (bf16 file, Neo's fp32 CPU storage); Neo's
 weights bit-identical afterwards and the no-LoRA image identical before and after; `<lora:n:1>` changes the
 image, `<lora:n:0>` equals none, 0 unmatched keys in Neo's log; then the same base stored as GGUF Q8_0, as
-fp8 e4m3fn ("Diffusion in Low Bits") and as an fp8_scaled file: the run trains over the weights as Neo holds
+fp8 e4m3fn ("Diffusion in Low Bits") and as an fp8_scaled file, the two fp8 bases both with Neo merging LoRAs
+into the weights and with "(fp16 LoRA)" (applied on the fly): the run trains over the weights as Neo holds
 them (its console line names the format), and the bf16-trained LoRA's effect on the quantised base is
-compared with its effect on the bf16 base. nf4 needs bitsandbytes' 4-bit kernels (a GPU): not run here.
+compared with its effect on the bf16 base (bounded where applied on the fly; where Neo merges, the run's notes
+must say to use "(fp16 LoRA)"). nf4 needs bitsandbytes' 4-bit kernels (a GPU): not run here.
 
 Flux on 2 CPU cores: every new prompt/LoRA set costs one T5-XXL pass in Neo (~40 s with NEO_THREADS=2), so the
 suite reuses one prompt and uses 64 px, 2 steps, CFG 1, scheduler Simple (Euler + "Automatic" gives NaN on
-Flux, see the harness README). Neo holds ~9 GiB; about 20 minutes.
+Flux, see the harness README). Neo holds ~9 GiB; 30-60 minutes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ VARIANTS = {
     "gguf": (f"{MODEL}-Q8_0", "Automatic", "transformer gguf Q8_0"),
     "fp8": (MODEL, "float8-e4m3fn", "transformer fp8 e4m3fn"),
     "fp8_scaled": (f"{MODEL}-fp8_scaled", "Automatic", "transformer "),  # what Neo makes of it is recorded
+    # the same two fp8 bases with LoRAs applied on the fly ("(fp16 LoRA)"), as the run's notes advise
+    "fp8_fp16_lora": (MODEL, "float8-e4m3fn (fp16 LoRA)", "transformer fp8 e4m3fn"),
+    "fp8_scaled_fp16_lora": (f"{MODEL}-fp8_scaled", "Automatic (fp16 LoRA)", "transformer "),
 }
 TRAIN = {"t5_max_token_length": 32, "train_text_encoder": True}  # our T5 pass per caption: 32 tokens, not 512
 
@@ -197,7 +202,7 @@ def test_the_same_on_a_quantised_base(neo: FluxNeo, variant: str):
     try:
         start = len(ui.log_text())
         base_q = ui.txt2img(PROMPT)
-        if storage != "Automatic":
+        if storage.startswith("float8"):
             assert "Using Override Model Data Type: torch.float8_e4m3fn" in ui.log_text()[start:]
         name = f"{RUN}_{variant}"
         job = ui.train_flux(name, max_steps=1)
@@ -223,10 +228,19 @@ def test_the_same_on_a_quantised_base(neo: FluxNeo, variant: str):
         on_the_fly = all("on_the_fly = True" in ln for ln in ui.lora_lines(f["trained"], mark) if "Loaded" in ln)
         print(f"{variant}: {line.group(0)}; bf16 LoRA's effect on this base vs on bf16: {rel:.1%} apart "
               f"(Neo applies it {'on the fly' if on_the_fly else 'merged into the stored weights'})")
-        # Where Neo merges a LoRA into low-bit weights (its plain "float8-e4m3fn" mode) the sum is rounded to fp8
-        # by Neo itself: measured and recorded (docs/forge.md), not bounded. Applied on the fly (GGUF, the
-        # "(fp16 LoRA)" modes) the effect must be close.
+        # Applied on the fly (GGUF, the "(fp16 LoRA)" modes) the effect must be close. Where Neo merges a LoRA into
+        # the stored weights ("float8-e4m3fn", "Automatic" with an fp8_scaled file) the transformer's part is lost
+        # by Neo's own arithmetic (backend/patcher/lora.py), so the gap is measured and recorded, not bounded: the
+        # bf16 LoRA changes each weight matrix by ~3% of its norm (median over its 13 modules); rounded to fp8
+        # e4m3fn (3 mantissa bits: steps of 6-12% of a value) the merged change is 92-100% off the LoRA's (norm of
+        # the difference, per module); to fp8_scaled weights Neo adds it unscaled and multiplies by scale_weight
+        # (~1e-4) at use: 100% off (fp8_merge_loss.py on the files, docs/forge.md). The run must then say how to
+        # use the LoRA at full effect ("(fp16 LoRA)").
+        advice = [n for n in job["notes"] if "(fp16 LoRA)" in n]
         if on_the_fly:
             assert rel < 0.5, rel
+            assert not advice, job["notes"]
+        else:
+            assert advice and "merging them into its" in advice[0], job["notes"]
     finally:
         ui.select(MODEL, "Automatic")
