@@ -57,6 +57,12 @@ def test_verdicts_and_best_epoch():
     assert LearnReport.from_dict(r.to_dict()) == r
 
 
+def test_a_run_worse_than_the_base_model_is_told_to_lower_the_learning_rate():
+    r = _report((-0.7, 1.0), (-2.5, 1.0))
+    assert r.verdict == "not_learned" and "lower the learning rate" in r.message
+    assert "raise the learning rate" not in r.message and "250% above" in r.message
+
+
 def test_report_every_epoch_on_result_and_events(tmp_path):
     data = make_dataset(tmp_path / "ds", n=4, repeats=1)
     events = []

@@ -34,15 +34,18 @@ log = logging.getLogger(__name__)
 
 # The verdict's thresholds, in this one place; every report states them with THRESHOLDS_SOURCE.
 LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base model's: the concept shows
-# leaking: without the trigger the LoRA moves the model more than with it. The demo model's LoRAs showed
-# 0.92-0.996 in every epoch while drawing no star where another shape was asked for (a limit of 0.5 called
-# all of them leaking); not yet checked against an over-trained run.
-LEAK_MAX = 1.0
+# leaking: without the trigger the LoRA moves the model clearly more than with it. On the demo model the ratio
+# sits at 0.92-1.023 in every run measured: under-trained, the demo's settings, and a run at ten times its
+# learning rate (bench/results/learn_thresholds_demo_cpu.md); a limit of 1.0 called the demo's own 5-epoch
+# run leaking at 1.002, so the limit sits above all of them. On captions where the trigger is the only word
+# that differs, the ratio does not separate an over-trained run from a good one.
+LEAK_MAX = 1.05
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
 # Measured on the demo model (bench/results/learn_thresholds_demo_cpu.md): leakage 0.92-1.0 at every epoch of
 # a good and a slow run alike, and no run there clearly good by the classifier yet: only partly set from it.
-THRESHOLDS_SOURCE = ("leakage limit above what the demo model's LoRAs showed, the learned limit set by hand; "
-                     "not yet fully calibrated")
+THRESHOLDS_SOURCE = ("demo model, bench/results/learn_thresholds_demo_cpu.md: leakage limit above every LoRA "
+                     "measured there (0.92-1.023); the learned limit separates 4 steps at lr 3e-5 (0.1%) from the "
+                     "demo's settings (2.3% after 4 steps, 6.3% after 8); not checked against what the LoRAs draw")
 PAIRS = 16  # (image, timestep) pairs scored per epoch: 2 forward passes each (with/without trigger)
 MAX_IMAGES = 8
 
@@ -99,7 +102,11 @@ class LearnReport:
         self.best_epoch = best.epoch
         last = self.epochs[-1]
         top = max(e.improvement for e in self.epochs)
-        if not learned:
+        if top < 0:  # every epoch scores worse than the base model: the run diverged, it did not under-train
+            self.verdict = "not_learned"
+            self.message = (f"Not learned: the validation loss with the trigger ended {-last.improvement:.0%} above "
+                            f"the base model's and never fell below it; lower the learning rate.")
+        elif not learned:
             self.verdict = "not_learned"
             self.message = (f"Not learned yet: the validation loss with the trigger fell only {top:.1%} below the "
                             f"base model's (a learned concept shows at least {LEARNED_MIN_IMPROVEMENT:.0%}); "
