@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from lora_trainer.demo.dataset import write_concept_images
     from lora_trainer.demo.measure import generate_batch
     from lora_trainer.demo.world import HELD_OUT, sample_scenes
-    from lora_trainer.lora import LoraSpec, inject_lora, load_kohya_file
+    from lora_trainer.lora import applied_lora
     from lora_trainer.models.loader import load_model
     from lora_trainer.train import run_training
 
@@ -53,16 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     star = classifier.classes.index(HELD_OUT)
 
     def measure(lora: Path | None = None) -> dict:
-        network = None
-        if lora is not None:
-            tensors, _ = load_kohya_file(lora)
-            network = inject_lora(bundle, LoraSpec.from_kohya_state_dict(tensors))
-            network.load_kohya_state_dict(tensors, strict=True)
-        try:
+        with applied_lora(bundle, lora):
             images = generate_batch(bundle, prompts, seed=7, steps=12)
-        finally:
-            if network is not None:
-                network.remove()
         with torch.no_grad():
             prob = classifier(images).softmax(1)
         return {"argmax": round((prob.argmax(1) == star).float().mean().item(), 3),

@@ -13,7 +13,7 @@ import torch
 from train_support import lora_tensors, make_dataset, tiny_config, tiny_data  # noqa: F401
 
 from lora_trainer.errors import ConfigError, TrainingError, UnsupportedModelError
-from lora_trainer.lora import LoraSpec, inject_lora, load_kohya_file
+from lora_trainer.lora import applied_lora, load_kohya_file
 from lora_trainer.models.tiny import build_tiny_bundle
 from lora_trainer.train import run_training
 from lora_trainer.train.cache import cache_latents
@@ -93,12 +93,10 @@ def test_training_loss_falls(tmp_path):
     before = _eval_loss(bundle, latents, hidden)
     result = run_training(config, bundle=bundle)
     assert result.steps == 20 and not result.stopped
-    tensors, _ = load_kohya_file(result.lora_path)  # the saved file is what was learned
-    network = inject_lora(bundle, LoraSpec.from_kohya_state_dict(tensors))
-    network.load_kohya_state_dict(tensors, strict=True)
-    after = _eval_loss(bundle, latents, hidden)
-    network.remove()
+    with applied_lora(bundle, result.lora_path):  # the saved file is what was learned
+        after = _eval_loss(bundle, latents, hidden)
     assert after < 0.8 * before, (before, after)
+    assert _eval_loss(bundle, latents, hidden) == pytest.approx(before, rel=1e-6)  # removed after the block
 
 
 # ------------------------------------------------------------------ stop / resume

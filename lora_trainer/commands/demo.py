@@ -76,7 +76,7 @@ def run_tiny(args: argparse.Namespace) -> int:
 
     from ..config import TrainConfig
     from ..dataset.prepare import prepare_dataset
-    from ..lora import LoraSpec, inject_lora, load_kohya_file
+    from ..lora import applied_lora
     from ..models.loader import load_model
     from ..models.tiny import write_tiny_checkpoint
     from ..tagger.demo_model import write_demo_tagger
@@ -124,13 +124,8 @@ def run_tiny(args: argparse.Namespace) -> int:
     kwargs = {"seed": config.sample_seed, "steps": config.sample_steps, "cfg_scale": config.sample_cfg_scale,
                   "width": SIZE * 2, "height": SIZE * 2}
     without = generate(bundle, [PROMPT], **kwargs)[0]
-    tensors, _ = load_kohya_file(result.lora_path)
-    network = inject_lora(bundle, LoraSpec.from_kohya_state_dict(tensors))
-    try:
-        network.load_kohya_state_dict(tensors, strict=True)
+    with applied_lora(bundle, result.lora_path):
         with_lora = generate(bundle, [PROMPT], **kwargs)[0]
-    finally:
-        network.remove()
     ab = save_png(side_by_side(without, with_lora), out / "ab.png")
     print(f"5/5 A/B image (prompt '{PROMPT}', seed {config.sample_seed}): {ab}")
     print()
@@ -181,7 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..demo.dataset import write_concept_images
     from ..demo.measure import generate_batch
     from ..demo.world import to_pil
-    from ..lora import LoraSpec, inject_lora, load_kohya_file
+    from ..lora import applied_lora
     from ..models.loader import load_model
     from ..tagger.demo_model import write_demo_tagger
     from ..tagger.engine import Tagger
@@ -225,13 +220,8 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"    step {event.step}/{event.total_steps}  loss {event.smoothed_loss:.4f}", flush=True)
 
     result = run_training(config, bundle=bundle, on_event=progress, owns_bundle=False)
-    tensors, _ = load_kohya_file(result.lora_path)
-    network = inject_lora(bundle, LoraSpec.from_kohya_state_dict(tensors))
-    try:
-        network.load_kohya_state_dict(tensors, strict=True)
+    with applied_lora(bundle, result.lora_path):
         with_lora = pictures()
-    finally:
-        network.remove()
     ab = save_png(ab_grid([without, with_lora]), out / "ab.png")
     print(f"5/5 A/B image: {ab}")
     print(f"    prompts: {'; '.join(AB_PROMPTS)} (seeds {AB_SEED}..{AB_SEED + len(AB_PROMPTS) - 1})")

@@ -45,17 +45,9 @@ def star_share(bundle: ModelBundle, classifier, lora=None, *, n: int = 16, steps
                trigger: str = "demostar") -> float:
     """Share of `n` pictures prompted "<colour> <trigger>, <colour> background" that `classifier`
     reads as the held-out shape; with `lora` (a kohya file), that LoRA is loaded for the pictures."""
-    from ..lora import LoraSpec, inject_lora, load_kohya_file
+    from ..lora import applied_lora
     from .world import HELD_OUT, sample_scenes
 
     prompts = sample_scenes(n, torch.Generator().manual_seed(seed), shapes=(HELD_OUT,)).captions(shape_word=trigger)
-    network = None
-    if lora is not None:
-        tensors, _ = load_kohya_file(lora)
-        network = inject_lora(bundle, LoraSpec.from_kohya_state_dict(tensors))
-        network.load_kohya_state_dict(tensors, strict=True)
-    try:
+    with applied_lora(bundle, lora):
         return classifier.fraction(generate_batch(bundle, prompts, seed=seed, steps=steps), HELD_OUT)
-    finally:
-        if network is not None:
-            network.remove()

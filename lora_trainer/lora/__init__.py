@@ -10,7 +10,7 @@ from .kohya_file import (
     save_kohya,
 )
 from .metadata import TrainingFacts, architecture, build_metadata
-from .network import LoadReport, LoraNetwork, LoraSpec, inject_lora
+from .network import LoadReport, LoraNetwork, LoraSpec, applied_lora, inject_lora
 from .targets import LoraTarget, find_targets
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "LoraSpec",
     "LoraTarget",
     "TrainingFacts",
+    "applied_lora",
     "architecture",
     "build_metadata",
     "find_targets",

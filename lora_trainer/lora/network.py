@@ -13,7 +13,9 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -401,3 +403,19 @@ def inject_lora(bundle: ModelBundle, spec: LoraSpec, seed: int | None = None,
     network._inject(seed, dtype)
     return network
 
+
+
+@contextmanager
+def applied_lora(bundle: ModelBundle, path: str | Path | None) -> Iterator[LoraNetwork | None]:
+    """The kohya LoRA file at `path` loaded onto the bundle for the `with` block, removed after
+    (None: the bundle as it is), e.g. for A/B pictures with and without a trained LoRA."""
+    if path is None:
+        yield None
+        return
+    tensors, _ = load_kohya_file(path)
+    network = inject_lora(bundle, LoraSpec.from_kohya_state_dict(tensors))
+    try:
+        network.load_kohya_state_dict(tensors, strict=True)
+        yield network
+    finally:
+        network.remove()
