@@ -4,8 +4,9 @@
     plan_training(config) -> TrainingPlan
 """
 
-from .engine import plan_training, run_training
+from .engine import run_training
 from .events import ProgressEvent, TrainingPlan, TrainResult
+from .planning import plan_training
 from .usermeta import write_user_metadata
 
 __all__ = ["ProgressEvent", "TrainResult", "TrainingPlan", "plan_training", "run_training", "write_user_metadata"]
