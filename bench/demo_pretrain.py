@@ -180,8 +180,8 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _render_batch(n: int, g: torch.Generator, device: torch.device):
-    scenes = sample_scenes(n, g, shapes=SEEN_SHAPES)
+def _render_batch(n: int, g: torch.Generator, device: torch.device, shapes: tuple[str, ...] = SEEN_SHAPES):
+    scenes = sample_scenes(n, g, shapes=shapes)
     images = render(scenes, SIZE, device=device, jitter=colour_jitter(n, g, 0.05))
     return scenes, images * 2 - 1
 
@@ -225,23 +225,27 @@ def train_vae(seconds: float, device: torch.device, g: torch.Generator, *, batch
 PSNR_PICTURES = 512  # fresh pictures the VAE's PSNR is measured on
 
 
-def _psnr(vae, device: torch.device, g: torch.Generator) -> float:
+def _psnr(vae, device: torch.device, g: torch.Generator, shapes: tuple[str, ...] = SEEN_SHAPES) -> float:
     n = PSNR_PICTURES
     with torch.no_grad():
-        _, x = _render_batch(n, g, device)
+        _, x = _render_batch(n, g, device, shapes)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
         return float(10 * torch.log10(4 / ((rec - x) ** 2).mean()))
 
 
 def finetune_decoder(vae, until: float, device: torch.device, g: torch.Generator, *, batch: int, lr: float,
-                     log: dict, save=None, save_every: float = 60.0) -> Any:
+                     log: dict, save=None, save_every: float = 60.0,
+                     shapes: tuple[str, ...] = SEEN_SHAPES) -> Any:
     """Train the decoder alone (the encoder, hence every latent the denoisers learn, stays as it is)
-    until the wall-clock time `until`, on sampled latents of fresh pictures."""
+    until the wall-clock time `until`, on sampled latents of fresh pictures of `shapes`. With the star
+    among them the decoder learns to draw what a LoRA may teach the denoiser (a generic image codec,
+    as SD's VAE is); the denoisers and text encoder still never see a star."""
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
         p.requires_grad_(True)
     before = _psnr(vae, device, g)
+    star_before = _psnr(vae, device, g, ("star",))
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0, fused=device.type == "cuda")
     ema = _EMA([vae.decoder, vae.post_quant_conv])
     start, step, losses, last_save = time.perf_counter(), 0, [], time.perf_counter()
@@ -249,7 +253,7 @@ def finetune_decoder(vae, until: float, device: torch.device, g: torch.Generator
     while (elapsed := time.perf_counter() - start) < seconds:
         for group in opt.param_groups:
             group["lr"] = lr * _lr_at(elapsed / seconds, step, 50)
-        _, x = _render_batch(batch, g, device)
+        _, x = _render_batch(batch, g, device, shapes)
         with torch.no_grad(), _autocast(device):
             z = vae.encode(x).latent_dist.sample()
         with _autocast(device):
@@ -272,10 +276,13 @@ def finetune_decoder(vae, until: float, device: torch.device, g: torch.Generator
             last_save = time.perf_counter()
     ema.copy_to_params()
     vae.eval().requires_grad_(False)
-    after = _psnr(vae, device, g)
+    after, star_after = _psnr(vae, device, g), _psnr(vae, device, g, ("star",))
     log["decoder"] = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "batch": batch, "lr": lr,
-                      "losses": losses, "psnr_db_before": round(before, 2), "psnr_db": round(after, 2)}
-    print(f"decoder: {step} steps, PSNR {before:.1f} -> {after:.1f} dB", flush=True)
+                      "shapes": list(shapes), "losses": losses, "psnr_db_before": round(before, 2),
+                      "psnr_db": round(after, 2), "star_psnr_db_before": round(star_before, 2),
+                      "star_psnr_db": round(star_after, 2)}
+    print(f"decoder: {step} steps, PSNR {before:.1f} -> {after:.1f} dB (stars {star_before:.1f} -> "
+          f"{star_after:.1f} dB)", flush=True)
     if save is not None:
         save(vae)
     return vae
@@ -462,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=SECONDS, or NAME=@T to stop at the time.time() T (default shapes-sd1=110, shapes-mini=70)")
     p.add_argument("--until", type=float, help="--stage decoder: stop at this time.time()")
+    p.add_argument("--decoder-shapes", choices=("seen", "all"), default="seen",
+                   help="--stage decoder: pictures of the seen shapes only, or of all seven (the star too)")
     p.add_argument("--init", help="folder of an earlier run: its VAE, and its denoisers to continue from")
     p.add_argument("--fresh", action="store_true", help="with --init: new denoisers (only the VAE is reused)")
     p.add_argument("--pool", type=int, default=200_000, help="encoded pictures the denoisers train on")
@@ -512,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "decoder":
         log["scaling_factor"] = scale
         until = args.until or time.time() + args.vae_seconds
-        finetune_decoder(vae, until, device, g, batch=args.vae_batch, lr=args.decoder_lr, log=log, save=save_vae)
+        finetune_decoder(vae, until, device, g, batch=args.vae_batch, lr=args.decoder_lr, log=log, save=save_vae,
+                         shapes=SHAPES if args.decoder_shapes == "all" else SEEN_SHAPES)
         write_log()
         return 0
     pool = encode_pool(vae, args.pool, device, g)
