@@ -2,11 +2,13 @@
 real runs of the demo's own LoRA on its sixteen star pictures (bench/results/learn_thresholds_demo_cpu.md).
 
 - 4 steps at a hundredth of the demo's learning rate: "not learned", told to train longer.
-- the demo's settings, 2 epochs (8 steps): "learned" (neither "not learned" nor "leaks").
+- the demo's settings and length (15 epochs): "learned" (neither "not learned" nor "leaks").
 - ten times the demo's learning rate: the loss ends above the base model's, "not learned", told to
   lower the learning rate (not to raise it).
-What the LoRAs draw is not checked here: the demo model's VAE caps the classifier's reading
-(bench/results/demo_lora_cpu/vae_ceiling.md).
+- over-trained (rank 32, the text encoder at the UNet's learning rate, 15 epochs): "leaks". Such runs draw
+  the star more often where another shape is asked for (the shape classifier's readings are in the bench
+  results, not repeated here: a reading takes minutes and the demo model's VAE blurs it,
+  bench/results/demo_lora_cpu/vae_ceiling.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lora_trainer.demo import DEMO_MODEL, TRIGGER
 from lora_trainer.demo.dataset import write_concept_images
 from lora_trainer.models.loader import load_model
 from lora_trainer.train import run_training
+from lora_trainer.train.report import LEAK_MAX
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +33,11 @@ def demo_data(tmp_path_factory):
     return work, dataset.out, load_model(DEMO_MODEL, dtype=torch.float32)
 
 
-def _run(demo_data, name: str, *, epochs: int, lr: float) -> dict:
+def _run(demo_data, name: str, *, epochs: int, lr: float, te_lr: float | None = None, rank: int = 8) -> dict:
     work, data, bundle = demo_data
     config = demo_config(str(DEMO_MODEL), data, work / name, epochs=epochs, seed=1, device="cpu")
-    config.learning_rate, config.text_encoder_lr = lr, lr / 2
+    config.learning_rate, config.text_encoder_lr = lr, lr / 2 if te_lr is None else te_lr
+    config.rank, config.alpha = rank, float(rank)
     return run_training(config, bundle=bundle, owns_bundle=False).report
 
 
@@ -44,9 +48,17 @@ def test_under_trained_run_is_not_learned(demo_data):
 
 
 def test_demo_settings_learn_without_leaking(demo_data):
-    report = _run(demo_data, "good", epochs=2, lr=3e-3)
+    report = _run(demo_data, "good", epochs=15, lr=3e-3)
     assert report["verdict"] == "learned", report["message"]
-    assert report["best_epoch"] == 2 and report["best_path"]
+    assert all(e["leak"] <= LEAK_MAX for e in report["epochs"]), [e["leak"] for e in report["epochs"]]
+    assert report["best_epoch"] is not None and report["best_path"]
+
+
+def test_over_trained_run_leaks(demo_data):
+    report = _run(demo_data, "over", epochs=15, lr=3e-3, te_lr=3e-3, rank=32)
+    assert report["verdict"] == "leaks", report["message"]
+    assert report["epochs"][-1]["leak"] > LEAK_MAX
+    assert "without the trigger" in report["message"] and "fewer steps" in report["message"]
 
 
 def test_diverged_run_is_told_to_lower_the_learning_rate(demo_data):

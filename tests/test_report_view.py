@@ -11,7 +11,7 @@ from lora_trainer.ui import logic
 
 def _report() -> dict:
     r = LearnReport(method="training images, fixed noise", images=8, pairs=16, trigger="demostar", base_loss=0.2)
-    r.epochs = [EpochCheck(1, 10, 0.19, 0.05, 0.1), EpochCheck(2, 20, 0.17, 0.15, 0.3), EpochCheck(3, 30, 0.16, 0.2, 1.4)]
+    r.epochs = [EpochCheck(1, 10, 0.19, 0.05, 0.5), EpochCheck(2, 20, 0.17, 0.15, 0.8), EpochCheck(3, 30, 0.16, 0.2, 0.995)]
     r.judge()
     r.best_path = "/runs/x/demo-000002.safetensors"
     return {**r.to_dict(), "best_lora": "demo-epoch2"}
@@ -20,7 +20,7 @@ def _report() -> dict:
 def test_report_card_says_verdict_best_epoch_and_thresholds():
     md = logic.report_md(_report())
     assert md.startswith("### Did it learn? Leaks")
-    assert "Leaks: without the trigger the LoRA still changes the model 140% as much" in md
+    assert "Leaks: without the trigger the LoRA still shows 100% of its effect with it" in md
     assert "Best epoch: **2** (`demo-epoch2`)" in md
     assert "with and without the trigger `demostar`" in md and f"({report_mod.THRESHOLDS_SOURCE})." in md
     assert logic.report_md(None) == ""

@@ -111,8 +111,11 @@ def test_scoring_runs_in_chunks_of_the_training_batch(tmp_path):
         result = run_training(tiny_config(data, tmp_path / "out", batch_size=2), bundle=bundle)
     finally:
         handle.remove()
-    # training: 2 per step; scoring: the base model and epoch 1, each with and without the trigger
-    assert max(sizes) == 2 and sum(sizes) == 2 * result.steps + 2 * 2 * result.report["pairs"], sizes
+    # training: 2 per step; scoring: the validation loss of the base model and of epoch 1, and the leakage
+    # probes (every caption holds the trigger): the base model's without the trigger, epoch 1's with and without
+    pairs = result.report["pairs"]
+    probes = min(report_mod.LEAK_PAIRS, pairs)
+    assert max(sizes) == 2 and sum(sizes) == 2 * result.steps + 2 * pairs + 3 * probes, sizes
 
 
 def test_scoring_leaves_training_unchanged(tmp_path):

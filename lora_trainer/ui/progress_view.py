@@ -176,7 +176,7 @@ def report_md(report: dict[str, Any] | None) -> str:
     if th:
         source = f" ({th['source']})" if th.get("source") else ""
         how += (f". Learned means at least {th.get('learned_min_improvement', 0):.0%} below the base model; "
-                f"leaking means more than {th.get('leak_max', 0):.0%} of the effect without the trigger{source}.")
+                f"leaking means more than {th.get('leak_max', 0):.0%} of its effect shown without the trigger{source}.")
     lines.append(f"\n<small>{how}</small>")
     return "\n".join(lines)
 
