@@ -30,7 +30,7 @@ AB_SEED = 7
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="./lora-trainer-demo", help="folder for everything the demo writes")
-    p.add_argument("--epochs", type=int, default=0, help="training epochs (default 15; 4 with --tiny)")
+    p.add_argument("--epochs", type=int, default=0, help="training epochs (default 30; 4 with --tiny)")
     p.add_argument("--images", type=int, default=0, help="training pictures (default 16; 10 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of the demo model "
                    "(seconds; for tests, its pictures mean nothing)")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tiny:
         args.epochs, args.images = args.epochs or 4, args.images or 10
         return run_tiny(args)
-    args.epochs, args.images = args.epochs or 15, args.images or 16
+    args.epochs, args.images = args.epochs or 30, args.images or 16
     return run_demo(args)
 
 
@@ -136,6 +136,10 @@ def run_tiny(args: argparse.Namespace) -> int:
     print(f"A/B image:     {ab}")
     print(f"Loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f} ({result.steps} steps, "
           f"{time.perf_counter() - started:.0f} s)")
+    if result.report:  # the "did it learn?" report, as `train` prints it
+        from ..train.report import report_text
+
+        print(report_text(result.report))
     return 0
 
 
@@ -189,7 +193,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"Demo folder: {out}")
-    print(f"1/5 demo model: {demo.DEMO_MODEL.name} (pretrained on shapes, never a star)")
+    print(f"1/5 demo model: {demo.DEMO_MODEL.name} (pretrained on shapes; its denoiser never saw a star)")
 
     images = out / "images"
     shutil.rmtree(images, ignore_errors=True)
@@ -230,4 +234,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"A/B image:     {ab}")
     print(f"Loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f} ({result.steps} steps, "
           f"{time.perf_counter() - started:.0f} s)")
+    if result.report:  # the "did it learn?" report, as `train` prints it
+        from ..train.report import report_text
+
+        print(report_text(result.report))
     return 0
