@@ -259,7 +259,8 @@ def _stop_signals() -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------- one rank of a run
 def run_worker(config: TrainConfig, *, verbose: bool = False) -> int:
-    """Train as one process of a data-parallel run started by `--gpus` or torchrun; the exit status."""
+    """Train as one process of a data-parallel run started by `--gpus` or torchrun, then end the process
+    with its exit status (see `_leave`)."""
     from .commands.train import _print_event
     from .signals import Aborted, GracefulStop, exit_code, safe_streams, signal_name
     from .train import run_training
@@ -308,11 +309,9 @@ def run_worker(config: TrainConfig, *, verbose: bool = False) -> int:
                       f"--resume {result.state_dir}", flush=True)
             else:
                 print(f"LoRA: {result.lora_path}", flush=True)
-        if result.stopped:
-            return exit_code(signum) if signum else exit_code(signal.SIGTERM)
-        return 0
+        code = (exit_code(signum) if signum else exit_code(signal.SIGTERM)) if result.stopped else 0
     except Aborted as e:
-        return exit_code(e.signum)
+        code = exit_code(e.signum)
     except Exception as e:  # every failure becomes one recorded line
         if is_peer_failure(e):
             kind, code, message = "peer", EXIT_PEER, "another process of the run failed"
@@ -325,10 +324,25 @@ def run_worker(config: TrainConfig, *, verbose: bool = False) -> int:
         _record_failure(kind, message, rank, e)
         if kind != "peer" and not under_launcher:  # torchrun prints its own summary beside ours
             print(f"error: [process {rank} of {world}] {message}", file=sys.stderr, flush=True)
-        return code
     finally:
         if dist is not None:
             dist.close()
+    return _leave(code, dist)
+
+
+def _leave(code: int, keep: Any) -> int:
+    """End a worker process now, its files written and its output flushed, skipping Python's teardown.
+    There, releasing the last references to the process groups (`keep`, held until here) runs torch's C++
+    destructors with the GIL held, and once (torch 2.1.2, gloo, a resumed CPU run in CI) a worker blocked
+    for good at this function's return, every other thread frozen: the LoRA was saved, but the launcher
+    waited on the process until the test's timeout killed it."""
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+    return code  # not reached; for type checkers and tests that replace os._exit
 
 
 def _own_session() -> None:
