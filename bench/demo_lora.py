@@ -1,10 +1,11 @@
 """Train the demo's LoRA (the star) on a demo-world model and measure it with the shape classifier.
 
     python bench/demo_lora.py --model MODEL.safetensors --out DIR [--optimizer AdamW|Prodigy]
-        [--lr 2e-3] [--epochs 30] [--save-every 5] [--images 24] [--n 16] --json RESULT.json
+        [--lr 2e-3] [--epochs 30] [--save-every 5] [--images 24] [--n 16] [--seed 1] [--rank 8] --json RESULT.json
 
-For every saved epoch: the share of "<colour> demostar, <colour> background" pictures the classifier
-reads as a star, with that LoRA and without any (same prompts and seeds), plus training CPU time.
+For every saved epoch, and for the epoch the "did it learn?" report picked as best: the share of
+"<colour> demostar, <colour> background" pictures the classifier reads as a star, with that LoRA and
+without any (same prompts and seeds), plus training CPU time.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=24)
     p.add_argument("--n", type=int, default=16, help="pictures per measurement")
     p.add_argument("--sample-steps", type=int, default=12)
+    p.add_argument("--seed", type=int, default=1, help="training seed (the pictures keep seed 1)")
+    p.add_argument("--rank", type=int, default=8)
     args = p.parse_args(argv)
     out = Path(args.out)
     write_concept_images(out / "images", args.images, seed=1)
     dataset = prepare_dataset(out / "images", out / "dataset", TRIGGER, repeats=1, resolution=64)
-    config = demo_config(args.model, dataset.out, out / "lora", epochs=args.epochs, seed=1, device="cpu")
+    config = demo_config(args.model, dataset.out, out / "lora", epochs=args.epochs, seed=args.seed,
+                         device="cpu")
+    config.rank, config.alpha = args.rank, float(args.rank)
     config.optimizer, config.save_every_n_epochs = args.optimizer, args.save_every
     config.learning_rate, config.text_encoder_lr = args.lr, args.te_lr
     bundle = load_model(Path(args.model), dtype=torch.float32)
@@ -60,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     print(result["train"], flush=True)
     classifier = train_classifier(steps=300, batch=64)
     result["star_share"] = {"base": star_share(bundle, classifier, None, n=args.n, steps=args.sample_steps)}
-    for path in trained.saved:
+    report = trained.report or {}
+    result["best_epoch"], best = report.get("best_epoch"), report.get("best_path")
+    result["best_path"] = best
+    result["verdict"], result["message"] = report.get("verdict"), report.get("message")
+    result["epochs"] = [{k: e.get(k) for k in ("epoch", "val_loss", "improvement", "leak")}
+                        for e in report.get("epochs", [])]
+    for path in dict.fromkeys([*trained.saved, *([Path(best)] if best else [])]):
         result["star_share"][path.stem] = star_share(bundle, classifier, path, n=args.n, steps=args.sample_steps)
         print(path.stem, result["star_share"][path.stem], flush=True)
         Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
