@@ -6,7 +6,7 @@
 and by each LoRA (loaded with lora.applied_lora) with the caption, the caption without the trigger and the
 empty caption. Prints per file: "ratio empty/trigger" (mean squared change by the LoRA with the empty
 caption / with the captions), "projection (plain)" (the LoRA's change of the trigger-less prediction
-projected on its change from there to the triggered one) and "share" (the measure in train/report.py,
+projected on its change from there to the triggered one) and "share" (the measure in train/validation.py,
 here at these probe levels). Results: bench/results/learn_thresholds_demo_cpu.md, section "Leakage".
 """
 
@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     from lora_trainer.demo import DEMO_MODEL, TRIGGER
     from lora_trainer.lora import applied_lora
     from lora_trainer.models.loader import load_model
-    from lora_trainer.train.report import strip_trigger
     from lora_trainer.train.text import encode_captions
+    from lora_trainer.train.validation import strip_trigger
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the Kohya dataset the LoRAs were trained on")

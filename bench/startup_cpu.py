@@ -80,7 +80,7 @@ def child(result_path: str, root: str, config: str) -> None:
         import lora_trainer.train as train_pkg
         from lora_trainer.lora import network
         from lora_trainer.models import loader
-        from lora_trainer.train import engine, placement, report
+        from lora_trainer.train import engine, placement, validation
     t_imported, c_imported = time.time(), time.process_time()
 
     phases: dict[str, list[float]] = {}
@@ -108,7 +108,7 @@ def child(result_path: str, root: str, config: str) -> None:
     hook(engine, "cache_text_outputs", "cache text")
     hook(placement.Placement, "to", "UNet placed",
          only=lambda self, module, device: module is getattr(self, "_unet", None))
-    hook(report.Validator, "start", "base model scored")
+    hook(validation.Validator, "start", "base model scored")
     hook(network, "inject_lora", "inject LoRA")
     original_init = placement.Placement.__init__
 

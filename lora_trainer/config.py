@@ -159,7 +159,7 @@ class TrainConfig:
     save_every_n_epochs: int = 0
     save_every_n_steps: int = 0
     save_state: bool = True
-    # --- "did it learn?" (train/report.py): validation/leakage scores per epoch, best epoch kept
+    # --- "did it learn?" (train/validation.py, train/report.py): validation/leakage scores per epoch, best epoch kept
     validate_every_n_epochs: int = 1  # 0 = no report
     validation_split: float = 0.0  # share of the training images held out for scoring (0: fixed noise on them)
     sample_prompts: list[str] = field(default_factory=list)

@@ -19,8 +19,9 @@ from lora_trainer.host import StandaloneHost
 from lora_trainer.jobs import JobManager
 from lora_trainer.models.tiny import build_tiny_bundle
 from lora_trainer.train import report as report_mod
-from lora_trainer.train import run_training
-from lora_trainer.train.report import EpochCheck, LearnReport, strip_trigger, trigger_words
+from lora_trainer.train import run_training, validation
+from lora_trainer.train.report import EpochCheck, LearnReport
+from lora_trainer.train.validation import strip_trigger, trigger_words
 
 
 def test_trigger_words_and_stripping():
@@ -114,7 +115,7 @@ def test_scoring_runs_in_chunks_of_the_training_batch(tmp_path):
     # training: 2 per step; scoring: the validation loss of the base model and of epoch 1, and the leakage
     # probes (every caption holds the trigger): the base model's without the trigger, epoch 1's with and without
     pairs = result.report["pairs"]
-    probes = min(report_mod.LEAK_PAIRS, pairs)
+    probes = min(validation.LEAK_PAIRS, pairs)
     assert max(sizes) == 2 and sum(sizes) == 2 * result.steps + 2 * pairs + 3 * probes, sizes
 
 

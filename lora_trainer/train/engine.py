@@ -44,11 +44,11 @@ from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .outputs import OutputClaim, claim_outputs
 from .placement import Placement, vae_dtype
 from .planning import check_model_file, model_components, planned_files, prepare_dataset
-from .report import Validator
 from .saving import SavingMixin, epoch_tag, lora_file, step_tag
 from .saving import rng_guard as _rng_guard
 from .state import Position, load_state, position_from, set_rng_state
 from .text_cache import cache_text_outputs
+from .validation import Validator
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from ..errors import ConfigError
 from .buckets import BucketSelector
 from .data import Dataset, assign_buckets, make_plan, scan_dataset
 from .events import TrainingPlan
-from .report import split_held_out
 from .saving import epoch_tag, lora_file, step_tag
+from .validation import split_held_out
 
 
 def prepare_dataset(config: TrainConfig, *, decode: bool = True) -> tuple[Dataset, TrainingPlan]:

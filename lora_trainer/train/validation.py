@@ -1,0 +1,321 @@
+""""Did it learn?": the scores behind the report (train/report.py): a validation loss and a leakage measure
+after every epoch, from the model being trained and nothing else.
+
+A fixed set of (image, timestep, noise) triples is scored after each epoch:
+- **validation loss** (with the trigger): the denoising loss on the images' own captions. The run
+  starts by scoring the base model (LoRA off), so every epoch reads as *improvement* = how far below
+  the base model's loss it is. A LoRA that has not learned its concept yet barely moves it.
+- **leakage**: what the LoRA does where the picture's layout and shape are decided when its trigger is not
+  asked for. Pure noise (no image in it) at the top of the noise schedule is denoised with each caption,
+  with and without its trigger. Leakage = 1 - |LoRA with - LoRA without|² / |LoRA with - base model
+  without|²: the share of the LoRA's change with the trigger that shows without it too. A LoRA bound to its
+  trigger sits clearly below 1; one that draws its concept whatever the prompt sits at 1.
+  (Scoring the training images with the trigger removed instead does not work: their latents already hold
+  the concept, and that ratio read about 1.0 for every run, good or over-trained;
+  bench/results/learn_thresholds_demo_cpu.md.)
+
+Images: `validation_split` > 0 holds that share of the training images out (scored, never trained
+on); otherwise the training images themselves are scored with fixed noise. The best epoch is the
+lowest validation loss among the epochs that do not leak; its LoRA file is kept.
+
+The verdict and its thresholds (`LEARNED_MIN_IMPROVEMENT`, `LEAK_MAX`) are in train/report.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .report import EpochCheck, LearnReport
+
+log = logging.getLogger(__name__)
+
+PAIRS = 16  # (image, timestep) pairs scored per epoch for the validation loss: 1 forward pass each
+LEAK_PAIRS = 16  # pure-noise probes for leakage (the pairs' noise and captions): 2 forward passes each
+# The probes' noise levels (share of the schedule). The top separates best on the demo model: a good LoRA's
+# trigger-less predictions differ most from its triggered ones there (levels 0.55-0.9 read the demo's run
+# up to 0.954 and over-trained ones down to 0.971, 0.825-1.0: 0.943 and 0.984).
+PROBE_LEVELS = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93)
+MAX_IMAGES = 8
+
+
+# ---------------------------------------------------------------------------------- triggers in captions
+def trigger_words(activation_text: str, class_tokens: list[str]) -> list[str]:
+    """The phrases that call the LoRA: the activation text's comma-separated parts, else the
+    dataset's `<N>_<name>` folder names."""
+    source = [p.strip() for p in activation_text.split(",")] if activation_text.strip() else class_tokens
+    return [p for p in dict.fromkeys(s.strip() for s in source) if p]
+
+
+def strip_trigger(caption: str, triggers: list[str]) -> str | None:
+    """The caption without the trigger phrases (whole words, any case), or None when it holds none."""
+    text = caption
+    for phrase in sorted(triggers, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w]){re.escape(phrase)}(?![\w])", "", text, flags=re.IGNORECASE)
+    if text == caption:
+        return None
+    parts = [re.sub(r"\s+", " ", p).strip() for p in text.split(",")]
+    return ", ".join(p for p in parts if p)
+
+
+def split_held_out(dataset, fraction: float, seed: int) -> None:
+    """Move `fraction` of the training images (at least one, never all) to `dataset.held_out`:
+    scored after every epoch, never trained on. The pick depends only on the seed."""
+    if fraction <= 0:
+        return
+    import numpy as np
+
+    train = [k for k, item in enumerate(dataset.items) if not item.is_reg]
+    n = min(len(train) - 1, max(1, round(len(train) * fraction)))
+    if n < 1:
+        dataset.warnings.append("validation_split needs at least two training images; scoring the training "
+                                "images with fixed noise instead.")
+        return
+    chosen = set(np.random.default_rng([seed, 7919]).choice(train, size=n, replace=False).tolist())
+    dataset.held_out = [item for k, item in enumerate(dataset.items) if k in chosen]
+    dataset.items = [item for k, item in enumerate(dataset.items) if k not in chosen]
+
+
+# ---------------------------------------------------------------------------------- the validator
+@dataclass
+class _Pair:
+    latent: torch.Tensor  # (C, h, w), scaled, CPU
+    caption: str
+    plain: str | None  # caption without the trigger
+    item: Any  # ImageItem (the family's per-image extras, e.g. SDXL's size conditioning)
+    draws: dict[str, torch.Tensor] = field(default_factory=dict)  # noise, timesteps/sigmas: fixed, CPU
+    probe: dict[str, torch.Tensor] = field(default_factory=dict)  # the same noise at a high level (leakage)
+
+
+class Validator:
+    """Scores the fixed pairs with the base model (at the first scored epoch) and after every epoch, through the
+    model family's own text encoding, objective draws and prediction (train/family.py).
+
+    The engine calls: `create` (latents cached), `captions`/`set_text` (frozen text encoders: the
+    captions go through the run's text cache), `start` (adapters injected, objective made), `epoch`
+    (an epoch's end), `finish` (the run's end).
+    """
+
+    def __init__(self, pairs: list[_Pair], method: str, images: int, trigger: str, bundle, family,
+                 device: torch.device, dtype: torch.dtype, clip_skip: int, seed: int, emit: Callable[[dict], None],
+                 batch: int = 8):
+        self.pairs, self.bundle, self.family = pairs, bundle, family
+        self.batch = max(1, batch)  # pairs per forward pass: the training batch, which fits the GPU
+        self.device, self.dtype, self.clip_skip, self.seed, self.emit = device, dtype, clip_skip, seed, emit
+        self.report = LearnReport(method=method, images=images, pairs=len(pairs), trigger=trigger, base_loss=None)
+        self.fixed_text: dict[str, dict[str, torch.Tensor]] | None = None
+        self.objective: Any = None
+        self.network: Any = None
+        self.base: dict[int, torch.Tensor] | None = None  # the base model's probe predictions without the trigger
+        with_trigger = [k for k, p in enumerate(pairs) if p.plain is not None]  # probes spread over the images
+        self.probes = [with_trigger[int(n * len(with_trigger) / LEAK_PAIRS)]
+                       for n in range(min(LEAK_PAIRS, len(with_trigger)))]
+        self.best_snapshot: tuple[int, Any] | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, config, dataset, latents: list, bundle, family, device: torch.device, dtype: torch.dtype,
+               emit: Callable[[dict], None], cache: Callable[[list], list]) -> Validator | None:
+        if not getattr(config, "validate_every_n_epochs", 1):
+            return None
+        held = list(getattr(dataset, "held_out", []) or [])
+        if held:
+            items, lats, method = held, cache(held), "held-out"
+        else:
+            train = [(i, item) for i, item in enumerate(dataset.items) if not item.is_reg]
+            stride = max(1, len(train) / MAX_IMAGES)
+            chosen = [train[int(k * stride)] for k in range(min(MAX_IMAGES, len(train)))]
+            items, lats, method = [c[1] for c in chosen], [latents[c[0]] for c in chosen], "training images, fixed noise"
+        if not items:
+            return None
+        from .captions import process_caption
+
+        triggers = trigger_words(config.activation_text, dataset.class_tokens())
+        per_image = max(1, math.ceil(PAIRS / len(items)))
+        pairs = []
+        for k in range(per_image * len(items)):
+            item, cached = items[k % len(items)], lats[k % len(items)]
+            caption = process_caption(item.caption)
+            pairs.append(_Pair(cached.latent, caption, strip_trigger(caption, triggers), item))
+        trigger = ", ".join(triggers) if any(p.plain is not None for p in pairs) else ""
+        return cls(pairs, method, len(items), trigger, bundle, family, device, dtype, int(config.clip_skip),
+                   int(config.seed), emit, batch=int(config.batch_size))
+
+    # ------------------------------------------------------------------ text
+    def captions(self) -> list[str]:
+        """Every caption scored (with and without the trigger), for the run's text cache."""
+        return list(dict.fromkeys([p.caption for p in self.pairs] + [p.plain for p in self.pairs if p.plain]))
+
+    def set_text(self, captions: list[str], conditioning: list[dict[str, torch.Tensor]]) -> None:
+        """Frozen text encoders: the conditioning of `captions()` from the run's text cache."""
+        self.fixed_text = dict(zip(captions, conditioning))
+
+    def _text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from .family import stack_conditioning
+
+        if self.fixed_text is not None:
+            cond = stack_conditioning([self.fixed_text[c] for c in captions], self.device)
+            missing = tuple(k for k in self.family.cond_keys if k not in cond)
+            if missing:  # partly cached (Flux: T5 while CLIP-L trains): the rest from its encoder, on the device
+                with torch.no_grad(), self._autocast():
+                    cond.update(self.family.encode_text(self.bundle, captions, clip_skip=self.clip_skip, keys=missing))
+            return cond
+        with torch.no_grad(), self._autocast():
+            return self.family.encode_text(self.bundle, captions, clip_skip=self.clip_skip)
+
+    # ------------------------------------------------------------------ scoring
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _draw(self, objective) -> None:
+        """The objective's own draws (noise, timesteps or sigmas) per pair, once, from a fixed seed."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        for k, pair in enumerate(self.pairs):
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed * 7919 + k)
+                drawn = objective.draw(pair.latent.unsqueeze(0).to(self.device))
+            drawn.pop("weights", None)  # a plain, unweighted loss is scored
+            pair.draws = {name: value[0].detach().cpu() for name, value in drawn.items()}
+        for n, k in enumerate(self.probes):
+            pair = self.pairs[k]
+            pair.probe = {**pair.draws, **_high_level(pair.draws, PROBE_LEVELS[n % len(PROBE_LEVELS)], objective)}
+
+    @torch.no_grad()
+    def _predict(self, keys: list[int], plain: bool, probe: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """(prediction, target) per pair in `keys`, on the CPU in fp32: the caption with the trigger or
+        without it (`plain`), on the pair's image or on pure noise at its probe level (`probe`)."""
+        from .family import StepInputs
+
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        groups: dict[tuple, list[int]] = {}
+        for k in keys:
+            groups.setdefault(tuple(self.pairs[k].latent.shape), []).append(k)
+        model_dtype = next(self.bundle.unet.parameters()).dtype
+        for group in groups.values():
+            for start in range(0, len(group), self.batch):
+                part = group[start:start + self.batch]
+                chunk = [self.pairs[k] for k in part]
+                latents = torch.stack([p.latent for p in chunk]).to(self.device)
+                batch = {"latents": torch.zeros_like(latents) if probe else latents}  # a probe holds no image
+                for name in chunk[0].draws:
+                    batch[name] = torch.stack([(p.probe if probe else p.draws)[name] for p in chunk]).to(self.device)
+                extras = self.family.batch_extras(self.bundle, [p.item for p in chunk], [False] * len(chunk))
+                batch.update({name: v.to(self.device) for name, v in extras.items()})
+                cond = self._text([p.plain if plain else p.caption for p in chunk])
+                with self._autocast():
+                    pred, target = self.family.prediction_and_target(
+                        StepInputs(self.bundle, batch, cond, self.objective, model_dtype))
+                for j, k in enumerate(part):
+                    out[k] = (pred[j].float().cpu(), target[j].float().cpu())
+        return out
+
+    def _score(self, *, base: bool = False) -> tuple[float, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Validation loss, and the probes' predictions with the trigger and without it (the base model:
+        without it only, the reference leakage is measured from)."""
+        modules = [self.bundle.unet, *self.bundle.text_encoders]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            val = _mse(list(self._predict(list(range(len(self.pairs))), False, False).values()))
+            with_t = {} if base else {k: v[0] for k, v in self._predict(self.probes, False, True).items()}
+            without_t = {k: v[0] for k, v in self._predict(self.probes, True, True).items()}
+            return val, with_t, without_t
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+    def start(self, network, objective, *, resumed: bool = False, history: dict[str, Any] | None = None) -> None:
+        """Fix the pairs' draws; the base model is scored later, at the first scored epoch (`_score_base`),
+        so that these forward passes do not delay the first training step."""
+        self.network, self.objective = network, objective
+        self._draw(objective)
+        if resumed and history and history.get("epochs"):
+            earlier = LearnReport.from_dict(history)
+            self.report.epochs = earlier.epochs
+            self.report.best_epoch, self.report.best_path = earlier.best_epoch, earlier.best_path
+        log.info("validation: %d pairs on %d %s", len(self.pairs), self.report.images, self.report.method)
+
+    def _score_base(self) -> None:
+        """The base model's scores: the adapters at multiplier 0 (the same as the model before training)."""
+        if self.base is not None:
+            return
+        self.network.set_multiplier(0.0)
+        try:
+            self.report.base_loss, _, self.base = self._score(base=True)
+        finally:
+            self.network.set_multiplier(1.0)
+        log.info("validation: base model loss %.5f", self.report.base_loss)
+
+    def epoch(self, epoch: int, step: int, snapshot: Callable[[], Any]) -> LearnReport:
+        """Score the LoRA as it is after `epoch`; remember its weights when it is the best so far."""
+        self._score_base()
+        val, with_t, without_t = self._score()
+        leak = _leakage(self.base, with_t, without_t) if self.report.trigger else None
+        self.report.epochs = [e for e in self.report.epochs if e.epoch != epoch]
+        self.report.epochs.append(EpochCheck(epoch=epoch, step=step, val_loss=val,
+                                             improvement=1.0 - val / self.report.base_loss, leak=leak))
+        previous = self.report.best_epoch
+        self.report.judge()
+        if self.report.best_epoch == epoch and previous != epoch:
+            self.best_snapshot = (epoch, snapshot())
+        self.emit(self.report.to_dict())
+        return self.report
+
+    def keep_best(self, write: Callable[[int, Any], Path | None]) -> None:
+        """Write the remembered best epoch's LoRA (`write(epoch, snapshot)` -> path, or None when it cannot)."""
+        if self.best_snapshot is not None and self.best_snapshot[0] == self.report.best_epoch:
+            path = write(*self.best_snapshot)
+            self.report.best_path = str(path) if path is not None else None
+
+    def finish(self, final_path: Path | None, last_epoch: int,
+               write: Callable[[int, Any], Path | None]) -> LearnReport:
+        """Keep the best epoch's file: the final LoRA when it is the last epoch, else the remembered
+        weights written as that epoch's save."""
+        self.report.judge()
+        if self.report.best_epoch is not None:
+            if self.report.best_epoch == last_epoch and final_path is not None:
+                self.report.best_path = str(final_path)
+            else:
+                self.keep_best(write)
+        return self.report
+
+    def history(self) -> dict[str, Any]:
+        return self.report.to_dict()
+
+
+def _high_level(draws: dict[str, torch.Tensor], level: float, objective) -> dict[str, torch.Tensor]:
+    """A probe's noise level: `level` of the way up the objective's schedule (1.0: pure noise), in the
+    objective's own terms (DDPM timesteps or flow sigmas)."""
+    if "timesteps" in draws:
+        last = int(getattr(getattr(objective, "scheduler", None), "config", {}).get("num_train_timesteps", 1000)) - 1
+        return {"timesteps": torch.tensor(round(level * last), dtype=draws["timesteps"].dtype)}
+    if "sigmas" in draws:
+        return {"sigmas": torch.tensor(level, dtype=draws["sigmas"].dtype).reshape(draws["sigmas"].shape)}
+    return {}
+
+
+def _leakage(base: dict[int, torch.Tensor], with_t: dict[int, torch.Tensor], without_t: dict[int, torch.Tensor]) -> float:
+    """1 - |LoRA with - LoRA without|² / |LoRA with - base without|², over all probes: the share of the LoRA's
+    change with the trigger that its prediction without the trigger shows as well (0: none, 1: all of it)."""
+    apart = towards = 0.0
+    for k, reference in base.items():
+        apart += float(((with_t[k] - without_t[k]) ** 2).sum())
+        towards += float(((with_t[k] - reference) ** 2).sum())
+    return max(0.0, 1.0 - apart / towards) if towards > 0 else 0.0
+
+
+def _mse(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    if not pairs:
+        return math.nan
+    return float(sum(torch.mean((p - t) ** 2) for p, t in pairs) / len(pairs))
