@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv: list[str] | None = None) -> int:
     from demo_assemble import write_checkpoint
-    from demo_pretrain import VAE_CONFIG, _load, _save
+    from demo_vae import VAE_CONFIG, load_part, save_part
     from safetensors import safe_open
 
     from lora_trainer.models.loader import load_model
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = float(bundle.scaling_factor)
     if args.cmd == "export":
         Path(args.parts).mkdir(parents=True, exist_ok=True)
-        _save(Path(args.parts) / "vae.safetensors", bundle.vae, {**VAE_CONFIG, "scaling_factor": scale}, "vae")
+        save_part(Path(args.parts) / "vae.safetensors", bundle.vae, {**VAE_CONFIG, "scaling_factor": scale}, "vae")
         return 0
-    sd, cfg = _load(Path(args.vae))
+    sd, cfg = load_part(Path(args.vae))
     if abs(float(cfg["scaling_factor"]) - scale) > 1e-9:
         p.error(f"the VAE's latent scale {cfg['scaling_factor']} is not the checkpoint's {scale}")
     bundle.vae.load_state_dict(sd)
