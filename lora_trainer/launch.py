@@ -327,22 +327,22 @@ def run_worker(config: TrainConfig, *, verbose: bool = False) -> int:
     finally:
         if dist is not None:
             dist.close()
-    return _leave(code, dist)
+    return _leave(code)  # `dist` stays referenced by this frame until the process ends
 
 
-def _leave(code: int, keep: Any) -> int:
+def _leave(code: int) -> int:
     """End a worker process now, its files written and its output flushed, skipping Python's teardown.
-    There, releasing the last references to the process groups (`keep`, held until here) runs torch's C++
-    destructors with the GIL held, and once (torch 2.1.2, gloo, a resumed CPU run in CI) a worker blocked
-    for good at this function's return, every other thread frozen: the LoRA was saved, but the launcher
-    waited on the process until the test's timeout killed it."""
+    There, releasing the last references to the process groups (`run_worker`'s, held until here) runs
+    torch's C++ destructors with the GIL held, and once (torch 2.1.2, gloo, a resumed CPU run in CI) a
+    worker blocked for good at `run_worker`'s return, every other thread frozen: the LoRA was saved, but
+    the launcher waited on the process until the test's timeout killed it."""
     with contextlib.suppress(Exception):
         logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
-    return code  # not reached; for type checkers and tests that replace os._exit
+    return code  # not reached
 
 
 def _own_session() -> None:
