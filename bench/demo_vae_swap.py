@@ -1,9 +1,11 @@
 """Move a VAE between the shipped demo checkpoint and `demo_pretrain.py`'s parts.
 
     python bench/demo_vae_swap.py export CHECKPOINT PARTS_DIR        # its VAE -> PARTS_DIR/vae.safetensors
+        [--variant NAME]     # and its UNet and text encoder -> PARTS_DIR/NAME-{unet,te}.safetensors
     python bench/demo_vae_swap.py swap CHECKPOINT VAE OUT_DIR         # CHECKPOINT with VAE's weights -> OUT_DIR
 
-`export` gives `demo_pretrain.py --stage decoder --init PARTS_DIR` the shipped VAE to continue from;
+`export` gives `demo_pretrain.py --stage decoder --init PARTS_DIR` the shipped VAE to continue from
+(with `--variant`, `--stage denoisers --init PARTS_DIR` the shipped denoiser too);
 `swap` writes the checkpoint again (same UNet, text encoder, yaml and metadata) with the fine-tuned
 decoder. The latent scale must stay the same: a decoder fine-tune leaves the encoder, hence the
 latents the denoisers learned, as they were.
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export")
     e.add_argument("checkpoint")
     e.add_argument("parts")
+    e.add_argument("--variant", help="also export the UNet and text encoder under this name (demo_pretrain.VARIANTS)")
     s = sub.add_parser("swap")
     s.add_argument("checkpoint")
     s.add_argument("vae")
@@ -42,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "export":
         Path(args.parts).mkdir(parents=True, exist_ok=True)
         save_part(Path(args.parts) / "vae.safetensors", bundle.vae, {**VAE_CONFIG, "scaling_factor": scale}, "vae")
+        if args.variant:
+            from demo_pretrain import VARIANTS
+
+            spec = VARIANTS[args.variant]
+            save_part(Path(args.parts) / f"{args.variant}-unet.safetensors", bundle.unet, spec["unet"], "unet")
+            save_part(Path(args.parts) / f"{args.variant}-te.safetensors", bundle.text_encoders[0], spec["text"], "text")
         return 0
     sd, cfg = load_part(Path(args.vae))
     if abs(float(cfg["scaling_factor"]) - scale) > 1e-9:
