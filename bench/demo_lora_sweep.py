@@ -1,6 +1,7 @@
 """Train demo LoRAs with setting overrides and read N generations of each with the shape classifier.
 
     python bench/demo_lora_sweep.py --work DIR '{"NAME": {"conv_rank": 8, "learning_rate": 1e-2, ...}}' [--n 32]
+        [--model CHECKPOINT]   # default: the shipped demo model
 
 Each run: the demo's settings (`commands.demo.demo_config`) with the given TrainConfig fields
 overridden (plus "images", default 16, and "epochs", default 15), trained on the demo model; then
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", help="JSON object: run name -> TrainConfig overrides")
     p.add_argument("--work", required=True)
     p.add_argument("--n", type=int, default=32)
+    p.add_argument("--model", default=str(DEMO_MODEL), help="a demo-world checkpoint (default: the shipped one)")
     args = p.parse_args(argv)
+    model = Path(args.model)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cached = work / "classifier.pt"
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         classifier = train_classifier(steps=300, batch=64)
         torch.save(classifier.state_dict(), cached)
-    bundle = load_model(DEMO_MODEL, dtype=torch.float32)
+    bundle = load_model(model, dtype=torch.float32)
     prompts = sample_scenes(args.n, torch.Generator().manual_seed(7), shapes=(HELD_OUT,)).captions(
         shape_word=TRIGGER)
     star = classifier.classes.index(HELD_OUT)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = work / name
         write_concept_images(folder / "images", images, seed=1)
         dataset = prepare_dataset(folder / "images", folder / "dataset", TRIGGER, repeats=1, resolution=64)
-        config = demo_config(str(DEMO_MODEL), dataset.out, folder / "lora", epochs=epochs, seed=1, device="cpu")
+        config = demo_config(str(model), dataset.out, folder / "lora", epochs=epochs, seed=1, device="cpu")
         for key, value in overrides.items():
             setattr(config, key, value)
         cpu, wall = time.process_time(), time.perf_counter()
