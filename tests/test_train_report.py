@@ -58,6 +58,35 @@ def test_verdicts_and_best_epoch():
     assert LearnReport.from_dict(r.to_dict()) == r
 
 
+def test_best_epoch_is_the_latest_within_the_noise_of_the_lowest_loss():
+    """The pick compares epochs pair by pair (the same fixed noise every epoch): a later epoch whose loss is
+    above the lowest by less than one standard error of the paired difference counts as good and, having
+    trained more, wins; one clearly above does not; a leaking one never does."""
+    base = [0.10, 0.30, 0.20, 0.50, 0.15, 0.25, 0.40, 0.35]
+    noise = [0.004, -0.006, 0.005, -0.003, 0.006, -0.005, 0.003, -0.004]  # mean 0, standard error ~0.0017
+
+    def epoch(k: int, shift: float, leak: float = 0.5, jitter: bool = True) -> EpochCheck:
+        losses = [b + shift + (n if jitter else 0.0) for b, n in zip(base, noise)]
+        val = sum(losses) / len(losses)
+        return EpochCheck(epoch=k, step=10 * k, val_loss=val, improvement=1 - val, leak=leak, pair_losses=losses)
+
+    def pick(*epochs: EpochCheck) -> int | None:
+        r = LearnReport(method="held-out", images=4, pairs=8, trigger="x", base_loss=1.0)
+        r.epochs = list(epochs)
+        r.judge()
+        assert LearnReport.from_dict(r.to_dict()) == r  # the per-pair losses survive a resume
+        return r.best_epoch
+
+    lowest = epoch(2, -0.05, jitter=False)
+    assert pick(epoch(1, 0.0), lowest, epoch(3, -0.0495)) == 3  # 0.0005 above: noise
+    assert pick(epoch(1, 0.0), lowest, epoch(3, -0.040)) == 2  # 0.01 above, six standard errors: worse
+    assert pick(epoch(1, 0.0), lowest, epoch(3, -0.0495, leak=report_mod.LEAK_MAX + 0.01)) == 2  # leaks
+    assert pick(epoch(1, 0.0), lowest, epoch(3, -0.0495), epoch(4, -0.030)) == 3  # the latest good one
+    # reports from before per-pair losses were kept: the lowest loss, as then
+    old = [EpochCheck(e.epoch, e.step, e.val_loss, e.improvement, e.leak) for e in (lowest, epoch(3, -0.0495))]
+    assert pick(*old) == 2
+
+
 def test_a_run_worse_than_the_base_model_is_told_to_lower_the_learning_rate():
     r = _report((-0.7, 1.0), (-2.5, 1.0))
     assert r.verdict == "not_learned" and "lower the learning rate" in r.message

@@ -5,13 +5,16 @@ epoch), its verdict and the thresholds behind it.
   has not learned its concept yet barely moves it: under `LEARNED_MIN_IMPROVEMENT` it is "not learned".
 - **leakage**: the share of the LoRA's change with the trigger that shows without it too (0: none, 1: all
   of it); over `LEAK_MAX` at the last epoch the run "leaks".
-The best epoch is the lowest validation loss among the epochs that do not leak; its LoRA file is kept.
+The best epoch is the latest epoch that does not leak and whose validation loss is within one standard error
+of the lowest (paired over the same noise, `NOISE_SE`): a later epoch that scores the same within the noise of 16
+pairs has trained more, so a lucky earlier minimum does not win. Its LoRA file is kept.
 
 Thresholds: see their comment below; the report states them and where they come from.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +26,9 @@ LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base mod
 # epoch from the fifth on.
 LEAK_MAX = 0.98
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
+# the best-epoch pick: an epoch after the lowest validation loss counts as equally good when its loss is above it
+# by at most this many standard errors of the paired per-pair difference (the "one standard error" rule)
+NOISE_SE = 1.0
 THRESHOLDS_SOURCE = ("demo model, bench/results/learn_thresholds_demo_cpu.md: the leakage limit sits between the "
                      "demo's settings (15 epochs: 0.82-0.97; 30: 0.94-0.96) and runs over-trained at rank 32 "
                      "(0.989-0.999); the learned limit separates 4 steps at lr 3e-5 (0.1%) from the demo's settings "
@@ -37,6 +43,7 @@ class EpochCheck:
     improvement: float  # 1 - val_loss / base loss
     leak: float | None  # share of the LoRA's change with the trigger that shows without it, on pure noise
     # (0: none, 1: all of it; None: no trigger in the captions)
+    pair_losses: list[float] | None = None  # the validation loss of each fixed pair (same pairs every epoch)
 
 
 @dataclass
@@ -73,7 +80,8 @@ class LearnReport:
         clean = [e for e in self.epochs if e.leak is None or e.leak <= LEAK_MAX]
         learned = [e for e in self.epochs if e.improvement >= LEARNED_MIN_IMPROVEMENT]
         if clean:
-            best = min(clean, key=lambda e: e.val_loss)
+            low = min(clean, key=lambda e: e.val_loss)
+            best = max((e for e in clean if e.epoch >= low.epoch and _as_good(e, low)), key=lambda e: e.epoch)
         else:  # every epoch leaks: the lowest loss among those leaking (about) least, so that a noisy early
             # epoch does not win on leakage alone
             pool = learned or self.epochs
@@ -103,6 +111,20 @@ class LearnReport:
             self.verdict = "learned"
             self.message = (f"Learned: the validation loss with the trigger is {last.improvement:.1%} below the base "
                             f"model's{leak}{pick}.")
+
+
+def _as_good(epoch: EpochCheck, low: EpochCheck) -> bool:
+    """`epoch`'s validation loss is within `NOISE_SE` standard errors of `low`'s, paired pair by pair (both
+    scored the same fixed noise); without per-pair losses (a report from an older version) only `low` is."""
+    if epoch is low:
+        return True
+    a, b = epoch.pair_losses, low.pair_losses
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return False
+    diff = [x - y for x, y in zip(a, b)]
+    mean = sum(diff) / len(diff)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff))
+    return mean <= NOISE_SE * se
 
 
 # ---------------------------------------------------------------------------------- as text (CLI)

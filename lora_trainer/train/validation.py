@@ -219,15 +219,16 @@ class Validator:
                     out[k] = (pred[j].float().cpu(), target[j].float().cpu())
         return out
 
-    def _score(self, *, base: bool = False) -> tuple[float, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Validation loss, and the probes' predictions with the trigger and without it (the base model:
-        without it only, the reference leakage is measured from)."""
+    def _score(self, *, base: bool = False) -> tuple[list[float], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Each pair's validation loss, and the probes' predictions with the trigger and without it (the base
+        model: without it only, the reference leakage is measured from)."""
         modules = [self.bundle.unet, *self.bundle.text_encoders]
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
         try:
-            val = _mse(list(self._predict(list(range(len(self.pairs))), False, False).values()))
+            scored = self._predict(list(range(len(self.pairs))), False, False)
+            val = [float(torch.mean((p - t) ** 2)) for p, t in (scored[k] for k in range(len(self.pairs)))]
             with_t = {} if base else {k: v[0] for k, v in self._predict(self.probes, False, True).items()}
             without_t = {k: v[0] for k, v in self._predict(self.probes, True, True).items()}
             return val, with_t, without_t
@@ -252,7 +253,8 @@ class Validator:
             return
         self.network.set_multiplier(0.0)
         try:
-            self.report.base_loss, _, self.base = self._score(base=True)
+            losses, _, self.base = self._score(base=True)
+            self.report.base_loss = _mean(losses)
         finally:
             self.network.set_multiplier(1.0)
         log.info("validation: base model loss %.5f", self.report.base_loss)
@@ -260,11 +262,13 @@ class Validator:
     def epoch(self, epoch: int, step: int, snapshot: Callable[[], Any]) -> LearnReport:
         """Score the LoRA as it is after `epoch`; remember its weights when it is the best so far."""
         self._score_base()
-        val, with_t, without_t = self._score()
+        losses, with_t, without_t = self._score()
+        val = _mean(losses)
         leak = _leakage(self.base, with_t, without_t) if self.report.trigger else None
         self.report.epochs = [e for e in self.report.epochs if e.epoch != epoch]
         self.report.epochs.append(EpochCheck(epoch=epoch, step=step, val_loss=val,
-                                             improvement=1.0 - val / self.report.base_loss, leak=leak))
+                                             improvement=1.0 - val / self.report.base_loss, leak=leak,
+                                             pair_losses=[float(f"{x:.6g}") for x in losses]))
         previous = self.report.best_epoch
         self.report.judge()
         if self.report.best_epoch == epoch and previous != epoch:
@@ -315,7 +319,5 @@ def _leakage(base: dict[int, torch.Tensor], with_t: dict[int, torch.Tensor], wit
     return max(0.0, 1.0 - apart / towards) if towards > 0 else 0.0
 
 
-def _mse(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    if not pairs:
-        return math.nan
-    return float(sum(torch.mean((p - t) ** 2) for p, t in pairs) / len(pairs))
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
