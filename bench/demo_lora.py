@@ -20,6 +20,7 @@ import torch
 
 from lora_trainer.demo.classifier import train_classifier
 from lora_trainer.demo.measure import star_share
+from lora_trainer.train.report import LEAK_MAX
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=12)
     p.add_argument("--seed", type=int, default=1, help="training seed (the pictures keep seed 1)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--picks-only", action="store_true",
+                   help="save every epoch but measure only the last, the report's best and the lowest-loss epoch")
     args = p.parse_args(argv)
     out = Path(args.out)
     write_concept_images(out / "images", args.images, seed=1)
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     config = demo_config(args.model, dataset.out, out / "lora", epochs=args.epochs, seed=args.seed,
                          device="cpu")
     config.rank, config.alpha = args.rank, float(args.rank)
-    config.optimizer, config.save_every_n_epochs = args.optimizer, args.save_every
+    config.optimizer, config.save_every_n_epochs = args.optimizer, 1 if args.picks_only else args.save_every
     config.learning_rate, config.text_encoder_lr = args.lr, args.te_lr
     bundle = load_model(Path(args.model), dtype=torch.float32)
     result: dict = {"command": "python bench/demo_lora.py " + " ".join(argv or __import__("sys").argv[1:]),
@@ -71,7 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     result["verdict"], result["message"] = report.get("verdict"), report.get("message")
     result["epochs"] = [{k: e.get(k) for k in ("epoch", "val_loss", "improvement", "leak")}
                         for e in report.get("epochs", [])]
-    for path in dict.fromkeys([*trained.saved, *([Path(best)] if best else [])]):
+    measured = [*trained.saved, *([Path(best)] if best else [])]
+    if args.picks_only:  # the last epoch (the final file), the report's pick and the plain lowest loss
+        clean = [e for e in report.get("epochs", []) if e.get("leak") is None or e["leak"] <= LEAK_MAX] or \
+            report.get("epochs", [])
+        low = min(clean, key=lambda e: e["val_loss"])["epoch"] if clean else None
+        result["lowest_loss_epoch"] = low
+        by_epoch = {int(q.stem.rsplit("-", 1)[1]): q for q in trained.saved if q.stem.rsplit("-", 1)[-1].isdigit()}
+        measured = [trained.lora_path, *([Path(best)] if best else []), *([by_epoch[low]] if low in by_epoch else [])]
+    for path in dict.fromkeys(measured):
         result["star_share"][path.stem] = star_share(bundle, classifier, path, n=args.n, steps=args.sample_steps)
         print(path.stem, result["star_share"][path.stem], flush=True)
         Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
