@@ -36,15 +36,13 @@ NEO_PINS = {"diffusers": "0.36.0", "peft": "0.17.1", "transformers": "4.56.2", "
 
 # What differs between the two families the suite runs on (kohya module counts: UNet, text encoders), and
 # the memory (RAM + swap, `_total_ram_gib`) it takes to *use* a LoRA in Neo on the CPU (`use_lora_gib`, by how
-# Neo stores the UNet): Neo keeps
-# the UNet in fp32 there unless told otherwise, and merges a LoRA into it with a backup of every patched
-# weight (on the fly only for low-bit storage). For SDXL in fp32 that is 11.5 GiB of model + ~9 GiB of
-# backups: measured 20.4 GiB anonymous RSS (and rising) when the harness was stopped with 1.5 GiB left on a
-# 24 GiB machine. So below 32 GiB of RAM + swap the SDXL run launches Neo with --bf16-unet (HALF_UNET_ARGS): the UNet
-# stored in bf16, as Neo stores it on a GPU (fp16/bf16), half the memory; our hand-off then reads its
-# Linears in place and widens them one layer at a time. Generating with the LoRA still needs more than a
-# 24 GiB machine has: with a bf16 UNet the Neo process reached 21.0 GiB anonymous RSS (LoRA merged with its
-# bf16 backups, then a training run) and the machine ran out. Below `use_lora_gib` the run trains and checks
+# Neo stores the UNet): Neo keeps the UNet in fp32 there unless told otherwise, and merges a LoRA into it with
+# a backup of every patched weight (on the fly only for low-bit storage). Measured with SDXL on a 24 GiB
+# machine with 24 GiB of swap (2026-12-05, the whole suite passing): UNet in fp32, the Neo process peaked at
+# 35.0 GiB (anonymous RSS + swapped out; 16.9 GiB of swap in use); with --bf16-unet at 21.9 GiB (1.4 GiB of
+# swap in use). So below 36 GiB of RAM + swap the SDXL run launches Neo with --bf16-unet (HALF_UNET_ARGS): the
+# UNet stored in bf16, as Neo stores it on a GPU (fp16/bf16), half the memory; our hand-off then reads its
+# Linears in place and widens them one layer at a time. Below `use_lora_gib` the run trains and checks
 # everything but generating with the LoRA (A/B grid off, no `<lora:…>` images, no smoke test); below
 # `fp8_file_gib` it skips the fp8 fallback, which loads the checkpoint file beside Neo's own copy.
 MODELS = {
@@ -52,7 +50,7 @@ MODELS = {
                     "use_lora_gib": {"fp32": 16, "bf16": 12, "fp16": 12}, "fp8_file_gib": 16, "smoke_max_s": 60,
                     "lora_changes": 0.05},
     "sdxl-random": {"family": "SDXL", "card": "xl", "base_version": "sdxl_base_v1-0", "unet_keys": 722,
-                    "clip_keys": 264, "use_lora_gib": {"fp32": 32, "bf16": 28, "fp16": 28}, "fp8_file_gib": 28,
+                    "clip_keys": 264, "use_lora_gib": {"fp32": 36, "bf16": 28, "fp16": 28}, "fp8_file_gib": 28,
                     "smoke_max_s": 300, "lora_changes": 0.005},
 }
 HALF_UNET_ARGS = "--bf16-unet"
@@ -77,7 +75,8 @@ def neo(neo_dir: Path, neo_model: str, neo_args: str | None, webui_port: int,
         pytest.fail(f"--neo-model {neo_model}: needs one of {sorted(MODELS)} in models/Stable-diffusion")
     ui.facts.update(MODELS[neo_model], model=neo_model)
     if neo_args is None:
-        neo_args = HALF_UNET_ARGS if neo_model == "sdxl-random" and _total_ram_gib() < 32 else ""
+        fp32_gib = MODELS[neo_model]["use_lora_gib"]["fp32"]
+        neo_args = HALF_UNET_ARGS if neo_model == "sdxl-random" and _total_ram_gib() < fp32_gib else ""
     storage = [UNET_FLAGS[a] for a in neo_args.split() if a in UNET_FLAGS]
     ui.facts["unet_storage"] = storage[-1] if storage else "fp32"  # Neo's choice on the CPU: fp32
     # No warm-up generation: Neo then has no model loaded until something asks (lazy, as Forge).
@@ -104,8 +103,10 @@ def neo(neo_dir: Path, neo_model: str, neo_args: str | None, webui_port: int,
     finally:
         with contextlib.suppress(AssertionError, OSError):  # Neo may be down already; shut_down cleans up
             # the next harness user finds Neo's defaults (its config.json keeps what the API set)
-            ui.call("POST", "/sdapi/v1/options", {"forge_unet_storage_dtype": "Automatic", "lora_trainer_ab_grid": True,
-                                                  "sd_model_checkpoint": "sd15-random"}, timeout=60)
+            defaults = {"forge_unet_storage_dtype": "Automatic", "lora_trainer_ab_grid": True}
+            if (folder / "sd15-random.safetensors").is_file():  # the harness's default model, where present
+                defaults["sd_model_checkpoint"] = "sd15-random"
+            ui.call("POST", "/sdapi/v1/options", defaults, timeout=60)
         for f in folder.glob(f"{RUN}*"):
             f.unlink()
         ui.shut_down(RUN, data)
