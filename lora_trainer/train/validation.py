@@ -16,7 +16,8 @@ A fixed set of (image, timestep, noise) triples is scored after each epoch:
 
 Images: `validation_split` > 0 holds that share of the training images out (scored, never trained
 on); otherwise the training images themselves are scored with fixed noise. The best epoch is the
-lowest validation loss among the epochs that do not leak; its LoRA file is kept.
+latest one that does not leak and scores within the noise of the lowest validation loss (train/report.py);
+its LoRA file is kept.
 
 The verdict and its thresholds (`LEARNED_MIN_IMPROVEMENT`, `LEAK_MAX`) are in train/report.py.
 """
