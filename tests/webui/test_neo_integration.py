@@ -34,17 +34,18 @@ PROMPT = "a photo of sks"
 NEO_PINS = {"diffusers": "0.36.0", "peft": "0.17.1", "transformers": "4.56.2", "huggingface-hub": "0.34.6",
             "numpy": "2.3.5", "gradio": "4.40.0", "safetensors": "0.7.0", "accelerate": "1.12.0"}
 
-# What differs between the two families the suite runs on (kohya module counts: UNet, text encoders), and
-# the memory (RAM + swap, `_total_ram_gib`) it takes to *use* a LoRA in Neo on the CPU (`use_lora_gib`, by how
-# Neo stores the UNet): Neo keeps the UNet in fp32 there unless told otherwise, and merges a LoRA into it with
-# a backup of every patched weight (on the fly only for low-bit storage). Measured with SDXL on a 24 GiB
-# machine with 24 GiB of swap (2026-12-05, the whole suite passing): UNet in fp32, the Neo process peaked at
-# 35.0 GiB (anonymous RSS + swapped out; 16.9 GiB of swap in use); with --bf16-unet at 21.9 GiB (1.4 GiB of
-# swap in use). So below 36 GiB of RAM + swap the SDXL run launches Neo with --bf16-unet (HALF_UNET_ARGS): the
-# UNet stored in bf16, as Neo stores it on a GPU (fp16/bf16), half the memory; our hand-off then reads its
-# Linears in place and widens them one layer at a time. Below `use_lora_gib` the run trains and checks
-# everything but generating with the LoRA (A/B grid off, no `<lora:…>` images, no smoke test); below
-# `fp8_file_gib` it skips the fp8 fallback, which loads the checkpoint file beside Neo's own copy.
+# What differs between the two families the suite runs on (kohya module counts: UNet, text encoders), and the
+# memory (RAM + swap, `_total_ram_gib`) it takes to *use* a LoRA in Neo on the CPU (`use_lora_gib`, by how Neo
+# stores the UNet): Neo keeps the UNet in fp32 there unless told otherwise, and merges a LoRA into it with a
+# backup of every patched weight (on the fly only for low-bit storage). Measured with SDXL on a 24 GiB machine
+# with 24 GiB of swap (2026-12-05, the whole suite passing): UNet in fp32, the Neo process peaked at 35.0 GiB
+# (anonymous RSS + swapped out; 16.9 GiB of swap in use); with --bf16-unet at 21.9-24.2 GiB (1.4-4.5 GiB of
+# swap in use; docs/forge.md, Neo "Results"). So below 36 GiB of RAM + swap the SDXL run launches Neo with
+# --bf16-unet (HALF_UNET_ARGS): the UNet stored in bf16, as Neo stores it on a GPU (fp16/bf16), half the
+# memory; our hand-off then reads its Linears in place and widens them one layer at a time. Below
+# `use_lora_gib` the run trains and checks everything but generating with the LoRA (A/B grid off, no
+# `<lora:…>` images, no smoke test); below `fp8_file_gib` it skips the fp8 fallback, which loads the
+# checkpoint file beside Neo's own copy.
 MODELS = {
     "sd15-random": {"family": "SD1", "card": "sd", "base_version": "sd_v1", "unet_keys": 192, "clip_keys": 72,
                     "use_lora_gib": {"fp32": 16, "bf16": 12, "fp16": 12}, "fp8_file_gib": 16, "smoke_max_s": 60,
