@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                         for e in report.get("epochs", [])]
     measured = [*trained.saved, *([Path(best)] if best else [])]
     if args.picks_only:  # the last epoch (the final file), the report's pick and the plain lowest loss
-        clean = [e for e in report.get("epochs", []) if e.get("leak") is None or e["leak"] <= LEAK_MAX] or \
-            report.get("epochs", [])
+        # the pick before the noise rule: the lowest validation loss among the epochs that do not leak
+        clean = [e for e in report.get("epochs", []) if e.get("leak") is None or e["leak"] <= LEAK_MAX]
         low = min(clean, key=lambda e: e["val_loss"])["epoch"] if clean else None
         result["lowest_loss_epoch"] = low
         by_epoch = {int(q.stem.rsplit("-", 1)[1]): q for q in trained.saved if q.stem.rsplit("-", 1)[-1].isdigit()}

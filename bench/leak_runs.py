@@ -53,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_model(DEMO_MODEL, dtype=torch.float32)
     for name in args.runs:
         settings = dict(RUNS[name])
-        config = demo_config(str(DEMO_MODEL), work / "dataset", work / name, epochs=settings.pop("epochs"), seed=args.seed,
-                             device="cpu")
+        config = demo_config(str(DEMO_MODEL), work / "dataset", work / name, epochs=settings.pop("epochs"),
+                             seed=args.seed, device="cpu")
         for key, value in settings.items():
             setattr(config, key, value)
         started = time.time()
         report = run_training(config, bundle=bundle, owns_bundle=False).report
-        print(f"{name} (seed {args.seed}): {time.time() - started:.0f} s, {report['verdict']}, best epoch {report['best_epoch']}: "
-              f"{report['message']}")
+        print(f"{name} (seed {args.seed}): {time.time() - started:.0f} s, {report['verdict']}, "
+              f"best epoch {report['best_epoch']}: {report['message']}")
         print("  leakage per epoch:", [round(e["leak"], 3) for e in report["epochs"]])
         print("  improvement per epoch:", [round(e["improvement"], 3) for e in report["epochs"]], flush=True)
         (work / f"{name}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -15,6 +15,7 @@ Thresholds: see their comment below; the report states them and where they come 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,9 +123,7 @@ def _as_good(epoch: EpochCheck, low: EpochCheck) -> bool:
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return False
     diff = [x - y for x, y in zip(a, b)]
-    mean = sum(diff) / len(diff)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff))
-    return mean <= NOISE_SE * se
+    return statistics.fmean(diff) <= NOISE_SE * statistics.stdev(diff) / math.sqrt(len(diff))
 
 
 # ---------------------------------------------------------------------------------- as text (CLI)

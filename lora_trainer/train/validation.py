@@ -229,7 +229,7 @@ class Validator:
             m.eval()
         try:
             scored = self._predict(list(range(len(self.pairs))), False, False)
-            val = [float(torch.mean((p - t) ** 2)) for p, t in (scored[k] for k in range(len(self.pairs)))]
+            val = [float(torch.mean((scored[k][0] - scored[k][1]) ** 2)) for k in range(len(self.pairs))]
             with_t = {} if base else {k: v[0] for k, v in self._predict(self.probes, False, True).items()}
             without_t = {k: v[0] for k, v in self._predict(self.probes, True, True).items()}
             return val, with_t, without_t
