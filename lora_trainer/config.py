@@ -3,7 +3,8 @@
 Field names follow kohya sd-scripts where one exists (network_dim → `rank`, network_alpha → `alpha`),
 so users can carry their settings over. `validate()` checks everything that can be checked without
 loading a model, so a bad setting fails in a second instead of after caching latents. The presets
-`with_preset` applies live in `presets.py`.
+`with_preset` applies live in `presets.py`; each field's choices, bounds and value checks in
+`config_fields.py` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -11,14 +12,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_fields import (
+    HASHED_IF_SET,
+    LIMITS,
+    LOSS_TYPES,
+    MAX_BLOCKS_TO_SWAP,
+    MAX_SAMPLE_PROMPTS,
+    MIXED_PRECISION,
+    NOT_HASHED,
+    OPTIMIZERS,
+    PREDICTION_TYPES,
+    SAVE_PRECISION,
+    SCHEDULERS,
+    TIMESTEP_SAMPLING,
+    WEIGHTING_SCHEMES,
+    check_choice,
+    check_name,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+    coerce_value,
+)
 from .errors import ConfigError
 from .presets import PRESETS, Preset  # noqa: F401  (imported from here by the CLI, UI, tests)
 
@@ -26,48 +46,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Lion8bit", "Adafactor")
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-SAVE_PRECISION = ("fp16", "bf16", "float")
-LOSS_TYPES = ("l2", "huber")
-TIMESTEP_SAMPLING = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")  # Flux (train/flow.py)
-PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
-WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
-MAX_BLOCKS_TO_SWAP = 38  # kohya's count: n // 2 of Flux's 19 double blocks and 2 * (n - n // 2) of its 38 single
-
-
-# Settings that do not change what a resumed run computes: they may differ between the run that
-# saved a state and the run that resumes it.
-_NOT_HASHED = frozenset({
-    "resume", "overwrite", "device", "output_dir", "save_every_n_epochs", "save_every_n_steps",
-    "sample_prompts", "sample_every_n_epochs", "sample_steps", "sample_cfg_scale", "sample_seed",
-    "sample_negative_prompt", "latent_cache_dir", "cache_latents_to_disk", "preset", "log_every",
-    "save_state", "activation_text", "preferred_weight", "accel", "processes", "validate_every_n_epochs",
-})
-# Settings added for Flux: hashed only when set, so the states of runs saved before they existed resume.
-_HASHED_IF_SET = frozenset({
-    "clip_l", "t5", "vae", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
-    "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "t5_max_token_length",
-    "blocks_to_swap", "cpu_offload_checkpointing", "train_t5", "validation_split",
-})
-# Upper bounds that catch typos and hostile requests (`rank: 1e9` would only fail as "out of memory",
-# `max_steps: 1e12` would show an ETA of trillions of seconds): field -> (lowest, highest, hint).
-LIMITS: dict[str, tuple[int, int, str]] = {
-    "rank": (1, 1024, "16 is a good start"),
-    "conv_rank": (0, 1024, "4 to 32 is usual"),
-    "epochs": (0, 10_000, "10 is typical"),
-    "max_steps": (0, 1_000_000, "a few thousand is typical"),
-    "batch_size": (1, 256, "1 to 8 fit most GPUs"),
-    "gradient_accumulation_steps": (1, 1024, "1 unless the batch does not fit"),
-    "resolution": (8, 4096, "512 for SD1.5, 1024 for SDXL"),
-    "lr_warmup_steps": (0, 1_000_000, "0 or about 5% of the steps"),
-    "sample_steps": (1, 1000, "20 is typical"),
-    "keep_tokens": (0, 1000, "1 keeps a trigger word first"),
-}
-MAX_SAMPLE_PROMPTS = 64
-_NAME_OK = re.compile(r"^[^/\\:*?\"<>|\x00-\x1f]+$")
 
 
 @dataclass
@@ -189,7 +167,7 @@ class TrainConfig:
             config = config.with_preset(str(data["preset"]))
         kinds = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in data.items():
-            setattr(config, key, _coerce(key, value, getattr(cls(), key), kinds[key]))
+            setattr(config, key, coerce_value(key, value, getattr(cls(), key), kinds[key]))
         return config
 
     @classmethod
@@ -257,8 +235,8 @@ class TrainConfig:
     def hash(self) -> str:
         """Identity of the settings that decide what each step computes (checked on resume)."""
         defaults = TrainConfig()
-        items = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED
-                 and not (k in _HASHED_IF_SET and v == getattr(defaults, k))}
+        items = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED
+                 and not (k in HASHED_IF_SET and v == getattr(defaults, k))}
         # buckets that follow the resolution hash as their values: a state saved with 256/1024 written
         # out resumes with 0/0 at 512 px (the same buckets)
         items["min_bucket_reso"], items["max_bucket_reso"] = self.bucket_limits()
@@ -293,21 +271,21 @@ class TrainConfig:
         if len(self.sample_prompts) > MAX_SAMPLE_PROMPTS:
             raise ConfigError(f"{len(self.sample_prompts)} sample prompts were given; use at most "
                               f"{MAX_SAMPLE_PROMPTS} (each is drawn at every sampling round).")
-        _positive_int("rank", self.rank, "16 is a good start")
-        _non_negative_int("conv_rank", self.conv_rank)
-        _positive("alpha", self.alpha)
+        check_positive_int("rank", self.rank, "16 is a good start")
+        check_non_negative_int("conv_rank", self.conv_rank)
+        check_positive("alpha", self.alpha)
         if self.conv_rank:
-            _positive("conv_alpha", self.conv_alpha)
+            check_positive("conv_alpha", self.conv_alpha)
         if not (self.train_unet or self.train_text_encoder or self.train_t5):
             raise ConfigError("Neither the UNet nor the text encoder is trained; enable at least one.")
-        _positive("learning_rate", self.learning_rate, "1e-4 is a good start")
+        check_positive("learning_rate", self.learning_rate, "1e-4 is a good start")
         if self.text_encoder_lr < 0:
             raise ConfigError(f"text_encoder_lr must be ≥ 0 (got {self.text_encoder_lr}); "
                               "use 0 to reuse learning_rate.")
-        _positive_int("resolution", self.resolution)
+        check_positive_int("resolution", self.resolution)
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution}); use 512 or 1024.")
-        _positive_int("bucket_reso_steps", self.bucket_reso_steps)
+        check_positive_int("bucket_reso_steps", self.bucket_reso_steps)
         if self.enable_bucket:
             if self.resolution < self.bucket_reso_steps:
                 raise ConfigError(f"resolution {self.resolution} is smaller than one bucket step "
@@ -326,29 +304,29 @@ class TrainConfig:
                               "set --epochs or --max-steps to at least 1.")
         if self.epochs < 0 or self.max_steps < 0:
             raise ConfigError("epochs and max_steps cannot be negative; set at least one of them to ≥ 1.")
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("processes", self.processes, "1 per GPU")
-        _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("processes", self.processes, "1 per GPU")
+        check_positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.optimizer == "Prodigy" and min(self.learning_rate, self.text_encoder_lr or 1.0) < 0.1:
             # Prodigy estimates the step size itself; its learning rate only scales that estimate, so
             # an AdamW-sized rate (1e-4) would make a LoRA that learns nothing.
             raise ConfigError(f"Prodigy sets its own step size and takes the learning rate as a multiplier "
                               f"(got {self.learning_rate:g}, text encoder {self.text_encoder_lr:g}); "
                               "use 1.0 for both.")
-        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _choice("save_precision", self.save_precision, SAVE_PRECISION)
-        _choice("loss_type", self.loss_type, LOSS_TYPES)
-        _non_negative_int("lr_warmup_steps", self.lr_warmup_steps)
-        _positive_int("lr_scheduler_num_cycles", self.lr_scheduler_num_cycles)
+        check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_choice("save_precision", self.save_precision, SAVE_PRECISION)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_non_negative_int("lr_warmup_steps", self.lr_warmup_steps)
+        check_positive_int("lr_scheduler_num_cycles", self.lr_scheduler_num_cycles)
         if self.clip_skip < 1:
             raise ConfigError(f"clip_skip must be ≥ 1 (got {self.clip_skip}); 1 = last layer, 2 = penultimate.")
         for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1) (got {value}); 0.05 is typical.")
-        _non_negative_int("keep_tokens", self.keep_tokens)
+        check_non_negative_int("keep_tokens", self.keep_tokens)
         for key in ("noise_offset", "min_snr_gamma", "max_grad_norm", "prior_loss_weight", "weight_decay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} cannot be negative (got {getattr(self, key)}); use 0 to turn it off.")
@@ -356,13 +334,13 @@ class TrainConfig:
             raise ConfigError(f"Timestep range {self.min_timestep}..{self.max_timestep} is empty; "
                               "use e.g. min_timestep 0, max_timestep 1000.")
         if self.loss_type == "huber":
-            _positive("huber_c", self.huber_c)
+            check_positive("huber_c", self.huber_c)
         for key in ("save_every_n_epochs", "save_every_n_steps", "sample_every_n_epochs", "multires_noise_iterations"):
-            _non_negative_int(key, getattr(self, key))
+            check_non_negative_int(key, getattr(self, key))
         if self.sample_every_n_epochs and not self.sample_prompts:
             raise ConfigError("Samples are requested but no sample prompt is given; add --sample-prompt.")
-        _positive_int("sample_steps", self.sample_steps)
-        _non_negative_int("validate_every_n_epochs", self.validate_every_n_epochs)
+        check_positive_int("sample_steps", self.sample_steps)
+        check_non_negative_int("validate_every_n_epochs", self.validate_every_n_epochs)
         if not 0 <= self.validation_split < 1:
             raise ConfigError(f"validation_split must be at least 0 and below 1 (got {self.validation_split}); "
                               "0.1 holds out a tenth of the images, 0 scores the training images.")
@@ -372,16 +350,16 @@ class TrainConfig:
         if self.resume and not Path(self.resume).is_dir():
             raise ConfigError(f"Resume state {self.resume} does not exist; pass the <name>-state folder "
                               "written by the stopped run.")
-        _choice("accel", self.accel, ("auto", "off"))
-        _choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
-        _choice("model_prediction_type", self.model_prediction_type, PREDICTION_TYPES)
-        _choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
-        _positive("discrete_flow_shift", self.discrete_flow_shift, "3.1582 is kohya's recommendation for Flux.1")
-        _positive("sigmoid_scale", self.sigmoid_scale, "1.0 is the usual value")
-        _positive("logit_std", self.logit_std, "1.0 is the usual value")
+        check_choice("accel", self.accel, ("auto", "off"))
+        check_choice("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+        check_choice("model_prediction_type", self.model_prediction_type, PREDICTION_TYPES)
+        check_choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        check_positive("discrete_flow_shift", self.discrete_flow_shift, "3.1582 is kohya's recommendation for Flux.1")
+        check_positive("sigmoid_scale", self.sigmoid_scale, "1.0 is the usual value")
+        check_positive("logit_std", self.logit_std, "1.0 is the usual value")
         if self.guidance_scale < 0:
             raise ConfigError(f"guidance_scale cannot be negative (got {self.guidance_scale}); use 1.0 for Flux.1 dev.")
-        _non_negative_int("t5_max_token_length", self.t5_max_token_length)
+        check_non_negative_int("t5_max_token_length", self.t5_max_token_length)
         if not 0 <= self.blocks_to_swap <= MAX_BLOCKS_TO_SWAP:
             raise ConfigError(f"blocks_to_swap must be between 0 and {MAX_BLOCKS_TO_SWAP} (got {self.blocks_to_swap}); "
                               "use 0 when the model fits on the GPU.")
@@ -392,78 +370,6 @@ class TrainConfig:
         if self.preset and self.preset not in PRESETS:
             raise ConfigError(f"Unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}.")
         return self
-
-
-def check_name(name: str) -> None:
-    """The LoRA name becomes a file name: no folders, no `..`, nothing Windows cannot store."""
-    if not name or not name.strip():
-        raise ConfigError("The LoRA name is empty; give it a short name such as my-style.")
-    if ".." in name or "/" in name or "\\" in name or os.sep in name:
-        raise ConfigError(f"The LoRA name '{name}' contains a path separator or '..'; "
-                          "use a plain file name such as my-style.")
-    if not _NAME_OK.match(name) or name != name.strip() or name.endswith("."):
-        raise ConfigError(f"The LoRA name '{name}' has characters a file name cannot hold; "
-                          "use letters, digits, '-' and '_'.")
-    if name.lower().endswith(".safetensors"):
-        raise ConfigError(f"The LoRA name '{name}' includes the extension; give the name without .safetensors.")
-
-
-def _coerce(key: str, value: Any, default: Any, f: dataclasses.Field) -> Any:
-    """Settings files and form fields give strings and ints loosely; make them the field's type."""
-    try:
-        if isinstance(value, bool) and not isinstance(default, bool) and isinstance(default, (int, float)):
-            raise TypeError("a true/false value is not a number")
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.strip().lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.strip().lower() in ("0", "false", "no", "off", ""):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if isinstance(default, float):
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError(value)
-            return number
-        if isinstance(default, str):
-            return "" if value is None else str(value)
-        if isinstance(default, list):
-            if isinstance(value, str):
-                return [line for line in value.splitlines() if line.strip()]
-            return [str(v) for v in value]
-        if isinstance(default, dict):
-            if isinstance(value, str):
-                return json.loads(value) if value.strip() else {}
-            return dict(value)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ConfigError(f"Setting {key} has the value {value!r}, which is not a valid "
-                          f"{type(default).__name__}; fix it in your settings.") from e
-    return value
-
-
-def _positive_int(key: str, value: int, hint: str = "") -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be at least 1 (got {value}); {hint or 'raise it'}.")
-
-
-def _non_negative_int(key: str, value: int) -> None:
-    if value < 0:
-        raise ConfigError(f"{key} cannot be negative (got {value}); use 0 to turn it off.")
-
-
-def _positive(key: str, value: float, hint: str = "") -> None:
-    if not value > 0:
-        raise ConfigError(f"{key} must be greater than 0 (got {value}); {hint or 'raise it'}.")
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} '{value}' is not supported; choose one of {', '.join(choices)}.")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

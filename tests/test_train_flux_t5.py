@@ -118,7 +118,7 @@ def test_train_t5_cli_switch_and_refusal_for_sd(tmp_path, tiny_data, capsys):
 def test_clip_training_caches_t5_once_per_caption(tmp_path, data, monkeypatch):
     """CLIP-L trains, T5 does not: T5's outputs are cached (content-hashed on disk), CLIP-L runs every step;
     the losses are those of encoding both every step."""
-    from lora_trainer.train import engine
+    from lora_trainer.train import caching
 
     calls: dict[str, list[int]] = {"T5EncoderModel": [], "CLIPTextModel": []}
     cache = tmp_path / "cache"
@@ -150,7 +150,7 @@ def test_clip_training_caches_t5_once_per_caption(tmp_path, data, monkeypatch):
 
     for v in calls.values():
         v.clear()
-    monkeypatch.setattr(engine, "captions_are_static", lambda *a: False)  # reference: both encoders every step
+    monkeypatch.setattr(caching, "captions_are_static", lambda *a: False)  # reference: both encoders every step
     per_step = run(tmp_path / "c")
     assert calls["T5EncoderModel"] == [1, 1, 1, 1, 1]
     assert per_step.losses == pytest.approx(first.losses, rel=1e-5)

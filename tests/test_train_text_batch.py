@@ -1,4 +1,4 @@
-"""Text-encoder outputs are cached in batches (train/engine.py): each caption's conditioning must not
+"""Text-encoder outputs are cached in batches (train/text_cache.py): each caption's conditioning must not
 depend on the others in its batch (fixed-length padding, causal mask), so batching changes nothing."""
 
 from __future__ import annotations

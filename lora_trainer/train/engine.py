@@ -11,10 +11,8 @@ are never cast or written.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import logging
-import math
 import os
 import random
 import threading
@@ -32,14 +30,12 @@ from ..errors import ConfigError, LoraTrainerError, TrainingError
 from ..gc_freeze import building, run_scope, thaw
 from ..models.bundle import ModelBundle
 from ..quiet import quiet_known_warnings
-from . import noise as noise_math
-from .cache import CachedLatent, cache_latents
-from .captions import captions_are_static, process_caption
+from .caching import CachingMixin
 from .data import Dataset, epoch_batches
 from .distributed import SINGLE, Group
 from .epoch_samples import SamplingMixin
 from .events import ProgressEvent, RunClock, Schedule, TrainingPlan, TrainResult
-from .family import StepInputs, TrainFamily, family_for, stack_conditioning
+from .family import family_for
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .outputs import OutputClaim, claim_outputs
 from .placement import Placement, vae_dtype
@@ -47,7 +43,7 @@ from .planning import check_model_file, model_components, planned_files, prepare
 from .saving import SavingMixin, epoch_tag, lora_file, step_tag
 from .saving import rng_guard as _rng_guard
 from .state import Position, load_state, position_from, set_rng_state
-from .text_cache import cache_text_outputs
+from .step import StepContext, StepMixin
 from .validation import Validator
 
 log = logging.getLogger(__name__)
@@ -120,7 +116,7 @@ def _is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
-class _Run(SavingMixin, SamplingMixin):
+class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
     def __init__(self, config: TrainConfig, dataset: Dataset, plan: TrainingPlan, emit: EventCallback,
                  stop: threading.Event, resume: dict[str, Any] | None, dist: Group = SINGLE):
         self.config, self.dataset, self.plan, self.emit, self.stop = config, dataset, plan, emit, stop
@@ -238,57 +234,9 @@ class _Run(SavingMixin, SamplingMixin):
         sampling = bool(config.sample_prompts and config.sample_every_n_epochs)
         sampling = sampling and self.dist.is_main  # only rank 0 samples
         self.models.start_early()
-        disk = (Path(config.latent_cache_dir) if config.latent_cache_dir else Path(config.output_dir) / ".cache"
-                / "latents") if config.cache_latents_to_disk else None
-
-        def encode_latents() -> list[CachedLatent]:
-            self.placement.to(bundle.vae, device)
-            return cache_latents(self.dataset, bundle.vae, bundle.scaling_factor, flip=config.flip_aug,
-                                 seed=config.seed, disk_dir=disk, progress=self._cache_progress("latents"),
-                                 shift_factor=self.family.latent_shift(bundle))
-        latents = self.dist.build_once(encode_latents)  # several GPUs: rank 0 encodes, the others receive
-        if self.dist.is_main:  # "did it learn?" (report.py): fixed pairs, held-out latents; rank 0 scores
-            self.validator = Validator.create(
-                config, self.dataset, latents, bundle, self.family, device, weight_dtype, emit=self._emit_validation,
-                cache=lambda items: cache_latents(Dataset(items, self.dataset.img_root, None, []), bundle.vae,
-                                                  bundle.scaling_factor, flip=False, seed=config.seed,
-                                                  shift_factor=self.family.latent_shift(bundle)))
-        self.placement.release(bundle.vae, needed_later=sampling)
-        self._free(device)
-
+        latents = self._cache_latents(bundle, device, weight_dtype, sampling)
         # --- text: outputs of frozen encoders cached when captions never change, the rest encoded per step
-        static = captions_are_static(config.shuffle_caption, config.caption_dropout_rate,
-                                     config.caption_tag_dropout_rate)
-        self.text_cache: list[dict[str, torch.Tensor]] | None = None
-        cached = self.family.cacheable_cond_keys(config) if static else ()
-        # conditioning encoded inside each step; `step_keys` given to tokenize only when part is cached (Flux: CLIP-L
-        # trains, T5's outputs are cached)
-        self.step_keys = tuple(k for k in self.family.cond_keys if k not in cached)
-        partial = bool(cached and self.step_keys)
-        self._tokenize_keys = {"keys": self.step_keys} if partial else {}
-        step_encoders = self.family.encoders_for(bundle, self.step_keys) if self.step_keys else []
-        self.cached_encoders = [] if not cached else [  # frozen, used only for the cache: leave the GPU after it
-            te for te in (self.family.encoders_for(bundle, cached) if partial else bundle.text_encoders)
-            if not any(te is s for s in step_encoders)]
-        if cached:
-            text_disk = None
-            if config.cache_latents_to_disk:
-                text_disk = (Path(config.latent_cache_dir) / "text" if config.latent_cache_dir
-                             else Path(config.output_dir) / ".cache" / "text")
-            captions = [process_caption(i.caption) for i in self.dataset.items]
-            scored = self.validator.captions() if self.validator is not None else []
-            self.text_cache = self.dist.build_once(lambda: cache_text_outputs(  # several GPUs: rank 0 encodes
-                self.family, bundle, captions + scored, clip_skip=config.clip_skip, disk_dir=text_disk,
-                ensure_encoders=lambda: self.models.text_encoders(only=self.cached_encoders),
-                autocast=lambda: self._autocast(device, weight_dtype), keys=cached if partial else None))
-            if self.validator is not None:  # the scored captions went through the same cache
-                self.validator.set_text(scored, self.text_cache[len(captions):])
-            self.text_cache = self.text_cache[:len(captions)]
-            for te in self.cached_encoders:
-                self.placement.release(te, needed_later=sampling)
-            self._free(device)
-        if step_encoders:
-            self.models.text_encoders(only=step_encoders)
+        self._cache_text(bundle, device, weight_dtype, sampling)
 
         self.models.denoiser()
 
@@ -352,7 +300,7 @@ class _Run(SavingMixin, SamplingMixin):
             if device.type == "cuda":
                 torch.cuda.manual_seed_all(config.seed)
         objective = self.family.make_objective(bundle, config, device)
-        ctx = _StepContext(bundle, device, weight_dtype, objective, latents, self.family)
+        ctx = StepContext(bundle, device, weight_dtype, objective, latents, self.family)
         # several GPUs: the loss runs through torch's DDP, which all-reduces the LoRA gradients
         loss_fn = self.dist.wrap(lambda b: self._loss(ctx, b), [network.roots[c] for c in network.components()])
         opts.graph_warmup = max(opts.graph_warmup, self.dist.graph_warmup)
@@ -421,72 +369,6 @@ class _Run(SavingMixin, SamplingMixin):
                            plan=plan, losses=list(self.pos.losses),
                            report=report.to_dict() if report is not None else None)
 
-    # ------------------------------------------------------------------ one optimizer step
-    @staticmethod
-    def _autocast(device: torch.device, dtype: torch.dtype):
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
-
-    def _step(self, ctx: _StepContext, chunk: list[list[int]], runner) -> float:
-        """One optimizer step over `chunk` (gradient accumulation); returns the mean loss."""
-        total = 0.0
-        for i, batch in enumerate(chunk):
-            inputs = self.dist.take(self._make_batch(ctx, batch))  # several GPUs: this rank's slice
-            self.models.before_step()
-            inputs["scale"] = torch.full((), 1.0 / len(chunk), device=ctx.device)
-            with self.dist.no_sync(accumulating=i < len(chunk) - 1):
-                loss = float(runner.step(inputs, apply=i == len(chunk) - 1))
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"The loss became {'NaN' if math.isnan(loss) else 'infinite'} at step {self.pos.step + 1}; "
-                    "lower the learning rate or use bf16/fp32 (the last good save is kept).")
-            total += loss
-        return total
-
-    def _make_batch(self, ctx: _StepContext, batch: list[int]) -> dict[str, torch.Tensor]:
-        """Everything random or data-dependent for one batch, drawn here (before the step) so the
-        loss is a pure function of these tensors (CUDA graphs replay it; see accel/)."""
-        config, items = self.config, self.dataset.items
-        flips = [config.flip_aug and random.random() < 0.5 for _ in batch]
-        latents = torch.stack([
-            ctx.latents[k].flipped if flip and ctx.latents[k].flipped is not None else ctx.latents[k].latent
-            for k, flip in zip(batch, flips)]).to(ctx.device)
-        out: dict[str, torch.Tensor] = {"latents": latents}
-        if self.text_cache is not None:
-            out.update(stack_conditioning([self.text_cache[k] for k in batch], ctx.device))
-        if self.step_keys:
-            captions = [process_caption(items[k].caption, shuffle=config.shuffle_caption,
-                                        keep_tokens=config.keep_tokens,
-                                        caption_dropout_rate=config.caption_dropout_rate,
-                                        tag_dropout_rate=config.caption_tag_dropout_rate) for k in batch]
-            tokens = ctx.family.tokenize(ctx.bundle, captions, **self._tokenize_keys)
-            out.update({k: v.to(ctx.device) for k, v in tokens.items()})
-        drawn = ctx.objective.draw(latents)  # noise, timesteps/sigmas: the step's random draws
-        objective_weights = drawn.pop("weights", None)
-        out.update(drawn)
-        weights = torch.tensor([config.prior_loss_weight if items[k].is_reg else 1.0 for k in batch],
-                               device=ctx.device)
-        if objective_weights is not None:
-            weights = weights * objective_weights
-        out["weights"] = weights
-        extras = ctx.family.batch_extras(ctx.bundle, [items[k] for k in batch], flips)
-        out.update({k: v.to(ctx.device) for k, v in extras.items()})
-        return out
-
-    def _loss(self, ctx: _StepContext, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training objective on one prepared batch (no host syncs, no random draws)."""
-        config, family = self.config, ctx.family
-        with self._autocast(ctx.device, ctx.dtype):
-            cond = {k: b[k] for k in family.cond_keys if k in b} if self.text_cache is not None else {}
-            if self.step_keys:
-                with torch.enable_grad() if config.train_text_encoder or config.train_t5 else torch.no_grad():
-                    cond.update(family.encode_tokens(ctx.bundle, b, clip_skip=config.clip_skip))
-            pred, target = family.prediction_and_target(StepInputs(ctx.bundle, b, cond, ctx.objective,
-                                                                   ctx.unet_dtype))
-            loss = noise_math.per_sample_loss(pred, target, config.loss_type, config.huber_c)
-            return (loss * b["weights"]).mean() * b["scale"]
-
     # ------------------------------------------------------------------ reporting, saving, samples
     def _emit_step(self, scheduler, device: torch.device) -> None:
         # what the process holds on the GPU (torch's cache included), as nvidia-smi would show it
@@ -534,30 +416,6 @@ class _Run(SavingMixin, SamplingMixin):
                                 epoch=self.pos.epoch, total_epochs=self.plan.epochs, message=report["message"],
                                 report=report))
 
-    def _cache_progress(self, what: str) -> Callable[[int, int], None]:
-        last = [0.0]
-
-        def report(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if done in (1, total) or now - last[0] >= 1.0:
-                last[0] = now
-                self.emit(ProgressEvent("cache", total_steps=self.plan.total_steps, total_epochs=self.plan.epochs,
-                                        message=f"Caching {what}: {done}/{total} images", phase="cache",
-                                        phase_done=done, phase_total=total))
-        return report
-
-@dataclasses.dataclass
-class _StepContext:
-    bundle: ModelBundle
-    device: torch.device
-    dtype: torch.dtype  # autocast dtype (fp32 = none)
-    objective: Any  # the family's Objective for this run
-    latents: list[CachedLatent]
-    family: TrainFamily
-
-    @property
-    def unet_dtype(self) -> torch.dtype:
-        return next(self.bundle.unet.parameters()).dtype
 
 
 def _grad_scaler():
