@@ -95,8 +95,12 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
 
     hook(engine, "prepare_dataset", "scan dataset")
     hook(loader, "load_model", "load model")
-    hook(engine, "cache_latents", "cache latents")
-    hook(engine, "cache_text_outputs", "cache text")
+    try:  # the cache phase lives in train/caching.py (in engine.py in older copies, e.g. --before)
+        from lora_trainer.train import caching as cache_phase
+    except ImportError:
+        cache_phase = engine
+    hook(cache_phase, "cache_latents", "cache latents")
+    hook(cache_phase, "cache_text_outputs", "cache text")
     hook(network, "inject_lora", "inject LoRA")
     hook(accel, "prepare_model", "accel prepare", span=True)
     try:

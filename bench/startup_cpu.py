@@ -104,8 +104,12 @@ def child(result_path: str, root: str, config: str) -> None:
     hook(engine, "check_model_file", "check model header")
     hook(engine, "prepare_dataset", "scan dataset")
     hook(loader, "load_model", "load model")
-    hook(engine, "cache_latents", "cache latents")
-    hook(engine, "cache_text_outputs", "cache text")
+    try:  # the cache phase lives in train/caching.py (in engine.py in older copies, e.g. --before)
+        from lora_trainer.train import caching as cache_phase
+    except ImportError:
+        cache_phase = engine
+    hook(cache_phase, "cache_latents", "cache latents")
+    hook(cache_phase, "cache_text_outputs", "cache text")
     hook(placement.Placement, "to", "UNet placed",
          only=lambda self, module, device: module is getattr(self, "_unet", None))
     hook(validation.Validator, "start", "base model scored")
