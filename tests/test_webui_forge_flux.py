@@ -115,12 +115,13 @@ def _forge_dequantize(t: torch.Tensor) -> torch.Tensor:
 
 
 class FakeForgeLinear(nn.Module):
-    """Forge's operations.Linear: the weight as stored (+ scale_weight), dequantised and cast per call."""
+    """Forge's operations.Linear: the weight as stored (+ scale_weight), dequantised and cast per call.
+    `store`: how a weight is stored (`_store`; the GPU benchmark passes its own for GGUF on the GPU)."""
 
-    def __init__(self, linear: nn.Linear, fmt: str):
+    def __init__(self, linear: nn.Linear, fmt: str, store=None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, scale = _store(linear.weight.detach().float(), fmt)
+        self.weight, scale = (store or _store)(linear.weight.detach().float(), fmt)
         if scale is not None:
             self.scale_weight = scale
         with torch.inference_mode():
@@ -133,12 +134,12 @@ class FakeForgeLinear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def _forge_ops(module: nn.Module, fmt: str) -> nn.Module:
+def _forge_ops(module: nn.Module, fmt: str, store=None) -> nn.Module:
     """Every nn.Linear -> FakeForgeLinear(fmt); every other parameter an inference tensor."""
-    for name, child in list(module.named_modules()):
-        if type(child) is nn.Linear:
-            parent, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, leaf, FakeForgeLinear(child, fmt))
+    for name in [n for n, child in module.named_modules() if type(child) is nn.Linear]:
+        parent, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(parent) if parent else module
+        setattr(owner, leaf, FakeForgeLinear(getattr(owner, leaf), fmt, store))  # the old Linear freed as it goes
     for name, p in list(module.named_parameters()):
         if p.is_inference():
             continue
@@ -163,11 +164,17 @@ class FakeForgeObjects(SimpleNamespace):
         return FakeForgeObjects(unet=self.unet, clip=self.clip, vae=self.vae, clipvision=None)
 
 
-def make_forge_flux(fmt: str = "fp32", *, t5_fmt: str = "fp32", seed: int = 0, variant: str = "dev"):
-    """(Forge-shaped Flux sd_model, the tiny bundle whose weights it holds)."""
-    ref = build_tiny_flux_bundle(variant, seed=seed)
+def make_forge_flux(fmt: str = "fp32", *, t5_fmt: str = "fp32", clip_fmt: str = "fp32", seed: int = 0,
+                    variant: str = "dev", ref=None, keep_ref: bool = True, store=None):
+    """(Forge-shaped Flux sd_model, the bundle whose weights it holds).
+
+    ref: that bundle (default: the tiny one of `seed`/`variant`); Forge's parts are built on its device, its
+    non-Linear weights keep their dtype. keep_ref=False turns ref's own modules into Forge's (no second copy:
+    the full-size GPU benchmark; ref is used up). store: `_store`'s replacement for FakeForgeLinear."""
+    ref = ref if ref is not None else build_tiny_flux_bundle(variant, seed=seed)
+    own = (lambda m: m) if not keep_ref else copy.deepcopy
     params = ref.unet.params
-    transformer = _forge_ops(copy.deepcopy(ref.unet), fmt)
+    transformer = _forge_ops(own(ref.unet), fmt, store)
     # Forge's IntegratedFluxTransformer2DModel: the same BFL module tree, `config` a plain dict
     transformer.__class__ = type("IntegratedFluxTransformer2DModel", (type(transformer),), {"config": None})
     transformer.config = {"in_channels": params.in_channels // 4, "vec_in_dim": params.vec_in_dim,
@@ -176,14 +183,14 @@ def make_forge_flux(fmt: str = "fp32", *, t5_fmt: str = "fp32", seed: int = 0, v
                           "depth_single_blocks": params.depth_single_blocks, "axes_dim": list(params.axes_dim),
                           "theta": params.theta, "qkv_bias": params.qkv_bias, "guidance_embed": params.guidance_embed}
     clip = nn.Module()  # Forge's IntegratedCLIP: a CLIPTextModel at .transformer
-    clip.transformer = _forge_ops(copy.deepcopy(ref.text_encoders[0]), "fp32")
-    hf_t5 = copy.deepcopy(ref.text_encoders[1])
+    clip.transformer = _forge_ops(own(ref.text_encoders[0]), clip_fmt, store)
+    hf_t5 = own(ref.text_encoders[1])
     t5_inner = nn.Module()  # Forge's own T5: transformers' names, a config dict
     t5_inner.shared, t5_inner.encoder = hf_t5.shared, hf_t5.encoder
     hf_t5.encoder.embed_tokens = None  # Forge's T5Stack has none (the embedding is `shared` only)
     t5_inner.config = hf_t5.config.to_dict()
     t5 = nn.Module()
-    t5.transformer = _forge_ops(t5_inner, t5_fmt)
+    t5.transformer = _forge_ops(t5_inner, t5_fmt, store)
     joint = nn.Module()
     joint.clip_l, joint.t5xxl = clip, t5
     vae_cfg = ref.vae.config
@@ -222,9 +229,9 @@ def forge_tensors(sd_model) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture
-def forge_backend(monkeypatch):
-    """Forge's dequantisers and memory manager as stand-ins in sys.modules; records load_models_gpu."""
+def backend_modules() -> tuple[dict[str, types.ModuleType], list]:
+    """Stand-ins for Forge's `backend.*` modules the hand-off imports ({name: module}, the calls list that
+    load_models_gpu appends to)."""
     calls = []
     backend = types.ModuleType("backend")
     gguf_ops = types.ModuleType("backend.operations_gguf")
@@ -235,12 +242,21 @@ def forge_backend(monkeypatch):
     mm.load_models_gpu = lambda models, memory_required=0, **kw: calls.append((list(models), memory_required))
     args = types.ModuleType("backend.args")
     args.dynamic_args = {"kontext": False}
-    for name, mod in (("backend", backend), ("backend.operations_gguf", gguf_ops), ("backend.operations_bnb", bnb_ops),
-                      ("backend.memory_management", mm), ("backend.args", args)):
-        monkeypatch.setitem(sys.modules, name, mod)
+    mods = {"backend": backend, "backend.operations_gguf": gguf_ops, "backend.operations_bnb": bnb_ops,
+            "backend.memory_management": mm, "backend.args": args}
+    for name, mod in mods.items():
         if "." in name:
             setattr(backend, name.split(".", 1)[1], mod)
-    return SimpleNamespace(calls=calls, dynamic_args=args.dynamic_args)
+    return mods, calls
+
+
+@pytest.fixture
+def forge_backend(monkeypatch):
+    """Forge's dequantisers and memory manager as stand-ins in sys.modules; records load_models_gpu."""
+    mods, calls = backend_modules()
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    return SimpleNamespace(calls=calls, dynamic_args=mods["backend.args"].dynamic_args)
 
 
 FORMATS = ["fp32", "bf16", "fp8", "fp8_scaled", "fp32_scaled",
