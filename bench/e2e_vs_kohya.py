@@ -68,8 +68,9 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
         if cuda:
             torch.cuda.synchronize()
 
-    def hook(owner, name: str, label: str, *, span: bool = False, only=None) -> None:
-        """Time calls of owner.name; span=True: one phase from the first call's start to the last's end."""
+    def hook(owner, name: str, label: str, *, span: bool = False, each: bool = False, only=None) -> None:
+        """Time calls of owner.name; span=True: one phase from the first call's start to the last's end;
+        each=True: a phase per call ("label 1", "label 2", ...)."""
         original = getattr(owner, name, None)
         if original is None:
             return
@@ -81,7 +82,9 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
             finally:
                 if only is None or only(*args, **kwargs):
                     sync()
-                    if span and label in phases:
+                    if each:
+                        phases[f"{label} {sum(k.startswith(label + ' ') for k in phases) + 1}"] = [start, time.time()]
+                    elif span and label in phases:
                         phases[label][1] = time.time()
                     else:
                         phases.setdefault(label, [start, time.time()])
@@ -103,6 +106,12 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
     hook(cache_phase, "cache_text_outputs", "cache text")
     hook(network, "inject_lora", "inject LoRA")
     hook(accel, "prepare_model", "accel prepare", span=True)
+    try:
+        from lora_trainer.train import validation
+
+        hook(validation.Validator, "epoch", "validation", each=True)  # each epoch's scoring
+    except ImportError:
+        pass
     try:
         from lora_trainer.train import placement
 
@@ -163,6 +172,7 @@ VARIANTS = {
     "gpu_warmup": "a thread runs a small bf16 conv/matmul/attention forward+backward at the start of run_training "
                   "(loads cuDNN/cuBLAS while the model loads)",
     "cudnn_benchmark": "torch.backends.cudnn.benchmark = True",
+    "no_validation": "no \"did it learn?\" scoring (validate_every_n_epochs = 0)",
 }
 
 
@@ -171,7 +181,11 @@ def apply_variant(variant: str) -> None:
 
     from lora_trainer import accel
 
-    if variant == "no_overlap":
+    if variant == "no_validation":
+        from lora_trainer.train import validation
+
+        validation.Validator.create = classmethod(lambda cls, *a, **k: None)
+    elif variant == "no_overlap":
         from lora_trainer.train import placement
 
         placement.Placement.upload_in_background = lambda self, module: False
