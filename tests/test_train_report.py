@@ -127,8 +127,10 @@ def test_scored_captions_share_the_text_cache_call(tmp_path):
     assert calls == [6] and len(result.report["epochs"]) == 2  # 3 captions + the same 3 without "shape"
 
 
-def test_scoring_runs_in_chunks_of_the_training_batch(tmp_path):
-    """The scored pairs go through the model no more at once than a training batch (which fits the GPU)."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_scoring_runs_in_chunks_that_fit_where_training_does(tmp_path, checkpointing):
+    """The scored pairs go through the model 4 at a time (a pass without gradients holds less than a training
+    step), or no more at once than a training batch where gradient checkpointing keeps the step small."""
     data = make_dataset(tmp_path / "ds", n=4, repeats=1)
     bundle = build_tiny_bundle("sd1")
     sizes = []
@@ -138,14 +140,16 @@ def test_scoring_runs_in_chunks_of_the_training_batch(tmp_path):
 
     handle = bundle.unet.register_forward_pre_hook(seen, with_kwargs=True)
     try:
-        result = run_training(tiny_config(data, tmp_path / "out", batch_size=2), bundle=bundle)
+        result = run_training(tiny_config(data, tmp_path / "out", batch_size=2, gradient_checkpointing=checkpointing),
+                              bundle=bundle)
     finally:
         handle.remove()
-    # training: 2 per step; scoring: the validation loss of the base model and of epoch 1, and the leakage
-    # probes (every caption holds the trigger): the base model's without the trigger, epoch 1's with and without
+    # training: 2 per step; scoring: the validation loss of the base model and of epoch 1, and the leakage probes
+    # (every caption holds the trigger): the base model's without the trigger, epoch 1's with and without
     pairs = result.report["pairs"]
     probes = min(validation.LEAK_PAIRS, pairs)
-    assert max(sizes) == 2 and sum(sizes) == 2 * result.steps + 2 * pairs + 3 * probes, sizes
+    assert max(sizes) == (2 if checkpointing else 4), sizes
+    assert sum(sizes) == 2 * result.steps + 2 * pairs + 3 * probes, sizes
 
 
 def test_scoring_leaves_training_unchanged(tmp_path):
