@@ -370,6 +370,38 @@ def test_text_encoders_and_vae_compute_what_forge_holds(forge_backend):
     assert bundle.weight_formats == {"unet": "fp32", "te1": "fp32", "te3": "fp8 e4m3fn", "vae": "fp32"}
 
 
+def test_text_encoder_tables_stay_forges_and_their_lookups_are_cast(forge_backend):
+    """On a GPU Forge holds CLIP-L's and T5's token embeddings in fp16 while training computes in bf16: the tables
+    (T5-XXL's: 251 MiB) stay Forge's tensors and only the rows looked up are cast, which gives the outputs of
+    text encoders converted to bf16 as a whole."""
+    ref = build_tiny_flux_bundle("dev", seed=0)
+    for te in ref.text_encoders:
+        te.half()
+    want = [copy.deepcopy(te).to(torch.bfloat16) for te in ref.text_encoders]  # a cast copy of everything
+    sd_model, _ = make_forge_flux("fp32", ref=ref, keep_ref=False)
+    stats = forge_flux.HandoffStats()
+    bundle = forge_flux.bundle_from_forge_flux(sd_model, device=torch.device("cpu"), dtype=torch.bfloat16,
+                                               stats=stats)
+    clip, t5 = bundle.text_encoders
+    forge_clip = sd_model.forge_objects_original.clip.cond_stage_model.clip_l.transformer
+    forge_t5 = sd_model.forge_objects_original.clip.cond_stage_model.t5xxl.transformer
+    tables = []  # (ours, Forge's): every embedding table, by name (Forge's T5 names its token table `shared` only)
+    for ours_root, theirs_root in ((clip, forge_clip), (t5, forge_t5)):
+        theirs = dict(theirs_root.named_modules())
+        tables += [(m, theirs[n.replace("encoder.embed_tokens", "shared")]) for n, m in ours_root.named_modules()
+                   if isinstance(m, nn.Embedding)]
+    assert len(tables) >= 4  # CLIP's tokens and positions, T5's tokens (twice) and relative positions
+    for ours, theirs in tables:
+        assert ours.weight.dtype == torch.float16
+        assert ours.weight.untyped_storage().data_ptr() == theirs.weight.untyped_storage().data_ptr()
+    table_bytes = sum(theirs.weight.numel() * 2 for _, theirs in tables)
+    assert stats.copied < table_bytes / 4, (stats.copied, table_bytes)  # norms and biases only
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(clip(ids).last_hidden_state, want[0](ids).last_hidden_state, rtol=0, atol=0)
+        torch.testing.assert_close(t5(ids).last_hidden_state, want[1](ids).last_hidden_state, rtol=0, atol=0)
+
+
 def test_schnell_is_recognised(forge_backend):
     sd_model, _ = make_forge_flux("fp32", variant="schnell")
     assert forge_flux.check_family(sd_model)[1] == "schnell"

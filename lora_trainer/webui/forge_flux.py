@@ -95,11 +95,28 @@ def _fit(value: torch.Tensor, device: torch.device | None, dtype: torch.dtype | 
     return out
 
 
+def _same_device(value: torch.Tensor, device: torch.device | None) -> bool:
+    if device is None:
+        return True
+    device = torch.device(device)
+    return value.device.type == device.type and (device.index is None or value.device.index in (None, device.index))
+
+
+def cast_lookups(embedding: nn.Module, dtype: torch.dtype) -> None:
+    """An embedding table kept as Forge stores it: the rows it returns are cast to the training dtype (the values
+    a cast copy of the table would give), so the table itself is never copied."""
+    if getattr(embedding, "_lookup_dtype", None) is None:
+        embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
+        embedding._lookup_dtype = dtype
+
+
 def host_skeleton(skeleton: nn.Module, forge_root: nn.Module, *, what: str, device: torch.device | None,
                   dtype: torch.dtype, stats: HandoffStats, part: str,
-                  rename: Callable[[str], str] = lambda n: n) -> nn.Module:
+                  rename: Callable[[str], str] = lambda n: n, alias_tables: bool = False) -> nn.Module:
     """Fill a meta-device `skeleton` from `forge_root` (the same module/parameter names after `rename`):
-    Linears become QuantLinears over Forge's live weights, other parameters aliases (or small copies)."""
+    Linears become QuantLinears over Forge's live weights, other parameters aliases (or small copies).
+    `alias_tables`: embedding tables (a text encoder's token embedding: T5-XXL's is 251 MiB in fp16) stay Forge's
+    tensors in Forge's float dtype, their lookups cast (`cast_lookups`), where they are on the training device."""
     theirs_modules = dict(forge_root.named_modules())
     theirs_params = dict(forge_root.named_parameters())
     formats: Counter = Counter()
@@ -140,6 +157,13 @@ def host_skeleton(skeleton: nn.Module, forge_root: nn.Module, *, what: str, devi
             value = forge_model.fit_shape(value, param.shape)
         parent, _, leaf = name.rpartition(".")
         owner = skeleton.get_submodule(parent) if parent else skeleton
+        if (alias_tables and isinstance(owner, nn.Embedding) and leaf == "weight" and _same_device(value, device)
+                and value.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+            setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
+            stats.aliased += value.numel() * value.element_size()
+            if value.dtype != dtype:
+                cast_lookups(owner, dtype)
+            continue
         setattr(owner, leaf, nn.Parameter(_fit(value, device, dtype, stats), requires_grad=False))
     stats.formats[part] = formats
     return skeleton.eval().requires_grad_(False)
@@ -165,7 +189,8 @@ def clip_skeleton(forge_clip: nn.Module, *, device, dtype, stats: HandoffStats):
 
     hf = forge_clip.transformer
     skeleton = _meta(lambda: CLIPTextModel(hf.config))
-    host_skeleton(skeleton, hf, what="CLIP-L text encoder", device=device, dtype=dtype, stats=stats, part="CLIP-L")
+    host_skeleton(skeleton, hf, what="CLIP-L text encoder", device=device, dtype=dtype, stats=stats, part="CLIP-L",
+                  alias_tables=True)
     forge_model._fill_buffers(skeleton, hf, device)
     return skeleton
 
@@ -181,9 +206,11 @@ def t5_skeleton(forge_t5: nn.Module, *, device, dtype, stats: HandoffStats):
     skeleton = _meta(lambda: T5EncoderModel(config))
     host_skeleton(skeleton, ft5, what="T5 text encoder", device=device, dtype=dtype, stats=stats, part="T5",
                   rename=lambda n: "shared" + n[len("encoder.embed_tokens"):] if n.startswith("encoder.embed_tokens")
-                  else n)
+                  else n, alias_tables=True)
     if skeleton.encoder.embed_tokens is not skeleton.shared:  # transformers 5 ties by name, not by object
         skeleton.encoder.embed_tokens.weight = skeleton.shared.weight
+        if getattr(skeleton.shared, "_lookup_dtype", None) is not None:
+            cast_lookups(skeleton.encoder.embed_tokens, skeleton.shared._lookup_dtype)
     return skeleton
 
 
