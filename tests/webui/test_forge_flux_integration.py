@@ -165,3 +165,39 @@ def test_the_lora_changes_the_image_zero_is_none_and_forge_matches_every_key(for
     clip = [ln for ln in lines if "for KModel-CLIP with 72 keys" in ln]  # CLIP-L: 12 layers x 6 Linears
     assert unet and clip and all("(skipped 0 keys)" in ln for ln in unet + clip), lines
     assert not [ln for ln in lines if "unmatched" in ln or "mismatch" in ln.lower()], lines
+
+
+def test_with_fp16_lora_forge_applies_the_lora_on_the_fly(forge_flux: FluxForge):
+    """"Automatic (fp16 LoRA)", what the run's note advises on this fp8 base: no note, the LoRA applied on the fly."""
+    ui, f = forge_flux, forge_flux.facts
+    if "prepared" not in f:  # runs on its own too (-k fp16_lora)
+        f["prepared"] = ui.tag_and_prepare(f["data"])
+    start = len(ui.log_text())
+    # forge_async_loading is a memory setting: changing it makes Forge re-read its loading parameters
+    ui.call("POST", "/sdapi/v1/options", {"forge_unet_storage_dtype": "Automatic (fp16 LoRA)",
+                                          "forge_async_loading": "Async"})
+    try:
+        assert "Using online LoRAs in FP16: True" in ui.log_text()[start:]
+        base = ui.txt2img(PROMPT)  # the same fp8 storage ("Automatic"): Forge may keep the loaded model
+        if "base" in f:
+            print(f"no-LoRA image after the reload with '(fp16 LoRA)': "
+                  f"{'identical to' if (base == f['base']).all() else 'different from'} the one before")
+        name = f"{RUN}_otf"
+        job = ui.wait_job(ui.call("POST", "/lora-trainer/v1/train", {
+            "data": str(f["prepared"]), "name": name, "resolution": 64, "enable_bucket": False, "rank": 4,
+            "alpha": 4, "learning_rate": 1e-2, **TRAIN})["job_id"])
+        assert job["state"] == "done", (job["error"], job["message"])
+        assert not [n for n in job["notes"] if "(fp16 LoRA)" in n], job["notes"]
+        assert "bit-identical after training" in ui.log_text()[start:]
+        assert (ui.txt2img(PROMPT) == base).all(), "txt2img without a LoRA changed after training"
+        mark = len(ui.log_text())
+        with_lora = ui.txt2img(f"{PROMPT} <lora:{name}:1>")
+        changed = float((with_lora != base).mean())
+        lines = ui.lora_lines(name, mark)
+        print(f"'(fp16 LoRA)': <lora:{name}:1> changes {changed:.1%} of the pixel values; " + " | ".join(lines))
+        assert changed > 0.05
+        loaded = [ln for ln in lines if "Loaded" in ln]
+        assert loaded and all("(skipped 0 keys)" in ln and "on_the_fly = True" in ln for ln in loaded), lines
+        assert not [ln for ln in lines if "unmatched" in ln or "mismatch" in ln.lower()], lines
+    finally:
+        ui.call("POST", "/sdapi/v1/options", {"forge_unet_storage_dtype": "Automatic", "forge_async_loading": "Queue"})
