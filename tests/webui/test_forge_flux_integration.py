@@ -16,11 +16,12 @@ CLIP-L and the fp8 T5-XXL (docs/forge.md, "Flux in lllyasviel's Forge main", has
 Checks, through the API only: install; train on the loaded Flux (transformer fp8 as stored, trained over in
 place); Forge's weights bit-identical afterwards and the no-LoRA image identical before and after;
 `<lora:n:1>` changes the image, `<lora:n:0>` equals none, every key matched in Forge's log ("skipped 0 keys",
-nothing unmatched). Forge main merges LoRAs into fp8 weights (no "(fp16 LoRA)"), so the run's notes must say so.
+nothing unmatched). Forge main merges LoRAs into fp8 weights (no "(fp16 LoRA)"), so the run's notes must say so;
+with "Automatic (fp16 LoRA)" (what that note advises) the run has no such note and Forge applies the LoRA on the fly.
 
 A full FLUX.1 on 2 CPU cores: Forge holds ~17 GiB (the fp8 transformer and T5 in RAM), so give the machine
 swap; one prompt throughout (each new prompt or LoRA set costs a T5-XXL pass), 64 px, 2 steps, CFG 1,
-Euler + Simple (Euler + "Automatic" gives NaN on Flux), training 1 step. About an hour.
+Euler + Simple (Euler + "Automatic" gives NaN on Flux), training 1 step. About 30 minutes (docs/forge.md).
 """
 
 from __future__ import annotations
