@@ -45,3 +45,28 @@ class ForgeFamilyServer(WebUIServer):
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+class FluxForgeFamilyServer(ForgeFamilyServer):
+    """A Forge-family WebUI holding a Flux model (the Forge main and Neo Flux suites)."""
+
+    def txt2img(self, prompt: str):
+        """Flux settings: CFG 1, Euler + Simple (Automatic gives NaN on Flux), 2 steps, 64 px; an RGB array."""
+        import base64
+        import io
+
+        import numpy as np
+        from PIL import Image
+        from webui_server import SEED
+
+        res = self.call("POST", "/sdapi/v1/txt2img", {
+            "prompt": prompt, "negative_prompt": "", "seed": SEED, "steps": 2, "width": 64, "height": 64,
+            "sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 1, "batch_size": 1, "n_iter": 1})
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB"))
+        assert image.std() > 0, f"{self.label} made a constant image"
+        return image
+
+    def lora_lines(self, stem: str, since: int = 0) -> list[str]:
+        """The console's [LORA] lines about `stem`.safetensors, from log offset `since`."""
+        return [ln.strip() for ln in self.log_text()[since:].splitlines()
+                if "[LORA]" in ln and f"{stem}.safetensors" in ln]

@@ -26,18 +26,15 @@ Euler + Simple (Euler + "Automatic" gives NaN on Flux), training 1 step. About 3
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from forge_family import ForgeFamilyServer
-from webui_server import EXT_NAME, SEED, export_tree, harness_dir
+from forge_family import FluxForgeFamilyServer
+from webui_server import EXT_NAME, export_tree, harness_dir
 
 RUN = f"lff{int(time.time()) % 100000}"  # unique LoRA names for this session
 PROMPT = "a photo of sks"
@@ -54,21 +51,7 @@ def _files(webui: Path) -> list[Path]:
             models / "text_encoder" / MODULES[1], models / "text_encoder" / MODULES[2]]
 
 
-class FluxForge(ForgeFamilyServer):
-    def txt2img(self, prompt: str) -> np.ndarray:
-        """Flux settings: CFG 1, Euler + Simple, 2 steps, 64 px."""
-        from PIL import Image
-
-        res = self.call("POST", "/sdapi/v1/txt2img", {
-            "prompt": prompt, "negative_prompt": "", "seed": SEED, "steps": 2, "width": 64, "height": 64,
-            "sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 1, "batch_size": 1, "n_iter": 1})
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB"))
-        assert image.std() > 0, "Forge made a constant image"
-        return image
-
-    def lora_lines(self, stem: str, since: int = 0) -> list[str]:
-        return [ln.strip() for ln in self.log_text()[since:].splitlines()
-                if "[LORA]" in ln and f"{stem}.safetensors" in ln]
+FluxForge = FluxForgeFamilyServer  # txt2img with Flux settings, lora_lines: shared with the Neo Flux suite
 
 
 @pytest.fixture(scope="module")

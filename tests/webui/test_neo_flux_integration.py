@@ -25,9 +25,7 @@ Flux, see the harness README). Neo holds ~9 GiB; 30-60 minutes.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import re
 import subprocess
@@ -36,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from forge_family import ForgeFamilyServer
-from webui_server import EXT_NAME, HERE, SEED, export_tree, harness_dir
+from forge_family import FluxForgeFamilyServer
+from webui_server import EXT_NAME, HERE, export_tree, harness_dir
 
 RUN = f"lx{int(time.time()) % 100000}"  # unique LoRA names for this session
 PROMPT = "a photo of sks"
@@ -75,18 +73,7 @@ def _variants(webui: Path, python: Path) -> None:
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
 
 
-class FluxNeo(ForgeFamilyServer):
-    def txt2img(self, prompt: str) -> np.ndarray:
-        """Flux settings: CFG 1, Euler + Simple (Automatic gives NaN on Flux), 2 steps, 64 px."""
-        from PIL import Image
-
-        res = self.call("POST", "/sdapi/v1/txt2img", {
-            "prompt": prompt, "negative_prompt": "", "seed": SEED, "steps": 2, "width": 64, "height": 64,
-            "sampler_name": "Euler", "scheduler": "Simple", "cfg_scale": 1, "batch_size": 1, "n_iter": 1})
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB"))
-        assert image.std() > 0, "Neo made a constant image"
-        return image
-
+class FluxNeo(FluxForgeFamilyServer):
     def select(self, checkpoint: str, storage: str) -> None:
         """Neo re-reads "Diffusion in Low Bits" when the checkpoint changes: pass through another one."""
         self.call("POST", "/sdapi/v1/options", {"forge_unet_storage_dtype": storage})
@@ -97,10 +84,6 @@ class FluxNeo(ForgeFamilyServer):
         job = self.train(str(self.facts["prepared"]), name, **{**TRAIN, **extra})
         assert job["state"] == "done", (job["error"], job["message"])
         return job
-
-    def lora_lines(self, stem: str, since: int = 0) -> list[str]:
-        return [ln.strip() for ln in self.log_text()[since:].splitlines()
-                if "[LORA]" in ln and f"{stem}.safetensors" in ln]
 
 
 @pytest.fixture(scope="module")
