@@ -131,6 +131,14 @@ def test_the_line_beside_the_buttons_and_the_time_estimate(tmp_path):
                                                                          "about 2.00 it/s (measured by the run "
                                                                          "'train old' here")
     assert "roughly" in plan.time_estimate(config, training, gpu, [])  # a first guess, said to be one
+    # the whole run counts: 2000 steps of Flux at 1024 px, first guess 0.5 it/s, said as a range (x2 .. x0.5)
+    flux = plan.Setup(model="flux1-dev.safetensors", family="Flux", device="cuda:0", device_text="GPU")
+    long_run = TrainConfig(resolution=1024, batch_size=1, epochs=10)
+    steps = TrainingPlan(num_images=20, num_reg_images=0, images_x_repeats=200, reg_x_repeats=0, samples_per_epoch=200,
+                         batch_size=1, gradient_accumulation_steps=1, batches_per_epoch=200, steps_per_epoch=200,
+                         epochs=10, total_steps=2000)
+    assert plan.time_estimate(long_run, steps, flux, []).startswith(
+        "**Time:** roughly 33 min to 2 h 13 min for 2000 steps")
     assert "measured by the first run here" in plan.time_estimate(
         config, training, SimpleNamespace(family="SD1", device="cpu"), [])
     assert plan.preset_warning("sdxl", "SD1").startswith("⚠️ The preset is made for SDXL models (it trains at 1024 "

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 # Rough training speed of a mid-range consumer GPU (12-16 GB) for one image at the family's usual
 # resolution, used only before this computer has trained once; after that, its measured speed is used.
 # Families not listed get no first-time guess.
-_FIRST_GUESS_IT_S = {"SD1": (6.0, 512), "SD2": (5.0, 768), "SDXL": (1.2, 1024)}
+# Flux: an H200 trains 1.0-1.36 it/s at 1024 px over the Flux Forge holds (bench/results/flux_forge_handoff_h200.md);
+# a 16-24 GB card about half of that
+_FIRST_GUESS_IT_S = {"SD1": (6.0, 512), "SD2": (5.0, 768), "SDXL": (1.2, 1024), "Flux": (0.5, 1024)}
 
 
 @dataclass
@@ -177,14 +179,14 @@ def time_estimate(config: Any, plan: Any, setup: Setup, history: list[dict[str, 
         rate = _scaled_rate(float(past["it_per_s"]), int(cfg.get("resolution") or config.resolution),
                             int(cfg.get("batch_size") or 1) * int(cfg.get("gradient_accumulation_steps") or 1),
                             config.resolution, batch)
-        seconds = estimate_seconds(schedule, schedule.total_steps, rate)
+        seconds = estimate_seconds(schedule, 0, rate)
         when = "under a minute" if seconds < 60 else f"about {_hm(seconds)}"
         return (f"**Time:** {when} for {plan.total_steps} steps at about {rate:.2f} it/s (measured by the run "
                 f"'{past.get('label', '')}' here, scaled to this resolution and batch), plus loading the model.")
     guess = _FIRST_GUESS_IT_S.get(setup.family or "")
     if setup.device.startswith("cuda") and guess:
         rate = _scaled_rate(guess[0], guess[1], 1, config.resolution, batch)
-        low, high = (estimate_seconds(schedule, schedule.total_steps, rate * k) for k in (2.0, 0.5))
+        low, high = (estimate_seconds(schedule, 0, rate * k) for k in (2.0, 0.5))
         return (f"**Time:** roughly {_hm(low)} to {_hm(high)} for {plan.total_steps} steps, depending on the GPU "
                 "(a first guess; once a run has trained here, the estimate uses its measured speed).")
     if setup.device.startswith("cpu"):
