@@ -2,7 +2,7 @@
 
 Builds a random full-size FLUX.1-dev (19 double + 38 single blocks, hidden 3072; CLIP-L; T5-XXL; the 16-channel
 VAE) laid out as Forge main / Neo hold it on a GPU, with the Forge-shaped stand-ins of
-tests/test_webui_forge_flux.py (`make_forge_flux`: Forge's Linear layers with the weight as stored, every weight
+tests/forge_flux_standins.py (`make_forge_flux`: Forge's Linear layers with the weight as stored, every weight
 an inference tensor): the transformer stored as bf16, fp8 e4m3fn, fp8_scaled, GGUF Q8_0 or nf4; CLIP-L fp16;
 T5-XXL's Linears fp8 e4m3fn (t5xxl_fp8_e4m3fn; its other weights fp16); the VAE bf16. GGUF Q8_0 is quantised
 and dequantised in torch on the GPU here (`TorchQ8_0`: Neo's block layout and dequantize_pytorch; the `gguf`
@@ -14,7 +14,7 @@ Per storage format, what ForgeHost does around a run: the fingerprint of Forge's
 end of the first step, steady it/s after warm-up, peak reserved VRAM of the run with Forge's model resident),
 Forge's weights bit-identical afterwards and still the same tensor objects, and the trained LoRA's effect at
 weight 1 (output with it - without it) on the stored base vs on the bf16 weights it was made from, both computed
-in fp32 on fixed small inputs (relative error against `EFFECT_TOLERANCE` of the test file; fp8 e4m3fn takes
+in fp32 on fixed small inputs (relative error against `EFFECT_TOLERANCE` of the stand-ins; fp8 e4m3fn takes
 fp8_scaled's bound, bf16 0.02: the same values, so only rounding noise, the run's own floor for the others).
 
     python bench/flux_forge_handoff.py --out bench/results/flux_forge_handoff.json --deadline 420
@@ -87,9 +87,9 @@ Q8_0 = TorchQ8_0()
 
 
 def store(w: torch.Tensor, fmt: str):
-    """The test file's `_store`, with GGUF Q8_0 made in torch (on the GPU) and nf4 quantised from the bf16
+    """The stand-ins' `store_weight`, with GGUF Q8_0 made in torch (on the GPU) and nf4 quantised from the bf16
     values (as Forge does from a bf16 file: its quant_state, and so the dequantised weight, is bf16)."""
-    from test_webui_forge_flux import _store
+    from forge_flux_standins import store_weight
 
     if fmt == "gguf":
         with torch.inference_mode():
@@ -97,8 +97,8 @@ def store(w: torch.Tensor, fmt: str):
         weight.gguf_cls, weight.real_shape, weight.computation_dtype = Q8_0, w.shape, torch.float16
         return weight, None
     if fmt == "nf4":
-        return _store(w.to(torch.bfloat16), fmt)
-    return _store(w, fmt)
+        return store_weight(w.to(torch.bfloat16), fmt)
+    return store_weight(w, fmt)
 
 
 def q8_0_matches_gguf() -> bool | None:
@@ -176,7 +176,7 @@ def full_size_ref(device: torch.device):
 
 def build_forge_flux(fmt: str, device: torch.device, tiny: bool):
     """(Forge-shaped sd_model, a function giving the fp32 transformer with the values Forge's were made from)."""
-    from test_webui_forge_flux import make_forge_flux
+    from forge_flux_standins import make_forge_flux
 
     if tiny:
         from lora_trainer.models.flux.tiny import build_tiny_flux_bundle
@@ -267,7 +267,7 @@ def lora_effect(sd_model, reference: nn.Module, lora_path: Path, device: torch.d
 
 def run_format(fmt: str, device: torch.device, tiny: bool, steps: int, work: Path, data: Path,
                lr: float | None = None) -> dict:
-    from test_webui_forge_flux import EFFECT_TOLERANCE, forge_tensors
+    from forge_flux_standins import EFFECT_TOLERANCE, forge_tensors
 
     from lora_trainer.train import run_training
     from lora_trainer.webui import forge_flux
@@ -380,7 +380,7 @@ def run_format(fmt: str, device: torch.device, tiny: bool, steps: int, work: Pat
 # ---------------------------------------------------------------- main
 def install_backend(device: torch.device) -> None:
     """Forge's `backend.*` as the test stand-ins (dequantisers, memory manager, dynamic_args)."""
-    from test_webui_forge_flux import backend_modules
+    from forge_flux_standins import backend_modules
 
     mods, _ = backend_modules()
     mm = mods["backend.memory_management"]
