@@ -1,9 +1,9 @@
 """GPU benchmark of training a Flux LoRA on the Flux that Forge already holds (issue 18; no Forge needed).
 
 Builds a random full-size FLUX.1-dev (19 double + 38 single blocks, hidden 3072; CLIP-L; T5-XXL; the 16-channel
-VAE) laid out as Forge main / Neo hold it on a GPU, with the Forge-shaped stand-ins of
-tests/forge_flux_standins.py (`make_forge_flux`: Forge's Linear layers with the weight as stored, every weight
-an inference tensor): the transformer stored as bf16, fp8 e4m3fn, fp8_scaled, GGUF Q8_0 or nf4; CLIP-L fp16;
+VAE) laid out as Forge main / Neo hold it on a GPU (built in flux_forge_models.py), with the Forge-shaped
+stand-ins of tests/forge_flux_standins.py (`make_forge_flux`: Forge's Linear layers with the weight as stored,
+every weight an inference tensor): the transformer stored as bf16, fp8 e4m3fn, fp8_scaled, GGUF Q8_0 or nf4; CLIP-L fp16;
 T5-XXL's Linears fp8 e4m3fn (t5xxl_fp8_e4m3fn; its other weights fp16); the VAE bf16. GGUF Q8_0 is quantised
 and dequantised in torch on the GPU here (`TorchQ8_0`: Neo's block layout and dequantize_pytorch; the `gguf`
 package is not needed), nf4 with real bitsandbytes (`quantize_4bit`, blocksize 64, as Forge).
@@ -27,7 +27,6 @@ format S seconds after the start (recorded as skipped_for_deadline).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import gc
 import json
@@ -43,156 +42,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import flux_forge_models as models
 import torch
+from flux_forge_models import build_forge_flux, q8_0_matches_gguf
 from torch import nn
 
 FORMATS = ("bf16", "fp8", "fp8_scaled", "gguf", "nf4")
-SEED = 1234
 PRESET = "flux-24gb"  # what fitting_preset picks with an H200's memory (recorded per run)
-BLOCKS: tuple[int, int, int] | None = None  # --blocks: fewer double/single blocks and T5 layers, full widths
 MAKE_ROOM: list[int] = []  # what the hand-off asked Forge's (stand-in) memory manager to leave free
-
-
-# ---------------------------------------------------------------- GGUF Q8_0 in torch (Forge/Neo's layout)
-class TorchQ8_0:
-    """A Forge/Neo GGUF quant class for Q8_0 (a weight's `gguf_cls`), in torch on the weight's device.
-
-    A Q8_0 tensor is stored as uint8, 34 bytes per block of 32 values: the fp16 scale d = absmax / 127, then
-    the 32 int8 values round(w / d) (gguf-py's quantize, rounding half away from zero). `dequantize_pytorch`
-    computes d * q in the parameter's computation_dtype, as Neo's quants.py does on the device."""
-
-    __name__ = "Q8_0"
-    block_size, type_size = 32, 34
-
-    def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        rows = w.shape[0]
-        blocks = w.float().reshape(-1, self.block_size)
-        d = blocks.abs().amax(dim=1, keepdim=True) / 127
-        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        x = blocks * inv
-        a = x.abs()
-        floored = a.floor()
-        q = torch.sign(x) * (floored + (2 * (a - floored)).floor())  # gguf-py's np_roundf
-        out = torch.cat([d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
-        return out.reshape(rows, -1)
-
-    def dequantize_pytorch(self, p: torch.Tensor) -> torch.Tensor:
-        blocks = p.view(torch.uint8).reshape(-1, self.type_size)
-        d = blocks[:, :2].contiguous().view(torch.float16).to(p.computation_dtype)
-        q = blocks[:, 2:].contiguous().view(torch.int8)
-        return (d * q).reshape(p.real_shape)
-
-
-Q8_0 = TorchQ8_0()
-
-
-def store(w: torch.Tensor, fmt: str):
-    """The stand-ins' `store_weight`, with GGUF Q8_0 made in torch (on the GPU) and nf4 quantised from the bf16
-    values (as Forge does from a bf16 file: its quant_state, and so the dequantised weight, is bf16)."""
-    from forge_flux_standins import store_weight
-
-    if fmt == "gguf":
-        with torch.inference_mode():
-            weight = nn.Parameter(Q8_0.quantize(w), requires_grad=False)
-        weight.gguf_cls, weight.real_shape, weight.computation_dtype = Q8_0, w.shape, torch.float16
-        return weight, None
-    if fmt == "nf4":
-        return store_weight(w.to(torch.bfloat16), fmt)
-    return store_weight(w, fmt)
-
-
-def q8_0_matches_gguf() -> bool | None:
-    """Our Q8_0 bytes are gguf-py's (None where the gguf package is missing, as on the GPU machine)."""
-    try:
-        import gguf
-    except ImportError:
-        return None
-    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.05
-    w[0, :32] = 0  # a block of zeros: d = 0
-    want = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
-    got = Q8_0.quantize(w)
-    p = got.clone()
-    p.real_shape, p.computation_dtype = w.shape, torch.float32
-    back = torch.from_numpy(gguf.quants.dequantize(want, gguf.GGMLQuantizationType.Q8_0))
-    return bool((got.numpy() == want).all() and torch.equal(Q8_0.dequantize_pytorch(p), back))
-
-
-# ---------------------------------------------------------------- the random full-size Flux.1-dev
-def _meta_parts():
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from lora_trainer.models.flux import FLUX_DEV, FluxTransformer
-    from lora_trainer.models.ldm_config import bundled_config
-
-    clip_cfg = bundled_config("clip_vit_l14")
-    t5_cfg = bundled_config("t5_xxl")
-    vae_cfg = bundled_config("flux_vae")
-    params = FLUX_DEV
-    if BLOCKS:
-        params = FLUX_DEV.replace(depth=BLOCKS[0], depth_single_blocks=BLOCKS[1])
-        t5_cfg.update(num_layers=BLOCKS[2], num_decoder_layers=BLOCKS[2])
-    return {
-        "transformer": lambda: FluxTransformer(params),
-        "clip": lambda: CLIPTextModel(CLIPTextConfig(**{k: v for k, v in clip_cfg.items()
-                                                        if k not in ("architectures", "model_type")})),
-        "t5": lambda: T5EncoderModel(T5Config(**{k: v for k, v in t5_cfg.items() if k != "architectures"})),
-        "vae": lambda: AutoencoderKL(**{k: v for k, v in vae_cfg.items() if not k.startswith("_")}),
-    }
-
-
-def random_part(part: str, dtype: torch.dtype, device: torch.device, *, seed: int = SEED,
-                values_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """One part of the random Flux.1-dev, built on the meta device and drawn on `device` (flux_vs_kohya.py's
-    recipe: N(0, 0.5^2/fan_in) matrices, norms 1 + N(0, 0.02^2), embeddings and biases N(0, 0.02^2)), rounded
-    to `values_dtype` and stored in `dtype`: the same seed gives the same values in any dtype."""
-    from flux_vs_kohya import _values
-
-    with torch.device("meta"):
-        module = _meta_parts()[part]()
-    module = module.to(dtype).to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed + ("transformer", "clip", "t5", "vae").index(part))
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(_values(name, tuple(p.shape), g).clamp(-448, 448).to(values_dtype))
-        for name, b in module.named_buffers():
-            if name.endswith("position_ids"):
-                b.copy_(torch.arange(b.shape[-1], device=device).expand(b.shape))
-    return module.eval().requires_grad_(False)
-
-
-def full_size_ref(device: torch.device):
-    """The bundle whose weights Forge's parts are made of: transformer bf16, CLIP-L fp16, T5 fp16, VAE bf16."""
-    from lora_trainer.models.bundle import FLOW, Family, ModelBundle
-
-    transformer = random_part("transformer", torch.bfloat16, device)
-    clip = random_part("clip", torch.float16, device)
-    t5 = random_part("t5", torch.float16, device)
-    vae = random_part("vae", torch.bfloat16, device)
-    return ModelBundle(family=Family.FLUX1, prediction_type=FLOW, unet=transformer, vae=vae, text_encoders=[clip, t5],
-                       tokenizers=[], scaling_factor=0.3611,
-                       shift_factor=0.1159, name="flux1-dev-random", source="built in memory", variant="dev")
-
-
-def build_forge_flux(fmt: str, device: torch.device, tiny: bool):
-    """(Forge-shaped sd_model, a function giving the fp32 transformer with the values Forge's were made from)."""
-    from forge_flux_standins import make_forge_flux
-
-    if tiny:
-        from lora_trainer.models.flux.tiny import build_tiny_flux_bundle
-
-        ref = build_tiny_flux_bundle("dev", seed=0)
-        ref.unet.to(torch.bfloat16).float()  # Forge's weights made from bf16 values, as at full size
-        for m in (ref.unet, *ref.text_encoders, ref.vae):
-            m.to(device)
-        sd_model, ref = make_forge_flux(fmt, t5_fmt="fp8", clip_fmt="fp16" if device.type == "cuda" else "fp32",
-                                        ref=ref, store=store)
-        return sd_model, lambda: copy.deepcopy(ref.unet)
-    ref = full_size_ref(device)
-    sd_model, _ = make_forge_flux(fmt, t5_fmt="fp8", clip_fmt="fp16", ref=ref, keep_ref=False, store=store)
-    sd_model.filename = sd_model.sd_checkpoint_info.filename = "/models/flux1-dev-random.safetensors"
-    sd_model.sd_checkpoint_info.model_name = "flux1-dev-random"
-    return sd_model, lambda: random_part("transformer", torch.float32, device)
 
 
 # ---------------------------------------------------------------- one storage format
@@ -220,7 +77,7 @@ def train_config(data: Path, out: Path, device: torch.device, steps: int, tiny: 
     settings = {"data": str(data), "output_dir": str(out), "name": "forge_flux", "max_steps": steps, "epochs": 0,
                 "seed": 0, "save_state": False, "device": str(device), "save_precision": "bf16", "overwrite": True,
                 "validate_every_n_epochs": 0}  # no validation passes between the timed steps
-    if tiny or BLOCKS:  # small pictures, short T5 sequences (CPU checks)
+    if tiny or models.BLOCKS:  # small pictures, short T5 sequences (CPU checks)
         settings.update(resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32,
                         t5_max_token_length=32)
     if tiny:
@@ -409,8 +266,7 @@ def main() -> int:
         ap.error(f"unknown formats {unknown}; use {', '.join(FORMATS)}")
     device = torch.device(args.device)
     if args.blocks:
-        global BLOCKS
-        BLOCKS = tuple(int(x) for x in args.blocks.split(","))
+        models.BLOCKS = tuple(int(x) for x in args.blocks.split(","))
     install_backend(device)
     report: dict = {"command": " ".join(sys.argv), "tiny": args.tiny, "blocks": args.blocks, "device": str(device),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
