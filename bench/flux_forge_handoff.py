@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -41,8 +42,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(HERE))  # also when run with runpy (the before/after check imports another lora_trainer)
 
 import flux_forge_models as models
+import tensor_accounting as accounting
 import torch
 from flux_forge_models import build_forge_flux, q8_0_matches_gguf
 from torch import nn
@@ -122,8 +125,36 @@ def lora_effect(sd_model, reference: nn.Module, lora_path: Path, device: torch.d
             "lora_keys": len(tensors)}
 
 
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux), a rough cross-check of the CPU hand-off's new bytes."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def handoff_accounting(row: dict, before: dict, handoff) -> None:
+    """What the hand-off newly allocated and keeps alive, on any device (tensor_accounting.py): the bytes of the
+    tensor storages alive now and not before it (Forge's are all older), de-duplicated by storage, and the
+    largest of them named from the trainer-side modules."""
+    bundle = handoff.bundle
+    roots = {"transformer": bundle.unet, "CLIP-L": bundle.text_encoders[0], "T5": bundle.text_encoders[1],
+             "VAE": bundle.vae}
+    new = accounting.new_storages(before, accounting.live_storages())
+    s = accounting.summary(new, accounting.name_storages(roots))
+    row["handoff_new_bytes"] = s["new_bytes"]
+    row["handoff_new_mib"] = round(s["new_bytes"] / 2**20, 2)
+    row["handoff_new_storages"] = s["new_storages"]
+    row["handoff_new_bytes_named"] = s["new_bytes_named"]
+    row["handoff_new_bytes_by_device"] = s["new_bytes_by_device"]
+    row["handoff_new_bytes_by_part"] = s["new_bytes_by_root"]  # on a CPU the VAE's bf16 is widened to fp32
+    row["handoff_new_tensors_top"] = s["top"]
+    # nothing new besides the copies the hand-off declares and small bookkeeping (anchors, position ids)
+    row["new_ok"] = s["new_bytes"] <= row["handoff_copied_bytes"] + 8 * 2**20
+
+
 def run_format(fmt: str, device: torch.device, tiny: bool, steps: int, work: Path, data: Path,
-               lr: float | None = None) -> dict:
+               lr: float | None = None, handoff_only: bool = False) -> dict:
     from forge_flux_standins import EFFECT_TOLERANCE, forge_tensors
 
     from lora_trainer.train import run_training
@@ -159,16 +190,25 @@ def run_format(fmt: str, device: torch.device, tiny: bool, steps: int, work: Pat
         _sync(device)
         mem0 = torch.cuda.memory_allocated(device)
         row["forge_model_allocated_bytes"] = mem0
+    alive = accounting.live_storages()  # Forge's model and everything else alive before the hand-off
+    rss0 = rss_bytes()
     t_train = time.perf_counter()
     handoff = forge_flux.acquire(sd_model, config, device=device, name="flux1-dev-random")
     _sync(device)
     row["handoff_s"] = round(time.perf_counter() - t_train, 3)
+    row["training_dtype"] = str(forge_flux.training_dtype(config, device)).replace("torch.", "")
+    gc.collect()
+    row["handoff_rss_delta_bytes"] = (rss_bytes() - rss0) if rss0 is not None and not cuda else None
     row["make_room_bytes"] = MAKE_ROOM[-1] if MAKE_ROOM else None
     row["handoff_extra_vram_bytes"] = (torch.cuda.memory_allocated(device) - mem0) if cuda else None
     row["handoff_copied_bytes"] = handoff.stats.copied
     row["handoff_live_bytes"] = handoff.stats.live
     row["handoff_aliased_bytes"] = handoff.stats.aliased
     row["handoff_line"] = handoff.line
+    handoff_accounting(row, alive, handoff)
+    del alive
+    if handoff_only:
+        return handoff_checks(row, sd_model, handoff, before, fp, device)
 
     # --- the run, with the peak reserved of all of it (the engine resets the peak before its loop: keep the max)
     running_max = [0]
@@ -227,11 +267,45 @@ def run_format(fmt: str, device: torch.device, tiny: bool, steps: int, work: Pat
     extra = row["handoff_extra_vram_bytes"]
     row["vram_ok"] = extra is None or extra <= row["handoff_copied_bytes"] + 64 * 2**20
     row["handoff_ok"] = bool(row["forge_weights_changed"] == 0 and row["same_tensor_objects"] and row["vram_ok"]
-                             and len(stamps) == steps)
+                             and row["new_ok"] and len(stamps) == steps)
     row["ok"] = row["handoff_ok"] and row["effect_ok"]
     del sd_model, before
     _free(device)
     return row
+
+
+def handoff_checks(row: dict, sd_model, handoff, before: dict, fp: dict, device: torch.device) -> dict:
+    """--handoff-only: no run; Forge's weights unchanged and the same objects after the hand-off."""
+    from forge_flux_standins import forge_tensors
+
+    from lora_trainer.webui.common import tensor_fingerprint
+
+    del handoff
+    after = forge_tensors(sd_model)
+    row["forge_weights_changed"] = sum(1 for k, h in tensor_fingerprint(after, like=fp).items() if fp.get(k) != h)
+    row["same_tensor_objects"] = all(after[k] is before[k] and after[k].is_inference() for k in before)
+    extra = row["handoff_extra_vram_bytes"]
+    row["vram_ok"] = extra is None or extra <= row["handoff_copied_bytes"] + 64 * 2**20
+    row["ok"] = row["handoff_ok"] = bool(row["forge_weights_changed"] == 0 and row["same_tensor_objects"]
+                                         and row["vram_ok"] and row["new_ok"])
+    del sd_model, before, after
+    _free(device)
+    return row
+
+
+def lora_trainer_source() -> dict:
+    """Which lora_trainer this run imported (the package may be another tree's: the before/after check)."""
+    import subprocess
+
+    import lora_trainer
+
+    path = Path(lora_trainer.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], check=False,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"path": str(path), "commit": commit}
 
 
 # ---------------------------------------------------------------- main
@@ -257,6 +331,10 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after start: start no format after this")
     ap.add_argument("--blocks", help="D,S,T: D double + S single blocks, T T5 layers at full width (a check of the "
                     "full-size code path on a CPU; default: FLUX.1-dev's 19,38,24)")
+    ap.add_argument("--handoff-only", action="store_true", help="the hand-off and its accounting only (no run, no "
+                    "LoRA effect): at full width with --blocks on a CPU")
+    ap.add_argument("--handoff-dtype", choices=("bf16", "fp16", "fp32"), help="the training dtype the hand-off "
+                    "casts to (default: the engine's rule for the device: fp32 on a CPU, bf16 on a GPU with bf16)")
     ap.add_argument("--work", help="folder for data and LoRA files (default: a temporary one)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -268,9 +346,16 @@ def main() -> int:
     if args.blocks:
         models.BLOCKS = tuple(int(x) for x in args.blocks.split(","))
     install_backend(device)
+    if args.handoff_dtype:  # e.g. the GPU's bf16 on a CPU: the same hand-off, the same copies
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.handoff_dtype]
+        from lora_trainer.webui import forge_flux
+
+        forge_flux.training_dtype = lambda config, device: dtype
     report: dict = {"command": " ".join(sys.argv), "tiny": args.tiny, "blocks": args.blocks, "device": str(device),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "torch": torch.__version__, "steps": args.steps, "q8_0_matches_gguf": q8_0_matches_gguf(),
+                    "handoff_only": args.handoff_only, "handoff_dtype": args.handoff_dtype,
+                    "lora_trainer": lora_trainer_source(), "accounting_self_check": accounting.self_check(),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "results": []}
     try:
         import bitsandbytes
@@ -299,7 +384,8 @@ def main() -> int:
                 continue
             t0 = time.time()
             try:
-                row = run_format(fmt, device, args.tiny, args.steps, work, data, args.learning_rate)
+                row = run_format(fmt, device, args.tiny, args.steps, work, data, args.learning_rate,
+                                 args.handoff_only)
             except Exception as e:  # noqa: BLE001 - recorded; the next format goes on
                 traceback.print_exc()
                 row = {"format": fmt, "error": f"{type(e).__name__}: {e}"[:800], "ok": False}
@@ -309,6 +395,7 @@ def main() -> int:
             write()
             print(f"{fmt}: " + json.dumps({k: row.get(k) for k in (
                 "ok", "handoff_ok", "effect_ok", "error", "build_s", "handoff_s", "handoff_extra_vram_bytes", "handoff_copied_bytes",
+                "handoff_new_bytes", "handoff_rss_delta_bytes",
                 "train_to_first_step_s", "steady_it_s", "peak_reserved_gib", "forge_weights_changed",
                 "same_tensor_objects", "effect_rel_error", "effect_tolerance", "format_wall_s")}), flush=True)
     write()
