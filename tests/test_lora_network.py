@@ -58,6 +58,33 @@ def test_init_matches_kohya_and_is_seeded():
     assert all(torch.equal(sd[k], again[k]) for k in sd)
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_adapters_are_kohyas_draws_from_the_seed_where_peft_would_place_them(family):
+    """peft builds the adapters on the meta device; each lands on its base weight's device in the
+    requested dtype (None: the base's, as peft does), holding our generator's draws in kohya's order."""
+    bundle = _bundle(family)
+    bundle.unet.half()
+    spec = LoraSpec(rank=4, alpha=2, conv_rank=3)
+    net = inject_lora(bundle, spec, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    for t in net.targets:
+        layer = net.layers[t.kohya_name]
+        down, up = layer.lora_A["kohya"].weight, layer.lora_B["kohya"].weight
+        bound = 1.0 / math.sqrt(down[0].numel())
+        assert torch.equal(down, torch.empty(down.shape).uniform_(-bound, bound, generator=gen))
+        assert torch.count_nonzero(up) == 0 and down.dtype == up.dtype == torch.float32
+        assert down.requires_grad and up.requires_grad and not layer.base_layer.weight.requires_grad
+    net.remove()
+    kept = inject_lora(bundle, spec, seed=5, dtype=None)
+    assert {(p.dtype, p.device.type) for p in kept.parameters("unet")} == {(torch.float16, "cpu")}
+    assert {p.dtype for p in kept.parameters("te")} == {torch.float32}
+    kept.remove()
+    bundle.unet.to("meta")
+    on_meta = inject_lora(bundle, spec, seed=5)
+    assert all(p.is_meta for p in on_meta.parameters("unet"))
+    assert not any(p.is_meta for p in on_meta.parameters("te"))
+
+
 def test_scale_is_alpha_over_rank_and_adapters_train_in_fp32():
     bundle = _bundle("sd1")
     bundle.unet.half()

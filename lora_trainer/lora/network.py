@@ -177,6 +177,18 @@ def _get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
+def _adapter_home(layer: torch.nn.Module, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """Where peft puts an adapter: on its base weight's device, in `dtype` or else the base weight's
+    floating dtype (peft's `_move_adapter_to_device_of_base_layer`); fp32 on the CPU without a weight."""
+    base = layer.get_base_layer()
+    for name in ("weight", "qweight"):
+        weight = getattr(base, name, None)
+        if weight is not None:
+            floating = weight.dtype.is_floating_point or weight.dtype.is_complex
+            return weight.device, dtype or (weight.dtype if floating else torch.float32)
+    return torch.device("cpu"), dtype or torch.float32
+
+
 class LoraNetwork:
     """The adapters injected into one bundle. Create with `inject_lora`."""
 
@@ -204,8 +216,10 @@ class LoraNetwork:
             self._saved_grad[component] = [(p, p.requires_grad) for p in root.parameters()]
             self._saved_attrs[component] = set(vars(root))
             ranks = {t.kohya_name: self.expected_rank(t) for t in targets}
-            # peft's own init (redone below) draws from the global CPU RNG; a seeded run keeps it intact.
-            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            # Adapters are built on the meta device (this thread only) and placed below: peft's own
+            # init and its moves to the base's device and dtype would all be redone anyway (SDXL:
+            # 722 modules, 3 of 4 random draws and every copy saved).
+            with torch.device("meta"):
                 inject_adapter_in_model(_peft_config(self.spec, targets, ranks), _Wrapper(root),
                                         adapter_name=ADAPTER)
             for t in targets:
@@ -222,9 +236,10 @@ class LoraNetwork:
                 if not isinstance(layer, lora_layer) or layer.r.get(ADAPTER) != rank:
                     raise RuntimeError(f"peft did not wrap {t.component}.{t.module_name} with rank {rank}")
                 down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
-                if dtype is not None:
-                    down.to(dtype=dtype)
-                    up.to(dtype=dtype)
+                device, adapter_dtype = _adapter_home(layer, dtype)
+                for part in (down, up):
+                    part.to_empty(device=device)
+                    part.to(dtype=adapter_dtype)
                 # kohya's init (kaiming_uniform a=sqrt(5) = U(+-1/sqrt(fan_in)); up = 0), in kohya's
                 # module order, independent of peft's version.
                 if not down.weight.is_meta:
