@@ -58,12 +58,37 @@ def store(w: torch.Tensor, fmt: str):
 
     if fmt == "gguf":
         with torch.inference_mode():
-            weight = nn.Parameter(Q8_0.quantize(w), requires_grad=False)
+            rows = max(1, QUANT_CHUNK // w.shape[1])  # a few rows at a time: the same bytes, small temporaries
+            weight = nn.Parameter(torch.cat([Q8_0.quantize(w[i:i + rows]) for i in range(0, w.shape[0], rows)]),
+                                  requires_grad=False)
         weight.gguf_cls, weight.real_shape, weight.computation_dtype = Q8_0, w.shape, torch.float16
         return weight, None
     if fmt == "nf4":
-        return store_weight(w.to(torch.bfloat16), fmt)
+        return store_nf4(w.to(torch.bfloat16))
     return store_weight(w, fmt)
+
+
+QUANT_CHUNK = 1 << 22  # values quantised at a time (nf4 on the CPU, Q8_0): the temporaries stay small
+
+
+def store_nf4(w: torch.Tensor):
+    """The stand-ins' nf4 `store_weight`, on the CPU in chunks of whole 64-value blocks: the same bytes and
+    quant_state (each block is quantised on its own), without bitsandbytes' CPU kernel taking ~16 floats per
+    value of a whole matrix at once (11 GiB for a 3072 x 21504 one)."""
+    from bitsandbytes.functional import quantize_4bit
+    from forge_flux_standins import store_weight
+
+    if w.device.type != "cpu" or w.numel() <= QUANT_CHUNK:
+        return store_weight(w, "nf4")
+    flat = w.contiguous().reshape(-1)
+    parts = [quantize_4bit(flat[i:i + QUANT_CHUNK], blocksize=64, quant_type="nf4")
+             for i in range(0, flat.numel(), QUANT_CHUNK)]
+    state = parts[0][1]
+    state.absmax, state.shape = torch.cat([s.absmax for _, s in parts]), w.shape
+    with torch.inference_mode():
+        weight = nn.Parameter(torch.cat([q for q, _ in parts]), requires_grad=False)
+    weight.quant_state, weight.bnb_quantized, weight.quant_type = state, True, "nf4"
+    return weight, None
 
 
 def q8_0_matches_gguf() -> bool | None:
