@@ -51,53 +51,104 @@ def cache_key(item: ImageItem, vae_id: str, flip: bool) -> str:
 
 
 @torch.no_grad()
-def encode_latent(vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator,
-                  shift_factor: float = 0.0) -> torch.Tensor:
+def encode_latents(vae, pixels: torch.Tensor, scaling_factor: float, generator: torch.Generator,
+                   shift_factor: float = 0.0) -> torch.Tensor:
+    """Latents of a batch of images (B, 3, H, W), on the CPU. Each image's noise is drawn on the CPU
+    generator in batch order, image by image: the same draws as encoding them one per call."""
     param = next(vae.parameters())
     dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
     # Sample on the CPU generator so the draw is the same on every device.
-    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32)
-    latent = dist.mean.float() + dist.std.float() * noise.to(dist.mean.device)
-    if not torch.isfinite(latent).all() and param.dtype != torch.float32:
-        # SDXL's VAE overflows in fp16 on some images: redo that one in fp32.
-        vae32 = copy.deepcopy(vae).float()
-        dist = vae32.encode(pixels.to(param.device, torch.float32)).latent_dist
-        latent = dist.mean + dist.std * noise.to(dist.mean.device)
-        del vae32
+    noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=generator, dtype=torch.float32)
+                         for _ in range(pixels.shape[0])])
+    noise = noise.to(dist.mean.device)
+    latent = dist.mean.float() + dist.std.float() * noise
+    if param.dtype != torch.float32:
+        bad = (~torch.isfinite(latent).flatten(1).all(1)).nonzero().flatten().tolist()  # one sync per batch
+        if bad:
+            # SDXL's VAE overflows in fp16 on some images: redo those in fp32.
+            vae32 = copy.deepcopy(vae).float()
+            dist = vae32.encode(pixels[bad].to(param.device, torch.float32)).latent_dist
+            latent[bad] = dist.mean + dist.std * noise[bad]
+            del vae32
     if shift_factor:  # Flux's AE: (z - shift) * scale
         latent = latent - shift_factor
     return (latent * scaling_factor).cpu()
 
 
+def call_pixels(vae) -> int:
+    """How many pixels (flipped copies counted) one VAE call may encode on the VAE's device; 0: one
+    image per call."""
+    return _CALL_PIXELS.get(next(vae.parameters()).device.type, 0)
+
+
 def cache_latents(dataset: Dataset, vae, scaling_factor: float, *, flip: bool, seed: int,
                   disk_dir: Path | None = None, progress: Callable[[int, int], None] | None = None,
-                  shift_factor: float = 0.0) -> list[CachedLatent]:
+                  shift_factor: float = 0.0, batch_pixels: int | None = None) -> list[CachedLatent]:
+    """Every item's latent (and its mirror image's with `flip`), from the disk cache where present.
+
+    Consecutive images of one size are encoded together, up to `batch_pixels` per VAE call (default
+    `call_pixels(vae)`; an image larger than that still gets a call of its own); the latents equal
+    one-image calls' within float rounding (the same noise, drawn in the same order)."""
     vae_id = vae_identity(vae, scaling_factor, shift_factor)
     generator = torch.Generator().manual_seed(seed)
-    out: list[CachedLatent] = []
+    budget = call_pixels(vae) if batch_pixels is None else batch_pixels
     if disk_dir is not None:
         disk_dir.mkdir(parents=True, exist_ok=True)
     items = dataset.items
-    cached = [_from_disk(disk_dir, item, vae_id, flip) if disk_dir is not None else None for item in items]
-    todo = [i for i, entry in enumerate(cached) if entry is None]
+    out: list[CachedLatent | None] = [_from_disk(disk_dir, item, vae_id, flip) if disk_dir is not None else None
+                                      for item in items]
+    todo = [i for i, entry in enumerate(out) if entry is None]
+    done = 0
+    pending: list[tuple[int, torch.Tensor]] = []  # (item index, pixels): same size, in order
+
+    def report(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress:
+            progress(done, len(items))
+
+    def per_call(pixels: torch.Tensor) -> int:  # images (mirrors counted) per VAE call at this size
+        return max(1, min(_MAX_BATCH, budget // (pixels.shape[-2] * pixels.shape[-1])))
+
+    def flush() -> None:
+        if not pending:
+            return
+        # [image 0, its mirror, image 1, ...]: the order one-image calls drew their noise in
+        images = [p for _, pixels in pending for p in ((pixels, pixels.flip(-1)) if flip else (pixels,))]
+        size = per_call(images[0])
+        latents = torch.cat([encode_latents(vae, torch.stack(images[i:i + size]), scaling_factor, generator,
+                                            shift_factor) for i in range(0, len(images), size)])
+        per = 2 if flip else 1
+        for k, (n, _) in enumerate(pending):
+            entry = CachedLatent(latents[k * per].clone(), latents[k * per + 1].clone() if flip else None)
+            if disk_dir is not None:
+                _to_disk(disk_dir, items[n], vae_id, flip, entry)
+            out[n] = entry
+        report(len(pending))
+        pending.clear()
+
     with closing(prefetched(image_tensor, [items[i] for i in todo], ahead=_DECODE_AHEAD,
                             name="latent-decode")) as decoded:
-        for n, item in enumerate(items):
-            entry = cached[n]
-            if entry is None:
-                pixels = next(decoded).result().unsqueeze(0)
-                latent = encode_latent(vae, pixels, scaling_factor, generator, shift_factor)[0]
-                flipped = (encode_latent(vae, pixels.flip(-1), scaling_factor, generator, shift_factor)[0]
-                           if flip else None)
-                entry = CachedLatent(latent, flipped)
-                if disk_dir is not None:
-                    _to_disk(disk_dir, item, vae_id, flip, entry)
-            out.append(entry)
-            if progress:
-                progress(n + 1, len(items))
-    return out
+        for n in range(len(items)):
+            if out[n] is not None:
+                report(1)
+                continue
+            pixels = next(decoded).result()
+            if pending and pixels.shape != pending[0][1].shape:
+                flush()
+            pending.append((n, pixels))
+            if len(pending) * (2 if flip else 1) >= per_call(pixels):
+                flush()
+        flush()
+    return out  # type: ignore[return-value]
 
 
+# Pixels per VAE call by device type (mirror images counted): one 1024 px image's worth, so caching never
+# needs more memory than one SDXL image at 1024 px did (about 1.3 GiB of activations in bf16, 2.6 GiB in
+# fp32); smaller images share a call (512 px: 4; with flip_aug 2 and their mirrors). On the CPU one image
+# per call: batching is no faster there (bench/results/startup_cpu.md).
+_CALL_PIXELS = {"cuda": 1024 * 1024}
+_MAX_BATCH = 16
 _DECODE_AHEAD = 8  # images decoded ahead of the VAE: bounded memory (8 x 3 x 1024 x 1024 fp32 = 100 MB)
 
 
