@@ -9,7 +9,9 @@ and dequantised in torch on the GPU here (`TorchQ8_0`: Neo's block layout and de
 package is not needed), nf4 with real bitsandbytes (`quantize_4bit`, blocksize 64, as Forge).
 
 Per storage format, what ForgeHost does around a run: the fingerprint of Forge's weights, the hand-off
-(`forge_flux.acquire`: VRAM it allocates, must be ~0 besides the small copies it declares; its time),
+(`forge_flux.acquire`: the bytes it newly allocates and keeps alive, counted exactly on any device from the live
+tensor storages before and after it (tests/tensor_accounting.py), and on CUDA the VRAM it adds: ~0 besides the
+small copies it declares; its time),
 `run_training` on it (flux-24gb preset settings at 1024 px, batch 1, rank 16, N steps; time from the call to the
 end of the first step, steady it/s after warm-up, peak reserved VRAM of the run with Forge's model resident),
 Forge's weights bit-identical afterwards and still the same tensor objects, and the trained LoRA's effect at
@@ -19,6 +21,8 @@ fp8_scaled's bound, bf16 0.02: the same values, so only rounding noise, the run'
 
     python bench/flux_forge_handoff.py --out bench/results/flux_forge_handoff.json --deadline 420
     python bench/flux_forge_handoff.py --tiny --device cpu --out /tmp/flux_forge_handoff.json   # CPU smoke (1 min)
+    python bench/flux_forge_handoff.py --device cpu --handoff-only --handoff-dtype bf16 --blocks 1,1,1 \
+        --formats bf16 --out /tmp/handoff_cpu.json    # the hand-off alone at full width, cast as on a GPU (40 s)
 
 The JSON is written after every format (a run cut short keeps what it measured); `--deadline S` starts no
 format S seconds after the start (recorded as skipped_for_deadline).
@@ -134,7 +138,7 @@ def rss_bytes() -> int | None:
 
 
 def handoff_accounting(row: dict, before: dict, handoff) -> None:
-    """What the hand-off newly allocated and keeps alive, on any device (tensor_accounting.py): the bytes of the
+    """What the hand-off newly allocated and keeps alive, on any device (tests/tensor_accounting.py): the bytes of
     tensor storages alive now and not before it (Forge's are all older), de-duplicated by storage, and the
     largest of them named from the trainer-side modules."""
     bundle = handoff.bundle

@@ -15,6 +15,7 @@ import weakref
 from types import SimpleNamespace
 
 import pytest
+import tensor_accounting
 import torch
 import torch.nn.functional as F
 from flux_support import inputs, requires_flux_diffusers
@@ -170,8 +171,13 @@ def test_text_encoder_tables_stay_forges_and_their_lookups_are_cast(forge_backen
     want = [copy.deepcopy(te).to(torch.bfloat16) for te in ref.text_encoders]  # a cast copy of everything
     sd_model, _ = make_forge_flux("fp32", ref=ref, keep_ref=False)
     stats = forge_flux.HandoffStats()
+    alive = tensor_accounting.live_storages()
     bundle = forge_flux.bundle_from_forge_flux(sd_model, device=torch.device("cpu"), dtype=torch.bfloat16,
                                                stats=stats)
+    new = tensor_accounting.new_storages(alive, tensor_accounting.live_storages())
+    del alive
+    # every tensor it allocates is a copy it declares, besides 1-value anchors and CLIP's position ids (measured)
+    assert stats.copied <= sum(nbytes for nbytes, _ in new.values()) <= stats.copied + 4096
     clip, t5 = bundle.text_encoders
     forge_clip = sd_model.forge_objects_original.clip.cond_stage_model.clip_l.transformer
     forge_t5 = sd_model.forge_objects_original.clip.cond_stage_model.t5xxl.transformer
@@ -190,6 +196,12 @@ def test_text_encoder_tables_stay_forges_and_their_lookups_are_cast(forge_backen
     with torch.no_grad():
         torch.testing.assert_close(clip(ids).last_hidden_state, want[0](ids).last_hidden_state, rtol=0, atol=0)
         torch.testing.assert_close(t5(ids).last_hidden_state, want[1](ids).last_hidden_state, rtol=0, atol=0)
+
+
+def test_new_bytes_measure_sees_tensors_inside_our_weight_wrappers():
+    """The measure above counts tensors held only by quant's wrappers (QuantLinear, PlainWeight, HostWeight),
+    each storage once, and none of those alive before."""
+    assert tensor_accounting.self_check()
 
 
 def test_schnell_is_recognised(forge_backend):

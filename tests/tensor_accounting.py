@@ -1,4 +1,5 @@
-"""Bytes a step of Python code newly allocates and keeps alive in torch tensors, on any device (issue 18).
+"""Bytes a step of Python code newly allocates and keeps alive in torch tensors, on any device (issue 18): the
+measure of bench/flux_forge_handoff.py's hand-off (`handoff_new_bytes`) and of tests/test_webui_forge_flux.py.
 
 `live_storages()` is every tensor storage Python can reach after `gc.collect()` (`gc.get_objects()`: tensors held
 by modules, wrapper objects such as quant.FrozenWeight, closures, lists...), keyed by (device, data_ptr) and
