@@ -254,10 +254,7 @@ def run_format(fmt: str, device: torch.device, tiny: bool, steps: int, work: Pat
     del handoff, result  # nothing of the run keeps Forge's layers or the bundle alive
 
     # --- Forge's weights afterwards
-    after = forge_tensors(sd_model)
-    row["forge_weights_changed"] = sum(1 for k, h in tensor_fingerprint(after, like=fp).items() if fp.get(k) != h)
-    row["same_tensor_objects"] = all(after[k] is before[k] and after[k].is_inference() for k in before)
-    del after
+    handoff_ok = forge_weights_after(row, sd_model, before, fp)
     _free(device)
 
     # --- the LoRA's effect on the stored base vs on the values it was made from
@@ -268,31 +265,34 @@ def run_format(fmt: str, device: torch.device, tiny: bool, steps: int, work: Pat
     tolerance = 0.02 if fmt == "bf16" else EFFECT_TOLERANCE.get(fmt, EFFECT_TOLERANCE["fp8_scaled"])
     row["effect_tolerance"] = tolerance
     row["effect_ok"] = row.get("effect_rel_error") is not None and row["effect_rel_error"] < tolerance
-    extra = row["handoff_extra_vram_bytes"]
-    row["vram_ok"] = extra is None or extra <= row["handoff_copied_bytes"] + 64 * 2**20
-    row["handoff_ok"] = bool(row["forge_weights_changed"] == 0 and row["same_tensor_objects"] and row["vram_ok"]
-                             and row["new_ok"] and len(stamps) == steps)
+    row["handoff_ok"] = handoff_ok and len(stamps) == steps
     row["ok"] = row["handoff_ok"] and row["effect_ok"]
     del sd_model, before
     _free(device)
     return row
 
 
-def handoff_checks(row: dict, sd_model, handoff, before: dict, fp: dict, device: torch.device) -> dict:
-    """--handoff-only: no run; Forge's weights unchanged and the same objects after the hand-off."""
+def forge_weights_after(row: dict, sd_model, before: dict, fp: dict) -> bool:
+    """Forge's weights unchanged (fingerprint) and still the same inference tensors; the hand-off allocated no
+    more than the copies it declares (the new bytes, and on CUDA the VRAM). True when all of that holds."""
     from forge_flux_standins import forge_tensors
 
     from lora_trainer.webui.common import tensor_fingerprint
 
-    del handoff
     after = forge_tensors(sd_model)
     row["forge_weights_changed"] = sum(1 for k, h in tensor_fingerprint(after, like=fp).items() if fp.get(k) != h)
     row["same_tensor_objects"] = all(after[k] is before[k] and after[k].is_inference() for k in before)
     extra = row["handoff_extra_vram_bytes"]
     row["vram_ok"] = extra is None or extra <= row["handoff_copied_bytes"] + 64 * 2**20
-    row["ok"] = row["handoff_ok"] = bool(row["forge_weights_changed"] == 0 and row["same_tensor_objects"]
-                                         and row["vram_ok"] and row["new_ok"])
-    del sd_model, before, after
+    return bool(row["forge_weights_changed"] == 0 and row["same_tensor_objects"] and row["vram_ok"]
+                and row["new_ok"])
+
+
+def handoff_checks(row: dict, sd_model, handoff, before: dict, fp: dict, device: torch.device) -> dict:
+    """--handoff-only: no run; the checks of forge_weights_after right after the hand-off."""
+    del handoff
+    row["ok"] = row["handoff_ok"] = forge_weights_after(row, sd_model, before, fp)
+    del sd_model, before
     _free(device)
     return row
 
