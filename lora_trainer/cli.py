@@ -93,6 +93,9 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The process's own command line (`python -m lora_trainer`, the console script), not a caller's list:
+    # only then may a command change process-wide state such as hidden_imports.py's.
+    args.own_process = argv is None
     _setup_logging(args.verbose)
     from .signals import Aborted, exit_code
 

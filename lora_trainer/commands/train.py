@@ -249,14 +249,17 @@ def _stopping_message(signum: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..gc_freeze import building, run_scope
+    from ..hidden_imports import hide_bitsandbytes
     from ..paths import check_new_file
     from ..signals import GracefulStop, safe_streams
 
+    config = config_from_args(args)
+    if getattr(args, "own_process", False):  # diffusers and peft import it; few runs use it (hidden_imports.py)
+        hide_bitsandbytes(config.optimizer)
     with building():  # torch and the engine: no garbage to look for while they import (gc_freeze.py)
         from ..train import plan_training, run_training
         from ..train.report import report_text
 
-    config = config_from_args(args)
     if args.save_config:
         check_new_file(args.save_config, "settings file", "give --save-config a file in a folder you can write to")
         config.save(args.save_config)

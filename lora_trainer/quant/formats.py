@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..hidden_imports import require_bitsandbytes
+
 PLAIN_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -151,6 +153,7 @@ class Nf4Weight(FrozenWeight):
         return tensors
 
     def _dequantize(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        require_bitsandbytes()  # a CLI run hides it from the libraries it imports (hidden_imports.py)
         from bitsandbytes.functional import dequantize_4bit
 
         return dequantize_4bit(self.data, self.quant_state).to(device=device, dtype=dtype)
@@ -164,6 +167,7 @@ class Nf4Weight(FrozenWeight):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = 64) -> Nf4Weight:
+        require_bitsandbytes()  # a CLI run hides it from the libraries it imports (hidden_imports.py)
         from bitsandbytes.functional import quantize_4bit
 
         data, state = quantize_4bit(weight.detach().contiguous(), blocksize=blocksize, quant_type=quant_type)

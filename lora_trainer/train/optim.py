@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import MissingPackageError
+from ..hidden_imports import BITSANDBYTES_OPTIMIZERS, require_bitsandbytes
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ _OPTIONAL = {
 
 
 def check_optimizer_available(name: str) -> None:
+    if name in BITSANDBYTES_OPTIMIZERS:
+        require_bitsandbytes()  # the CLI does not hide it for these; in case a caller did (hidden_imports.py)
     if name in _OPTIONAL:
         package, module = _OPTIONAL[name]
         if importlib.util.find_spec(module) is None:
@@ -35,6 +38,7 @@ def check_optimizer_available(name: str) -> None:
 
 def bitsandbytes_works() -> bool:
     """bitsandbytes imports (it may be installed without a usable build for this machine)."""
+    require_bitsandbytes()
     if importlib.util.find_spec("bitsandbytes") is None:
         return False
     try:
