@@ -1,0 +1,192 @@
+"""The child process of bench/e2e_vs_kohya.py (`--child ours`): our CLI run in-process with timing hooks.
+
+`child_ours` runs `python -m lora_trainer train ...` of the tree at `root` in this process, recording when each
+phase (imports, dataset scan, model loading, latent and text caching, LoRA set-up, accel prepare, validation,
+UNet upload) and each step happened, and writes them to `result_path` for the orchestrator. `VARIANTS` /
+`apply_variant`: the A/B switches of `--variants` (one per run).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+# ------------------------------------------------------------------------------------ children
+def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = "") -> int:
+    """Run our CLI in this process, recording when each phase and step happened (absolute times).
+    `variant`: an A/B switch for this run only (see VARIANTS)."""
+    t_start = time.time()
+    sys.path.insert(0, root)
+    import torch
+
+    import lora_trainer.train as train_pkg
+    from lora_trainer import cli
+
+    t_imported = time.time()
+    steps: list[float] = []
+    phases: dict[str, list[float]] = {}
+    cuda = torch.cuda.is_available()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def hook(owner, name: str, label: str, *, span: bool = False, each: bool = False, only=None) -> None:
+        """Time calls of owner.name; span=True: one phase from the first call's start to the last's end;
+        each=True: a phase per call ("label 1", "label 2", ...)."""
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+
+        def wrapper(*args, **kwargs):
+            start = time.time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if only is None or only(*args, **kwargs):
+                    sync()
+                    if each:
+                        phases[f"{label} {sum(k.startswith(label + ' ') for k in phases) + 1}"] = [start, time.time()]
+                    elif span and label in phases:
+                        phases[label][1] = time.time()
+                    else:
+                        phases.setdefault(label, [start, time.time()])
+
+        setattr(owner, name, wrapper)
+
+    from lora_trainer import accel
+    from lora_trainer.lora import network
+    from lora_trainer.models import loader
+    from lora_trainer.train import engine
+
+    hook(engine, "prepare_dataset", "scan dataset")
+    hook(loader, "load_model", "load model")
+    try:  # the cache phase lives in train/caching.py (in engine.py in older copies, e.g. --before)
+        from lora_trainer.train import caching as cache_phase
+    except ImportError:
+        cache_phase = engine
+    hook(cache_phase, "cache_latents", "cache latents")
+    hook(cache_phase, "cache_text_outputs", "cache text")
+    hook(network, "inject_lora", "inject LoRA")
+    hook(accel, "prepare_model", "accel prepare", span=True)
+    try:
+        from lora_trainer.train import validation
+
+        hook(validation.Validator, "epoch", "validation", each=True)  # each epoch's scoring
+    except ImportError:
+        pass
+    try:
+        from lora_trainer.train import placement
+
+        hook(placement.Placement, "to", "UNet to the GPU",
+             only=lambda self, module, device: module is getattr(self, "_unet", None))
+        hook(placement.Placement, "upload_in_background", "UNet upload started",
+             only=lambda self, module: module is getattr(self, "_unet", None))
+    except ImportError:
+        placement = None
+    original_run = train_pkg.run_training
+
+    def run_training(config, *, on_event=None, **kwargs):
+        if placement is not None:  # note which module is the UNet, for the hook above
+            original_init = placement.Placement.__init__
+
+            def init(self, bundle, *a, **k):
+                original_init(self, bundle, *a, **k)
+                self._unet = bundle.unet
+
+            placement.Placement.__init__ = init
+
+        def tee(event) -> None:
+            if event.kind == "step":
+                sync()
+                steps.append(time.time())
+            elif event.kind in ("save", "done"):
+                phases.setdefault(event.kind, [time.time(), time.time()])
+            if on_event is not None:
+                on_event(event)
+
+        return original_run(config, on_event=tee, **kwargs)
+
+    train_pkg.run_training = run_training
+    apply_variant(variant)
+    error = None
+    try:
+        rc = cli.main(cli_args)
+        if rc:
+            error = f"exit code {rc}"
+    except BaseException as e:  # noqa: BLE001 - recorded for the parent
+        import traceback
+
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"[:500]
+    sync()
+    result = {"t_start": t_start, "t_imported": t_imported, "t_end": time.time(), "steps": steps, "phases": phases,
+              "error": error}
+    if cuda:
+        result.update(peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                      peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
+    Path(result_path).write_text(json.dumps(result), encoding="utf-8")
+    return 1 if error else 0
+
+
+VARIANTS = {
+    "no_overlap": "UNet uploaded after caching, not beside it",
+    "channels_last": "accel channels_last on",
+    "gpu_warmup": "a thread runs a small bf16 conv/matmul/attention forward+backward at the start of run_training "
+                  "(loads cuDNN/cuBLAS while the model loads)",
+    "cudnn_benchmark": "torch.backends.cudnn.benchmark = True",
+    "no_validation": "no \"did it learn?\" scoring (validate_every_n_epochs = 0)",
+}
+
+
+def apply_variant(variant: str) -> None:
+    import torch
+
+    from lora_trainer import accel
+
+    if variant == "no_validation":
+        from lora_trainer.train import validation
+
+        validation.Validator.create = classmethod(lambda cls, *a, **k: None)
+    elif variant == "no_overlap":
+        from lora_trainer.train import placement
+
+        placement.Placement.upload_in_background = lambda self, module: False
+    elif variant == "channels_last":
+        original = accel.AccelOptions.from_config
+
+        def from_config(config):
+            opts = original(config)
+            opts.channels_last = opts.enabled
+            return opts
+
+        accel.AccelOptions.from_config = staticmethod(from_config)
+    elif variant == "gpu_warmup":
+        import threading
+
+        import lora_trainer.train as train_pkg
+
+        original_run = train_pkg.run_training
+
+        def warm() -> None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            with torch.autocast(device, dtype=torch.bfloat16):
+                x = torch.randn(1, 320, 64, 64, device=device, requires_grad=True)
+                conv = torch.nn.Conv2d(320, 320, 3, padding=1).to(device)
+                h = torch.nn.functional.group_norm(conv(x), 32)
+                q = h.flatten(2).transpose(1, 2).reshape(1, 4096, 8, 40).transpose(1, 2)
+                y = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+                (y.float().square().mean() + (h.flatten(1) @ h.flatten(1).T).float().mean()).backward()
+
+        def run_training(config, **kwargs):
+            threading.Thread(target=warm, daemon=True).start()
+            return original_run(config, **kwargs)
+
+        train_pkg.run_training = run_training
+    elif variant == "cudnn_benchmark":
+        torch.backends.cudnn.benchmark = True
+    elif variant:
+        raise SystemExit(f"unknown variant {variant}")
