@@ -143,11 +143,12 @@ def cache_latents(dataset: Dataset, vae, scaling_factor: float, *, flip: bool, s
     return out  # type: ignore[return-value]
 
 
-# Pixels per VAE call by device type (mirror images counted): one 1024 px image's worth, so caching never
-# needs more memory than one SDXL image at 1024 px did (about 1.3 GiB of activations in bf16, 2.6 GiB in
-# fp32); smaller images share a call (512 px: 4; with flip_aug 2 and their mirrors). On the CPU one image
-# per call: batching is no faster there (bench/results/startup_cpu.md).
-_CALL_PIXELS = {"cuda": 1024 * 1024}
+# Pixels per VAE call by device type (mirror images counted): two 512 px images, so that caching stays under
+# the training's own peak of memory (SD1.5 at 512 px, batch 1: UNet 1.7 GiB + VAE activations of ~0.33 GiB
+# per image in bf16 under a 3.0 GiB peak; SDXL's VAE needs ~2.6 GiB per megapixel in fp32, half in bf16) and
+# larger images keep one call each. On the CPU one image per call: batching is no faster there
+# (bench/results/startup_cpu.md).
+_CALL_PIXELS = {"cuda": 2 * 512 * 512}
 _MAX_BATCH = 16
 _DECODE_AHEAD = 8  # images decoded ahead of the VAE: bounded memory (8 x 3 x 1024 x 1024 fp32 = 100 MB)
 
