@@ -219,10 +219,13 @@ def test_storage_report_names_every_part(forge_backend):
 @pytest.mark.parametrize(("fmt", "online", "advice"), [
     ("fp8", False, True), ("fp8_scaled", False, True), ("fp32_scaled", False, True),  # merged into fp8 / scaled
     ("fp8", True, False), ("fp8_scaled", True, False),  # "(fp16 LoRA)": applied on the fly, exact
-    ("fp32", False, False), ("bf16", False, False)])
+    ("fp32", False, False), ("bf16", False, False),
+    *(pytest.param("nf4", online, not online, marks=pytest.mark.skipif(not HAS_BNB, reason="no bitsandbytes 4-bit"))
+      for online in (False, True))])
 def test_the_run_says_how_to_use_the_lora_where_forges_merge_would_lose_it(forge_backend, fmt, online, advice):
     """Forge merges LoRAs into fp8 weights by rounding the sum to fp8 (a change of a few percent of a weight mostly
-    rounds away), and into scaled weights without their scale_weight; "(fp16 LoRA)" applies them on the fly."""
+    rounds away), into scaled weights without their scale_weight, and into nf4 by quantising the sum again;
+    "(fp16 LoRA)" applies them on the fly."""
     forge_backend.dynamic_args["online_lora"] = online
     sd_model, _ = make_forge_flux(fmt)
     stats = forge_flux.HandoffStats()

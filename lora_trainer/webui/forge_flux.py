@@ -349,10 +349,13 @@ def _loras_merged() -> bool:
 
 def lora_use_advice(stats: HandoffStats) -> str | None:
     """A note for bases where Forge's merge loses most of a LoRA: fp8 weights (the sum is rounded to fp8: a
-    change of a few percent of a weight mostly rounds away) and scaled weights (Forge adds the change to the
-    unscaled values it multiplies by `scale_weight` at use). Applied on the fly ("(fp16 LoRA)"), it is exact."""
+    change of a few percent of a weight mostly rounds away), scaled weights (Forge adds the change to the
+    unscaled values it multiplies by `scale_weight` at use) and bitsandbytes nf4/fp4 (the sum is quantised again
+    to 16 levels per block: a change of 3% of a matrix's norm keeps ~8% of itself). Applied on the fly
+    ("(fp16 LoRA)"), it is exact."""
     fmt = _main(stats.formats.get("transformer", Counter()))
-    if not (fmt.startswith("fp8") or "scaled" in fmt) or not _loras_merged():
+    lossy = fmt.startswith("fp8") or "scaled" in fmt or fmt in ("nf4", "fp4", "nf4/fp4")
+    if not lossy or not _loras_merged():
         return None
     return (f"Forge applies LoRAs to this model by merging them into its {fmt} weights, which loses most of a LoRA's "
             "effect; to use this LoRA at full strength here, set 'Diffusion in Low Bits' to an '(fp16 LoRA)' option "

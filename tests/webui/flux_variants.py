@@ -9,8 +9,18 @@
 - `--fp8-scaled`: `<stem>-fp8_scaled.safetensors`, ComfyUI's scaled fp8: every Linear weight in
   float8_e4m3fn with a per-tensor `scale_weight`, plus the `scaled_fp8` marker.
 - `--fp8`: `<stem>-fp8_e4m3fn.safetensors`, a plain cast of the Linear weights (the common fp8 download).
+- `--nf4`: `<stem>-nf4.safetensors`, bitsandbytes nf4 as lllyasviel's flux1-dev-bnb-nf4-v2 stores it: every
+  Linear weight quantised in blocks of 64 with fp32 absmax (no second-stage compression), its QuantState packed
+  beside it (`.absmax`, `.quant_map`, `.quant_state.bitsandbytes__nf4`), what Forge and Neo detect as "nf4".
+  Neo (huggingface_guess/detection.py) takes a file with `double_blocks.0.img_attn.proj.weight.quant_state.
+  bitsandbytes__nf4` for the full flux1-dev-bnb-nf4 (19 + 38 blocks, no counting); otherwise it counts the blocks
+  and reads the widths from the shapes of `img_in`, `txt_in` and `vector_in.in_layer` (packed nf4 shapes would
+  read as 1). A model with fewer blocks (the live suites' 1 + 1) therefore keeps those four weights in their
+  source dtype (4 of its 24 Linears); Neo quantises them to nf4 itself when it loads the model (its path for
+  weights not pre-quantised), so every Linear it holds is nf4.
 
-Tensors are read and written one at a time (the source stays memory-mapped). Needs `gguf` for --gguf.
+Tensors are read and written one at a time (the source stays memory-mapped). Needs `gguf` for --gguf and
+bitsandbytes (0.48 or later quantises on the CPU) for --nf4.
 """
 
 from __future__ import annotations
@@ -76,6 +86,32 @@ def write_fp8(src: Path, out: Path, *, scaled: bool) -> Path:
     return out
 
 
+# the weights Neo's Flux detection reads (see the module docstring), kept unquantised in a model with < 19 blocks
+NF4_READ_BY_NEO = ("double_blocks.0.img_attn.proj.weight", "img_in.weight", "txt_in.weight",
+                   "vector_in.in_layer.weight")
+
+
+def write_nf4(src: Path, out: Path) -> Path:
+    from bitsandbytes.functional import quantize_4bit
+
+    with safe_open(str(src), framework="pt", device="cpu") as f:
+        doubles = {k.split(".")[1] for k in f.keys() if k.startswith("double_blocks.")}  # noqa: SIM118
+    keep = NF4_READ_BY_NEO if len(doubles) < 19 else ()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in _tensors(src):
+        if _is_matrix(key, value) and key not in keep:
+            packed, state = quantize_4bit(value.contiguous(), blocksize=64, quant_type="nf4",
+                                          compress_statistics=False)
+            tensors[key] = packed
+            tensors.update({f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()})
+        else:
+            tensors[key] = value
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path)
@@ -83,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", action="append", default=[], choices=["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"])
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--fp8-scaled", action="store_true")
+    ap.add_argument("--nf4", action="store_true")
     a = ap.parse_args(argv)
     out_dir = a.out_dir or a.src.parent
     stem = a.src.stem
@@ -92,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(write_fp8(a.src, out_dir / f"{stem}-fp8_e4m3fn.safetensors", scaled=False))
     if a.fp8_scaled:
         print(write_fp8(a.src, out_dir / f"{stem}-fp8_scaled.safetensors", scaled=True))
+    if a.nf4:
+        print(write_nf4(a.src, out_dir / f"{stem}-nf4.safetensors"))
     return 0
 
 

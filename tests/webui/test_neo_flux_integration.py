@@ -16,7 +16,11 @@ fp8 e4m3fn ("Diffusion in Low Bits") and as an fp8_scaled file, the two fp8 base
 into the weights and with "(fp16 LoRA)" (applied on the fly): the run trains over the weights as Neo holds
 them (its console line names the format), and the bf16-trained LoRA's effect on the quantised base is
 compared with its effect on the bf16 base (bounded where applied on the fly; where Neo merges, the run's notes
-must say to use "(fp16 LoRA)"). nf4 needs bitsandbytes' 4-bit kernels (a GPU): not run here.
+must say to use "(fp16 LoRA)"); and as a pre-quantised bitsandbytes nf4 file (lllyasviel's flux1-dev-bnb-nf4-v2
+layout, written by flux_variants.py --nf4), merged and "(fp16 LoRA)", when bitsandbytes imports in Neo's venv (Neo's
+`--bnb` installs bitsandbytes 0.49.1; otherwise those two skip). Without CUDA, Neo's two `.cuda()` round trips
+around bitsandbytes' (de)quantisation are replaced by the same calls on the CPU (neo_cpu_bnb.py, a test-only
+extension script installed for the session): bitsandbytes 0.48+ has CPU kernels for them.
 
 Flux on 2 CPU cores: every new prompt/LoRA set costs one T5-XXL pass in Neo (~40 s with NEO_THREADS=2), so the
 suite reuses one prompt and uses 64 px, 2 steps, CFG 1, scheduler Simple (Euler + "Automatic" gives NaN on
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -49,7 +54,11 @@ VARIANTS = {
     # the same two fp8 bases with LoRAs applied on the fly ("(fp16 LoRA)"), as the run's notes advise
     "fp8_fp16_lora": (MODEL, "float8-e4m3fn (fp16 LoRA)", "transformer fp8 e4m3fn"),
     "fp8_scaled_fp16_lora": (f"{MODEL}-fp8_scaled", "Automatic (fp16 LoRA)", "transformer "),
+    # bitsandbytes nf4 as stored (pre-quantised), merged by Neo and on the fly
+    "nf4": (f"{MODEL}-nf4", "Automatic", "transformer nf4"),
+    "nf4_fp16_lora": (f"{MODEL}-nf4", "Automatic (fp16 LoRA)", "transformer nf4"),
 }
+SHIM = "lora_trainer_it_cpu_bnb"  # the test-only extension folder of neo_cpu_bnb.py
 TRAIN = {"t5_max_token_length": 32, "train_text_encoder": True}  # our T5 pass per caption: 32 tokens, not 512
 
 pytestmark = pytest.mark.webui
@@ -61,16 +70,34 @@ def _files(webui: Path) -> list[Path]:
             models / "text_encoder" / MODULES[1], models / "text_encoder" / MODULES[2]]
 
 
-def _variants(webui: Path, python: Path) -> None:
-    """GGUF Q8_0 and fp8_scaled copies of the transformer (kept, like the random model itself)."""
+def _has_bnb(python: Path) -> bool:
+    return subprocess.run([str(python), "-c", "import bitsandbytes"], capture_output=True, timeout=300,
+                          check=False).returncode == 0
+
+
+def _variants(webui: Path, python: Path, nf4: bool) -> None:
+    """GGUF Q8_0, fp8_scaled (and nf4) copies of the transformer (kept, like the random model itself)."""
     folder = webui / "models" / "Stable-diffusion"
-    if (folder / f"{MODEL}-Q8_0.gguf").is_file() and (folder / f"{MODEL}-fp8_scaled.safetensors").is_file():
+    wanted = {"--gguf": f"{MODEL}-Q8_0.gguf", "--fp8-scaled": f"{MODEL}-fp8_scaled.safetensors"}
+    if nf4:
+        wanted["--nf4"] = f"{MODEL}-nf4.safetensors"
+    args = [a for flag, name in wanted.items() if not (folder / name).is_file()
+            for a in ([flag, "Q8_0"] if flag == "--gguf" else [flag])]
+    if not args:
         return
-    res = subprocess.run([str(python), str(HERE / "flux_variants.py"), str(folder / f"{MODEL}.safetensors"),
-                          "--gguf", "Q8_0", "--fp8-scaled"], capture_output=True, text=True, timeout=900, check=False,
+    res = subprocess.run([str(python), str(HERE / "flux_variants.py"), str(folder / f"{MODEL}.safetensors"), *args],
+                         capture_output=True, text=True, timeout=900, check=False,
                          env={"PYTHONPATH": str(webui / "modules_forge" / "packages"), "OMP_NUM_THREADS": "1",
                               "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def _install_shim(webui: Path) -> Path:
+    """neo_cpu_bnb.py as an extension script for this session (see the module docstring)."""
+    folder = webui / "extensions" / SHIM
+    (folder / "scripts").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / "neo_cpu_bnb.py", folder / "scripts" / "neo_cpu_bnb.py")
+    return folder
 
 
 class FluxNeo(FluxForgeFamilyServer):
@@ -98,8 +125,10 @@ def neo(neo_dir: Path, webui_port: int, tmp_path_factory: pytest.TempPathFactory
     ext = export_tree(tmp_path_factory.mktemp("ext") / "lora-trainer")
     ui = FluxNeo(neo_dir, webui_port, harness, ext, env_prefix="NEO", label="Forge Neo", ext_name=EXT_NAME,
                  script_timeout=900, call_timeout=900, job_timeout=1800, poll_s=1)
-    _variants(neo_dir, ui.python)
+    ui.facts["bnb"] = _has_bnb(ui.python)
+    _variants(neo_dir, ui.python, ui.facts["bnb"])
     ui.refuse_other_copies()
+    shim = _install_shim(neo_dir) if ui.facts["bnb"] else None
     ui.install_and_launch(launch_env={"NEO_MODEL": "flux", "NEO_NO_WARMUP": "1"})
     keys = ("sd_model_checkpoint", "forge_additional_modules", "forge_unet_storage_dtype", "lora_trainer_ab_grid")
     before = {k: v for k, v in ui.call("GET", "/sdapi/v1/options").items() if k in keys}
@@ -121,6 +150,8 @@ def neo(neo_dir: Path, webui_port: int, tmp_path_factory: pytest.TempPathFactory
             ui.call("POST", "/sdapi/v1/options", before, timeout=60)
         alias.unlink(missing_ok=True)
         ui.shut_down(RUN, data)
+        if shim is not None:
+            shutil.rmtree(shim, ignore_errors=True)
 
 
 def test_install_and_the_tab_in_neo_with_flux_selected(neo: FluxNeo):
@@ -181,6 +212,8 @@ def test_the_same_on_a_quantised_base(neo: FluxNeo, variant: str):
     if "with_lora" not in f:
         pytest.skip("needs the bf16 tests")
     checkpoint, storage, fmt = VARIANTS[variant]
+    if variant.startswith("nf4") and not f["bnb"]:
+        pytest.skip("bitsandbytes does not import in Neo's venv (Neo's --bnb installs it)")
     ui.select(checkpoint, storage)
     try:
         start = len(ui.log_text())
