@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("seed", type=int)
     p.add_argument("loras", nargs="+", help='LoRA files, or "base" for none')
     p.add_argument("--classifier", default="/tmp/leak/clf.pt")
+    p.add_argument("--model", default=str(DEMO_MODEL), help="a demo-world checkpoint (default: the shipped one)")
     args = p.parse_args(argv)
-    bundle = load_model(DEMO_MODEL, dtype=torch.float32)
+    bundle = load_model(args.model, dtype=torch.float32)
     cached = Path(args.classifier)
     if cached.exists():
         clf = torch.load(cached, weights_only=False)
