@@ -14,6 +14,8 @@ Per file (K probes; star side: the demo's 16 training captions, seed 1; other si
 - `other_share_mid`, `other_ratio_mid`: the same at timestep 500 on the (noised) pictures of each side.
 - `plain_ratio_mid`: sum |L(p) - B(p)|^2 / sum |L(t) - B(t)|^2 at timestep 500 on the star pictures (needs no
   other concept: what the product's own validation pairs could give).
+- `gen_ratio_mid`: the same on the base model's own pictures of the trigger-less captions (generated once, 12
+  steps, seeds 11..), captioned without the trigger: `other_ratio_mid` with nothing but the training captions.
 Results: bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md.
 """
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lora_trainer.demo import TRIGGER
+    from lora_trainer.demo.measure import generate_batch
     from lora_trainer.demo.world import HELD_OUT, SEEN_SHAPES, render, sample_scenes
     from lora_trainer.lora import applied_lora
     from lora_trainer.models.loader import load_model
@@ -53,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     c_p = [strip_trigger(c, [TRIGGER]) for c in c_t]
     c_o = other.captions()
     with torch.no_grad():
+        def latents_of(pictures):
+            return bundle.vae.encode(pictures * 2 - 1).latent_dist.mean * bundle.scaling_factor
+
         def latents(scenes, idx):
-            x = render(scenes, 64)[idx] * 2 - 1
-            return bundle.vae.encode(x).latent_dist.mean * bundle.scaling_factor
+            return latents_of(render(scenes, 64)[idx])
         z_t, z_o = latents(star, [i % 16 for i in range(k)]), latents(other, list(range(k)))
+        # the base model's own pictures of the trigger-less captions (what the engine could make itself)
+        z_g = latents_of(generate_batch(bundle, c_p, seed=11, steps=12).cpu())
     g = torch.Generator().manual_seed(5)
     eps = torch.randn(z_t.shape, generator=g)
     betas = torch.linspace(bundle.schedule.beta_start ** 0.5, bundle.schedule.beta_end ** 0.5, 1000) ** 2
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     t_mid = torch.full((k,), 500)
     a = abar[500].sqrt()
     x_t_mid, x_o_mid = a * z_t + (1 - abar[500]).sqrt() * eps, a * z_o + (1 - abar[500]).sqrt() * eps
+    x_g_mid = a * z_g + (1 - abar[500]).sqrt() * eps
 
     @torch.no_grad()
     def pred(captions, x, t):
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     def all_preds():
         return {"t": pred(c_t, x_pure, t_pure), "p": pred(c_p, x_pure, t_pure), "o": pred(c_o, x_pure, t_pure),
                 "t_mid": pred(c_t, x_t_mid, t_mid), "o_mid": pred(c_o, x_o_mid, t_mid),
-                "p_mid": pred(c_p, x_t_mid, t_mid)}
+                "p_mid": pred(c_p, x_t_mid, t_mid), "g_mid": pred(c_p, x_g_mid, t_mid)}
 
     unet.eval()
     base = all_preds()
@@ -91,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                "other_ratio": float((d_o ** 2).sum() / (d_t ** 2).sum()),
                "other_share_mid": float((dm_o * dm_t).sum() / (dm_t ** 2).sum()),
                "other_ratio_mid": float((dm_o ** 2).sum() / (dm_t ** 2).sum()),
-               "plain_ratio_mid": float(((lo["p_mid"] - base["p_mid"]) ** 2).sum() / (dm_t ** 2).sum())}
+               "plain_ratio_mid": float(((lo["p_mid"] - base["p_mid"]) ** 2).sum() / (dm_t ** 2).sum()),
+               "gen_ratio_mid": float(((lo["g_mid"] - base["g_mid"]) ** 2).sum() / (dm_t ** 2).sum())}
         print(label, json.dumps({key: round(v, 3) for key, v in out.items()}), flush=True)
     return 0
 
