@@ -1,5 +1,5 @@
 """Forge-shaped stand-ins for a Flux model as Forge main and Neo hold it (what webui/forge_flux.py reads), shared by
-tests/test_webui_forge_flux.py and bench/flux_forge_handoff.py.
+tests/test_webui_forge_flux.py and bench/flux_forge_handoff.py (`forge_tensors` also by tests/test_webui_forge.py).
 
 Forge's own code cannot run in CI, so these reproduce what the hand-off reads: a `Flux` engine whose
 `forge_objects_original` has the transformer in BFL layout with Forge-style Linear layers (weight stored as
@@ -22,19 +22,6 @@ from torch import nn
 
 from lora_trainer.models.flux.tiny import build_tiny_flux_bundle
 from lora_trainer.models.ldm_convert import vae_to_ldm
-
-
-def _bnb_ok() -> bool:
-    try:
-        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-        q, s = quantize_4bit(torch.ones(64, 64), blocksize=64, quant_type="nf4")
-        return bool(torch.allclose(dequantize_4bit(q, s), torch.ones(64, 64)))
-    except Exception:  # noqa: BLE001 - not installed, or no 4-bit backend for this machine
-        return False
-
-
-HAS_BNB = _bnb_ok()
 
 
 # ---------------------------------------------------------------- Forge-shaped stand-ins

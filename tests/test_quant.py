@@ -17,6 +17,7 @@ import importlib.util
 
 import pytest
 import torch
+from bnb_support import HAS_BNB
 from torch import nn
 
 from lora_trainer import quant
@@ -25,17 +26,6 @@ from lora_trainer.quant import Fp8Weight, GGUFWeight, HostWeight, Nf4Weight, Qua
 HAS_GGUF = importlib.util.find_spec("gguf") is not None
 
 
-def _bnb_ok() -> bool:
-    try:
-        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-        q, s = quantize_4bit(torch.ones(64, 64), blocksize=64, quant_type="nf4")
-        return bool(torch.allclose(dequantize_4bit(q, s), torch.ones(64, 64)))
-    except Exception:  # noqa: BLE001 - not installed, or no 4-bit backend for this machine
-        return False
-
-
-HAS_BNB = _bnb_ok()
 needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="the gguf package is not installed")
 needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes does not import or has no CPU 4-bit kernels here")
 

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from forge_flux_standins import forge_tensors
 
 from lora_trainer.errors import UnsupportedModelError
 from lora_trainer.models.bundle import EPSILON, V_PREDICTION, Family
@@ -150,15 +151,6 @@ def make_forge_model(family: Family = Family.SD1, prediction_type: str = EPSILON
         filename="/models/tiny.safetensors",
         sd_checkpoint_info=SimpleNamespace(filename="/models/tiny.safetensors", model_name="tiny", sha256="ab" * 32))
     return sd_model, ref
-
-
-def forge_tensors(sd_model) -> dict[str, torch.Tensor]:
-    fo = sd_model.forge_objects_original
-    out = {}
-    for prefix, m in (("unet.", fo.unet.model.diffusion_model), ("clip.", fo.clip.cond_stage_model),
-                      ("vae.", fo.vae.first_stage_model)):
-        out.update({prefix + k: v for k, v in m.named_parameters()})
-    return out
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:

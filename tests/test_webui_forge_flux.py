@@ -18,10 +18,10 @@ import pytest
 import tensor_accounting
 import torch
 import torch.nn.functional as F
+from bnb_support import HAS_BNB
 from flux_support import inputs, requires_flux_diffusers
 from forge_flux_standins import (
     EFFECT_TOLERANCE,
-    HAS_BNB,
     FakeForgeLinear,
     Flux,
     backend_modules,
