@@ -1,5 +1,6 @@
 """Forge-shaped stand-ins for a Flux model as Forge main and Neo hold it (what webui/forge_flux.py reads), shared by
-tests/test_webui_forge_flux.py and bench/flux_forge_handoff.py (`forge_tensors` also by tests/test_webui_forge.py).
+tests/test_webui_forge_flux.py and bench/flux_forge_handoff.py (`forge_tensors` also by tests/test_webui_forge.py);
+`make_forge_chroma` lays out a Chroma as Neo holds it (tests/test_webui_forge_chroma.py).
 
 Forge's own code cannot run in CI, so these reproduce what the hand-off reads: a `Flux` engine whose
 `forge_objects_original` has the transformer in BFL layout with Forge-style Linear layers (weight stored as
@@ -27,6 +28,10 @@ from lora_trainer.models.ldm_convert import vae_to_ldm
 # ---------------------------------------------------------------- Forge-shaped stand-ins
 class Flux(SimpleNamespace):
     """Forge's diffusion engine class for Flux.1 is named `Flux`."""
+
+
+class Chroma(SimpleNamespace):
+    """Neo's (and Forge main's) diffusion engine class for Chroma is named `Chroma`."""
 
 
 class FakeGGUFQuant:
@@ -156,15 +161,59 @@ def make_forge_flux(fmt: str = "fp32", *, t5_fmt: str = "fp32", clip_fmt: str = 
                           "theta": params.theta, "qkv_bias": params.qkv_bias, "guidance_embed": params.guidance_embed}
     clip = nn.Module()  # Forge's IntegratedCLIP: a CLIPTextModel at .transformer
     clip.transformer = forge_ops(own(ref.text_encoders[0]), clip_fmt, store)
-    hf_t5 = own(ref.text_encoders[1])
+    joint = nn.Module()
+    joint.clip_l, joint.t5xxl = clip, _forge_t5(own(ref.text_encoders[1]), t5_fmt, store)
+    return _engine(Flux, transformer, joint, ref, "flux-tiny", "cd"), ref
+
+
+def make_forge_chroma(fmt: str = "fp32", *, t5_fmt: str = "fp32", seed: int = 0):
+    """(Neo-shaped Chroma sd_model, the tiny Chroma bundle whose weights it holds), as Neo's `Chroma` engine
+    (backend/diffusion_engine/chroma.py) lays it out: `clip.cond_stage_model` holds `t5xxl` only, the
+    transformer is an `IntegratedChromaTransformer2DModel` (backend/nn/chroma.py) in BFL layout with its
+    approximator sizes as attributes (`in_dim`, `out_dim`, `hidden_dim`, `n_layers`), `in_channels` 64 (already
+    patchified), every RMSNorm a torch.nn.RMSNorm (parameter `weight`, not BFL's `scale`; Neo's default eps)
+    and `config` huggingface_guess's dict (`image_model` "chroma", `vec_in_dim` None).
+    Mocked: the transformer's forward is ours (Neo's `forward_orig` needs `backend.*`), over Neo-named modules."""
+    ref = build_tiny_flux_bundle("chroma", seed=seed)
+    params = ref.unet.params
+    transformer = forge_ops(copy.deepcopy(ref.unet), fmt)
+    for name, module in list(transformer.named_modules()):
+        if type(module).__name__ == "RMSNorm":  # ours -> torch's, holding the same values as an inference tensor
+            norm = nn.RMSNorm(module.scale.shape[0])
+            with torch.inference_mode():
+                norm.weight = nn.Parameter(module.scale.detach().clone(), requires_grad=False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(transformer.get_submodule(parent) if parent else transformer, leaf, norm)
+    transformer.__class__ = type("IntegratedChromaTransformer2DModel", (type(transformer),), {"config": None})
+    transformer.in_dim, transformer.out_dim = params.approximator_in_dim, params.hidden_size
+    transformer.hidden_dim, transformer.n_layers = params.approximator_hidden_size, params.approximator_depth
+    transformer.config = {"image_model": "chroma", "in_channels": params.in_channels,
+                          "out_channels": params.out_channels, "vec_in_dim": None,
+                          "context_in_dim": params.context_in_dim, "hidden_size": params.hidden_size,
+                          "mlp_ratio": params.mlp_ratio, "num_heads": params.num_heads, "depth": params.depth,
+                          "depth_single_blocks": params.depth_single_blocks, "axes_dim": list(params.axes_dim),
+                          "theta": params.theta, "patch_size": 2, "qkv_bias": params.qkv_bias,
+                          "in_dim": params.approximator_in_dim, "out_dim": params.hidden_size,
+                          "hidden_dim": params.approximator_hidden_size, "n_layers": params.approximator_depth,
+                          "txt_ids_dims": []}
+    joint = nn.Module()
+    joint.t5xxl = _forge_t5(copy.deepcopy(ref.text_encoders[0]), t5_fmt, None)
+    return _engine(Chroma, transformer, joint, ref, "chroma-tiny", "ce"), ref
+
+
+def _forge_t5(hf_t5: nn.Module, fmt: str, store) -> nn.Module:
+    """Forge's IntegratedT5 over a transformers T5EncoderModel (used up)."""
     t5_inner = nn.Module()  # Forge's own T5: transformers' names, a config dict
     t5_inner.shared, t5_inner.encoder = hf_t5.shared, hf_t5.encoder
     hf_t5.encoder.embed_tokens = None  # Forge's T5Stack has none (the embedding is `shared` only)
     t5_inner.config = hf_t5.config.to_dict()
     t5 = nn.Module()
-    t5.transformer = forge_ops(t5_inner, t5_fmt, store)
-    joint = nn.Module()
-    joint.clip_l, joint.t5xxl = clip, t5
+    t5.transformer = forge_ops(t5_inner, fmt, store)
+    return t5
+
+
+def _engine(cls: type, transformer: nn.Module, joint: nn.Module, ref, name: str, hash_byte: str):
+    """The diffusion engine around Forge's parts, with an LDM-named VAE holding ref's VAE weights."""
     vae_cfg = ref.vae.config
     vae = nn.Module()
     with torch.inference_mode():
@@ -184,12 +233,10 @@ def make_forge_flux(fmt: str = "fp32", *, t5_fmt: str = "fp32", clip_fmt: str = 
     unet = FakePatcher(kmodel)
     original = FakeForgeObjects(unet=unet, clip=SimpleNamespace(patcher=FakePatcher(joint), cond_stage_model=joint),
                                 vae=SimpleNamespace(first_stage_model=vae), clipvision=None)
-    sd_model = Flux(forge_objects=original.shallow_copy(), forge_objects_original=original,
-                    forge_objects_after_applying_lora=original.shallow_copy(), current_lora_hash="[]",
-                    filename="/models/flux-tiny.safetensors",
-                    sd_checkpoint_info=SimpleNamespace(filename="/models/flux-tiny.safetensors", model_name="flux-tiny",
-                                                       sha256="cd" * 32))
-    return sd_model, ref
+    filename = f"/models/{name}.safetensors"
+    return cls(forge_objects=original.shallow_copy(), forge_objects_original=original,
+               forge_objects_after_applying_lora=original.shallow_copy(), current_lora_hash="[]", filename=filename,
+               sd_checkpoint_info=SimpleNamespace(filename=filename, model_name=name, sha256=hash_byte * 32))
 
 
 def forge_tensors(sd_model) -> dict[str, torch.Tensor]:
@@ -226,3 +273,34 @@ def backend_modules() -> tuple[dict[str, types.ModuleType], list]:
 # relative error bounded by the format's own rounding (fp8 e4m3: 3 mantissa bits; Q8_0: 8 bits per block;
 # nf4: 16 levels per 64 values). Measured on these tiny models: fp8_scaled 6.8%, Q8_0 1.5%, nf4 28%.
 EFFECT_TOLERANCE = {"fp8_scaled": 0.15, "gguf": 0.05, "nf4": 0.4}
+
+
+def install_forge_modules(monkeypatch, sd_model, calls: list) -> None:
+    """Forge's `modules` (sd_models, shared, call_queue) with `sd_model` loaded, as ForgeHost reads them (mocked:
+    no Forge here); the `backend_modules` stand-ins must be installed first. Appends "reload", "begin:…", "end" and
+    "empty_cache" to `calls`."""
+    import sys
+    import threading
+
+    from lora_trainer.webui import forge
+
+    state = SimpleNamespace(interrupted=False, stopping_generation=False, textinfo=None, job=None,
+                            begin=lambda job: calls.append(f"begin:{job}"), end=lambda: calls.append("end"))
+    mods = {
+        "modules_forge": types.ModuleType("modules_forge"),
+        "modules": types.ModuleType("modules"),
+        "modules.sd_models": SimpleNamespace(forge_model_reload=lambda: (calls.append("reload"), (sd_model, False))[1],
+                                             model_data=SimpleNamespace(sd_model=sd_model)),
+        "modules.shared": SimpleNamespace(state=state, sd_model=sd_model, opts=SimpleNamespace(),
+                                          cmd_opts=SimpleNamespace(lora_dir="/webui/models/Lora")),
+        "modules.call_queue": SimpleNamespace(queue_lock=threading.Lock()),
+    }
+    mods["modules_forge"].__spec__ = SimpleNamespace(name="x")
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for sub in ("sd_models", "shared", "call_queue"):
+        monkeypatch.setattr(mods["modules"], sub, mods[f"modules.{sub}"], raising=False)
+    mm = sys.modules["backend.memory_management"]
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda: calls.append("empty_cache")
+    monkeypatch.setattr(forge, "_importable", lambda name: name.split(".")[0] in ("modules_forge", "backend"))

@@ -10,7 +10,6 @@ import copy
 import gc
 import importlib.util
 import sys
-import types
 import weakref
 from types import SimpleNamespace
 
@@ -26,6 +25,7 @@ from forge_flux_standins import (
     Flux,
     backend_modules,
     forge_tensors,
+    install_forge_modules,
     make_forge_flux,
 )
 from torch import nn
@@ -250,11 +250,11 @@ def test_make_room_asks_forges_memory_manager(forge_backend):
 def test_what_cannot_be_trained_is_refused_with_one_sentence(forge_backend):
     sd_model, _ = make_forge_flux("fp32")
 
-    class Chroma(Flux):
+    class Flux2(Flux):
         pass
 
-    with pytest.raises(UnsupportedModelError, match="Chroma"):
-        forge_flux.check_family(Chroma(**vars(sd_model)))
+    with pytest.raises(UnsupportedModelError, match=r"The loaded model \(Flux2\) is not FLUX.1, Chroma, SD1"):
+        forge_flux.check_family(Flux2(**vars(sd_model)))
     forge_backend.dynamic_args["kontext"] = True
     with pytest.raises(UnsupportedModelError, match="Kontext"):
         forge_flux.check_family(sd_model)
@@ -282,33 +282,9 @@ def test_what_cannot_be_trained_is_refused_with_one_sentence(forge_backend):
 @pytest.fixture
 def fake_forge_flux(monkeypatch, forge_backend):
     """Forge's `modules` with a loaded Flux model (mocked: no Forge here), plus the backend stand-ins."""
-    import threading
-
-    from lora_trainer.webui import forge
-
     sd_model, ref = make_forge_flux("fp8_scaled", t5_fmt="fp8")
-    calls = forge_backend.calls
-    state = SimpleNamespace(interrupted=False, stopping_generation=False, textinfo=None, job=None,
-                            begin=lambda job: calls.append(f"begin:{job}"), end=lambda: calls.append("end"))
-    mods = {
-        "modules_forge": types.ModuleType("modules_forge"),
-        "modules": types.ModuleType("modules"),
-        "modules.sd_models": SimpleNamespace(forge_model_reload=lambda: (calls.append("reload"), (sd_model, False))[1],
-                                             model_data=SimpleNamespace(sd_model=sd_model)),
-        "modules.shared": SimpleNamespace(state=state, sd_model=sd_model, opts=SimpleNamespace(),
-                                          cmd_opts=SimpleNamespace(lora_dir="/webui/models/Lora")),
-        "modules.call_queue": SimpleNamespace(queue_lock=threading.Lock()),
-    }
-    mods["modules_forge"].__spec__ = SimpleNamespace(name="x")
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    for sub in ("sd_models", "shared", "call_queue"):
-        monkeypatch.setattr(mods["modules"], sub, mods[f"modules.{sub}"], raising=False)
-    mm = sys.modules["backend.memory_management"]
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.soft_empty_cache = lambda: calls.append("empty_cache")
-    monkeypatch.setattr(forge, "_importable", lambda name: name.split(".")[0] in ("modules_forge", "backend"))
-    return SimpleNamespace(sd_model=sd_model, ref=ref, calls=calls)
+    install_forge_modules(monkeypatch, sd_model, forge_backend.calls)
+    return SimpleNamespace(sd_model=sd_model, ref=ref, calls=forge_backend.calls)
 
 
 def test_forge_host_trains_flux_in_place_and_checks_it_after(fake_forge_flux, capsys):

@@ -60,9 +60,9 @@ def test_a1111_and_unknown_forges(tmp_path):
 
 def test_what_each_supports_is_said():
     neo = forge_kind._kind("neo", ("backend/operations_int8.py",))
-    assert neo.families == ("SD1", "SDXL", "FLUX.1")  # Neo removed SD2; FLUX.1: webui/forge_flux.py
+    assert neo.families == ("SD1", "SDXL", "FLUX.1", "Chroma")  # Neo removed SD2; FLUX.1, Chroma: webui/forge_flux.py
     assert "trains on the loaded model" in neo.summary() and "fp8/int8/nf4/GGUF" in neo.summary()
-    assert "FLUX.1 as stored" in neo.summary() and "FLUX.1" not in forge_kind._kind("reforge").summary()
+    assert "FLUX.1 and Chroma as stored" in neo.summary() and "FLUX.1" not in forge_kind._kind("reforge").summary()
     assert "from the selected checkpoint file" in forge_kind._kind("reforge").summary()
     assert "Not tested live" in forge_kind._kind("ersatzforge").summary()
 

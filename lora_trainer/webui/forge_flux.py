@@ -1,4 +1,5 @@
-"""Forge's loaded Flux.1 -> a trainable Flux ModelBundle over Forge's own weights (Forge main and Neo).
+"""Forge's loaded Flux.1 or Chroma -> a trainable Flux/Chroma ModelBundle over Forge's own weights (Forge main
+and Neo).
 
 What Forge holds (lllyasviel/stable-diffusion-webui-forge `backend/`; Forge Neo keeps the same objects):
 `sd_model` is a `Flux` diffusion engine whose `forge_objects_original` has the transformer at
@@ -8,7 +9,8 @@ transformers CLIPTextModel), T5-XXL at `clip.cond_stage_model.t5xxl.transformer`
 transformers' parameter names) and an LDM-named AutoencoderKL at `vae.first_stage_model`. Every Linear
 there is one of Forge's operation classes whose `weight` is stored as the user chose: fp16/bf16/fp32,
 fp8 (with a `scale_weight` for fp8_scaled), bitsandbytes nf4/fp4, or GGUF (`ParameterGGUF`, baked by
-Forge's memory manager); Forge dequantises it per call.
+Forge's memory manager); Forge dequantises it per call. A `Chroma` engine holds the same objects without
+CLIP-L, its transformer with `distilled_guidance_layer` instead of the modulation Linears (`forge_flux_parts.py`).
 
 The hand-off builds our modules (models.flux's transformer, transformers' CLIP and T5, diffusers' VAE)
 on the meta device and gives them Forge's weights without copying them:
@@ -44,10 +46,12 @@ from ..errors import UnsupportedModelError
 from ..models.bundle import ModelBundle
 from . import forge_model, forge_storage
 from .forge_flux_parts import (  # noqa: F401  (what Forge holds: ForgeHost and the tests read it from here)
+    CHROMA_ENGINES,
     FLUX_ENGINES,
     check_family,
     dequantizer,
     flux_params,
+    is_chroma,
     is_flux,
     layer_weight,
     parts_of,
@@ -175,12 +179,14 @@ def _meta(factory):
 
 
 def transformer_skeleton(forge_transformer: nn.Module, *, device, dtype, stats: HandoffStats):
+    from ..models.flux.chroma import ChromaParams, ChromaTransformer
     from ..models.flux.model import FluxTransformer
 
     params = flux_params(forge_transformer)
-    skeleton = _meta(lambda: FluxTransformer(params))
-    return host_skeleton(skeleton, forge_transformer, what="Flux transformer", device=device, dtype=dtype,
-                         stats=stats, part="transformer")
+    chroma = isinstance(params, ChromaParams)
+    skeleton = _meta(lambda: ChromaTransformer(params) if chroma else FluxTransformer(params))
+    return host_skeleton(skeleton, forge_transformer, what=f"{'Chroma' if chroma else 'Flux'} transformer",
+                         device=device, dtype=dtype, stats=stats, part="transformer")
 
 
 def clip_skeleton(forge_clip: nn.Module, *, device, dtype, stats: HandoffStats):
@@ -217,7 +223,8 @@ def t5_skeleton(forge_t5: nn.Module, *, device, dtype, stats: HandoffStats):
 def bundle_from_forge_flux(sd_model: Any, *, device: torch.device | None, dtype: torch.dtype,
                            name: str | None = None, model_hash: str | None = None,
                            stats: HandoffStats | None = None) -> ModelBundle:
-    """A Flux ModelBundle over the weights Forge holds (call restore_clean_weights() and make_room() first)."""
+    """A Flux (or Chroma) ModelBundle over the weights Forge holds (call restore_clean_weights() and make_room()
+    first)."""
     from ..models.bundle import FLOW
     from ..models.flux.tokenizers import flux_clip_tokenizer, t5_tokenizer
 
@@ -225,7 +232,7 @@ def bundle_from_forge_flux(sd_model: Any, *, device: torch.device | None, dtype:
     stats = stats if stats is not None else HandoffStats()
     parts = parts_of(sd_model)
     transformer = transformer_skeleton(parts["transformer"], device=device, dtype=dtype, stats=stats)
-    clip = clip_skeleton(parts["CLIP-L"], device=device, dtype=dtype, stats=stats)
+    clip = [clip_skeleton(parts["CLIP-L"], device=device, dtype=dtype, stats=stats)] if "CLIP-L" in parts else []
     t5 = t5_skeleton(parts["T5"], device=device, dtype=dtype, stats=stats)
     forge_vae = parts["VAE"]
     vae = forge_model._vae(forge_vae, device)
@@ -237,17 +244,17 @@ def bundle_from_forge_flux(sd_model: Any, *, device: torch.device | None, dtype:
         else:
             stats.copied += size
     # The format of most Linear weights (what decides memory and precision), the VAE's from its parameters.
-    formats = {"unet": _main(stats.formats["transformer"]), "te1": _main(stats.formats["CLIP-L"]),
+    formats = {"unet": _main(stats.formats["transformer"]), **({"te1": _main(stats.formats["CLIP-L"])} if clip else {}),
                "te3": _main(stats.formats["T5"]), "vae": format_by_bytes(forge_vae)}
     info = getattr(sd_model, "sd_checkpoint_info", None)
     filename = getattr(sd_model, "filename", None) or getattr(info, "filename", "") or ""
+    t5_tok = t5_tokenizer(host_roots=_tokenizer_roots(), max_length=256 if variant == "schnell" else 512)
     return ModelBundle(
-        family=family, prediction_type=FLOW, unet=transformer, vae=vae, text_encoders=[clip, t5],
-        tokenizers=[flux_clip_tokenizer(), t5_tokenizer(host_roots=_tokenizer_roots(),
-                                                        max_length=512 if variant == "dev" else 256)],
+        family=family, prediction_type=FLOW, unet=transformer, vae=vae, text_encoders=[*clip, t5],
+        tokenizers=[flux_clip_tokenizer(), t5_tok] if clip else [t5_tok],
         scaling_factor=float(getattr(forge_vae, "scaling_factor", 0.3611)),
         shift_factor=float(getattr(forge_vae, "shift_factor", 0.1159)),
-        name=name or (getattr(info, "model_name", None) or "forge-flux"),
+        name=name or (getattr(info, "model_name", None) or f"forge-{family.value}"),
         source=f"forge:{filename}" if filename else "forge", model_hash=model_hash, variant=variant,
         weight_formats=formats)
 
@@ -364,7 +371,8 @@ def lora_use_advice(stats: HandoffStats) -> str | None:
 
 def acquire(sd_model: Any, config: Any, *, device: torch.device, name: str | None = None,
             model_hash: str | None = None) -> Handoff:
-    """Make room through Forge's memory manager, then hand Forge's Flux over (weights read where they are)."""
+    """Make room through Forge's memory manager, then hand Forge's Flux or Chroma over (weights read where they
+    are)."""
     check_family(sd_model)
     params = flux_params(transformer_of(sd_model))
     make_room(sd_model, training_memory(config, params))
@@ -375,20 +383,21 @@ def acquire(sd_model: Any, config: Any, *, device: torch.device, name: str | Non
     quantised = [f for f in (_main(c) for c in stats.formats.values()) if not forge_storage.is_trainable(f)]
     how = ("the LoRA trains over the weights as stored, dequantised one layer at a time" if quantised
            else "the LoRA trains over Forge's own weights")
-    line = (f"training on Forge's loaded Flux model {bundle.name} ({bundle.variant}; {formats}; {how}; "
-            f"{stats.text()})")
-    note = f"Trains on the loaded Flux model as Forge holds it ({formats}); no second copy of the weights."
+    label = bundle.family.label
+    line = (f"training on Forge's loaded {label} model {bundle.name} ({bundle.variant + '; ' if bundle.variant else ''}"
+            f"{formats}; {how}; {stats.text()})")
+    note = f"Trains on the loaded {label} model as Forge holds it ({formats}); no second copy of the weights."
     return Handoff(bundle=bundle, stats=stats, line=line, note=note, advice=lora_use_advice(stats))
 
 
 def model_info(sd_model: Any) -> dict[str, Any]:
-    """For the tab: the loaded Flux model, how each part is stored and that training uses it in place
+    """For the tab: the loaded Flux or Chroma model, how each part is stored and that training uses it in place
     (or, for what cannot be trained, the sentence a run would fail with)."""
     info = getattr(sd_model, "sd_checkpoint_info", None)
     filename = getattr(sd_model, "filename", None) or getattr(info, "filename", "") or ""
     name = filename.replace("\\", "/").rsplit("/", 1)[-1] or str(getattr(info, "model_name", "") or "")
     try:
-        check_family(sd_model)
+        family, _ = check_family(sd_model)
         theirs = parts_of(sd_model)
         if any(fmt == forge_storage.SVDQ for _, fmt, _ in storage_report(sd_model).low_bit):
             raise UnsupportedModelError(
@@ -396,14 +405,15 @@ def model_info(sd_model: Any) -> dict[str, Any]:
                 "load the fp16/bf16, fp8, nf4 or GGUF version of it.")
     except UnsupportedModelError as e:
         return {"name": name, "family": None, "note": str(e)}
-    parts = ", ".join(f"{part} {format_by_bytes(theirs[part])}" for part in ("transformer", "CLIP-L", "T5"))
-    out = {"name": name, "family": "Flux", "storage": parts,
+    parts = ", ".join(f"{part} {format_by_bytes(theirs[part])}" for part in ("transformer", "CLIP-L", "T5")
+                      if part in theirs)
+    out = {"name": name, "family": family.label, "storage": parts,
            "note": f"stored as {parts}; trains on the loaded weights as stored (no second copy)"}
     budget = gpu_budget(theirs.values())
     if budget is not None:
         preset = fitting_preset(budget)
         out["preset"] = preset.key if preset else None
-        out["note"] += (f"; {budget / 2**30:.1f} GiB of VRAM free with Forge's Flux counted in: "
+        out["note"] += (f"; {budget / 2**30:.1f} GiB of VRAM free with Forge's {family.label} counted in: "
                         + (f"preset {preset.label} fits" if preset else
                            "less than the smallest Flux preset (8 GB) needs, training will be slow"))
     return out

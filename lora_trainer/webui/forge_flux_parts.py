@@ -1,6 +1,10 @@
 """What Forge's loaded Flux engine holds, read by attribute (Forge main and Neo): which engine it is and
-whether we can train it, its parts (transformer, CLIP-L, T5, VAE) and how each is stored, our `FluxParams`
-from the transformer's config, and a live view of one Forge Linear's stored weight (`layer_weight`).
+whether we can train it, its parts (transformer, CLIP-L, T5, VAE; Chroma: no CLIP-L) and how each is stored, our
+`FluxParams` / `ChromaParams` from the transformer, and a live view of one Forge Linear's stored weight (`layer_weight`).
+
+Chroma (Neo's and Forge main's `Chroma` engine, `backend/diffusion_engine/chroma.py`): the same objects as Flux with
+`clip.cond_stage_model.t5xxl` only, and an `IntegratedChromaTransformer2DModel` in BFL layout whose modulation comes
+from `distilled_guidance_layer` (in_proj, layers.N.in_layer/out_layer, norms.N, out_proj) instead of per-block Linears.
 `forge_flux` builds the trainable bundle from these; imports `backend.*` only for Forge's dequantisers.
 """
 
@@ -19,24 +23,27 @@ from ..models.bundle import Family
 from . import forge_storage
 
 FLUX_ENGINES = ("Flux",)  # Forge's diffusion-engine class names that hold Flux.1 dev/schnell
-_PARTS = ("transformer", "CLIP-L", "T5", "VAE")
+CHROMA_ENGINES = ("Chroma",)  # Neo's and Forge main's engine for Chroma
 
 
 def is_flux(sd_model: Any) -> bool:
     """True when the loaded model is a Flux-architecture engine (Flux.1, Chroma, Flux.2)."""
-    return type(sd_model).__name__ in (*FLUX_ENGINES, "Chroma", "Flux2")
+    return type(sd_model).__name__ in (*FLUX_ENGINES, *CHROMA_ENGINES, "Flux2")
+
+
+def is_chroma(sd_model: Any) -> bool:
+    return type(sd_model).__name__ in CHROMA_ENGINES
 
 
 def check_family(sd_model: Any) -> tuple[Family, str]:
     """(family, variant) of a Flux engine, or a one-sentence refusal for what we cannot train yet."""
     kind = type(sd_model).__name__
-    if kind == "Chroma":
-        raise UnsupportedModelError(
-            "The loaded model is Chroma, which LoRA Trainer cannot train on yet; load a FLUX.1 dev or schnell "
-            "checkpoint, or an SD1/SDXL model.")
+    if kind in CHROMA_ENGINES:
+        return Family.CHROMA, ""
     if kind not in FLUX_ENGINES:
         raise UnsupportedModelError(
-            f"The loaded model ({kind}) is not FLUX.1, SD1, SD2 or SDXL, the families LoRA Trainer supports; "
+            f"The loaded model ({kind}) is not FLUX.1, Chroma, SD1, SD2 or SDXL, the families LoRA Trainer "
+            "supports; "
             "load one of those in the checkpoint menu.")
     if _neo_kontext():
         raise UnsupportedModelError(
@@ -60,15 +67,17 @@ def transformer_of(sd_model: Any) -> nn.Module:
     return sd_model.forge_objects_original.unet.model.diffusion_model
 
 
-def text_encoders_of(sd_model: Any) -> tuple[nn.Module, nn.Module]:
-    """(Forge's CLIP-L IntegratedCLIP, Forge's IntegratedT5)."""
+def text_encoders_of(sd_model: Any) -> tuple[nn.Module, ...]:
+    """(Forge's CLIP-L IntegratedCLIP, Forge's IntegratedT5); for Chroma (IntegratedT5,)."""
+    keys, files = (("t5xxl",), "T5 file") if is_chroma(sd_model) else (("clip_l", "t5xxl"), "CLIP-L and T5 files")
     joint = dict(sd_model.forge_objects_original.clip.cond_stage_model.named_children())
-    missing = [k for k in ("clip_l", "t5xxl") if k not in joint]
+    missing = [k for k in keys if k not in joint]
     if missing:
         raise UnsupportedModelError(
-            f"The loaded Flux model has no {' or '.join(missing)} text encoder; select the CLIP-L and T5 files in the "
-            "VAE / Text Encoder menu and generate once, or train from the model file.")
-    return joint["clip_l"], joint["t5xxl"]
+            f"The loaded {'Chroma' if is_chroma(sd_model) else 'Flux'} model has no {' or '.join(missing)} text "
+            f"encoder; select the {files} in the VAE / Text Encoder menu and generate once, or train from the "
+            "model file.")
+    return tuple(joint[k] for k in keys)
 
 
 def vae_of(sd_model: Any) -> nn.Module:
@@ -76,15 +85,19 @@ def vae_of(sd_model: Any) -> nn.Module:
 
 
 def parts_of(sd_model: Any) -> dict[str, nn.Module]:
-    clip_l, t5 = text_encoders_of(sd_model)
-    return {"transformer": transformer_of(sd_model), "CLIP-L": clip_l, "T5": t5, "VAE": vae_of(sd_model)}
+    """{"transformer", "CLIP-L" (not for Chroma), "T5", "VAE"}: Forge's modules."""
+    *clip_l, t5 = text_encoders_of(sd_model)
+    parts = {"transformer": transformer_of(sd_model)}
+    if clip_l:
+        parts["CLIP-L"] = clip_l[0]
+    return {**parts, "T5": t5, "VAE": vae_of(sd_model)}
 
 
 def storage_report(sd_model: Any) -> forge_storage.StorageReport:
     """How each part's weights are stored, e.g. "transformer: fp8 e4m3fn; CLIP-L: fp16; T5: fp8 e4m3fn; VAE: bf16"."""
     fo = sd_model.forge_objects_original
     parts = parts_of(sd_model)
-    report = forge_storage.probe({k: parts[k] for k in _PARTS})
+    report = forge_storage.probe(parts)
     # bitsandbytes converts a bf16 file's weights to nf4 only when they first reach the GPU:
     # Forge's storage_dtype says what the transformer will be stored as.
     declared = getattr(fo.unet.model, "storage_dtype", None) or getattr(transformer_of(sd_model), "storage_dtype", None)
@@ -105,8 +118,10 @@ _FLUX2_OPTIONS = ("global_modulation", "mlp_silu_act", "yak_mlp", "txt_norm")  #
 
 
 def flux_params(transformer: nn.Module):
-    """Our FluxParams from Forge's transformer: its block lists and widths, and its config dict
-    (huggingface_guess's unet_config: latent `in_channels` 16 in Forge, the 2x2 patch is ours)."""
+    """Our FluxParams (ChromaParams for a Chroma transformer) from Forge's transformer: its block lists and
+    widths, and its config dict (huggingface_guess's unet_config: latent `in_channels` 16 for Flux in Forge, the
+    2x2 patch is ours; Chroma's modules say 64 themselves)."""
+    from ..models.flux.chroma import ChromaParams
     from ..models.flux.model import FluxParams
 
     cfg = _config(transformer)
@@ -118,17 +133,26 @@ def flux_params(transformer: nn.Module):
         patch = int(cfg.get("patch_size", 2))
         hidden = int(getattr(transformer, "hidden_size", None) or cfg["hidden_size"])
         in_channels = int(getattr(transformer, "in_channels", None) or int(cfg["in_channels"]) * patch * patch)
-        return FluxParams(
-            in_channels=in_channels, out_channels=int(getattr(transformer, "out_channels", None) or in_channels),
-            vec_in_dim=int(cfg.get("vec_in_dim", 768)), context_in_dim=int(cfg.get("context_in_dim", 4096)),
-            hidden_size=hidden, mlp_ratio=float(cfg.get("mlp_ratio", 4.0)),
-            num_heads=int(getattr(transformer, "num_heads", None) or cfg["num_heads"]),
-            depth=len(transformer.double_blocks), depth_single_blocks=len(transformer.single_blocks),
-            axes_dim=tuple(int(a) for a in cfg.get("axes_dim", (16, 56, 56))), theta=int(cfg.get("theta", 10_000)),
-            qkv_bias=bool(cfg.get("qkv_bias", True)), guidance_embed=bool(cfg.get("guidance_embed", True)))
+        common: dict[str, Any] = {
+            "in_channels": in_channels, "out_channels": int(getattr(transformer, "out_channels", None) or in_channels),
+            "context_in_dim": int(cfg.get("context_in_dim", 4096)), "hidden_size": hidden,
+            "mlp_ratio": float(cfg.get("mlp_ratio", 4.0)),
+            "num_heads": int(getattr(transformer, "num_heads", None) or cfg["num_heads"]),
+            "depth": len(transformer.double_blocks), "depth_single_blocks": len(transformer.single_blocks),
+            "axes_dim": tuple(int(a) for a in cfg.get("axes_dim", (16, 56, 56))),
+            "theta": int(cfg.get("theta", 10_000)), "qkv_bias": bool(cfg.get("qkv_bias", True))}
+        approximator = getattr(transformer, "distilled_guidance_layer", None)
+        if approximator is not None:  # Chroma: sizes as Neo (attributes) or Forge main (guidance_* config) name them
+            return ChromaParams(
+                **common, approximator_in_dim=int(getattr(transformer, "in_dim", None) or cfg.get("in_dim", 64)),
+                approximator_hidden_size=int(getattr(transformer, "hidden_dim", None) or cfg.get("hidden_dim")
+                                             or cfg["guidance_hidden_dim"]),
+                approximator_depth=len(approximator.layers))
+        return FluxParams(**common, vec_in_dim=int(cfg.get("vec_in_dim", 768)),
+                          guidance_embed=bool(cfg.get("guidance_embed", True)))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise UnsupportedModelError(
-            f"The loaded Flux transformer's configuration is not what LoRA Trainer expects ({e!r}); train from the "
+            f"The loaded transformer's configuration is not what LoRA Trainer expects ({e!r}); train from the "
             "model file instead.") from None
 
 

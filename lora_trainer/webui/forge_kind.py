@@ -34,8 +34,9 @@ LDM_PATCHED_MARKER = "ldm_patched/modules/model_management.py"  # Forge 1.x-styl
 
 # The "sd version" a host's Lora cards understand, by our family label (Family.label). Neo's card
 # metadata editor and its "Filter Lora based on selected Preset" use its preset names
-# (modules_forge/presets.py PresetArch: sd, xl, flux, ...); A1111 and Forge use the labels as they are.
-CARD_VERSIONS = {"neo": {"SD1": "sd", "SDXL": "xl", "Flux": "flux"}}
+# (modules_forge/presets.py PresetArch: sd, xl, flux, ...; Chroma has no preset of its own, it runs under
+# "flux"); A1111 and Forge use the labels as they are.
+CARD_VERSIONS = {"neo": {"SD1": "sd", "SDXL": "xl", "Flux": "flux", "Chroma": "flux"}}
 
 # Storage the Forge 2.x hand-off trains on in place; everything else comes from the file (or is refused).
 IN_PLACE_STORAGE = "fp32, fp16, bf16"
@@ -67,7 +68,8 @@ class ForgeKind:
 
     def summary(self) -> str:
         """One markdown line for the tab: which WebUI this is and what training does here."""
-        flux = "; FLUX.1 as stored, fp8/nf4/GGUF included" if "FLUX.1" in self.families else ""
+        flux = ("; " + " and ".join(f for f in ("FLUX.1", "Chroma") if f in self.families)
+                + " as stored, fp8/nf4/GGUF included") if "FLUX.1" in self.families else ""
         how = (f"trains on the loaded model ({IN_PLACE_STORAGE} weights; fp8/int8/nf4/GGUF storage of an SD model "
                f"trains from the checkpoint file{flux})" if self.loaded_model
                else "trains from the selected checkpoint file")
@@ -79,8 +81,8 @@ class ForgeKind:
 def _kind(key: str, evidence: tuple[str, ...] = ()) -> ForgeKind:
     table = {
         "a1111": ("AUTOMATIC1111 Stable Diffusion WebUI", "ldm", ("SD1", "SD2", "SDXL"), True, True),
-        "forge": ("Stable Diffusion WebUI Forge (lllyasviel, 2.x)", "backend", ("SD1", "SD2", "SDXL", "FLUX.1"), True, True),
-        "neo": ("Forge Neo", "backend", ("SD1", "SDXL", "FLUX.1"), True, True),
+        "forge": ("Stable Diffusion WebUI Forge (lllyasviel, 2.x)", "backend", ("SD1", "SD2", "SDXL", "FLUX.1", "Chroma"), True, True),
+        "neo": ("Forge Neo", "backend", ("SD1", "SDXL", "FLUX.1", "Chroma"), True, True),
         "ersatzforge": ("ersatzForge", "backend", ("SD1", "SD2", "SDXL", "FLUX.1"), True, False),
         "reforge": ("reForge", "ldm_patched", ("SD1", "SD2", "SDXL"), False, False),
         "forge-classic": ("Forge Classic", "ldm_patched", ("SD1", "SD2", "SDXL"), False, False),
