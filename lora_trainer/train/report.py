@@ -3,8 +3,11 @@ epoch), its verdict and the thresholds behind it.
 
 - **improvement**: how far the validation loss with the trigger sits below the base model's. A LoRA that
   has not learned its concept yet barely moves it: under `LEARNED_MIN_IMPROVEMENT` it is "not learned".
-- **leakage**: the share of the LoRA's change with the trigger that shows without it too (0: none, 1: all
-  of it); over `LEAK_MAX` at the last epoch the run "leaks".
+- **leakage**, by one of two measures (`leak_measure`, train/validation.py): with regularisation images,
+  "other concepts": how much the LoRA changes the prediction on those pictures with their captions, relative
+  to its change on the trigger's pictures (0: other prompts untouched); over `LEAK_MAX_OTHER` at the last
+  epoch the run "leaks". Without them, "trigger removed": the share of the LoRA's change with the trigger that
+  shows without it too, on pure noise (0: none, 1: all of it); over `LEAK_MAX` the run "leaks".
 The best epoch is the latest epoch that does not leak and whose validation loss is within one standard error
 of the lowest (paired over the same noise, `NOISE_SE`): a later epoch that scores the same within the noise of 16
 pairs has trained more, so a lucky earlier minimum does not win. Its LoRA file is kept.
@@ -26,6 +29,13 @@ LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base mod
 # epochs, runs over-trained at rank 32 with the text encoder at the UNet's learning rate 0.989-0.999 at every
 # epoch from the fifth on.
 LEAK_MAX = 0.98
+# leaking, "other concepts" (regularisation images): measured on the shipped demo model and a candidate demo
+# model with the other shapes' pictures and captions (bench/results/demo_lora_cpu/
+# candidate_lesson_and_leakage_2026-12-05.md): runs whose LoRA keeps at least half of the other shapes' prompts
+# drawn as asked read 0.24-0.47, those that override more than half 0.51-1.10 (shipped: the demo 0.39/0.47,
+# over-trained 0.83/1.08).
+LEAK_MAX_OTHER = 0.5
+TRIGGER_REMOVED, OTHER_CONCEPTS = "trigger_removed", "other_concepts"  # LearnReport.leak_measure
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
 # the best-epoch pick: an epoch after the lowest validation loss counts as equally good when its loss is above it
 # by at most this many standard errors of the paired per-pair difference (the "one standard error" rule)
@@ -34,6 +44,18 @@ THRESHOLDS_SOURCE = ("demo model, bench/results/learn_thresholds_demo_cpu.md: th
                      "demo's settings (15 epochs: 0.82-0.97; 30: 0.94-0.96) and runs over-trained at rank 32 "
                      "(0.989-0.999); the learned limit separates 4 steps at lr 3e-5 (0.1%) from the demo's settings "
                      "(2.3% after 4 steps, 6.3% after 8)")
+THRESHOLDS_SOURCE_OTHER = ("demo models, bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md: "
+                           "the leakage limit (regularisation images) sits between runs that keep at least half of "
+                           "the other shapes' prompts drawn as asked (0.24-0.47) and runs that override more "
+                           "(0.51-1.10); the learned limit: bench/results/learn_thresholds_demo_cpu.md")
+
+
+def thresholds_for(measure: str) -> dict[str, Any]:
+    """The verdict's thresholds for a leakage measure, with where they come from (what a report states)."""
+    if measure == OTHER_CONCEPTS:
+        return {"learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": LEAK_MAX_OTHER,
+                "source": THRESHOLDS_SOURCE_OTHER}
+    return {"learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": LEAK_MAX, "source": THRESHOLDS_SOURCE}
 
 
 @dataclass
@@ -42,8 +64,7 @@ class EpochCheck:
     step: int
     val_loss: float  # with the trigger
     improvement: float  # 1 - val_loss / base loss
-    leak: float | None  # share of the LoRA's change with the trigger that shows without it, on pure noise
-    # (0: none, 1: all of it; None: no trigger in the captions)
+    leak: float | None  # the report's leakage measure (LearnReport.leak_measure); None: no trigger in the captions
     pair_losses: list[float] | None = None  # the validation loss of each fixed pair (same pairs every epoch)
 
 
@@ -61,8 +82,11 @@ class LearnReport:
     best_path: str | None = None  # the kept file of the best epoch (the final LoRA when it is the last)
     verdict: str = "pending"  # "learned" | "not_learned" | "leaks" | "pending"
     message: str = ""
-    thresholds: dict[str, Any] = field(default_factory=lambda: {
-        "learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": LEAK_MAX, "source": THRESHOLDS_SOURCE})
+    thresholds: dict[str, Any] = field(default_factory=lambda: thresholds_for(TRIGGER_REMOVED))
+    # TRIGGER_REMOVED: pure noise, each caption with and without its trigger; OTHER_CONCEPTS: the regularisation
+    # images with their captions against the trigger's pictures (`other_images` of them scored)
+    leak_measure: str = TRIGGER_REMOVED
+    other_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,12 +97,17 @@ class LearnReport:
         data["epochs"] = [EpochCheck(**e) for e in data.get("epochs", [])]
         return cls(**data)
 
+    @property
+    def leak_limit(self) -> float:
+        return LEAK_MAX_OTHER if self.leak_measure == OTHER_CONCEPTS else LEAK_MAX
+
     def judge(self) -> None:
         """Pick the best epoch and write the verdict (one sentence) from the epochs scored so far."""
         if not self.epochs:
             self.verdict, self.message = "pending", "No epoch has been scored yet."
             return
-        clean = [e for e in self.epochs if e.leak is None or e.leak <= LEAK_MAX]
+        limit = self.leak_limit
+        clean = [e for e in self.epochs if e.leak is None or e.leak <= limit]
         learned = [e for e in self.epochs if e.improvement >= LEARNED_MIN_IMPROVEMENT]
         if clean:
             low = min(clean, key=lambda e: e.val_loss)
@@ -100,14 +129,23 @@ class LearnReport:
             self.message = (f"Not learned yet: the validation loss with the trigger fell only {top:.1%} below the "
                             f"base model's (a learned concept shows at least {LEARNED_MIN_IMPROVEMENT:.0%}); "
                             "train longer or raise the learning rate.")
-        elif last.leak is not None and last.leak > LEAK_MAX:
+        elif last.leak is not None and last.leak > limit and self.leak_measure == OTHER_CONCEPTS:
+            better = f"; epoch {best.epoch} is the better pick" if best.epoch != last.epoch else ""
+            self.verdict = "leaks"
+            self.message = (f"Leaks: on the regularisation images' own prompts the LoRA changes the picture "
+                            f"{last.leak:.0%} as much as on its trigger's (more than {limit:.0%}){better}; use "
+                            "fewer steps or a lower rank.")
+        elif last.leak is not None and last.leak > limit:
             better = f"; epoch {best.epoch} is the better pick" if best.epoch != last.epoch else ""
             self.verdict = "leaks"
             self.message = (f"Leaks: without the trigger the LoRA still shows {last.leak:.0%} of its effect with "
-                            f"it (more than {LEAK_MAX:.0%}){better}; use fewer steps, a lower rank, or add "
+                            f"it (more than {limit:.0%}){better}; use fewer steps, a lower rank, or add "
                             "regularisation images.")
         else:
-            leak = "" if last.leak is None else f", and without the trigger it shows {last.leak:.0%} of its effect"
+            leak = "" if last.leak is None else (
+                f", and on the regularisation images' prompts it changes the picture {last.leak:.0%} as much as on "
+                "its trigger's" if self.leak_measure == OTHER_CONCEPTS
+                else f", and without the trigger it shows {last.leak:.0%} of its effect")
             pick = f"; epoch {best.epoch} scored best" if best.epoch != last.epoch else ""
             self.verdict = "learned"
             self.message = (f"Learned: the validation loss with the trigger is {last.improvement:.1%} below the base "
@@ -131,6 +169,26 @@ _TITLES = {"learned": "learned", "not_learned": "not learned yet", "leaks": "lea
 MAX_LINES = 6  # epochs listed in the text block (the best and the last ones)
 
 
+def leak_method(report: dict[str, Any], quote: str = "'") -> str:
+    """How leakage was measured, in words (the report's `leak_measure`); the trigger between `quote`s."""
+    trigger = report.get("trigger") or ""
+    if not trigger:
+        return "no trigger in the captions, so leakage is not measured"
+    if report.get("leak_measure") == OTHER_CONCEPTS:
+        return (f"leakage on {report.get('other_images', 0)} regularisation images with their own captions: the "
+                f"LoRA's change there against its change on the pictures with the trigger {quote}{trigger}{quote} "
+                "(timestep 500, fixed noise)")
+    return f"with and without the trigger {quote}{trigger}{quote}"
+
+
+def leak_limit_words(report: dict[str, Any]) -> str:
+    """What "leaks" means for the report's measure, with its limit."""
+    limit = (report.get("thresholds") or {}).get("leak_max", 0)
+    if report.get("leak_measure") == OTHER_CONCEPTS:
+        return f"the regularisation images' prompts changed more than {limit:.0%} as much as the trigger's"
+    return f"more than {limit:.0%} of its effect shown without the trigger"
+
+
 def epoch_line(report: dict[str, Any], epoch: dict[str, Any] | None = None) -> str:
     """One epoch's scores in words: `epoch 2: validation loss 0.1200 (2.7% below the base model's), leakage 20%`."""
     e = epoch or report["epochs"][-1]
@@ -148,12 +206,10 @@ def report_text(report: dict[str, Any] | None) -> str:
     shown = epochs[-MAX_LINES:]
     if best is not None and all(e["epoch"] != best for e in shown):
         shown = [e for e in epochs if e["epoch"] == best] + shown[1:]
-    trigger = report.get("trigger") or ""
     th = report.get("thresholds") or {}
     lines = [f"Did it learn? {_TITLES.get(report.get('verdict', ''), report.get('verdict', ''))}",
              f"  scored: {report.get('pairs', 0)} fixed noise/timestep pairs on {report.get('images', 0)} images "
-             f"({report.get('method', '')}); " + (f"with and without the trigger '{trigger}'" if trigger else
-                                                   "no trigger in the captions, so leakage is not measured"),
+             f"({report.get('method', '')}); " + leak_method(report),
              "  base model: " + (f"validation loss {report['base_loss']:.5f}" if report.get("base_loss") is not None
                                   else "not scored yet")]
     lines += ["  " + epoch_line(report, e) + ("  <- best" if e["epoch"] == best else "") for e in shown]
@@ -163,7 +219,6 @@ def report_text(report: dict[str, Any] | None) -> str:
         lines.append(f"  best epoch {best}: {report.get('best_lora') or report.get('best_path')}")
     if th:
         lines.append(f"  thresholds: learned = at least {th.get('learned_min_improvement', 0):.0%} below the base "
-                     f"model; leaks = more than {th.get('leak_max', 0):.0%} of the trigger's effect without it"
-                     + (f" ({th['source']})" if th.get("source") else ""))
+                     f"model; leaks = {leak_limit_words(report)}" + (f" ({th['source']})" if th.get("source") else ""))
     lines.append(report.get("message", ""))
     return "\n".join(lines)

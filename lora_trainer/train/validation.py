@@ -5,21 +5,32 @@ A fixed set of (image, timestep, noise) triples is scored after each epoch:
 - **validation loss** (with the trigger): the denoising loss on the images' own captions. The run
   starts by scoring the base model (LoRA off), so every epoch reads as *improvement* = how far below
   the base model's loss it is. A LoRA that has not learned its concept yet barely moves it.
-- **leakage**: what the LoRA does where the picture's layout and shape are decided when its trigger is not
-  asked for. Pure noise (no image in it) at the top of the noise schedule is denoised with each caption,
-  with and without its trigger. Leakage = 1 - |LoRA with - LoRA without|² / |LoRA with - base model
-  without|²: the share of the LoRA's change with the trigger that shows without it too. A LoRA bound to its
-  trigger sits clearly below 1; one that draws its concept whatever the prompt sits at 1.
-  (Scoring the training images with the trigger removed instead does not work: their latents already hold
-  the concept, and that ratio read about 1.0 for every run, good or over-trained;
-  bench/results/learn_thresholds_demo_cpu.md.)
+- **leakage**, two measures (the report names the one it used, `LearnReport.leak_measure`):
+  - with regularisation images (kohya's class images: pictures of what the trigger must not override, with
+    their captions), **"other concepts"**: how much the LoRA changes the prediction on those pictures with
+    their own captions, relative to how much it changes it on the trigger's pictures with theirs, both
+    noised with the same fixed noise to the middle of the schedule (timestep 500):
+    Σ|LoRA(o) - base(o)|² / Σ|LoRA(t) - base(t)|². A LoRA bound to its trigger leaves other prompts mostly
+    alone (0.24-0.47 on the demo models); one that draws its concept whatever is asked moves them about as
+    much as its own (0.5-1.1); this follows what the LoRA draws for other prompts, as a shape classifier
+    reads it (bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md).
+  - without them, **"trigger removed"**: what the LoRA does where the picture's layout and shape are decided
+    when its trigger is not asked for. Pure noise (no image in it) at the top of the noise schedule is
+    denoised with each caption, with and without its trigger. Leakage = 1 - |LoRA with - LoRA without|² /
+    |LoRA with - base model without|²: the share of the LoRA's change with the trigger that shows without it
+    too. A LoRA bound to its trigger sits clearly below 1; one that draws its concept whatever the prompt
+    sits at 1. (Scoring the training images with the trigger removed instead does not work: their latents
+    already hold the concept, and that ratio read about 1.0 for every run, good or over-trained;
+    bench/results/learn_thresholds_demo_cpu.md.) This measure does not separate over-trained runs from good
+    ones on every model (the results file above), which is why regularisation images, where a run has them,
+    replace it.
 
 Images: `validation_split` > 0 holds that share of the training images out (scored, never trained
 on); otherwise the training images themselves are scored with fixed noise. The best epoch is the
 latest one that does not leak and scores within the noise of the lowest validation loss (train/report.py);
 its LoRA file is kept.
 
-The verdict and its thresholds (`LEARNED_MIN_IMPROVEMENT`, `LEAK_MAX`) are in train/report.py.
+The verdict and its thresholds (`LEARNED_MIN_IMPROVEMENT`, `LEAK_MAX`, `LEAK_MAX_OTHER`) are in train/report.py.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .report import EpochCheck, LearnReport
+from .report import OTHER_CONCEPTS, TRIGGER_REMOVED, EpochCheck, LearnReport, thresholds_for
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +56,9 @@ LEAK_PAIRS = 16  # pure-noise probes for leakage (the pairs' noise and captions)
 # trigger-less predictions differ most from its triggered ones there (levels 0.55-0.9 read the demo's run
 # up to 0.954 and over-trained ones down to 0.971, 0.825-1.0: 0.943 and 0.984).
 PROBE_LEVELS = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93)
+# "other concepts" (regularisation images): both sides at the middle of the schedule (DDPM timestep 500, flow
+# sigma 0.5), where the picture still holds its layout and the prediction shows what the LoRA adds to it
+MID_LEVEL = 0.5
 MAX_IMAGES = 8
 
 
@@ -103,7 +117,8 @@ class _Pair:
     plain: str | None  # caption without the trigger
     item: Any  # ImageItem (the family's per-image extras, e.g. SDXL's size conditioning)
     draws: dict[str, torch.Tensor] = field(default_factory=dict)  # noise, timesteps/sigmas: fixed, CPU
-    probe: dict[str, torch.Tensor] = field(default_factory=dict)  # the same noise at a high level (leakage)
+    probe: dict[str, torch.Tensor] = field(default_factory=dict)  # leakage draws: the same noise at a high level
+    # (trigger removed), or fixed noise at MID_LEVEL (other concepts)
 
 
 class Validator:
@@ -117,15 +132,21 @@ class Validator:
 
     def __init__(self, pairs: list[_Pair], method: str, images: int, trigger: str, bundle, family,
                  device: torch.device, dtype: torch.dtype, clip_skip: int, seed: int, emit: Callable[[dict], None],
-                 batch: int = 8):
+                 batch: int = 8, others: list[_Pair] | None = None):
         self.pairs, self.bundle, self.family = pairs, bundle, family
+        # regularisation images with their captions: leakage is then "other concepts" (module docstring)
+        self.others = list(others or [])
         self.batch = max(1, batch)  # pairs per forward pass (scoring_batch)
         self.device, self.dtype, self.clip_skip, self.seed, self.emit = device, dtype, clip_skip, seed, emit
-        self.report = LearnReport(method=method, images=images, pairs=len(pairs), trigger=trigger, base_loss=None)
+        measure = OTHER_CONCEPTS if self.others and trigger else TRIGGER_REMOVED
+        self.report = LearnReport(method=method, images=images, pairs=len(pairs), trigger=trigger, base_loss=None,
+                                  leak_measure=measure, other_images=len({id(p.item) for p in self.others})
+                                  if measure == OTHER_CONCEPTS else 0, thresholds=thresholds_for(measure))
         self.fixed_text: dict[str, dict[str, torch.Tensor]] | None = None
         self.objective: Any = None
         self.network: Any = None
-        self.base: dict[int, torch.Tensor] | None = None  # the base model's probe predictions without the trigger
+        # the base model's leakage predictions: without the trigger (trigger removed), or "own"/"other"
+        self.base: dict[Any, torch.Tensor] | None = None
         with_trigger = [k for k, p in enumerate(pairs) if p.plain is not None]  # probes spread over the images
         self.probes = [with_trigger[int(n * len(with_trigger) / LEAK_PAIRS)]
                        for n in range(min(LEAK_PAIRS, len(with_trigger)))]
@@ -157,13 +178,19 @@ class Validator:
             caption = process_caption(item.caption)
             pairs.append(_Pair(cached.latent, caption, strip_trigger(caption, triggers), item))
         trigger = ", ".join(triggers) if any(p.plain is not None for p in pairs) else ""
+        # "other concepts": up to LEAK_PAIRS regularisation images spread over the folder (cycled, each with its
+        # own noise, when there are fewer), their latents the ones cached for training
+        reg = [(i, item) for i, item in enumerate(dataset.items) if item.is_reg]
+        others = [_Pair(latents[i].latent, process_caption(item.caption), None, item)
+                  for i, item in (reg[int(n * len(reg) / LEAK_PAIRS)] for n in range(LEAK_PAIRS if reg else 0))]
         return cls(pairs, method, len(items), trigger, bundle, family, device, dtype, int(config.clip_skip),
-                   int(config.seed), emit, batch=scoring_batch(config))
+                   int(config.seed), emit, batch=scoring_batch(config), others=others)
 
     # ------------------------------------------------------------------ text
     def captions(self) -> list[str]:
         """Every caption scored (with and without the trigger), for the run's text cache."""
-        return list(dict.fromkeys([p.caption for p in self.pairs] + [p.plain for p in self.pairs if p.plain]))
+        return list(dict.fromkeys([p.caption for p in self.pairs] + [p.plain for p in self.pairs if p.plain]
+                                  + [p.caption for p in self.others]))
 
     def set_text(self, captions: list[str], conditioning: list[dict[str, torch.Tensor]]) -> None:
         """Frozen text encoders: the conditioning of `captions()` from the run's text cache."""
@@ -197,28 +224,41 @@ class Validator:
                 drawn = objective.draw(pair.latent.unsqueeze(0).to(self.device))
             drawn.pop("weights", None)  # a plain, unweighted loss is scored
             pair.draws = {name: value[0].detach().cpu() for name, value in drawn.items()}
+        if self.report.leak_measure == OTHER_CONCEPTS:
+            # the n-th probe of each side draws from the same seed: the same noise where the latents' shapes match
+            for side in ([self.pairs[k] for k in self.probes], self.others):
+                for n, pair in enumerate(side):
+                    with torch.random.fork_rng(devices=devices):
+                        torch.manual_seed(self.seed * 7919 + 104729 + n)
+                        drawn = objective.draw(pair.latent.unsqueeze(0).to(self.device))
+                    drawn.pop("weights", None)
+                    drawn = {name: value[0].detach().cpu() for name, value in drawn.items()}
+                    pair.probe = {**drawn, **_high_level(drawn, MID_LEVEL, objective)}
+            return
         for n, k in enumerate(self.probes):
             pair = self.pairs[k]
             pair.probe = {**pair.draws, **_high_level(pair.draws, PROBE_LEVELS[n % len(PROBE_LEVELS)], objective)}
 
     @torch.no_grad()
-    def _predict(self, keys: list[int], plain: bool, probe: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """(prediction, target) per pair in `keys`, on the CPU in fp32: the caption with the trigger or
-        without it (`plain`), on the pair's image or on pure noise at its probe level (`probe`)."""
+    def _predict(self, pairs: list[_Pair], *, plain: bool = False, probe: bool = False,
+                 image: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(prediction, target) per pair, on the CPU in fp32: the caption with the trigger or without it
+        (`plain`), with the pair's scoring draws or its leakage draws (`probe`), on the pair's image or on
+        pure noise (`image=False`)."""
         from .family import StepInputs
 
-        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: list[Any] = [None] * len(pairs)
         groups: dict[tuple, list[int]] = {}
-        for k in keys:
-            groups.setdefault(tuple(self.pairs[k].latent.shape), []).append(k)
+        for j, p in enumerate(pairs):
+            groups.setdefault(tuple(p.latent.shape), []).append(j)
         model_dtype = next(self.bundle.unet.parameters()).dtype
         for group in groups.values():
             for start in range(0, len(group), self.batch):
                 part = group[start:start + self.batch]
-                chunk = [self.pairs[k] for k in part]
+                chunk = [pairs[j] for j in part]
                 latents = torch.stack([p.latent for p in chunk]).to(self.device)
-                batch = {"latents": torch.zeros_like(latents) if probe else latents}  # a probe holds no image
-                for name in chunk[0].draws:
+                batch = {"latents": latents if image else torch.zeros_like(latents)}  # a pure-noise probe: no image
+                for name in (chunk[0].probe if probe else chunk[0].draws):
                     batch[name] = torch.stack([(p.probe if probe else p.draws)[name] for p in chunk]).to(self.device)
                 extras = self.family.batch_extras(self.bundle, [p.item for p in chunk], [False] * len(chunk))
                 batch.update({name: v.to(self.device) for name, v in extras.items()})
@@ -226,23 +266,33 @@ class Validator:
                 with self._autocast():
                     pred, target = self.family.prediction_and_target(
                         StepInputs(self.bundle, batch, cond, self.objective, model_dtype))
-                for j, k in enumerate(part):
-                    out[k] = (pred[j].float().cpu(), target[j].float().cpu())
+                for i, j in enumerate(part):
+                    out[j] = (pred[i].float().cpu(), target[i].float().cpu())
         return out
 
-    def _score(self, *, base: bool = False) -> tuple[list[float], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Each pair's validation loss, and the probes' predictions with the trigger and without it (the base
-        model: without it only, the reference leakage is measured from)."""
+    def _score(self, *, base: bool = False) -> tuple[list[float], dict[Any, torch.Tensor]]:
+        """Each pair's validation loss, and the leakage predictions: "other concepts", the trigger's pictures
+        ("own", k) and the regularisation images ("other", n) with their captions; "trigger removed", the probes
+        with the trigger ("with", k; not for the base model) and without it ("without", k)."""
         modules = [self.bundle.unet, *self.bundle.text_encoders]
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
         try:
-            scored = self._predict(list(range(len(self.pairs))), False, False)
-            val = [float(torch.mean((scored[k][0] - scored[k][1]) ** 2)) for k in range(len(self.pairs))]
-            with_t = {} if base else {k: v[0] for k, v in self._predict(self.probes, False, True).items()}
-            without_t = {k: v[0] for k, v in self._predict(self.probes, True, True).items()}
-            return val, with_t, without_t
+            scored = self._predict(self.pairs)
+            val = [float(torch.mean((pred - target) ** 2)) for pred, target in scored]
+            probes = [self.pairs[k] for k in self.probes]
+            leak: dict[Any, torch.Tensor] = {}
+            if self.report.leak_measure == OTHER_CONCEPTS:
+                leak.update({("own", k): v[0] for k, v in zip(self.probes, self._predict(probes, probe=True))})
+                leak.update({("other", n): v[0] for n, v in enumerate(self._predict(self.others, probe=True))})
+            else:
+                if not base:
+                    leak.update({("with", k): v[0] for k, v in
+                                 zip(self.probes, self._predict(probes, probe=True, image=False))})
+                leak.update({("without", k): v[0] for k, v in
+                             zip(self.probes, self._predict(probes, plain=True, probe=True, image=False))})
+            return val, leak
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
@@ -264,7 +314,7 @@ class Validator:
             return
         self.network.set_multiplier(0.0)
         try:
-            losses, _, self.base = self._score(base=True)
+            losses, self.base = self._score(base=True)
             self.report.base_loss = _mean(losses)
         finally:
             self.network.set_multiplier(1.0)
@@ -273,9 +323,12 @@ class Validator:
     def epoch(self, epoch: int, step: int, snapshot: Callable[[], Any]) -> LearnReport:
         """Score the LoRA as it is after `epoch`; remember its weights when it is the best so far."""
         self._score_base()
-        losses, with_t, without_t = self._score()
+        losses, predictions = self._score()
         val = _mean(losses)
-        leak = _leakage(self.base, with_t, without_t) if self.report.trigger else None
+        leak = None
+        if self.report.trigger:
+            measure = _other_ratio if self.report.leak_measure == OTHER_CONCEPTS else _leakage
+            leak = measure(self.base, predictions)
         self.report.epochs = [e for e in self.report.epochs if e.epoch != epoch]
         self.report.epochs.append(EpochCheck(epoch=epoch, step=step, val_loss=val,
                                              improvement=1.0 - val / self.report.base_loss, leak=leak,
@@ -320,14 +373,25 @@ def _high_level(draws: dict[str, torch.Tensor], level: float, objective) -> dict
     return {}
 
 
-def _leakage(base: dict[int, torch.Tensor], with_t: dict[int, torch.Tensor], without_t: dict[int, torch.Tensor]) -> float:
-    """1 - |LoRA with - LoRA without|² / |LoRA with - base without|², over all probes: the share of the LoRA's
-    change with the trigger that its prediction without the trigger shows as well (0: none, 1: all of it)."""
+def _leakage(base: dict[Any, torch.Tensor], lora: dict[Any, torch.Tensor]) -> float:
+    """Trigger removed: 1 - |LoRA with - LoRA without|² / |LoRA with - base without|², over all probes: the share
+    of the LoRA's change with the trigger that its prediction without the trigger shows as well (0: none, 1: all
+    of it)."""
     apart = towards = 0.0
-    for k, reference in base.items():
-        apart += float(((with_t[k] - without_t[k]) ** 2).sum())
-        towards += float(((with_t[k] - reference) ** 2).sum())
+    for key, reference in base.items():
+        k = key[1]
+        apart += float(((lora[("with", k)] - lora[("without", k)]) ** 2).sum())
+        towards += float(((lora[("with", k)] - reference) ** 2).sum())
     return max(0.0, 1.0 - apart / towards) if towards > 0 else 0.0
+
+
+def _other_ratio(base: dict[Any, torch.Tensor], lora: dict[Any, torch.Tensor]) -> float:
+    """Other concepts: Σ|LoRA(o) - base(o)|² over the regularisation images / Σ|LoRA(t) - base(t)|² over the
+    trigger's pictures (0: other prompts untouched; 1: moved as much as the trigger's own)."""
+    change = {"own": 0.0, "other": 0.0}
+    for key, reference in base.items():
+        change[key[0]] += float(((lora[key] - reference) ** 2).sum())
+    return change["other"] / change["own"] if change["own"] > 0 else 0.0
 
 
 def _mean(values: list[float]) -> float:

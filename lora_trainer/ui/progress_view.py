@@ -157,6 +157,8 @@ def report_md(report: dict[str, Any] | None) -> str:
     and the thresholds with where they come from. Empty without a report."""
     if not report:
         return ""
+    from ..train.report import leak_limit_words, leak_method
+
     title = _VERDICT_TITLES.get(report.get("verdict", ""), "Did it learn?")
     lines = [f"### Did it learn? {title}", report.get("message", "")]
     best = report.get("best_epoch")
@@ -169,14 +171,12 @@ def report_md(report: dict[str, Any] | None) -> str:
         leak = "" if last.get("leak") is None else f", leakage {last['leak']:.0%}"
         lines.append(f"Last epoch: validation loss {last['improvement']:.1%} below the base model's{leak}.")
     th = report.get("thresholds") or {}
-    trigger = report.get("trigger") or ""
     how = (f"Scored on {report.get('pairs', 0)} fixed noise/timestep pairs of {report.get('images', 0)} "
-           f"images ({report.get('method', '')})" + (f", with and without the trigger `{trigger}`" if trigger
-                                                  else "; no trigger word in the captions, so leakage is not measured"))
+           f"images ({report.get('method', '')}); {leak_method(report, '`')}")
     if th:
         source = f" ({th['source']})" if th.get("source") else ""
         how += (f". Learned means at least {th.get('learned_min_improvement', 0):.0%} below the base model; "
-                f"leaking means more than {th.get('leak_max', 0):.0%} of its effect shown without the trigger{source}.")
+                f"leaking means {leak_limit_words(report)}{source}.")
     lines.append(f"\n<small>{how}</small>")
     return "\n".join(lines)
 
