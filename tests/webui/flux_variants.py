@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write stored-format variants of a Flux transformer file, as users download them, for the live suites:
 
-    python tests/webui/flux_variants.py SRC.safetensors --gguf Q8_0 [--fp8-scaled] [--out-dir DIR]
+    python tests/webui/flux_variants.py SRC.safetensors --gguf Q8_0 [--fp8-scaled] [--chroma] [--out-dir DIR]
 
 - `--gguf Q8_0|Q5_1|Q5_0|Q4_1|Q4_0`: `<stem>-<type>.gguf`, city96's layout (ComfyUI-GGUF, what Forge and Neo read):
   the BFL keys, every 2-D weight quantised to that type with the `gguf` package, 1-D tensors as F32,
@@ -18,6 +18,13 @@
   read as 1). A model with fewer blocks (the live suites' 1 + 1) therefore keeps those four weights in their
   source dtype (4 of its 24 Linears); Neo quantises them to nf4 itself when it loads the model (its path for
   weights not pre-quantised), so every Linear it holds is nf4.
+- `--chroma`: `chroma-random.safetensors`, a random Chroma-architecture transformer (lodestones/Chroma's BFL keys) from
+  a FLUX.1 file: its blocks and img_in/txt_in/final_layer.linear kept, the FLUX.1-only parts dropped (the per-block
+  modulation Linears `*_mod.lin` / `modulation.lin`, `final_layer.adaLN_modulation`, `time_in`, `vector_in`,
+  `guidance_in`) and Chroma's `distilled_guidance_layer` added, at the size Neo and Forge build it whatever the file
+  (huggingface_guess: in 64, hidden 5120, 5 layers, out = the model width): random, N(0, gain^2/fan_in) weights
+  (gain 0.5 on the residual outputs), N(0, 0.02^2) biases, RMSNorm `scale` 1 + N(0, 0.02^2), seed 0; in the
+  source's dtype. Neo's detector calls it Chroma (`distilled_guidance_layer.norms.0.scale`).
 
 Tensors are read and written one at a time (the source stays memory-mapped). Needs `gguf` for --gguf and
 bitsandbytes (0.48 or later quantises on the CPU) for --nf4.
@@ -112,6 +119,36 @@ def write_nf4(src: Path, out: Path) -> Path:
     return out
 
 
+FLUX_ONLY = ("time_in.", "vector_in.", "guidance_in.", "final_layer.adaLN_modulation.")
+APPROXIMATOR = {"in_dim": 64, "hidden": 5120, "layers": 5}  # what Neo's and Forge's Chroma build (huggingface_guess)
+
+
+def write_chroma(src: Path, out: Path, *, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in _tensors(src):
+        if key.startswith(FLUX_ONLY) or "_mod.lin." in key or ".modulation.lin." in key:
+            continue
+        tensors[key] = value
+    dtype, width = tensors["img_in.weight"].dtype, tensors["img_in.weight"].shape[0]
+    hidden, prefix = APPROXIMATOR["hidden"], "distilled_guidance_layer."
+
+    def linear(name: str, n_out: int, n_in: int, gain: float = 1.0) -> None:
+        tensors[f"{prefix}{name}.weight"] = (torch.randn(n_out, n_in, generator=g) * gain / n_in**0.5).to(dtype)
+        tensors[f"{prefix}{name}.bias"] = (torch.randn(n_out, generator=g) * 0.02).to(dtype)
+
+    linear("in_proj", hidden, APPROXIMATOR["in_dim"])
+    for i in range(APPROXIMATOR["layers"]):
+        linear(f"layers.{i}.in_layer", hidden, hidden)
+        linear(f"layers.{i}.out_layer", hidden, hidden, gain=0.5)
+        tensors[f"{prefix}norms.{i}.scale"] = (1 + torch.randn(hidden, generator=g) * 0.02).to(dtype)
+    linear("out_proj", width, hidden, gain=0.5)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path)
@@ -120,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--fp8-scaled", action="store_true")
     ap.add_argument("--nf4", action="store_true")
+    ap.add_argument("--chroma", action="store_true")
     a = ap.parse_args(argv)
     out_dir = a.out_dir or a.src.parent
     stem = a.src.stem
@@ -131,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         print(write_fp8(a.src, out_dir / f"{stem}-fp8_scaled.safetensors", scaled=True))
     if a.nf4:
         print(write_nf4(a.src, out_dir / f"{stem}-nf4.safetensors"))
+    if a.chroma:
+        print(write_chroma(a.src, out_dir / "chroma-random.safetensors"))
     return 0
 
 
