@@ -3,6 +3,7 @@ CUDA graphs, fused AdamW, bf16 on CUDA — are checked by bench/speed.py's corre
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from types import SimpleNamespace
@@ -110,9 +111,21 @@ def test_fused_lora_bf16_autocast_within_tolerance():
     assert rel(cat(g_fused), cat(g32)) < max(1.5 * rel(cat(g_ref), cat(g32)), 5e-2)
 
 
+# torch 2.1's oneDNN bf16 kernels on CPUs with AMX accumulate weight gradients less precisely than cuBLAS
+# or later torch builds (the fused path's bf16 LoRA products go through them, peft's fp32 branch does not):
+# this test checks our math, so on that torch it runs the CPU's plain bf16 kernels.
+_PLAIN_CPU_BF16 = (functools.partial(torch.backends.mkldnn.flags, enabled=False)
+                   if torch.__version__ < "2.2" else contextlib.nullcontext)
+
+
 def test_fused_lora_pure_bf16_keeps_fp32_params():
     """bf16 base weights, fp32 LoRA parameters, no autocast: no fp32 round trip of activations,
     and as close to the fp32 result as peft's own (fp32-LoRA-branch) path."""
+    with _PLAIN_CPU_BF16():
+        _fused_lora_pure_bf16()
+
+
+def _fused_lora_pure_bf16():
     ref = lora_unet()
     peft_bf = copy.deepcopy(ref)
     for n, p in peft_bf.named_parameters():
@@ -265,10 +278,14 @@ def test_fp8_base_linear_close_and_trainable():
     assert lora_keys == {k for k, p in ref.named_parameters() if p.requires_grad}
     batch = inputs(unet)
     out_q, grads = fwd_bwd(unet, batch)
-    out_ref, _ = fwd_bwd(ref, batch)
+    out_ref, grads_ref = fwd_bwd(ref, batch)
     # every Linear/Conv rounded to fp8: a random tiny net amplifies it (per layer it is < 8% above)
     assert rel(out_q, out_ref) < 0.25
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # Every LoRA learns, except where it cannot: the mid block's self-attention sees one token at this size,
+    # so its query/key gradients are zero in exact arithmetic (fp32 reads ~1e-9, fp8 may round to 0).
+    live = [k for k, g in grads_ref.items() if g.abs().max() > 1e-6]
+    assert len(live) > 20 and all(grads[k].abs().sum() > 0 for k in live)
 
 
 def test_graph_safe_checkpointing_same_gradients():
