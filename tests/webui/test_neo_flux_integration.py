@@ -22,11 +22,13 @@ layout, written by flux_variants.py --nf4), merged and "(fp16 LoRA)", when bitsa
 around bitsandbytes' (de)quantisation are replaced by the same calls on the CPU (neo_cpu_bnb.py, a test-only
 extension script installed for the session): bitsandbytes 0.48+ has CPU kernels for them.
 
-Chroma (last test): a random Chroma-architecture transformer written from the Flux one by flux_variants.py --chroma
+Chroma (last tests): a random Chroma-architecture transformer written from the Flux one by flux_variants.py --chroma
 (1 double + 1 single block at full width, Chroma's approximator at full size, bf16), with the same VAE and T5 (no
-CLIP-L): install done above, train through the API on the loaded Chroma (T5 only, no text encoder trained), Neo's
-weights bit-identical, the no-LoRA image identical before and after, `<lora:n:1>` changes the image, `:0` equals none,
-Neo's log has the LoRA's transformer keys loaded with nothing skipped or unmatched.
+CLIP-L), stored as Neo holds the bf16 file (fp32 on the CPU), as GGUF Q8_0 and as fp8 e4m3fn with "(fp16 LoRA)":
+train through the API on the loaded Chroma (T5 only, no text encoder trained), Neo's weights bit-identical, the
+no-LoRA image identical before and after, `<lora:n:1>` changes the image, `:0` equals none, Neo's log has the LoRA's
+transformer keys loaded with nothing skipped or unmatched. Neo's tree at 3df257ae lacks Chroma's tokenizer.json (the
+test skips until it is copied in, docs/forge.md "Chroma in Forge Neo").
 
 Flux on 2 CPU cores: every new prompt/LoRA set costs one T5-XXL pass in Neo (~40 s with NEO_THREADS=2), so the
 suite reuses one prompt and uses 64 px, 2 steps, CFG 1, scheduler Simple (Euler + "Automatic" gives NaN on
@@ -66,6 +68,12 @@ VARIANTS = {
 }
 CHROMA = "chroma-random"  # flux_variants.py --chroma
 CHROMA_MODULES = [MODULES[0], MODULES[2]]  # VAE and T5: Chroma has no CLIP-L
+# Chroma as stored: (checkpoint, "Diffusion in Low Bits", what our console line calls the transformer)
+CHROMA_VARIANTS = {
+    "bf16": (CHROMA, "Automatic", "transformer fp32"),  # Neo's CPU storage of the bf16 file
+    "gguf": (f"{CHROMA}-Q8_0", "Automatic", "transformer gguf Q8_0"),  # Neo applies LoRAs on the fly to GGUF
+    "fp8_fp16_lora": (CHROMA, "float8-e4m3fn (fp16 LoRA)", "transformer fp8 e4m3fn"),
+}
 SHIM = "lora_trainer_it_cpu_bnb"  # the test-only extension folder of neo_cpu_bnb.py
 TRAIN = {"t5_max_token_length": 32, "train_text_encoder": True}  # our T5 pass per caption: 32 tokens, not 512
 
@@ -84,17 +92,24 @@ def _has_bnb(python: Path) -> bool:
 
 
 def _variants(webui: Path, python: Path, nf4: bool) -> None:
-    """GGUF Q8_0, fp8_scaled (and nf4) copies of the transformer (kept, like the random model itself)."""
-    folder = webui / "models" / "Stable-diffusion"
+    """GGUF Q8_0, fp8_scaled (and nf4) copies of the transformer, the Chroma one and its GGUF Q8_0 copy (kept, like
+    the random model itself)."""
     wanted = {"--gguf": f"{MODEL}-Q8_0.gguf", "--fp8-scaled": f"{MODEL}-fp8_scaled.safetensors",
               "--chroma": f"{CHROMA}.safetensors"}
     if nf4:
         wanted["--nf4"] = f"{MODEL}-nf4.safetensors"
+    _write(webui, python, MODEL, wanted)
+    _write(webui, python, CHROMA, {"--gguf": f"{CHROMA}-Q8_0.gguf"})
+
+
+def _write(webui: Path, python: Path, src: str, wanted: dict[str, str]) -> None:
+    """flux_variants.py on models/Stable-diffusion/<src>.safetensors for the {flag: file} not there yet."""
+    folder = webui / "models" / "Stable-diffusion"
     args = [a for flag, name in wanted.items() if not (folder / name).is_file()
             for a in ([flag, "Q8_0"] if flag == "--gguf" else [flag])]
     if not args:
         return
-    res = subprocess.run([str(python), str(HERE / "flux_variants.py"), str(folder / f"{MODEL}.safetensors"), *args],
+    res = subprocess.run([str(python), str(HERE / "flux_variants.py"), str(folder / f"{src}.safetensors"), *args],
                          capture_output=True, text=True, timeout=900, check=False,
                          env={"PYTHONPATH": str(webui / "modules_forge" / "packages"), "OMP_NUM_THREADS": "1",
                               "PATH": "/usr/bin:/bin"})
@@ -273,27 +288,30 @@ def test_the_same_on_a_quantised_base(neo: FluxNeo, variant: str):
         ui.select(MODEL, "Automatic")
 
 
-def test_chroma_trains_on_the_loaded_chroma_and_its_lora_works_in_neo(neo: FluxNeo):
+@pytest.mark.parametrize("variant", list(CHROMA_VARIANTS))
+def test_chroma_trains_on_the_loaded_chroma_and_its_lora_works_in_neo(neo: FluxNeo, variant: str):
     ui, f = neo, neo.facts
+    checkpoint, storage, fmt = CHROMA_VARIANTS[variant]
     tokenizer = ui.webui / "backend" / "huggingface" / "Chroma" / "tokenizer" / "tokenizer.json"
     if not tokenizer.is_file():  # Neo's tree at 3df257ae lacks it: its Chroma cannot encode a prompt (docs/forge.md)
         pytest.skip(f"{tokenizer} is missing: copy Neo's backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2/"
                     "tokenizer.json there (the same file Forge main ships for Chroma)")
     ui.call("POST", "/sdapi/v1/options", {"forge_additional_modules": CHROMA_MODULES})
-    ui.select(CHROMA, "Automatic")
+    ui.select(checkpoint, storage)
     try:
         prepared = f.get("prepared") or ui.tag_and_prepare(f["data"])
         start = len(ui.log_text())
         base = ui.txt2img(PROMPT)  # loads the Chroma transformer + VAE + T5
         log = ui.log_text()[start:]
         assert "Model loaded in" in log, log[-3000:]
-        name = f"{RUN}_chroma"
+        f["prepared"] = prepared
+        name = f"{RUN}_chroma_{variant}"
         job = ui.train(str(prepared), name, t5_max_token_length=32, train_text_encoder=False)
         assert job["state"] == "done", (job["error"], job["message"])
         assert job["lora_name"] == name and job["step"] == 2
         log = ui.log_text()[start:]
         line = re.search(r"LoRA Trainer: training on Forge's loaded Chroma model .*", log)
-        assert line and f"model {CHROMA} (transformer fp32, T5 fp8 e4m3fn; " in line.group(0), log[-3000:]
+        assert line and f"model {checkpoint} ({fmt}, T5 fp8 e4m3fn; " in line.group(0), log[-3000:]
         assert "Trains on the loaded Chroma model as Forge holds it" in job["notes"][0], job["notes"]
         assert "LoRA Trainer: Forge's model is bit-identical after training" in log
         lora = ui.webui / "models" / "Lora" / f"{name}.safetensors"
@@ -312,7 +330,7 @@ def test_chroma_trains_on_the_loaded_chroma_and_its_lora_works_in_neo(neo: FluxN
         unet = [ln for ln in lines if "for KModel-UNet with" in ln]
         assert unet and all("(skipped 0 keys)" in ln for ln in unet), lines
         assert not [ln for ln in lines if "unmatched" in ln or "mismatch" in ln.lower() or "KModel-CLIP" in ln], lines
-        print(f"chroma: {line.group(0)}; <lora:{name}:1> changes {changed:.1%} of the values; {unet[0]}")
+        print(f"chroma {variant}: {line.group(0)}; <lora:{name}:1> changes {changed:.1%} of the values; {unet[0]}")
     finally:
         ui.call("POST", "/sdapi/v1/options", {"forge_additional_modules": MODULES})
         ui.select(MODEL, "Automatic")
