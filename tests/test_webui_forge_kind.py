@@ -150,5 +150,6 @@ def test_lora_cards_get_the_version_name_the_host_uses():
     """Neo's card editor and preset filter know sd/xl/flux (PresetArch); A1111 and Forge know SD1/SDXL."""
     assert forge_kind._kind("neo").card_sd_version("SD1") == "sd"
     assert forge_kind._kind("neo").card_sd_version("SDXL") == "xl"
+    assert forge_kind._kind("neo").card_sd_version("Chroma") == "flux"  # Neo runs Chroma under its "flux" preset
     assert forge_kind._kind("neo").card_sd_version("Unknown") == "Unknown"
     assert forge_kind._kind("forge").card_sd_version("SDXL") == "SDXL"
