@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from bnb_support import HAS_BNB
 from flux_support import inputs, requires_flux_diffusers
 from forge_flux_standins import backend_modules, forge_tensors, install_forge_modules, make_forge_chroma
 
@@ -29,8 +30,9 @@ pytestmark = requires_flux_diffusers
 
 HAS_GGUF = importlib.util.find_spec("gguf") is not None
 FORMATS = ["fp32", "bf16", "fp8_scaled",
-           pytest.param("gguf", marks=pytest.mark.skipif(not HAS_GGUF, reason="the gguf package is not installed"))]
-FORMAT_NAMES = {"fp32": "fp32", "bf16": "bf16", "fp8_scaled": "fp8_scaled", "gguf": "gguf Q8_0"}
+           pytest.param("gguf", marks=pytest.mark.skipif(not HAS_GGUF, reason="the gguf package is not installed")),
+           pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes has no 4-bit kernels here"))]
+FORMAT_NAMES = {"fp32": "fp32", "bf16": "bf16", "fp8_scaled": "fp8_scaled", "gguf": "gguf Q8_0", "nf4": "nf4"}
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def chroma_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("forge-chroma-data"), n=2, repeats=1, sizes=[(64, 64), (64, 64)])
 
 
-@pytest.mark.parametrize("fmt", ["fp8_scaled", FORMATS[-1]])
+@pytest.mark.parametrize("fmt", ["fp8_scaled", FORMATS[3]])
 def test_neo_host_trains_chroma_in_place_and_exports_a_chroma_lora(forge_backend, monkeypatch, tmp_path, chroma_data,
                                                                    fmt, capsys):
     """ForgeHost with Neo's loaded Chroma: Forge's memory manager asked for room, the real engine trains a few steps
