@@ -139,6 +139,10 @@ def test_the_line_beside_the_buttons_and_the_time_estimate(tmp_path):
                          epochs=10, total_steps=2000)
     assert plan.time_estimate(long_run, steps, flux, []).startswith(
         "**Time:** roughly 33 min to 2 h 13 min for 2000 steps")
+    # Chroma: Flux's per-token compute (its missing modulation Linears run once per image), so Flux's guess
+    chroma = plan.Setup(model="chroma-unlocked-v50.safetensors", family="Chroma", device="cuda:0", device_text="GPU")
+    assert plan.time_estimate(long_run, steps, chroma, []) == plan.time_estimate(long_run, steps, flux, [])
+    assert "roughly" in plan.time_estimate(long_run, steps, chroma, [])
     assert "measured by the first run here" in plan.time_estimate(
         config, training, SimpleNamespace(family="SD1", device="cpu"), [])
     assert plan.preset_warning("sdxl", "SD1").startswith("⚠️ The preset is made for SDXL models (it trains at 1024 "

@@ -21,8 +21,13 @@ log = logging.getLogger(__name__)
 # resolution, used only before this computer has trained once; after that, its measured speed is used.
 # Families not listed get no first-time guess.
 # Flux: an H200 trains 1.0-1.36 it/s at 1024 px over the Flux Forge holds (bench/results/flux_forge_handoff_h200.md);
-# a 16-24 GB card about half of that
-_FIRST_GUESS_IT_S = {"SD1": (6.0, 512), "SD2": (5.0, 768), "SDXL": (1.2, 1024), "Flux": (0.5, 1024)}
+# a 16-24 GB card about half of that.
+# Chroma: Flux's guess. Its transformer has 8.90B parameters against FLUX.1-dev's 11.90B (our ChromaTransformer at
+# full size = kohya's Chroma: 8,899,983,424, docs/internals.md; FLUX.1-dev 11,901 M, docs/forge.md); the 3.28B it
+# lacks (modulation Linears, time/vector/guidance embedders; it adds a 0.28B approximator) run once per image, not
+# per token: the per-token Linears and attention, which set a step's time, are FLUX.1's. Not measured on a GPU yet.
+_FIRST_GUESS_IT_S = {"SD1": (6.0, 512), "SD2": (5.0, 768), "SDXL": (1.2, 1024), "Flux": (0.5, 1024),
+                     "Chroma": (0.5, 1024)}
 
 
 @dataclass
