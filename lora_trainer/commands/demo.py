@@ -3,7 +3,8 @@
 The package ships a small SD1-architecture model pretrained by us on synthetic shapes, never a
 star (`lora_trainer.demo`). The demo draws sixteen star pictures captioned "yellow demostar, blue
 background", adds the synthetic WD14 tagger's confident tags through the real tagger code, prepares
-a Kohya folder with the real preparer, trains a LoRA on the CPU and writes an A/B image: the same
+a Kohya folder with the real preparer (with as many pictures of the shapes the model already knows, captioned
+with their names, as regularisation images), trains a LoRA on the CPU and writes an A/B image: the same
 prompts and seeds without the LoRA and with the LoRA loaded back from the saved file. How far the
 LoRA gets towards drawing a star is measured in docs/demo-model.md.
 
@@ -26,6 +27,9 @@ SIZE = 64
 AB_PROMPTS = ("yellow demostar, blue background", "red demostar, white background",
               "white demostar, black background", "orange demostar, teal background")
 AB_SEED = 7
+# regularisation images: pictures of the other, seen shapes (scene seed = training seed + OTHERS_SEED, apart from
+# the seeds the bench readings prompt with) in the dataset's reg/1_<OTHERS_CLASS>/
+OTHERS_SEED, OTHERS_CLASS = 100, "shape"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,7 +148,9 @@ def run_tiny(args: argparse.Namespace) -> int:
 
 
 def demo_config(model: str, data: Path, output_dir: Path, *, epochs: int, seed: int, device: str):
-    """The demo's training settings (measured on the demo model: docs/demo-model.md)."""
+    """The demo's training settings (measured on the demo model: docs/demo-model.md). `data` is a Kohya dataset
+    folder; the demo's holds the other shapes as regularisation images in `data/reg/` (`run_demo`), which the
+    run picks up from there, so its report measures leakage on them."""
     from ..config import TrainConfig
     from ..demo import TRIGGER
 
@@ -177,7 +183,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from .. import demo
     from ..dataset.prepare import prepare_dataset
-    from ..demo.dataset import write_concept_images
+    from ..demo.dataset import write_concept_images, write_other_images
     from ..demo.measure import generate_batch
     from ..demo.world import to_pil
     from ..lora import applied_lora
@@ -205,8 +211,15 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"2/5 {len(tagged.captions)} star pictures, captions + demo WD14 tags "
           f"(e.g. {Path(example[0]).name}: '{example[1]}')")
 
-    dataset = prepare_dataset(images, out / "dataset", demo.TRIGGER, repeats=1, resolution=SIZE)
-    print(f"3/5 Kohya dataset: {dataset.out}/img/1_{demo.TRIGGER}/")
+    # the shapes the model already knows, with their own captions, as regularisation images: what the star's
+    # trigger must not override; the report measures its leakage on them (train/validation.py)
+    others = out / "other-shapes"
+    shutil.rmtree(others, ignore_errors=True)
+    write_other_images(others, args.images, args.seed + OTHERS_SEED)
+    dataset = prepare_dataset(images, out / "dataset", demo.TRIGGER, repeats=1, resolution=SIZE,
+                              class_images=others, class_name=OTHERS_CLASS)
+    print(f"3/5 Kohya dataset: {dataset.out}/img/1_{demo.TRIGGER}/, regularisation images (the other shapes): "
+          f"{dataset.out}/reg/1_{OTHERS_CLASS}/")
 
     config = demo_config(str(demo.DEMO_MODEL), dataset.out, out / "lora", epochs=args.epochs, seed=args.seed,
                          device=args.device)
