@@ -31,9 +31,10 @@ LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base mod
 LEAK_MAX = 0.98
 # leaking, "other concepts" (regularisation images): measured on the shipped demo model and a candidate demo
 # model with the other shapes' pictures and captions (bench/results/demo_lora_cpu/
-# candidate_lesson_and_leakage_2026-12-05.md): runs whose LoRA keeps at least half of the other shapes' prompts
-# drawn as asked read 0.24-0.47, those that override more than half 0.51-1.10 (shipped: the demo 0.39/0.47,
-# over-trained 0.83/1.08).
+# candidate_lesson_and_leakage_2026-12-05.md). §2, LoRA files trained without them: runs whose LoRA keeps at
+# least half of the other shapes' prompts drawn as asked read 0.24-0.47, those that override more than half
+# 0.51-1.10. §4, the engine on runs trained with them (the demo's): the demo's settings 0.26-0.35 at the last
+# epoch (0.17-0.49 from the third epoch; the first one or two read 0.50-0.87), the over-trained ones 0.55-0.82.
 LEAK_MAX_OTHER = 0.5
 TRIGGER_REMOVED, OTHER_CONCEPTS = "trigger_removed", "other_concepts"  # LearnReport.leak_measure
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
@@ -47,7 +48,9 @@ THRESHOLDS_SOURCE = ("demo model, bench/results/learn_thresholds_demo_cpu.md: th
 THRESHOLDS_SOURCE_OTHER = ("demo models, bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md: "
                            "the leakage limit (regularisation images) sits between runs that keep at least half of "
                            "the other shapes' prompts drawn as asked (0.24-0.47) and runs that override more "
-                           "(0.51-1.10); the learned limit: bench/results/learn_thresholds_demo_cpu.md")
+                           "(0.51-1.10), and between the demo's runs with the other shapes as regularisation images "
+                           "(0.26-0.35 at the last epoch) and over-trained ones (0.55-0.82); the learned limit: "
+                           "bench/results/learn_thresholds_demo_cpu.md")
 
 
 def thresholds_for(measure: str) -> dict[str, Any]:

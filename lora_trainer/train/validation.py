@@ -11,9 +11,11 @@ A fixed set of (image, timestep, noise) triples is scored after each epoch:
     their own captions, relative to how much it changes it on the trigger's pictures with theirs, both
     noised with the same fixed noise to the middle of the schedule (timestep 500):
     Σ|LoRA(o) - base(o)|² / Σ|LoRA(t) - base(t)|². A LoRA bound to its trigger leaves other prompts mostly
-    alone (0.24-0.47 on the demo models); one that draws its concept whatever is asked moves them about as
-    much as its own (0.5-1.1); this follows what the LoRA draws for other prompts, as a shape classifier
-    reads it (bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md).
+    alone (0.24-0.47 on the demo models; 0.26-0.35 for the demo's runs trained with the other shapes as
+    regularisation images); one that draws its concept whatever is asked moves them about as much as its
+    own (0.5-1.1); this follows what the LoRA draws for other prompts, as a shape classifier reads it
+    (bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md, §2 and §4). The first epoch or
+    two of a good run read higher (0.5-0.87): the LoRA's change is still small and not yet bound to its trigger.
   - without them, **"trigger removed"**: what the LoRA does where the picture's layout and shape are decided
     when its trigger is not asked for. Pure noise (no image in it) at the top of the noise schedule is
     denoised with each caption, with and without its trigger. Leakage = 1 - |LoRA with - LoRA without|² /
