@@ -20,13 +20,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v "already exists"
 left() { echo $(( $1 - $(date +%s) + T )); }
+END=${END:-590}  # seconds from the start by which everything ends (less device time left: a smaller END)
 
 PYTHONPATH=/tmp/site:$PWD/.whl/bnb timeout "$(left 250)" python3 bench/flux_forge_handoff.py \
     --out "$OUT/flux_forge_handoff_h200_after_eb37b92.json" --deadline 190 2>&1 | grep '^[a-z0-9_]*: {' | cut -c1-420
 
 BEFORE=()
 [ -d .stage/before/lora_trainer ] && BEFORE=(--before "$PWD/.stage/before" --before-cases sd15_b1,sdxl_b1)
-timeout "$(left 590)" python3 bench/e2e_vs_kohya.py --skip-kohya --ours-site /tmp/site --cases sd15_b1,sdxl_b1,sd15_b8 \
+timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --skip-kohya --ours-site /tmp/site --cases sd15_b1,sdxl_b1,sd15_b8 \
     "${BEFORE[@]}" --variants no_validation --variant-steps 400 \
-    --out "$OUT/e2e_ours_h200_followups.json" --deadline "$(left 330)" 2>&1 | grep -v '^\[transformers\]' | tail -12
+    --out "$OUT/e2e_ours_h200_followups.json" --deadline "$(left $((END - 260)))" 2>&1 | grep -v '^\[transformers\]' | tail -12
 echo "wall $(( $(date +%s) - T )) s"
