@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from flux_support import flux_config, requires_flux_diffusers
 from safetensors import safe_open
 from train_support import make_dataset, tiny_config, tiny_sd1_ckpt  # noqa: F401 (a fixture)
 
@@ -145,6 +146,18 @@ def test_a_run_with_regularisation_images_scores_them(tmp_path):
     plain = run_training(tiny_config(make_dataset(tmp_path / "ds2", n=4, repeats=1), tmp_path / "out2"),
                          bundle=build_tiny_bundle("sd1")).report
     assert plain["leak_measure"] == report_mod.TRIGGER_REMOVED and plain["thresholds"]["leak_max"] == 0.98
+
+
+@requires_flux_diffusers
+def test_regularisation_leakage_in_flow_families_and_mixed_buckets(tmp_path):
+    """The same measure through a flow family's own draws (sigma 0.5 for the middle of the schedule), with the
+    trigger's pictures in two buckets and the regularisation images in one."""
+    from lora_trainer.models.flux.tiny import build_tiny_flux_bundle
+
+    data = make_dataset(tmp_path / "ds", n=2, repeats=2, sizes=[(64, 64), (96, 64)], reg=3)
+    rep = run_training(flux_config(data, tmp_path / "out"), bundle=build_tiny_flux_bundle()).report
+    assert rep["leak_measure"] == report_mod.OTHER_CONCEPTS and rep["other_images"] == 3
+    assert math.isfinite(rep["epochs"][0]["leak"]) and rep["epochs"][0]["leak"] > 0
 
 
 def test_a_run_worse_than_the_base_model_is_told_to_lower_the_learning_rate():
