@@ -17,7 +17,10 @@
   and reads the widths from the shapes of `img_in`, `txt_in` and `vector_in.in_layer` (packed nf4 shapes would
   read as 1). A model with fewer blocks (the live suites' 1 + 1) therefore keeps those four weights in their
   source dtype (4 of its 24 Linears); Neo quantises them to nf4 itself when it loads the model (its path for
-  weights not pre-quantised), so every Linear it holds is nf4.
+  weights not pre-quantised), so every Linear it holds is nf4. A Chroma file (`distilled_guidance_layer`) keeps the
+  same weights unquantised at any depth: that nf4 marker sends it down the full FLUX.1-dev path whatever its keys,
+  and the general path, which calls it Chroma, reads its widths from `img_in` and `txt_in` (`<stem>-nf4`, e.g.
+  `chroma-random-nf4.safetensors` from the --chroma file).
 - `--chroma`: `chroma-random.safetensors`, a random Chroma-architecture transformer (lodestones/Chroma's BFL keys) from
   a FLUX.1 file: its blocks and img_in/txt_in/final_layer.linear kept, the FLUX.1-only parts dropped (the per-block
   modulation Linears `*_mod.lin` / `modulation.lin`, `final_layer.adaLN_modulation`, `time_in`, `vector_in`,
@@ -102,8 +105,10 @@ def write_nf4(src: Path, out: Path) -> Path:
     from bitsandbytes.functional import quantize_4bit
 
     with safe_open(str(src), framework="pt", device="cpu") as f:
-        doubles = {k.split(".")[1] for k in f.keys() if k.startswith("double_blocks.")}  # noqa: SIM118
-    keep = NF4_READ_BY_NEO if len(doubles) < 19 else ()
+        keys = list(f.keys())
+    doubles = {k.split(".")[1] for k in keys if k.startswith("double_blocks.")}
+    chroma = any(k.startswith("distilled_guidance_layer.") for k in keys)
+    keep = NF4_READ_BY_NEO if len(doubles) < 19 or chroma else ()
     tensors: dict[str, torch.Tensor] = {}
     for key, value in _tensors(src):
         if _is_matrix(key, value) and key not in keep:

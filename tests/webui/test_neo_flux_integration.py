@@ -73,6 +73,8 @@ CHROMA_VARIANTS = {
     "bf16": (CHROMA, "Automatic", "transformer fp32"),  # Neo's CPU storage of the bf16 file
     "gguf": (f"{CHROMA}-Q8_0", "Automatic", "transformer gguf Q8_0"),  # Neo applies LoRAs on the fly to GGUF
     "fp8_fp16_lora": (CHROMA, "float8-e4m3fn (fp16 LoRA)", "transformer fp8 e4m3fn"),
+    # pre-quantised bitsandbytes nf4 (flux_variants.py --nf4 on the Chroma file), Neo merging LoRAs: needs bitsandbytes
+    "nf4": (f"{CHROMA}-nf4", "Automatic", "transformer nf4"),
 }
 SHIM = "lora_trainer_it_cpu_bnb"  # the test-only extension folder of neo_cpu_bnb.py
 TRAIN = {"t5_max_token_length": 32, "train_text_encoder": True}  # our T5 pass per caption: 32 tokens, not 512
@@ -92,14 +94,14 @@ def _has_bnb(python: Path) -> bool:
 
 
 def _variants(webui: Path, python: Path, nf4: bool) -> None:
-    """GGUF Q8_0, fp8_scaled (and nf4) copies of the transformer, the Chroma one and its GGUF Q8_0 copy (kept, like
-    the random model itself)."""
+    """GGUF Q8_0, fp8_scaled (and nf4) copies of the transformer, the Chroma one and its GGUF Q8_0 (and nf4) copies
+    (kept, like the random model itself)."""
     wanted = {"--gguf": f"{MODEL}-Q8_0.gguf", "--fp8-scaled": f"{MODEL}-fp8_scaled.safetensors",
               "--chroma": f"{CHROMA}.safetensors"}
     if nf4:
         wanted["--nf4"] = f"{MODEL}-nf4.safetensors"
     _write(webui, python, MODEL, wanted)
-    _write(webui, python, CHROMA, {"--gguf": f"{CHROMA}-Q8_0.gguf"})
+    _write(webui, python, CHROMA, {"--gguf": f"{CHROMA}-Q8_0.gguf", **({"--nf4": f"{CHROMA}-nf4.safetensors"} if nf4 else {})})
 
 
 def _write(webui: Path, python: Path, src: str, wanted: dict[str, str]) -> None:
@@ -292,6 +294,8 @@ def test_the_same_on_a_quantised_base(neo: FluxNeo, variant: str):
 def test_chroma_trains_on_the_loaded_chroma_and_its_lora_works_in_neo(neo: FluxNeo, variant: str):
     ui, f = neo, neo.facts
     checkpoint, storage, fmt = CHROMA_VARIANTS[variant]
+    if variant.startswith("nf4") and not f["bnb"]:
+        pytest.skip("bitsandbytes does not import in Neo's venv (Neo's --bnb installs it)")
     tokenizer = ui.webui / "backend" / "huggingface" / "Chroma" / "tokenizer" / "tokenizer.json"
     if not tokenizer.is_file():  # Neo's tree at 3df257ae lacks it: its Chroma cannot encode a prompt (docs/forge.md)
         pytest.skip(f"{tokenizer} is missing: copy Neo's backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2/"
@@ -314,6 +318,9 @@ def test_chroma_trains_on_the_loaded_chroma_and_its_lora_works_in_neo(neo: FluxN
         assert line and f"model {checkpoint} ({fmt}, T5 fp8 e4m3fn; " in line.group(0), log[-3000:]
         assert "Trains on the loaded Chroma model as Forge holds it" in job["notes"][0], job["notes"]
         assert "LoRA Trainer: Forge's model is bit-identical after training" in log
+        if variant.startswith("nf4"):  # over Neo's nf4 weights in place: nothing of them copied
+            assert "Using Detected Model Data Type: nf4 (pre-quant)" in log, log[-3000:]
+            assert re.search(r"zero copy|100% of the weights shared with Forge, 0 MiB copied", line.group(0)), line
         lora = ui.webui / "models" / "Lora" / f"{name}.safetensors"
         listed = {x["name"]: x for x in ui.call("GET", "/sdapi/v1/loras")}
         metadata = listed[name]["metadata"]
