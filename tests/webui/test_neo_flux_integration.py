@@ -24,7 +24,8 @@ extension script installed for the session): bitsandbytes 0.48+ has CPU kernels 
 
 Chroma (last tests): a random Chroma-architecture transformer written from the Flux one by flux_variants.py --chroma
 (1 double + 1 single block at full width, Chroma's approximator at full size, bf16), with the same VAE and T5 (no
-CLIP-L), stored as Neo holds the bf16 file (fp32 on the CPU), as GGUF Q8_0 and as fp8 e4m3fn with "(fp16 LoRA)":
+CLIP-L), stored as Neo holds the bf16 file (fp32 on the CPU), as GGUF Q8_0, as fp8 e4m3fn with "(fp16 LoRA)" and as a
+pre-quantised nf4 file (flux_variants.py --nf4 on the Chroma file; merged and "(fp16 LoRA)", when bitsandbytes imports):
 train through the API on the loaded Chroma (T5 only, no text encoder trained), Neo's weights bit-identical, the
 no-LoRA image identical before and after, `<lora:n:1>` changes the image, `:0` equals none, Neo's log has the LoRA's
 transformer keys loaded with nothing skipped or unmatched. Neo's tree at 3df257ae lacks Chroma's tokenizer.json (the
@@ -73,8 +74,9 @@ CHROMA_VARIANTS = {
     "bf16": (CHROMA, "Automatic", "transformer fp32"),  # Neo's CPU storage of the bf16 file
     "gguf": (f"{CHROMA}-Q8_0", "Automatic", "transformer gguf Q8_0"),  # Neo applies LoRAs on the fly to GGUF
     "fp8_fp16_lora": (CHROMA, "float8-e4m3fn (fp16 LoRA)", "transformer fp8 e4m3fn"),
-    # pre-quantised bitsandbytes nf4 (flux_variants.py --nf4 on the Chroma file), Neo merging LoRAs: needs bitsandbytes
+    # pre-quantised bitsandbytes nf4 (flux_variants.py --nf4 on the Chroma file), merged and on the fly: needs bitsandbytes
     "nf4": (f"{CHROMA}-nf4", "Automatic", "transformer nf4"),
+    "nf4_fp16_lora": (f"{CHROMA}-nf4", "Automatic (fp16 LoRA)", "transformer nf4"),
 }
 SHIM = "lora_trainer_it_cpu_bnb"  # the test-only extension folder of neo_cpu_bnb.py
 TRAIN = {"t5_max_token_length": 32, "train_text_encoder": True}  # our T5 pass per caption: 32 tokens, not 512
