@@ -74,6 +74,8 @@ def train_config_from_request(jobs: JobManager, params: dict[str, Any], *,
     params["data"] = str(resolve_user_path(params["data"], roots, what="dataset folder"))
     if params.get("reg_data"):
         params["reg_data"] = str(resolve_user_path(params["reg_data"], roots, what="regularisation folder"))
+    if params.get("leak_check_dir"):
+        params["leak_check_dir"] = str(resolve_user_path(params["leak_check_dir"], roots, what="leak-check folder"))
     if params.get("model"):
         params["model"] = str(resolve_user_path(params["model"], roots, kind=None, what="model"))
     if "name" in params:

@@ -140,6 +140,9 @@ class TrainConfig:
     # --- "did it learn?" (train/validation.py, train/report.py): validation/leakage scores per epoch, best epoch kept
     validate_every_n_epochs: int = 1  # 0 = no report
     validation_split: float = 0.0  # share of the training images held out for scoring (0: fixed noise on them)
+    # a folder of pictures of other concepts with same-named .txt captions, never trained on: the report's leakage
+    # is measured on them ("other concepts"; "": the regularisation images, else pure noise)
+    leak_check_dir: str = ""
     sample_prompts: list[str] = field(default_factory=list)
     sample_negative_prompt: str = ""
     sample_every_n_epochs: int = 0
@@ -344,6 +347,9 @@ class TrainConfig:
         if not 0 <= self.validation_split < 1:
             raise ConfigError(f"validation_split must be at least 0 and below 1 (got {self.validation_split}); "
                               "0.1 holds out a tenth of the images, 0 scores the training images.")
+        if self.leak_check_dir and not Path(self.leak_check_dir).is_dir():
+            raise ConfigError(f"Leak-check folder {self.leak_check_dir} does not exist; check the path, or leave "
+                              "leak_check_dir empty.")
         if self.caption_extension and not self.caption_extension.startswith("."):
             raise ConfigError(f"caption_extension must start with a dot (got '{self.caption_extension}'); "
                               "use .txt or .caption.")

@@ -40,6 +40,7 @@ HASHED_IF_SET = frozenset({
     "clip_l", "t5", "vae", "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
     "guidance_scale", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "t5_max_token_length",
     "blocks_to_swap", "cpu_offload_checkpointing", "train_t5", "validation_split",
+    "leak_check_dir",
 })
 # Upper bounds that catch typos and hostile requests (`rank: 1e9` would only fail as "out of memory",
 # `max_steps: 1e12` would show an ETA of trillions of seconds): field -> (lowest, highest, hint).

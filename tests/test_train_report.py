@@ -136,6 +136,7 @@ def test_a_run_with_regularisation_images_scores_them(tmp_path):
         handle.remove()
     rep = result.report
     assert rep["leak_measure"] == report_mod.OTHER_CONCEPTS and rep["other_images"] == 3
+    assert rep["other_source"] == report_mod.REGULARISATION
     assert rep["thresholds"] == report_mod.thresholds_for(report_mod.OTHER_CONCEPTS)
     assert all(math.isfinite(e["leak"]) and e["leak"] >= 0 for e in rep["epochs"])
     # the base model: the pairs and both sides once; each epoch: the pairs and both sides (no pure-noise probes)
@@ -146,6 +147,38 @@ def test_a_run_with_regularisation_images_scores_them(tmp_path):
     plain = run_training(tiny_config(make_dataset(tmp_path / "ds2", n=4, repeats=1), tmp_path / "out2"),
                          bundle=build_tiny_bundle("sd1")).report
     assert plain["leak_measure"] == report_mod.TRIGGER_REMOVED and plain["thresholds"]["leak_max"] == 0.98
+
+
+def test_a_leak_check_set_is_scored_instead_of_the_regularisation_images_and_never_trained_on(tmp_path):
+    """`leak_check_dir` (pictures of other concepts with their captions): encoded once by the run's latent and text
+    caches, scored as the "other concepts" side in place of the regularisation images, never trained on."""
+    from train_support import shape_image
+
+    from lora_trainer.errors import ConfigError, DatasetError
+    from lora_trainer.train.planning import plan_training
+
+    data = make_dataset(tmp_path / "ds", n=4, repeats=1, reg=3)
+    check = tmp_path / "leak-check"
+    check.mkdir()
+    for k in range(5):  # one in another bucket
+        shape_image(k + 5, (96, 64) if k == 0 else (64, 64)).save(check / f"o{k}.png")
+        (check / f"o{k}.txt").write_text(f"circle, colour {k}", encoding="utf-8")
+    config = tiny_config(data, tmp_path / "out", epochs=1, batch_size=2, leak_check_dir=str(check))
+    plain_steps = plan_training(tiny_config(data, tmp_path / "plan", epochs=1, batch_size=2)).total_steps
+    result = run_training(config, bundle=build_tiny_bundle("sd1"))
+    rep = result.report
+    assert rep["leak_measure"] == report_mod.OTHER_CONCEPTS and rep["other_source"] == report_mod.LEAK_CHECK
+    assert rep["other_images"] == 5 and result.steps == plain_steps  # the same steps as without it
+    assert math.isfinite(rep["epochs"][0]["leak"]) and rep["epochs"][0]["leak"] > 0
+    assert rep["thresholds"] == report_mod.thresholds_for(report_mod.OTHER_CONCEPTS)
+    text = report_mod.report_text(rep)
+    assert "leakage on 5 leak-check images (never trained on) with their own captions" in text
+    assert "leak-check images' prompts changed more than" in text
+    (check / "o1.txt").unlink()
+    with pytest.raises(DatasetError, match="o1.png has no caption"):
+        plan_training(config)
+    with pytest.raises(ConfigError, match="Leak-check folder"):
+        tiny_config(data, tmp_path / "o", leak_check_dir=str(tmp_path / "missing")).validate(need_model=False)
 
 
 @requires_flux_diffusers

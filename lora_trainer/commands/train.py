@@ -102,6 +102,9 @@ OPTIONS: list[Option] = [
            "every N epochs (0 = no report)"),
     Option("validation-split", "validation_split", float, 'share of the images held out for the "did it learn?" '
            "report (0 = the training images with fixed noise)", "SHARE"),
+    Option("leak-check-dir", "leak_check_dir", str, 'pictures of other concepts with same-named .txt captions, '
+           'never trained on: the "did it learn?" report measures leakage on them (default: the regularisation '
+           "images, else pure noise)", "DIR"),
     # Flux (kohya's names)
     Option("clip-l", "clip_l", str, "CLIP-L file (clip_l.safetensors)", "FILE", section=FLUX),
     Option("t5", "t5", str, "T5-XXL file (t5xxl_fp16 or t5xxl_fp8_e4m3fn .safetensors)", "FILE", section=FLUX),

@@ -54,6 +54,7 @@ class Dataset:
     reg_root: Path | None
     warnings: list[str]
     held_out: list[ImageItem] = field(default_factory=list)  # validation images, never trained on (report.py)
+    leak_check: list[ImageItem] = field(default_factory=list)  # other concepts' pictures, the report's leakage only
 
     @property
     def train_items(self) -> list[ImageItem]:
@@ -126,6 +127,26 @@ def _scan_root(root: Path, is_reg: bool, caption_extension: str, warnings: list[
         for path, size in zip(files, _sizes(files, decode)):
             items.append(ImageItem(path, _caption_for(path, class_tokens, caption_extension, warnings),
                                    class_tokens, folder.name, repeats, is_reg, size))
+    return items
+
+
+def scan_leak_check(folder: str | Path, *, caption_extension: str = ".txt", decode: bool = True) -> list[ImageItem]:
+    """The leak-check set (`leak_check_dir`): the folder's images, each with its same-named caption; never
+    trained on, only scored for the report's leakage (train/validation.py)."""
+    root = Path(folder)
+    files = sorted(p for p in root.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise DatasetError(f"Leak-check folder {root} holds no images; add pictures of other concepts with "
+                           "same-named .txt captions, or leave leak_check_dir empty.")
+    items = []
+    for path, size in zip(files, _sizes(files, decode)):
+        missing: list[str] = []
+        caption = _caption_for(path, "", caption_extension, missing)
+        if missing or not caption.strip():
+            raise DatasetError(f"Leak-check image {path.name} has no caption; add {path.stem}"
+                               f"{caption_extension or '.txt'} saying what it shows (e.g. 'red circle').")
+        items.append(ImageItem(path, caption, "", root.name, 0, True, size))
     return items
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..errors import ConfigError
 from .buckets import BucketSelector
-from .data import Dataset, assign_buckets, make_plan, scan_dataset
+from .data import Dataset, assign_buckets, make_plan, scan_dataset, scan_leak_check
 from .events import TrainingPlan
 from .saving import epoch_tag, lora_file, step_tag
 from .validation import split_held_out
@@ -22,10 +22,13 @@ def prepare_dataset(config: TrainConfig, *, decode: bool = True) -> tuple[Datase
                               steps=config.bucket_reso_steps,
                               no_upscale=config.bucket_no_upscale)
     split_held_out(dataset, config.validation_split, config.seed)  # "did it learn?" images, never trained on
+    if config.leak_check_dir:  # the report's leakage on other concepts, never trained on
+        dataset.leak_check = scan_leak_check(config.leak_check_dir, caption_extension=config.caption_extension,
+                                             decode=decode)
     assign_buckets(dataset, selector)
-    for item in dataset.held_out:
+    for item in dataset.held_out + dataset.leak_check:
         item.choice = selector.select(*item.size)
-    for item in dataset.items + dataset.held_out:
+    for item in dataset.items + dataset.held_out + dataset.leak_check:
         if min(item.bucket) < 8:
             raise ConfigError(f"Image {item.path.name} ({item.size[0]}x{item.size[1]}) is smaller than one "
                               f"{config.bucket_reso_steps}-pixel bucket step; remove it or turn off "

@@ -3,8 +3,8 @@ epoch), its verdict and the thresholds behind it.
 
 - **improvement**: how far the validation loss with the trigger sits below the base model's. A LoRA that
   has not learned its concept yet barely moves it: under `LEARNED_MIN_IMPROVEMENT` it is "not learned".
-- **leakage**, by one of two measures (`leak_measure`, train/validation.py): with regularisation images,
-  "other concepts": how much the LoRA changes the prediction on those pictures with their captions, relative
+- **leakage**, by one of two measures (`leak_measure`, train/validation.py): with a leak-check set
+  (`leak_check_dir`, never trained on) or else regularisation images (`other_source`), "other concepts": how much the LoRA changes the prediction on those pictures with their captions, relative
   to its change on the trigger's pictures (0: other prompts untouched); over `LEAK_MAX_OTHER` at the last
   epoch the run "leaks". Without them, "trigger removed": the share of the LoRA's change with the trigger that
   shows without it too, on pure noise (0: none, 1: all of it); over `LEAK_MAX` the run "leaks".
@@ -37,6 +37,7 @@ LEAK_MAX = 0.98
 # epoch (0.17-0.49 from the third epoch; the first one or two read 0.50-0.87), the over-trained ones 0.55-0.82.
 LEAK_MAX_OTHER = 0.5
 TRIGGER_REMOVED, OTHER_CONCEPTS = "trigger_removed", "other_concepts"  # LearnReport.leak_measure
+LEAK_CHECK, REGULARISATION = "leak_check", "regularisation"  # LearnReport.other_source (other concepts' pictures)
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
 # the best-epoch pick: an epoch after the lowest validation loss counts as equally good when its loss is above it
 # by at most this many standard errors of the paired per-pair difference (the "one standard error" rule)
@@ -90,6 +91,7 @@ class LearnReport:
     # images with their captions against the trigger's pictures (`other_images` of them scored)
     leak_measure: str = TRIGGER_REMOVED
     other_images: int = 0
+    other_source: str = ""  # OTHER_CONCEPTS: LEAK_CHECK (leak_check_dir, never trained on) or REGULARISATION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,8 +137,8 @@ class LearnReport:
         elif last.leak is not None and last.leak > limit and self.leak_measure == OTHER_CONCEPTS:
             better = f"; epoch {best.epoch} is the better pick" if best.epoch != last.epoch else ""
             self.verdict = "leaks"
-            self.message = (f"Leaks: on the regularisation images' own prompts the LoRA changes the picture "
-                            f"{last.leak:.0%} as much as on its trigger's (more than {limit:.0%}){better}; use "
+            self.message = (f"Leaks: on the {other_words(self.other_source)}' own prompts the LoRA changes the "
+                            f"picture {last.leak:.0%} as much as on its trigger's (more than {limit:.0%}){better}; use "
                             "fewer steps or a lower rank.")
         elif last.leak is not None and last.leak > limit:
             better = f"; epoch {best.epoch} is the better pick" if best.epoch != last.epoch else ""
@@ -146,8 +148,8 @@ class LearnReport:
                             "regularisation images.")
         else:
             leak = "" if last.leak is None else (
-                f", and on the regularisation images' prompts it changes the picture {last.leak:.0%} as much as on "
-                "its trigger's" if self.leak_measure == OTHER_CONCEPTS
+                f", and on the {other_words(self.other_source)}' prompts it changes the picture {last.leak:.0%} as "
+                "much as on its trigger's" if self.leak_measure == OTHER_CONCEPTS
                 else f", and without the trigger it shows {last.leak:.0%} of its effect")
             pick = f"; epoch {best.epoch} scored best" if best.epoch != last.epoch else ""
             self.verdict = "learned"
@@ -172,13 +174,20 @@ _TITLES = {"learned": "learned", "not_learned": "not learned yet", "leaks": "lea
 MAX_LINES = 6  # epochs listed in the text block (the best and the last ones)
 
 
+def other_words(source: str | None) -> str:
+    """The other concepts' pictures in words (`LearnReport.other_source`; a report without it: regularisation)."""
+    return "leak-check images" if source == LEAK_CHECK else "regularisation images"
+
+
 def leak_method(report: dict[str, Any], quote: str = "'") -> str:
     """How leakage was measured, in words (the report's `leak_measure`); the trigger between `quote`s."""
     trigger = report.get("trigger") or ""
     if not trigger:
         return "no trigger in the captions, so leakage is not measured"
     if report.get("leak_measure") == OTHER_CONCEPTS:
-        return (f"leakage on {report.get('other_images', 0)} regularisation images with their own captions: the "
+        held = " (never trained on)" if report.get("other_source") == LEAK_CHECK else ""
+        return (f"leakage on {report.get('other_images', 0)} {other_words(report.get('other_source'))}{held} with "
+                "their own captions: the "
                 f"LoRA's change there against its change on the pictures with the trigger {quote}{trigger}{quote} "
                 "(timestep 500, fixed noise)")
     return f"with and without the trigger {quote}{trigger}{quote}"
@@ -188,7 +197,8 @@ def leak_limit_words(report: dict[str, Any]) -> str:
     """What "leaks" means for the report's measure, with its limit."""
     limit = (report.get("thresholds") or {}).get("leak_max", 0)
     if report.get("leak_measure") == OTHER_CONCEPTS:
-        return f"the regularisation images' prompts changed more than {limit:.0%} as much as the trigger's"
+        return (f"the {other_words(report.get('other_source'))}' prompts changed more than {limit:.0%} as much as "
+                "the trigger's")
     return f"more than {limit:.0%} of its effect shown without the trigger"
 
 

@@ -6,8 +6,10 @@ A fixed set of (image, timestep, noise) triples is scored after each epoch:
   starts by scoring the base model (LoRA off), so every epoch reads as *improvement* = how far below
   the base model's loss it is. A LoRA that has not learned its concept yet barely moves it.
 - **leakage**, two measures (the report names the one it used, `LearnReport.leak_measure`):
-  - with regularisation images (kohya's class images: pictures of what the trigger must not override, with
-    their captions), **"other concepts"**: how much the LoRA changes the prediction on those pictures with
+  - with a leak-check set (`leak_check_dir`: pictures of other concepts with their captions, never trained
+    on; `other_source` "leak_check"), else with regularisation images (kohya's class images: pictures of what
+    the trigger must not override, with their captions, trained on; `other_source` "regularisation"),
+    **"other concepts"**: how much the LoRA changes the prediction on those pictures with
     their own captions, relative to how much it changes it on the trigger's pictures with theirs, both
     noised with the same fixed noise to the middle of the schedule (timestep 500):
     Σ|LoRA(o) - base(o)|² / Σ|LoRA(t) - base(t)|². A LoRA bound to its trigger leaves other prompts mostly
@@ -16,6 +18,8 @@ A fixed set of (image, timestep, noise) triples is scored after each epoch:
     own (0.5-1.1); this follows what the LoRA draws for other prompts, as a shape classifier reads it
     (bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md, §2 and §4). The first epoch or
     two of a good run read higher (0.5-0.87): the LoRA's change is still small and not yet bound to its trigger.
+    Regularisation images are also trained on, which pulls the LoRA's change on them towards the base model;
+    a leak-check set reads the LoRA without that pull.
   - without them, **"trigger removed"**: what the LoRA does where the picture's layout and shape are decided
     when its trigger is not asked for. Pure noise (no image in it) at the top of the noise schedule is
     denoised with each caption, with and without its trigger. Leakage = 1 - |LoRA with - LoRA without|² /
@@ -24,8 +28,8 @@ A fixed set of (image, timestep, noise) triples is scored after each epoch:
     sits at 1. (Scoring the training images with the trigger removed instead does not work: their latents
     already hold the concept, and that ratio read about 1.0 for every run, good or over-trained;
     bench/results/learn_thresholds_demo_cpu.md.) This measure does not separate over-trained runs from good
-    ones on every model (the results file above), which is why regularisation images, where a run has them,
-    replace it.
+    ones on every model (the results file above), which is why a leak-check set or regularisation images,
+    where a run has them, replace it.
 
 Images: `validation_split` > 0 holds that share of the training images out (scored, never trained
 on); otherwise the training images themselves are scored with fixed noise. The best epoch is the
@@ -48,7 +52,15 @@ from typing import Any
 
 import torch
 
-from .report import OTHER_CONCEPTS, TRIGGER_REMOVED, EpochCheck, LearnReport, thresholds_for
+from .report import (
+    LEAK_CHECK,
+    OTHER_CONCEPTS,
+    REGULARISATION,
+    TRIGGER_REMOVED,
+    EpochCheck,
+    LearnReport,
+    thresholds_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +146,7 @@ class Validator:
 
     def __init__(self, pairs: list[_Pair], method: str, images: int, trigger: str, bundle, family,
                  device: torch.device, dtype: torch.dtype, clip_skip: int, seed: int, emit: Callable[[dict], None],
-                 batch: int = 8, others: list[_Pair] | None = None):
+                 batch: int = 8, others: list[_Pair] | None = None, other_source: str = REGULARISATION):
         self.pairs, self.bundle, self.family = pairs, bundle, family
         # regularisation images with their captions: leakage is then "other concepts" (module docstring)
         self.others = list(others or [])
@@ -143,7 +155,8 @@ class Validator:
         measure = OTHER_CONCEPTS if self.others and trigger else TRIGGER_REMOVED
         self.report = LearnReport(method=method, images=images, pairs=len(pairs), trigger=trigger, base_loss=None,
                                   leak_measure=measure, other_images=len({id(p.item) for p in self.others})
-                                  if measure == OTHER_CONCEPTS else 0, thresholds=thresholds_for(measure))
+                                  if measure == OTHER_CONCEPTS else 0, thresholds=thresholds_for(measure),
+                                  other_source=other_source if measure == OTHER_CONCEPTS else "")
         self.fixed_text: dict[str, dict[str, torch.Tensor]] | None = None
         self.objective: Any = None
         self.network: Any = None
@@ -180,13 +193,19 @@ class Validator:
             caption = process_caption(item.caption)
             pairs.append(_Pair(cached.latent, caption, strip_trigger(caption, triggers), item))
         trigger = ", ".join(triggers) if any(p.plain is not None for p in pairs) else ""
-        # "other concepts": up to LEAK_PAIRS regularisation images spread over the folder (cycled, each with its
-        # own noise, when there are fewer), their latents the ones cached for training
-        reg = [(i, item) for i, item in enumerate(dataset.items) if item.is_reg]
-        others = [_Pair(latents[i].latent, process_caption(item.caption), None, item)
-                  for i, item in (reg[int(n * len(reg) / LEAK_PAIRS)] for n in range(LEAK_PAIRS if reg else 0))]
+        # "other concepts": up to LEAK_PAIRS pictures spread over the leak-check set (`leak_check_dir`, never
+        # trained on: its latents cached here, as the held-out ones) or else over the regularisation images (their
+        # latents the ones cached for training); cycled, each with its own noise, when there are fewer
+        check = list(getattr(dataset, "leak_check", []) or [])
+        if check and trigger:
+            source, other = LEAK_CHECK, list(zip(check, cache(check)))
+        else:
+            source, other = REGULARISATION, [(item, latents[i]) for i, item in enumerate(dataset.items) if item.is_reg]
+        others = [_Pair(cached.latent, process_caption(item.caption), None, item)
+                  for item, cached in (other[int(n * len(other) / LEAK_PAIRS)]
+                                       for n in range(LEAK_PAIRS if other else 0))]
         return cls(pairs, method, len(items), trigger, bundle, family, device, dtype, int(config.clip_skip),
-                   int(config.seed), emit, batch=scoring_batch(config), others=others)
+                   int(config.seed), emit, batch=scoring_batch(config), others=others, other_source=source)
 
     # ------------------------------------------------------------------ text
     def captions(self) -> list[str]:
