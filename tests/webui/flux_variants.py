@@ -16,8 +16,14 @@
   bitsandbytes__nf4` for the full flux1-dev-bnb-nf4 (19 + 38 blocks, no counting); otherwise it counts the blocks
   and reads the widths from the shapes of `img_in`, `txt_in` and `vector_in.in_layer` (packed nf4 shapes would
   read as 1). A model with fewer blocks (the live suites' 1 + 1) therefore keeps those four weights in their
-  source dtype (4 of its 24 Linears); Neo quantises them to nf4 itself when it loads the model (its path for
-  weights not pre-quantised), so every Linear it holds is nf4. A Chroma file (`distilled_guidance_layer`) keeps the
+  source dtype (4 of its 24 Linears). Neo does not quantise them when it reads the file:
+  `ForgeLoader4Bit._load_from_state_dict` (backend/operations_bnb.py) holds each one as a `ForgeParams4bit` with
+  `bnb_quantized=False`, in the computation dtype (fp32 on the CPU). `ForgeParams4bit.to` quantises it to nf4 only
+  when Neo moves the model to CUDA (`ModelPatcher.load`, backend/patcher/base.py, at the first image), or a layer
+  left offloaded at its first forward. On the CPU, Neo keeps them fp32, and a 4-bit forward of those layers fails.
+  The live suite's test shim (tests/webui/neo_cpu_bnb.py) quantises them on the move to the CPU instead, so there too
+  every Linear is nf4 from the first image on. Neo's "loaded completely; ... MB loaded" figure is taken before that
+  move, so it counts them at their fp32 size. A Chroma file (`distilled_guidance_layer`) keeps the
   same weights unquantised at any depth: that nf4 marker sends it down the full FLUX.1-dev path whatever its keys,
   and the general path, which calls it Chroma, reads its widths from `img_in` and `txt_in` (`<stem>-nf4`, e.g.
   `chroma-random-nf4.safetensors` from the --chroma file).
