@@ -1,16 +1,17 @@
-"""The "did it learn?" report's leakage with regularisation images ("other concepts", train/validation.py) on
-demo runs: the demo's sixteen star pictures plus sixteen pictures of the other, seen shapes with their captions
-as regularisation images (as `python -m lora_trainer demo` prepares them), trained with `demo_config` and
-overrides; prints one JSON line per run (settings, seconds, verdict, the leakage per epoch) and, with `--read N`,
-what the LoRA draws, read by the package's shape classifier (cached as OUT/../classifier.pt): the star share of N
-"<colour> demostar, <colour> background" generations (prompt and image seeds 7..) and, for N prompts asking for a
+"""The "did it learn?" report's "other concepts" leakage (train/validation.py) on demo runs: the demo's sixteen
+star pictures, and sixteen pictures of the other, seen shapes with their captions as the leak-check set (never
+trained on, `leak_check_dir`, as `python -m lora_trainer demo` passes them; the default), or as regularisation
+images (`--reg`: trained on, kohya's prior preservation), or neither (`--no-reg`: the pure-noise measure); trained
+with `demo_config` and overrides; prints one JSON line per run (settings, seconds, verdict, the leakage per epoch)
+and, with `--read N`, what the LoRA draws, read by the package's shape classifier (cached as
+OUT/../classifier.pt): the star share of N "<colour> demostar, <colour> background" generations (prompt and image seeds 7..) and, for N prompts asking for a
 seen shape (prompt seed 31, image seeds 100..), the share drawn as asked and read as a star (bench/candidate_lesson.py's
-readings; 12 steps, CFG 5). The regularisation pictures use scene seed SEED + 100, as the demo does.
+readings; 12 steps, CFG 5). The other shapes' pictures use scene seed SEED + 100, as the demo does.
 
     OMP_NUM_THREADS=1 python bench/reg_leak_demo.py OUT '{"epochs": 15, "rank": 32, "text_encoder_lr": 3e-3}' \\
-        [--model MODEL] [--seed 1] [--no-reg] [--read 64]
+        [--model MODEL] [--seed 1] [--reg | --no-reg] [--read 64]
 
-Results: bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md (section 4).
+Results: bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md (sections 4 and 5).
 """
 
 from __future__ import annotations
@@ -41,20 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="?", default="{}")
     p.add_argument("--model", default=str(DEMO_MODEL))
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--no-reg", action="store_true", help="without regularisation images (the pure-noise measure)")
+    p.add_argument("--reg", action="store_true", help="the other shapes as regularisation images (trained on)")
+    p.add_argument("--no-reg", action="store_true", help="without the other shapes (the pure-noise measure)")
     p.add_argument("--read", type=int, default=0, help="generations per reading (0: none)")
     args = p.parse_args(argv)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     write_concept_images(out / "images", 16, args.seed)
-    reg = None if args.no_reg else out / "others"
-    if reg is not None:
-        write_other_images(reg, 16, args.seed + 100)
+    others = None if args.no_reg else out / "others"
+    if others is not None:
+        write_other_images(others, 16, args.seed + 100)
+    reg = others if args.reg else None
     dataset = prepare_dataset(out / "images", out / "dataset", TRIGGER, repeats=1, resolution=64,
                               class_images=reg, class_name="shape" if reg else None)
     overrides = json.loads(args.overrides)
     config = demo_config(args.model, dataset.out, out / "lora", epochs=int(overrides.pop("epochs", 30)),
-                         seed=args.seed, device="cpu")
+                         seed=args.seed, device="cpu", leak_check=others if reg is None else None)
     for key, value in overrides.items():
         setattr(config, key, value)
     if "rank" in overrides and "alpha" not in overrides:
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = result.report
     readings = read(bundle, result.lora_path, args.read, out.parent / "classifier.pt") if args.read else {}
     print(json.dumps({**readings, "out": str(out), "overrides": json.loads(args.overrides), "seed": args.seed,
-                      "reg": reg is not None, "steps": result.steps,
+                      "others": "none" if others is None else "reg" if reg else "leak_check",
+                      "other_source": rep.get("other_source", ""), "steps": result.steps,
                       "train_s": round(time.perf_counter() - started, 1), "measure": rep["leak_measure"],
                       "verdict": rep["verdict"], "best_epoch": rep["best_epoch"],
                       "leak": [round(e["leak"], 3) for e in rep["epochs"]],

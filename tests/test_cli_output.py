@@ -31,6 +31,9 @@ def test_demo_prints_only_its_own_lines(tmp_path):
              if re.search(r"(?i)warn|deprecat|torchvision|\[(transformers|diffusers)\]|traceback|^accel: ", line)]
     assert noise == [], proc.stderr
     assert "LoRA:" in proc.stdout
+    # the other shapes are the report's leak-check set, never trained on (no regularisation images)
+    assert len(list((tmp_path / "demo" / "leak-check").glob("*.png"))) == 4
+    assert not list((tmp_path / "demo" / "dataset").glob("reg/*/*.png"))
     verbose = subprocess.run([sys.executable, "-m", "lora_trainer", "-v", "demo", "--out", str(tmp_path / "demo2"),
                               "--epochs", "1", "--images", "4"], cwd=tmp_path, capture_output=True, text=True,
                              env=ENV, timeout=600, check=False)

@@ -27,3 +27,27 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     left, right = ab.crop((0, 14, 128, 142)), ab.crop((128, 14, 256, 142))
     assert left.tobytes() != right.tobytes()  # the LoRA changes the picture (same seed and prompt)
 
+
+
+def test_the_demo_passes_the_other_shapes_as_its_leak_check_set(tmp_path):
+    """The demo (on the shipped model) writes the other shapes' pictures with their captions to a leak-check folder
+    and passes it as `leak_check_dir`: never trained on (no reg/ in its dataset), only scored for the report's
+    leakage; its dataset's steps are the star pictures' alone (16 at batch 4: 120 steps for 30 epochs)."""
+    from lora_trainer.commands.demo import OTHERS_DIR, demo_config
+    from lora_trainer.dataset.prepare import prepare_dataset
+    from lora_trainer.demo import DEMO_MODEL, TRIGGER
+    from lora_trainer.demo.dataset import write_concept_images, write_other_images
+    from lora_trainer.train.planning import prepare_dataset as plan_dataset
+
+    assert OTHERS_DIR == "leak-check"
+    write_concept_images(tmp_path / "images", 16, 1)
+    others = write_other_images(tmp_path / OTHERS_DIR, 16, 101)
+    assert len(others) == 16 and all(p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in others)
+    assert all("demostar" not in p.with_suffix(".txt").read_text(encoding="utf-8") for p in others)
+    data = prepare_dataset(tmp_path / "images", tmp_path / "dataset", TRIGGER, repeats=1, resolution=64).out
+    config = demo_config(str(DEMO_MODEL), data, tmp_path / "lora", epochs=30, seed=1, device="cpu",
+                         leak_check=tmp_path / OTHERS_DIR)
+    assert config.leak_check_dir == str(tmp_path / OTHERS_DIR) and not config.reg_data
+    dataset, plan = plan_dataset(config, decode=False)
+    assert dataset.reg_root is None and not any(item.is_reg for item in dataset.items)
+    assert len(dataset.leak_check) == 16 and plan.total_steps == 120

@@ -3,8 +3,9 @@
 The package ships a small SD1-architecture model pretrained by us on synthetic shapes, never a
 star (`lora_trainer.demo`). The demo draws sixteen star pictures captioned "yellow demostar, blue
 background", adds the synthetic WD14 tagger's confident tags through the real tagger code, prepares
-a Kohya folder with the real preparer (with as many pictures of the shapes the model already knows, captioned
-with their names, as regularisation images), trains a LoRA on the CPU and writes an A/B image: the same
+a Kohya folder with the real preparer, writes as many pictures of the shapes the model already knows, captioned
+with their names, as the run's leak-check set (never trained on: the report measures leakage on them), trains a
+LoRA on the CPU and writes an A/B image: the same
 prompts and seeds without the LoRA and with the LoRA loaded back from the saved file. How far the
 LoRA gets towards drawing a star is measured in docs/demo-model.md.
 
@@ -27,9 +28,9 @@ SIZE = 64
 AB_PROMPTS = ("yellow demostar, blue background", "red demostar, white background",
               "white demostar, black background", "orange demostar, teal background")
 AB_SEED = 7
-# regularisation images: pictures of the other, seen shapes (scene seed = training seed + OTHERS_SEED, apart from
-# the seeds the bench readings prompt with) in the dataset's reg/1_<OTHERS_CLASS>/
-OTHERS_SEED, OTHERS_CLASS = 100, "shape"
+# the leak-check set (`leak_check_dir`): pictures of the other, seen shapes (scene seed = training seed +
+# OTHERS_SEED, apart from the seeds the bench readings prompt with) in DEMO/leak-check/, never trained on
+OTHERS_SEED, OTHERS_DIR = 100, "leak-check"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,10 +148,11 @@ def run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_config(model: str, data: Path, output_dir: Path, *, epochs: int, seed: int, device: str):
+def demo_config(model: str, data: Path, output_dir: Path, *, epochs: int, seed: int, device: str,
+                leak_check: Path | None = None):
     """The demo's training settings (measured on the demo model: docs/demo-model.md). `data` is a Kohya dataset
-    folder; the demo's holds the other shapes as regularisation images in `data/reg/` (`run_demo`), which the
-    run picks up from there, so its report measures leakage on them."""
+    folder; `leak_check` the folder of the other shapes' pictures with their captions (`run_demo` writes them),
+    never trained on: the report measures leakage on them."""
     from ..config import TrainConfig
     from ..demo import TRIGGER
 
@@ -159,7 +161,8 @@ def demo_config(model: str, data: Path, output_dir: Path, *, epochs: int, seed: 
         resolution=SIZE, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32,
         rank=8, alpha=8.0, learning_rate=3e-3, train_text_encoder=True, text_encoder_lr=1.5e-3,
         epochs=epochs, batch_size=4, seed=seed, device=device, save_precision="fp16",
-        save_state=False, activation_text=TRIGGER, log_every=10)
+        save_state=False, activation_text=TRIGGER, log_every=10,
+        leak_check_dir=str(leak_check) if leak_check is not None else "")
 
 
 def ab_grid(rows: list[list], labels: tuple[str, str] = ("without LoRA", "with LoRA"), scale: int = 2):
@@ -211,18 +214,18 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"2/5 {len(tagged.captions)} star pictures, captions + demo WD14 tags "
           f"(e.g. {Path(example[0]).name}: '{example[1]}')")
 
-    # the shapes the model already knows, with their own captions, as regularisation images: what the star's
-    # trigger must not override; the report measures its leakage on them (train/validation.py)
-    others = out / "other-shapes"
+    # the shapes the model already knows, with their own captions, as the leak-check set: what the star's trigger
+    # must not override, never trained on; the report measures its leakage on them (train/validation.py)
+    others = out / OTHERS_DIR
     shutil.rmtree(others, ignore_errors=True)
+    shutil.rmtree(out / "other-shapes", ignore_errors=True)  # where an earlier demo wrote them
     write_other_images(others, args.images, args.seed + OTHERS_SEED)
-    dataset = prepare_dataset(images, out / "dataset", demo.TRIGGER, repeats=1, resolution=SIZE,
-                              class_images=others, class_name=OTHERS_CLASS)
-    print(f"3/5 Kohya dataset: {dataset.out}/img/1_{demo.TRIGGER}/, regularisation images (the other shapes): "
-          f"{dataset.out}/reg/1_{OTHERS_CLASS}/")
+    dataset = prepare_dataset(images, out / "dataset", demo.TRIGGER, repeats=1, resolution=SIZE)
+    print(f"3/5 Kohya dataset: {dataset.out}/img/1_{demo.TRIGGER}/; leak-check set (the other shapes, not "
+          f"trained on): {others}/")
 
     config = demo_config(str(demo.DEMO_MODEL), dataset.out, out / "lora", epochs=args.epochs, seed=args.seed,
-                         device=args.device)
+                         device=args.device, leak_check=others)
     config.save(out / "lora" / "demo-lora.toml")
     bundle = load_model(demo.DEMO_MODEL, dtype=torch.float32, device=torch.device(args.device))
 

@@ -35,6 +35,9 @@ LEAK_MAX = 0.98
 # least half of the other shapes' prompts drawn as asked read 0.24-0.47, those that override more than half
 # 0.51-1.10. §4, the engine on runs trained with them (the demo's): the demo's settings 0.26-0.35 at the last
 # epoch (0.17-0.49 from the third epoch; the first one or two read 0.50-0.87), the over-trained ones 0.55-0.82.
+# §5, the same pictures as a leak-check set (never trained on), the demo's way: the demo's settings 0.40-0.44 at
+# the last epoch (0.29-0.57 from the third epoch, 6 of 84 epochs over 0.5), the over-trained ones 0.94-1.14 (every
+# epoch 0.61-1.60); kept at 0.5, as §2's LoRAs (also scored on pictures they never trained on) read.
 LEAK_MAX_OTHER = 0.5
 TRIGGER_REMOVED, OTHER_CONCEPTS = "trigger_removed", "other_concepts"  # LearnReport.leak_measure
 LEAK_CHECK, REGULARISATION = "leak_check", "regularisation"  # LearnReport.other_source (other concepts' pictures)
@@ -50,8 +53,9 @@ THRESHOLDS_SOURCE_OTHER = ("demo models, bench/results/demo_lora_cpu/candidate_l
                            "the leakage limit (regularisation images) sits between runs that keep at least half of "
                            "the other shapes' prompts drawn as asked (0.24-0.47) and runs that override more "
                            "(0.51-1.10), and between the demo's runs with the other shapes as regularisation images "
-                           "(0.26-0.35 at the last epoch) and over-trained ones (0.55-0.82); the learned limit: "
-                           "bench/results/learn_thresholds_demo_cpu.md")
+                           "(0.26-0.35 at the last epoch) and over-trained ones (0.55-0.82), and with them as a "
+                           "leak-check set, never trained on (the demo's way): 0.40-0.44 against 0.94-1.14; the "
+                           "learned limit: bench/results/learn_thresholds_demo_cpu.md")
 
 
 def thresholds_for(measure: str) -> dict[str, Any]:

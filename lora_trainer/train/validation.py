@@ -19,7 +19,8 @@ A fixed set of (image, timestep, noise) triples is scored after each epoch:
     (bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md, §2 and §4). The first epoch or
     two of a good run read higher (0.5-0.87): the LoRA's change is still small and not yet bound to its trigger.
     Regularisation images are also trained on, which pulls the LoRA's change on them towards the base model;
-    a leak-check set reads the LoRA without that pull.
+    a leak-check set reads the LoRA without that pull (the demo's runs 0.40-0.44 at the last epoch, 0.29-0.57
+    from the third; over-trained ones 0.94-1.14, every epoch over 0.6: §5 of the results file).
   - without them, **"trigger removed"**: what the LoRA does where the picture's layout and shape are decided
     when its trigger is not asked for. Pure noise (no image in it) at the top of the noise schedule is
     denoised with each caption, with and without its trigger. Leakage = 1 - |LoRA with - LoRA without|² /
