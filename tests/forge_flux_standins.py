@@ -166,17 +166,37 @@ def make_forge_flux(fmt: str = "fp32", *, t5_fmt: str = "fp32", clip_fmt: str = 
     return _engine(Flux, transformer, joint, ref, "flux-tiny", "cd"), ref
 
 
-def make_forge_chroma(fmt: str = "fp32", *, t5_fmt: str = "fp32", seed: int = 0):
+def make_forge_chroma(fmt: str = "fp32", *, t5_fmt: str = "fp32", seed: int = 0, layout: str = "neo"):
     """(Neo-shaped Chroma sd_model, the tiny Chroma bundle whose weights it holds), as Neo's `Chroma` engine
     (backend/diffusion_engine/chroma.py) lays it out: `clip.cond_stage_model` holds `t5xxl` only, the
     transformer is an `IntegratedChromaTransformer2DModel` (backend/nn/chroma.py) in BFL layout with its
     approximator sizes as attributes (`in_dim`, `out_dim`, `hidden_dim`, `n_layers`), `in_channels` 64 (already
     patchified), every RMSNorm a torch.nn.RMSNorm (parameter `weight`, not BFL's `scale`; Neo's default eps)
     and `config` huggingface_guess's dict (`image_model` "chroma", `vec_in_dim` None).
-    Mocked: the transformer's forward is ours (Neo's `forward_orig` needs `backend.*`), over Neo-named modules."""
+    Mocked: the transformer's forward is ours (Neo's `forward_orig` needs `backend.*`), over Neo-named modules.
+
+    `layout="main"`: as lllyasviel's Forge main holds it instead (`backend/nn/chroma.py`, `backend/loader.py`):
+    BFL's RMSNorm (`scale`), no approximator attributes, and the config its loader writes for a Chroma file
+    (huggingface_guess's FLUX.1-schnell config: latent `in_channels` 16, plus `guidance_out_dim`,
+    `guidance_hidden_dim`, `guidance_n_layers`, without `guidance_embed`)."""
     ref = build_tiny_flux_bundle("chroma", seed=seed)
     params = ref.unet.params
     transformer = forge_ops(copy.deepcopy(ref.unet), fmt)
+    if layout == "main":
+        transformer.__class__ = type("IntegratedChromaTransformer2DModel", (type(transformer),), {"config": None})
+        for name in ("in_dim", "out_dim", "hidden_dim", "n_layers"):
+            transformer.__dict__.pop(name, None)
+        transformer.config = {"in_channels": params.in_channels // 4, "patch_size": 2, "vec_in_dim": 768,
+                              "context_in_dim": params.context_in_dim, "hidden_size": params.hidden_size,
+                              "mlp_ratio": params.mlp_ratio, "num_heads": params.num_heads, "depth": params.depth,
+                              "depth_single_blocks": params.depth_single_blocks, "axes_dim": list(params.axes_dim),
+                              "theta": params.theta, "qkv_bias": params.qkv_bias,
+                              "guidance_out_dim": params.hidden_size,
+                              "guidance_hidden_dim": params.approximator_hidden_size,
+                              "guidance_n_layers": params.approximator_depth}
+        joint = nn.Module()
+        joint.t5xxl = _forge_t5(copy.deepcopy(ref.text_encoders[0]), t5_fmt, None)
+        return _engine(Chroma, transformer, joint, ref, "chroma-tiny", "ce"), ref
     for name, module in list(transformer.named_modules()):
         if type(module).__name__ == "RMSNorm":  # ours -> torch's, holding the same values as an inference tensor
             norm = nn.RMSNorm(module.scale.shape[0])

@@ -76,6 +76,19 @@ def test_the_chroma_transformer_computes_over_neos_stored_weights(forge_backend,
     assert approx.untyped_storage().data_ptr() == theirs.untyped_storage().data_ptr()
 
 
+def test_forge_mains_chroma_layout_hands_off_the_same_model(forge_backend):
+    """lllyasviel's Forge main holds Chroma with BFL's RMSNorms and the approximator's sizes in its config
+    (`guidance_hidden_dim`), not as attributes: the hand-off reads the same model from it, zero copy."""
+    sd_model, ref = make_forge_chroma("bf16", layout="main")
+    stats = forge_flux.HandoffStats()
+    bundle = _handoff(sd_model, stats)
+    assert bundle.family is Family.CHROMA and bundle.unet.params == ref.unet.params
+    x = _chroma_inputs(ref.unet.params)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.unet(**x), forge_flux.transformer_of(sd_model)(**x), rtol=1e-4, atol=1e-5)
+    assert stats.copied == 0 and stats.text() == "zero copy"
+
+
 def test_a_chroma_without_t5_is_refused_with_one_sentence(forge_backend):
     sd_model, _ = make_forge_chroma()
     del sd_model.forge_objects_original.clip.cond_stage_model.t5xxl
