@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from lora_trainer.commands.demo import demo_config
     from lora_trainer.dataset.prepare import prepare_dataset
     from lora_trainer.demo import TRIGGER
-    from lora_trainer.demo.classifier import ShapeClassifier, train_classifier
+    from lora_trainer.demo.classifier import cached_classifier
     from lora_trainer.demo.dataset import write_concept_images
     from lora_trainer.demo.measure import generate_batch
     from lora_trainer.demo.world import HELD_OUT, SEEN_SHAPES, sample_scenes
@@ -50,13 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     clf_path = work.parent / "classifier.pt"
-    if clf_path.exists():
-        clf = ShapeClassifier()
-        clf.load_state_dict(torch.load(clf_path))
-    else:
-        clf = train_classifier(steps=300, batch=64)
-        torch.save(clf.state_dict(), clf_path)
-    clf.eval()
+    clf = cached_classifier(clf_path)
     bundle = load_model(args.model, dtype=torch.float32)
     over = json.loads(args.overrides)
     out: dict = {"seed": args.seed, **over}

@@ -83,18 +83,12 @@ def read(bundle, lora, n: int, classifier_path: Path) -> dict:
     import torch
 
     from lora_trainer.demo import TRIGGER
-    from lora_trainer.demo.classifier import ShapeClassifier, train_classifier
+    from lora_trainer.demo.classifier import cached_classifier
     from lora_trainer.demo.measure import generate_batch
     from lora_trainer.demo.world import HELD_OUT, SEEN_SHAPES, sample_scenes
     from lora_trainer.lora import applied_lora
 
-    if classifier_path.exists():
-        clf = ShapeClassifier()
-        clf.load_state_dict(torch.load(classifier_path))
-    else:
-        clf = train_classifier(steps=300, batch=64)
-        torch.save(clf.state_dict(), classifier_path)
-    clf.eval()
+    clf = cached_classifier(classifier_path)
     star = clf.classes.index(HELD_OUT)
     stars = sample_scenes(n, torch.Generator().manual_seed(7), shapes=(HELD_OUT,)).captions(shape_word=TRIGGER)
     others = sample_scenes(n, torch.Generator().manual_seed(31), shapes=SEEN_SHAPES)

@@ -86,3 +86,18 @@ def accuracy(model: ShapeClassifier, *, n: int = 512, size: int = 64, seed: int 
     device = next(model.parameters()).device
     labels = model.predict(render(scenes, size, device=device, jitter=colour_jitter(n, g)))
     return sum(lab == shape for lab, shape in zip(labels, scenes.shapes())) / n
+
+
+def cached_classifier(path, *, steps: int = 300, batch: int = 64) -> ShapeClassifier:
+    """The classifier saved at `path` (a state dict), trained and saved there first when missing: the benchmarks
+    that read many LoRAs share one."""
+    from pathlib import Path
+
+    path = Path(path)
+    clf = ShapeClassifier()
+    if path.exists():
+        clf.load_state_dict(torch.load(path))
+    else:
+        clf = train_classifier(steps=steps, batch=batch)
+        torch.save(clf.state_dict(), path)
+    return clf.eval()
