@@ -37,7 +37,10 @@ LEAK_MAX = 0.98
 # epoch (0.17-0.49 from the third epoch; the first one or two read 0.50-0.87), the over-trained ones 0.55-0.82.
 # §5, the same pictures as a leak-check set (never trained on), the demo's way: the demo's settings 0.40-0.44 at
 # the last epoch (0.29-0.57 from the third epoch, 6 of 84 epochs over 0.5), the over-trained ones 0.94-1.14 (every
-# epoch 0.61-1.60); kept at 0.5, as §2's LoRAs (also scored on pictures they never trained on) read.
+# epoch 0.61-1.60); kept at 0.5, as §2's LoRAs (also scored on pictures they never trained on) read. On the shipped
+# (longer-pretrained) demo model with its settings (shipped_candidate_2026-12-05.md): the demo 0.31, the LoRAs that
+# draw the asked shape for under a third of other prompts 0.64-1.02; at 44-86% asked it orders runs loosely.
+# The pure-noise measure (`LEAK_MAX`) reads 0.99-1.0 for every run on that model: it does not carry over.
 LEAK_MAX_OTHER = 0.5
 TRIGGER_REMOVED, OTHER_CONCEPTS = "trigger_removed", "other_concepts"  # LearnReport.leak_measure
 LEAK_CHECK, REGULARISATION = "leak_check", "regularisation"  # LearnReport.other_source (other concepts' pictures)
@@ -54,8 +57,9 @@ THRESHOLDS_SOURCE_OTHER = ("demo models, bench/results/demo_lora_cpu/candidate_l
                            "the other shapes' prompts drawn as asked (0.24-0.47) and runs that override more "
                            "(0.51-1.10), and between the demo's runs with the other shapes as regularisation images "
                            "(0.26-0.35 at the last epoch) and over-trained ones (0.55-0.82), and with them as a "
-                           "leak-check set, never trained on (the demo's way): 0.40-0.44 against 0.94-1.14; the "
-                           "learned limit: bench/results/learn_thresholds_demo_cpu.md")
+                           "leak-check set, never trained on (the demo's way): 0.40-0.44 against 0.94-1.14; on the "
+                           "shipped demo model (shipped_candidate_2026-12-05.md): the demo 0.31, LoRAs that override "
+                           "most other prompts 0.64-1.02; the learned limit: bench/results/learn_thresholds_demo_cpu.md")
 
 
 def thresholds_for(measure: str) -> dict[str, Any]:
