@@ -8,7 +8,7 @@ classifier: bench/results/demo_lora_cpu/shipped_candidate_2026-12-05.md.
   learning rate (not to raise it).
 - the demo's settings for 15 epochs (the demo runs 80): "learned", the other shapes' change under `LEAK_MAX_OTHER`.
 - over-trained (rank 32 at twice the demo's learning rate, 15 epochs): "leaks". Its LoRA draws the asked shape in
-  3% of 64 prompts for the other shapes (the base model: 100%).
+  8% of 64 prompts for the other shapes (the base model: 100%).
 
 The pure-noise measure (runs without a leak-check set or regularisation images) reads 0.99-1.0 at every epoch on
 this model, good and over-trained runs alike (the results file above), so it is not tested here; its mechanics
@@ -59,9 +59,10 @@ def test_diverged_run_is_told_to_lower_the_learning_rate(demo_data):
 
 
 def test_the_demo_settings_learn_without_leaking(demo_data):
-    """Measured: 0.76, 0.76, 0.70, 0.52 over the first four epochs, then 0.21-0.41 (the 15th 0.25); the demo's 80
-    epochs end at 0.31 on this seed. The limit applies to the last epoch. The leak-check set is never trained on:
-    the run's steps are the plain run's."""
+    """Measured, scored after every epoch: 0.76, 0.76, 0.70, 0.52 over the first four, then 0.21-0.41 (the 15th
+    0.25); the demo scores every 4th (and the last): 0.52, 0.28, 0.21, 0.25. The demo's 80 epochs end at 0.31 on this
+    seed. The limit applies to the last epoch. The leak-check set is never trained on: the run's steps are the plain
+    run's."""
     report = _run(demo_data, "good", epochs=15, lr=3e-3)
     assert report["leak_measure"] == OTHER_CONCEPTS and report["other_source"] == LEAK_CHECK
     assert report["other_images"] == 16 and report["epochs"][-1]["step"] == 15 * 4
@@ -72,7 +73,7 @@ def test_the_demo_settings_learn_without_leaking(demo_data):
 
 
 def test_the_over_trained_run_leaks(demo_data):
-    """Measured: 0.72-1.47 at every epoch, 1.02 at the last."""
+    """Measured at epochs 4, 8, 12 and 15: 0.78, 1.03, 0.91, 0.86."""
     report = _run(demo_data, "over", epochs=15, lr=6e-3, rank=32)
     assert report["leak_measure"] == OTHER_CONCEPTS and report["other_source"] == LEAK_CHECK
     assert report["verdict"] == "leaks", report["message"]
