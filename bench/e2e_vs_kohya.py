@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -159,6 +160,19 @@ def tail(path: Path, n: int = 1500) -> str:
         return ""
 
 
+def compile_bytecode(folders: list[str]) -> list[str]:
+    """Write the .pyc files of every module under `folders` (those that exist), as pip does at install time; a
+    machine with PYTHONDONTWRITEBYTECODE set would otherwise compile them from source in every run. Returns the
+    folders compiled."""
+    import compileall
+
+    done = []
+    for folder in dict.fromkeys(f for f in folders if f and Path(f).is_dir()):
+        compileall.compile_dir(folder, quiet=2, workers=os.cpu_count() or 1)
+        done.append(folder)
+    return done
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", choices=["ours"], help=argparse.SUPPRESS)
@@ -186,6 +200,10 @@ def main() -> int:
     p.add_argument("--variant-case", default="sd15_b1")
     p.add_argument("--variant-steps", type=int, default=40)
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    p.add_argument("--compile-bytecode", action="store_true",
+                   help="byte-compile both tools' packages first (what pip does at install), for machines that set "
+                        "PYTHONDONTWRITEBYTECODE: otherwise every run compiles ~3,000 modules from source "
+                        "(bench/results/startup_gpu_profile.md)")
     p.add_argument("--deadline", type=float, default=0,
                    help="seconds after this script started: start no run after it (0 = none)")
     a, rest = p.parse_known_args()
@@ -233,6 +251,11 @@ def main() -> int:
     for c in cases:
         res = a.resolution or CASES[c][1]
         datasets[res] = make_dataset(work / f"data{res}", res, a.images)
+    if a.compile_bytecode:
+        t = time.perf_counter()
+        report["setup"]["compile_bytecode"] = compile_bytecode(
+            [a.ours_site, a.kohya_site, a.sd_scripts, str(ROOT / "lora_trainer"), *site.getsitepackages()])
+        report["setup"]["compile_bytecode_s"] = round(time.perf_counter() - t, 1)
     # Warm page cache: what a user who just trained or generated with the model has.
     for path in [*ckpts.values(), *(f for d in datasets.values() for f in d.rglob("*") if f.is_file())]:
         with open(path, "rb") as f:
