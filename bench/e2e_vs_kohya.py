@@ -254,7 +254,7 @@ def main() -> int:
     if a.compile_bytecode:
         t = time.perf_counter()
         report["setup"]["compile_bytecode"] = compile_bytecode(
-            [a.ours_site, a.kohya_site, a.sd_scripts, str(ROOT / "lora_trainer"), *site.getsitepackages()])
+            [a.ours_site, a.kohya_site, a.sd_scripts, str(ROOT / "lora_trainer"), a.before, *site.getsitepackages()])
         report["setup"]["compile_bytecode_s"] = round(time.perf_counter() - t, 1)
     # Warm page cache: what a user who just trained or generated with the model has.
     for path in [*ckpts.values(), *(f for d in datasets.values() for f in d.rglob("*") if f.is_file())]:

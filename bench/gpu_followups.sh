@@ -27,7 +27,7 @@ PYTHONPATH=/tmp/site:$PWD/.whl/bnb timeout "$(left 250)" python3 bench/flux_forg
 
 BEFORE=()
 [ -d .stage/before/lora_trainer ] && BEFORE=(--before "$PWD/.stage/before" --before-cases sd15_b1,sdxl_b1)
-timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --skip-kohya --ours-site /tmp/site --cases sd15_b1,sdxl_b1,sd15_b8 \
+timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --skip-kohya --ours-site /tmp/site --cases sd15_b1,sdxl_b1,sd15_b8 --compile-bytecode \
     "${BEFORE[@]}" --variants no_validation --variant-steps 400 \
     --out "$OUT/e2e_ours_h200_followups.json" --deadline "$(left $((END - 260)))" 2>&1 | grep -v '^\[transformers\]' | tail -12
 echo "wall $(( $(date +%s) - T )) s"
