@@ -4,6 +4,7 @@ plus the clock that turns step times into an honest speed and ETA (`RunClock`)."
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -144,8 +145,14 @@ class RunClock:
     The speed is the steps per second of the last `window` steps, measured on training time only:
     time spent in a phase (sampling, saving) is left out, and so is the first step of a run (it
     carries one-off costs: CUDA graph capture, kernel autotuning, the allocator growing). Averaging
-    from the start instead shows a speed far below the real one for most of a short run.
+    from the start instead shows a speed far below the real one for most of a short run. The next few
+    steps can carry such costs too (the accelerated path captures its CUDA graph at the third step:
+    0.15-0.23 s where the steady step takes 0.03 s, bench/results/e2e_pyc_h200/), so a step that took more
+    than `OUTLIER` times the window's median is left out once the window holds enough steps to tell.
     """
+
+    OUTLIER = 4.0  # a step this many times slower than the window's median is a one-off, not the speed
+    MIN_STEPS = 5  # steps in the window before outliers are told apart
 
     def __init__(self, schedule: Schedule, *, window: int = 20, now: Callable[[], float] = time.perf_counter):
         self.schedule = schedule
@@ -164,10 +171,14 @@ class RunClock:
 
     def rate(self) -> float | None:
         """Steps per second over the recent window; None until two steps after the first are timed."""
-        if len(self._times) < 2:
+        spans = [(s1 - s0, t1 - t0) for (s0, t0), (s1, t1) in itertools.pairwise(self._times) if s1 > s0 and t1 > t0]
+        if not spans:
             return None
-        (s0, t0), (s1, t1) = self._times[0], self._times[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+        if len(spans) >= self.MIN_STEPS:
+            per_step = sorted(dt / ds for ds, dt in spans)
+            limit = self.OUTLIER * per_step[len(per_step) // 2]
+            spans = [(ds, dt) for ds, dt in spans if dt / ds <= limit]
+        return sum(ds for ds, _ in spans) / sum(dt for _, dt in spans)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
