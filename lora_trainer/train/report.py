@@ -151,9 +151,13 @@ class LearnReport:
         elif last.leak is not None and last.leak > limit:
             better = f"; epoch {best.epoch} is the better pick" if best.epoch != last.epoch else ""
             self.verdict = "leaks"
+            # this measure also flags good runs on some models (the shipped demo model: 0.99-1.0 for every run,
+            # bench/results/demo_lora_cpu/shipped_candidate_2026-12-05.md §2), so the sentence says how to check
             self.message = (f"Leaks: without the trigger the LoRA still shows {last.leak:.0%} of its effect with "
                             f"it (more than {limit:.0%}){better}; use fewer steps, a lower rank, or add "
-                            "regularisation images.")
+                            "regularisation images. This reading also flags good runs on some models: a "
+                            "leak-check folder (pictures of other subjects with their captions) checks it on "
+                            "their prompts.")
         else:
             leak = "" if last.leak is None else (
                 f", and on the {other_words(self.other_source)}' prompts it changes the picture {last.leak:.0%} as "
