@@ -8,6 +8,7 @@ stand-in runner held at a gate). tests/test_ui_browser.py drives the same tab in
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import types
@@ -149,7 +150,7 @@ EXPECTED_IDS = {
     "lora_trainer_samples", "lora_trainer_result", "lora_trainer_send_text", "lora_trainer_send_to_txt2img",
     "lora_trainer_refresh", "lora_trainer_job_id", "lora_trainer_tag_preview", "lora_trainer_run_state",
     "lora_trainer_confirm", "lora_trainer_queue_yes", "lora_trainer_queue_no", "lora_trainer_runs",
-    "lora_trainer_cancel_queued", "lora_trainer_model_info", "lora_trainer_tag_mode",
+    "lora_trainer_cancel_queued", "lora_trainer_model_info", "lora_trainer_tag_mode", "lora_trainer_leak_check",
 }
 
 
@@ -455,6 +456,61 @@ def _dataset(tmp_path):
     data.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(data / "a.png")
     return tmp_path / "ds"
+
+
+def test_the_leak_check_folder_field_reaches_the_run(tmp_path):
+    """The report's leakage on other subjects needs their pictures: the form's own field (not only More
+    settings) becomes the run's leak_check_dir, checked like every folder; empty = none."""
+    host = tiny_host(tmp_path)
+    jobs = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=2))
+    s = Session(build_tab(host, jobs=jobs))
+    box = s.tab.blocks[s.id("lora_trainer_leak_check")]
+    assert box.label == "Leak-check folder (optional)" and box.visible is not False
+    assert "other subjects with same-named .txt captions" in box.info and "Empty = not used" in box.info
+    assert s["lora_trainer_leak_check"] in ("", None)
+    s["lora_trainer_data"], s["lora_trainer_name"] = str(_dataset(tmp_path)), "checked"
+    s["lora_trainer_resolution"], s["lora_trainer_extra"] = 64, TINY_EXTRA
+
+    missing = tmp_path / "missing"
+    s["lora_trainer_leak_check"] = str(missing)
+    s.fire("lora_trainer_train")
+    assert f"The leak-check folder {missing.resolve()} does not exist; check the path." in \
+        s["lora_trainer_train_status"], s["lora_trainer_train_status"]
+    assert jobs.jobs() == []
+    others = tmp_path / "others"
+    others.mkdir()
+    s["lora_trainer_leak_check"] = str(others)
+    s.fire("lora_trainer_plan")  # the plan scans it as the run will: said before training, in the form's words
+    assert "holds no images" in s["lora_trainer_plan_info"] and "leave **Leak-check folder** empty" in \
+        s["lora_trainer_plan_info"], s["lora_trainer_plan_info"]
+    shape_image(0, (64, 64)).save(others / "red.png")
+    s.fire("lora_trainer_plan")
+    assert "Leak-check image red.png has no caption" in s["lora_trainer_plan_info"]
+    (others / "red.txt").write_text("red circle")
+    s.fire("lora_trainer_plan")
+    assert "Total:" in s["lora_trainer_plan_info"], s["lora_trainer_plan_info"]
+
+    # More settings naming another folder as well: refused, not one of them silently dropped
+    s["lora_trainer_extra"] = json.dumps({"save_precision": "float", "leak_check_dir": str(tmp_path)})
+    s.fire("lora_trainer_train")
+    assert "The leak-check folder is given twice, in **Leak-check folder**" in s["lora_trainer_train_status"]
+    assert jobs.jobs() == []
+    s["lora_trainer_extra"] = json.dumps({"save_precision": "float", "leak_check_dir": str(others) + "/"})
+    s.fire("lora_trainer_train")  # the same folder twice is no conflict
+    assert s["lora_trainer_train_status"] == "Started `checked`.", s["lora_trainer_train_status"]
+    job = jobs.wait(jobs.latest("train").id, 20)
+    assert job.state == "done" and job.config.leak_check_dir == str(others.resolve())
+    again = Session(s.tab)  # the page opened again shows the run's folder with its other settings
+    again.open()
+    assert again["lora_trainer_leak_check"] == str(others.resolve()) and again["lora_trainer_name"] == "checked"
+
+    s["lora_trainer_name"], s["lora_trainer_extra"], s["lora_trainer_leak_check"] = "plain", TINY_EXTRA, "  "
+    s.fire("lora_trainer_train")  # empty: no leak-check set
+    assert jobs.wait(jobs.latest("train").id, 20).config.leak_check_dir == ""
+    # the field empty, More settings' leak_check_dir (how it was given before the field) still counts
+    s["lora_trainer_name"], s["lora_trainer_extra"] = "json", json.dumps({"leak_check_dir": str(others)})
+    s.fire("lora_trainer_train")
+    assert jobs.wait(jobs.latest("train").id, 20).config.leak_check_dir == str(others.resolve())
 
 
 def test_train_while_a_run_is_active_asks_and_stop_acts_on_what_the_page_shows(tmp_path):

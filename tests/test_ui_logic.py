@@ -64,6 +64,9 @@ def test_messages_name_the_forms_fields_not_cli_flags():
     assert form_message("max_timestep 2000 is beyond the model's 1000 timesteps; lower it.") == \
         "max_timestep 2000 is beyond the model's 1000 timesteps; lower it."
     assert form_message("lower batch_size or resolution", bold=False) == "lower Batch size or resolution"
+    assert form_message("Leak-check folder /x does not exist; check the path, or leave leak_check_dir empty.") == \
+        "Leak-check folder /x does not exist; check the path, or leave **Leak-check folder** empty."
+    assert form_message("give --leak-check-dir") == "give **Leak-check folder**"
 
 
 def test_more_settings_typos_get_the_closest_name():

@@ -202,6 +202,8 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
             model_file = gr.Textbox(label="Checkpoint file", value=str(getattr(host, "model", None) or ""),
                                     info=HELP["model_file"], visible=needs_model_file,
                                     elem_id="lora_trainer_model_file")
+            leak_check = gr.Textbox(label="Leak-check folder (optional)", placeholder="/path/to/other/subjects",
+                                    info=HELP["leak_check"], elem_id="lora_trainer_leak_check")
             preset_md = gr.Markdown(preset_info(preset_key, setup.family), elem_id="lora_trainer_preset_info")
             with gr.Row():
                 epochs = gr.Number(value=base.epochs, precision=0, label="Epochs", info=HELP["epochs"],
@@ -296,7 +298,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         preset.input(apply_preset, [preset, scan_state],  # the user's choice; restoring the form sets it too
                       [preset_md, rank, alpha, lr, resolution, batch, train_te, problems])
         form = [preset, name, data, model_file, epochs, max_steps, rank, alpha, lr, resolution, batch, seed, train_te,
-                sample_prompt, sample_every, subdir, extra]
+                sample_prompt, sample_every, subdir, extra, leak_check]
         ask_outputs = [train_status, confirm_md, confirm_row, pending_state]
         plan_btn.click(check_plan, form, [plan_md]).then(logic.outdated_errors, [plan_md, train_status], [train_status])
         for started in (train_btn.click(start_train, form, ask_outputs), resume_btn.click(resume, [runs], ask_outputs),
@@ -309,7 +311,7 @@ def build_tab(host: Any, settings: dict | None = None, *, jobs: JobManager | Non
         watch_outputs = [job_id, progress, loss_plot, samples, result, send_text, run_state, runs, cancel_queued_btn,
                          model_info]
         refresh_btn.click(refresh, [sent_state], [*watch_outputs, sent_state])
-        tab.load(restore_form, None, [*form[:15], subdir, folder, concept, repeats], show_progress="hidden"
+        tab.load(restore_form, None, [*form[:15], subdir, leak_check, folder, concept, repeats], show_progress="hidden"
                  ).then(reload_pictures, [folder, recursive, resolution, *pending_in], [caption_status, *load_outputs]
                         ).then(steps_info, steps_inputs, [steps_md])
         if compat.GRADIO_MAJOR >= 4:  # a timer tick per second; the first one right at load

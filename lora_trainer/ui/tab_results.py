@@ -100,12 +100,12 @@ def handlers(ctx: TabContext, tags: SimpleNamespace) -> SimpleNamespace:
         job = live.followed(jobs)
         c = getattr(job, "config", None)
         if c is None:
-            return (gr.update(),) * 19
+            return (gr.update(),) * 20
         source, concept_name, concept_repeats = logic.dataset_origin(c.data)
         return (_preset_label(c.preset) if c.preset in PRESETS else gr.update(), c.name, c.data,
                 c.model if needs_model_file and c.model else gr.update(), c.epochs, c.max_steps, c.rank, c.alpha,
                 c.learning_rate, c.resolution, c.batch_size, c.seed, c.train_text_encoder,
-                "\n".join(c.sample_prompts or []), c.sample_every_n_epochs or 1, job.lora_subdir,
+                "\n".join(c.sample_prompts or []), c.sample_every_n_epochs or 1, job.lora_subdir, c.leak_check_dir,
                 source or gr.update(), concept_name or gr.update(), concept_repeats or gr.update())
 
     def reload_pictures(folder, recursive, resolution, selected, text, mode):

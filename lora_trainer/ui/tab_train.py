@@ -36,7 +36,7 @@ def handlers(ctx: TabContext, tags: SimpleNamespace) -> SimpleNamespace:
                 c.train_text_encoder, recheck_sizes(scanned, c.resolution))
 
     def form_params(label, name, data, model_file, epochs, max_steps, rank, alpha, lr, resolution, batch, seed,
-                    train_te, sample_prompt, sample_every, subdir, extra):
+                    train_te, sample_prompt, sample_every, subdir, extra, leak_check=""):
         if not (data or "").strip():
             raise ConfigError("**Training data** is empty; prepare the dataset in step 3 (it fills it in), or "
                               "type the folder that holds img/.")
@@ -67,6 +67,13 @@ def handlers(ctx: TabContext, tags: SimpleNamespace) -> SimpleNamespace:
                              {**actions.TRAIN_FORBIDDEN, **({} if standalone else {
                                  "model": "the WebUI trains the model it has loaded"})})
             params.update(more)
+        leak = (leak_check or "").strip()
+        if leak:  # the field, or More settings' leak_check_dir where the field is empty; never two folders
+            given = str(params.get("leak_check_dir") or "").strip()
+            if given and Path(given).expanduser() != Path(leak).expanduser():
+                raise ConfigError(f"The leak-check folder is given twice, in **Leak-check folder** ({leak}) and in "
+                                  f"More settings ({given}); remove it from More settings.")
+            params["leak_check_dir"] = leak
         return params
 
     def check_plan(*form):

@@ -40,6 +40,8 @@ HELP = {
               "(SD1.5 or SDXL) and your card.",
     "name": "The file name of your LoRA. You will write <lora:name:0.8> in your prompt.",
     "data": "The prepared dataset (filled in by step 3). It holds an img/ folder with <repeats>_<concept> inside.",
+    "leak_check": "Pictures of other subjects with same-named .txt captions, never trained on; the report uses them "
+                  "to tell whether the LoRA leaks into other prompts. Empty = not used.",
     "model_file": "The checkpoint (.safetensors) to train on. Inside a WebUI the loaded model is used instead.",
     "epochs": "How many times the whole dataset is gone through. Usual: 5–20. More = stronger, risk of copying "
               "your pictures too closely.",
@@ -68,7 +70,7 @@ FORM_LABELS = {
     "rank": "Rank", "alpha": "Alpha", "learning_rate": "Learning rate", "seed": "Seed", "name": "LoRA name",
     "data": "Training data", "model": "Checkpoint file", "sample_prompts": "Sample prompts",
     "sample_every_n_epochs": "Sample every N epochs", "train_text_encoder": "Train the text encoder",
-    "lora_subdir": "Sub-folder of the Lora folder",
+    "lora_subdir": "Sub-folder of the Lora folder", "leak_check_dir": "Leak-check folder",
 }
 
 _FLAG_REMEDIES = [  # CLI/API wording -> the form's, for messages raised below the tab
