@@ -20,7 +20,7 @@ import torch
 
 from lora_trainer.demo.classifier import train_classifier
 from lora_trainer.demo.measure import star_share
-from lora_trainer.train.report import LEAK_MAX
+from lora_trainer.train.report import LEAK_MAX_OTHER
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = [*trained.saved, *([Path(best)] if best else [])]
     if args.picks_only:  # the last epoch (the final file), the report's pick and the plain lowest loss
         # the pick before the noise rule: the lowest validation loss among the epochs that do not leak
-        clean = [e for e in report.get("epochs", []) if e.get("leak") is None or e["leak"] <= LEAK_MAX]
+        clean = [e for e in report.get("epochs", []) if e.get("leak") is None or e["leak"] <= LEAK_MAX_OTHER]
         low = min(clean, key=lambda e: e["val_loss"])["epoch"] if clean else None
         result["lowest_loss_epoch"] = low
         by_epoch = {int(q.stem.rsplit("-", 1)[1]): q for q in trained.saved if q.stem.rsplit("-", 1)[-1].isdigit()}

@@ -1,6 +1,6 @@
 """Measure the "did it learn?" report's numbers on under-, well- and over-trained runs of one model.
 
-The verdict thresholds (`LEARNED_MIN_IMPROVEMENT`, `LEAK_MAX` in lora_trainer/train/report.py) are
+The verdict thresholds (`LEARNED_MIN_IMPROVEMENT`, `LEAK_MAX_OTHER` in lora_trainer/train/report.py) are
 meant to be set from runs like these on the demo model: the under-trained runs' best improvement must
 stay below the "learned" threshold, the good runs' must pass it, and the over-trained runs' leakage
 must pass the "leaks" threshold while the good runs' stays below it. This script trains each run with
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
             "thresholds_now": {"learned_min_improvement": report_mod.LEARNED_MIN_IMPROVEMENT,
-                               "leak_max": report_mod.LEAK_MAX},
+                               "leak_max": report_mod.LEAK_MAX_OTHER},
             "summary": summary, "runs": results}, indent=1), encoding="utf-8")
     return 0
 

@@ -10,9 +10,9 @@ classifier: bench/results/demo_lora_cpu/shipped_candidate_2026-12-05.md.
 - over-trained (rank 32 at twice the demo's learning rate, 15 epochs): "leaks". Its LoRA draws the asked shape in
   8% of 64 prompts for the other shapes (the base model: 100%).
 
-The pure-noise measure (runs without a leak-check set or regularisation images) reads 0.99-1.0 at every epoch on
-this model, good and over-trained runs alike (the results file above), so it is not tested here; its mechanics
-are tested on the tiny model (tests/test_train_report.py).
+Runs without a leak-check set or regularisation images are not judged for leakage: the pure-noise measure tried for
+them read 0.99-1.0 at every epoch on this model, good and over-trained runs alike (the results file above, §2); the
+report then says leakage was not checked (tests/test_train_report.py).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ from lora_trainer.ui import logic
 
 
 def _report() -> dict:
-    r = LearnReport(method="training images, fixed noise", images=8, pairs=16, trigger="demostar", base_loss=0.2)
-    r.epochs = [EpochCheck(1, 10, 0.19, 0.05, 0.5), EpochCheck(2, 20, 0.17, 0.15, 0.8), EpochCheck(3, 30, 0.16, 0.2, 0.995)]
+    r = LearnReport(method="training images, fixed noise", images=8, pairs=16, trigger="demostar", base_loss=0.2,
+                    leak_measure=report_mod.OTHER_CONCEPTS, other_images=16, other_source=report_mod.LEAK_CHECK,
+                    thresholds=report_mod.thresholds_for(report_mod.OTHER_CONCEPTS))
+    r.epochs = [EpochCheck(1, 10, 0.19, 0.05, 0.6), EpochCheck(2, 20, 0.17, 0.15, 0.45), EpochCheck(3, 30, 0.16, 0.2, 0.995)]
     r.judge()
     r.best_path = "/runs/x/demo-000002.safetensors"
     return {**r.to_dict(), "best_lora": "demo-epoch2"}
@@ -20,10 +22,19 @@ def _report() -> dict:
 def test_report_card_says_verdict_best_epoch_and_thresholds():
     md = logic.report_md(_report())
     assert md.startswith("### Did it learn? Leaks")
-    assert "Leaks: without the trigger the LoRA still shows 100% of its effect with it" in md
+    assert "Leaks: on the leak-check images' own prompts the LoRA changes the picture 100% as much" in md
     assert "Best epoch: **2** (`demo-epoch2`)" in md
-    assert "with and without the trigger `demostar`" in md and f"({report_mod.THRESHOLDS_SOURCE})." in md
+    assert "leakage on 16 leak-check images (never trained on)" in md and "trigger `demostar`" in md
+    assert f"({report_mod.THRESHOLDS_SOURCE_OTHER})." in md
     assert logic.report_md(None) == ""
+    # no pictures of other subjects: leakage not checked, and the card says how to check it
+    r = LearnReport(method="held-out", images=8, pairs=16, trigger="demostar", base_loss=0.2)
+    r.epochs = [EpochCheck(1, 10, 0.19, 0.05, None)]
+    r.judge()
+    md = logic.report_md(r.to_dict())
+    assert md.startswith("### Did it learn? Learned") and "Leakage into other prompts was not checked" in md
+    assert "leakage not checked (no leak-check folder or regularisation images)" in md
+    assert "leaking means not judged without pictures of other subjects" in md
     none = {**_report(), "trigger": "", "epochs": [{**e, "leak": None} for e in _report()["epochs"]]}
     assert "leakage is not measured" in logic.report_md(none)
 

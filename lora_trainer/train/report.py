@@ -6,8 +6,9 @@ epoch), its verdict and the thresholds behind it.
 - **leakage**, by one of two measures (`leak_measure`, train/validation.py): with a leak-check set
   (`leak_check_dir`, never trained on) or else regularisation images (`other_source`), "other concepts": how much the LoRA changes the prediction on those pictures with their captions, relative
   to its change on the trigger's pictures (0: other prompts untouched); over `LEAK_MAX_OTHER` at the last
-  epoch the run "leaks". Without them, "trigger removed": the share of the LoRA's change with the trigger that
-  shows without it too, on pure noise (0: none, 1: all of it); over `LEAK_MAX` the run "leaks".
+  epoch the run "leaks". Without them leakage is not checked (`NOT_CHECKED`; why: train/validation.py) and the
+  report says how to check it. Reports of older versions may carry `TRIGGER_REMOVED`, a pure-noise measure that
+  also flagged good runs; they are shown as they were written.
 The best epoch is the latest epoch that does not leak and whose validation loss is within one standard error
 of the lowest (paired over the same noise, `NOISE_SE`): a later epoch that scores the same within the noise of 16
 pairs has trained more, so a lucky earlier minimum does not win. Its LoRA file is kept.
@@ -24,11 +25,6 @@ from typing import Any
 
 # The verdict's thresholds, in this one place; every report states them with THRESHOLDS_SOURCE.
 LEARNED_MIN_IMPROVEMENT = 0.02  # validation loss at least 2% below the base model's: the concept shows
-# leaking: measured on the demo model (bench/results/learn_thresholds_demo_cpu.md, "Leakage"): the demo's
-# settings for 15 epochs read 0.82-0.97 (0.82 at the end), the demo's 30-epoch run 0.94-0.96 over its last six
-# epochs, runs over-trained at rank 32 with the text encoder at the UNet's learning rate 0.989-0.999 at every
-# epoch from the fifth on.
-LEAK_MAX = 0.98
 # leaking, "other concepts" (regularisation images): measured on the shipped demo model and a candidate demo
 # model with the other shapes' pictures and captions (bench/results/demo_lora_cpu/
 # candidate_lesson_and_leakage_2026-12-05.md). §2, LoRA files trained without them: runs whose LoRA keeps at
@@ -40,18 +36,19 @@ LEAK_MAX = 0.98
 # epoch 0.61-1.60); kept at 0.5, as §2's LoRAs (also scored on pictures they never trained on) read. On the shipped
 # (longer-pretrained) demo model with its settings (shipped_candidate_2026-12-05.md): the demo 0.31, the LoRAs that
 # draw the asked shape for under a third of other prompts 0.64-1.02; at 44-86% asked it orders runs loosely.
-# The pure-noise measure (`LEAK_MAX`) reads 0.99-1.0 for every run on that model: it does not carry over.
 LEAK_MAX_OTHER = 0.5
-TRIGGER_REMOVED, OTHER_CONCEPTS = "trigger_removed", "other_concepts"  # LearnReport.leak_measure
+# LearnReport.leak_measure: other concepts' pictures, none (not checked), or an older version's pure-noise measure
+OTHER_CONCEPTS, NOT_CHECKED, TRIGGER_REMOVED = "other_concepts", "not_checked", "trigger_removed"
 LEAK_CHECK, REGULARISATION = "leak_check", "regularisation"  # LearnReport.other_source (other concepts' pictures)
+# what a report without other concepts' pictures says (its verdict cannot be "leaks")
+NOT_CHECKED_HOW = ("Leakage into other prompts was not checked: give a leak-check folder (pictures of other "
+                   "subjects with their captions, never trained on) or regularisation images to check it.")
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
 # the best-epoch pick: an epoch after the lowest validation loss counts as equally good when its loss is above it
 # by at most this many standard errors of the paired per-pair difference (the "one standard error" rule)
 NOISE_SE = 1.0
-THRESHOLDS_SOURCE = ("demo model, bench/results/learn_thresholds_demo_cpu.md: the leakage limit sits between the "
-                     "demo's settings (15 epochs: 0.82-0.97; 30: 0.94-0.96) and runs over-trained at rank 32 "
-                     "(0.989-0.999); the learned limit separates 4 steps at lr 3e-5 (0.1%) from the demo's settings "
-                     "(2.3% after 4 steps, 6.3% after 8)")
+THRESHOLDS_SOURCE = ("demo model, bench/results/learn_thresholds_demo_cpu.md: the learned limit separates 4 steps "
+                     "at lr 3e-5 (0.1%) from the demo's settings (2.3% after 4 steps, 6.3% after 8)")
 THRESHOLDS_SOURCE_OTHER = ("demo models, bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md: "
                            "the leakage limit (regularisation images) sits between runs that keep at least half of "
                            "the other shapes' prompts drawn as asked (0.24-0.47) and runs that override more "
@@ -67,7 +64,7 @@ def thresholds_for(measure: str) -> dict[str, Any]:
     if measure == OTHER_CONCEPTS:
         return {"learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": LEAK_MAX_OTHER,
                 "source": THRESHOLDS_SOURCE_OTHER}
-    return {"learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": LEAK_MAX, "source": THRESHOLDS_SOURCE}
+    return {"learned_min_improvement": LEARNED_MIN_IMPROVEMENT, "leak_max": None, "source": THRESHOLDS_SOURCE}
 
 
 @dataclass
@@ -94,10 +91,10 @@ class LearnReport:
     best_path: str | None = None  # the kept file of the best epoch (the final LoRA when it is the last)
     verdict: str = "pending"  # "learned" | "not_learned" | "leaks" | "pending"
     message: str = ""
-    thresholds: dict[str, Any] = field(default_factory=lambda: thresholds_for(TRIGGER_REMOVED))
-    # TRIGGER_REMOVED: pure noise, each caption with and without its trigger; OTHER_CONCEPTS: the regularisation
-    # images with their captions against the trigger's pictures (`other_images` of them scored)
-    leak_measure: str = TRIGGER_REMOVED
+    thresholds: dict[str, Any] = field(default_factory=lambda: thresholds_for(NOT_CHECKED))
+    # OTHER_CONCEPTS: the leak-check set or the regularisation images with their captions against the trigger's
+    # pictures (`other_images` of them scored); NOT_CHECKED: no such pictures (or no trigger)
+    leak_measure: str = NOT_CHECKED
     other_images: int = 0
     other_source: str = ""  # OTHER_CONCEPTS: LEAK_CHECK (leak_check_dir, never trained on) or REGULARISATION
 
@@ -107,12 +104,14 @@ class LearnReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LearnReport:
         data = dict(data)
+        data.setdefault("leak_measure", TRIGGER_REMOVED)  # reports from before the measure was named
         data["epochs"] = [EpochCheck(**e) for e in data.get("epochs", [])]
         return cls(**data)
 
     @property
     def leak_limit(self) -> float:
-        return LEAK_MAX_OTHER if self.leak_measure == OTHER_CONCEPTS else LEAK_MAX
+        """The leakage over which an epoch leaks; only "other concepts" judges leakage (infinite otherwise)."""
+        return LEAK_MAX_OTHER if self.leak_measure == OTHER_CONCEPTS else math.inf
 
     def judge(self) -> None:
         """Pick the best epoch and write the verdict (one sentence) from the epochs scored so far."""
@@ -142,31 +141,21 @@ class LearnReport:
             self.message = (f"Not learned yet: the validation loss with the trigger fell only {top:.1%} below the "
                             f"base model's (a learned concept shows at least {LEARNED_MIN_IMPROVEMENT:.0%}); "
                             "train longer or raise the learning rate.")
-        elif last.leak is not None and last.leak > limit and self.leak_measure == OTHER_CONCEPTS:
+        elif last.leak is not None and last.leak > limit:
             better = f"; epoch {best.epoch} is the better pick" if best.epoch != last.epoch else ""
             self.verdict = "leaks"
             self.message = (f"Leaks: on the {other_words(self.other_source)}' own prompts the LoRA changes the "
                             f"picture {last.leak:.0%} as much as on its trigger's (more than {limit:.0%}){better}; use "
                             "fewer steps or a lower rank.")
-        elif last.leak is not None and last.leak > limit:
-            better = f"; epoch {best.epoch} is the better pick" if best.epoch != last.epoch else ""
-            self.verdict = "leaks"
-            # this measure also flags good runs on some models (the shipped demo model: 0.99-1.0 for every run,
-            # bench/results/demo_lora_cpu/shipped_candidate_2026-12-05.md §2), so the sentence says how to check
-            self.message = (f"Leaks: without the trigger the LoRA still shows {last.leak:.0%} of its effect with "
-                            f"it (more than {limit:.0%}){better}; use fewer steps, a lower rank, or add "
-                            "regularisation images. This reading also flags good runs on some models: a "
-                            "leak-check folder (pictures of other subjects with their captions) checks it on "
-                            "their prompts.")
         else:
-            leak = "" if last.leak is None else (
+            leak = "" if last.leak is None or self.leak_measure != OTHER_CONCEPTS else (
                 f", and on the {other_words(self.other_source)}' prompts it changes the picture {last.leak:.0%} as "
-                "much as on its trigger's" if self.leak_measure == OTHER_CONCEPTS
-                else f", and without the trigger it shows {last.leak:.0%} of its effect")
+                "much as on its trigger's")
             pick = f"; epoch {best.epoch} scored best" if best.epoch != last.epoch else ""
+            unchecked = (f" {NOT_CHECKED_HOW}" if self.trigger and self.leak_measure == NOT_CHECKED else "")
             self.verdict = "learned"
             self.message = (f"Learned: the validation loss with the trigger is {last.improvement:.1%} below the base "
-                            f"model's{leak}{pick}.")
+                            f"model's{leak}{pick}.{unchecked}")
 
 
 def _as_good(epoch: EpochCheck, low: EpochCheck) -> bool:
@@ -202,12 +191,16 @@ def leak_method(report: dict[str, Any], quote: str = "'") -> str:
                 "their own captions: the "
                 f"LoRA's change there against its change on the pictures with the trigger {quote}{trigger}{quote} "
                 "(timestep 500, fixed noise)")
-    return f"with and without the trigger {quote}{trigger}{quote}"
+    if report.get("leak_measure", TRIGGER_REMOVED) == TRIGGER_REMOVED:  # an older version's report
+        return f"with and without the trigger {quote}{trigger}{quote}"
+    return "leakage not checked (no leak-check folder or regularisation images)"
 
 
 def leak_limit_words(report: dict[str, Any]) -> str:
     """What "leaks" means for the report's measure, with its limit."""
-    limit = (report.get("thresholds") or {}).get("leak_max", 0)
+    limit = (report.get("thresholds") or {}).get("leak_max")
+    if limit is None:
+        return "not judged without pictures of other subjects (a leak-check folder or regularisation images)"
     if report.get("leak_measure") == OTHER_CONCEPTS:
         return (f"the {other_words(report.get('other_source'))}' prompts changed more than {limit:.0%} as much as "
                 "the trigger's")
