@@ -212,6 +212,9 @@ def main() -> int:
     p.add_argument("--variant-case", default="sd15_b1")
     p.add_argument("--variant-steps", type=int, default=40)
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    p.add_argument("--warm-runs", action="store_true",
+                   help="first run each tool once, 4 steps of the first case, not counted: a user who has trained "
+                        "before (kernel caches such as Triton's on disk, libraries in the page cache)")
     p.add_argument("--compile-bytecode", action="store_true",
                    help="byte-compile both tools' packages first (what pip does at install), for machines that set "
                         "PYTHONDONTWRITEBYTECODE: otherwise every run compiles ~3,000 modules from source "
@@ -304,6 +307,9 @@ def main() -> int:
     report["versions"] = versions
 
     plan = []
+    if a.warm_runs:
+        plan += [(tool, cases[0], a.root, "warm") for tool in ("ours", "kohya")
+                 if not getattr(a, f"skip_{tool}")]
     for c in cases:
         if not a.skip_ours:
             plan.append(("ours", c, a.root, ""))
@@ -324,7 +330,9 @@ def main() -> int:
             steps = int(kohya_steps[c])
         if tool == "before" and a.before_steps:
             steps = a.before_steps
-        if variant:
+        if variant == "warm":
+            steps = target = 4
+        elif variant:
             steps = target = a.variant_steps
         if tool == "before":
             target = steps
@@ -339,7 +347,8 @@ def main() -> int:
             cfg = work / f"config-{c}.toml"
             ours_config(cfg, ckpts[fam], datasets[res], out, res, batch, steps, a.device)
             cmd = [sys.executable, str(HERE / "e2e_vs_kohya.py"), "--child", "ours", "--result", str(result_json),
-                   "--root", str(root), "--variant", variant, "--", "train", "--config", str(cfg)]
+                   "--root", str(root), "--variant", "" if variant == "warm" else variant, "--", "train", "--config",
+                   str(cfg)]
             t_launch, t_exit, rc = run_child(cmd, ours_env, str(ROOT), log, a.timeout)
             command = f"python -m lora_trainer train --config {cfg.name}  ({cfg.read_text().strip()})".replace(
                 "\n", "; ")
@@ -353,7 +362,9 @@ def main() -> int:
         row = {"case": c, "family": fam, "resolution": res, "batch": batch, "rc": rc,
                **summarise("ours" if tool != "kohya" else "kohya", raw, t_launch, t_exit, batch, steps, target)}
         row["tool"] = tool
-        if variant:
+        if variant == "warm":
+            row["variant"] = "warm: a 4-step run first, not counted (--warm-runs)"
+        elif variant:
             row["variant"] = f"{variant}: {VARIANTS[variant]}"
         row["command"] = command
         if rc or row.get("error"):
