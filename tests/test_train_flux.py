@@ -176,7 +176,7 @@ def test_text_outputs_cached_on_disk_skip_the_encoders(tmp_path, data):
         handles = [te.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
                    for te in bundle.text_encoders]
         try:
-            # validation off: its captions without the trigger would be cached too (test_train_flux_t5 counts them)
+            # validation off: a leak-check set's captions would be cached too (test_train_flux_t5 counts the cache)
             return run_training(_config(data, out, max_steps=2, epochs=0, cache_latents_to_disk=True,
                                         latent_cache_dir=str(cache), validate_every_n_epochs=0), bundle=bundle)
         finally:
