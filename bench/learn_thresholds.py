@@ -4,7 +4,9 @@ The verdict thresholds (`LEARNED_MIN_IMPROVEMENT`, `LEAK_MAX_OTHER` in lora_trai
 meant to be set from runs like these on the demo model: the under-trained runs' best improvement must
 stay below the "learned" threshold, the good runs' must pass it, and the over-trained runs' leakage
 must pass the "leaks" threshold while the good runs' stays below it. This script trains each run with
-the real engine (CPU by default), prints every epoch's scores and writes them as JSON.
+the real engine (CPU by default), prints every epoch's scores and writes them as JSON. Leakage is read only
+where a run has pictures of other subjects: give `leak_check_dir` (or regularisation images in the dataset) in a
+run's settings; without them the report does not check it (train/validation.py says why).
 
     python bench/learn_thresholds.py --model demo.safetensors --data star-dataset/ --out results.json
     python bench/learn_thresholds.py --model ... --data ... --runs runs.json   # your own settings
