@@ -14,6 +14,23 @@ import time
 from pathlib import Path
 
 
+def gpu_warmup() -> None:
+    """A small bf16 convolution, group norm, attention and matmul, forward and backward: loads the kernel libraries
+    (cuDNN, cuBLAS) a training step needs, which the first process on a freshly started machine reads from disk."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16):
+        x = torch.randn(1, 320, 64, 64, device=device, requires_grad=True)
+        conv = torch.nn.Conv2d(320, 320, 3, padding=1).to(device)
+        h = torch.nn.functional.group_norm(conv(x), 32)
+        q = h.flatten(2).transpose(1, 2).reshape(1, 4096, 8, 40).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        (y.float().square().mean() + (h.flatten(1) @ h.flatten(1).T).float().mean()).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 # ------------------------------------------------------------------------------------ children
 def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = "") -> int:
     """Run our CLI in this process, recording when each phase and step happened (absolute times).
@@ -171,18 +188,8 @@ def apply_variant(variant: str) -> None:
 
         original_run = train_pkg.run_training
 
-        def warm() -> None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            with torch.autocast(device, dtype=torch.bfloat16):
-                x = torch.randn(1, 320, 64, 64, device=device, requires_grad=True)
-                conv = torch.nn.Conv2d(320, 320, 3, padding=1).to(device)
-                h = torch.nn.functional.group_norm(conv(x), 32)
-                q = h.flatten(2).transpose(1, 2).reshape(1, 4096, 8, 40).transpose(1, 2)
-                y = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-                (y.float().square().mean() + (h.flatten(1) @ h.flatten(1).T).float().mean()).backward()
-
         def run_training(config, **kwargs):
-            threading.Thread(target=warm, daemon=True).start()
+            threading.Thread(target=gpu_warmup, daemon=True).start()
             return original_run(config, **kwargs)
 
         train_pkg.run_training = run_training

@@ -160,18 +160,6 @@ def tail(path: Path, n: int = 1500) -> str:
         return ""
 
 
-GPU_WARMUP = """
-if torch.cuda.is_available():
-    F, dt = torch.nn.functional, torch.bfloat16
-    x = torch.randn(2, 4, 64, 64, device="cuda", dtype=dt, requires_grad=True)
-    y = torch.nn.Conv2d(4, 320, 3, padding=1).to("cuda", dt)(x)
-    q = y.flatten(2).transpose(1, 2).reshape(2, -1, 8, 40).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(2, -1, 320)
-    torch.nn.Linear(320, 320).to("cuda", dt)(o).float().square().mean().backward()
-    torch.cuda.synchronize()
-"""
-
-
 def compile_bytecode(folders: list[str]) -> list[str]:
     """Write the .pyc files of every module under `folders` (those that exist), as pip does at install time; a
     machine with PYTHONDONTWRITEBYTECODE set would otherwise compile them from source in every run. Returns the
@@ -276,15 +264,14 @@ def main() -> int:
         with open(path, "rb") as f:
             while f.read(64 << 20):
                 pass
-    # Warm machine: each side has run once before (byte-compiled modules, libraries in the page cache). On the GPU
-    # that includes a bf16 convolution, attention and linear layer forward and backward: the first training process on
-    # a freshly started machine otherwise reads cuDNN's and cuBLAS's kernel libraries from disk in its first step
-    # (8-12 s on the lent machine; both tools share the one torch, so both are warmed)
+    # Warm machine: each side has run once before (byte-compiled modules, libraries in the page cache; on the GPU
+    # `gpu_warmup`'s small forward and backward loads cuDNN's and cuBLAS's kernel libraries, which the first training
+    # process on a freshly started machine otherwise reads in its first step; both tools share the one torch)
     warm = {"ours": ([sys.executable, "-c", ("import sys; sys.path.insert(0, sys.argv[1]); import torch; "
                       "import lora_trainer.train, lora_trainer.cli, lora_trainer.lora.network, lora_trainer.accel; "
                       "from diffusers import UNet2DConditionModel, AutoencoderKL; import peft, transformers; "
-                      "torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu')\n" + GPU_WARMUP),
-                      a.root],
+                      "sys.path.insert(0, sys.argv[2]); from e2e_hooks import gpu_warmup; gpu_warmup()"),
+                      a.root, str(HERE)],
                      ours_env, str(ROOT)),
             "kohya": ([a.kohya_python, "-c", ("import sys, os; sys.path.insert(0, os.getcwd()); import torch; "
                        "import train_network, sdxl_train_network, networks.lora")], kohya_env, a.sd_scripts)}
