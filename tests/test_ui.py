@@ -6,11 +6,11 @@ training runs the real engine on a tiny model (or, where only the job flow matte
 stand-in runner held at a gate). tests/test_ui_browser.py drives the same tab in headless Chromium.
 """
 
+# ruff: noqa: F811  (pytest fixtures imported from ui_support / train_support are used as arguments)
+
 from __future__ import annotations
 
-import json
 import threading
-import time
 import types
 from pathlib import Path
 
@@ -19,125 +19,12 @@ import pytest
 gr = pytest.importorskip("gradio", reason="Gradio is not installed in this stack (the newest stack has none: "
                                           "gradio 4.40 cannot import beside huggingface-hub 2.x)")
 
-from PIL import Image
 from test_jobs import make_runner
-from train_support import shape_image, tiny_sd1_ckpt  # noqa: F401 - a fixture
+from ui_support import GRADIO4, TINY_EXTRA, Session, photos, tiny_dataset, tiny_host, wait_for  # noqa: F401 - photos: a fixture
 
 from lora_trainer.host import StandaloneHost
 from lora_trainer.jobs import JobManager
-from lora_trainer.models.tiny import build_tiny_bundle
 from lora_trainer.ui import build_tab
-
-GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
-# No bucket settings: at 64 px the buckets follow the resolution (issue: "below min_bucket_reso 256")
-TINY_EXTRA = '{"save_precision": "float", "sample_steps": 2}'
-
-
-class Session:
-    """A browser session: component values by id; firing an event runs its handler (and `.then`s)."""
-
-    def __init__(self, tab):
-        self.tab = tab
-        self.deps = tab.get_config_file()["dependencies"]
-        self.values = {bid: getattr(b, "value", None) for bid, b in tab.blocks.items()}
-        self.props = {}  # last gr.update() properties (label, visible, choices) per block id
-        self.by_elem = {b.elem_id: bid for bid, b in tab.blocks.items() if getattr(b, "elem_id", None)}
-
-    def id(self, elem_id):
-        return self.by_elem[elem_id]
-
-    def __getitem__(self, elem_id):
-        return self.values[self.id(elem_id)]
-
-    def __setitem__(self, elem_id, value):
-        self.values[self.id(elem_id)] = value
-
-    def prop(self, elem_id, name):
-        bid = self.id(elem_id)
-        if name in self.props.get(bid, {}):
-            return self.props[bid][name]
-        return getattr(self.tab.blocks[bid], name, None)
-
-    def _dep_index(self, block_id, event):
-        for i, dep in enumerate(self.deps):
-            for t in dep["targets"]:
-                if (t == [block_id, event] or t == (block_id, event)
-                        or (t == block_id and dep.get("trigger") == event)):
-                    return i
-        raise AssertionError(f"no {event} handler on block {block_id}")
-
-    def _fn(self, i):
-        dep = self.deps[i]
-        return self.tab.fns[dep["id"]] if GRADIO4 else self.tab.fns[i]
-
-    def _apply(self, outputs, result):
-        if len(outputs) == 1:
-            result = (result,)
-        for oid, value in zip(outputs, result):
-            if isinstance(value, dict) and str(value.get("__type__", "")).endswith("update"):
-                self.props.setdefault(oid, {}).update({k: v for k, v in value.items() if k != "__type__"})
-                if "value" in value:
-                    self.values[oid] = value["value"]
-            else:
-                self.values[oid] = value
-
-    def _run(self, i, evt=None, first_only=False):
-        dep = self.deps[i]
-        args = [self.values[j] for j in dep["inputs"]]
-        if evt is not None:
-            args.append(evt)
-        fn = self._fn(i).fn
-        if fn is None:  # a JS-only event
-            return
-        result = fn(*args)
-        if isinstance(result, types.GeneratorType):
-            for item in result:
-                self._apply(dep["outputs"], item)
-                if first_only:  # a page's poll loop never ends: take what it shows first
-                    result.close()
-                    break
-        else:
-            self._apply(dep["outputs"], result)
-        key = dep.get("id", i) if GRADIO4 else i
-        for j, other in enumerate(self.deps):
-            if other.get("trigger_after") == key:
-                self._run(j)
-
-    def fire(self, elem_id, event="click", evt=None):
-        self._run(self._dep_index(self.id(elem_id), event), evt)
-
-    def open(self):
-        """What the page shows when it is opened: its load events (the form, the run it follows)."""
-        ran = 0
-        for i, dep in enumerate(self.deps):
-            loads = [t for t in dep["targets"] if isinstance(t, (list, tuple)) and t[1] == "load"]
-            if (loads or dep.get("trigger") == "load") and dep["outputs"]:
-                self._run(i, first_only=True)
-                ran += 1
-        assert ran >= 2, "no load events"
-
-
-@pytest.fixture
-def photos(tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(3):
-        shape_image(i, (64, 64)).save(folder / f"s{i}.png")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
-    return folder
-
-
-def tiny_host(tmp_path, **kw):
-    return StandaloneHost(tmp_path / "Lora", bundle_factory=lambda: build_tiny_bundle("sd1"), **kw)
-
-
-def wait_for(predicate, timeout=30.0):
-    """Until `predicate()` holds (an observable state, not a guessed delay)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
 
 EXPECTED_IDS = {
     "lora_trainer_folder", "lora_trainer_load", "lora_trainer_upload", "lora_trainer_gallery",
@@ -357,162 +244,6 @@ def test_an_unsaved_caption_edit_is_kept_when_another_picture_is_clicked(tmp_pat
     assert s["lora_trainer_caption"] == "shape, blue square" and "Kept your edit" in s["lora_trainer_bulk_status"]
 
 
-def test_bad_settings_name_the_forms_fields(tmp_path, photos):
-    host = tiny_host(tmp_path)
-    s = Session(build_tab(host, jobs=JobManager(host, work_dir=tmp_path / "runs")))
-    s["lora_trainer_data"], s["lora_trainer_rank"] = str(photos), 0
-    s.fire("lora_trainer_train")
-    assert "**Rank** must be at least 1" in s["lora_trainer_train_status"]
-    s["lora_trainer_rank"], s["lora_trainer_epochs"] = 4, 0
-    s.fire("lora_trainer_train")
-    assert "set **Epochs** (or **Max steps**) to at least 1" in s["lora_trainer_train_status"]
-    assert "--" not in s["lora_trainer_train_status"]
-    s["lora_trainer_epochs"], s["lora_trainer_extra"] = 1, '{"noise_ofset": 0.05}'
-    s.fire("lora_trainer_train")
-    assert s["lora_trainer_train_status"] == ("**Error:** More settings: 'noise_ofset' is not a setting; "
-                                              "did you mean 'noise_offset'?")
-    s["lora_trainer_extra"] = "{not json"
-    s.fire("lora_trainer_train")
-    assert "More settings is not valid JSON" in s["lora_trainer_train_status"]
-    assert "Traceback" not in s["lora_trainer_train_status"]
-    s["lora_trainer_data"], s["lora_trainer_extra"] = "", ""
-    s.fire("lora_trainer_plan")
-    assert "**Training data** is empty; prepare the dataset in step 3" in s["lora_trainer_plan_info"]
-    s.fire("lora_trainer_prepare")
-    assert "load your pictures in step 1" in s["lora_trainer_prepare_status"]
-    s["lora_trainer_folder"] = str(photos)
-    s.fire("lora_trainer_prepare")
-    assert "The concept is empty; type it in **Concept**" in s["lora_trainer_prepare_status"]
-    s["lora_trainer_folder"] = str(tmp_path / "missing")
-    s.fire("lora_trainer_load")
-    assert "does not exist" in s["lora_trainer_summary"]
-    # a dataset the engine refuses (no <repeats>_<concept> folder): the job fails with its message
-    s["lora_trainer_extra"] = TINY_EXTRA
-    s["lora_trainer_resolution"], s["lora_trainer_data"] = 64, str(photos)
-    s.fire("lora_trainer_train")
-    assert s["lora_trainer_train_status"].startswith("Started")  # the earlier error line is gone
-    assert s["lora_trainer_plan_info"] == ""  # and so is the plan's ("Training data is empty")
-    job = s.tab.lora_trainer_jobs.wait(s.tab.lora_trainer_jobs.latest("train").id, 60)
-    assert job.state == "failed"
-    s.fire("lora_trainer_refresh")
-    assert "Training failed" in s["lora_trainer_result"]
-    assert "Failed" in s["lora_trainer_progress"] and "Traceback" not in s["lora_trainer_result"]
-
-
-def test_a_standalone_tab_without_a_model_asks_for_a_checkpoint_file(tmp_path, photos, tiny_sd1_ckpt):  # noqa: F811
-    host = StandaloneHost(tmp_path / "Lora")
-    s = Session(build_tab(host, jobs=JobManager(host, work_dir=tmp_path / "runs")))
-    assert s.tab.blocks[s.id("lora_trainer_model_file")].visible is not False
-    assert "none yet" in s["lora_trainer_model_info"] and "type a checkpoint file" in s["lora_trainer_model_info"]
-    s["lora_trainer_data"] = str(photos)
-    s.fire("lora_trainer_train")
-    assert "type a checkpoint (.safetensors) in **Checkpoint file**" in s["lora_trainer_train_status"]
-    host.model = Path(tiny_sd1_ckpt)
-    s.open()
-    assert f"`{Path(tiny_sd1_ckpt).name}` (SD1)" in s["lora_trainer_model_info"]
-
-
-def test_paths_outside_allowed_roots_are_refused(tmp_path, photos):
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    s = Session(build_tab(tiny_host(tmp_path, allowed_roots=[allowed])))
-    s["lora_trainer_folder"] = str(photos)
-    s.fire("lora_trainer_load")
-    assert "outside the folders" in s["lora_trainer_summary"]
-    assert s["lora_trainer_gallery"] == []
-    # the folder box is the browser's: a bulk edit on a typed folder is checked as well
-    s["lora_trainer_bulk_action"], s["lora_trainer_bulk_tag"] = "add", "pwned"
-    s.fire("lora_trainer_bulk_apply")
-    assert "outside the folders" in s["lora_trainer_bulk_status"]
-    assert not list(photos.glob("*.txt"))
-
-
-def test_upload_copies_files_into_the_run_folder(tmp_path, photos):
-    host = tiny_host(tmp_path, allowed_roots=[tmp_path / "nowhere"])
-    jobs = JobManager(host, work_dir=tmp_path / "runs")
-    s = Session(build_tab(host, jobs=jobs))
-    uploads = [str(photos / "s0.png"), str(photos / "s1.png")]
-    if not GRADIO4:  # Gradio 3 hands tempfile wrappers with .name
-        uploads = [types.SimpleNamespace(name=p, orig_name=Path(p).name) for p in uploads]
-    s["lora_trainer_upload"] = uploads
-    s.fire("lora_trainer_upload", "upload")
-    assert len(s["lora_trainer_gallery"]) == 2
-    assert Path(s["lora_trainer_folder"]).parent == (tmp_path / "runs" / "uploads").resolve()
-
-
-def test_preset_change_updates_the_form(tmp_path):
-    s = Session(build_tab(tiny_host(tmp_path)))
-    label = next(c for c in s.tab.blocks[s.id("lora_trainer_preset")].choices
-                 if "sdxl-lowvram" in str(c))
-    s["lora_trainer_preset"] = label[0] if isinstance(label, (list, tuple)) else label
-    s.fire("lora_trainer_preset", "input")
-    assert s["lora_trainer_rank"] == 8 and s["lora_trainer_resolution"] == 1024
-    assert "8 GB" in s["lora_trainer_preset_info"]
-    assert "but the model is SD1" in s["lora_trainer_preset_info"]  # the tiny model is SD1
-
-
-def _dataset(tmp_path):
-    data = tmp_path / "ds" / "img" / "2_thing"
-    data.mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(data / "a.png")
-    return tmp_path / "ds"
-
-
-def test_the_leak_check_folder_field_reaches_the_run(tmp_path):
-    """The report's leakage on other subjects needs their pictures: the form's own field (not only More
-    settings) becomes the run's leak_check_dir, checked like every folder; empty = none."""
-    host = tiny_host(tmp_path)
-    jobs = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=2))
-    s = Session(build_tab(host, jobs=jobs))
-    box = s.tab.blocks[s.id("lora_trainer_leak_check")]
-    assert box.label == "Leak-check folder (optional)" and box.visible is not False
-    assert "other subjects with same-named .txt captions" in box.info and "Empty = not used" in box.info
-    assert s["lora_trainer_leak_check"] in ("", None)
-    s["lora_trainer_data"], s["lora_trainer_name"] = str(_dataset(tmp_path)), "checked"
-    s["lora_trainer_resolution"], s["lora_trainer_extra"] = 64, TINY_EXTRA
-
-    missing = tmp_path / "missing"
-    s["lora_trainer_leak_check"] = str(missing)
-    s.fire("lora_trainer_train")
-    assert f"The leak-check folder {missing.resolve()} does not exist; check the path." in \
-        s["lora_trainer_train_status"], s["lora_trainer_train_status"]
-    assert jobs.jobs() == []
-    others = tmp_path / "others"
-    others.mkdir()
-    s["lora_trainer_leak_check"] = str(others)
-    s.fire("lora_trainer_plan")  # the plan scans it as the run will: said before training, in the form's words
-    assert "holds no images" in s["lora_trainer_plan_info"] and "leave **Leak-check folder** empty" in \
-        s["lora_trainer_plan_info"], s["lora_trainer_plan_info"]
-    shape_image(0, (64, 64)).save(others / "red.png")
-    s.fire("lora_trainer_plan")
-    assert "Leak-check image red.png has no caption" in s["lora_trainer_plan_info"]
-    (others / "red.txt").write_text("red circle")
-    s.fire("lora_trainer_plan")
-    assert "Total:" in s["lora_trainer_plan_info"], s["lora_trainer_plan_info"]
-
-    # More settings naming another folder as well: refused, not one of them silently dropped
-    s["lora_trainer_extra"] = json.dumps({"save_precision": "float", "leak_check_dir": str(tmp_path)})
-    s.fire("lora_trainer_train")
-    assert "The leak-check folder is given twice, in **Leak-check folder**" in s["lora_trainer_train_status"]
-    assert jobs.jobs() == []
-    s["lora_trainer_extra"] = json.dumps({"save_precision": "float", "leak_check_dir": str(others) + "/"})
-    s.fire("lora_trainer_train")  # the same folder twice is no conflict
-    assert s["lora_trainer_train_status"] == "Started `checked`.", s["lora_trainer_train_status"]
-    job = jobs.wait(jobs.latest("train").id, 20)
-    assert job.state == "done" and job.config.leak_check_dir == str(others.resolve())
-    again = Session(s.tab)  # the page opened again shows the run's folder with its other settings
-    again.open()
-    assert again["lora_trainer_leak_check"] == str(others.resolve()) and again["lora_trainer_name"] == "checked"
-
-    s["lora_trainer_name"], s["lora_trainer_extra"], s["lora_trainer_leak_check"] = "plain", TINY_EXTRA, "  "
-    s.fire("lora_trainer_train")  # empty: no leak-check set
-    assert jobs.wait(jobs.latest("train").id, 20).config.leak_check_dir == ""
-    # the field empty, More settings' leak_check_dir (how it was given before the field) still counts
-    s["lora_trainer_name"], s["lora_trainer_extra"] = "json", json.dumps({"leak_check_dir": str(others)})
-    s.fire("lora_trainer_train")
-    assert jobs.wait(jobs.latest("train").id, 20).config.leak_check_dir == str(others.resolve())
-
-
 def test_train_while_a_run_is_active_asks_and_stop_acts_on_what_the_page_shows(tmp_path):
     """Issue: a second Train silently queued a full run; Stop stopped the first and the queued one
     "started over". Now the page says what runs, asks before queueing, and each button does what it says."""
@@ -520,7 +251,7 @@ def test_train_while_a_run_is_active_asks_and_stop_acts_on_what_the_page_shows(t
     host = tiny_host(tmp_path)
     jobs = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=30, gate=gate))
     s = Session(build_tab(host, jobs=jobs))
-    s["lora_trainer_data"], s["lora_trainer_name"] = str(_dataset(tmp_path)), "first"
+    s["lora_trainer_data"], s["lora_trainer_name"] = str(tiny_dataset(tmp_path)), "first"
     s.fire("lora_trainer_train")
     first = jobs.latest("train")
     wait_for(lambda: first.state == "running" and first.total_steps)
@@ -564,7 +295,7 @@ def test_every_stopped_run_stays_listed_and_resumable(tmp_path):
     host = tiny_host(tmp_path)
     jobs = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=30, gate=gate))
     s = Session(build_tab(host, jobs=jobs))
-    s["lora_trainer_data"] = str(_dataset(tmp_path))
+    s["lora_trainer_data"] = str(tiny_dataset(tmp_path))
     stopped = []
     for name in ("older", "newer"):
         s["lora_trainer_name"] = name
@@ -606,7 +337,7 @@ def test_reopening_the_page_mid_run_shows_the_run_and_keeps_updating(tmp_path):
     jobs = JobManager(host, work_dir=tmp_path / "runs", runner=make_runner(steps=30, gate=gate))
     tab = build_tab(host, jobs=jobs)
     first_page = Session(tab)
-    first_page["lora_trainer_data"], first_page["lora_trainer_name"] = str(_dataset(tmp_path)), "mid"
+    first_page["lora_trainer_data"], first_page["lora_trainer_name"] = str(tiny_dataset(tmp_path)), "mid"
     first_page.fire("lora_trainer_train")
     job = jobs.latest("train")
     wait_for(lambda: job.state == "running" and job.total_steps)
@@ -651,7 +382,7 @@ def test_the_page_keeps_following_by_itself(tmp_path, monkeypatch):
         again = next(loop)
         assert all(isinstance(v, dict) and set(v) == {"__type__"} for v in again), again
     session = Session(tab)
-    session["lora_trainer_data"], session["lora_trainer_name"] = str(_dataset(tmp_path)), "auto"
+    session["lora_trainer_data"], session["lora_trainer_name"] = str(tiny_dataset(tmp_path)), "auto"
     session.fire("lora_trainer_train")
     gate.set()
     job = jobs.wait(jobs.latest("train").id, 20)
