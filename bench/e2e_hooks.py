@@ -156,6 +156,7 @@ VARIANTS = {
                   "(loads cuDNN/cuBLAS while the model loads)",
     "cudnn_benchmark": "torch.backends.cudnn.benchmark = True",
     "no_validation": "no \"did it learn?\" scoring (validate_every_n_epochs = 0)",
+    "score_batch4": "the scoring's batch before it followed the training batch on CUDA: at least 4 pairs per pass",
 }
 
 
@@ -193,6 +194,11 @@ def apply_variant(variant: str) -> None:
             return original_run(config, **kwargs)
 
         train_pkg.run_training = run_training
+    elif variant == "score_batch4":
+        from lora_trainer.train import validation
+
+        validation.scoring_batch = lambda config, device="cpu": (
+            max(1, int(config.batch_size)) if config.gradient_checkpointing else max(int(config.batch_size), 4))
     elif variant == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif variant:
