@@ -156,6 +156,8 @@ VARIANTS = {
                   "(loads cuDNN/cuBLAS while the model loads)",
     "cudnn_benchmark": "torch.backends.cudnn.benchmark = True",
     "no_validation": "no \"did it learn?\" scoring (validate_every_n_epochs = 0)",
+    "rehearse_unet": "a thread runs one forward+backward of the UNet at the training batch's shape right after its "
+                     "background upload (kernels and cuDNN plans set up while latents are cached)",
     "score_batch4": "the scoring's batch before it followed the training batch on CUDA: at least 4 pairs per pass",
 }
 
@@ -199,7 +201,57 @@ def apply_variant(variant: str) -> None:
 
         validation.scoring_batch = lambda config, device="cpu": (
             max(1, int(config.batch_size)) if config.gradient_checkpointing else max(int(config.batch_size), 4))
+    elif variant == "rehearse_unet":
+        _rehearse_unet_variant()
     elif variant == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif variant:
         raise SystemExit(f"unknown variant {variant}")
+
+
+def _rehearse_unet_variant() -> None:
+    """rehearse_unet: after the UNet's background upload, one forward+backward (input gradients only, as for the
+    frozen base in training) on zeros of the first step's shapes, on the upload's side stream, in a thread that the
+    LoRA injection waits for."""
+    import threading
+
+    import torch
+
+    from lora_trainer.train.family import ModelPlacement
+
+    start_early, denoiser = ModelPlacement.start_early, ModelPlacement.denoiser
+
+    def rehearse(self, future, stream) -> None:
+        future.result()
+        unet, cfg, dev = self.bundle.unet, self.config, self.device
+        dtype = next(unet.parameters()).dtype
+        b, r = int(cfg.batch_size), int(cfg.resolution) // 8
+        with torch.cuda.device(dev), torch.cuda.stream(stream):
+            x = torch.zeros(b, unet.config.in_channels, r, r, device=dev, dtype=dtype, requires_grad=True)
+            t = torch.full((b,), 500, device=dev, dtype=torch.long)
+            hidden = torch.zeros(b, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
+            kwargs = {}
+            if unet.config.addition_embed_type == "text_time":
+                pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+                kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(b, pooled, device=dev, dtype=dtype),
+                                               "time_ids": torch.zeros(b, 6, device=dev, dtype=dtype)}
+            with torch.autocast("cuda", dtype=dtype):
+                out = unet(x, t, hidden, **kwargs).sample
+            torch.autograd.grad(out.float().square().mean(), [x])
+            del out, x
+        stream.synchronize()
+        torch.cuda.empty_cache()
+
+    def new_start_early(self) -> None:
+        start_early(self)
+        pending = self.placement._uploads.get(id(self.bundle.unet))
+        if pending is not None and self.device.type == "cuda":
+            self._rehearsal = threading.Thread(target=rehearse, args=(self, *pending), daemon=True)
+            self._rehearsal.start()
+
+    def new_denoiser(self) -> None:
+        if getattr(self, "_rehearsal", None) is not None:
+            self._rehearsal.join()
+        denoiser(self)
+
+    ModelPlacement.start_early, ModelPlacement.denoiser = new_start_early, new_denoiser
