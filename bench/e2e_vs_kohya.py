@@ -196,9 +196,10 @@ def main() -> int:
     p.add_argument("--before", default="", help="folder holding an older lora_trainer package to time as well")
     p.add_argument("--before-steps", type=int, default=0, help="steps for the --before runs (default: the case's)")
     p.add_argument("--before-cases", default="", help="cases for the --before runs (default: all)")
-    p.add_argument("--variants", default="", help=f"after the main runs, A/B runs of ours: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="",
+                   help=f"after the main runs, A/B runs of ours, each VARIANT or VARIANT@CASE: {', '.join(VARIANTS)}")
     p.add_argument("--variant-case", default="sd15_b1")
-    p.add_argument("--variant-steps", type=int, default=40)
+    p.add_argument("--variant-steps", type=int, default=40, help="0: the case's own step count")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
     p.add_argument("--warm-runs", action="store_true",
                    help="first run each tool once, 4 steps of the first case, not counted: a user who has trained "
@@ -304,7 +305,10 @@ def main() -> int:
             plan.append(("kohya", c, None, ""))
     if a.before:
         plan += [("before", c, a.before, "") for c in (a.before_cases.split(",") if a.before_cases else cases)]
-    plan += [("ours", a.variant_case, a.root, v) for v in a.variants.split(",") if v]
+    for v in a.variants.split(","):  # "variant" (at --variant-case) or "variant@case"
+        if v:
+            name, _, case = v.partition("@")
+            plan.append(("ours", case or a.variant_case, a.root, name))
     for tool, c, root, variant in plan:
         if a.deadline and time.time() - T_BEGIN > a.deadline:
             report.setdefault("skipped_for_deadline", []).append(f"{tool} {c} {variant}".strip())
@@ -320,7 +324,7 @@ def main() -> int:
         if variant == "warm":
             steps = target = 4
         elif variant:
-            steps = target = a.variant_steps
+            steps = target = a.variant_steps or target
         if tool == "before":
             target = steps
         label = f"{tool}-{c}" + (f"-{variant}" if variant else "")
