@@ -158,7 +158,7 @@ VARIANTS = {
     "no_validation": "no \"did it learn?\" scoring (validate_every_n_epochs = 0)",
     "rehearse_unet": "a thread runs one forward+backward of the UNet at the training batch's shape right after its "
                      "background upload (kernels and cuDNN plans set up while latents are cached)",
-    "cudnn_attention": "attention prefers cuDNN's fused kernels (torch's default order puts FlashAttention 2 first)",
+    "no_cudnn_attention": "attention in torch's default order (FlashAttention 2 first), not cuDNN first on Hopper",
     "score_batch4": "the scoring's batch before it followed the training batch on CUDA: at least 4 pairs per pass",
 }
 
@@ -204,12 +204,12 @@ def apply_variant(variant: str) -> None:
             max(1, int(config.batch_size)) if config.gradient_checkpointing else max(int(config.batch_size), 4))
     elif variant == "rehearse_unet":
         _rehearse_unet_variant()
-    elif variant == "cudnn_attention":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    elif variant == "no_cudnn_attention":
+        import contextlib
 
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
-        sdpa_kernel(order, set_priority=True).__enter__()  # process-wide flags, for this run's life
+        from lora_trainer.accel import attention
+
+        attention.preferred_attention = lambda device, enabled=True: contextlib.nullcontext(False)
     elif variant == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif variant:

@@ -20,6 +20,7 @@ class AccelOptions:
     max_graphs: int = 8  # distinct batch shapes captured; later shapes run eagerly
     channels_last: bool = False  # NHWC convs; measured per GPU in bench/speed.py
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
+    cudnn_attention: bool = True  # cuDNN's fused attention first on Hopper (attention.py)
     fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
     # torch.compile each transformer block (opt-in): +10% at SD1.5 batch 8 on an H100 for ~35 s of
     # compiling before the first step (bench/results/speed_h100.md); inductor caches it on disk.
@@ -35,13 +36,14 @@ class AccelOptions:
             if f.name != "enabled" and hasattr(config, f.name):
                 setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
         if not opts.enabled:
-            opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = False
+            opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = opts.cudnn_attention = False
             opts.compile_blocks = False
         return opts
 
     @classmethod
     def off(cls) -> AccelOptions:
-        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False)
+        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False,
+                   cudnn_attention=False)
 
 
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:
@@ -65,6 +67,11 @@ def describe(opts: AccelOptions, device: torch.device | str = "cuda") -> str:
         parts.append("channels_last")
     if opts.lowp_norms and on_cuda:
         parts.append("norms in the autocast dtype")
+    if opts.cudnn_attention and on_cuda:
+        from .attention import cudnn_first_supported
+
+        if cudnn_first_supported(device):
+            parts.append("cuDNN attention first")
     if opts.fp8_base:
         parts.append("fp8 base weights")
     if opts.compile_blocks and on_cuda:

@@ -188,8 +188,13 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight_dtype, "no")
         homes = {id(m): (next(m.parameters()).device, m.training)
                  for m in (bundle.unet, bundle.vae, *bundle.text_encoders)}
+        from ..accel import AccelOptions
+        from ..accel.attention import preferred_attention
+
         try:
-            return self._train(bundle, device, weight_dtype)
+            # cuDNN attention first on Hopper for the run (restored after it, a host's settings included)
+            with preferred_attention(device, AccelOptions.from_config(config).cudnn_attention):
+                return self._train(bundle, device, weight_dtype)
         except Exception as e:
             if _is_oom(e):
                 # The traceback's frames hold the activations/optimizer state: drop them, then free.
