@@ -158,7 +158,7 @@ VARIANTS = {
     "no_validation": "no \"did it learn?\" scoring (validate_every_n_epochs = 0)",
     "rehearse_unet": "a thread runs one forward+backward of the UNet at the training batch's shape right after its "
                      "background upload (kernels and cuDNN plans set up while latents are cached)",
-    "no_cudnn_attention": "attention in torch's default order (FlashAttention 2 first), not cuDNN first on Hopper",
+    "cudnn_attention": "accel's cudnn_attention on: cuDNN attention first on Hopper (torch's order: FlashAttention 2)",
     "score_batch4": "the scoring's batch before it followed the training batch on CUDA: at least 4 pairs per pass",
 }
 
@@ -204,12 +204,15 @@ def apply_variant(variant: str) -> None:
             max(1, int(config.batch_size)) if config.gradient_checkpointing else max(int(config.batch_size), 4))
     elif variant == "rehearse_unet":
         _rehearse_unet_variant()
-    elif variant == "no_cudnn_attention":
-        import contextlib
+    elif variant == "cudnn_attention":
+        original_options = accel.AccelOptions.from_config
 
-        from lora_trainer.accel import attention
+        def with_cudnn(config):
+            opts = original_options(config)
+            opts.cudnn_attention = opts.enabled
+            return opts
 
-        attention.preferred_attention = lambda device, enabled=True: contextlib.nullcontext(False)
+        accel.AccelOptions.from_config = staticmethod(with_cudnn)
     elif variant == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif variant:

@@ -63,6 +63,7 @@ def test_cudnn_turned_off_by_the_host_or_accel_off_is_respected(monkeypatch):
         assert on is False
     from types import SimpleNamespace
 
-    assert AccelOptions.from_config(SimpleNamespace(accel="off")).cudnn_attention is False
-    assert AccelOptions.from_config(SimpleNamespace()).cudnn_attention is True
+    assert AccelOptions.from_config(SimpleNamespace()).cudnn_attention is False  # off until measured
+    assert AccelOptions.from_config(SimpleNamespace(cudnn_attention=True)).cudnn_attention is True
+    assert AccelOptions.from_config(SimpleNamespace(accel="off", cudnn_attention=True)).cudnn_attention is False
     assert "cuDNN attention" not in describe(AccelOptions(), "cpu")

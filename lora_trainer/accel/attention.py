@@ -1,10 +1,12 @@
 """Which attention kernel `scaled_dot_product_attention` runs: cuDNN's fused attention first on Hopper.
 
-PyTorch picks its attention backend by a fixed priority that puts FlashAttention 2 first and cuDNN last, while
-on Hopper GPUs (compute capability 9.x) cuDNN's fused attention runs our training shapes faster with the same
-error against an fp32 reference (bench/results/sdpa_backends_h100.md). The order is only a preference: a shape
-cuDNN cannot run (e.g. a head dimension above 128) falls back to the usual order. Elsewhere (Ampere, Ada,
-Blackwell) the default order stays, as it is the faster one there.
+PyTorch picks its attention backend by a fixed priority that puts FlashAttention 2 first and cuDNN last. On Hopper
+GPUs (compute capability 9.x) cuDNN's fused attention is reported about 1.9x faster than the default at Flux's
+attention shape (24 heads x 4608 tokens x 128, pytorch/pytorch#142132) and 1.7-2.3x for training shapes
+(huggingface/transformers#48163, which prefers it on Hopper only). The order is only a preference: a shape cuDNN
+cannot run (e.g. a head dimension above 128) falls back to the usual order. Off by default
+(`AccelOptions.cudnn_attention`) until measured in our own runs: `bench/sdpa_backends.py` times each backend at
+our shapes and checks a cuDNN step under a CUDA graph (a failed capture would turn the step runner's graphs off).
 
 The backend flags are process-wide in PyTorch, so `preferred_attention` sets them for a run and restores what was
 there before (a WebUI's own settings included); backends the host turned off stay off. Forge Neo makes the same

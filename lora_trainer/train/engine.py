@@ -192,7 +192,7 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         from ..accel.attention import preferred_attention
 
         try:
-            # cuDNN attention first on Hopper for the run (restored after it, a host's settings included)
+            # accel's cudnn_attention (off by default): cuDNN attention first on Hopper for the run, restored after
             with preferred_attention(device, AccelOptions.from_config(config).cudnn_attention):
                 return self._train(bundle, device, weight_dtype)
         except Exception as e:
