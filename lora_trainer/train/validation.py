@@ -113,9 +113,10 @@ def scoring_batch(config, device: torch.device | str = "cpu") -> int:
     """Pairs per scoring forward pass. An epoch scores 16-48 pairs (the first scored epoch twice: the base model
     too). On the CPU at least 4 per pass: at a small batch each pass costs mostly overhead (Python, kernel launches),
     and 4 made scoring 2.5x faster (bench/results/e2e_vs_kohya_h200.md). On CUDA the training batch (partial passes
-    padded to it, `Validator._predict`): a batch shape the training steps have not run yet costs a one-time set-up
-    of every layer's kernels, which made batch 1's scoring at 4 pairs per pass take 2.5 s on an H100
-    (bench/results/e2e_vs_kohya_h100.md). A pass without gradients holds far less than a training step, which keeps
+    padded to it, `Validator._predict`), so that scoring meets no batch shape new to the process (whose kernels
+    are set up on first use): on an H100, batch 8's scoring at its training batch took 0.47 s, batch 1's at 4 pairs
+    per pass 2.5 s (bench/results/e2e_vs_kohya_h100.md; the `score_batch4` variant of bench/e2e_vs_kohya.py
+    measures the two side by side). A pass without gradients holds far less than a training step, which keeps
     every layer's activations for the backward pass, so 4 pairs fit wherever one training image does; with gradient
     checkpointing (the low-VRAM presets) the step keeps little, so the training batch there too."""
     batch = max(1, int(config.batch_size))
