@@ -133,10 +133,10 @@ def _meta_parts():
 
 def random_part(part: str, dtype: torch.dtype, device: torch.device, *, seed: int = SEED,
                 values_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """One part of the random Flux.1-dev, built on the meta device and drawn on `device` (flux_vs_kohya.py's
+    """One part of the random Flux.1-dev, built on the meta device and drawn on `device` (flux_files.py's
     recipe: N(0, 0.5^2/fan_in) matrices, norms 1 + N(0, 0.02^2), embeddings and biases N(0, 0.02^2)), rounded
     to `values_dtype` and stored in `dtype`: the same seed gives the same values in any dtype."""
-    from flux_vs_kohya import _values
+    from flux_files import _values
 
     with torch.device("meta"):
         module = _meta_parts()[part]()
