@@ -176,12 +176,12 @@ def apply_variant(variant: str) -> None:
         from lora_trainer.train import placement
 
         placement.Placement.upload_in_background = lambda self, module: False
-    elif variant == "channels_last":
+    elif variant in ("channels_last", "cudnn_attention"):  # an accel lever that is off by default, on
         original = accel.AccelOptions.from_config
 
         def from_config(config):
             opts = original(config)
-            opts.channels_last = opts.enabled
+            setattr(opts, variant, opts.enabled)
             return opts
 
         accel.AccelOptions.from_config = staticmethod(from_config)
@@ -204,15 +204,6 @@ def apply_variant(variant: str) -> None:
             max(1, int(config.batch_size)) if config.gradient_checkpointing else max(int(config.batch_size), 4))
     elif variant == "rehearse_unet":
         _rehearse_unet_variant()
-    elif variant == "cudnn_attention":
-        original_options = accel.AccelOptions.from_config
-
-        def with_cudnn(config):
-            opts = original_options(config)
-            opts.cudnn_attention = opts.enabled
-            return opts
-
-        accel.AccelOptions.from_config = staticmethod(with_cudnn)
     elif variant == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif variant:

@@ -44,8 +44,7 @@ class AccelOptions:
 
     @classmethod
     def off(cls) -> AccelOptions:
-        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False,
-                   cudnn_attention=False)
+        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False)
 
 
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:

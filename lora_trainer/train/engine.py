@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from .saving import rng_guard as _rng_guard
 from .state import Position, load_state, position_from, set_rng_state
 from .step import StepContext, StepMixin
 from .validation import Validator
+
+if TYPE_CHECKING:
+    from ..accel import AccelOptions
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +194,11 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         from ..accel import AccelOptions
         from ..accel.attention import preferred_attention
 
+        opts = AccelOptions.from_config(config)
         try:
             # accel's cudnn_attention (off by default): cuDNN attention first on Hopper for the run, restored after
-            with preferred_attention(device, AccelOptions.from_config(config).cudnn_attention):
-                return self._train(bundle, device, weight_dtype)
+            with preferred_attention(device, opts.cudnn_attention):
+                return self._train(bundle, device, weight_dtype, opts)
         except Exception as e:
             if _is_oom(e):
                 # The traceback's frames hold the activations/optimizer state: drop them, then free.
@@ -230,7 +234,8 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _train(self, bundle: ModelBundle, device: torch.device, weight_dtype: torch.dtype) -> TrainResult:
+    def _train(self, bundle: ModelBundle, device: torch.device, weight_dtype: torch.dtype,
+               opts: AccelOptions) -> TrainResult:
         from ..lora.network import LoraSpec, inject_lora
 
         config, plan = self.config, self.plan
@@ -272,7 +277,6 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
 
         from .. import accel
 
-        opts = accel.AccelOptions.from_config(config)
         if bundle is not self.own_bundle or device.type != "cuda" or self.models.quantizes_base:
             # would replace the host's Linear modules in its skeleton; no gain on CPU; or already done
             opts.fp8_base = False
