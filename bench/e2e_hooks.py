@@ -158,8 +158,8 @@ VARIANTS = {
     "no_validation": "no \"did it learn?\" scoring (validate_every_n_epochs = 0)",
     "rehearse_unet": "a thread runs one forward+backward of the UNet at the training batch's shape right after its "
                      "background upload (kernels and cuDNN plans set up while latents are cached)",
-    "cudnn_attention": "accel's cudnn_attention on: cuDNN attention first on Hopper (torch's order: FlashAttention 2)",
-    "score_batch4": "the scoring's batch before it followed the training batch on CUDA: at least 4 pairs per pass",
+    "score_batch8": "the \"did it learn?\" scoring at least 8 pairs per forward pass (default: at least 4)",
+    "score_at_batch": "the scoring at the training batch (default: at least 4 pairs per pass)",
 }
 
 
@@ -176,12 +176,12 @@ def apply_variant(variant: str) -> None:
         from lora_trainer.train import placement
 
         placement.Placement.upload_in_background = lambda self, module: False
-    elif variant in ("channels_last", "cudnn_attention"):  # an accel lever that is off by default, on
+    elif variant == "channels_last":  # an accel lever that is off by default, on
         original = accel.AccelOptions.from_config
 
         def from_config(config):
             opts = original(config)
-            setattr(opts, variant, opts.enabled)
+            opts.channels_last = opts.enabled
             return opts
 
         accel.AccelOptions.from_config = staticmethod(from_config)
@@ -197,11 +197,12 @@ def apply_variant(variant: str) -> None:
             return original_run(config, **kwargs)
 
         train_pkg.run_training = run_training
-    elif variant == "score_batch4":
+    elif variant in ("score_batch8", "score_at_batch"):
         from lora_trainer.train import validation
 
-        validation.scoring_batch = lambda config, device="cpu": (
-            max(1, int(config.batch_size)) if config.gradient_checkpointing else max(int(config.batch_size), 4))
+        least = 8 if variant == "score_batch8" else 1
+        validation.scoring_batch = lambda config: (
+            max(1, int(config.batch_size)) if config.gradient_checkpointing else max(int(config.batch_size), least))
     elif variant == "rehearse_unet":
         _rehearse_unet_variant()
     elif variant == "cudnn_benchmark":

@@ -163,21 +163,6 @@ def test_scoring_runs_in_chunks_that_fit_where_training_does(tmp_path, checkpoin
     assert sum(sizes) == 2 * result.steps + 2 * pairs, sizes
 
 
-def test_on_cuda_scoring_runs_at_the_training_batch_padded():
-    """On CUDA every scoring pass has the training batch's shape (a new shape costs each layer's kernel set-up once:
-    2.5 s for batch 1's scoring at 4 per pass on an H100); a partial last pass repeats its last pair and only the
-    real pairs' predictions are kept. (The CUDA path itself is not run here: no GPU in CI.)"""
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(batch_size=1, gradient_checkpointing=False)
-    assert validation.scoring_batch(cfg, "cuda") == 1
-    assert validation.scoring_batch(cfg, "cpu") == 4
-    assert validation.scoring_batch(SimpleNamespace(batch_size=8, gradient_checkpointing=False), "cpu") == 8
-    passes = list(validation.scoring_passes([3, 5, 7, 9, 11], 2, pad=True))
-    assert passes == [([3, 5], [3, 5]), ([7, 9], [7, 9]), ([11], [11, 11])]
-    assert list(validation.scoring_passes([3, 5, 7], 2, pad=False))[-1] == ([7], [7])
-
-
 def test_scoring_leaves_training_unchanged(tmp_path):
     """Validation runs beside training: the losses and weights are those of a run without it."""
     data = make_dataset(tmp_path / "ds", n=2, repeats=1)

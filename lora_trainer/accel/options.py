@@ -20,9 +20,6 @@ class AccelOptions:
     max_graphs: int = 8  # distinct batch shapes captured; later shapes run eagerly
     channels_last: bool = False  # NHWC convs; measured per GPU in bench/speed.py
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
-    # cuDNN's fused attention first on Hopper (attention.py): off until measured in our training runs (the
-    # benchmarks' cudnn_attention switches turn it on)
-    cudnn_attention: bool = False
     fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
     # torch.compile each transformer block (opt-in): +10% at SD1.5 batch 8 on an H100 for ~35 s of
     # compiling before the first step (bench/results/speed_h100.md); inductor caches it on disk.
@@ -38,7 +35,7 @@ class AccelOptions:
             if f.name != "enabled" and hasattr(config, f.name):
                 setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
         if not opts.enabled:
-            opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = opts.cudnn_attention = False
+            opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = False
             opts.compile_blocks = False
         return opts
 
@@ -68,11 +65,6 @@ def describe(opts: AccelOptions, device: torch.device | str = "cuda") -> str:
         parts.append("channels_last")
     if opts.lowp_norms and on_cuda:
         parts.append("norms in the autocast dtype")
-    if opts.cudnn_attention and on_cuda:
-        from .attention import cudnn_first_supported
-
-        if cudnn_first_supported(device):
-            parts.append("cuDNN attention first")
     if opts.fp8_base:
         parts.append("fp8 base weights")
     if opts.compile_blocks and on_cuda:

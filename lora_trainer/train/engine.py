@@ -192,13 +192,9 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         homes = {id(m): (next(m.parameters()).device, m.training)
                  for m in (bundle.unet, bundle.vae, *bundle.text_encoders)}
         from ..accel import AccelOptions
-        from ..accel.attention import preferred_attention
 
-        opts = AccelOptions.from_config(config)
         try:
-            # accel's cudnn_attention (off by default): cuDNN attention first on Hopper for the run, restored after
-            with preferred_attention(device, opts.cudnn_attention):
-                return self._train(bundle, device, weight_dtype, opts)
+            return self._train(bundle, device, weight_dtype, AccelOptions.from_config(config))
         except Exception as e:
             if _is_oom(e):
                 # The traceback's frames hold the activations/optimizer state: drop them, then free.

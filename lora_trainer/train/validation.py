@@ -44,7 +44,7 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,29 +109,16 @@ def split_held_out(dataset, fraction: float, seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- the validator
-def scoring_batch(config, device: torch.device | str = "cpu") -> int:
+def scoring_batch(config) -> int:
     """Pairs per scoring forward pass. An epoch scores 16-48 pairs (the first scored epoch twice: the base model
-    too). On the CPU at least 4 per pass: at a small batch each pass costs mostly overhead (Python, kernel launches),
-    and 4 made scoring 2.5x faster (bench/results/e2e_vs_kohya_h200.md). On CUDA the training batch (partial passes
-    padded to it, `Validator._predict`), so that scoring meets no batch shape new to the process (whose kernels
-    are set up on first use): on an H100, batch 8's scoring at its training batch took 0.47 s, batch 1's at 4 pairs
-    per pass 2.5 s (bench/results/e2e_vs_kohya_h100.md; the `score_batch4` variant of bench/e2e_vs_kohya.py
-    measures the two side by side). A pass without gradients holds far less than a training step, which keeps
-    every layer's activations for the backward pass, so 4 pairs fit wherever one training image does; with gradient
-    checkpointing (the low-VRAM presets) the step keeps little, so the training batch there too."""
+    too), and at a small batch each pass costs mostly overhead (Python, kernel launches): at least 4 per pass.
+    Measured: 2.5x faster than 1 per pass on the CPU (bench/results/e2e_vs_kohya_h200.md); on an H100 a batch-1 run
+    of 400 steps took 22.7 s with 4 per pass and 26.0 s scoring at its own batch of 1
+    (bench/results/e2e_vs_kohya_h100_scoring.md). A pass without gradients holds far less than a training step, which
+    keeps every layer's activations for the backward pass, so 4 pairs fit wherever one training image does; with
+    gradient checkpointing (the low-VRAM presets) the step keeps little, so the training batch there."""
     batch = max(1, int(config.batch_size))
-    if torch.device(device).type == "cuda" or getattr(config, "gradient_checkpointing", False):
-        return batch
-    return max(batch, 4)
-
-
-def scoring_passes(indices: list[int], batch: int, *, pad: bool) -> Iterator[tuple[list[int], list[int]]]:
-    """(pairs scored, rows of the pass) per forward pass of `batch` pairs; `pad`: a last, partial pass repeats its
-    last pair up to `batch` rows (CUDA: only the training batch's shapes, see scoring_batch), the extra rows'
-    predictions are dropped."""
-    for start in range(0, len(indices), batch):
-        part = indices[start:start + batch]
-        yield part, part + [part[-1]] * (batch - len(part) if pad else 0)
+    return batch if getattr(config, "gradient_checkpointing", False) else max(batch, 4)
 
 
 @dataclass
@@ -215,7 +202,7 @@ class Validator:
                   for item, cached in (other[int(n * len(other) / LEAK_PAIRS)]
                                        for n in range(LEAK_PAIRS if other else 0))]
         return cls(pairs, method, len(items), trigger, bundle, family, device, dtype, int(config.clip_skip),
-                   int(config.seed), emit, batch=scoring_batch(config, device), others=others, other_source=source)
+                   int(config.seed), emit, batch=scoring_batch(config), others=others, other_source=source)
 
     # ------------------------------------------------------------------ text
     def captions(self) -> list[str]:
@@ -278,8 +265,9 @@ class Validator:
             groups.setdefault(tuple(p.latent.shape), []).append(j)
         model_dtype = next(self.bundle.unet.parameters()).dtype
         for group in groups.values():
-            for part, rows in scoring_passes(group, self.batch, pad=self.device.type == "cuda"):
-                chunk = [pairs[j] for j in rows]
+            for start in range(0, len(group), self.batch):
+                part = group[start:start + self.batch]
+                chunk = [pairs[j] for j in part]
                 latents = torch.stack([p.latent for p in chunk]).to(self.device)
                 batch = {"latents": latents}
                 for name in (chunk[0].probe if probe else chunk[0].draws):
