@@ -249,6 +249,47 @@ def test_options_from_config_and_describe():
     assert accel.compile_blocks(torch.nn.Sequential(), "cpu") == 0  # CUDA only: CPU runs stay eager
 
 
+def _scaled_mm_runs_here() -> bool:
+    if not fp8_available() or not hasattr(torch, "_scaled_mm"):
+        return False
+    try:  # row-scaled fp8 products on the CPU (recent torch); the CUDA kernels are checked in test_accel_cuda.py
+        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+@pytest.mark.skipif(not _scaled_mm_runs_here(), reason="torch without row-scaled fp8 products on the CPU")
+def test_fp8_products_close_to_the_dequantised_product_and_same_backward():
+    """fp8_matmul: the forward product on fp8 (input rounded per row) stays within fp8's rounding of the
+    dequantised bf16 product; the input gradient is the bf16 path's exactly (the backward product is unchanged);
+    shapes _scaled_mm cannot take fall back to the bf16 product."""
+    from lora_trainer.accel.fp8 import use_fp8_products
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    q = Fp8Linear(lin)
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    y_ref = q(x)
+    (g_ref,) = torch.autograd.grad(y_ref.float().square().sum(), x, retain_graph=True)
+    assert use_fp8_products(torch.nn.Sequential(q)) == 1 and q.compute8
+    y = q(x)
+    assert y.dtype == torch.bfloat16 and y.shape == y_ref.shape
+    assert 0 < rel(y.float().detach(), y_ref.float().detach()) < 0.05
+    (g,) = torch.autograd.grad(y.float().square().sum(), x, retain_graph=True)
+    assert rel(g.float(), g_ref.float()) < 0.08  # the same backward product, fed the fp8 forward's output
+    (g1,) = torch.autograd.grad(y.float().sum(), x)
+    (g1_ref,) = torch.autograd.grad(y_ref.float().sum(), x)
+    assert torch.equal(g1, g1_ref)
+    x_odd = torch.randn(3, 64, dtype=torch.bfloat16)  # 3 rows: not a multiple of 16, so the bf16 product
+    q.compute8 = False
+    y_odd_ref = q(x_odd)
+    q.compute8 = True
+    assert torch.equal(q(x_odd), y_odd_ref)
+    assert use_fp8_products(torch.nn.Sequential(Fp8Linear(torch.nn.Linear(60, 48)))) == 0  # 60: not a multiple of 16
+
+
 @pytest.mark.skipif(not fp8_available(), reason="torch without float8")
 def test_fp8_base_linear_close_and_trainable():
     torch.manual_seed(0)

@@ -6,6 +6,11 @@ to the compute dtype for the forward GEMM and again in backward (the dequantised
 kept), so peak memory grows by one layer's weight at a time. Per-row scales keep the relative
 error of each weight row at fp8's ~3 significant bits over that row's range, better than a plain
 cast to fp8 (what other trainers do). Never saved: only LoRA weights are exported.
+
+`fp8_matmul` (accel option, off by default): a Linear's forward product runs on fp8 tensor cores
+(`torch._scaled_mm`, compute capability >= 8.9: Ada and Hopper), its input rounded to fp8 with one scale
+per row, at twice the bf16 rate; the backward product stays in the compute dtype. With gradient
+checkpointing the forward runs twice per step, so two thirds of the frozen base's matrix work moves to fp8.
 """
 
 from __future__ import annotations
@@ -35,21 +40,53 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
         return x.dtype
 
 
+def fp8_matmul_supported(device: torch.device | str) -> bool:
+    """Row-scaled fp8 products (`torch._scaled_mm` with per-row scales, torch >= 2.5) on this device: CUDA
+    compute capability 8.9 or newer."""
+    dev = torch.device(device)
+    if FP8 is None or not hasattr(torch, "_scaled_mm") or dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
+        return False
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
+def fp8_product(x: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                dt: torch.dtype) -> torch.Tensor:
+    """x @ (weight8 * scale).T + bias on fp8 tensor cores: x rounded to e4m3 with one scale per row (its largest
+    magnitude maps to fp8's largest), the weight's per-row scale applied in the product's epilogue."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    xs = (x2.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_(min=1e-12)
+    x8 = (x2 / xs).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8)  # e4m3fn has no infinity: out of range would be NaN
+    y = torch._scaled_mm(x8, weight8.t(), scale_a=xs, scale_b=scale.float().reshape(1, -1),
+                         bias=None if bias is None else bias.to(dt), out_dtype=dt)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _fp8_product_fits(x: torch.Tensor, weight8: torch.Tensor, dt: torch.dtype) -> bool:
+    # _scaled_mm's layout rules (dims multiples of 16) and its row-scaled kernels' bf16 output
+    return (dt == torch.bfloat16 and x.shape[-1] % 16 == 0 and weight8.shape[0] % 16 == 0
+            and (x.numel() // x.shape[-1]) % 16 == 0)
+
+
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight8, scale, bias):  # type: ignore[override]
+    def forward(ctx, x, weight8, scale, bias, compute8=False):  # type: ignore[override]
         dt = _compute_dtype(x)
-        w = weight8.to(dt) * scale.to(dt)
         ctx.save_for_backward(weight8, scale)
         ctx.dt = dt
         with torch.autocast(x.device.type, enabled=False):
+            if compute8 and _fp8_product_fits(x, weight8, dt):
+                return fp8_product(x.to(dt), weight8, scale, bias, dt)
+            w = weight8.to(dt) * scale.to(dt)
             return F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         weight8, scale = ctx.saved_tensors
         w = weight8.to(grad.dtype) * scale.to(grad.dtype)
-        return grad @ w, None, None, None
+        return grad @ w, None, None, None, None
 
 
 def _store_quantized(target: nn.Module, layer: nn.Module) -> None:
@@ -67,11 +104,13 @@ def _store_quantized(target: nn.Module, layer: nn.Module) -> None:
 
 
 class Fp8Linear(nn.Module):
-    """Drop-in frozen replacement for an nn.Linear (no weight gradient)."""
+    """Drop-in frozen replacement for an nn.Linear (no weight gradient). `compute8`: the forward product on fp8
+    tensor cores (see the module's docstring; set by `use_fp8_products`)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute8 = False
         _store_quantized(self, linear)
 
     @property
@@ -80,7 +119,7 @@ class Fp8Linear(nn.Module):
         return (self.weight8.to(self._orig_dtype) * self.scale.to(self._orig_dtype)).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8LinearFn.apply(x, self.weight8, self.scale, self.bias)
+        return _Fp8LinearFn.apply(x, self.weight8, self.scale, self.bias, self.compute8)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8"
@@ -159,3 +198,12 @@ def quantize_linears_fp8(model: nn.Module) -> int:
         with torch.no_grad():
             child.weight.data = torch.empty(0, dtype=child.weight.dtype, device=child.weight.device)
     return len(names)
+
+
+def use_fp8_products(model: nn.Module) -> int:
+    """Turn on fp8 forward products for every Fp8Linear in `model` whose dimensions suit them; returns how many."""
+    layers = [m for m in model.modules()
+              if isinstance(m, Fp8Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    for m in layers:
+        m.compute8 = True
+    return len(layers)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fp8 import fp8_available, quantize_linears_fp8
+from .fp8 import fp8_available, fp8_matmul_supported, quantize_linears_fp8, use_fp8_products
 from .lora_fast import fuse_lora_layers
 from .norms import lowp_norms
 from .options import AccelOptions
@@ -62,13 +62,15 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     before building the optimizer (fp8 replaces frozen Linear modules, never LoRA parameters).
     """
     opts = opts or AccelOptions()
-    done = {"fused_lora": 0, "fp8_linears": 0, "channels_last": 0, "lowp_norms": 0, "checkpoint_funcs": 0,
+    done = {"fused_lora": 0, "fp8_linears": 0, "fp8_products": 0, "channels_last": 0, "lowp_norms": 0, "checkpoint_funcs": 0,
             "compiled_blocks": 0}
     if not opts.enabled:
         return done
     if opts.fp8_base:
         if fp8_available():
             done["fp8_linears"] = quantize_linears_fp8(model)
+            if opts.fp8_matmul and device is not None and fp8_matmul_supported(device):
+                done["fp8_products"] = use_fp8_products(model)
         else:
             log.warning("fp8 base weights need torch >= 2.1; keeping %s weights",
                         next(model.parameters()).dtype)
