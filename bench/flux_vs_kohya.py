@@ -9,6 +9,7 @@ counters reset between them, so each run's peak covers its own load, caching, tr
   R1   ours, preset flux-24gb        R2  ours, preset flux-12gb        R3  ours, preset flux-8gb
   R0   ours, plain eager bf16 reference (accel off, no fp8 base, no swap): the loss-curve reference
   R1F, R2F  R1 and R2 with the fp8 base's forward products on fp8 tensor cores (accel's fp8_matmul)
+  R1B  R1F with the input-gradient products on fp8 too (fp8_matmul_backward)
 Same data (8 captioned 1024 px images, latents and T5/CLIP outputs cached), batch 1, LoRA rank 16 /
 alpha 16 on the transformer's double and single blocks, lr 1e-4 constant, kohya's recommended flow
 settings (timestep_sampling shift, discrete_flow_shift 3.1582, raw prediction, guidance 1.0), seed 0.
@@ -57,6 +58,7 @@ OURS = {
     # A/B: the fp8 base's forward products on fp8 tensor cores (accel's fp8_matmul)
     "R1F": {"preset": "flux-24gb", "fp8_matmul": True},
     "R2F": {"preset": "flux-12gb", "fp8_matmul": True},
+    "R1B": {"preset": "flux-24gb", "fp8_matmul": True, "fp8_matmul_backward": True},  # backward products on fp8 too
 }
 
 
@@ -111,6 +113,7 @@ def child_ours(spec_path: str, result_path: str) -> int:
                                                             "gradient_checkpointing", "cpu_offload_checkpointing",
                                                             "accel", "rank", "alpha", "resolution")}}
         row["settings"]["fp8_matmul"] = getattr(config, "fp8_matmul", False)
+        row["settings"]["fp8_matmul_backward"] = getattr(config, "fp8_matmul_backward", False)
         try:
             result = run_training(config, on_event=on_event)
             row["final_loss"] = result.final_loss

@@ -288,6 +288,10 @@ def test_fp8_products_close_to_the_dequantised_product_and_same_backward():
     q.compute8 = True
     assert torch.equal(q(x_odd), y_odd_ref)
     assert use_fp8_products(torch.nn.Sequential(Fp8Linear(torch.nn.Linear(60, 48)))) == 0  # 60: not a multiple of 16
+    use_fp8_products(torch.nn.Sequential(q), backward=True)  # the input-gradient product on fp8 too
+    assert q.compute8 == 2
+    (g8,) = torch.autograd.grad(q(x).float().sum(), x)
+    assert 0 < rel(g8.float(), g1_ref.float()) < 0.05
 
 
 @pytest.mark.skipif(not fp8_available(), reason="torch without float8")

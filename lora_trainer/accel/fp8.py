@@ -64,6 +64,19 @@ def fp8_product(x: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor, bia
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def fp8_input_grad(grad: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad @ (weight8 * scale) on fp8 tensor cores: the weight's per-row scale folded into grad's columns, grad
+    rounded to e4m3 per row; the weight is read transposed (a per-call copy: _scaled_mm wants it column-major)."""
+    n = grad.shape[-1]
+    g2 = grad.reshape(-1, n).float() * scale.float().reshape(1, -1)
+    gs = (g2.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_(min=1e-12)
+    g8 = (g2 / gs).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8)
+    w_cols = weight8.t().contiguous().t()  # (N, K), column-major
+    ones = torch.ones(1, weight8.shape[1], device=grad.device, dtype=torch.float32)
+    dx = torch._scaled_mm(g8, w_cols, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
+    return dx.view(*grad.shape[:-1], dx.shape[-1])
+
+
 def _fp8_product_fits(x: torch.Tensor, weight8: torch.Tensor, dt: torch.dtype) -> bool:
     # _scaled_mm's layout rules (dims multiples of 16) and its row-scaled kernels' bf16 output
     return (dt == torch.bfloat16 and x.shape[-1] % 16 == 0 and weight8.shape[0] % 16 == 0
@@ -72,10 +85,11 @@ def _fp8_product_fits(x: torch.Tensor, weight8: torch.Tensor, dt: torch.dtype) -
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight8, scale, bias, compute8=False):  # type: ignore[override]
+    def forward(ctx, x, weight8, scale, bias, compute8=0):  # type: ignore[override]
         dt = _compute_dtype(x)
         ctx.save_for_backward(weight8, scale)
         ctx.dt = dt
+        ctx.grad8 = compute8 >= 2
         with torch.autocast(x.device.type, enabled=False):
             if compute8 and _fp8_product_fits(x, weight8, dt):
                 return fp8_product(x.to(dt), weight8, scale, bias, dt)
@@ -85,6 +99,8 @@ class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         weight8, scale = ctx.saved_tensors
+        if ctx.grad8 and _fp8_product_fits(grad, weight8.t(), grad.dtype):
+            return fp8_input_grad(grad, weight8, scale), None, None, None, None
         w = weight8.to(grad.dtype) * scale.to(grad.dtype)
         return grad @ w, None, None, None, None
 
@@ -104,13 +120,13 @@ def _store_quantized(target: nn.Module, layer: nn.Module) -> None:
 
 
 class Fp8Linear(nn.Module):
-    """Drop-in frozen replacement for an nn.Linear (no weight gradient). `compute8`: the forward product on fp8
-    tensor cores (see the module's docstring; set by `use_fp8_products`)."""
+    """Drop-in frozen replacement for an nn.Linear (no weight gradient). `compute8`: 1: the forward product on fp8
+    tensor cores, 2: the backward product too (see the module's docstring; set by `use_fp8_products`)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute8 = False
+        self.compute8 = 0
         _store_quantized(self, linear)
 
     @property
@@ -200,10 +216,11 @@ def quantize_linears_fp8(model: nn.Module) -> int:
     return len(names)
 
 
-def use_fp8_products(model: nn.Module) -> int:
-    """Turn on fp8 forward products for every Fp8Linear in `model` whose dimensions suit them; returns how many."""
+def use_fp8_products(model: nn.Module, backward: bool = False) -> int:
+    """Turn on fp8 forward products (`backward`: the input-gradient products too) for every Fp8Linear in `model`
+    whose dimensions suit them; returns how many."""
     layers = [m for m in model.modules()
               if isinstance(m, Fp8Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0]
     for m in layers:
-        m.compute8 = True
+        m.compute8 = 2 if backward else 1
     return len(layers)

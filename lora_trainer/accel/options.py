@@ -24,6 +24,7 @@ class AccelOptions:
     # with fp8_base: the frozen Linears' forward products on fp8 tensor cores (inputs rounded to fp8 per row;
     # CUDA compute capability >= 8.9); off until its speed and loss curve are measured (bench/flux_vs_kohya.py)
     fp8_matmul: bool = False
+    fp8_matmul_backward: bool = False  # with fp8_matmul: the input-gradient products on fp8 too (grads rounded per row)
     # torch.compile each transformer block (opt-in): +10% at SD1.5 batch 8 on an H100 for ~35 s of
     # compiling before the first step (bench/results/speed_h100.md); inductor caches it on disk.
     compile_blocks: bool = False
