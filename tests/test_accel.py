@@ -294,6 +294,32 @@ def test_fp8_products_close_to_the_dequantised_product_and_same_backward():
     assert 0 < rel(g8.float(), g1_ref.float()) < 0.05
 
 
+@pytest.mark.skipif(not _scaled_mm_runs_here(), reason="torch without row-scaled fp8 products on the CPU")
+@pytest.mark.parametrize("kind", ["per_row", "scaled", "plain"])
+def test_fp8_products_on_quant_linears(kind):
+    """The fp8 base Flux trains over (quant.QuantLinear over an Fp8Weight: per-row scaled as the placement makes
+    it, one scale as fp8_scaled files, or none as plain e4m3fn files): fp8 products within fp8's rounding of the
+    dequantised product, forward and input gradient, under no_grad too."""
+    from lora_trainer.accel.fp8 import use_fp8_products
+    from lora_trainer.quant import Fp8Weight, QuantLinear
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * 0.05
+    frozen = (Fp8Weight.quantize(w, per_row=True) if kind == "per_row" else Fp8Weight.quantize(w)
+              if kind == "scaled" else Fp8Weight.quantize(w * 20, scaled=False))
+    layer = QuantLinear(frozen, torch.randn(48), dtype=torch.bfloat16)
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    y_ref = layer(x)
+    (g_ref,) = torch.autograd.grad(y_ref.float().square().sum(), x)
+    assert use_fp8_products(torch.nn.Sequential(layer), backward=True) == 1 and layer.compute8 == 2
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and 0 < rel(y.float().detach(), y_ref.float().detach()) < 0.05
+    (g,) = torch.autograd.grad(y.float().square().sum(), x)
+    assert rel(g.float(), g_ref.float()) < 0.1
+    with torch.no_grad():
+        assert rel(layer(x).float(), y_ref.float().detach()) < 0.05
+
+
 @pytest.mark.skipif(not fp8_available(), reason="torch without float8")
 def test_fp8_base_linear_close_and_trainable():
     torch.manual_seed(0)

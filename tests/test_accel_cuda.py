@@ -148,6 +148,16 @@ def test_fp8_products_on_gpu_close_and_captured():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, out)
+    from lora_trainer.quant import Fp8Weight, QuantLinear  # Flux's fp8 base
+
+    ql = QuantLinear(Fp8Weight.quantize(lin.weight, per_row=True), lin.bias.detach(), dtype=torch.bfloat16)
+    ref_q = ql(x).float()
+    assert use_fp8_products(ql, backward=True) == 1
+    xg = x.clone().requires_grad_(True)
+    out_q = ql(xg)
+    assert float((out_q.float() - ref_q).norm() / ref_q.norm()) < 0.05
+    out_q.float().square().sum().backward()
+    assert torch.isfinite(xg.grad).all()
 
 
 @cuda

@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.fp8_products import fp8_input_grad, fp8_matmul_supported, fp8_product, fp8_product_fits
+
+__all__ = ["Fp8Conv2d", "Fp8Linear", "fp8_available", "fp8_matmul_supported", "quantize_linears_fp8",
+           "use_fp8_products"]
+
 FP8 = getattr(torch, "float8_e4m3fn", None)
 _FP8_MAX = 448.0
 
@@ -40,49 +45,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
         return x.dtype
 
 
-def fp8_matmul_supported(device: torch.device | str) -> bool:
-    """Row-scaled fp8 products (`torch._scaled_mm` with per-row scales, torch >= 2.5) on this device: CUDA
-    compute capability 8.9 or newer."""
-    dev = torch.device(device)
-    if FP8 is None or not hasattr(torch, "_scaled_mm") or dev.type != "cuda" or not torch.cuda.is_available():
-        return False
-    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
-        return False
-    return torch.cuda.get_device_capability(dev) >= (8, 9)
-
-
-def fp8_product(x: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                dt: torch.dtype) -> torch.Tensor:
-    """x @ (weight8 * scale).T + bias on fp8 tensor cores: x rounded to e4m3 with one scale per row (its largest
-    magnitude maps to fp8's largest), the weight's per-row scale applied in the product's epilogue."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).float()
-    xs = (x2.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_(min=1e-12)
-    x8 = (x2 / xs).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8)  # e4m3fn has no infinity: out of range would be NaN
-    y = torch._scaled_mm(x8, weight8.t(), scale_a=xs, scale_b=scale.float().reshape(1, -1),
-                         bias=None if bias is None else bias.to(dt), out_dtype=dt)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def fp8_input_grad(grad: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad @ (weight8 * scale) on fp8 tensor cores: the weight's per-row scale folded into grad's columns, grad
-    rounded to e4m3 per row; the weight is read transposed (a per-call copy: _scaled_mm wants it column-major)."""
-    n = grad.shape[-1]
-    g2 = grad.reshape(-1, n).float() * scale.float().reshape(1, -1)
-    gs = (g2.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_(min=1e-12)
-    g8 = (g2 / gs).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8)
-    w_cols = weight8.t().contiguous().t()  # (N, K), column-major
-    ones = torch.ones(1, weight8.shape[1], device=grad.device, dtype=torch.float32)
-    dx = torch._scaled_mm(g8, w_cols, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
-    return dx.view(*grad.shape[:-1], dx.shape[-1])
-
-
-def _fp8_product_fits(x: torch.Tensor, weight8: torch.Tensor, dt: torch.dtype) -> bool:
-    # _scaled_mm's layout rules (dims multiples of 16) and its row-scaled kernels' bf16 output
-    return (dt == torch.bfloat16 and x.shape[-1] % 16 == 0 and weight8.shape[0] % 16 == 0
-            and (x.numel() // x.shape[-1]) % 16 == 0)
-
-
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight8, scale, bias, compute8=0):  # type: ignore[override]
@@ -91,7 +53,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         ctx.dt = dt
         ctx.grad8 = compute8 >= 2
         with torch.autocast(x.device.type, enabled=False):
-            if compute8 and _fp8_product_fits(x, weight8, dt):
+            if compute8 and fp8_product_fits(x, weight8, dt):
                 return fp8_product(x.to(dt), weight8, scale, bias, dt)
             w = weight8.to(dt) * scale.to(dt)
             return F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
@@ -99,7 +61,7 @@ class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         weight8, scale = ctx.saved_tensors
-        if ctx.grad8 and _fp8_product_fits(grad, weight8.t(), grad.dtype):
+        if ctx.grad8 and fp8_product_fits(grad, weight8.t(), grad.dtype):
             return fp8_input_grad(grad, weight8, scale), None, None, None, None
         w = weight8.to(grad.dtype) * scale.to(grad.dtype)
         return grad @ w, None, None, None, None
@@ -217,10 +179,15 @@ def quantize_linears_fp8(model: nn.Module) -> int:
 
 
 def use_fp8_products(model: nn.Module, backward: bool = False) -> int:
-    """Turn on fp8 forward products (`backward`: the input-gradient products too) for every Fp8Linear in `model`
-    whose dimensions suit them; returns how many."""
+    """Turn on fp8 forward products (`backward`: the input-gradient products too) for every fp8 e4m3 frozen
+    Linear in `model` (accel's Fp8Linear, quant's QuantLinear over an Fp8Weight, e.g. Flux's fp8 base) whose
+    dimensions suit them; returns how many."""
+    from ..quant import Fp8Weight, QuantLinear
+
     layers = [m for m in model.modules()
-              if isinstance(m, Fp8Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0]
+              if (isinstance(m, Fp8Linear) or (isinstance(m, QuantLinear) and isinstance(m.frozen, Fp8Weight)
+                                               and m.frozen.data.dtype == FP8))
+              and m.in_features % 16 == 0 and m.out_features % 16 == 0]
     for m in layers:
         m.compute8 = 2 if backward else 1
     return len(layers)

@@ -69,11 +69,12 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     if opts.fp8_base:
         if fp8_available():
             done["fp8_linears"] = quantize_linears_fp8(model)
-            if opts.fp8_matmul and device is not None and fp8_matmul_supported(device):
-                done["fp8_products"] = use_fp8_products(model, backward=opts.fp8_matmul_backward)
         else:
             log.warning("fp8 base weights need torch >= 2.1; keeping %s weights",
                         next(model.parameters()).dtype)
+    if opts.fp8_matmul and device is not None and fp8_matmul_supported(device):
+        # the fp8 base from fp8_base above, or one the model placement made (Flux) or the host keeps
+        done["fp8_products"] = use_fp8_products(model, backward=opts.fp8_matmul_backward)
     if opts.fused_lora:
         done["fused_lora"] = fuse_lora_layers(model)
     if opts.lowp_norms:

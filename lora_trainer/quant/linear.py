@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import FrozenWeight
+from .formats import Fp8Weight, FrozenWeight
+from .fp8_products import fp8_input_grad, fp8_product, fp8_product_fits, row_scale
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -56,6 +57,26 @@ class _DequantLinearFn(torch.autograd.Function):
         return grad @ w, None, None, None
 
 
+class _Fp8ProductFn(torch.autograd.Function):
+    """y = x @ W.T + b with an fp8 W on fp8 tensor cores (fp8_products.py); the input gradient in `dtype` from the
+    dequantised W, or on fp8 too with `grad8`."""
+
+    @staticmethod
+    def forward(ctx, x, frozen, bias, dtype, grad8):  # type: ignore[override]
+        ctx.frozen, ctx.grad8 = frozen, grad8
+        scale = row_scale(frozen.scale, frozen.shape[0], x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            return fp8_product(x.to(dtype), frozen.data, scale, bias, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        frozen = ctx.frozen
+        if ctx.grad8 and fp8_product_fits(grad, frozen.data.t(), grad.dtype):
+            return fp8_input_grad(grad, frozen.data, row_scale(frozen.scale, frozen.shape[0], grad.device)), \
+                None, None, None, None
+        return grad @ frozen.dequantize(grad.dtype, grad.device), None, None, None, None
+
+
 class QuantLinear(nn.Linear):
     """A frozen Linear over a `FrozenWeight` (and an optional frozen bias)."""
 
@@ -71,6 +92,9 @@ class QuantLinear(nn.Linear):
         # The bias is small and plain: an ordinary frozen parameter, placed and cast like a norm's weight.
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         device = frozen.device if device is None else torch.device(device)
+        # accel's fp8_matmul (`use_fp8_products`): 1: the forward product of an fp8 e4m3fn weight on fp8 tensor
+        # cores, 2: the input-gradient product too
+        self.compute8 = 0
         # The compute dtype/device, as a tiny buffer so that Module.to/.cuda/.half keep it current.
         self.register_buffer("_anchor", torch.full((1, 1), float("nan"), dtype=dtype, device=device),
                              persistent=False)
@@ -115,6 +139,8 @@ class QuantLinear(nn.Linear):
         frozen = self._frozen()
         dtype = _autocast_dtype(x.device.type) or self.compute_dtype
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype)
+        if self.compute8 and isinstance(frozen, Fp8Weight) and fp8_product_fits(x, frozen.data, dtype):
+            return _Fp8ProductFn.apply(x, frozen, bias, dtype, self.compute8 >= 2)
         if torch.is_grad_enabled() and x.requires_grad:
             return _DequantLinearFn.apply(x, frozen, bias, dtype)
         with torch.autocast(x.device.type, enabled=False):

@@ -1,0 +1,64 @@
+"""Products with a frozen fp8 (e4m3fn) weight on fp8 tensor cores (`torch._scaled_mm`, compute capability >= 8.9:
+Ada and Hopper), at twice the bf16 rate: the other operand rounded to e4m3 with one scale per row, the weight's
+per-row scale applied in the product's epilogue. Used by accel.fp8.Fp8Linear and quant.QuantLinear when
+accel's `fp8_matmul` is on (off by default until measured)."""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+_FP8_MAX = 448.0
+
+
+def fp8_matmul_supported(device: torch.device | str) -> bool:
+    """Row-scaled fp8 products (`torch._scaled_mm` with per-row scales, torch >= 2.5) on this device: CUDA
+    compute capability 8.9 or newer."""
+    dev = torch.device(device)
+    if FP8 is None or not hasattr(torch, "_scaled_mm") or dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
+        return False
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
+def fp8_product(x: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                dt: torch.dtype) -> torch.Tensor:
+    """x @ (weight8 * scale).T + bias on fp8 tensor cores: x rounded to e4m3 with one scale per row (its largest
+    magnitude maps to fp8's largest), the weight's per-row scale applied in the product's epilogue."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    xs = (x2.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_(min=1e-12)
+    x8 = (x2 / xs).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8)  # e4m3fn has no infinity: out of range would be NaN
+    y = torch._scaled_mm(x8, weight8.t(), scale_a=xs, scale_b=scale.float().reshape(1, -1),
+                         bias=None if bias is None else bias.to(dt), out_dtype=dt)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def fp8_input_grad(grad: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad @ (weight8 * scale) on fp8 tensor cores: the weight's per-row scale folded into grad's columns, grad
+    rounded to e4m3 per row; the weight is read transposed (a per-call copy: _scaled_mm wants it column-major)."""
+    n = grad.shape[-1]
+    g2 = grad.reshape(-1, n).float() * scale.float().reshape(1, -1)
+    gs = (g2.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_(min=1e-12)
+    g8 = (g2 / gs).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8)
+    w_cols = weight8.t().contiguous().t()  # (N, K), column-major
+    ones = torch.ones(1, weight8.shape[1], device=grad.device, dtype=torch.float32)
+    dx = torch._scaled_mm(g8, w_cols, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
+    return dx.view(*grad.shape[:-1], dx.shape[-1])
+
+
+def fp8_product_fits(x: torch.Tensor, weight8: torch.Tensor, dt: torch.dtype) -> bool:
+    """`x @ weight8.T` can run as a row-scaled fp8 product: _scaled_mm's layout rules (dimensions multiples of
+    16), its row-scaled kernels' bf16 output, an e4m3fn weight on x's device."""
+    return (dt == torch.bfloat16 and weight8.dtype == FP8 and weight8.device == x.device
+            and x.shape[-1] % 16 == 0 and weight8.shape[0] % 16 == 0 and (x.numel() // x.shape[-1]) % 16 == 0)
+
+
+def row_scale(scale: torch.Tensor | float | None, rows: int, device: torch.device) -> torch.Tensor:
+    """A weight's scale as one fp32 value per output row (from none, one number, or one per row)."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == rows:
+        return scale.to(device=device, dtype=torch.float32).reshape(-1)
+    value = 1.0 if scale is None else scale
+    return torch.ones(rows, device=device, dtype=torch.float32) * (value.to(device) if isinstance(value, torch.Tensor)
+                                                                   else float(value))
