@@ -21,8 +21,9 @@ class AccelOptions:
     channels_last: bool = False  # NHWC convs; measured per GPU in bench/speed.py
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
     fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
-    # with fp8_base: the frozen Linears' forward products on fp8 tensor cores (inputs rounded to fp8 per row;
-    # CUDA compute capability >= 8.9); off until its speed and loss curve are measured (bench/flux_vs_kohya.py)
+    # the fp8 e4m3 frozen Linears' forward products (fp8_base's, or a Flux fp8 base) on fp8 tensor cores, inputs
+    # rounded to fp8 per row (CUDA compute capability >= 8.9); off until its speed and loss curve are measured
+    # (bench/flux_vs_kohya.py runs R1F/R2F/R1B)
     fp8_matmul: bool = False
     fp8_matmul_backward: bool = False  # with fp8_matmul: the input-gradient products on fp8 too (grads rounded per row)
     # torch.compile each transformer block (opt-in): +10% at SD1.5 batch 8 on an H100 for ~35 s of
@@ -70,7 +71,9 @@ def describe(opts: AccelOptions, device: torch.device | str = "cuda") -> str:
     if opts.lowp_norms and on_cuda:
         parts.append("norms in the autocast dtype")
     if opts.fp8_base:
-        parts.append("fp8 base weights" + (", fp8 forward products" if opts.fp8_matmul else ""))
+        parts.append("fp8 base weights")
+    if opts.fp8_matmul and on_cuda:
+        parts.append("fp8 products" + (" forward and backward" if opts.fp8_matmul_backward else " forward"))
     if opts.compile_blocks and on_cuda:
         parts.append("torch.compile per transformer block (about 30-60 s before the first step)")
     return "accel: " + (", ".join(parts) or "nothing enabled")
