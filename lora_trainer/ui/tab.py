@@ -58,7 +58,12 @@ COPY_JS = """() => {
     say(ok ? 'Copied: ' + text : 'The browser blocked copying here: the prompt is selected, press Ctrl+C.');
   };
   if (navigator.clipboard && window.isSecureContext) {
-    navigator.clipboard.writeText(text).then(() => say('Copied: ' + text), select);
+    // a clipboard write can stay pending (an unanswered permission prompt, an unfocused page): after 2 s
+    // select the prompt instead, so the click always says something; a late success still says "Copied"
+    let settled = false;
+    const fallback = setTimeout(() => { if (!settled) { settled = true; select(); } }, 2000);
+    navigator.clipboard.writeText(text).then(() => { settled = true; clearTimeout(fallback); say('Copied: ' + text); },
+      () => { clearTimeout(fallback); if (!settled) { settled = true; select(); } });
   } else { select(); }
   return [];
 }"""
