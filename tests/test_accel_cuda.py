@@ -124,7 +124,8 @@ def test_lowp_norms_and_fp8_close_on_gpu():
 def test_fp8_products_on_gpu_close_and_captured():
     """fp8_matmul on the GPU (compute capability >= 8.9): close to the dequantised bf16 product, the backward
     unchanged, and the product replays inside a CUDA graph."""
-    from lora_trainer.accel.fp8 import fp8_matmul_supported, use_fp8_products
+    from lora_trainer.accel.fp8 import use_fp8_products
+    from lora_trainer.quant.fp8_products import fp8_matmul_supported
 
     if not fp8_matmul_supported("cuda"):
         pytest.skip("GPU without fp8 tensor cores")

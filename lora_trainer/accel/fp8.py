@@ -8,9 +8,10 @@ error of each weight row at fp8's ~3 significant bits over that row's range, bet
 cast to fp8 (what other trainers do). Never saved: only LoRA weights are exported.
 
 `fp8_matmul` (accel option, off by default): a Linear's forward product runs on fp8 tensor cores
-(`torch._scaled_mm`, compute capability >= 8.9: Ada and Hopper), its input rounded to fp8 with one scale
-per row, at twice the bf16 rate; the backward product stays in the compute dtype. With gradient
-checkpointing the forward runs twice per step, so two thirds of the frozen base's matrix work moves to fp8.
+(`torch._scaled_mm`, compute capability >= 8.9: Ada and Hopper; quant/fp8_products.py), its input rounded to
+fp8 with one scale per row, at twice the bf16 rate; `fp8_matmul_backward` moves the input-gradient product
+there too. With gradient checkpointing the forward runs twice per step, so the forward alone is two thirds of
+the frozen base's matrix work.
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.fp8_products import fp8_input_grad, fp8_matmul_supported, fp8_product, fp8_product_fits
-
-__all__ = ["Fp8Conv2d", "Fp8Linear", "fp8_available", "fp8_matmul_supported", "quantize_linears_fp8",
-           "use_fp8_products"]
-
-FP8 = getattr(torch, "float8_e4m3fn", None)
-_FP8_MAX = 448.0
+from ..quant.fp8_products import FP8, FP8_MAX, fp8_input_grad, fp8_product, fp8_product_fits
 
 
 def fp8_available() -> bool:
@@ -74,7 +69,7 @@ def _store_quantized(target: nn.Module, layer: nn.Module) -> None:
         raise RuntimeError("this torch has no float8 dtype")
     w = layer.weight.detach()
     w32 = w.float()
-    scale = (w32.abs().amax(dim=tuple(range(1, w32.dim())), keepdim=True) / _FP8_MAX).clamp(min=1e-12)
+    scale = (w32.abs().amax(dim=tuple(range(1, w32.dim())), keepdim=True) / FP8_MAX).clamp(min=1e-12)
     target.register_buffer("weight8", (w32 / scale).to(FP8))
     target.register_buffer("scale", scale)
     target.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)

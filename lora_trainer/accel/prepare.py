@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fp8 import fp8_available, fp8_matmul_supported, quantize_linears_fp8, use_fp8_products
+from ..quant.fp8_products import fp8_matmul_supported
+from .fp8 import fp8_available, quantize_linears_fp8, use_fp8_products
 from .lora_fast import fuse_lora_layers
 from .norms import lowp_norms
 from .options import AccelOptions
@@ -62,8 +63,8 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     before building the optimizer (fp8 replaces frozen Linear modules, never LoRA parameters).
     """
     opts = opts or AccelOptions()
-    done = {"fused_lora": 0, "fp8_linears": 0, "fp8_products": 0, "channels_last": 0, "lowp_norms": 0, "checkpoint_funcs": 0,
-            "compiled_blocks": 0}
+    done = {"fused_lora": 0, "fp8_linears": 0, "fp8_products": 0, "channels_last": 0, "lowp_norms": 0,
+            "checkpoint_funcs": 0, "compiled_blocks": 0}
     if not opts.enabled:
         return done
     if opts.fp8_base:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
-_FP8_MAX = 448.0
+FP8_MAX = 448.0  # e4m3fn's largest finite value
 
 
 def fp8_matmul_supported(device: torch.device | str) -> bool:
@@ -28,8 +28,8 @@ def fp8_product(x: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor, bia
     magnitude maps to fp8's largest), the weight's per-row scale applied in the product's epilogue."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).float()
-    xs = (x2.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_(min=1e-12)
-    x8 = (x2 / xs).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8)  # e4m3fn has no infinity: out of range would be NaN
+    xs = (x2.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
+    x8 = (x2 / xs).clamp_(-FP8_MAX, FP8_MAX).to(FP8)  # e4m3fn has no infinity: out of range would be NaN
     y = torch._scaled_mm(x8, weight8.t(), scale_a=xs, scale_b=scale.float().reshape(1, -1),
                          bias=None if bias is None else bias.to(dt), out_dtype=dt)
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -40,8 +40,8 @@ def fp8_input_grad(grad: torch.Tensor, weight8: torch.Tensor, scale: torch.Tenso
     rounded to e4m3 per row; the weight is read transposed (a per-call copy: _scaled_mm wants it column-major)."""
     n = grad.shape[-1]
     g2 = grad.reshape(-1, n).float() * scale.float().reshape(1, -1)
-    gs = (g2.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_(min=1e-12)
-    g8 = (g2 / gs).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8)
+    gs = (g2.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
+    g8 = (g2 / gs).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     w_cols = weight8.t().contiguous().t()  # (N, K), column-major
     ones = torch.ones(1, weight8.shape[1], device=grad.device, dtype=torch.float32)
     dx = torch._scaled_mm(g8, w_cols, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
@@ -56,9 +56,7 @@ def fp8_product_fits(x: torch.Tensor, weight8: torch.Tensor, dt: torch.dtype) ->
 
 
 def row_scale(scale: torch.Tensor | float | None, rows: int, device: torch.device) -> torch.Tensor:
-    """A weight's scale as one fp32 value per output row (from none, one number, or one per row)."""
-    if isinstance(scale, torch.Tensor) and scale.numel() == rows:
-        return scale.to(device=device, dtype=torch.float32).reshape(-1)
-    value = 1.0 if scale is None else scale
-    return torch.ones(rows, device=device, dtype=torch.float32) * (value.to(device) if isinstance(value, torch.Tensor)
-                                                                   else float(value))
+    """A weight's scale as one fp32 value per output row (from none, one number, or one per row); no host sync,
+    so it can run inside a CUDA graph capture."""
+    value = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32, device=device)
+    return value.reshape(-1).expand(rows).contiguous()
