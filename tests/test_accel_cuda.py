@@ -34,7 +34,7 @@ def _unet(seed=0):
     return unet
 
 
-def _train(unet, opts, steps=12, scaler=None, dtype=torch.bfloat16, inf_at=None):
+def _train(unet, opts, steps=12, scaler=None, dtype=torch.bfloat16, inf_at=None, between=None):
     params = [p for p in unet.parameters() if p.requires_grad]
     accel.prepare_model(unet, opts, device="cuda")
     opt = torch.optim.AdamW(params, lr=1e-3, **accel.optimizer_kwargs("cuda"))
@@ -54,6 +54,8 @@ def _train(unet, opts, steps=12, scaler=None, dtype=torch.bfloat16, inf_at=None)
              "noise": torch.randn(2, 4, 16, 16, device="cuda", generator=g),
              "scale": torch.full((), float("inf") if i == inf_at else 1.0, device="cuda")}
         losses.append(runner.step(b).item())
+        if between is not None:
+            between(i, runner, unet)
         if i == 7:  # a lower learning rate mid-run must reach the captured optimizer
             for group in opt.param_groups:
                 group["lr"] = 1e-4
@@ -72,6 +74,42 @@ def test_graphs_and_fused_lora_match_eager_peft_on_gpu():
     # the same model and levers without graphs: the replay computes what eager computes
     l_eager, _, _ = _train(_unet(), accel.AccelOptions(cuda_graphs=False))
     assert l_fast == pytest.approx(l_eager, rel=5e-3)
+
+
+@cuda
+def test_work_between_steps_uses_the_graphs_pool_and_never_corrupts_a_replay():
+    """`StepRunner.scratch` (the epoch's scoring, samples): eager work between replays allocates from the graphs'
+    idle pool (torch >= 2.8), so reserved memory does not grow, and the training losses are those of a run with no
+    such work; a tensor that outlives the scratch work makes the runner capture again, and keeps its values."""
+    from lora_trainer.accel.graphs import _mem_pool_usable
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    probe = {"x": torch.randn(2, 4, 16, 16, device="cuda", generator=g),
+             "t": torch.full((2,), 500, device="cuda"), "ctx": torch.randn(2, 7, 32, device="cuda", generator=g)}
+    seen: dict[str, object] = {}
+
+    def score(i, runner, unet):
+        if i not in (5, 9):
+            return
+        torch.cuda.synchronize()
+        reserved = torch.cuda.memory_reserved()
+        with runner.scratch(), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = unet(probe["x"], probe["t"], probe["ctx"], return_dict=False)[0].float()
+            seen[f"cpu{i}"] = out.cpu()
+            if i == 9:
+                seen["kept"] = out * 1.0  # stays on the GPU: the graphs must be captured again
+        seen[f"grew{i}"] = torch.cuda.memory_reserved() - reserved
+        seen[f"graphs{i}"] = runner.stats["graphs"]
+
+    l_plain, _, _ = _train(_unet(), accel.AccelOptions())
+    l_scored, runner, _ = _train(_unet(), accel.AccelOptions(), between=score)
+    assert runner.uses_graphs, runner.disabled_reason
+    # the scratch work changed nothing in training (corruption would be far off: kernels' atomics differ slightly)
+    assert l_scored == pytest.approx(l_plain, rel=1e-3)
+    assert torch.equal(seen["kept"].cpu(), seen["cpu9"])  # not overwritten by steps 10 and 11
+    if _mem_pool_usable():
+        assert seen["grew5"] == 0  # the forward pass fit in the graphs' idle pool
+        assert runner.stats["graphs"] == seen["graphs9"] + 1  # captured again after step 9's kept tensor
 
 
 def _scaler():

@@ -4,13 +4,21 @@ An eager SD step launches ~5,000 kernels (~16,000 for SDXL) and the CPU, not the
 pace. Buckets give a handful of static batch shapes, so each shape is captured once and replayed:
 one launch per step, the same kernels, the same numbers. Without CUDA (tests, CI) and whenever
 capture is not safe, the same object runs the step eagerly.
+
+The graphs' memory pool holds the step's activations between replays, idle. Eager work between steps
+(the epoch's "did it learn?" scoring, sample images) runs inside `scratch()`, which allocates from that
+pool instead of adding its own memory beside it (torch >= 2.8: `torch.cuda.MemPool`): the run's peak is
+the larger of the two, not their sum (measured: +1.2 GiB for Flux's 12 GB preset without this,
+bench/results/flux_vs_kohya_h100_pool.md). A replay overwrites the pool's free memory, so a tensor made
+there that outlives the scratch work would be clobbered: `scratch` checks, and recaptures when it happens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +39,12 @@ class _Graph:
     loss: torch.Tensor
     lrs: list[torch.Tensor]
     grads: list[torch.Tensor | None] = field(default_factory=list)  # kept alive: they live in the pool
+
+
+def _mem_pool_usable() -> bool:
+    """A user-made MemPool can be both a graph's pool and the target of eager allocations (torch >= 2.8)."""
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (2, 8) and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
 
 
 def _capturable_optimizer(opt: torch.optim.Optimizer) -> bool:
@@ -63,6 +77,7 @@ class StepRunner:
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: dict[tuple, int] = {}
         self._pool: Any = None
+        self._mempool: Any = None  # the graphs' pool as a MemPool, so eager work can use it (`scratch`)
         self._pending_grads = False
         self._side_stream: Any = None
         self.stats = {"eager_steps": 0, "graph_replays": 0, "graphs": 0, "capture_s": 0.0}
@@ -93,6 +108,26 @@ class StepRunner:
             if entry is None:
                 return self._eager(batch, apply)
         return self._replay(entry, batch)
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[None]:
+        """Eager GPU work between steps allocates from the graphs' pool (idle between replays) rather than beside
+        it. Anything made here must be freed or moved off the GPU before it ends; if something stays, the graphs
+        are dropped (captured again at the next step), since a replay would overwrite it."""
+        pool = self._mempool
+        if pool is None or not self._graphs:
+            yield
+            return
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        with torch.cuda.use_mem_pool(pool, self.device):
+            yield
+        torch.cuda.synchronize(self.device)  # pending frees (other streams' uses) are done before any replay
+        kept = torch.cuda.memory_allocated(self.device) - before
+        if kept > 0:
+            log.info("%d bytes made between steps stay on the GPU: CUDA graphs captured again", kept)
+            self._graphs.clear()
+            self.optimizer.zero_grad(set_to_none=True)  # the dropped graphs' gradients
 
     # ------------------------------------------------------------------ eager
     def _eager(self, batch: Batch, apply: bool, side_stream: bool = False) -> torch.Tensor:
@@ -172,8 +207,11 @@ class StepRunner:
             else:
                 t.fill_(float(lr))
 
-    def _capture(self, key: tuple, batch: Batch) -> _Graph | None:
+    def _capture(self, key: tuple, batch: Batch, *, mem_pool: bool = True) -> _Graph | None:
         t0 = time.perf_counter()
+        if self._pool is None and mem_pool and _mem_pool_usable():
+            self._mempool = torch.cuda.MemPool()
+        pool = self._mempool.id if self._mempool is not None else self._pool
         groups = self.optimizer.param_groups
         saved_lrs = [g["lr"] for g in groups]
         try:
@@ -189,7 +227,7 @@ class StepRunner:
             # back, so the graph's private pool reuses that memory instead of adding to it.
             torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 loss = self.loss_fn(static)
                 if self.scaler is not None:
                     # GradScaler with a fused optimizer never syncs: the inf check, the skipped
@@ -207,6 +245,14 @@ class StepRunner:
                 loss = loss.detach()
             grads = [p.grad for p in self.params]
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly from now on
+            if self._mempool is not None and self._pool is None:  # the first capture, in a MemPool: once more without
+                log.info("CUDA graph capture in a MemPool failed (%s); capturing in the graph's own pool", exc)
+                self._mempool = None
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.synchronize(self.device)
+                for g, lr in zip(groups, saved_lrs):
+                    g["lr"] = lr
+                return self._capture(key, batch, mem_pool=False)
             log.warning("CUDA graph capture failed, training continues without graphs: %s", exc)
             self.disabled_reason = f"capture failed: {type(exc).__name__}: {exc}"[:300]
             self.optimizer.zero_grad(set_to_none=True)
@@ -216,7 +262,7 @@ class StepRunner:
             for g, lr in zip(groups, saved_lrs):
                 g["lr"] = lr
         if self._pool is None:
-            self._pool = graph.pool()  # later shapes share it: replays never overlap
+            self._pool = pool if pool is not None else graph.pool()  # later shapes share it: replays never overlap
         entry = _Graph(graph=graph, static=static, loss=loss, lrs=lrs, grads=grads)
         self._graphs[key] = entry
         self.stats["graphs"] += 1

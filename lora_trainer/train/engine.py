@@ -135,6 +135,7 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         self.started_at = time.time()
         self.clock = RunClock(Schedule.of(config, plan))
         self.validator: Validator | None = None
+        self._between_steps: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self.session_id = int.from_bytes(os.urandom(4), "little")  # kohya's ss_session_id, not from the seeded RNG
         self.claim: OutputClaim | None = None  # our names in OUT (train/outputs.py); checks disk room before step 1
 
@@ -311,6 +312,8 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         opts.graph_warmup = max(opts.graph_warmup, self.dist.graph_warmup)
         runner = accel.StepRunner(loss_fn, trainable, optimizer, opts,
                                   max_grad_norm=config.max_grad_norm, scaler=scaler, device=device)
+        # the epoch's scoring and samples use the CUDA graphs' idle pool, not memory beside it (accel/graphs.py)
+        self._between_steps = runner.scratch
         if self.validator is not None:
             with _rng_guard():
                 self.models.before_step()
@@ -405,7 +408,7 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         last = epoch >= self.plan.epochs or self.pos.step >= self.plan.total_steps
         every = config.validate_every_n_epochs
         if self.validator is not None and every and (epoch % every == 0 or last):
-            with _rng_guard():
+            with _rng_guard(), self._between_steps():
                 self.models.before_step()
                 self.validator.epoch(epoch, self.pos.step, self._snapshot)
             self.pos.report = self.validator.history()
@@ -413,7 +416,7 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
             self._save(epoch_tag(epoch), optimizer, scheduler, scaler)
         if config.sample_every_n_epochs and config.sample_prompts and self.dist.is_main and (
                 epoch % config.sample_every_n_epochs == 0):
-            with _rng_guard():
+            with _rng_guard(), self._between_steps():
                 self._sample(bundle, device, epoch)
 
     def _emit_validation(self, report: dict[str, Any]) -> None:
