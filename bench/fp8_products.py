@@ -6,7 +6,7 @@ Per layer shape, milliseconds per call (CUDA events, median of 30 after 10 warm-
   bf16         F.linear with a bf16 weight already on the GPU (the ceiling without fp8 tensor cores)
   dequant      our default over an fp8 base (quant.QuantLinear): weight fp8 -> bf16 (x scale), then F.linear
   ours_fp8     quant/fp8_products.fp8_product: x rounded to e4m3 per row, torch._scaled_mm with per-row scales
-  quant_x      only the per-row rounding of x (ours_fp8's overhead)
+  quant_x      only the per-row rounding of x (ours_fp8's overhead: quant/fp8_products.quantize_rows)
   mm_rowwise   only torch._scaled_mm with per-row scales (x already fp8)
   mm_tensor    only torch._scaled_mm with one scale per tensor (the fastest fp8 kernel)
 and the sums over one Flux forward pass (19 double blocks: image and text streams; 38 single blocks).
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_trainer.quant.fp8_products import FP8, FP8_MAX, fp8_product, row_scale
+from lora_trainer.quant.fp8_products import FP8, FP8_MAX, fp8_product, quantize_rows, row_scale
 
 # (name, tokens, in, out, count per forward)
 SHAPES = [
@@ -67,9 +67,7 @@ def measure(name: str, m: int, k: int, n: int, count: int, dev: torch.device, g:
     one = torch.ones((), device=dev)
 
     def quant_x():
-        x2 = x.float()
-        s = (x2.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
-        return (x2 / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        return quantize_rows(x)
 
     row = {"layer": name, "m": m, "k": k, "n": n, "count": count,
            "bf16": timed(lambda: torch.nn.functional.linear(x, w16)),

@@ -120,7 +120,8 @@ class StepRunner:
             return
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        with torch.cuda.use_mem_pool(pool, self.device):
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        with torch.cuda.use_mem_pool(pool, index):  # wants an index: torch.device("cuda") has none
             yield
         torch.cuda.synchronize(self.device)  # pending frees (other streams' uses) are done before any replay
         kept = torch.cuda.memory_allocated(self.device) - before
