@@ -35,6 +35,7 @@ import argparse
 import gc
 import itertools
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -78,12 +79,17 @@ def child_ours(spec_path: str, result_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     cuda = torch.cuda.is_available()
-    running_max = [0]
+    running_max, before_loop = [0], [0]
+    # the scoring's memory between steps (accel/graphs.py StepRunner.scratch), in the log tail
+    graphs_log = logging.getLogger("lora_trainer.accel.graphs")
+    graphs_log.setLevel(logging.DEBUG)
+    graphs_log.addHandler(logging.StreamHandler())
     original_reset = torch.cuda.reset_peak_memory_stats
 
     def reset(*a, **k):  # the engine resets the peak before its loop: keep the whole run's
         if cuda:
-            running_max[0] = max(running_max[0], torch.cuda.max_memory_reserved())
+            before_loop[0] = torch.cuda.max_memory_reserved()
+            running_max[0] = max(running_max[0], before_loop[0])
         return original_reset(*a, **k)
 
     torch.cuda.reset_peak_memory_stats = reset
@@ -133,6 +139,8 @@ def child_ours(spec_path: str, result_path: str) -> int:
         if cuda:
             row["peak_reserved_gib"] = round(max(running_max[0], torch.cuda.max_memory_reserved()) / 2**30, 3)
             row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            row["peak_reserved_before_loop_gib"] = round(before_loop[0] / 2**30, 3)  # load and caching
+            before_loop[0] = 0
         row["step_end_s"] = [round(s, 3) for s in stamps]
         row["losses"] = losses
         row["phase_start_s"] = phases

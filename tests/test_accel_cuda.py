@@ -198,6 +198,22 @@ def test_fp8_products_on_gpu_close_and_captured():
     assert float((out_q.float() - ref_q).norm() / ref_q.norm()) < 0.05
     out_q.float().square().sum().backward()
     assert torch.isfinite(xg.grad).all()
+    # a plain-cast fp8 checkpoint's weight (no scale, as flux1-dev-fp8 files): forward and backward captured
+    plain = QuantLinear(Fp8Weight.quantize(lin.weight, scaled=False), None, dtype=torch.bfloat16)
+    assert use_fp8_products(plain, backward=True) == 1
+    xs = x.clone().requires_grad_(True)
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        plain(xs).float().square().sum().backward()
+        xs.grad = None
+        with torch.cuda.graph(graph):
+            static = plain(xs)
+            static.float().square().sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(static).all() and torch.isfinite(xs.grad).all()
 
 
 @cuda

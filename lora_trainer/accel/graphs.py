@@ -47,6 +47,14 @@ def _mem_pool_usable() -> bool:
     return version >= (2, 8) and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
 
 
+def _pool_bytes(pool: Any) -> int:
+    """Memory a MemPool holds (its segments), -1 where this torch cannot tell."""
+    try:
+        return sum(int(seg["total_size"]) for seg in pool.snapshot())
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return -1
+
+
 def _capturable_optimizer(opt: torch.optim.Optimizer) -> bool:
     if getattr(opt, "capturable_in_graphs", False):  # e.g. train.adamw8bit.AdamW8bit: no host syncs
         return True
@@ -120,11 +128,15 @@ class StepRunner:
             return
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
+        reserved, in_pool = torch.cuda.memory_reserved(self.device), _pool_bytes(pool)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         with torch.cuda.use_mem_pool(pool, index):  # wants an index: torch.device("cuda") has none
             yield
         torch.cuda.synchronize(self.device)  # pending frees (other streams' uses) are done before any replay
         kept = torch.cuda.memory_allocated(self.device) - before
+        log.debug("between steps: reserved %+.1f MiB (graphs' pool %+.1f MiB of %.1f), %d bytes kept",
+                  (torch.cuda.memory_reserved(self.device) - reserved) / 2**20,
+                  (_pool_bytes(pool) - in_pool) / 2**20, in_pool / 2**20, kept)
         if kept > 0:
             log.info("%d bytes made between steps stay on the GPU: CUDA graphs captured again", kept)
             self._graphs.clear()

@@ -64,7 +64,9 @@ def fp8_product_fits(x: torch.Tensor, weight8: torch.Tensor, dt: torch.dtype) ->
 
 
 def row_scale(scale: torch.Tensor | float | None, rows: int, device: torch.device) -> torch.Tensor:
-    """A weight's scale as one fp32 value per output row (from none, one number, or one per row); no host sync,
-    so it can run inside a CUDA graph capture."""
-    value = torch.as_tensor(1.0 if scale is None else scale, dtype=torch.float32, device=device)
-    return value.reshape(-1).expand(rows).contiguous()
+    """A weight's scale as one fp32 value per output row (from none, one number, or one per row), made by kernels
+    only: a number copied from the host (torch.as_tensor) cannot run inside a CUDA graph capture, where it made the
+    whole Flux step fall back to eager (R1F in bench/results/flux_vs_kohya_h100_pool.md)."""
+    if not isinstance(scale, torch.Tensor):
+        return torch.full((rows,), 1.0 if scale is None else float(scale), dtype=torch.float32, device=device)
+    return scale.to(device=device, dtype=torch.float32).reshape(-1).expand(rows).contiguous()
