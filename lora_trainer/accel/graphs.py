@@ -7,10 +7,10 @@ capture is not safe, the same object runs the step eagerly.
 
 The graphs' memory pool holds the step's activations between replays, idle. Eager work between steps
 (the epoch's "did it learn?" scoring, sample images) runs inside `scratch()`, which allocates from that
-pool instead of adding its own memory beside it (torch >= 2.8: `torch.cuda.MemPool`): the run's peak is
-the larger of the two, not their sum (measured: +1.2 GiB for Flux's 12 GB preset without this,
-bench/results/flux_vs_kohya_h100_pool.md). A replay overwrites the pool's free memory, so a tensor made
-there that outlives the scratch work would be clobbered: `scratch` checks, and recaptures when it happens.
+pool (torch >= 2.8: `torch.cuda.MemPool`), on the stream the graphs were captured on, so that the run's peak
+is the larger of the two rather than their sum (Flux's 12 GB preset: the scoring added 1.2-1.55 GiB to the
+peak, bench/results/flux_vs_kohya_h100_pool.md). A replay overwrites the pool's free memory, so a tensor
+made there that outlives the scratch work would be clobbered: `scratch` checks, and recaptures when it happens.
 """
 
 from __future__ import annotations
@@ -130,8 +130,14 @@ class StepRunner:
         before = torch.cuda.memory_allocated(self.device)
         reserved, in_pool = torch.cuda.memory_reserved(self.device), _pool_bytes(pool)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        with torch.cuda.use_mem_pool(pool, index):  # wants an index: torch.device("cuda") has none
+        # On the stream the graphs were captured on: the allocator hands a free block only to the stream it was
+        # made on, so on any other stream nothing of the pool is reused and it only grows (measured: +1.55 GiB
+        # for Flux's scoring on the default stream, bench/results/flux_vs_kohya_h100_pool.md).
+        stream = self._stream()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.cuda.use_mem_pool(pool, index):  # use_mem_pool wants an index
             yield
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)  # pending frees (other streams' uses) are done before any replay
         kept = torch.cuda.memory_allocated(self.device) - before
         log.debug("between steps: reserved %+.1f MiB (graphs' pool %+.1f MiB of %.1f), %d bytes kept",
@@ -148,11 +154,8 @@ class StepRunner:
             self.optimizer.zero_grad(set_to_none=True)  # graph-owned grads must not be accumulated into
         stream = None
         if side_stream and self.device.type == "cuda":
-            # Warm-up off the default stream, as torch.cuda.graph expects before a capture; one
-            # stream for all warm-ups, so its cached blocks are reused rather than duplicated.
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(self.device)
-            stream = self._side_stream
+            # Warm-up off the default stream, as torch.cuda.graph expects before a capture
+            stream = self._stream()
             stream.wait_stream(torch.cuda.current_stream(self.device))
         ctx = torch.cuda.stream(stream) if stream is not None else _null()
         with ctx:
@@ -178,6 +181,13 @@ class StepRunner:
         self._pending_grads = not apply
         self.stats["eager_steps"] += 1
         return loss
+
+    def _stream(self) -> Any:
+        """One side stream for warm-ups, captures and the work between steps: its cached blocks are reused rather
+        than duplicated, and the graphs' pool is reusable from it (`scratch`)."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
 
     def _clip(self) -> None:
         if self.max_grad_norm > 0:
@@ -240,7 +250,7 @@ class StepRunner:
             # back, so the graph's private pool reuses that memory instead of adding to it.
             torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, stream=self._stream(), capture_error_mode="thread_local"):
                 loss = self.loss_fn(static)
                 if self.scaler is not None:
                     # GradScaler with a fused optimizer never syncs: the inf check, the skipped
