@@ -135,18 +135,20 @@ class StepRunner:
         # for Flux's scoring on the default stream, bench/results/flux_vs_kohya_h100_pool.md).
         stream = self._stream()
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), torch.cuda.use_mem_pool(pool, index):  # use_mem_pool wants an index
-            yield
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)  # pending frees (other streams' uses) are done before any replay
-        kept = torch.cuda.memory_allocated(self.device) - before
-        log.debug("between steps: reserved %+.1f MiB (graphs' pool %+.1f MiB of %.1f), %d bytes kept",
-                  (torch.cuda.memory_reserved(self.device) - reserved) / 2**20,
-                  (_pool_bytes(pool) - in_pool) / 2**20, in_pool / 2**20, kept)
-        if kept > 0:
-            log.info("%d bytes made between steps stay on the GPU: CUDA graphs captured again", kept)
-            self._graphs.clear()
-            self.optimizer.zero_grad(set_to_none=True)  # the dropped graphs' gradients
+        try:
+            with torch.cuda.stream(stream), torch.cuda.use_mem_pool(pool, index):  # use_mem_pool wants an index
+                yield
+        finally:  # also when the work failed: whoever goes on must not replay over what it left
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)  # pending frees (other streams' uses) are done before any replay
+            kept = torch.cuda.memory_allocated(self.device) - before
+            log.debug("between steps: reserved %+.1f MiB (graphs' pool %+.1f MiB of %.1f), %d bytes kept",
+                      (torch.cuda.memory_reserved(self.device) - reserved) / 2**20,
+                      (_pool_bytes(pool) - in_pool) / 2**20, in_pool / 2**20, kept)
+            if kept > 0:
+                log.info("%d bytes made between steps stay on the GPU: CUDA graphs captured again", kept)
+                self._graphs.clear()
+                self.optimizer.zero_grad(set_to_none=True)  # the dropped graphs' gradients
 
     # ------------------------------------------------------------------ eager
     def _eager(self, batch: Batch, apply: bool, side_stream: bool = False) -> torch.Tensor:
