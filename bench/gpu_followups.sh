@@ -9,7 +9,7 @@
 # 2. Issue 15: Flux presets with the epoch-end scoring after `e5cd964`. Expected: the scoring no longer adds to the
 #    peak (R2 ~10.3 GiB as R2N, R3 ~7.2, R1 ~15.8; bench/results/flux_vs_kohya_h100_pool.md); the log tail's
 #    "between steps" line says how much the graphs' pool grew (it grew 1.55 GiB on the default stream).
-#    R1F: fp8 products in graphs (+3-4 % in the last call), kohya K24/K16 for the ratios.
+#    R1F/R2F: fp8 products in graphs (R1F +3-4 % in the last call), kohya K24/K16 for the ratios.
 set -u
 T=$(date +%s)
 OUT=${OUT:-/tmp/out}
@@ -26,7 +26,7 @@ PYTHONPATH=/tmp/site timeout 150 python3 -m pytest tests/test_accel_cuda.py -q 2
 
 PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
     --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_h100_stream.json" \
-    --ours R2,R1,R3,R1F --order R2,R1,R3,R1F,K24,K16 --deadline "$(left $((END - 70)))" 2>&1 | tail -8
+    --ours R2,R1,R3,R1F,R2F --order R2,R1,R3,R1F,K24,K16,R2F --deadline "$(left $((END - 70)))" 2>&1 | tail -8
 python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['ours_log_tail'][-1500:])" \
     "$OUT/flux_vs_kohya_h100_stream.json" 2>/dev/null | grep -v "^captured"
 echo "wall $(( $(date +%s) - T )) s"
