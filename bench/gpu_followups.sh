@@ -3,6 +3,7 @@
 # 8 minutes on an H100; each step stops starting work at its deadline and keeps what it measured under $OUT):
 #
 #   run(command="bash bench/gpu_followups.sh", carry=[".whl/ours", ".whl/kohya-trim", ".kohya"])
+#   run(command="STAGE=sd bash bench/gpu_followups.sh", carry=[...the same])   # the second call: step 3
 #
 # 1. accel/ on the GPU (tests/test_accel_cuda.py): the work between steps inside the graphs' pool, on the capture
 #    stream (`e5cd964`), and the fp8 products captured with a plain-cast weight (`8767299`).
@@ -10,6 +11,8 @@
 #    peak (R2 ~10.3 GiB as R2N, R3 ~7.2, R1 ~15.8; bench/results/flux_vs_kohya_h100_pool.md); the log tail's
 #    "between steps" line says how much the graphs' pool grew (it grew 1.55 GiB on the default stream).
 #    R1F/R2F: fp8 products in graphs (R1F +3-4 % in the last call), kohya K24/K16 for the ratios.
+# 3. (STAGE=sd) Issue 14: the whole command vs kohya with the scoring variants never measured on a GPU:
+#    `score_batch8` (8 pairs per scoring pass), `rehearse_unet`, and SDXL without scoring; ~7 minutes.
 set -u
 T=$(date +%s)
 OUT=${OUT:-/tmp/out}
@@ -21,6 +24,15 @@ pip install -q --no-index --no-deps --target /tmp/site .whl/ours/*.whl 2>&1 | gr
 python3 -m pip install -q --no-index --no-deps --target /tmp/kohya-site .whl/kohya-trim/*.whl 2>&1 \
     | grep -v "already exists\|WARNING: Running"
 nvidia-smi --query-gpu=name --format=csv,noheader
+
+if [ "${STAGE:-flux}" = sd ]; then
+    timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site \
+        --ours-site /tmp/site --cases sd15_b1,sdxl_b1 --kohya-steps sd15_b1=40,sdxl_b1=20 --compile-bytecode \
+        --warm-runs --variants score_batch8@sd15_b1,rehearse_unet@sd15_b1,score_batch8@sdxl_b1,no_validation@sdxl_b1 \
+        --variant-steps 0 --out "$OUT/e2e_vs_kohya_h100_variants.json" --deadline "$(left $((END - 90)))" 2>&1 | tail -14
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
 
 PYTHONPATH=/tmp/site timeout 150 python3 -m pytest tests/test_accel_cuda.py -q 2>&1 | tail -4 | tee "$OUT/test_accel_cuda.log"
 
