@@ -88,6 +88,7 @@ class StepRunner:
         self._mempool: Any = None  # the graphs' pool as a MemPool, so eager work can use it (`scratch`)
         self._pending_grads = False
         self._side_stream: Any = None
+        self._capture_stream: Any = None
         self.stats = {"eager_steps": 0, "graph_replays": 0, "graphs": 0, "capture_s": 0.0}
         self.disabled_reason = self._why_not_graphs()
         if self.disabled_reason:
@@ -133,7 +134,7 @@ class StepRunner:
         # On the stream the graphs were captured on: the allocator hands a free block only to the stream it was
         # made on, so on any other stream nothing of the pool is reused and it only grows (measured: +1.55 GiB
         # for Flux's scoring on the default stream, bench/results/flux_vs_kohya_h100_pool.md).
-        stream = self._stream()
+        stream = self._capture_stream or self._stream()
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream), torch.cuda.use_mem_pool(pool, index):  # use_mem_pool wants an index
@@ -185,8 +186,7 @@ class StepRunner:
         return loss
 
     def _stream(self) -> Any:
-        """One side stream for warm-ups, captures and the work between steps: its cached blocks are reused rather
-        than duplicated, and the graphs' pool is reusable from it (`scratch`)."""
+        """One side stream for all warm-ups: its cached blocks are reused rather than duplicated."""
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
         return self._side_stream
@@ -252,7 +252,8 @@ class StepRunner:
             # back, so the graph's private pool reuses that memory instead of adding to it.
             torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=self._stream(), capture_error_mode="thread_local"):
+            capture = torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local")
+            with capture:
                 loss = self.loss_fn(static)
                 if self.scaler is not None:
                     # GradScaler with a fused optimizer never syncs: the inf check, the skipped
@@ -288,6 +289,8 @@ class StepRunner:
                 g["lr"] = lr
         if self._pool is None:
             self._pool = pool if pool is not None else graph.pool()  # later shapes share it: replays never overlap
+        # the pool's blocks belong to this stream (torch's capture stream, one per process): `scratch` works on it
+        self._capture_stream = getattr(capture, "capture_stream", None)
         entry = _Graph(graph=graph, static=static, loss=loss, lrs=lrs, grads=grads)
         self._graphs[key] = entry
         self.stats["graphs"] += 1
