@@ -6,8 +6,8 @@
 #   run(command="STAGE=sd bash bench/gpu_followups.sh", carry=[...the same])   # the second call: step 3
 #
 # 1. accel/ on the GPU (tests/test_accel_cuda.py): the work between steps inside the graphs' pool, on the capture
-#    stream (`e5cd964`), and the fp8 products captured with a plain-cast weight (`8767299`).
-# 2. Issue 15: Flux presets with the epoch-end scoring after `e5cd964`. Expected: the scoring no longer adds to the
+#    stream (`9ad112a`), and the fp8 products captured with a plain-cast weight (`8767299`).
+# 2. Issue 15: Flux presets with the epoch-end scoring after `9ad112a`. Expected: the scoring no longer adds to the
 #    peak (R2 ~10.3 GiB as R2N, R3 ~7.2, R1 ~15.8; bench/results/flux_vs_kohya_h100_pool.md); the log tail's
 #    "between steps" line says how much the graphs' pool grew (it grew 1.55 GiB on the default stream).
 #    R1F/R2F: fp8 products in graphs (R1F +3-4 % in the last call), kohya K24/K16 for the ratios.
