@@ -113,6 +113,33 @@ def test_work_between_steps_uses_the_graphs_pool_and_never_corrupts_a_replay():
         assert runner.stats["graphs"] == seen["graphs9"] + 1  # captured again after step 9's kept tensor
 
 
+@cuda
+def test_work_between_steps_without_a_mempool_releases_the_graphs_when_memory_is_tight(monkeypatch):
+    """torch < 2.8 (no MemPool; simulated) with little free GPU memory (simulated): `scratch` releases the graphs and
+    their pool before the work, the next step captures again, and training computes what it computes without."""
+    from lora_trainer.accel import graphs
+
+    monkeypatch.setattr(graphs, "_mem_pool_usable", lambda: False)
+    monkeypatch.setattr(graphs, "_little_free", lambda device: True)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    probe = (torch.randn(2, 4, 16, 16, device="cuda", generator=g), torch.full((2,), 500, device="cuda"),
+             torch.randn(2, 7, 32, device="cuda", generator=g))
+    seen: dict[str, int] = {}
+
+    def score(i, runner, unet):
+        if i == 5:
+            seen["graphs"] = runner.stats["graphs"]
+            with runner.scratch(), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                unet(*probe, return_dict=False)[0].float().cpu()
+            seen["left"] = len(runner._graphs)
+
+    l_plain, _, _ = _train(_unet(), accel.AccelOptions())
+    l_scored, runner, _ = _train(_unet(), accel.AccelOptions(), between=score)
+    assert runner.uses_graphs, runner.disabled_reason
+    assert seen["left"] == 0 and runner.stats["graphs"] == seen["graphs"] + 1  # released, then captured again
+    assert l_scored == pytest.approx(l_plain, rel=1e-3)
+
+
 def _scaler():
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler("cuda", init_scale=2.0**12)

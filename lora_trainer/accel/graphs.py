@@ -47,6 +47,18 @@ def _mem_pool_usable() -> bool:
     return version >= (2, 8) and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
 
 
+LITTLE_FREE = 2 * 2**30  # bytes: under this much free on the card, work between steps may run out of memory
+
+
+def _little_free(device: torch.device) -> bool:
+    """Less than LITTLE_FREE bytes free on the card (the driver's count, other processes included)."""
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except Exception:  # noqa: BLE001 - unknown: assume room, as before this check existed
+        return False
+    return free < LITTLE_FREE
+
+
 def _pool_bytes(pool: Any) -> int:
     """Memory a MemPool holds (its segments), -1 where this torch cannot tell."""
     try:
@@ -125,6 +137,16 @@ class StepRunner:
         are dropped (captured again at the next step), since a replay would overwrite it."""
         pool = self._mempool
         if pool is None or not self._graphs:
+            if self._graphs and _little_free(self.device):
+                # torch < 2.8 (no MemPool): the work would allocate beside the pool; with little free memory
+                # that can run out of it (Flux's scoring needs ~1.5 GiB at 1024 px), so the graphs and their pool
+                # go, and the next step captures again (a second or two, instead of an out-of-memory error)
+                log.info("little GPU memory free: CUDA graphs released for the work between steps, captured again "
+                         "after it")
+                self._graphs.clear()
+                self._pool = None
+                self.optimizer.zero_grad(set_to_none=True)  # the released graphs' gradients
+                torch.cuda.empty_cache()
             yield
             return
         torch.cuda.synchronize(self.device)
