@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..torch_version import torch_at_least
 from .options import AccelOptions
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ class _Graph:
 
 def _mem_pool_usable() -> bool:
     """A user-made MemPool can be both a graph's pool and the target of eager allocations (torch >= 2.8)."""
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    return version >= (2, 8) and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
+    return torch_at_least(2, 8) and hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool")
 
 
 LITTLE_FREE = 2 * 2**30  # bytes: under this much free on the card, work between steps may run out of memory
@@ -143,9 +143,8 @@ class StepRunner:
                 # go, and the next step captures again (a second or two, instead of an out-of-memory error)
                 log.info("little GPU memory free: CUDA graphs released for the work between steps, captured again "
                          "after it")
-                self._graphs.clear()
-                self._pool = None
-                self.optimizer.zero_grad(set_to_none=True)  # the released graphs' gradients
+                self._drop_graphs()
+                self._pool = None  # the next capture makes a new one
                 torch.cuda.empty_cache()
             yield
             return
@@ -170,8 +169,12 @@ class StepRunner:
                       (_pool_bytes(pool) - in_pool) / 2**20, in_pool / 2**20, kept)
             if kept > 0:
                 log.info("%d bytes made between steps stay on the GPU: CUDA graphs captured again", kept)
-                self._graphs.clear()
-                self.optimizer.zero_grad(set_to_none=True)  # the dropped graphs' gradients
+                self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph (the next step of each shape captures again, with no warm-up)."""
+        self._graphs.clear()
+        self.optimizer.zero_grad(set_to_none=True)  # their gradients live in their pool
 
     # ------------------------------------------------------------------ eager
     def _eager(self, batch: Batch, apply: bool, side_stream: bool = False) -> torch.Tensor:
@@ -230,7 +233,7 @@ class StepRunner:
         if not _capturable_optimizer(self.optimizer):
             return (f"{type(self.optimizer).__name__} is not capturable "
                     "(use torch Adam/AdamW with fused=True or capturable=True)")
-        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 3):
+        if not torch_at_least(2, 3):
             return "needs torch 2.3 or newer (tensor learning rates in fused optimizers)"
         return None
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..torch_version import torch_at_least
+
 FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 
@@ -17,7 +19,7 @@ def fp8_matmul_supported(device: torch.device | str) -> bool:
     dev = torch.device(device)
     if FP8 is None or not hasattr(torch, "_scaled_mm") or dev.type != "cuda" or not torch.cuda.is_available():
         return False
-    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
+    if not torch_at_least(2, 5):
         return False
     return torch.cuda.get_device_capability(dev) >= (8, 9)
 
@@ -47,9 +49,7 @@ def fp8_input_grad(grad: torch.Tensor, weight8: torch.Tensor, scale: torch.Tenso
     """grad @ (weight8 * scale) on fp8 tensor cores: the weight's per-row scale folded into grad's columns, grad
     rounded to e4m3 per row; the weight is read transposed (a per-call copy: _scaled_mm wants it column-major)."""
     n = grad.shape[-1]
-    g2 = grad.reshape(-1, n).float() * scale.float().reshape(1, -1)
-    gs = (g2.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_(min=1e-12)
-    g8 = (g2 / gs).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    g8, gs = quantize_rows(grad.reshape(-1, n).float() * scale.float().reshape(1, -1))
     w_cols = weight8.t().contiguous().t()  # (N, K), column-major
     ones = torch.ones(1, weight8.shape[1], device=grad.device, dtype=torch.float32)
     dx = torch._scaled_mm(g8, w_cols, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
