@@ -11,6 +11,7 @@ counters reset between them, so each run's peak covers its own load, caching, tr
   R1F, R2F  R1 and R2 with the fp8 base's forward products on fp8 tensor cores (accel's fp8_matmul)
   R1B  R1F with the input-gradient products on fp8 too (fp8_matmul_backward)
   R1N, R2N  R1 and R2 without the epoch-end "did it learn?" scoring (its share of the peak memory)
+  R1U, R2U  R1 and R2 with the blocks' q/k norms and RoPE eager (accel's fused_math off)
 Same data (8 captioned 1024 px images, latents and T5/CLIP outputs cached), batch 1, LoRA rank 16 /
 alpha 16 on the transformer's double and single blocks, lr 1e-4 constant, kohya's recommended flow
 settings (timestep_sampling shift, discrete_flow_shift 3.1582, raw prediction, guidance 1.0), seed 0.
@@ -65,6 +66,9 @@ OURS = {
     # the "did it learn?" scoring's share of the peak: the presets without it
     "R1N": {"preset": "flux-24gb", "validate_every_n_epochs": 0},
     "R2N": {"preset": "flux-12gb", "validate_every_n_epochs": 0},
+    # A/B: the blocks' weightless math (q/k norms, RoPE) eager instead of fused by torch.compile (accel's fused_math)
+    "R1U": {"preset": "flux-24gb", "fused_math": False},
+    "R2U": {"preset": "flux-12gb", "fused_math": False},
 }
 
 
@@ -125,6 +129,7 @@ def child_ours(spec_path: str, result_path: str) -> int:
                                                             "accel", "rank", "alpha", "resolution")}}
         row["settings"]["fp8_matmul"] = getattr(config, "fp8_matmul", False)
         row["settings"]["fp8_matmul_backward"] = getattr(config, "fp8_matmul_backward", False)
+        row["settings"]["fused_math"] = getattr(config, "fused_math", True)
         row["settings"]["validate_every_n_epochs"] = getattr(config, "validate_every_n_epochs", None)
         try:
             result = run_training(config, on_event=on_event)

@@ -25,6 +25,17 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/kohya-site .whl/koh
     | grep -v "already exists\|WARNING: Running"
 nvidia-smi --query-gpu=name --format=csv,noheader
 
+if [ "${STAGE:-flux}" = fused ]; then  # Flux blocks' q/k norms + RoPE fused by torch.compile (accel/fused_math.py)
+    PYTHONPATH=/tmp/site timeout 240 python3 -m pytest -q \
+        tests/test_accel_cuda.py::test_fused_flux_block_math_matches_eager_inside_cuda_graphs \
+        tests/test_train_flux_cuda.py 2>&1 | tail -6 | tee "$OUT/test_fused_math_cuda.log"
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
+        --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_h100_fused.json" \
+        --ours R1,R1U,R2,R2U,R3 --order R1,R1U,R2,K24,K16,R2U,R3 --deadline "$(left $((END - 70)))" 2>&1 | tail -9
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
 if [ "${STAGE:-flux}" = sd ]; then
     timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site \
         --ours-site /tmp/site --cases sd15_b1,sdxl_b1 --kohya-steps sd15_b1=40,sdxl_b1=20 --compile-bytecode \

@@ -243,6 +243,58 @@ def test_fp8_products_on_gpu_close_and_captured():
     assert torch.isfinite(static).all() and torch.isfinite(xs.grad).all()
 
 
+def _flux_losses(fused: bool, steps: int = 10):
+    """A small Flux (2 double + 2 single blocks, 256 wide) trained through StepRunner as the engine does: bf16
+    autocast, checkpointed blocks, fp32 trainable input/output layers (gradients cross every block's math)."""
+    from lora_trainer.accel import fused_math
+    from lora_trainer.models.flux import FluxTransformer
+    from lora_trainer.models.flux.model import FluxParams, image_ids, text_ids
+
+    params = FluxParams(hidden_size=256, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(16, 24, 24),
+                        context_in_dim=64, vec_in_dim=32)
+    torch.manual_seed(0)
+    model = FluxTransformer(params).to("cuda", torch.bfloat16).requires_grad_(False)
+    trained = [model.img_in.weight, model.final_layer.linear.weight]
+    for p in trained:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    model.enable_gradient_checkpointing()
+    opts = accel.AccelOptions(fused_math=fused)
+    accel.prepare_model(model, opts, device="cuda")
+    n_fused = sum(b.math is fused_math.fused_block_math() for b in [*model.double_blocks, *model.single_blocks])
+    opt = torch.optim.AdamW(trained, lr=1e-3, **accel.optimizer_kwargs("cuda"))
+    ids = torch.cat((text_ids(2, 8, device="cuda"), image_ids(2, 16, 16, device="cuda")), dim=1)
+
+    def loss_fn(b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(b["img"], ids[:, 8:], b["txt"], ids[:, :8], b["t"], b["y"], b["g"])
+        return torch.nn.functional.mse_loss(out.float(), b["target"])
+
+    runner = accel.StepRunner(loss_fn, trained, opt, opts, max_grad_norm=1.0, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    losses = []
+    for _ in range(steps):
+        b = {"img": torch.randn(2, 64, 64, device="cuda", generator=g),
+             "txt": torch.randn(2, 8, 64, device="cuda", generator=g),
+             "t": torch.rand(2, device="cuda", generator=g), "y": torch.randn(2, 32, device="cuda", generator=g),
+             "g": torch.full((2,), 3.5, device="cuda"), "target": torch.randn(2, 64, 64, device="cuda", generator=g)}
+        losses.append(runner.step(b).item())
+    return losses, runner, n_fused
+
+
+@cuda
+def test_fused_flux_block_math_matches_eager_inside_cuda_graphs():
+    from lora_trainer.accel import fused_math
+
+    l_eager, _, n_eager = _flux_losses(fused=False)
+    l_fused, runner, n_fused = _flux_losses(fused=True)
+    assert not fused_math._failed, fused_math._failed  # inductor compiled it (no eager fallback)
+    assert n_eager == 0 and n_fused == 4
+    assert runner.stats["graph_replays"] == 10 - accel.AccelOptions().graph_warmup  # captured with the fused math
+    # the same function: fp32 inside both; only where bf16 rounds the outputs may one ulp differ
+    assert all(abs(a - b) <= 2e-3 * abs(b) for a, b in zip(l_fused, l_eager)), (l_fused, l_eager)
+
+
 @cuda
 def test_sdpa_attention_is_used():
     import torch.nn.functional as F

@@ -30,6 +30,9 @@ class AccelOptions:
     # torch.compile each transformer block (opt-in): +10% at SD1.5 batch 8 on an H100 for ~35 s of
     # compiling before the first step (bench/results/speed_h100.md); inductor caches it on disk.
     compile_blocks: bool = False
+    # Flux blocks' weightless math (q/k RMS norms, rotary embedding) fused by torch.compile where CUDA and Triton
+    # are (accel/fused_math.py): the same function, fewer passes over memory; compiled at the first steps.
+    fused_math: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> AccelOptions:
@@ -42,12 +45,13 @@ class AccelOptions:
                 setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
         if not opts.enabled:
             opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = False
-            opts.compile_blocks = False
+            opts.compile_blocks = opts.fused_math = False
         return opts
 
     @classmethod
     def off(cls) -> AccelOptions:
-        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False)
+        return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False,
+                   fused_math=False)
 
 
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:

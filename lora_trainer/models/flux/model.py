@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -97,6 +98,11 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tenso
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:
     """q, k, v: (B, H, L, D) -> (B, L, H*D). mask: (B, 1, 1, L) bool, True where keys may be attended."""
     q, k = apply_rope(q, k, pe)
+    return attend(q, k, v, mask)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Attention over q, k, v (B, H, L, D) that already carry their positions -> (B, L, H*D)."""
     x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return x.transpose(1, 2).flatten(2)
 
@@ -137,16 +143,21 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(self.silu(self.in_layer(x)))
 
 
+def rms_norm(x: Tensor, scale: Tensor) -> Tensor:
+    """x / RMS(x) over the last dimension, in fp32, times `scale`, in x's dtype."""
+    dtype = x.dtype
+    x = x.float()
+    rrms = torch.rsqrt(torch.mean(x**2, dim=-1, keepdim=True) + 1e-6)
+    return (x * rrms).to(dtype=dtype) * scale.to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        rrms = torch.rsqrt(torch.mean(x**2, dim=-1, keepdim=True) + 1e-6)
-        return (x * rrms).to(dtype=dtype) * self.scale.to(dtype)
+        return rms_norm(x, self.scale)
 
 
 class QKNorm(nn.Module):
@@ -157,6 +168,9 @@ class QKNorm(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+    def scales(self) -> tuple[Tensor, Tensor]:
+        return self.query_norm.scale, self.key_norm.scale
 
 
 class SelfAttention(nn.Module):
@@ -196,6 +210,41 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
+# ---------------------------------------------------------------- the blocks' weightless math
+# Between a block's qkv projection and its attention: split into heads, RMS-norm q and k in fp32, rotate them in
+# fp32 (RoPE). Eager, that is a dozen full-size fp32 passes over q and k per block, forward and backward; as
+# functions of tensors only (the norms' scales are arguments) they can be fused by torch.compile, which
+# `accel.fused_math` puts into a model's `BlockMath` on CUDA. Both compute the same function.
+def single_qkv(qkv: Tensor, num_heads: int, q_scale: Tensor, k_scale: Tensor,
+               pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A single block's attention inputs: (B, L, 3*H*D) -> q, k, v (B, H, L, D), q and k normed and rotated."""
+    q, k, v = _split_heads(qkv, num_heads)
+    q, k = apply_rope(rms_norm(q, q_scale).to(v), rms_norm(k, k_scale).to(v), pe)
+    return q, k, v
+
+
+def double_qkv(img_qkv: Tensor, txt_qkv: Tensor, num_heads: int, img_scales: tuple[Tensor, Tensor],
+               txt_scales: tuple[Tensor, Tensor], pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A double block's joint attention inputs: each stream split and normed with its own scales, text first."""
+    img_q, img_k, img_v = _split_heads(img_qkv, num_heads)
+    txt_q, txt_k, txt_v = _split_heads(txt_qkv, num_heads)
+    img_q, img_k = rms_norm(img_q, img_scales[0]).to(img_v), rms_norm(img_k, img_scales[1]).to(img_v)
+    txt_q, txt_k = rms_norm(txt_q, txt_scales[0]).to(txt_v), rms_norm(txt_k, txt_scales[1]).to(txt_v)
+    q, k = apply_rope(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), pe)
+    return q, k, torch.cat((txt_v, img_v), dim=2)
+
+
+@dataclass(frozen=True)
+class BlockMath:
+    """What the blocks call for their weightless math (eager by default; see `accel.fused_math`)."""
+
+    single_qkv: Callable[..., tuple[Tensor, Tensor, Tensor]] = single_qkv
+    double_qkv: Callable[..., tuple[Tensor, Tensor, Tensor]] = double_qkv
+
+
+EAGER_MATH = BlockMath()
+
+
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, joined in one attention."""
 
@@ -205,6 +254,7 @@ class DoubleStreamBlock(nn.Module):
         mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
+        self.math = EAGER_MATH  # a plain attribute: no parameters, no state_dict keys
         self.modulated = modulation  # Chroma: no modulation Linears, the vectors come from its approximator
         # Definition order = kohya's module order (named_modules) for the LoRA targets.
         if modulation:
@@ -231,16 +281,11 @@ class DoubleStreamBlock(nn.Module):
         else:
             (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
 
-        img_in = (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift
-        img_q, img_k, img_v = _split_heads(self.img_attn.qkv(img_in), self.num_heads)
-        img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
-
-        txt_in = (1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift
-        txt_q, txt_k, txt_v = _split_heads(self.txt_attn.qkv(txt_in), self.num_heads)
-        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
-
-        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                         torch.cat((txt_v, img_v), dim=2), pe=pe, mask=mask)
+        img_qkv = self.img_attn.qkv((1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift)
+        txt_qkv = self.txt_attn.qkv((1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift)
+        q, k, v = self.math.double_qkv(img_qkv, txt_qkv, self.num_heads, self.img_attn.norm.scales(),
+                                       self.txt_attn.norm.scales(), pe)
+        attn = attend(q, k, v, mask)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -256,6 +301,7 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, modulation: bool = True):
         super().__init__()
         self.modulated = modulation
+        self.math = EAGER_MATH
         self.hidden_dim = hidden_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -273,9 +319,8 @@ class SingleStreamBlock(nn.Module):
         mod = self.modulation(vec)[0] if self.modulated else vec
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = _split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe=pe, mask=mask), self.mlp_act(mlp)), 2))
+        q, k, v = self.math.single_qkv(qkv, self.num_heads, *self.norm.scales(), pe)
+        out = self.linear2(torch.cat((attend(q, k, v, mask), self.mlp_act(mlp)), 2))
         return x + mod.gate * out
 
 

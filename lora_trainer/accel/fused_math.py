@@ -1,0 +1,80 @@
+"""Flux's weightless block math fused by torch.compile (CUDA with Triton only).
+
+Between each Flux block's qkv projection and its attention sit the heads split, the fp32 RMS norms of q and k and
+the fp32 rotary embedding: eager, a dozen full-size fp32 passes over q and k per block in the forward, more in the
+backward, three times a step with checkpointing. The model routes that math through `BlockMath`
+(models/flux/model.py) as functions of tensors only; here they are compiled (`fullgraph`: one fused kernel group
+each, no graph breaks) and put into every block. Outside CUDA, or without Triton (e.g. Windows), or where the first
+compilation fails, the eager functions run: the same function, so the trained weights' math is unchanged.
+
+Compiling happens at the first call of each shape and grad mode (the eager warm-up steps before a CUDA-graph
+capture; the epoch-end scoring's first pass); inductor caches the kernels on disk for the next run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_failed: list[str] = []  # the first compile error of this process: eager from then on
+
+
+def fused_math_available(device: Any) -> bool:
+    """CUDA device, and torch.compile with a working Triton (inductor's GPU code generator)."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available() or _failed:
+        return False
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return bool(has_triton())
+
+
+def _fused(fn: Callable, backend: str) -> Callable:
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        if _failed or (backend == "inductor" and not args[0].is_cuda):
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # inside a CUDA-graph capture: the step runner falls back to eager steps itself
+            _failed.append(f"{type(e).__name__}: {e}")
+            log.warning("fused Flux block math unavailable (%s); the eager version runs instead",
+                        _failed[0].splitlines()[0][:300])
+            return fn(*args)
+
+    return call
+
+
+@functools.cache
+def fused_block_math(backend: str = "inductor") -> Any:
+    """One BlockMath of compiled functions per backend and process (compiled code is cached per function)."""
+    from ..models.flux.model import BlockMath, double_qkv, single_qkv
+
+    return BlockMath(single_qkv=_fused(single_qkv, backend), double_qkv=_fused(double_qkv, backend))
+
+
+def use_fused_math(model: nn.Module, device: Any = None, *, backend: str = "inductor") -> int:
+    """Give every Flux block of `model` the fused math; returns how many blocks got it (0 where unavailable).
+    `backend` other than inductor is for tests on the CPU (e.g. "aot_eager": traced, not compiled)."""
+    from ..models.flux.model import BlockMath
+
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "math", None), BlockMath)]
+    if not blocks or (backend == "inductor" and not fused_math_available(device)):
+        return 0
+    math = fused_block_math(backend)
+    for m in blocks:
+        m.math = math
+    return len(blocks)
+

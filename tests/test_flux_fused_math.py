@@ -1,0 +1,64 @@
+"""Flux's weightless block math (accel/fused_math.py): the blocks route q/k norms and RoPE through `BlockMath`, and
+the compiled version is the same function. On the CPU torch.compile traces it with the `aot_eager` backend (the
+graphs inductor would compile, run op by op: no Triton here); inductor on CUDA is tests/test_accel_cuda.py's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flux_support import inputs
+
+from lora_trainer.accel import fused_math
+from lora_trainer.accel.options import AccelOptions
+from lora_trainer.models.flux import FluxTransformer
+from lora_trainer.models.flux.model import EAGER_MATH, FluxParams
+from lora_trainer.torch_version import torch_at_least
+
+SMALL = FluxParams(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12),
+                   context_in_dim=32, vec_in_dim=16)
+
+
+def _model(seed: int = 0) -> FluxTransformer:
+    torch.manual_seed(seed)
+    model = FluxTransformer(SMALL)
+    with torch.no_grad():  # norms' scales away from 1, so a mixed-up scale would show
+        for name, p in model.named_parameters():
+            if name.endswith(("query_norm.scale", "key_norm.scale")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _loss_and_grads(model: FluxTransformer, x: dict) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    img = x["img"].clone().requires_grad_()
+    out = model(**{**x, "img": img})
+    out.square().mean().backward()
+    return out.detach(), img.grad, [p.grad.clone() for p in model.parameters()]
+
+
+def test_blocks_use_the_eager_math_until_told_and_inductor_needs_cuda():
+    model = _model()
+    blocks = [*model.double_blocks, *model.single_blocks]
+    assert all(b.math is EAGER_MATH for b in blocks)
+    assert not any(".math" in k for k in model.state_dict())  # no parameters or keys of its own
+    assert fused_math.use_fused_math(model, "cpu") == 0  # CPU: inductor's Triton path does not apply
+    assert all(b.math is EAGER_MATH for b in blocks)
+    assert AccelOptions().fused_math and not AccelOptions.off().fused_math
+
+
+@pytest.mark.skipif(not torch_at_least(2, 3), reason="Flux runs on torch >= 2.3 stacks (Forge main's 2.3.1 up)")
+def test_traced_block_math_is_the_same_function_forward_and_backward():
+    x = inputs(SMALL, seed=2, tokens=5, latent=8, batch=2)
+    eager, fused = _model(), _model()
+    assert fused_math.use_fused_math(fused, backend="aot_eager") == SMALL.depth + SMALL.depth_single_blocks
+    out_e, dimg_e, grads_e = _loss_and_grads(eager, x)
+    out_f, dimg_f, grads_f = _loss_and_grads(fused, x)
+    assert not fused_math._failed, fused_math._failed  # traced as one graph each (fullgraph), no fallback
+    torch.testing.assert_close(out_f, out_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dimg_f, dimg_e, rtol=1e-5, atol=1e-6)
+    for g_f, g_e in zip(grads_f, grads_e):
+        torch.testing.assert_close(g_f, g_e, rtol=1e-5, atol=1e-6)
+    # a second shape (another bucket) and no-grad inference (the scoring, samples) run through it too
+    with torch.no_grad():
+        x2 = inputs(SMALL, seed=3, tokens=7, latent=12, batch=1)
+        torch.testing.assert_close(fused(**x2), eager(**x2), rtol=1e-5, atol=1e-6)
+    assert not fused_math._failed
