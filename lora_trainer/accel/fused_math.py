@@ -58,7 +58,7 @@ def _fused(fn: Callable, backend: str) -> Callable:
 
 
 @functools.cache
-def fused_block_math(backend: str = "inductor") -> Any:
+def fused_block_math(backend: str) -> Any:
     """One BlockMath of compiled functions per backend and process (compiled code is cached per function)."""
     from ..models.flux.model import BlockMath, double_qkv, single_qkv
 
