@@ -47,7 +47,9 @@ def _fused(fn: Callable, backend: str) -> Callable:
             return fn(*args)
         try:
             return compiled(*args)
-        except Exception as e:
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # only the compiler's own errors: anything else passes through, e.g. the exception with which
+            # non-reentrant checkpointing stops a block's recomputation early, from inside this call
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # inside a CUDA-graph capture: the step runner falls back to eager steps itself
             _failed.append(f"{type(e).__name__}: {e}")
