@@ -2,8 +2,7 @@
 
 Between each Flux block's qkv projection and its attention sit the heads split, the fp32 RMS norms of q and k and
 the fp32 rotary embedding: eager, a dozen full-size fp32 passes over q and k per block in the forward, more in the
-backward, three times a step with checkpointing; around the projections, the modulated norms, the gated residual
-adds and the single block's GELU beside its attention output. The model routes that math through `BlockMath`
+backward, three times a step with checkpointing. The model routes that math through `BlockMath`
 (models/flux/model.py) as functions of tensors only; here they are compiled (`fullgraph`: one fused kernel group
 each, no graph breaks) and put into every block. Outside CUDA, or without Triton (e.g. Windows), or where the first
 compilation fails, the eager functions run: the same function, so the trained weights' math is unchanged.
@@ -63,10 +62,9 @@ def _fused(fn: Callable, backend: str) -> Callable:
 @functools.cache
 def fused_block_math(backend: str) -> Any:
     """One BlockMath of compiled functions per backend and process (compiled code is cached per function)."""
-    from ..models.flux import model as flux
+    from ..models.flux.model import BlockMath, double_qkv, single_qkv
 
-    return flux.BlockMath(**{name: _fused(getattr(flux, name), backend)
-                             for name in ("single_qkv", "double_qkv", "mod_norm", "gated_add", "single_out")})
+    return BlockMath(single_qkv=_fused(single_qkv, backend), double_qkv=_fused(double_qkv, backend))
 
 
 def use_fused_math(model: nn.Module, device: Any = None, *, backend: str = "inductor") -> int:

@@ -212,11 +212,9 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 # ---------------------------------------------------------------- the blocks' weightless math
 # Between a block's qkv projection and its attention: split into heads, RMS-norm q and k in fp32, rotate them in
-# fp32 (RoPE); around the projections: the norms with their modulation, the gated residual adds, the single
-# block's GELU beside the attention output. Eager, each is several full-size passes over memory, forward and
-# backward; as functions of tensors only (the norms' scales are arguments) they can be fused by torch.compile,
-# which `accel.fused_math` puts into a model's `BlockMath` on CUDA. Both compute the same function (the fused
-# modulated norm rounds once where the eager one may round its norm's output first).
+# fp32 (RoPE). Eager, that is a dozen full-size fp32 passes over q and k per block, forward and backward; as
+# functions of tensors only (the norms' scales are arguments) they can be fused by torch.compile, which
+# `accel.fused_math` puts into a model's `BlockMath` on CUDA. Both compute the same function.
 def single_qkv(qkv: Tensor, num_heads: int, q_scale: Tensor, k_scale: Tensor,
                pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A single block's attention inputs: (B, L, 3*H*D) -> q, k, v (B, H, L, D), q and k normed and rotated."""
@@ -236,41 +234,15 @@ def double_qkv(img_qkv: Tensor, txt_qkv: Tensor, num_heads: int, img_scales: tup
     return q, k, torch.cat((txt_v, img_v), dim=2)
 
 
-def mod_norm(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """(1 + scale) * LayerNorm(x) + shift (no affine, eps 1e-6) in fp32, rounded once to x's dtype: the fused
-    form of the block's norm module and modulation (eagerly the blocks keep those: `BlockMath.mod_norm` None)."""
-    y = nn.functional.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
-    return ((1 + scale.float()) * y + shift.float()).to(x.dtype)
-
-
-def gated_add(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """The residual stream plus a gated branch."""
-    return x + gate * y
-
-
-def single_out(attn: Tensor, mlp: Tensor) -> Tensor:
-    """A single block's linear2 input: attention's output (B, H, L, D) as (B, L, H*D) beside GELU(mlp)."""
-    return torch.cat((attn.transpose(1, 2).flatten(2), nn.functional.gelu(mlp, approximate="tanh")), 2)
-
-
 @dataclass(frozen=True)
 class BlockMath:
     """What the blocks call for their weightless math (eager by default; see `accel.fused_math`)."""
 
     single_qkv: Callable[..., tuple[Tensor, Tensor, Tensor]] = single_qkv
     double_qkv: Callable[..., tuple[Tensor, Tensor, Tensor]] = double_qkv
-    mod_norm: Callable[..., Tensor] | None = None  # None: the block's LayerNorm module, then the modulation
-    gated_add: Callable[..., Tensor] = gated_add
-    single_out: Callable[..., Tensor] = single_out
 
 
 EAGER_MATH = BlockMath()
-
-
-def _modulated(math: BlockMath, norm: nn.Module, x: Tensor, mod: ModulationOut) -> Tensor:
-    if math.mod_norm is None:  # eager: the norm module (accel's lowp_norms may run it in bf16), then modulation
-        return (1 + mod.scale) * norm(x) + mod.shift
-    return math.mod_norm(x, mod.shift, mod.scale)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -309,18 +281,17 @@ class DoubleStreamBlock(nn.Module):
         else:
             (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
 
-        m = self.math
-        img_qkv = self.img_attn.qkv(_modulated(m, self.img_norm1, img, img_mod1))
-        txt_qkv = self.txt_attn.qkv(_modulated(m, self.txt_norm1, txt, txt_mod1))
-        q, k, v = m.double_qkv(img_qkv, txt_qkv, self.num_heads, self.img_attn.norm.scales(),
-                               self.txt_attn.norm.scales(), pe)
+        img_qkv = self.img_attn.qkv((1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift)
+        txt_qkv = self.txt_attn.qkv((1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift)
+        q, k, v = self.math.double_qkv(img_qkv, txt_qkv, self.num_heads, self.img_attn.norm.scales(),
+                                       self.txt_attn.norm.scales(), pe)
         attn = attend(q, k, v, mask)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
-        img = m.gated_add(img, img_mod1.gate, self.img_attn.proj(img_attn))
-        img = m.gated_add(img, img_mod2.gate, self.img_mlp(_modulated(m, self.img_norm2, img, img_mod2)))
-        txt = m.gated_add(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
-        txt = m.gated_add(txt, txt_mod2.gate, self.txt_mlp(_modulated(m, self.txt_norm2, txt, txt_mod2)))
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
         return img, txt
 
 
@@ -339,18 +310,18 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)  # proj + mlp out
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp_act = nn.GELU(approximate="tanh")
         if modulation:
             self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Any, pe: Tensor, mask: Tensor | None = None) -> Tensor:
         """vec: the conditioning vector (B, D), or for Chroma its ModulationOut."""
         mod = self.modulation(vec)[0] if self.modulated else vec
-        m = self.math
-        qkv, mlp = torch.split(self.linear1(_modulated(m, self.pre_norm, x, mod)),
-                               [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = m.single_qkv(qkv, self.num_heads, *self.norm.scales(), pe)
-        attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return m.gated_add(x, mod.gate, self.linear2(m.single_out(attn, mlp)))
+        x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
+        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v = self.math.single_qkv(qkv, self.num_heads, *self.norm.scales(), pe)
+        out = self.linear2(torch.cat((attend(q, k, v, mask), self.mlp_act(mlp)), 2))
+        return x + mod.gate * out
 
 
 class LastLayer(nn.Module):
