@@ -285,9 +285,10 @@ def _flux_losses(fused: bool, steps: int = 10):
 def test_fused_flux_block_math_matches_eager_inside_cuda_graphs():
     from lora_trainer.accel import fused_math
 
+    before = len(fused_math._failed)
     l_eager, _, n_eager = _flux_losses(fused=False)
     l_fused, runner, n_fused = _flux_losses(fused=True)
-    assert not fused_math._failed, fused_math._failed  # inductor compiled it (no eager fallback)
+    assert fused_math._failed[before:] == []  # inductor compiled every call (no eager fallback)
     assert n_eager == 0 and n_fused == 4
     assert runner.stats["graph_replays"] == 10 - accel.AccelOptions().graph_warmup  # captured with the fused math
     # the same function: fp32 inside both; only where bf16 rounds the outputs may one ulp differ

@@ -5,7 +5,8 @@ the fp32 rotary embedding: eager, a dozen full-size fp32 passes over q and k per
 backward, three times a step with checkpointing. The model routes that math through `BlockMath`
 (models/flux/model.py) as functions of tensors only; here they are compiled (`fullgraph`: one fused kernel group
 each, no graph breaks) and put into every block. Outside CUDA, or without Triton (e.g. Windows), or where the first
-compilation fails, the eager functions run: the same function, so the trained weights' math is unchanged.
+compilation fails (for that kind of call: shapes, dtypes, grad mode), the eager functions run: the same function,
+so the trained weights' math is unchanged.
 
 Compiling happens at the first call of each shape and grad mode (the eager warm-up steps before a CUDA-graph
 capture; the epoch-end scoring's first pass); inductor caches the kernels on disk for the next run.
@@ -23,12 +24,12 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_failed: list[str] = []  # the first compile error of this process: eager from then on
+_failed: list[str] = []  # the compile errors of this process (each for one kind of call, which then runs eagerly)
 
 
 def fused_math_available(device: Any) -> bool:
     """CUDA device, and torch.compile with a working Triton (inductor's GPU code generator)."""
-    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available() or _failed:
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return False
     try:
         from torch.utils._triton import has_triton
@@ -37,12 +38,24 @@ def fused_math_available(device: Any) -> bool:
     return bool(has_triton())
 
 
+def _key(args: tuple) -> tuple:
+    """What tells one compiled graph from another here: the tensors' shapes and dtypes, the other arguments and
+    whether autograd records (a block's recomputation under checkpointing has the same key as its forward)."""
+    return (torch.is_grad_enabled(),) + tuple(
+        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else _key(a) if isinstance(a, tuple) else a
+        for a in args)
+
+
 def _fused(fn: Callable, backend: str) -> Callable:
     compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    eager_keys: set[tuple] = set()  # calls whose compiling failed: eager, forward and recomputation alike
 
     @functools.wraps(fn)
     def call(*args: Any) -> Any:
-        if _failed or (backend == "inductor" and not args[0].is_cuda):
+        if backend == "inductor" and not args[0].is_cuda:
+            return fn(*args)
+        key = _key(args)
+        if key in eager_keys:
             return fn(*args)
         try:
             return compiled(*args)
@@ -51,9 +64,10 @@ def _fused(fn: Callable, backend: str) -> Callable:
             # non-reentrant checkpointing stops a block's recomputation early, from inside this call
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # inside a CUDA-graph capture: the step runner falls back to eager steps itself
-            _failed.append(f"{type(e).__name__}: {e}")
-            log.warning("fused Flux block math unavailable (%s); the eager version runs instead",
-                        _failed[0].splitlines()[0][:300])
+            eager_keys.add(key)
+            _failed.append(f"{fn.__name__}: {type(e).__name__}: {e}")
+            log.warning("fused Flux block math: %s could not be compiled for these inputs (%s); the eager version "
+                        "runs for them", fn.__name__, str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
             return fn(*args)
 
     return call
