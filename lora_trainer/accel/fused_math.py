@@ -46,7 +46,10 @@ def _key(args: tuple) -> tuple:
         for a in args)
 
 
-def _fused(fn: Callable, backend: str) -> Callable:
+@functools.cache
+def fused(fn: Callable, backend: str = "inductor") -> Callable:
+    """`fn` (a function of tensors) compiled whole, called on CUDA tensors; eager for CPU tensors (with inductor)
+    and for any kind of call the compiler could not handle. One wrapper per function and backend."""
     compiled = torch.compile(fn, fullgraph=True, backend=backend)
     eager_keys: set[tuple] = set()  # calls whose compiling failed: eager, forward and recomputation alike
 
@@ -78,7 +81,7 @@ def fused_block_math(backend: str) -> Any:
     """One BlockMath of compiled functions per backend and process (compiled code is cached per function)."""
     from ..models.flux.model import BlockMath, double_qkv, single_qkv
 
-    return BlockMath(single_qkv=_fused(single_qkv, backend), double_qkv=_fused(double_qkv, backend))
+    return BlockMath(single_qkv=fused(single_qkv, backend), double_qkv=fused(double_qkv, backend))
 
 
 def use_fused_math(model: nn.Module, device: Any = None, *, backend: str = "inductor") -> int:

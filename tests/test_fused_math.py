@@ -1,6 +1,7 @@
-"""Flux's weightless block math (accel/fused_math.py): the blocks route q/k norms and RoPE through `BlockMath`, and
-the compiled version is the same function. On the CPU torch.compile traces it with the `aot_eager` backend (the
-graphs inductor would compile, run op by op: no Triton here); inductor on CUDA is tests/test_accel_cuda.py's."""
+"""Compiled tensor functions (accel/fused_math.py): Flux's weightless block math, which the blocks route through
+`BlockMath`, and the fp8 products' row rounding. The compiled versions are the same functions: on the CPU
+torch.compile traces them with the `aot_eager` backend (the graphs inductor would compile, run op by op: no Triton
+here); inductor on CUDA is tests/test_accel_cuda.py's."""
 
 from __future__ import annotations
 
@@ -88,3 +89,21 @@ def test_a_call_that_cannot_be_compiled_runs_eagerly_in_its_forward_and_its_reco
     torch.testing.assert_close(dimg_f, dimg_e, rtol=1e-5, atol=1e-6)
     for g_f, g_e in zip(grads_f, grads_e):
         torch.testing.assert_close(g_f, g_e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch_at_least(2, 3) or not hasattr(torch, "float8_e4m3fn"),
+                    reason="fp8 products run on torch >= 2.5 stacks")
+def test_fp8_row_rounding_traces_whole_and_rounds_the_same():
+    # fp8 products (accel's fp8_matmul) round their inputs through these, compiled on CUDA with Triton
+    from lora_trainer.quant.fp8_products import quantize_rows, scaled_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(32, 48, generator=g) * torch.logspace(-3, 2, 32).reshape(-1, 1)).bfloat16()
+    scale = torch.rand(48, generator=g) + 0.5
+    before = len(fused_math._failed)
+    for fn, args in ((quantize_rows, (x,)), (scaled_rows, (x, scale))):
+        want8, want_s = fn(*args)
+        got8, got_s = fused_math.fused(fn, "aot_eager")(*args)
+        assert got8.dtype == torch.float8_e4m3fn and torch.equal(got8.view(torch.uint8), want8.view(torch.uint8))
+        assert torch.equal(got_s, want_s)
+    assert fused_math._failed[before:] == []
