@@ -1,4 +1,5 @@
-"""Flux's weightless block math fused by torch.compile (CUDA with Triton only).
+"""Tensor functions compiled whole by torch.compile (CUDA with Triton only): Flux's weightless block math, and
+the fp8 products' per-row rounding (quant/fp8_products.py, opt-in).
 
 Between each Flux block's qkv projection and its attention sit the heads split, the fp32 RMS norms of q and k and
 the fp32 rotary embedding: eager, a dozen full-size fp32 passes over q and k per block in the forward, more in the
@@ -38,12 +39,15 @@ def fused_math_available(device: Any) -> bool:
     return bool(has_triton())
 
 
+def _sig(a: Any) -> Any:
+    return (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else tuple(map(_sig, a)) if isinstance(
+        a, tuple) else a
+
+
 def _key(args: tuple) -> tuple:
     """What tells one compiled graph from another here: the tensors' shapes and dtypes, the other arguments and
     whether autograd records (a block's recomputation under checkpointing has the same key as its forward)."""
-    return (torch.is_grad_enabled(),) + tuple(
-        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else _key(a) if isinstance(a, tuple) else a
-        for a in args)
+    return (torch.is_grad_enabled(), *map(_sig, args))
 
 
 @functools.cache
@@ -69,8 +73,8 @@ def fused(fn: Callable, backend: str = "inductor") -> Callable:
                 raise  # inside a CUDA-graph capture: the step runner falls back to eager steps itself
             eager_keys.add(key)
             _failed.append(f"{fn.__name__}: {type(e).__name__}: {e}")
-            log.warning("fused Flux block math: %s could not be compiled for these inputs (%s); the eager version "
-                        "runs for them", fn.__name__, str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+            log.warning("%s could not be compiled for these inputs (%s); its eager version runs for them",
+                        fn.__name__, str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
             return fn(*args)
 
     return call
