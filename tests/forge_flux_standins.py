@@ -166,12 +166,21 @@ def make_forge_flux(fmt: str = "fp32", *, t5_fmt: str = "fp32", clip_fmt: str = 
     return _engine(Flux, transformer, joint, ref, "flux-tiny", "cd"), ref
 
 
+class _NeoRMSNorm(getattr(nn, "RMSNorm", nn.Module)):  # torch >= 2.4 (Neo's stack); older stacks skip Neo's
+    """torch's RMSNorm, as Neo holds it (parameter `weight`). `scale` only lets the mocked forward (ours) reach
+    that weight: our blocks hand their q/k norms' scales to `BlockMath`, so Neo's eps is not what computes here."""
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.weight
+
+
 def make_forge_chroma(fmt: str = "fp32", *, t5_fmt: str = "fp32", seed: int = 0, layout: str = "neo"):
     """(Neo-shaped Chroma sd_model, the tiny Chroma bundle whose weights it holds), as Neo's `Chroma` engine
     (backend/diffusion_engine/chroma.py) lays it out: `clip.cond_stage_model` holds `t5xxl` only, the
     transformer is an `IntegratedChromaTransformer2DModel` (backend/nn/chroma.py) in BFL layout with its
     approximator sizes as attributes (`in_dim`, `out_dim`, `hidden_dim`, `n_layers`), `in_channels` 64 (already
-    patchified), every RMSNorm a torch.nn.RMSNorm (parameter `weight`, not BFL's `scale`; Neo's default eps)
+    patchified), every RMSNorm a torch.nn.RMSNorm (parameter `weight`, not BFL's `scale`)
     and `config` huggingface_guess's dict (`image_model` "chroma", `vec_in_dim` None).
     Mocked: the transformer's forward is ours (Neo's `forward_orig` needs `backend.*`), over Neo-named modules.
 
@@ -199,7 +208,7 @@ def make_forge_chroma(fmt: str = "fp32", *, t5_fmt: str = "fp32", seed: int = 0,
         return _engine(Chroma, transformer, joint, ref, "chroma-tiny", "ce"), ref
     for name, module in list(transformer.named_modules()):
         if type(module).__name__ == "RMSNorm":  # ours -> torch's, holding the same values as an inference tensor
-            norm = nn.RMSNorm(module.scale.shape[0])
+            norm = _NeoRMSNorm(module.scale.shape[0])
             with torch.inference_mode():
                 norm.weight = nn.Parameter(module.scale.detach().clone(), requires_grad=False)
             parent, _, leaf = name.rpartition(".")

@@ -67,7 +67,7 @@ def test_the_chroma_transformer_computes_over_neos_stored_weights(forge_backend,
     with torch.no_grad():
         want = forge_flux.transformer_of(sd_model)(**x)
         got = bundle.unet(**x)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # Neo's RMSNorm: torch's default eps
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # the same modules, over a copy of the weights
     assert set(stats.formats) == {"transformer", "T5"} and stats.formats["T5"] == {"fp8 e4m3fn": 14}
     assert bundle.weight_formats == {"unet": FORMAT_NAMES[fmt], "te3": "fp8 e4m3fn", "vae": "fp32"}
     assert stats.copied == 0 and stats.text() == "zero copy"
