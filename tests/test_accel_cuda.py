@@ -247,7 +247,8 @@ def _flux_losses(fused: bool, steps: int = 10):
     """A small Flux (2 double + 2 single blocks, 256 wide) trained through StepRunner as the engine does: bf16
     autocast, checkpointed blocks, fp32 trainable input/output layers (gradients cross every block's math)."""
     from lora_trainer.models.flux import FluxTransformer
-    from lora_trainer.models.flux.model import EAGER_MATH, FluxParams, image_ids, text_ids
+    from lora_trainer.models.flux.block_math import EAGER_MATH
+    from lora_trainer.models.flux.model import FluxParams, image_ids, text_ids
 
     params = FluxParams(hidden_size=256, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(16, 24, 24),
                         context_in_dim=64, vec_in_dim=32)

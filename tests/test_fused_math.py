@@ -12,7 +12,8 @@ from flux_support import inputs
 from lora_trainer.accel import fused_math
 from lora_trainer.accel.options import AccelOptions
 from lora_trainer.models.flux import FluxTransformer
-from lora_trainer.models.flux.model import EAGER_MATH, FluxParams
+from lora_trainer.models.flux.block_math import EAGER_MATH
+from lora_trainer.models.flux.model import FluxParams
 from lora_trainer.torch_version import torch_at_least
 
 SMALL = FluxParams(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12),

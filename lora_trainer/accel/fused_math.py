@@ -4,7 +4,7 @@ the fp8 products' per-row rounding (quant/fp8_products.py, opt-in).
 Between each Flux block's qkv projection and its attention sit the heads split, the fp32 RMS norms of q and k and
 the fp32 rotary embedding: eager, a dozen full-size fp32 passes over q and k per block in the forward, more in the
 backward, three times a step with checkpointing. The model routes that math through `BlockMath`
-(models/flux/model.py) as functions of tensors only; here they are compiled (`fullgraph`: one fused kernel group
+(models/flux/block_math.py) as functions of tensors only; here they are compiled (`fullgraph`: one fused kernel group
 each, no graph breaks) and put into every block. Outside CUDA, or without Triton (e.g. Windows), or where the first
 compilation fails (for that kind of call: shapes, dtypes, grad mode), the eager functions run: the same function,
 so the trained weights' math is unchanged.
@@ -83,7 +83,7 @@ def fused(fn: Callable, backend: str = "inductor") -> Callable:
 @functools.cache
 def fused_block_math(backend: str) -> Any:
     """One BlockMath of compiled functions per backend and process (compiled code is cached per function)."""
-    from ..models.flux.model import BlockMath, double_qkv, single_qkv
+    from ..models.flux.block_math import BlockMath, double_qkv, single_qkv
 
     return BlockMath(single_qkv=fused(single_qkv, backend), double_qkv=fused(double_qkv, backend))
 
@@ -91,7 +91,7 @@ def fused_block_math(backend: str) -> Any:
 def use_fused_math(model: nn.Module, device: Any = None, *, backend: str = "inductor") -> int:
     """Give every Flux block of `model` the fused math; returns how many blocks got it (0 where unavailable).
     `backend` other than inductor is for tests on the CPU (e.g. "aot_eager": traced, not compiled)."""
-    from ..models.flux.model import BlockMath
+    from ..models.flux.block_math import BlockMath
 
     blocks = [m for m in model.modules() if isinstance(getattr(m, "math", None), BlockMath)]
     if not blocks or (backend == "inductor" and not fused_math_available(device)):
