@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+import torch.utils.checkpoint  # not imported by `import torch` on older releases (2.1)
 from torch import Tensor, nn
 
 from .block_math import EAGER_MATH, attend, rms_norm, rope
