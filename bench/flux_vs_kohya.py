@@ -285,7 +285,11 @@ def main() -> int:
             row["steady_it_s"] = steady_rate(row.get("step_end_s") or [])
             ours_done[name] = row
         result["ours_process_s"] = round(time.time() - t_launch, 1)
-        result["ours_log_tail"] = log.read_text(errors="replace")[-3000:]
+        text = log.read_text(errors="replace")
+        result["ours_log_tail"] = text[-3000:]
+        # kinds of call of the compiled block math that ran eagerly instead (accel/fused_math.py warns each)
+        result.setdefault("ours_compile_fallbacks", []).extend(
+            line[:300] for line in text.splitlines() if "could not be compiled" in line)
         pending_ours.clear()
 
     wanted = set(a.ours.split(","))

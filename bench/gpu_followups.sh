@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 
 if [ "${STAGE:-flux}" = fused ]; then  # Flux: fused block math (accel/fused_math.py) with fp8 products
     # measured 2026-12-06 (bench/results/flux_vs_kohya_h100_fused.md): R1 1.69x, R2 1.80x kohya with the fused
-    # block math. Open: its part two (first `git revert 56c1d22`, then this call), fp8 products with the compiled
+    # block math. Open: its part two (re-applied 2026-12-06 with dynamo's recompile limit raised for it), fp8 products with the compiled
     # row rounding (f7bd59e) forward (R1F, R2F) and backward too (R1B); the 24 GB target needs 2x K24.
     PYTHONPATH=/tmp/site timeout 240 python3 -m pytest -q tests/test_fused_math.py \
         tests/test_accel_cuda.py::test_fused_flux_block_math_matches_eager_inside_cuda_graphs \
@@ -38,6 +38,8 @@ if [ "${STAGE:-flux}" = fused ]; then  # Flux: fused block math (accel/fused_mat
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_h100_fused.json" \
         --ours R1,R1F,R1B,R2,R2F,R3 --order R1,R1F,R1B,K24,R2,R2F,K16,R3 --deadline "$(left $((END - 70)))" \
         2>&1 | tail -10
+    python3 -c "import json,sys; print('compile fallbacks:', json.load(open(sys.argv[1])).get('ours_compile_fallbacks'))" \
+        "$OUT/flux_vs_kohya_h100_fused.json" 2>/dev/null
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi

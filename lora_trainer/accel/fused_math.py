@@ -3,7 +3,8 @@ the fp8 products' per-row rounding (quant/fp8_products.py, opt-in).
 
 Between each Flux block's qkv projection and its attention sit the heads split, the fp32 RMS norms of q and k and
 the fp32 rotary embedding: eager, a dozen full-size fp32 passes over q and k per block in the forward, more in the
-backward, three times a step with checkpointing. The model routes that math through `BlockMath`
+backward, three times a step with checkpointing; around the projections, the modulated norms, the gated residual
+adds and the single block's GELU beside its attention output. The model routes that math through `BlockMath`
 (models/flux/block_math.py) as functions of tensors only; here they are compiled (`fullgraph`: one fused kernel group
 each, no graph breaks) and put into every block. Outside CUDA, or without Triton (e.g. Windows), or where the first
 compilation fails (for that kind of call: shapes, dtypes, grad mode), the eager functions run: the same function,
@@ -26,6 +27,15 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _failed: list[str] = []  # the compile errors of this process (each for one kind of call, which then runs eagerly)
+
+# Dynamo compiles a function at most 8 times (per code object) and then raises these; the block math is called
+# from several places (image, text and joined streams; chunks of the modulation with their own strides and
+# offsets; with and without grad) and legitimately needs more, so a new kind of call past the limit is compiled
+# once more with a higher one. Calls matching an already compiled kind never get here.
+_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit",
+                                                                "RecompileLimitExceeded", "CacheLimitExceeded")
+                   if hasattr(torch._dynamo.exc, name))
+_VARIANTS = 64
 
 
 def fused_math_available(device: Any) -> bool:
@@ -50,6 +60,10 @@ def _key(args: tuple) -> tuple:
     return (torch.is_grad_enabled(), *map(_sig, args))
 
 
+def _limit_option() -> str:
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 @functools.cache
 def fused(fn: Callable, backend: str = "inductor") -> Callable:
     """`fn` (a function of tensors) compiled whole, called on CUDA tensors; eager for CPU tensors (with inductor)
@@ -65,8 +79,12 @@ def fused(fn: Callable, backend: str = "inductor") -> Callable:
         if key in eager_keys:
             return fn(*args)
         try:
-            return compiled(*args)
-        except torch._dynamo.exc.TorchDynamoException as e:
+            try:
+                return compiled(*args)
+            except _LIMIT_HIT:
+                with torch._dynamo.config.patch(**{_limit_option(): _VARIANTS}):
+                    return compiled(*args)
+        except (torch._dynamo.exc.TorchDynamoException, *_LIMIT_HIT) as e:
             # only the compiler's own errors: anything else passes through, e.g. the exception with which
             # non-reentrant checkpointing stops a block's recomputation early, from inside this call
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -83,9 +101,10 @@ def fused(fn: Callable, backend: str = "inductor") -> Callable:
 @functools.cache
 def fused_block_math(backend: str) -> Any:
     """One BlockMath of compiled functions per backend and process (compiled code is cached per function)."""
-    from ..models.flux.block_math import BlockMath, double_qkv, single_qkv
+    from ..models.flux import block_math
 
-    return BlockMath(single_qkv=fused(single_qkv, backend), double_qkv=fused(double_qkv, backend))
+    return block_math.BlockMath(**{name: fused(getattr(block_math, name), backend)
+                                   for name in ("single_qkv", "double_qkv", "mod_norm", "gated_add", "single_out")})
 
 
 def use_fused_math(model: nn.Module, device: Any = None, *, backend: str = "inductor") -> int:

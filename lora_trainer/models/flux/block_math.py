@@ -55,9 +55,11 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 # ---------------------------------------------------------------- the blocks' weightless math
 # Between a block's qkv projection and its attention: split into heads, RMS-norm q and k in fp32, rotate them in
-# fp32 (RoPE). Eager, that is a dozen full-size fp32 passes over q and k per block, forward and backward; as
-# functions of tensors only (the norms' scales are arguments) they can be fused by torch.compile, which
-# `accel.fused_math` puts into a model's `BlockMath` on CUDA. Both compute the same function.
+# fp32 (RoPE); around the projections: the norms with their modulation, the gated residual adds, the single
+# block's GELU beside the attention output. Eager, each is several full-size passes over memory, forward and
+# backward; as functions of tensors only (the norms' scales are arguments) they can be fused by torch.compile,
+# which `accel.fused_math` puts into a model's `BlockMath` on CUDA. Both compute the same function (the fused
+# modulated norm rounds once where the eager one may round its norm's output first).
 def single_qkv(qkv: Tensor, num_heads: int, q_scale: Tensor, k_scale: Tensor,
                pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A single block's attention inputs: (B, L, 3*H*D) -> q, k, v (B, H, L, D), q and k normed and rotated."""
@@ -77,12 +79,32 @@ def double_qkv(img_qkv: Tensor, txt_qkv: Tensor, num_heads: int, img_scales: tup
     return q, k, torch.cat((txt_v, img_v), dim=2)
 
 
+def mod_norm(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """(1 + scale) * LayerNorm(x) + shift (no affine, eps 1e-6) in fp32, rounded once to x's dtype: the fused
+    form of the block's norm module and modulation (eagerly the blocks keep those: `BlockMath.mod_norm` None)."""
+    y = nn.functional.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
+    return ((1 + scale.float()) * y + shift.float()).to(x.dtype)
+
+
+def gated_add(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """The residual stream plus a gated branch."""
+    return x + gate * y
+
+
+def single_out(attn: Tensor, mlp: Tensor) -> Tensor:
+    """A single block's linear2 input: attention's output (B, H, L, D) as (B, L, H*D) beside GELU(mlp)."""
+    return torch.cat((attn.transpose(1, 2).flatten(2), nn.functional.gelu(mlp, approximate="tanh")), 2)
+
+
 @dataclass(frozen=True)
 class BlockMath:
     """What the blocks call for their weightless math (eager by default; see `accel.fused_math`)."""
 
     single_qkv: Callable[..., tuple[Tensor, Tensor, Tensor]] = single_qkv
     double_qkv: Callable[..., tuple[Tensor, Tensor, Tensor]] = double_qkv
+    mod_norm: Callable[..., Tensor] | None = None  # None: the block's LayerNorm module, then the modulation
+    gated_add: Callable[..., Tensor] = gated_add
+    single_out: Callable[..., Tensor] = single_out
 
 
 EAGER_MATH = BlockMath()

@@ -27,7 +27,7 @@ import torch
 import torch.utils.checkpoint  # not imported by `import torch` on older releases (2.1)
 from torch import Tensor, nn
 
-from .block_math import EAGER_MATH, attend, rms_norm, rope
+from .block_math import EAGER_MATH, BlockMath, attend, rms_norm, rope
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,12 @@ class Modulation(nn.Module):
         return ModulationOut(*out[:3]), (ModulationOut(*out[3:]) if self.is_double else None)
 
 
+def _modulated(math: BlockMath, norm: nn.Module, x: Tensor, mod: ModulationOut) -> Tensor:
+    if math.mod_norm is None:  # eager: the norm module (accel's lowp_norms may run it in bf16), then modulation
+        return (1 + mod.scale) * norm(x) + mod.shift
+    return math.mod_norm(x, mod.shift, mod.scale)
+
+
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, joined in one attention."""
 
@@ -201,17 +207,18 @@ class DoubleStreamBlock(nn.Module):
         else:
             (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
 
-        img_qkv = self.img_attn.qkv((1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift)
-        txt_qkv = self.txt_attn.qkv((1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift)
-        q, k, v = self.math.double_qkv(img_qkv, txt_qkv, self.num_heads, self.img_attn.norm.scales(),
-                                       self.txt_attn.norm.scales(), pe)
+        m = self.math
+        img_qkv = self.img_attn.qkv(_modulated(m, self.img_norm1, img, img_mod1))
+        txt_qkv = self.txt_attn.qkv(_modulated(m, self.txt_norm1, txt, txt_mod1))
+        q, k, v = m.double_qkv(img_qkv, txt_qkv, self.num_heads, self.img_attn.norm.scales(),
+                               self.txt_attn.norm.scales(), pe)
         attn = attend(q, k, v, mask)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
+        img = m.gated_add(img, img_mod1.gate, self.img_attn.proj(img_attn))
+        img = m.gated_add(img, img_mod2.gate, self.img_mlp(_modulated(m, self.img_norm2, img, img_mod2)))
+        txt = m.gated_add(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
+        txt = m.gated_add(txt, txt_mod2.gate, self.txt_mlp(_modulated(m, self.txt_norm2, txt, txt_mod2)))
         return img, txt
 
 
@@ -230,18 +237,18 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)  # proj + mlp out
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp_act = nn.GELU(approximate="tanh")
         if modulation:
             self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Any, pe: Tensor, mask: Tensor | None = None) -> Tensor:
         """vec: the conditioning vector (B, D), or for Chroma its ModulationOut."""
         mod = self.modulation(vec)[0] if self.modulated else vec
-        x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
-        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = self.math.single_qkv(qkv, self.num_heads, *self.norm.scales(), pe)
-        out = self.linear2(torch.cat((attend(q, k, v, mask), self.mlp_act(mlp)), 2))
-        return x + mod.gate * out
+        m = self.math
+        qkv, mlp = torch.split(self.linear1(_modulated(m, self.pre_norm, x, mod)),
+                               [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v = m.single_qkv(qkv, self.num_heads, *self.norm.scales(), pe)
+        attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return m.gated_add(x, mod.gate, self.linear2(m.single_out(attn, mlp)))
 
 
 class LastLayer(nn.Module):
