@@ -44,6 +44,18 @@ if [ "${STAGE:-flux}" = fused ]; then  # Flux: fused block math (accel/fused_mat
     exit 0
 fi
 
+if [ "${STAGE:-flux}" = fused2 ]; then  # the fused call again with longer steady windows (2026-12-06, H200)
+    PYTHONPATH=/tmp/site timeout 60 python3 -m pytest -x -q -p no:logging \
+        tests/test_fused_math.py::test_traced_block_math_is_the_same_function_forward_and_backward 2>&1 \
+        | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_fused_math_traced.log"
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
+        --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_h200_fused.json" \
+        --steps 20 --kohya-steps 16 --ours R1,R1F,R1B,R2,R3 --order R1,R1F,R1B,K24,R2,K16,R3 \
+        --deadline "$(left $((END - 80)))" 2>&1 | tail -10
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
 if [ "${STAGE:-flux}" = sd ]; then
     timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site \
         --ours-site /tmp/site --cases sd15_b1,sdxl_b1 --kohya-steps sd15_b1=40,sdxl_b1=20 --compile-bytecode \
