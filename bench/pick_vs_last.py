@@ -5,7 +5,8 @@ resamples over generations: star prompts and other prompts resampled independent
 last-epoch results kept together) beside the unpaired error.
 
 The log: one line per job, `{"job": "train-NAME", ...} {reg_leak_demo.py's line}` and
-`{"job": "read-NAME" | "read2-NAME", ...} {read_pergen.py's line}` (the last epoch's file first, then the pick's).
+`{"job": "read-NAME" | "read2-NAME", ...} {read_pergen.py's line}` (the last epoch's file first, then the pick's);
+other jobs (a base model's reading) are skipped.
 
     python bench/pick_vs_last.py RUNS.log [--json | --md]
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             reads.setdefault(name, {}).setdefault(kind, []).append(d)
     for name, r in reads.items():
+        if name not in train:  # e.g. "base-MODEL": the model without a LoRA, read on the same prompts
+            continue
         t = train[name]
         b, leak = t["best_epoch"], t["leak"]
         sets = {"r1": r["read"]} if "read" in r else {}
