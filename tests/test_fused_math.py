@@ -20,6 +20,15 @@ SMALL = FluxParams(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, 
                    context_in_dim=32, vec_in_dim=16)
 
 
+@pytest.fixture(autouse=True)
+def _cuda_initialised() -> None:
+    # on a machine with CUDA, the first compiled call inside a checkpointed block would initialise CUDA there,
+    # which checkpointing refuses ("device state was initialized in the forward pass"); training initialises
+    # CUDA long before its first step, so the tests do too
+    if torch.cuda.is_available():
+        torch.cuda.init()
+
+
 def _model(seed: int = 0) -> FluxTransformer:
     torch.manual_seed(seed)
     model = FluxTransformer(SMALL)
