@@ -12,6 +12,9 @@ counters reset between them, so each run's peak covers its own load, caching, tr
   R1B  R1F with the input-gradient products on fp8 too (fp8_matmul_backward)
   R1N, R2N  R1 and R2 without the epoch-end "did it learn?" scoring (its share of the peak memory)
   R1U, R2U  R1 and R2 with the blocks' q/k norms and RoPE eager (accel's fused_math off)
+  R1P, R1FP  R1 and R1F profiled over steps 6-8 (torch.profiler: GPU kernel time by kind, top kernels; the
+        profiler's own overhead makes their it/s no measure), R1PE the same with CUDA graphs off (kernels
+        launched one by one: the breakdown where a graph's replay hides it)
 Same data (8 captioned 1024 px images, latents and T5/CLIP outputs cached), batch 1, LoRA rank 16 /
 alpha 16 on the transformer's double and single blocks, lr 1e-4 constant, kohya's recommended flow
 settings (timestep_sampling shift, discrete_flow_shift 3.1582, raw prediction, guidance 1.0), seed 0.
@@ -69,7 +72,12 @@ OURS = {
     # A/B: the blocks' weightless math (q/k norms, RoPE) eager instead of fused by torch.compile (accel's fused_math)
     "R1U": {"preset": "flux-24gb", "fused_math": False},
     "R2U": {"preset": "flux-12gb", "fused_math": False},
+    # where a step's time goes (row["profile"]): steps PROFILE_STEPS, before the epoch-end scoring
+    "R1P": {"preset": "flux-24gb", "profile": True},
+    "R1FP": {"preset": "flux-24gb", "fp8_matmul": True, "profile": True},
+    "R1PE": {"preset": "flux-24gb", "cuda_graphs": False, "profile": True},
 }
+PROFILE_STEPS = (5, 8)  # profiled from the end of step 5 to the end of step 8: three steady steps
 
 
 def child_ours(spec_path: str, result_path: str) -> int:
@@ -105,6 +113,8 @@ def child_ours(spec_path: str, result_path: str) -> int:
         settings = dict(spec["common"])
         overrides = dict(OURS[name])
         config = TrainConfig().with_preset(overrides.pop("preset"))
+        profiler = _profiler() if overrides.pop("profile", False) else None
+        window: dict = {}
         for k, v in {**settings, **overrides}.items():
             setattr(config, k, v)
         config.output_dir = str(Path(spec["out"]) / name)
@@ -117,11 +127,13 @@ def child_ours(spec_path: str, result_path: str) -> int:
         stamps, losses, phases = [], [], {}
         t0 = time.time()
 
-        def on_event(e, stamps=stamps, losses=losses, phases=phases, t0=t0):
+        def on_event(e, stamps=stamps, losses=losses, phases=phases, t0=t0, profiler=profiler, window=window):
             now = time.time() - t0
             if e.kind == "step":
                 stamps.append(now)
                 losses.append(e.loss)
+                if profiler is not None and len(stamps) in PROFILE_STEPS:
+                    _profile_edge(profiler, window, len(stamps) == PROFILE_STEPS[0])
             elif e.kind in ("cache", "phase") and e.phase not in phases:
                 phases[e.phase] = now
         row = {"settings": {k: getattr(config, k) for k in ("preset", "fp8_base", "blocks_to_swap", "optimizer",
@@ -149,10 +161,36 @@ def child_ours(spec_path: str, result_path: str) -> int:
         row["step_end_s"] = [round(s, 3) for s in stamps]
         row["losses"] = losses
         row["phase_start_s"] = phases
+        if window.get("summary"):
+            row["profile"] = window["summary"]
         results[name] = row
         Path(result_path).write_text(json.dumps(results, indent=1))
         print(f"{name}: {summary_line(row)}", flush=True)
     return 0
+
+
+def _profiler():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if torch.cuda.is_available()
+                   else [ProfilerActivity.CPU])
+
+
+def _profile_edge(profiler, window: dict, start: bool) -> None:
+    """Start the profiler at the end of one step, stop and summarise it at the end of a later one (step events
+    come after the step's loss is read, so the GPU has finished it)."""
+    from kernel_categories import summarize
+
+    if start:
+        profiler.start()
+        window["t"] = time.perf_counter()
+        return
+    if "t" not in window:
+        return
+    profiler.stop()
+    wall = time.perf_counter() - window.pop("t")
+    window["summary"] = summarize(profiler, PROFILE_STEPS[1] - PROFILE_STEPS[0], wall)
 
 
 def summary_line(row: dict) -> str:

@@ -5,6 +5,7 @@
 #   run(command="bash bench/gpu_followups.sh", carry=[".whl/ours", ".whl/kohya-trim", ".kohya"])
 #   run(command="STAGE=sd bash bench/gpu_followups.sh", carry=[...the same])   # the second call: step 3
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
+#   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #
 # 1. accel/ on the GPU (tests/test_accel_cuda.py): the work between steps inside the graphs' pool, on the capture
 #    stream (`9ad112a`), and the fp8 products captured with a plain-cast weight (`8767299`).
@@ -52,6 +53,16 @@ if [ "${STAGE:-flux}" = fused2 ]; then  # the fused call again with longer stead
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_h200_fused.json" \
         --steps 20 --kohya-steps 16 --ours R1,R1F,R1B --order R1,R1F,R1B,K24 \
         --deadline "$(left $((END - 80)))" 2>&1 | tail -10
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
+if [ "${STAGE:-flux}" = profile ]; then  # where the 24 GB Flux step's time goes (issue 15's last 2x), ~4 min
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --skip-kohya --work /tmp/fluxbench \
+        --out "$OUT/flux_profile.json" --ours R1P,R1FP,R1PE --order R1P,R1FP,R1PE --deadline "$(left $((END - 60)))" \
+        2>&1 | tail -5
+    python3 -c "import json,sys; [print(k, json.dumps(v.get('profile'))) for k, v in json.load(open(sys.argv[1]))['ours'].items()]" \
+        "$OUT/flux_profile.json" 2>/dev/null
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi

@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lora_trainer import accel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_categories import classify
+
 T0 = time.time()
 p = argparse.ArgumentParser()
 p.add_argument("--sections", default="env,sd15,equiv,sdxl,lowvram,profile,compile")
@@ -361,25 +364,6 @@ def sec_equiv():
     RES["equiv"] = out
     save()
     log("equiv", json.dumps({k: v for k, v in out.items() if not isinstance(v, list)}))
-
-
-def classify(name: str) -> str:
-    n = name.lower()
-    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "softmax", "cudnn_generated_fort_native_sdpa")):
-        return "attention"
-    if any(k in n for k in ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")):
-        return "conv"
-    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv", "matmul", "splitk")):
-        return "gemm"
-    if any(k in n for k in ("norm", "welford", "moments", "gammabeta")):
-        return "norm"
-    if any(k in n for k in ("adam", "multi_tensor", "foreach")):
-        return "optimizer/clip"
-    if any(k in n for k in ("copy", "cast", "transpose", "permute", "nchw", "nhwc", "convert")):
-        return "copy/cast/layout"
-    if any(k in n for k in ("reduce", "sum", "mean")):
-        return "reduction"
-    return "elementwise/other"
 
 
 def sec_profile():
