@@ -12,6 +12,8 @@ counters reset between them, so each run's peak covers its own load, caching, tr
   R1B  R1F with the input-gradient products on fp8 too (fp8_matmul_backward)
   R1N, R2N  R1 and R2 without the epoch-end "did it learn?" scoring (its share of the peak memory)
   R1U, R2U  R1 and R2 with the blocks' q/k norms and RoPE eager (accel's fused_math off)
+  R1Q  R1 with only the q/k norms and RoPE compiled (the fused block math's first part; its second part, the
+        modulated norms, gated adds and the single block's GELU, eager): the second part's gain on one machine
   R1P, R1FP  R1 and R1F profiled over steps 6-8 (torch.profiler: GPU kernel time by kind, top kernels; the
         profiler's own overhead makes their it/s no measure), R1PE the same with CUDA graphs off (kernels
         launched one by one: the breakdown where a graph's replay hides it)
@@ -72,6 +74,7 @@ OURS = {
     # A/B: the blocks' weightless math (q/k norms, RoPE) eager instead of fused by torch.compile (accel's fused_math)
     "R1U": {"preset": "flux-24gb", "fused_math": False},
     "R2U": {"preset": "flux-12gb", "fused_math": False},
+    "R1Q": {"preset": "flux-24gb", "fused_qkv_only": True},
     # where a step's time goes (row["profile"]): steps PROFILE_STEPS, before the epoch-end scoring
     "R1P": {"preset": "flux-24gb", "profile": True},
     "R1FP": {"preset": "flux-24gb", "fp8_matmul": True, "profile": True},
@@ -115,6 +118,7 @@ def child_ours(spec_path: str, result_path: str) -> int:
         config = TrainConfig().with_preset(overrides.pop("preset"))
         profiler = _profiler() if overrides.pop("profile", False) else None
         window: dict = {}
+        restore = _fuse_qkv_only() if overrides.pop("fused_qkv_only", False) else None
         for k, v in {**settings, **overrides}.items():
             setattr(config, k, v)
         config.output_dir = str(Path(spec["out"]) / name)
@@ -161,12 +165,32 @@ def child_ours(spec_path: str, result_path: str) -> int:
         row["step_end_s"] = [round(s, 3) for s in stamps]
         row["losses"] = losses
         row["phase_start_s"] = phases
+        if restore is not None:
+            restore()
         if window.get("summary"):
             row["profile"] = window["summary"]
         results[name] = row
         Path(result_path).write_text(json.dumps(results, indent=1))
         print(f"{name}: {summary_line(row)}", flush=True)
     return 0
+
+
+def _fuse_qkv_only():
+    """Give the blocks a BlockMath with only single_qkv/double_qkv compiled (bench-only A/B); returns the undo."""
+    from lora_trainer.accel import fused_math
+    from lora_trainer.models.flux import block_math
+
+    original = fused_math.fused_block_math
+
+    def qkv_only(backend: str):
+        return block_math.BlockMath(single_qkv=fused_math.fused(block_math.single_qkv, backend),
+                                    double_qkv=fused_math.fused(block_math.double_qkv, backend))
+
+    fused_math.fused_block_math = qkv_only
+
+    def undo() -> None:
+        fused_math.fused_block_math = original
+    return undo
 
 
 def _profiler():

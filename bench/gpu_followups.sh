@@ -57,9 +57,11 @@ if [ "${STAGE:-flux}" = fused2 ]; then  # the fused call again with longer stead
     exit 0
 fi
 
-if [ "${STAGE:-flux}" = profile ]; then  # where the 24 GB Flux step's time goes (issue 15's last 2x), ~4 min
+if [ "${STAGE:-flux}" = profile ]; then  # where the 24 GB Flux step's time goes (issue 15's last 2x), ~6 min;
+    # R1Q then R1 on one machine: the fused block math's second part's own gain (its kernels compiled in R1)
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --skip-kohya --work /tmp/fluxbench \
-        --out "$OUT/flux_profile.json" --ours R1P,R1FP,R1PE --order R1P,R1FP,R1PE --deadline "$(left $((END - 60)))" \
+        --out "$OUT/flux_profile.json" --ours R1Q,R1,R1P,R1FP,R1PE --order R1Q,R1,R1P,R1FP,R1PE \
+        --steps 16 --deadline "$(left $((END - 60)))" \
         2>&1 | tail -5
     python3 -c "import json,sys; [print(k, json.dumps(v.get('profile'))) for k, v in json.load(open(sys.argv[1]))['ours'].items()]" \
         "$OUT/flux_profile.json" 2>/dev/null
