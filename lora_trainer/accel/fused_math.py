@@ -60,6 +60,11 @@ def _key(args: tuple) -> tuple:
     return (torch.is_grad_enabled(), *map(_sig, args))
 
 
+def _limit_hit(e: BaseException) -> bool:
+    # older releases (torch 2.3, Forge main's) raise a plain Unsupported("cache_size_limit reached")
+    return isinstance(e, _LIMIT_HIT) or "cache_size_limit reached" in str(e)
+
+
 def _limit_option() -> str:
     return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
@@ -81,7 +86,9 @@ def fused(fn: Callable, backend: str = "inductor") -> Callable:
         try:
             try:
                 return compiled(*args)
-            except _LIMIT_HIT:
+            except (torch._dynamo.exc.TorchDynamoException, *_LIMIT_HIT) as e:
+                if not _limit_hit(e):
+                    raise
                 with torch._dynamo.config.patch(**{_limit_option(): _VARIANTS}):
                     return compiled(*args)
         except (torch._dynamo.exc.TorchDynamoException, *_LIMIT_HIT) as e:
