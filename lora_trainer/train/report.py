@@ -124,11 +124,8 @@ class LearnReport:
         if clean:
             low = min(clean, key=lambda e: e.val_loss)
             best = max((e for e in clean if e.epoch >= low.epoch and _as_good(e, low)), key=lambda e: e.epoch)
-        else:  # every epoch leaks: the lowest loss among those leaking (about) least, so that a noisy early
-            # epoch does not win on leakage alone
-            pool = learned or self.epochs
-            least = min(e.leak or 0.0 for e in pool)
-            best = min((e for e in pool if (e.leak or 0.0) <= least + LEAK_MARGIN), key=lambda e: e.val_loss)
+        else:
+            best = pick_when_every_epoch_leaks(learned or self.epochs)
         self.best_epoch = best.epoch
         last = self.epochs[-1]
         top = max(e.improvement for e in self.epochs)
@@ -156,6 +153,16 @@ class LearnReport:
             self.verdict = "learned"
             self.message = (f"Learned: the validation loss with the trigger is {last.improvement:.1%} below the base "
                             f"model's{leak}{pick}.{unchecked}")
+
+
+def pick_when_every_epoch_leaks(pool: list[EpochCheck], min_share: float = 0.0) -> EpochCheck:
+    """The best epoch when every epoch leaks (`pool`: the learned epochs, or all where none learned): among the
+    epochs whose improvement is at least `min_share` of the pool's best, the lowest validation loss among those
+    leaking (about, `LEAK_MARGIN`) least, so that a noisy early epoch does not win on leakage alone."""
+    top = max(e.improvement for e in pool)
+    pool = [e for e in pool if e.improvement >= min_share * top] if top > 0 else pool
+    least = min(e.leak or 0.0 for e in pool)
+    return min((e for e in pool if (e.leak or 0.0) <= least + LEAK_MARGIN), key=lambda e: e.val_loss)
 
 
 def _as_good(epoch: EpochCheck, low: EpochCheck) -> bool:
