@@ -12,6 +12,7 @@ counters reset between them, so each run's peak covers its own load, caching, tr
   R1B  R1F with the input-gradient products on fp8 too (fp8_matmul_backward)
   R1N, R2N  R1 and R2 without the epoch-end "did it learn?" scoring (its share of the peak memory)
   R1U, R2U  R1 and R2 with the blocks' q/k norms and RoPE eager (accel's fused_math off)
+  R1X  R1 with the fp8 base dequantised by torch's own cast (not accel's compiled kernel, use_fused_dequant)
   R1Q  R1 with only the q/k norms and RoPE compiled (the fused block math's first part; its second part, the
         modulated norms, gated adds and the single block's GELU, eager): the second part's gain on one machine
   R1P, R1FP  R1 and R1F profiled over steps 6-8 (torch.profiler: GPU kernel time by kind, top kernels; the
@@ -75,6 +76,7 @@ OURS = {
     "R1U": {"preset": "flux-24gb", "fused_math": False},
     "R2U": {"preset": "flux-12gb", "fused_math": False},
     "R1Q": {"preset": "flux-24gb", "fused_qkv_only": True},
+    "R1X": {"preset": "flux-24gb", "eager_dequant": True},  # A/B: torch's own fp8 cast, not the compiled one
     # where a step's time goes (row["profile"]): steps PROFILE_STEPS, before the epoch-end scoring
     "R1P": {"preset": "flux-24gb", "profile": True},
     "R1FP": {"preset": "flux-24gb", "fp8_matmul": True, "profile": True},
@@ -119,6 +121,8 @@ def child_ours(spec_path: str, result_path: str) -> int:
         profiler = _profiler() if overrides.pop("profile", False) else None
         window: dict = {}
         restore = _fuse_qkv_only() if overrides.pop("fused_qkv_only", False) else None
+        if overrides.pop("eager_dequant", False):
+            restore = _eager_dequant()
         for k, v in {**settings, **overrides}.items():
             setattr(config, k, v)
         config.output_dir = str(Path(spec["out"]) / name)
@@ -190,6 +194,18 @@ def _fuse_qkv_only():
 
     def undo() -> None:
         fused_math.fused_block_math = original
+    return undo
+
+
+def _eager_dequant():
+    """Leave the fp8 base's dequantisation to torch's own cast (bench-only A/B of accel's use_fused_dequant)."""
+    from lora_trainer.accel import prepare
+
+    original = prepare.use_fused_dequant
+    prepare.use_fused_dequant = lambda model, device=None: 0
+
+    def undo() -> None:
+        prepare.use_fused_dequant = original
     return undo
 
 

@@ -6,6 +6,7 @@
 #   run(command="STAGE=sd bash bench/gpu_followups.sh", carry=[...the same])   # the second call: step 3
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
+#   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
 #
 # 1. accel/ on the GPU (tests/test_accel_cuda.py): the work between steps inside the graphs' pool, on the capture
 #    stream (`9ad112a`), and the fp8 products captured with a plain-cast weight (`8767299`).
@@ -58,13 +59,29 @@ if [ "${STAGE:-flux}" = fused2 ]; then  # the fused call again with longer stead
 fi
 
 if [ "${STAGE:-flux}" = profile ]; then  # where the 24 GB Flux step's time goes (issue 15's last 2x), ~6 min;
-    # R1Q then R1 on one machine: the fused block math's second part's own gain (its kernels compiled in R1)
+    # profiles of R1/R1F (graphs) and R1 (eager launches), the eager bf16 reference R0's losses over 20 steps (bf16
+    # noise for the fp8 products' drift), then R1Q beside R1: the fused block math's second part's own gain
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --skip-kohya --work /tmp/fluxbench \
-        --out "$OUT/flux_profile.json" --ours R1Q,R1,R1P,R1FP,R1PE --order R1Q,R1,R1P,R1FP,R1PE \
-        --steps 16 --deadline "$(left $((END - 60)))" \
+        --out "$OUT/flux_profile.json" --ours R1P,R1FP,R0,R1PE,R1,R1Q --order R1P,R1FP,R0,R1PE,R1,R1Q \
+        --steps 20 --deadline "$(left $((END - 60)))" \
         2>&1 | tail -5
     python3 -c "import json,sys; [print(k, json.dumps(v.get('profile'))) for k, v in json.load(open(sys.argv[1]))['ours'].items()]" \
         "$OUT/flux_profile.json" 2>/dev/null
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
+if [ "${STAGE:-flux}" = dequant ]; then  # the fp8 base dequantised by one compiled kernel (use_fused_dequant), ~9 min
+    # the profile (flux_profile_h100.md) put torch's fp8 cast at 104 of R1's 624 ms of GPU time per step
+    PYTHONPATH=/tmp/site timeout 150 python3 -m pytest -q -p no:logging \
+        tests/test_accel_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
+        tests/test_accel_cuda.py::test_fused_flux_block_math_matches_eager_inside_cuda_graphs \
+        tests/test_accel_cuda.py::test_fp8_products_on_gpu_close_and_captured tests/test_quant.py 2>&1 \
+        | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_fused_dequant_cuda.log"
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
+        --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_dequant.json" \
+        --steps 20 --kohya-steps 14 --ours R1,R1X,R1F,R3,R2 --order R1,R1X,R1F,K24,R3,R2 \
+        --deadline "$(left $((END - 70)))" 2>&1 | tail -8
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi

@@ -353,3 +353,45 @@ def test_host_weight_follows_the_hosts_current_tensor():
     assert old() is None
     torch.testing.assert_close(layer(x), first / 2)
     assert frozen.storage()[0] is host.weight and frozen.storage()[1] is host.scale_weight
+
+
+@pytest.mark.parametrize("scale", ["none", "tensor", "per_row", "number"])
+def test_dequant8_is_the_dequantisation_and_compiles_to_the_same_values(scale):
+    """The fp8 weight's one-kernel dequantisation (accel's fused_math on CUDA) gives the eager values bit for bit:
+    the compiled function is traced here on the CPU (aot_eager: what inductor compiles on the GPU; the GPU's own
+    kernel is checked in tests/test_accel_cuda.py)."""
+    from lora_trainer.accel.fused_math import fused
+    from lora_trainer.quant.formats import dequant8
+
+    w = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    fw = {"none": Fp8Weight.quantize(w, scaled=False), "tensor": Fp8Weight.quantize(w),
+          "per_row": Fp8Weight.quantize(w, per_row=True), "number": Fp8Weight(w.to(torch.float8_e4m3fn), 0.5)}[scale]
+    for dtype in (torch.bfloat16, torch.float32):
+        sc = fw.scale.to(dtype) if isinstance(fw.scale, torch.Tensor) else fw.scale
+        expected = fw.data.to(dtype) if sc is None else fw.data.to(dtype) * sc  # the formula hosts use
+        assert torch.equal(fw.dequantize(dtype), expected)
+        assert torch.equal(fw.dequantize(dtype, fused=True), expected)  # no CUDA: the eager function
+        if scale != "number":
+            assert torch.equal(fused(dequant8, "aot_eager")(fw.data, fw.scale, dtype), expected)
+
+
+def test_fused_dequant_is_set_on_fp8_layers_only_where_it_compiles(monkeypatch):
+    """`use_fused_dequant` marks the fp8 frozen Linears (quant's and accel's), never others, and none without CUDA;
+    a marked layer's forward and input gradient are unchanged off CUDA. `fused_math_available` is patched for the
+    marking (no CUDA here)."""
+    from lora_trainer import accel
+    from lora_trainer.accel import fused_math
+
+    block, _ = _quantized(Block(), FORMATS["fp8_per_row"][0])
+    plain = nn.Sequential(block, accel.Fp8Linear(nn.Linear(D_IN, D_IN)), nn.Linear(D_IN, D_IN))
+    assert fused_math.use_fused_dequant(plain, "cpu") == 0
+    x = _x().requires_grad_(True)
+    ref = plain(x)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    monkeypatch.setattr(fused_math, "fused_math_available", lambda device: True)
+    assert fused_math.use_fused_dequant(plain, "cuda") == 3
+    assert [getattr(m, "fused_cast", None) for m in (block.fc1, block.fc2, plain[1], plain[2])] == [
+        True, True, True, None]
+    out = plain(x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    assert torch.equal(out, ref) and torch.equal(gx, gx_ref)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.fp8_products import FP8, FP8_MAX, fp8_input_grad, fp8_product, fp8_product_fits
+from ..quant.formats import dequant8
+from ..quant.fp8_products import FP8, FP8_MAX, compiled, fp8_input_grad, fp8_product, fp8_product_fits
 
 
 def fp8_available() -> bool:
@@ -42,24 +43,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight8, scale, bias, compute8=0):  # type: ignore[override]
+    def forward(ctx, x, weight8, scale, bias, compute8=0, fused=False):  # type: ignore[override]
         dt = _compute_dtype(x)
         ctx.save_for_backward(weight8, scale)
         ctx.dt = dt
         ctx.grad8 = compute8 >= 2
+        ctx.fused = fused
         with torch.autocast(x.device.type, enabled=False):
             if compute8 and fp8_product_fits(x, weight8, dt):
                 return fp8_product(x.to(dt), weight8, scale, bias, dt)
-            w = weight8.to(dt) * scale.to(dt)
+            w = _dequant(fused, weight8)(weight8, scale, dt)
             return F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         weight8, scale = ctx.saved_tensors
         if ctx.grad8 and fp8_product_fits(grad, weight8.t(), grad.dtype):
-            return fp8_input_grad(grad, weight8, scale), None, None, None, None
-        w = weight8.to(grad.dtype) * scale.to(grad.dtype)
-        return grad @ w, None, None, None, None
+            return fp8_input_grad(grad, weight8, scale), None, None, None, None, None
+        w = _dequant(ctx.fused, weight8)(weight8, scale, grad.dtype)
+        return grad @ w, None, None, None, None, None
+
+
+def _dequant(fused: bool, weight8: torch.Tensor):
+    """quant's `dequant8`: compiled into one kernel when `fused` (accel's fused_math) and on CUDA with Triton."""
+    return compiled(dequant8, weight8.device.type) if fused else dequant8
 
 
 def _store_quantized(target: nn.Module, layer: nn.Module) -> None:
@@ -84,6 +91,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute8 = 0
+        self.fused_cast = False  # set by accel's `use_fused_dequant`
         _store_quantized(self, linear)
 
     @property
@@ -92,7 +100,7 @@ class Fp8Linear(nn.Module):
         return (self.weight8.to(self._orig_dtype) * self.scale.to(self._orig_dtype)).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8LinearFn.apply(x, self.weight8, self.scale, self.bias, self.compute8)
+        return _Fp8LinearFn.apply(x, self.weight8, self.scale, self.bias, self.compute8, self.fused_cast)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8"

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..quant.fp8_products import fp8_matmul_supported
 from .fp8 import fp8_available, quantize_linears_fp8, use_fp8_products
-from .fused_math import use_fused_math
+from .fused_math import use_fused_dequant, use_fused_math
 from .lora_fast import fuse_lora_layers
 from .norms import lowp_norms
 from .options import AccelOptions
@@ -65,7 +65,8 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     """
     opts = opts or AccelOptions()
     done = {"fused_lora": 0, "fp8_linears": 0, "fp8_products": 0, "channels_last": 0, "lowp_norms": 0,
-            "checkpoint_funcs": 0, "compiled_blocks": 0, "fused_math_blocks": 0}
+            "checkpoint_funcs": 0, "compiled_blocks": 0, "fused_math_blocks": 0,
+            "fused_dequant": 0}
     if not opts.enabled:
         return done
     if opts.fp8_base:
@@ -91,5 +92,6 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
         done["compiled_blocks"] = compile_blocks(model, device)
     if opts.fused_math:
         done["fused_math_blocks"] = use_fused_math(model, device)
+        done["fused_dequant"] = use_fused_dequant(model, device)
     log.info("accel.prepare_model: %s", done)
     return done

@@ -32,7 +32,7 @@ def fp8_product(x: torch.Tensor, weight8: torch.Tensor, scale: torch.Tensor, bia
     """x @ (weight8 * scale).T + bias on fp8 tensor cores: x rounded to e4m3 with one scale per row (its largest
     magnitude maps to fp8's largest), the weight's per-row scale applied in the product's epilogue."""
     k = x.shape[-1]
-    x8, xs = _rounder(quantize_rows, x.device.type)(x.reshape(-1, k))
+    x8, xs = compiled(quantize_rows, x.device.type)(x.reshape(-1, k))
     y = torch._scaled_mm(x8, weight8.t(), scale_a=xs, scale_b=scale.float().reshape(1, -1),
                          bias=None if bias is None else bias.to(dt), out_dtype=dt)
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -54,9 +54,9 @@ def scaled_rows(grad2: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @functools.cache
-def _rounder(fn: Callable, device_type: str) -> Callable:
-    """`fn` as one fused kernel (torch.compile) where the device is CUDA with Triton, else `fn`: eager, rounding
-    x takes two passes over it, 43 of the fp8 product's 97 ms per Flux forward on an H100
+def compiled(fn: Callable, device_type: str) -> Callable:
+    """`fn` as one fused kernel (torch.compile, accel/fused_math.py) where the device is CUDA with Triton, else
+    `fn`: eager, rounding x takes two passes over it, 43 of the fp8 product's 97 ms per Flux forward on an H100
     (bench/results/fp8_products_h100.json)."""
     from ..accel.fused_math import fused, fused_math_available
 
@@ -67,7 +67,7 @@ def fp8_input_grad(grad: torch.Tensor, weight8: torch.Tensor, scale: torch.Tenso
     """grad @ (weight8 * scale) on fp8 tensor cores: the weight's per-row scale folded into grad's columns, grad
     rounded to e4m3 per row; the weight is read transposed (a per-call copy: _scaled_mm wants it column-major)."""
     n = grad.shape[-1]
-    g8, gs = _rounder(scaled_rows, grad.device.type)(grad.reshape(-1, n), scale)
+    g8, gs = compiled(scaled_rows, grad.device.type)(grad.reshape(-1, n), scale)
     w_cols = weight8.t().contiguous().t()  # (N, K), column-major
     ones = torch.ones(1, weight8.shape[1], device=grad.device, dtype=torch.float32)
     dx = torch._scaled_mm(g8, w_cols, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)

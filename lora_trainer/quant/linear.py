@@ -45,16 +45,16 @@ class _DequantLinearFn(torch.autograd.Function):
     """y = x @ W.T + b with W dequantised in forward and again in backward, never saved."""
 
     @staticmethod
-    def forward(ctx, x, frozen, bias, dtype):  # type: ignore[override]
-        ctx.frozen = frozen
-        w = frozen.dequantize(dtype, x.device)
+    def forward(ctx, x, frozen, bias, dtype, fused):  # type: ignore[override]
+        ctx.frozen, ctx.fused = frozen, fused
+        w = frozen.dequantize(dtype, x.device, fused=fused)
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.to(dtype), w, bias)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        w = ctx.frozen.dequantize(grad.dtype, grad.device)
-        return grad @ w, None, None, None
+        w = ctx.frozen.dequantize(grad.dtype, grad.device, fused=ctx.fused)
+        return grad @ w, None, None, None, None
 
 
 class _Fp8ProductFn(torch.autograd.Function):
@@ -62,8 +62,8 @@ class _Fp8ProductFn(torch.autograd.Function):
     dequantised W, or on fp8 too with `grad8`."""
 
     @staticmethod
-    def forward(ctx, x, frozen, bias, dtype, grad8):  # type: ignore[override]
-        ctx.frozen, ctx.grad8 = frozen, grad8
+    def forward(ctx, x, frozen, bias, dtype, grad8, fused):  # type: ignore[override]
+        ctx.frozen, ctx.grad8, ctx.fused = frozen, grad8, fused
         scale = row_scale(frozen.scale, frozen.shape[0], x.device)
         with torch.autocast(x.device.type, enabled=False):
             return fp8_product(x.to(dtype), frozen.data, scale, bias, dtype)
@@ -73,8 +73,8 @@ class _Fp8ProductFn(torch.autograd.Function):
         frozen = ctx.frozen
         if ctx.grad8 and fp8_product_fits(grad, frozen.data.t(), grad.dtype):
             return fp8_input_grad(grad, frozen.data, row_scale(frozen.scale, frozen.shape[0], grad.device)), \
-                None, None, None, None
-        return grad @ frozen.dequantize(grad.dtype, grad.device), None, None, None, None
+                None, None, None, None, None
+        return grad @ frozen.dequantize(grad.dtype, grad.device, fused=ctx.fused), None, None, None, None, None
 
 
 class QuantLinear(nn.Linear):
@@ -95,6 +95,8 @@ class QuantLinear(nn.Linear):
         # accel's fp8_matmul (`use_fp8_products`): 1: the forward product of an fp8 e4m3fn weight on fp8 tensor
         # cores, 2: the input-gradient product too
         self.compute8 = 0
+        # accel's fused_math (`use_fused_dequant`): the weight dequantised by one compiled kernel where it has one
+        self.fused_cast = False
         # The compute dtype/device, as a tiny buffer so that Module.to/.cuda/.half keep it current.
         self.register_buffer("_anchor", torch.full((1, 1), float("nan"), dtype=dtype, device=device),
                              persistent=False)
@@ -140,11 +142,11 @@ class QuantLinear(nn.Linear):
         dtype = _autocast_dtype(x.device.type) or self.compute_dtype
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype)
         if self.compute8 and isinstance(frozen, Fp8Weight) and fp8_product_fits(x, frozen.data, dtype):
-            return _Fp8ProductFn.apply(x, frozen, bias, dtype, self.compute8 >= 2)
+            return _Fp8ProductFn.apply(x, frozen, bias, dtype, self.compute8 >= 2, self.fused_cast)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _DequantLinearFn.apply(x, frozen, bias, dtype)
+            return _DequantLinearFn.apply(x, frozen, bias, dtype, self.fused_cast)
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), frozen.dequantize(dtype, x.device), bias)
+            return F.linear(x.to(dtype), frozen.dequantize(dtype, x.device, fused=self.fused_cast), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
