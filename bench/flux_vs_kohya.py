@@ -13,6 +13,7 @@ counters reset between them, so each run's peak covers its own load, caching, tr
   R1N, R2N  R1 and R2 without the epoch-end "did it learn?" scoring (its share of the peak memory)
   R1U, R2U  R1 and R2 with the blocks' q/k norms and RoPE eager (accel's fused_math off)
   R1X  R1 with the fp8 base dequantised by torch's own cast (not accel's compiled kernel, use_fused_dequant)
+  R1T  R1 with torch.cuda.tunable choosing each GEMM's kernel by timing (the first steps tune; run it last)
   R1Q  R1 with only the q/k norms and RoPE compiled (the fused block math's first part; its second part, the
         modulated norms, gated adds and the single block's GELU, eager): the second part's gain on one machine
   R1P, R1FP  R1 and R1F profiled over steps 6-8 (torch.profiler: GPU kernel time by kind, top kernels; the
@@ -77,6 +78,7 @@ OURS = {
     "R2U": {"preset": "flux-12gb", "fused_math": False},
     "R1Q": {"preset": "flux-24gb", "fused_qkv_only": True},
     "R1X": {"preset": "flux-24gb", "eager_dequant": True},  # A/B: torch's own fp8 cast, not the compiled one
+    "R1T": {"preset": "flux-24gb", "tunable_gemm": True},  # torch.cuda.tunable picks each GEMM's kernel (run it last)
     # where a step's time goes (row["profile"]): steps PROFILE_STEPS, before the epoch-end scoring
     "R1P": {"preset": "flux-24gb", "profile": True},
     "R1FP": {"preset": "flux-24gb", "fp8_matmul": True, "profile": True},
@@ -123,6 +125,8 @@ def child_ours(spec_path: str, result_path: str) -> int:
         restore = _fuse_qkv_only() if overrides.pop("fused_qkv_only", False) else None
         if overrides.pop("eager_dequant", False):
             restore = _eager_dequant()
+        if overrides.pop("tunable_gemm", False) and cuda:
+            restore = _tunable_gemm(Path(spec["out"]) / "tunableop_results.csv")
         for k, v in {**settings, **overrides}.items():
             setattr(config, k, v)
         config.output_dir = str(Path(spec["out"]) / name)
@@ -206,6 +210,21 @@ def _eager_dequant():
 
     def undo() -> None:
         prepare.use_fused_dequant = original
+    return undo
+
+
+def _tunable_gemm(results: Path):
+    """torch.cuda.tunable (TunableOp): each GEMM shape timed against cuBLAS/cuBLASLt's candidates at its first call
+    (in the eager warm-up steps), the fastest kept (in `results`); bench-only."""
+    import torch
+
+    torch.cuda.tunable.set_filename(str(results))
+    torch.cuda.tunable.enable(True)
+    torch.cuda.tunable.tuning_enable(True)
+
+    def undo() -> None:
+        torch.cuda.tunable.tuning_enable(False)
+        torch.cuda.tunable.enable(False)
     return undo
 
 

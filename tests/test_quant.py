@@ -367,8 +367,11 @@ def test_dequant8_is_the_dequantisation_and_compiles_to_the_same_values(scale):
     fw = {"none": Fp8Weight.quantize(w, scaled=False), "tensor": Fp8Weight.quantize(w),
           "per_row": Fp8Weight.quantize(w, per_row=True), "number": Fp8Weight(w.to(torch.float8_e4m3fn), 0.5)}[scale]
     for dtype in (torch.bfloat16, torch.float32):
-        sc = fw.scale.to(dtype) if isinstance(fw.scale, torch.Tensor) else fw.scale
-        expected = fw.data.to(dtype) if sc is None else fw.data.to(dtype) * sc  # the formula hosts use
+        sc = fw.scale.float() if isinstance(fw.scale, torch.Tensor) else fw.scale
+        expected = fw.data.to(dtype) if sc is None else (fw.data.float() * sc).to(dtype)
+        if sc is not None:  # the formula hosts use rounds the scale first: at most one unit in the last place apart
+            host = fw.data.to(dtype) * (sc.to(dtype) if isinstance(sc, torch.Tensor) else sc)
+            assert torch.allclose(expected.float(), host.float(), rtol=2 * torch.finfo(dtype).eps, atol=0)
         assert torch.equal(fw.dequantize(dtype), expected)
         assert torch.equal(fw.dequantize(dtype, fused=True), expected)  # no CUDA: the eager function
         if scale != "number":

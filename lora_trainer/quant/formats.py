@@ -100,13 +100,14 @@ class PlainWeight(FrozenWeight):
 
 def dequant8(data: torch.Tensor, scale: torch.Tensor | float | None, dtype: torch.dtype) -> torch.Tensor:
     """fp8 values in `dtype` (exact: every e4m3/e5m2 value is a bf16, fp16 and fp32 value) times their scale (none,
-    a number, or a tensor that broadcasts over them) in `dtype`, as Forge's own layers do
-    (`weight.to(dtype) * scale_weight.to(dtype)`). One kernel where compiled (`compiled`): torch's own fp8 cast is
-    not vectorised, 104 of a Flux 24 GB step's 624 ms of GPU time on an H100 (bench/results/flux_profile_h100.md)."""
-    w = data.to(dtype)
+    a number, or a tensor that broadcasts over them), multiplied in fp32 and rounded once to `dtype`: spelled out so
+    that the compiled kernel (`compiled`, which keeps intermediates in fp32) gives the same values; Forge's own
+    layers round the scale to `dtype` first (at most one unit in the last place apart). One kernel where compiled:
+    torch's own fp8 cast is not vectorised, 104 of a Flux 24 GB step's 624 ms of GPU time on an H100
+    (bench/results/flux_profile_h100.md)."""
     if scale is None:
-        return w
-    return w * (scale.to(dtype) if isinstance(scale, torch.Tensor) else scale)
+        return data.to(dtype)
+    return (data.float() * (scale.float() if isinstance(scale, torch.Tensor) else scale)).to(dtype)
 
 
 class Fp8Weight(FrozenWeight):
