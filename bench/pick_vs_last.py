@@ -5,8 +5,9 @@ resamples over generations: star prompts and other prompts resampled independent
 last-epoch results kept together) beside the unpaired error.
 
 The log: one line per job, `{"job": "train-NAME", ...} {reg_leak_demo.py's line}` and
-`{"job": "read-NAME" | "read2-NAME", ...} {read_pergen.py's line}` (the last epoch's file first, then the pick's);
-other jobs (a base model's reading) are skipped.
+`{"job": "read-NAME" | "read2-NAME", ...} {read_pergen.py's line}` (the last epoch's file, `NAME.safetensors`, and
+one or more kept epochs' files, `NAME-0000EE.safetensors`: each is compared with the last, its epoch taken from
+the file name); other jobs (a base model's reading) are skipped.
 
     python bench/pick_vs_last.py RUNS.log [--json | --md]
 
@@ -18,7 +19,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
+
+from pick_rules import scored_epochs
 
 B = 10000
 
@@ -60,6 +64,15 @@ def stats(last: dict, pick: dict, seed: int) -> dict:
             "se_paired": [sd(d_s), sd(d_a), sd(d_p)], "ci95_prod_paired": [q[int(.025 * B)], q[int(.975 * B)]]}
 
 
+def by_epoch(lines: list[dict]) -> dict:
+    """A reading's files by epoch: None for the last epoch's file (`NAME.safetensors`), EE for `NAME-0000EE`."""
+    out = {}
+    for d in lines:
+        m = re.search(r"-(\d{6})\.safetensors$", d["file"])
+        out[int(m.group(1)) if m else None] = d
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     train: dict = {}
@@ -79,40 +92,43 @@ def main(argv: list[str] | None = None) -> int:
         if name not in train:  # e.g. "base-MODEL": the model without a LoRA, read on the same prompts
             continue
         t = train[name]
-        b, leak = t["best_epoch"], t["leak"]
-        sets = {"r1": r["read"]} if "read" in r else {}
-        if "read2" in r:
-            sets["r2"] = r["read2"]
+        leak = t["leak"]
+        epochs = scored_epochs(len(leak), int(t["overrides"].get("epochs", 30)))
+        sets = {k: by_epoch(r[kind]) for k, kind in (("r1", "read"), ("r2", "read2")) if kind in r}
         if len(sets) == 2:
-            sets["pooled"] = [{k: a[k] + c[k] for k in ("star_each", "asked_each")}
-                              for a, c in zip(r["read"], r["read2"])]
-        for reading, (last, pick) in sets.items():
-            x = stats(last, pick, t["seed"])
-            x.update(run=name, reading=reading, verdict=t["verdict"], pick_epoch=b, last_epoch=len(leak),
-                     leak_pick=leak[b - 1], leak_last=leak[-1])
-            if "--json" in argv:
-                print(json.dumps(x))
-                continue
-            f = lambda v: f"{100 * v:.1f}"
-            P, L = x["pick"], x["last"]
-            if "--md" in argv:
-                lab = {"r1": "first (seeds 7/31)", "r2": "second (seeds 1007/1031)", "pooled": "both"}[reading]
-                print(f"| {name} | {lab} | {x['n']} | {f(P['star'])} / {f(P['asked'])} / **{f(P['prod'])}** "
-                      f"| {f(L['star'])} / {f(L['asked'])} / **{f(L['prod'])}** "
-                      f"| {100 * x['d_star']:+.1f} ± {f(x['se_paired'][0])} "
-                      f"| {100 * x['d_asked']:+.1f} ± {f(x['se_paired'][1])} "
-                      f"| **{100 * x['d_prod']:+.1f} ± {f(x['se_paired'][2])}** ({f(x['se_unpaired'][2])}) "
-                      f"| {100 * x['ci95_prod_paired'][0]:+.1f} to {100 * x['ci95_prod_paired'][1]:+.1f} |")
-                continue
-            print(f"{name} {reading} N={x['n']} ({t['verdict']}, leakage last {leak[-1]}, pick {b}: {leak[b - 1]})")
-            for k in ("pick", "last"):
-                y = x[k]
-                print(f"  {k}: star {f(y['star'])}±{f(y['se_star'])} asked {f(y['asked'])}±{f(y['se_asked'])} "
-                      f"product {f(y['prod'])}±{f(y['se_prod'])}")
-            print(f"  pick-last: star {f(x['d_star'])} (paired {f(x['se_paired'][0])}) asked {f(x['d_asked'])} "
-                  f"(paired {f(x['se_paired'][1])}) product {f(x['d_prod'])} (paired {f(x['se_paired'][2])}, "
-                  f"unpaired {f(x['se_unpaired'][2])}; paired 95% {f(x['ci95_prod_paired'][0])}.."
-                  f"{f(x['ci95_prod_paired'][1])})")
+            sets["pooled"] = {e: {k: a[k] + sets["r2"][e][k] for k in ("star_each", "asked_each")}
+                              for e, a in sets["r1"].items() if e in sets["r2"]}
+        for reading, files in sets.items():
+            for b, pick in files.items():
+                if b is None:
+                    continue
+                x = stats(files[None], pick, t["seed"])
+                x.update(run=name, reading=reading, verdict=t["verdict"], pick_epoch=b, last_epoch=epochs[-1],
+                         leak_pick=leak[epochs.index(b)], leak_last=leak[-1])
+                label = name if b == t["best_epoch"] else f"{name}, epoch {b}"
+                if "--json" in argv:
+                    print(json.dumps(x))
+                    continue
+                f = lambda v: f"{100 * v:.1f}"
+                P, L = x["pick"], x["last"]
+                if "--md" in argv:
+                    lab = {"r1": "first (seeds 7/31)", "r2": "second (seeds 1007/1031)", "pooled": "both"}[reading]
+                    print(f"| {label} | {lab} | {x['n']} | {f(P['star'])} / {f(P['asked'])} / **{f(P['prod'])}** "
+                          f"| {f(L['star'])} / {f(L['asked'])} / **{f(L['prod'])}** "
+                          f"| {100 * x['d_star']:+.1f} ± {f(x['se_paired'][0])} "
+                          f"| {100 * x['d_asked']:+.1f} ± {f(x['se_paired'][1])} "
+                          f"| **{100 * x['d_prod']:+.1f} ± {f(x['se_paired'][2])}** ({f(x['se_unpaired'][2])}) "
+                          f"| {100 * x['ci95_prod_paired'][0]:+.1f} to {100 * x['ci95_prod_paired'][1]:+.1f} |")
+                    continue
+                print(f"{label} {reading} N={x['n']} ({t['verdict']}, leakage last {leak[-1]}, pick {b}: {x['leak_pick']})")
+                for k in ("pick", "last"):
+                    y = x[k]
+                    print(f"  {k}: star {f(y['star'])}±{f(y['se_star'])} asked {f(y['asked'])}±{f(y['se_asked'])} "
+                          f"product {f(y['prod'])}±{f(y['se_prod'])}")
+                print(f"  pick-last: star {f(x['d_star'])} (paired {f(x['se_paired'][0])}) asked {f(x['d_asked'])} "
+                      f"(paired {f(x['se_paired'][1])}) product {f(x['d_prod'])} (paired {f(x['se_paired'][2])}, "
+                      f"unpaired {f(x['se_unpaired'][2])}; paired 95% {f(x['ci95_prod_paired'][0])}.."
+                      f"{f(x['ci95_prod_paired'][1])})")
     return 0
 
 

@@ -159,8 +159,26 @@ def test_when_every_epoch_leaks_alike_the_lowest_loss_is_best():
     lo, hi = report_mod.LEARNED_MIN_IMPROVEMENT, 1.0
     r = _report((lo * 2, hi * 1.9), (lo * 6, hi * 1.92), (lo * 9, hi * 1.94))
     assert r.verdict == "leaks" and r.best_epoch == 3
-    r = _report((lo * 2, hi * 1.2), (lo * 6, hi * 1.9), (lo * 9, hi * 2))  # clearly rising: the early one
+    r = _report((lo * 6, hi * 1.2), (lo * 8, hi * 1.9), (lo * 9, hi * 2))  # clearly rising: the early one
     assert r.best_epoch == 1
+
+
+def test_when_every_epoch_leaks_a_barely_trained_epoch_is_not_picked():
+    """Where every epoch leaks, the pick comes from the epochs that learned at least `LEAKING_PICK_MIN_SHARE` (half)
+    of the run's best improvement: the second demo model's over-trained seed 3 leaked least at epoch 5 (3.7%
+    against the best 17.3%), a pick worse than the last epoch on the classifier (best_epoch_pick_rule_2026-12-06.md)."""
+    assert report_mod.LEAKING_PICK_MIN_SHARE == 0.5
+    lo = report_mod.LEARNED_MIN_IMPROVEMENT
+    # the rule before: the least-leaking learned epoch (epoch 1: 5.5% of a best 22.8%)
+    r = _report((0.055, 0.649), (0.128, 0.80), (0.142, 0.94), (0.228, 1.06))
+    assert r.verdict == "leaks" and r.best_epoch == 2 and "epoch 2 is the better pick" in r.message
+    assert report_mod.pick_when_every_epoch_leaks(r.epochs, 0.0).epoch == 1
+    # every learned epoch at half the best or more: as before, the least leaking
+    r = _report((lo / 2, 0.6), (0.10, 0.9), (0.16, 1.2), (0.17, 1.3))
+    assert r.best_epoch == 2
+    # no epoch learned: all of them, as before (the verdict says "not learned")
+    r = _report((lo / 4, 0.9), (lo / 2, 0.8))
+    assert r.verdict == "not_learned" and r.best_epoch == 2
 
 
 def test_a_report_before_the_first_scored_epoch_says_the_base_is_not_scored_yet():

@@ -11,7 +11,9 @@ epoch), its verdict and the thresholds behind it.
   also flagged good runs; they are shown as they were written.
 The best epoch is the latest epoch that does not leak and whose validation loss is within one standard error
 of the lowest (paired over the same noise, `NOISE_SE`): a later epoch that scores the same within the noise of 16
-pairs has trained more, so a lucky earlier minimum does not win. Its LoRA file is kept.
+pairs has trained more, so a lucky earlier minimum does not win. When every epoch leaks: the lowest validation
+loss among the epochs leaking about least (`LEAK_MARGIN`) of those that learned at least half the run's best
+improvement (`LEAKING_PICK_MIN_SHARE`), not a barely-trained early one. Its LoRA file is kept.
 
 Thresholds: see their comment below; the report states them and where they come from.
 """
@@ -44,6 +46,12 @@ LEAK_CHECK, REGULARISATION = "leak_check", "regularisation"  # LearnReport.other
 NOT_CHECKED_HOW = ("Leakage into other prompts was not checked: give a leak-check folder (pictures of other "
                    "subjects with their captions, never trained on) or regularisation images to check it.")
 LEAK_MARGIN = 0.05  # when every epoch leaks: epochs within this of the least leakage count as equally clean
+# when every epoch leaks, only epochs that learned at least this share of the run's best improvement are picked from:
+# without it the least-leaking epoch was at times one that had barely trained (epochs 1 and 5 of 30 at 5.5% and
+# 3.7% against the best 22.8% / 17.3%), and on the second demo model such a pick drew the concept in 10.9% of
+# generations against the last epoch's 33.6%: worse than the last on star share × asked share beyond the noise
+# (-3.3 +- 0.9 points). bench/results/demo_lora_cpu/best_epoch_pick_rule_2026-12-06.md
+LEAKING_PICK_MIN_SHARE = 0.5
 # the best-epoch pick: an epoch after the lowest validation loss counts as equally good when its loss is above it
 # by at most this many standard errors of the paired per-pair difference (the "one standard error" rule)
 NOISE_SE = 1.0
@@ -155,10 +163,11 @@ class LearnReport:
                             f"model's{leak}{pick}.{unchecked}")
 
 
-def pick_when_every_epoch_leaks(pool: list[EpochCheck], min_share: float = 0.0) -> EpochCheck:
+def pick_when_every_epoch_leaks(pool: list[EpochCheck], min_share: float = LEAKING_PICK_MIN_SHARE) -> EpochCheck:
     """The best epoch when every epoch leaks (`pool`: the learned epochs, or all where none learned): among the
-    epochs whose improvement is at least `min_share` of the pool's best, the lowest validation loss among those
-    leaking (about, `LEAK_MARGIN`) least, so that a noisy early epoch does not win on leakage alone."""
+    epochs whose improvement is at least `min_share` of the pool's best (`LEAKING_PICK_MIN_SHARE`: not one that has
+    barely trained), the lowest validation loss among those leaking (about, `LEAK_MARGIN`) least, so that a noisy
+    early epoch does not win on leakage alone. `min_share` 0: the rule before 2026-12-06."""
     top = max(e.improvement for e in pool)
     pool = [e for e in pool if e.improvement >= min_share * top] if top > 0 else pool
     least = min(e.leak or 0.0 for e in pool)
