@@ -92,7 +92,7 @@ if [ "${STAGE:-flux}" = dequant2 ]; then  # after the compiled dequant: the step
         tests/test_quant.py 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_fused_dequant_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_dequant2.json" \
-        --steps 20 --kohya-steps 14 --ours R1P,R1,R1F,R1T --order R1P,R1,R1F,K24,R1T \
+        --steps 20 --kohya-steps 14 --ours R1,R1P,R1F,R1T --order R1,K24,R1P,R1F,R1T \
         --deadline "$(left $((END - 100)))" 2>&1 | tail -6
     python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['ours']['R1P'].get('profile')))" \
         "$OUT/flux_vs_kohya_dequant2.json" 2>/dev/null
