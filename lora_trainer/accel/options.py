@@ -22,10 +22,10 @@ class AccelOptions:
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
     fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
     # the fp8 e4m3 frozen Linears' forward products (fp8_base's, or a Flux fp8 base) on fp8 tensor cores, inputs
-    # rounded to fp8 per row (CUDA compute capability >= 8.9). Measured with the compiled row rounding: Flux's 24 GB
-    # preset +13 % it/s on an H100, +15 % on an H200, losses 3e-4 (relative) from bf16's after 20 steps on random
-    # weights (bench/results/flux_vs_kohya_h200_fused.md); off, since that drift is beyond bf16 noise and the effect
-    # on a real LoRA's quality (every activation rounded) is unmeasured
+    # rounded to fp8 per row (CUDA compute capability >= 8.9). Measured: Flux's 24 GB preset +10 % it/s on an H100
+    # (bench/results/flux_vs_kohya_h100_dequant.md), losses up to 4.3e-4 (relative) from the eager bf16 reference's
+    # over 20 steps on random weights where the default's are up to 2.7e-4 (flux_profile_h100.md); off, since the
+    # effect on a real LoRA's quality (every activation rounded) is unmeasured
     fp8_matmul: bool = False
     fp8_matmul_backward: bool = False  # with fp8_matmul: the input-gradient products on fp8 too (grads rounded per row)
     # torch.compile each transformer block (opt-in): +10% at SD1.5 batch 8 on an H100 for ~35 s of
