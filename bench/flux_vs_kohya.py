@@ -13,6 +13,7 @@ counters reset between them, so each run's peak covers its own load, caching, tr
   R1N, R2N  R1 and R2 without the epoch-end "did it learn?" scoring (its share of the peak memory)
   R1U, R2U  R1 and R2 with the blocks' q/k norms and RoPE eager (accel's fused_math off)
   R1X  R1 with the fp8 base dequantised by torch's own cast (not accel's compiled kernel, use_fused_dequant)
+  R1L  R1 with the LoRA's product added after the base's (autograd adds the input gradients; addmm copies)
   R1T  R1 with torch.cuda.tunable choosing each GEMM's kernel by timing (the first steps tune; run it last)
   R1Q  R1 with only the q/k norms and RoPE compiled (the fused block math's first part; its second part, the
         modulated norms, gated adds and the single block's GELU, eager): the second part's gain on one machine
@@ -78,7 +79,8 @@ OURS = {
     "R2U": {"preset": "flux-12gb", "fused_math": False},
     "R1Q": {"preset": "flux-24gb", "fused_qkv_only": True},
     "R1X": {"preset": "flux-24gb", "eager_dequant": True},  # A/B: torch's own fp8 cast, not the compiled one
-    "R1T": {"preset": "flux-24gb", "tunable_gemm": True},  # torch.cuda.tunable picks each GEMM's kernel (run it last)
+    "R1T": {"preset": "flux-24gb", "tunable_gemm": True},
+    "R1L": {"preset": "flux-24gb", "split_lora_product": True},  # A/B: base and LoRA products as separate ops  # torch.cuda.tunable picks each GEMM's kernel (run it last)
     # where a step's time goes (row["profile"]): steps PROFILE_STEPS, before the epoch-end scoring
     "R1P": {"preset": "flux-24gb", "profile": True},
     "R1FP": {"preset": "flux-24gb", "fp8_matmul": True, "profile": True},
@@ -125,6 +127,8 @@ def child_ours(spec_path: str, result_path: str) -> int:
         restore = _fuse_qkv_only() if overrides.pop("fused_qkv_only", False) else None
         if overrides.pop("eager_dequant", False):
             restore = _eager_dequant()
+        if overrides.pop("split_lora_product", False):
+            restore = _split_lora_product()
         if overrides.pop("tunable_gemm", False) and cuda:
             restore = _tunable_gemm(Path(spec["out"]) / "tunableop_results.csv")
         for k, v in {**settings, **overrides}.items():
@@ -210,6 +214,18 @@ def _eager_dequant():
 
     def undo() -> None:
         prepare.use_fused_dequant = original
+    return undo
+
+
+def _split_lora_product():
+    """The lean LoRA forward without QuantLinear.forward_with_lora: the base product, then addmm (bench-only A/B)."""
+    from lora_trainer.accel import lora_fast
+
+    original = lora_fast.QuantLinear
+    lora_fast.QuantLinear = type("NotAQuantLinear", (), {})
+
+    def undo() -> None:
+        lora_fast.QuantLinear = original
     return undo
 
 

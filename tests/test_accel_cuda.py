@@ -279,6 +279,62 @@ def test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured():
     assert torch.equal(static, ref) and torch.equal(x.grad, g_ref)
 
 
+@cuda
+@pytest.mark.parametrize("compute8", [0, 1, 2])
+def test_lean_lora_product_over_fp8_base_on_gpu_matches_peft_and_is_captured(compute8):
+    """accel's lean LoRA forward over a QuantLinear (one autograd function for base and LoRA products) on the GPU,
+    with bf16 products, fp8 forward products and fp8 input gradients: close to peft's own forward (the fp8 cases to
+    the fp8 tolerance), and replayed inside a CUDA graph."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lora_trainer.accel.fp8 import use_fp8_products
+    from lora_trainer.accel.lora_fast import fuse_lora_layers, unfuse_lora_layers
+    from lora_trainer.quant import Fp8Weight, QuantLinear
+    from lora_trainer.quant.fp8_products import fp8_matmul_supported
+
+    if compute8 and not fp8_matmul_supported("cuda"):
+        pytest.skip("GPU without fp8 tensor cores")
+    torch.manual_seed(0)
+    w = torch.randn(1024, 3072, device="cuda") * 0.02
+    model = torch.nn.Sequential(QuantLinear(Fp8Weight.quantize(w, scaled=False), torch.zeros(1024, device="cuda"),
+                                            dtype=torch.bfloat16))
+    inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=["0"]), model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.05)
+    if compute8:
+        assert use_fp8_products(model, backward=compute8 == 2) == 1
+    x = torch.randn(1, 4608, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(x)
+        grads = torch.autograd.grad(y.float().square().mean(), [x, *params])
+        return [y, *grads]
+
+    want = step()
+    assert fuse_lora_layers(model) == 1
+    got = step()
+    tol = 5e-2 if compute8 else 1e-2
+    for g, r in zip(got, want):
+        assert float((g.float() - r.float()).norm() / r.float().norm()) < tol
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        step()
+        with torch.cuda.graph(graph):
+            static = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, s in zip(got, static):
+        assert torch.equal(g, s)
+    unfuse_lora_layers(model)
+
+
 def _flux_losses(fused: bool, steps: int = 10):
     """A small Flux (2 double + 2 single blocks, 256 wide) trained through StepRunner as the engine does: bf16
     autocast, checkpointed blocks, fp32 trainable input/output layers (gradients cross every block's math)."""

@@ -398,3 +398,40 @@ def test_fused_dequant_is_set_on_fp8_layers_only_where_it_compiles(monkeypatch):
     out = plain(x)
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     assert torch.equal(out, ref) and torch.equal(gx, gx_ref)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_per_row", "int8_host"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_lora_forward_over_a_quantised_base_is_peft_s_math(fmt, autocast):
+    """accel's lean LoRA forward over a QuantLinear runs base and LoRA products as one autograd function
+    (`QuantLinear.forward_with_lora`): output, input gradient and LoRA gradients are peft's own, in fp32 and under
+    bf16 autocast (there 2e-3 apart: peft rounds the base's and the LoRA's outputs apart, the fused product once);
+    an input without grad still trains the LoRA."""
+    from lora_trainer.accel.lora_fast import fuse_lora_layers, unfuse_lora_layers
+
+    block, _ = _quantized(Block(), FORMATS[fmt][0])
+    model = _with_lora(block)
+
+    def run(x):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(x)
+        y.float().square().mean().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        return y.detach(), grads, None if x.grad is None else x.grad.detach().clone()
+
+    for wants_grad in (True, False):
+        x = _x().requires_grad_(wants_grad)
+        want = run(x)
+        x.grad = None
+        assert fuse_lora_layers(model) == 2
+        got = run(x)
+        unfuse_lora_layers(model)
+        pairs = [(got[0], want[0]), *((got[1][n], want[1][n]) for n in want[1])]
+        pairs += [(got[2], want[2])] if wants_grad else []
+        assert wants_grad or got[2] is None
+        for g, w in pairs:
+            if autocast:
+                assert float((g.float() - w.float()).norm() / w.float().norm()) < 1e-2
+            else:
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

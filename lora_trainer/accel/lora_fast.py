@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.linear import QuantLinear
 from .forwards import replace_forwards, restore_forwards
 
 _FUSED_ATTR = "_lora_trainer_fused"
@@ -72,11 +73,13 @@ def _linear_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
+    a, b = _lora_weights(self, name, x)
+    if isinstance(base, QuantLinear) and isinstance(self.lora_dropout[name], nn.Identity):
+        return base.forward_with_lora(x, a, b)  # one autograd function: no output copy, no gradient add
     if type(base) is nn.Linear:
         y = F.linear(x, base.weight, base.bias)
     else:  # e.g. accel.fp8.Fp8Linear
         y = base(x)
-    a, b = _lora_weights(self, name, x)
     h = F.linear(_dropout(self, name, x), a)
     out = y.shape[-1]
     # y + h @ b.T in one GEMM (cuBLAS beta=1 epilogue) instead of matmul, mul, add and a cast.
