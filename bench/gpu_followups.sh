@@ -87,15 +87,14 @@ if [ "${STAGE:-flux}" = dequant ]; then  # the fp8 base dequantised by one compi
 fi
 
 if [ "${STAGE:-flux}" = dequant2 ]; then  # after the compiled dequant: the step's profile, R1/R1F vs kohya, TunableOp
-    PYTHONPATH=/tmp/site timeout 100 python3 -m pytest -q -p no:logging \
+    PYTHONPATH=/tmp/site timeout 60 python3 -m pytest -q -p no:logging \
         tests/test_accel_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
         tests/test_accel_cuda.py::test_lean_lora_product_over_fp8_base_on_gpu_matches_peft_and_is_captured \
-        tests/test_accel_cuda.py::test_fused_flux_block_math_matches_eager_inside_cuda_graphs \
-        tests/test_quant.py 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_fused_dequant_cuda.log"
+        2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_fused_dequant_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_dequant2.json" \
         --steps 20 --kohya-steps 14 --ours R1,R1L,R1P,R1F,R1T --order R1,R1L,K24,R1P,R1F,R1T \
-        --deadline "$(left $((END - 100)))" 2>&1 | tail -6
+        --deadline "$(left $((END - 90)))" 2>&1 | tail -6
     python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['ours']['R1P'].get('profile')))" \
         "$OUT/flux_vs_kohya_dequant2.json" 2>/dev/null
     echo "wall $(( $(date +%s) - T )) s"
