@@ -76,8 +76,8 @@ def load(paths: list[str]) -> tuple[list[dict], dict]:
                 if "star" in d:  # reg_leak_demo.py --read N: the final LoRA
                     reads.setdefault(d["lora"], []).append({"n": 64, "star": d["star"], "asked": d["other_asked"]})
             elif "file" in d and "star" in d:
-                reads.setdefault(d["file"], []).append({"n": d.get("n", 64), "star": d["star"],
-                                                        "asked": d["other_asked"]})
+                reads.setdefault(d["file"], []).append({"n": d.get("n", 64), "star": d["star"], "asked": d["other_asked"],
+                                                        "seeds": d.get("seeds")})
     return runs, reads
 
 
@@ -116,7 +116,7 @@ def epoch_cell(rep: R.LearnReport, same: list[dict], reads: dict, ep: int) -> st
     e = next(x for x in rep.epochs if x.epoch == ep)
     files = [x["lora"] if ep == rep.epochs[-1].epoch else x["lora"].replace(".safetensors", f"-{ep:06d}.safetensors")
              for x in same]
-    got = [r for f in files for r in reads.get(f, [])]
+    got = list({json.dumps(r): r for f in files for r in reads.get(f, [])}.values())  # a retrained run's repeats once
     return f"{ep} ({e.improvement:.1%}, {e.leak:.3f})" + (f" **read {product(got)}**" if got else "")
 
 
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                "branch": "some clean" if p["clean"] else "every epoch leaks",
                "last": cell(last), "top": f"{top:.1%}",
                "a = logged": "yes" if p[A] == p["logged"] else f"NO (logged {p['logged']})",
-               **{k: cell(p[k]) for k in RULES}, "shipped now": cell(p["shipped"])}
+               **{k: cell(p[k]) for k in RULES},
+               "shipped now": cell(p["logged"] if p["clean"] else p["shipped"])}  # the clean branch is unchanged
         rows.append(row)
         if "--md" not in argv:
             print(json.dumps(row))
