@@ -86,6 +86,15 @@ if [ "${STAGE:-flux}" = dequant ]; then  # the fp8 base dequantised by one compi
     exit 0
 fi
 
+if [ "${STAGE:-flux}" = quick ]; then  # the compiled dequant and the lean LoRA product on a GPU: tests only, ~2 min
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q -p no:logging -x \
+        tests/test_accel_cuda.py::test_lean_lora_product_over_fp8_base_on_gpu_matches_peft_and_is_captured \
+        tests/test_accel_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
+        tests/test_train_flux_cuda.py 2>&1 | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_quick_cuda.log"
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
 if [ "${STAGE:-flux}" = dequant2 ]; then  # after the compiled dequant: the step's profile, R1/R1F vs kohya, TunableOp
     PYTHONPATH=/tmp/site timeout 60 python3 -m pytest -q -p no:logging \
         tests/test_accel_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
