@@ -2,7 +2,7 @@
 `bench/reg_leak_demo.py` line in the logs (per-epoch leakage and improvement, "other concepts" measure) becomes an
 `EpochCheck`/`LearnReport` and the report's own `judge()` (train/report.py) picks, with the "every epoch leaks"
 branch (`pick_when_every_epoch_leaks`) swapped for each candidate. The classifier readings in the logs
-(bench/read_pergen.py's lines, `--read` shares, bench/read_demo_lora.py's lines) are matched to the epochs they
+(bench/read_demo_lora.py --each's lines, `--read` shares, bench/read_demo_lora.py's lines) are matched to the epochs they
 read, so the table says which picks have been read.
 
 The logs carry no per-pair validation losses, so the "clean" branch (`_as_good`, the one-standard-error rule)

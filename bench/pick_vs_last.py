@@ -1,11 +1,11 @@
-"""The report's best-epoch pick against the last epoch, from bench/read_pergen.py's lines: per reading and pooled,
+"""The report's best-epoch pick against the last epoch, from bench/read_demo_lora.py --each's lines: per reading and pooled,
 star share, asked share and their product (star share × asked share) of each file with binomial / delta-method
 errors, and the difference pick − last with its paired standard error and paired bootstrap 95% interval (10,000
 resamples over generations: star prompts and other prompts resampled independently, each generation's pick and
 last-epoch results kept together) beside the unpaired error.
 
 The log: one line per job, `{"job": "train-NAME", ...} {reg_leak_demo.py's line}` and
-`{"job": "read-NAME" | "read2-NAME", ...} {read_pergen.py's line}` (the last epoch's file, `NAME.safetensors`, and
+`{"job": "read-NAME" | "read2-NAME", ...} {read_demo_lora.py --each's line}` (the last epoch's file, `NAME.safetensors`, and
 one or more kept epochs' files, `NAME-0000EE.safetensors`: each is compared with the last, its epoch taken from
 the file name); other jobs (a base model's reading) are skipped.
 

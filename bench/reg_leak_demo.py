@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def read(bundle, lora, n: int, classifier_path: Path) -> dict:
-    """The star share with the trigger and what the LoRA draws where a seen shape is asked for."""
+def read(bundle, lora, n: int, classifier_path: Path, seeds: tuple[int, int, int, int] = (7, 7, 31, 100),
+         each: bool = False) -> dict:
+    """The star share with the trigger and what the LoRA draws where a seen shape is asked for. `seeds`: prompt and
+    image seeds of the star prompts and of the other prompts; `each`: also one digit per generation (`star_each`,
+    `asked_each`, `other_star_each`), so that two files read on the same prompts and noise pair up
+    (bench/pick_vs_last.py)."""
     import torch
 
     from lora_trainer.demo import TRIGGER
@@ -88,18 +92,23 @@ def read(bundle, lora, n: int, classifier_path: Path) -> dict:
     from lora_trainer.demo.world import HELD_OUT, SEEN_SHAPES, sample_scenes
     from lora_trainer.lora import applied_lora
 
+    ps, is_, po, io = seeds
     clf = cached_classifier(classifier_path)
     star = clf.classes.index(HELD_OUT)
-    stars = sample_scenes(n, torch.Generator().manual_seed(7), shapes=(HELD_OUT,)).captions(shape_word=TRIGGER)
-    others = sample_scenes(n, torch.Generator().manual_seed(31), shapes=SEEN_SHAPES)
+    stars = sample_scenes(n, torch.Generator().manual_seed(ps), shapes=(HELD_OUT,)).captions(shape_word=TRIGGER)
+    others = sample_scenes(n, torch.Generator().manual_seed(po), shapes=SEEN_SHAPES)
     with applied_lora(bundle, lora), torch.no_grad():
-        star_share = (clf(generate_batch(bundle, stars, seed=7, steps=12)).argmax(1) == star).float().mean()
-        labels = [clf.classes[int(i)] for i in clf(generate_batch(bundle, others.captions(), seed=100,
+        s = (clf(generate_batch(bundle, stars, seed=is_, steps=12)).argmax(1) == star).int().tolist()
+        labels = [clf.classes[int(i)] for i in clf(generate_batch(bundle, others.captions(), seed=io,
                                                                   steps=12)).argmax(1)]
-    return {"star": round(float(star_share), 3),
-            "other_asked": round(sum(a == b for a, b in zip(labels, others.shapes())) / n, 3),
-            "other_star": round(labels.count(HELD_OUT) / n, 3)}
-
+    asked = [int(a == b) for a, b in zip(labels, others.shapes())]
+    ostar = [int(a == HELD_OUT) for a in labels]
+    out = {"star": round(sum(s) / n, 3), "other_asked": round(sum(asked) / n, 3),
+           "other_star": round(sum(ostar) / n, 3)}
+    if each:
+        out.update(n=n, seeds=list(seeds), star_each="".join(map(str, s)), asked_each="".join(map(str, asked)),
+                   other_star_each="".join(map(str, ostar)))
+    return out
 
 if __name__ == "__main__":
     raise SystemExit(main())
