@@ -1,22 +1,21 @@
-"""Leakage measures of demo LoRA files, from the UNet's predictions alone (no generation): the report's own
-(pure-noise probes, the caption with and without its trigger) and variants that probe with the captions of
-the *other*, seen shapes, to compare against what the classifier reads (bench/leak_classify.py).
+"""Candidate leakage measures for the "did it learn?" report, read on finished demo LoRA runs (issue 13: today's
+"other concepts" ratio at timestep 500 does not separate leaking from good runs on the shipped demo model,
+bench/results/demo_lora_cpu/generated_leak_check_2026-12-06.md). Per run, noise draw and timestep, on the rendered
+leak-check-like set (16 pictures of the seen shapes with their captions) against 16 probes of the run's own star
+pictures, the same noise on both sides:
+- `ratio`: the report's Σ|LoRA(o) - base(o)|² / Σ|LoRA(t) - base(t)|²;
+- `hurt`: how much worse the LoRA denoises the other pictures, (MSE_LoRA(o) - MSE_base(o)) / MSE_base(o);
+- `hurt_per_gain`: that, over how much better it denoises its own, (MSE_base(t) - MSE_LoRA(t)) / MSE_base(t);
+- `moved`: the LoRA's change on the other pictures over the base model's error there, Σ|LoRA(o) - base(o)|² / Σ|base(o) - ε|².
+At high timesteps the picture is mostly noise and the prediction decides its composition (which shape is drawn):
+where a LoRA that draws its concept for other prompts should show. `--generated`: instead, whole generations
+(12 Euler steps, CFG 5, 64 px) of the 16 other prompts and of 8 of the run's star captions, with and without the
+LoRA from the same starting noise (seeds 500, 900, 1300): the mean squared change of the final latents.
 
-    OMP_NUM_THREADS=1 python bench/leak_measures.py MODEL LABEL=LORA [LABEL=LORA ...] [--k 32]
+    OMP_NUM_THREADS=1 python bench/leak_measures.py --sets /tmp/glc/sets.pt --noise 3 LABEL=RUN_DIR ...
+    OMP_NUM_THREADS=2 python bench/leak_measures.py --sets /tmp/glc/sets.pt --generated LABEL=RUN_DIR ...
 
-Per file (K probes; star side: the demo's 16 training captions, seed 1; other side: K `<colour> <seen shape>,
-<colour> background` scenes, seed 31; the same noise per probe k on both sides):
-- `pure`: the report's measure, 1 - sum|L(t) - L(p)|^2 / sum|L(t) - B(p)|^2 on pure noise at levels 1.0-0.93
-  (t: caption with the trigger, p: without it; L: with the LoRA, B: the base model).
-- `other_share`: sum <L(o) - B(o), L(t) - B(t)> / sum |L(t) - B(t)|^2 on pure noise (o: another shape's caption):
-  the share of the LoRA's change with the trigger that also shows when another shape is asked for.
-- `other_ratio`: sum |L(o) - B(o)|^2 / sum |L(t) - B(t)|^2, pure noise: how much it moves other prompts at all.
-- `other_share_mid`, `other_ratio_mid`: the same at timestep 500 on the (noised) pictures of each side.
-- `plain_ratio_mid`: sum |L(p) - B(p)|^2 / sum |L(t) - B(t)|^2 at timestep 500 on the star pictures (needs no
-  other concept: what the product's own validation pairs could give).
-- `gen_ratio_mid`: the same on the base model's own pictures of the trigger-less captions (generated once, 12
-  steps, seeds 11..), captioned without the trigger: `other_ratio_mid` with nothing but the training captions.
-Results: bench/results/demo_lora_cpu/candidate_lesson_and_leakage_2026-12-05.md.
+Results: bench/results/demo_lora_cpu/leak_measures_2026-12-06.md.
 """
 
 from __future__ import annotations
@@ -26,82 +25,93 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
-LEVELS = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93)
+TIMESTEPS = (250, 500, 750, 900, 980)
+
+
+def measures(bundle, run: Path, other: tuple, draw: int) -> dict:
+    import torch
+    from generated_leak_check import star_side
+
+    from lora_trainer.lora import applied_lora
+    from lora_trainer.train.text import encode_captions
+
+    betas = torch.linspace(bundle.schedule.beta_start ** 0.5, bundle.schedule.beta_end ** 0.5, 1000) ** 2
+    abars = torch.cumprod(1 - betas, 0)
+    sides = {"star": star_side(bundle, run), "other": other}
+    shape = sides["star"][0].shape[1:]
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(104729 + 1000 * draw + n))
+                         for n in range(16)])
+    hidden = {k: encode_captions(bundle, v[1])[0] for k, v in sides.items()}
+
+    @torch.no_grad()
+    def predict(name: str, step: int):
+        a = abars[step]
+        x = a.sqrt() * sides[name][0] + (1 - a).sqrt() * noise
+        return bundle.unet(x, torch.full((16,), step), encoder_hidden_states=hidden[name]).sample
+
+    base = {(k, s): predict(k, s) for k in sides for s in TIMESTEPS}
+    with applied_lora(bundle, run / "lora" / "demo-lora.safetensors"):
+        lora = {(k, s): predict(k, s) for k in sides for s in TIMESTEPS}
+    out = {}
+    for s in TIMESTEPS:
+        def sq(a):
+            return float((a ** 2).sum())
+        ch_o, ch_t = sq(lora["other", s] - base["other", s]), sq(lora["star", s] - base["star", s])
+        eb_o, el_o = sq(base["other", s] - noise), sq(lora["other", s] - noise)
+        eb_t, el_t = sq(base["star", s] - noise), sq(lora["star", s] - noise)
+        hurt, gain = (el_o - eb_o) / eb_o, (eb_t - el_t) / eb_t
+        out[str(s)] = {"ratio": round(ch_o / ch_t, 3), "hurt": round(hurt, 4), "gain": round(gain, 4),
+                       "hurt_per_gain": round(hurt / gain, 3) if gain > 0 else None, "moved": round(ch_o / eb_o, 4)}
+    return out
+
+
+def generated_change(bundle, run: Path, other_prompts: list[str], seeds=(500, 900, 1300)) -> dict:
+    import torch
+    from generated_leak_check import generate_latents, star_side
+
+    from lora_trainer.lora import applied_lora
+
+    star_prompts = star_side(bundle, run)[1][:8]
+    row = {}
+    for seed in seeds:
+        with torch.no_grad():
+            bo = generate_latents(bundle, other_prompts, steps=12, seed=seed)
+            bs = generate_latents(bundle, star_prompts, steps=12, seed=seed)
+            with applied_lora(bundle, run / "lora" / "demo-lora.safetensors"):
+                lo = generate_latents(bundle, other_prompts, steps=12, seed=seed)
+                ls = generate_latents(bundle, star_prompts, steps=12, seed=seed)
+        co, cs = float(((lo - bo) ** 2).mean()), float(((ls - bs) ** 2).mean())
+        row[str(seed)] = {"other": round(co, 4), "star": round(cs, 4), "ratio": round(co / cs, 3)}
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from lora_trainer.demo import TRIGGER
-    from lora_trainer.demo.measure import generate_batch
-    from lora_trainer.demo.world import HELD_OUT, SEEN_SHAPES, render, sample_scenes
-    from lora_trainer.lora import applied_lora
+    from lora_trainer.demo import DEMO_MODEL
     from lora_trainer.models.loader import load_model
-    from lora_trainer.train.text import encode_captions
-    from lora_trainer.train.validation import strip_trigger
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("loras", nargs="+")
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--model", default=str(DEMO_MODEL))
+    p.add_argument("--sets", required=True, help="bench/generated_leak_check.py's cached sets (its `rendered`)")
+    p.add_argument("--noise", type=int, default=3)
+    p.add_argument("--generated", action="store_true", help="the change of whole generations instead")
     args = p.parse_args(argv)
     bundle = load_model(args.model, dtype=torch.float32)
-    unet, k = bundle.unet, args.k
-    star = sample_scenes(16, torch.Generator().manual_seed(1), shapes=(HELD_OUT,))
-    other = sample_scenes(k, torch.Generator().manual_seed(31), shapes=SEEN_SHAPES)
-    c_t = [star.captions(shape_word=TRIGGER)[i % 16] for i in range(k)]
-    c_p = [strip_trigger(c, [TRIGGER]) for c in c_t]
-    c_o = other.captions()
-    with torch.no_grad():
-        def latents_of(pictures):
-            return bundle.vae.encode(pictures * 2 - 1).latent_dist.mean * bundle.scaling_factor
-
-        def latents(scenes, idx):
-            return latents_of(render(scenes, 64)[idx])
-        z_t, z_o = latents(star, [i % 16 for i in range(k)]), latents(other, list(range(k)))
-        # the base model's own pictures of the trigger-less captions (what the engine could make itself)
-        z_g = latents_of(generate_batch(bundle, c_p, seed=11, steps=12).cpu())
-    g = torch.Generator().manual_seed(5)
-    eps = torch.randn(z_t.shape, generator=g)
-    betas = torch.linspace(bundle.schedule.beta_start ** 0.5, bundle.schedule.beta_end ** 0.5, 1000) ** 2
-    abar = torch.cumprod(1 - betas, 0)
-    t_pure = torch.tensor([round(LEVELS[i % len(LEVELS)] * 999) for i in range(k)])
-    x_pure = (1 - abar[t_pure]).sqrt().view(-1, 1, 1, 1) * eps  # zero latents noised: the report's probes
-    t_mid = torch.full((k,), 500)
-    a = abar[500].sqrt()
-    x_t_mid, x_o_mid = a * z_t + (1 - abar[500]).sqrt() * eps, a * z_o + (1 - abar[500]).sqrt() * eps
-    x_g_mid = a * z_g + (1 - abar[500]).sqrt() * eps
-
-    @torch.no_grad()
-    def pred(captions, x, t):
-        hidden, _ = encode_captions(bundle, captions)
-        return unet(x, t, encoder_hidden_states=hidden).sample
-
-    def all_preds():
-        return {"t": pred(c_t, x_pure, t_pure), "p": pred(c_p, x_pure, t_pure), "o": pred(c_o, x_pure, t_pure),
-                "t_mid": pred(c_t, x_t_mid, t_mid), "o_mid": pred(c_o, x_o_mid, t_mid),
-                "p_mid": pred(c_p, x_t_mid, t_mid), "g_mid": pred(c_p, x_g_mid, t_mid)}
-
-    unet.eval()
-    base = all_preds()
-    for item in args.loras:
-        label, path = item.split("=", 1)
-        with applied_lora(bundle, path):
-            lo = all_preds()
-        d_t = lo["t"] - base["t"]
-        d_o = lo["o"] - base["o"]
-        dm_t, dm_o = lo["t_mid"] - base["t_mid"], lo["o_mid"] - base["o_mid"]
-        out = {"pure": 1 - float(((lo["t"] - lo["p"]) ** 2).sum() / ((lo["t"] - base["p"]) ** 2).sum()),
-               "other_share": float((d_o * d_t).sum() / (d_t ** 2).sum()),
-               "other_ratio": float((d_o ** 2).sum() / (d_t ** 2).sum()),
-               "other_share_mid": float((dm_o * dm_t).sum() / (dm_t ** 2).sum()),
-               "other_ratio_mid": float((dm_o ** 2).sum() / (dm_t ** 2).sum()),
-               "plain_ratio_mid": float(((lo["p_mid"] - base["p_mid"]) ** 2).sum() / (dm_t ** 2).sum()),
-               "gen_ratio_mid": float(((lo["g_mid"] - base["g_mid"]) ** 2).sum() / (dm_t ** 2).sum())}
-        print(label, json.dumps({key: round(v, 3) for key, v in out.items()}), flush=True)
+    bundle.unet.eval()
+    other = torch.load(args.sets)["rendered"]
+    for item in args.runs:
+        label, run = item.split("=", 1)
+        if args.generated:
+            print(label, json.dumps(generated_change(bundle, Path(run), other[1])), flush=True)
+            continue
+        for k in range(args.noise):
+            print(label, json.dumps({"draw": k, **measures(bundle, Path(run), other, k)}), flush=True)
     return 0
 
 
