@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets", required=True, help="bench/generated_leak_check.py's cached sets (its `rendered`)")
     p.add_argument("--noise", type=int, default=3)
     p.add_argument("--generated", action="store_true", help="the change of whole generations instead")
+    p.add_argument("--prompts", type=int, default=16, help="--generated: other prompts (scene seed 131)")
+    p.add_argument("--seeds", default="500,900,1300", help="--generated: starting-noise seeds")
     args = p.parse_args(argv)
     bundle = load_model(args.model, dtype=torch.float32)
     bundle.unet.eval()
@@ -108,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.runs:
         label, run = item.split("=", 1)
         if args.generated:
-            print(label, json.dumps(generated_change(bundle, Path(run), other[1])), flush=True)
+            from lora_trainer.demo.world import SEEN_SHAPES, sample_scenes
+
+            prompts = other[1] if args.prompts == 16 else sample_scenes(
+                args.prompts, torch.Generator().manual_seed(131), shapes=SEEN_SHAPES).captions()
+            seeds = tuple(map(int, args.seeds.split(",")))
+            print(label, json.dumps(generated_change(bundle, Path(run), prompts, seeds)), flush=True)
             continue
         for k in range(args.noise):
             print(label, json.dumps({"draw": k, **measures(bundle, Path(run), other, k)}), flush=True)
