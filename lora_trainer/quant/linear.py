@@ -41,40 +41,41 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
-class _DequantLinearFn(torch.autograd.Function):
-    """y = x @ W.T + b with W dequantised in forward and again in backward, never saved."""
+def _base_product(x2: torch.Tensor, frozen: FrozenWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+                  compute8: int, fused: bool) -> torch.Tensor:
+    """x2 @ W.T + bias for a 2-D x2 in `dtype`: on fp8 tensor cores (`compute8`, fp8_products.py), else over W
+    dequantised (by one compiled kernel where `fused`)."""
+    if compute8:
+        return fp8_product(x2, frozen.data, row_scale(frozen.scale, frozen.shape[0], x2.device), bias, dtype)
+    return F.linear(x2, frozen.dequantize(dtype, x2.device, fused=fused), bias)
+
+
+def _base_input_grad(g2: torch.Tensor, frozen: FrozenWeight, grad8: bool, fused: bool) -> torch.Tensor:
+    """g2 @ W for a 2-D output gradient: on fp8 tensor cores where `grad8` and it fits, else over W dequantised."""
+    if grad8 and fp8_product_fits(g2, frozen.data.t(), g2.dtype):
+        return fp8_input_grad(g2, frozen.data, row_scale(frozen.scale, frozen.shape[0], g2.device))
+    return g2 @ frozen.dequantize(g2.dtype, g2.device, fused=fused)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _BaseProductFn(torch.autograd.Function):
+    """y = x @ W.T + b with W never saved: dequantised in forward and again in backward (for the input gradient; a
+    frozen weight has none of its own), or on fp8 tensor cores (`compute8` 1: forward, 2: the input gradient too)."""
 
     @staticmethod
-    def forward(ctx, x, frozen, bias, dtype, fused):  # type: ignore[override]
-        ctx.frozen, ctx.fused = frozen, fused
-        w = frozen.dequantize(dtype, x.device, fused=fused)
+    def forward(ctx, x, frozen, bias, dtype, compute8, fused):  # type: ignore[override]
+        ctx.frozen, ctx.grad8, ctx.fused = frozen, compute8 >= 2, fused
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), w, bias)
+            y = _base_product(_rows(x).to(dtype), frozen, bias, dtype, compute8, fused)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        w = ctx.frozen.dequantize(grad.dtype, grad.device, fused=ctx.fused)
-        return grad @ w, None, None, None, None
-
-
-class _Fp8ProductFn(torch.autograd.Function):
-    """y = x @ W.T + b with an fp8 W on fp8 tensor cores (fp8_products.py); the input gradient in `dtype` from the
-    dequantised W, or on fp8 too with `grad8`."""
-
-    @staticmethod
-    def forward(ctx, x, frozen, bias, dtype, grad8, fused):  # type: ignore[override]
-        ctx.frozen, ctx.grad8, ctx.fused = frozen, grad8, fused
-        scale = row_scale(frozen.scale, frozen.shape[0], x.device)
-        with torch.autocast(x.device.type, enabled=False):
-            return fp8_product(x.to(dtype), frozen.data, scale, bias, dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        frozen = ctx.frozen
-        if ctx.grad8 and fp8_product_fits(grad, frozen.data.t(), grad.dtype):
-            return fp8_input_grad(grad, frozen.data, row_scale(frozen.scale, frozen.shape[0], grad.device)), \
-                None, None, None, None, None
-        return grad @ frozen.dequantize(grad.dtype, grad.device, fused=ctx.fused), None, None, None, None, None
+        dx = _base_input_grad(_rows(grad), ctx.frozen, ctx.grad8, ctx.fused)
+        return dx.view(*grad.shape[:-1], dx.shape[-1]), None, None, None, None, None
 
 
 class _LoraProductFn(torch.autograd.Function):
@@ -86,15 +87,12 @@ class _LoraProductFn(torch.autograd.Function):
     bench/results/flux_profile_h100.md)."""
 
     @staticmethod
-    def forward(ctx, x, a, b, frozen, bias, dtype, fused, compute8):  # type: ignore[override]
-        ctx.frozen, ctx.fused, ctx.grad8 = frozen, fused, compute8 >= 2
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    def forward(ctx, x, a, b, frozen, bias, dtype, compute8, fused):  # type: ignore[override]
+        ctx.frozen, ctx.grad8, ctx.fused = frozen, compute8 >= 2, fused
+        x2 = _rows(x).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             h = x2 @ a.t()
-            if compute8:
-                y = fp8_product(x2, frozen.data, row_scale(frozen.scale, frozen.shape[0], x.device), bias, dtype)
-            else:
-                y = F.linear(x2, frozen.dequantize(dtype, x.device, fused=fused), bias)
+            y = _base_product(x2, frozen, bias, dtype, compute8, fused)
             y.addmm_(h, b.t())
         ctx.save_for_backward(x2, h, a, b)
         ctx.shape = x.shape
@@ -103,16 +101,11 @@ class _LoraProductFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x2, h, a, b = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
+        g2 = _rows(grad)
         gh = g2 @ b
         dx = None
         if ctx.needs_input_grad[0]:
-            frozen = ctx.frozen
-            if ctx.grad8 and fp8_product_fits(g2, frozen.data.t(), g2.dtype):
-                dx = fp8_input_grad(g2, frozen.data, row_scale(frozen.scale, frozen.shape[0], g2.device))
-            else:
-                dx = g2 @ frozen.dequantize(g2.dtype, g2.device, fused=ctx.fused)
-            dx = dx.addmm_(gh, a).view(ctx.shape)
+            dx = _base_input_grad(g2, ctx.frozen, ctx.grad8, ctx.fused).addmm_(gh, a).view(ctx.shape)
         return dx, gh.t() @ x2, g2.t() @ h, None, None, None, None, None
 
 
@@ -177,26 +170,26 @@ class QuantLinear(nn.Linear):
 
     # -- compute -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = self._frozen()
-        dtype = _autocast_dtype(x.device.type) or self.compute_dtype
-        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype)
-        if self.compute8 and isinstance(frozen, Fp8Weight) and fp8_product_fits(x, frozen.data, dtype):
-            return _Fp8ProductFn.apply(x, frozen, bias, dtype, self.compute8 >= 2, self.fused_cast)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _DequantLinearFn.apply(x, frozen, bias, dtype, self.fused_cast)
+        frozen, dtype, bias, compute8 = self._operands(x)
+        if compute8 or (torch.is_grad_enabled() and x.requires_grad):
+            return _BaseProductFn.apply(x, frozen, bias, dtype, compute8, self.fused_cast)
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.to(dtype), frozen.dequantize(dtype, x.device, fused=self.fused_cast), bias)
 
     def forward_with_lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x @ W.T + bias + (x @ a.T) @ b.T in the compute (or autocast) dtype, `b` scaled already: accel's lean LoRA
         forward (lora_fast.py) over this layer, in one autograd function (`_LoraProductFn`)."""
+        frozen, dtype, bias, compute8 = self._operands(x)
+        return _LoraProductFn.apply(x, a.to(dtype), b.to(dtype), frozen, bias, dtype, compute8, self.fused_cast)
+
+    def _operands(self, x: torch.Tensor) -> tuple[FrozenWeight, torch.dtype, torch.Tensor | None, int]:
+        """The stored weight, the compute dtype (autocast's where on), the bias in it, and the fp8 products' level
+        for this input (0 where the weight or the shapes do not suit them)."""
         frozen = self._frozen()
         dtype = _autocast_dtype(x.device.type) or self.compute_dtype
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        compute8 = self.compute8 if (self.compute8 and isinstance(frozen, Fp8Weight)
-                                     and fp8_product_fits(x2, frozen.data, dtype)) else 0
-        return _LoraProductFn.apply(x, a.to(dtype), b.to(dtype), frozen, bias, dtype, self.fused_cast, compute8)
+        fits = self.compute8 and isinstance(frozen, Fp8Weight) and fp8_product_fits(x, frozen.data, dtype)
+        return frozen, dtype, bias, self.compute8 if fits else 0
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
