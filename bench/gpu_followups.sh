@@ -34,7 +34,7 @@ if [ "${STAGE:-flux}" = fused ]; then  # Flux: fused block math (accel/fused_mat
     # row rounding (f7bd59e) forward (R1F, R2F) and backward too (R1B); the 24 GB target needs 2x K24.
     PYTHONPATH=/tmp/site timeout 240 python3 -m pytest -q tests/test_fused_math.py \
         tests/test_accel_cuda.py::test_fused_flux_block_math_matches_eager_inside_cuda_graphs \
-        tests/test_accel_cuda.py::test_fp8_products_on_gpu_close_and_captured \
+        tests/test_fp8_cuda.py::test_fp8_products_on_gpu_close_and_captured \
         tests/test_train_flux_cuda.py 2>&1 | tail -6 | tee "$OUT/test_fused_math_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_h100_fused.json" \
@@ -74,9 +74,9 @@ fi
 if [ "${STAGE:-flux}" = dequant ]; then  # the fp8 base dequantised by one compiled kernel (use_fused_dequant), ~9 min
     # the profile (flux_profile_h100.md) put torch's fp8 cast at 104 of R1's 624 ms of GPU time per step
     PYTHONPATH=/tmp/site timeout 150 python3 -m pytest -q -p no:logging \
-        tests/test_accel_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
+        tests/test_fp8_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
         tests/test_accel_cuda.py::test_fused_flux_block_math_matches_eager_inside_cuda_graphs \
-        tests/test_accel_cuda.py::test_fp8_products_on_gpu_close_and_captured tests/test_quant.py 2>&1 \
+        tests/test_fp8_cuda.py::test_fp8_products_on_gpu_close_and_captured tests/test_quant.py 2>&1 \
         | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_fused_dequant_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_dequant.json" \
@@ -88,8 +88,8 @@ fi
 
 if [ "${STAGE:-flux}" = quick ]; then  # the compiled dequant and the lean LoRA product on a GPU: tests only, ~2 min
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q -p no:logging -x \
-        tests/test_accel_cuda.py::test_lean_lora_product_over_fp8_base_on_gpu_matches_peft_and_is_captured \
-        tests/test_accel_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
+        tests/test_fp8_cuda.py::test_lean_lora_product_over_fp8_base_on_gpu_matches_peft_and_is_captured \
+        tests/test_fp8_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
         tests/test_train_flux_cuda.py 2>&1 | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_quick_cuda.log"
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
@@ -97,8 +97,8 @@ fi
 
 if [ "${STAGE:-flux}" = dequant2 ]; then  # after the compiled dequant: the step's profile, R1/R1F vs kohya, TunableOp
     PYTHONPATH=/tmp/site timeout 60 python3 -m pytest -q -p no:logging \
-        tests/test_accel_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
-        tests/test_accel_cuda.py::test_lean_lora_product_over_fp8_base_on_gpu_matches_peft_and_is_captured \
+        tests/test_fp8_cuda.py::test_fused_dequant_on_gpu_gives_the_eager_values_and_is_captured \
+        tests/test_fp8_cuda.py::test_lean_lora_product_over_fp8_base_on_gpu_matches_peft_and_is_captured \
         2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_fused_dequant_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_dequant2.json" \
