@@ -59,7 +59,8 @@ ROOT = HERE.parent
 
 RANK, ALPHA, LR, SEED = 16, 16.0, 1e-4, 0
 sys.path.insert(0, str(HERE))
-from flux_files import SIZES, make_dataset, write_kohya_tokenizers, write_models  # bench/ is on the path
+import flux_ab  # bench/ is on the path
+from flux_files import SIZES, make_dataset, write_kohya_tokenizers, write_models
 
 # ------------------------------------------------------------------------------------ ours
 OURS = {
@@ -124,13 +125,7 @@ def child_ours(spec_path: str, result_path: str) -> int:
         config = TrainConfig().with_preset(overrides.pop("preset"))
         profiler = _profiler() if overrides.pop("profile", False) else None
         window: dict = {}
-        restore = _fuse_qkv_only() if overrides.pop("fused_qkv_only", False) else None
-        if overrides.pop("eager_dequant", False):
-            restore = _eager_dequant()
-        if overrides.pop("split_lora_product", False):
-            restore = _split_lora_product()
-        if overrides.pop("tunable_gemm", False) and cuda:
-            restore = _tunable_gemm(Path(spec["out"]) / "tunableop_results.csv")
+        restore = flux_ab.apply(overrides, Path(spec["out"]))
         for k, v in {**settings, **overrides}.items():
             setattr(config, k, v)
         config.output_dir = str(Path(spec["out"]) / name)
@@ -185,63 +180,6 @@ def child_ours(spec_path: str, result_path: str) -> int:
         Path(result_path).write_text(json.dumps(results, indent=1))
         print(f"{name}: {summary_line(row)}", flush=True)
     return 0
-
-
-def _fuse_qkv_only():
-    """Give the blocks a BlockMath with only single_qkv/double_qkv compiled (bench-only A/B); returns the undo."""
-    from lora_trainer.accel import fused_math
-    from lora_trainer.models.flux import block_math
-
-    original = fused_math.fused_block_math
-
-    def qkv_only(backend: str):
-        return block_math.BlockMath(single_qkv=fused_math.fused(block_math.single_qkv, backend),
-                                    double_qkv=fused_math.fused(block_math.double_qkv, backend))
-
-    fused_math.fused_block_math = qkv_only
-
-    def undo() -> None:
-        fused_math.fused_block_math = original
-    return undo
-
-
-def _eager_dequant():
-    """Leave the fp8 base's dequantisation to torch's own cast (bench-only A/B of accel's use_fused_dequant)."""
-    from lora_trainer.accel import prepare
-
-    original = prepare.use_fused_dequant
-    prepare.use_fused_dequant = lambda model, device=None: 0
-
-    def undo() -> None:
-        prepare.use_fused_dequant = original
-    return undo
-
-
-def _split_lora_product():
-    """The lean LoRA forward without QuantLinear.forward_with_lora: the base product, then addmm (bench-only A/B)."""
-    from lora_trainer.accel import lora_fast
-
-    original = lora_fast.QuantLinear
-    lora_fast.QuantLinear = type("NotAQuantLinear", (), {})
-
-    def undo() -> None:
-        lora_fast.QuantLinear = original
-    return undo
-
-
-def _tunable_gemm(results: Path):
-    """torch.cuda.tunable (TunableOp): each GEMM shape timed against cuBLAS/cuBLASLt's candidates at its first call
-    (in the eager warm-up steps), the fastest kept (in `results`); bench-only."""
-    import torch
-
-    torch.cuda.tunable.set_filename(str(results))
-    torch.cuda.tunable.enable(True)
-    torch.cuda.tunable.tuning_enable(True)
-
-    def undo() -> None:
-        torch.cuda.tunable.tuning_enable(False)
-        torch.cuda.tunable.enable(False)
-    return undo
 
 
 def _profiler():
