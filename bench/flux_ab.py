@@ -49,6 +49,19 @@ def split_lora_product(out: Path):
     return undo
 
 
+def heads_first_copy(out: Path):
+    """q, k, v laid out (B, H, L, D) in memory as before `_heads_first` (so attention's output is transposed by a
+    copy after it): bench-only A/B of the tokens-first layout."""
+    from lora_trainer.models.flux import block_math
+
+    original = block_math._heads_first
+    block_math._heads_first = lambda *xs: tuple(x.transpose(1, 2).contiguous() for x in xs)
+
+    def undo() -> None:
+        block_math._heads_first = original
+    return undo
+
+
 def tunable_gemm(out: Path):
     """torch.cuda.tunable (TunableOp): each GEMM shape timed against cuBLAS/cuBLASLt's candidates at its first call
     (in the eager warm-up steps), the fastest kept (in `results`); bench-only."""
@@ -68,7 +81,7 @@ def tunable_gemm(out: Path):
 
 PATCHES: dict[str, Callable[[Path], Callable[[], None]]] = {
     "fused_qkv_only": fuse_qkv_only, "eager_dequant": eager_dequant, "split_lora_product": split_lora_product,
-    "tunable_gemm": tunable_gemm}
+    "heads_first_copy": heads_first_copy, "tunable_gemm": tunable_gemm}
 
 
 def apply(overrides: dict, out: Path) -> Callable[[], None] | None:

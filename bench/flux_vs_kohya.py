@@ -80,8 +80,10 @@ OURS = {
     "R2U": {"preset": "flux-12gb", "fused_math": False},
     "R1Q": {"preset": "flux-24gb", "fused_qkv_only": True},
     "R1X": {"preset": "flux-24gb", "eager_dequant": True},  # A/B: torch's own fp8 cast, not the compiled one
-    "R1T": {"preset": "flux-24gb", "tunable_gemm": True},
-    "R1L": {"preset": "flux-24gb", "split_lora_product": True},  # A/B: base and LoRA products as separate ops  # torch.cuda.tunable picks each GEMM's kernel (run it last)
+    "R1T": {"preset": "flux-24gb", "tunable_gemm": True},  # torch.cuda.tunable picks each GEMM's kernel (run it last)
+    "R1H": {"preset": "flux-24gb", "heads_first_copy": True},  # A/B: attention inputs laid out (B, H, L, D)
+    "R16": {"preset": "flux-16gb"},  # block swap 8, AdamW
+    "R1L": {"preset": "flux-24gb", "split_lora_product": True},  # A/B: base and LoRA products as separate ops
     # where a step's time goes (row["profile"]): steps PROFILE_STEPS, before the epoch-end scoring
     "R1P": {"preset": "flux-24gb", "profile": True},
     "R1FP": {"preset": "flux-24gb", "fp8_matmul": True, "profile": True},

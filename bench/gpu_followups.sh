@@ -110,6 +110,28 @@ if [ "${STAGE:-flux}" = dequant2 ]; then  # after the compiled dequant: the step
     exit 0
 fi
 
+if [ "${STAGE:-flux}" = layout ]; then  # the lean LoRA product and the tokens-first attention layout (2026-12-06)
+    PYTHONPATH=/tmp/site timeout 170 python3 -m pytest -q -p no:logging \
+        tests/test_fp8_cuda.py tests/test_accel_cuda.py::test_flux_attention_output_is_a_view_not_a_transposing_copy \
+        tests/test_accel_cuda.py::test_fused_flux_block_math_matches_eager_inside_cuda_graphs \
+        tests/test_train_flux_cuda.py 2>&1 | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_layout_cuda.log"
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
+        --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_layout.json" \
+        --steps 20 --kohya-steps 14 --ours R1,R1H,R1L,R1F --order R1,R1H,R1L,K24,R1F \
+        --deadline "$(left $((END - 60)))" 2>&1 | tail -6
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
+if [ "${STAGE:-flux}" = swap ]; then  # the swapping presets on one machine with kohya's swap 16, and R1 again
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
+        --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_swap.json" \
+        --steps 20 --kohya-steps 10 --ours R2,R16,R3,R1 --order R2,K16,R16,R3,R1 \
+        --deadline "$(left $((END - 60)))" 2>&1 | tail -6
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
 if [ "${STAGE:-flux}" = sd ]; then
     timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site \
         --ours-site /tmp/site --cases sd15_b1,sdxl_b1 --kohya-steps sd15_b1=40,sdxl_b1=20 --compile-bytecode \

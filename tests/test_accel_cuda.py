@@ -240,6 +240,35 @@ def test_fused_flux_block_math_matches_eager_inside_cuda_graphs():
 
 
 @cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_flux_attention_output_is_a_view_not_a_transposing_copy(fused):
+    """q, k, v come laid out tokens-first (B, L, H, D) from the blocks' qkv math, eager or compiled, so the
+    attention kernels write their output that way and the blocks' (B, L, H*D) is a view of it."""
+    from lora_trainer.accel import fused_math
+    from lora_trainer.models.flux import block_math
+    from lora_trainer.models.flux.model import EmbedND
+
+    heads, dim, n_txt, n_img = 4, 64, 16, 64
+    g = torch.Generator("cuda").manual_seed(0)
+    qkv = [torch.randn(1, n, 3 * heads * dim, device="cuda", dtype=torch.bfloat16, generator=g)
+           for n in (n_img, n_txt)]
+    scale = torch.ones(dim, device="cuda", dtype=torch.bfloat16)
+    pe = EmbedND(dim, 10_000, (16, 24, 24))(torch.rand(1, n_txt + n_img, 3, device="cuda") * 8)
+    single, double = block_math.single_qkv, block_math.double_qkv
+    if fused:
+        single, double = fused_math.fused(single), fused_math.fused(double)
+    outs = [single(torch.cat(qkv[::-1], 1), heads, scale, scale, pe),
+            double(qkv[0], qkv[1], heads, (scale, scale), (scale, scale), pe)]
+    for q, k, v in outs:
+        assert q.shape == (1, heads, n_txt + n_img, dim)
+        assert all(t.transpose(1, 2).is_contiguous() for t in (q, k)), (q.stride(), k.stride())
+        out = block_math.attend(q, k, v)
+        assert out._is_view(), "attention's output was copied to (B, L, H*D)"
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.contiguous().float() for t in (q, k, v)))
+        torch.testing.assert_close(out.float(), ref.transpose(1, 2).flatten(2), atol=2e-2, rtol=2e-2)
+
+
+@cuda
 def test_sdpa_attention_is_used():
     import torch.nn.functional as F
 

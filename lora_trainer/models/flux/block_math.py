@@ -33,7 +33,9 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tenso
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Attention over q, k, v (B, H, L, D) that already carry their positions -> (B, L, H*D)."""
+    """Attention over q, k, v (B, H, L, D) that already carry their positions -> (B, L, H*D). cuDNN's attention
+    writes its output in q's memory layout: with q laid out (B, L, H, D) as the qkv functions below give it, the
+    (B, L, H*D) result is a view, not a transposing copy (forward, and its gradient's in backward)."""
     x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return x.transpose(1, 2).flatten(2)
 
@@ -47,10 +49,16 @@ def rms_norm(x: Tensor, scale: Tensor) -> Tensor:
 
 
 def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, L, 3*H*D) -> three (B, H, L, D)."""
+    """(B, L, 3*H*D) -> three (B, L, H, D) views (tokens before heads: see `_heads_first`)."""
     b, length, _ = qkv.shape
-    q, k, v = qkv.view(b, length, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.view(b, length, 3, num_heads, -1).unbind(2)
     return q, k, v
+
+
+def _heads_first(*xs: Tensor) -> tuple[Tensor, ...]:
+    """(B, L, H, D) -> (B, H, L, D) as views: attention's shapes over a tokens-first memory layout, which cuDNN
+    reads as it is and gives its output in (`attend`)."""
+    return tuple(x.transpose(1, 2) for x in xs)
 
 
 # ---------------------------------------------------------------- the blocks' weightless math
@@ -62,10 +70,11 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 # modulated norm rounds once where the eager one may round its norm's output first).
 def single_qkv(qkv: Tensor, num_heads: int, q_scale: Tensor, k_scale: Tensor,
                pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A single block's attention inputs: (B, L, 3*H*D) -> q, k, v (B, H, L, D), q and k normed and rotated."""
+    """A single block's attention inputs: (B, L, 3*H*D) -> q, k, v (B, H, L, D), q and k normed and rotated
+    (pe: (B, 1, L, D/2, 2, 2) as `EmbedND` gives it)."""
     q, k, v = _split_heads(qkv, num_heads)
-    q, k = apply_rope(rms_norm(q, q_scale).to(v), rms_norm(k, k_scale).to(v), pe)
-    return q, k, v
+    q, k = apply_rope(rms_norm(q, q_scale).to(v), rms_norm(k, k_scale).to(v), pe.transpose(1, 2))
+    return _heads_first(q, k, v)
 
 
 def double_qkv(img_qkv: Tensor, txt_qkv: Tensor, num_heads: int, img_scales: tuple[Tensor, Tensor],
@@ -75,8 +84,8 @@ def double_qkv(img_qkv: Tensor, txt_qkv: Tensor, num_heads: int, img_scales: tup
     txt_q, txt_k, txt_v = _split_heads(txt_qkv, num_heads)
     img_q, img_k = rms_norm(img_q, img_scales[0]).to(img_v), rms_norm(img_k, img_scales[1]).to(img_v)
     txt_q, txt_k = rms_norm(txt_q, txt_scales[0]).to(txt_v), rms_norm(txt_k, txt_scales[1]).to(txt_v)
-    q, k = apply_rope(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), pe)
-    return q, k, torch.cat((txt_v, img_v), dim=2)
+    q, k = apply_rope(torch.cat((txt_q, img_q), dim=1), torch.cat((txt_k, img_k), dim=1), pe.transpose(1, 2))
+    return _heads_first(q, k, torch.cat((txt_v, img_v), dim=1))
 
 
 def mod_norm(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
