@@ -97,6 +97,38 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dev):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
 
 
+def test_checkpointing_computes_each_modulation_once_except_in_hooked_blocks():
+    """Under checkpointing the blocks' modulations are worked out outside the checkpoint (backward does not
+    compute them again); a block with a forward pre-hook (block swap's) keeps them inside its call."""
+    model = build_tiny_flux_bundle("dev", seed=0).unet.train()
+    model.requires_grad_(True)
+    model.enable_gradient_checkpointing()
+    x = inputs(model.params)
+    mods = [m for name, m in model.named_modules() if name.endswith("mod.lin") or name.endswith("modulation.lin")]
+    assert len(mods) == 2 * len(model.double_blocks) + len(model.single_blocks)
+    calls = {id(m): 0 for m in mods}
+    for m in mods:
+        m.register_forward_hook(lambda mod, args, out: calls.__setitem__(id(mod), calls[id(mod)] + 1))
+
+    def step():
+        calls.update(dict.fromkeys(calls, 0))
+        model.zero_grad()
+        model(**x).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    once = step()
+    assert set(calls.values()) == {1}
+    handle = model.single_blocks[0].register_forward_pre_hook(lambda module, args: None)
+    hooked = step()
+    handle.remove()
+    assert calls[id(model.single_blocks[0].modulation.lin)] == 2  # forward and its recomputation
+    assert sum(calls.values()) == len(mods) + 1
+    model.disable_gradient_checkpointing()
+    plain = step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, once))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, hooked))
+
+
 @pytest.mark.parametrize("layout", ["bfl", "prefixed", "diffusers", "all-in-one", "folder"])
 def test_tiny_checkpoint_layouts_load_the_same_model(tmp_path, layout, tiny_dev):
     from lora_trainer.models.flux.loader import load_flux

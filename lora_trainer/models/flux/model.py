@@ -198,14 +198,15 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden_dim, bias=True), nn.GELU(approximate="tanh"),
                                      nn.Linear(mlp_hidden_dim, hidden_size, bias=True))
 
+    def modulations(self, vec: Tensor) -> tuple[tuple[ModulationOut, ModulationOut], tuple[ModulationOut, ...]]:
+        """The block's modulation vectors from the conditioning vector (B, D), in the form forward also takes."""
+        return self.img_mod(vec), self.txt_mod(vec)
+
     def forward(self, img: Tensor, txt: Tensor, vec: Any, pe: Tensor,
                 mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """vec: the conditioning vector (B, D), or for Chroma ((img_mod1, img_mod2), (txt_mod1, txt_mod2))."""
-        if self.modulated:
-            img_mod1, img_mod2 = self.img_mod(vec)
-            txt_mod1, txt_mod2 = self.txt_mod(vec)
-        else:
-            (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
+        """vec: the conditioning vector (B, D), or the modulation vectors ((img_mod1, img_mod2), (txt_mod1,
+        txt_mod2)) (Chroma's, or `modulations(vec)` worked out before the call)."""
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = self.modulations(vec) if isinstance(vec, Tensor) else vec
 
         m = self.math
         img_qkv = self.img_attn.qkv(_modulated(m, self.img_norm1, img, img_mod1))
@@ -240,9 +241,13 @@ class SingleStreamBlock(nn.Module):
         if modulation:
             self.modulation = Modulation(hidden_size, double=False)
 
+    def modulations(self, vec: Tensor) -> ModulationOut:
+        """The block's modulation vectors from the conditioning vector (B, D), in the form forward also takes."""
+        return self.modulation(vec)[0]
+
     def forward(self, x: Tensor, vec: Any, pe: Tensor, mask: Tensor | None = None) -> Tensor:
-        """vec: the conditioning vector (B, D), or for Chroma its ModulationOut."""
-        mod = self.modulation(vec)[0] if self.modulated else vec
+        """vec: the conditioning vector (B, D), or the modulation vectors (Chroma's, or `modulations(vec)`)."""
+        mod = self.modulations(vec) if isinstance(vec, Tensor) else vec
         m = self.math
         qkv, mlp = torch.split(self.linear1(_modulated(m, self.pre_norm, x, mod)),
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
@@ -319,6 +324,17 @@ class FluxTransformer(nn.Module):
             return self._gradient_checkpointing_func(block, *args)
         return block(*args)
 
+    def _block_vec(self, block: nn.Module, vec: Tensor) -> Any:
+        """What a block gets as its conditioning. Under gradient checkpointing its modulation is worked out here,
+        outside the checkpoint: a product of the step's one conditioning vector with a quarter of Flux's weights
+        that backward would otherwise compute again (and dequantise again over an fp8 base); the vectors it gives
+        are a few KiB. A block with forward hooks (block swap brings its weights in through them) keeps it inside
+        its own call."""
+        if (self.gradient_checkpointing and torch.is_grad_enabled() and getattr(block, "modulated", False)
+                and not block._forward_pre_hooks):
+            return block.modulations(vec)
+        return vec
+
     def _init_input(self, params: Any) -> None:
         """The checks, sizes, position embedder and image input layer Flux and Chroma share (in this order:
         it is the order of the modules' parameters)."""
@@ -349,10 +365,10 @@ class FluxTransformer(nn.Module):
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
 
         for block in self.double_blocks:
-            img, txt = self._block(block, img, txt, vec, pe)
+            img, txt = self._block(block, img, txt, self._block_vec(block, vec), pe)
         x = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            x = self._block(block, x, vec, pe)
+            x = self._block(block, x, self._block_vec(block, vec), pe)
         return self.final_layer(x[:, txt.shape[1]:, ...], vec)
 
 
