@@ -62,6 +62,19 @@ def heads_first_copy(out: Path):
     return undo
 
 
+def modulation_inside(out: Path):
+    """Each block's modulation computed inside its checkpoint (recomputed in backward), as before
+    `FluxTransformer._block_vec` (bench-only A/B)."""
+    from lora_trainer.models.flux.model import FluxTransformer
+
+    original = FluxTransformer._block_vec
+    FluxTransformer._block_vec = lambda self, block, vec: vec
+
+    def undo() -> None:
+        FluxTransformer._block_vec = original
+    return undo
+
+
 def tunable_gemm(out: Path):
     """torch.cuda.tunable (TunableOp): each GEMM shape timed against cuBLAS/cuBLASLt's candidates at its first call
     (in the eager warm-up steps), the fastest kept (in `results`); bench-only."""
@@ -81,7 +94,7 @@ def tunable_gemm(out: Path):
 
 PATCHES: dict[str, Callable[[Path], Callable[[], None]]] = {
     "fused_qkv_only": fuse_qkv_only, "eager_dequant": eager_dequant, "split_lora_product": split_lora_product,
-    "heads_first_copy": heads_first_copy, "tunable_gemm": tunable_gemm}
+    "heads_first_copy": heads_first_copy, "modulation_inside": modulation_inside, "tunable_gemm": tunable_gemm}
 
 
 def apply(overrides: dict, out: Path) -> Callable[[], None] | None:

@@ -110,14 +110,14 @@ if [ "${STAGE:-flux}" = dequant2 ]; then  # after the compiled dequant: the step
     exit 0
 fi
 
-if [ "${STAGE:-flux}" = layout ]; then  # the lean LoRA product and the tokens-first attention layout (2026-12-06)
+if [ "${STAGE:-flux}" = layout ]; then  # the lean LoRA product, the tokens-first attention layout, modulations outside the checkpoints
     PYTHONPATH=/tmp/site timeout 170 python3 -m pytest -q -p no:logging \
         tests/test_fp8_cuda.py tests/test_accel_cuda.py::test_flux_attention_output_is_a_view_not_a_transposing_copy \
         tests/test_accel_cuda.py::test_fused_flux_block_math_matches_eager_inside_cuda_graphs \
         tests/test_train_flux_cuda.py 2>&1 | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_layout_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_layout.json" \
-        --steps 20 --kohya-steps 14 --ours R1,R1H,R1L,R1F --order R1,R1H,R1L,K24,R1F \
+        --steps 20 --kohya-steps 14 --ours R1,R1H,R1L,R1M,R1F --order R1,R1H,R1L,K24,R1M,R1F \
         --deadline "$(left $((END - 60)))" 2>&1 | tail -6
     echo "wall $(( $(date +%s) - T )) s"
     exit 0

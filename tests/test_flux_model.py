@@ -104,7 +104,7 @@ def test_checkpointing_computes_each_modulation_once_except_in_hooked_blocks():
     model.requires_grad_(True)
     model.enable_gradient_checkpointing()
     x = inputs(model.params)
-    mods = [m for name, m in model.named_modules() if name.endswith("mod.lin") or name.endswith("modulation.lin")]
+    mods = [m for name, m in model.named_modules() if name.endswith(("mod.lin", "modulation.lin"))]
     assert len(mods) == 2 * len(model.double_blocks) + len(model.single_blocks)
     calls = {id(m): 0 for m in mods}
     for m in mods:
