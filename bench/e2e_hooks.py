@@ -37,6 +37,12 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
     `variant`: an A/B switch for this run only (see VARIANTS)."""
     t_start = time.time()
     sys.path.insert(0, root)
+    try:  # the CLI's `train` does this first (lean_imports.py); the hooks' imports below would come before it
+        from lora_trainer.lean_imports import lean_model_zoos
+
+        lean_model_zoos()
+    except ImportError:  # an older copy (--before)
+        pass
     import torch
 
     import lora_trainer.train as train_pkg

@@ -8,10 +8,16 @@ inject: `inject_lora` on a full-size UNet (SD1.5: 192 modules, SDXL: 722) built 
 vae: full-size VAE (random weights, fp32) encoding 8 images one per call vs in one call, at several sizes.
 cli: the whole `python -m lora_trainer train` on a tiny SD1 checkpoint (4 images at 64 px, 1 step, r32, fp32
     on the CPU, validation off): process CPU and wall seconds, this tree and `--before`.
+setup: `python -m lora_trainer train --config CONFIG` (a full-size checkpoint, e.g. startup_cpu.py's with --keep)
+    from the process's start to the start of latent caching, the part of start -> first step a GPU does not speed
+    up: process CPU and wall seconds at the engine's import, the header check, the dataset scan and the model's
+    load (imports included: hooks are set as the modules appear, the run's own import order is kept); the process
+    leaves when caching starts.
 
     OMP_NUM_THREADS=1 python bench/levers_cpu.py inject --before /tmp/main-before --runs 5
     OMP_NUM_THREADS=1 python bench/levers_cpu.py vae --sizes 64,128,256 --runs 3
     OMP_NUM_THREADS=1 python bench/levers_cpu.py cli --before /tmp/main-before --runs 5
+    OMP_NUM_THREADS=1 python bench/levers_cpu.py setup --config /tmp/startup-cpu/train.toml --before /tmp/main-before
 """
 
 from __future__ import annotations
@@ -113,6 +119,62 @@ def time_cli(root: str, cfg: Path) -> dict:
             "wall_s": time.perf_counter() - wall}
 
 
+def child_setup(config: str) -> None:
+    """The CLI's own run, hooked as its modules appear; prints the marks and leaves when latent caching starts."""
+    import builtins
+    import runpy
+
+    with open("/proc/self/stat", encoding="ascii") as f:  # the process's start, in clock ticks since boot
+        started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime", encoding="ascii") as f:
+        t0 = time.perf_counter() - (float(f.read().split()[0]) - started)
+    c0 = 0.0  # process_time counts from the process's start
+    marks: dict[str, list[float]] = {}
+
+    def mark(label: str) -> None:
+        marks.setdefault(label, [time.perf_counter() - t0, time.process_time() - c0])
+
+    def timed(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            mark(label + " start")
+            try:
+                return original(*args, **kwargs)
+            finally:
+                mark(label + " end")
+
+        setattr(owner, name, wrapper)
+
+    def leave(*args, **kwargs):
+        mark("cache latents start")
+        print(json.dumps(marks), flush=True)
+        os._exit(0)
+
+    hooked: set[str] = set()
+    hooks = {"lora_trainer.train.engine": lambda m: (mark("engine imported"),
+                                                     timed(m, "check_model_file", "header"),
+                                                     timed(m, "prepare_dataset", "scan")),
+             "lora_trainer.models.loader": lambda m: timed(m, "load_model", "load model"),
+             "lora_trainer.train.caching": lambda m: setattr(m.CachingMixin, "_cache_latents", leave)}
+    original_import = builtins.__import__
+
+    def hooking_import(*args, **kwargs):
+        module = original_import(*args, **kwargs)
+        if len(hooked) < len(hooks):
+            for name in hooks.keys() - hooked:
+                spec = getattr(sys.modules.get(name), "__spec__", None)
+                if spec is not None and not getattr(spec, "_initializing", False):  # imported whole
+                    hooked.add(name)
+                    hooks[name](sys.modules[name])
+        return module
+
+    builtins.__import__ = hooking_import
+    sys.argv = ["lora_trainer", "train", "--config", config]
+    runpy.run_module("lora_trainer", run_name="__main__", alter_sys=True)
+    raise SystemExit("the run ended before latent caching")
+
+
 def run_child(what: str, root: str, args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), what, "--child", *args], cwd=root, env=env,
@@ -122,7 +184,8 @@ def run_child(what: str, root: str, args: list[str]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("inject", "vae", "cli"))
+    p.add_argument("what", choices=("inject", "vae", "cli", "setup"))
+    p.add_argument("--config", default="", help="setup: the run's settings file (a full-size checkpoint)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--family", default="sd1,sdxl")
     p.add_argument("--sizes", default="64,128,256")
@@ -132,6 +195,9 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/levers-cpu", help="cli: where the tiny checkpoint and images go")
     p.add_argument("--out", default="")
     args, rest = p.parse_known_args()
+    if args.child and args.what == "setup":
+        child_setup(args.config)
+        return 1
     if args.child:
         result = child_inject(rest[0]) if args.what == "inject" else child_vae(int(rest[0]), int(rest[1]))
         print(json.dumps(result))
@@ -143,6 +209,12 @@ def main() -> int:
         if cfg is not None:
             for label, root in trees.items():
                 results.setdefault(label, []).append(time_cli(root, cfg))
+        elif args.what == "setup":
+            for label, root in (trees.items() if run % 2 else reversed(trees.items())):  # alternate who goes first
+                marks = run_child("setup", root, ["--config", args.config])
+                row = {f"{k} cpu_s": v[1] for k, v in marks.items()}
+                row.update({f"{k} wall_s": v[0] for k, v in marks.items()})
+                results.setdefault(label, []).append(row)
         elif args.what == "inject":
             for family in args.family.split(","):
                 for label, root in trees.items():

@@ -76,6 +76,12 @@ def child(result_path: str, root: str, config: str) -> None:
         from lora_trainer.gc_freeze import building
     except ImportError:
         building = contextlib.nullcontext
+    try:  # the CLI's `train` does this first (lean_imports.py); the hooks' imports below would come before it
+        from lora_trainer.lean_imports import lean_model_zoos
+
+        lean_model_zoos()
+    except ImportError:  # an older copy (--before)
+        pass
     with building():  # + what the hooks need: the loader (and the tokenizer's transformers), LoRA, report
         import lora_trainer.train as train_pkg
         from lora_trainer.lora import network

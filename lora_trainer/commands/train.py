@@ -253,12 +253,14 @@ def _stopping_message(signum: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..gc_freeze import building, run_scope
     from ..hidden_imports import hide_bitsandbytes
+    from ..lean_imports import lean_model_zoos
     from ..paths import check_new_file
     from ..signals import GracefulStop, safe_streams
 
     config = config_from_args(args)
-    if getattr(args, "own_process", False):  # diffusers and peft import it; few runs use it (hidden_imports.py)
-        hide_bitsandbytes(config.optimizer)
+    if getattr(args, "own_process", False):  # process-wide import state: only in our own process
+        hide_bitsandbytes(config.optimizer)  # diffusers and peft import it; few runs use it (hidden_imports.py)
+        lean_model_zoos()  # diffusers' and transformers' model zoos: only the modules a run uses (lean_imports.py)
     with building():  # torch and the engine: no garbage to look for while they import (gc_freeze.py)
         from ..train import plan_training, run_training
         from ..train.report import report_text
