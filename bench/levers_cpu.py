@@ -176,7 +176,9 @@ def child_setup(config: str) -> None:
 
 
 def run_child(what: str, root: str, args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # the copy first; a PYTHONPATH given to this script after it (e.g. a folder of older libraries)
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), what, "--child", *args], cwd=root, env=env,
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])

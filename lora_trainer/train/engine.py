@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,10 +73,13 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
     config = match_resume(config)
     config.validate(need_model=bundle is None)
     check_optimizer_available(config.optimizer)
+    # The scan decodes every image in threads that release the GIL: it runs while the header check imports the
+    # loader (transformers, ~0.5 s); a model error still comes first, a dataset error right after the check.
+    scan = _in_background(prepare_dataset, config)
     if bundle is None:
         with building():
             check_model_file(config.model, model_components(config))
-    dataset, plan = prepare_dataset(config)
+    dataset, plan = scan.result()
     resume = load_state(config.resume, config.hash()) if config.resume else None
     already = set(position_from(resume).saved) if resume else set()
     # OUT writable, our names claimed against concurrent runs, nothing overwritten: before any heavy work
@@ -97,6 +101,14 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
             emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps,
                                message=f"{e.__class__.__name__}: {e}"))
             raise
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataset-scan")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.dtype, *,
