@@ -1,5 +1,6 @@
-"""CLIP text encoders are built under the meta device (build.empty_text_encoder): the same module as the old
-build (parameters on the meta device, real buffers), the same weights once loaded, the same outputs."""
+"""CLIP text encoders are built under the meta device with transformers >= 5 (build.empty_text_encoder): the same
+module as the old build (parameters on the meta device, real buffers), the same weights once loaded, the same
+outputs. With older transformers the old build stays (the tests then compare it with itself)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def test_loaded_text_encoder_encodes_as_before(tmp_path, monkeypatch):
                             return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(te_new(ids).last_hidden_state, te_old(ids).last_hidden_state)
+
+
+def test_older_transformers_keep_the_old_build():
+    import transformers
+
+    assert build._skips_init_on_meta() == (int(transformers.__version__.split(".")[0]) >= 5)
 
 
 def test_an_unknown_meta_buffer_is_refused():

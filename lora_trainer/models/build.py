@@ -150,13 +150,24 @@ def empty_text_encoder(config: Mapping[str, Any], with_projection: bool):
 
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     te_config = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    # Built under the meta device: transformers >= 5 then skips initialising weights the checkpoint replaces anyway
-    # (0.08 s per CLIP-L on the development CPU); older versions initialise the meta tensors as before.
-    with torch.device("meta"):
-        module = cls(te_config)
-    if _real_position_ids(module):
-        return module
-    return empty_module(lambda: cls(te_config))  # a buffer we cannot rebuild: parameters alone on the meta device
+    if _skips_init_on_meta():
+        # Built under the meta device, transformers skips initialising weights the checkpoint replaces anyway
+        # (0.07 s per CLIP-L on the development CPU); older versions would initialise them there too, slower.
+        with torch.device("meta"):
+            module = cls(te_config)
+        if _real_position_ids(module):
+            return module
+    return empty_module(lambda: cls(te_config))  # parameters alone on the meta device, real buffers
+
+
+def _skips_init_on_meta() -> bool:
+    """transformers >= 5: `init_weights` does nothing under a meta device context."""
+    import transformers
+
+    try:
+        return int(transformers.__version__.split(".")[0]) >= 5
+    except ValueError:
+        return False
 
 
 def _real_position_ids(module: torch.nn.Module) -> bool:
