@@ -124,14 +124,18 @@ if [ "${STAGE:-flux}" = layout ]; then  # the lean LoRA product, the tokens-firs
 fi
 
 if [ "${STAGE:-flux}" = all15 ]; then  # issue 15's open measurements in one call (2026-12-06, ~9.5 min): GPU tests,
-    # then every preset against kohya (24 GB, 12 GB vs swap 16, 16 GB), then the A/Bs of this session's levers
-    PYTHONPATH=/tmp/site timeout 150 python3 -m pytest -q -p no:logging \
+    # then every preset against kohya (24 GB, 12 GB vs swap 16, 16 GB), the A/Bs of this session's levers, and the
+    # fp8-base/swap vs bf16 training test in the last TESTS_AFTER seconds
+    TESTS_AFTER=${TESTS_AFTER:-90}
+    PYTHONPATH=/tmp/site timeout 90 python3 -m pytest -q -p no:logging \
         tests/test_fp8_cuda.py tests/test_accel_cuda.py::test_flux_attention_output_is_a_view_not_a_transposing_copy \
-        tests/test_train_flux_cuda.py 2>&1 | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_all15_cuda.log"
-    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/flux_vs_kohya.py --sd-scripts .kohya/sd-scripts \
-        --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_all15.json" \
-        --steps 20 --kohya-steps 12 --ours R1,R2,R16,R3,R1M,R1H,R1L --order R1,R2,R16,K24,K16,R3,R1M,R1H,R1L \
-        --deadline "$(left $((END - 75)))" 2>&1 | tail -8
+        2>&1 | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_all15_cuda.log"
+    PYTHONPATH=/tmp/site timeout "$(left $((END - TESTS_AFTER)))" python3 bench/flux_vs_kohya.py \
+        --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site --work /tmp/fluxbench \
+        --out "$OUT/flux_vs_kohya_all15.json" --steps 20 --kohya-steps 12 --ours R1,R2,R16,R3,R1M,R1H,R1L \
+        --order R1,R2,R16,K24,K16,R3,R1M,R1H,R1L --deadline "$(left $((END - TESTS_AFTER - 75)))" 2>&1 | tail -8
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q -p no:logging tests/test_train_flux_cuda.py \
+        2>&1 | grep -E "^E |passed|failed" | head -30 | tee -a "$OUT/test_all15_cuda.log"
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi
