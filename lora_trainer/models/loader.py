@@ -29,7 +29,6 @@ from .detect import (
     unsupported,
 )
 from .ldm_config import ModelConfig, TextEncoderSpec
-from .tokenizers import PAD_ENDOFTEXT, PAD_EXCLAMATION, clip_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +219,9 @@ def bundle_from_ldm_state_dict(state_dict: Mapping[str, torch.Tensor], *,
 
 def _build_bundle(state_dict, config, name: str, label: str, source: str, dtype, device) -> ModelBundle:
     """label: how messages name the model (the file name when loading a file)."""
+    # transformers (for the tokenizer) only here: the header check (`check_model_header`) imports this module too
+    from .tokenizers import PAD_ENDOFTEXT, PAD_EXCLAMATION, clip_tokenizer
+
     state_dict = _unwrap_host_keys(state_dict)
     family = classify(tensor_infos(state_dict), label)
     hint = prediction_hint(tensor_infos({k: state_dict[k] for k in ("v_pred",) if k in state_dict}), family)

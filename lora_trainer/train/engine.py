@@ -73,12 +73,15 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
     config = match_resume(config)
     config.validate(need_model=bundle is None)
     check_optimizer_available(config.optimizer)
-    # The scan decodes every image in threads that release the GIL: it runs while the header check imports the
-    # loader (transformers, ~0.5 s); a model error still comes first, a dataset error right after the check.
+    if bundle is None:
+        with building():
+            check_model_file(config.model, model_components(config))  # the header alone, before anything heavy
+    # The scan decodes every image in threads that release the GIL: it runs while this thread imports what the
+    # model's load needs first (transformers, for the tokenizer: 0.5-1 s), as the header check used to before it.
     scan = _in_background(prepare_dataset, config)
     if bundle is None:
         with building():
-            check_model_file(config.model, model_components(config))
+            _import_loader_libraries()
     dataset, plan = scan.result()
     resume = load_state(config.resume, config.hash()) if config.resume else None
     already = set(position_from(resume).saved) if resume else set()
@@ -101,6 +104,10 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
             emit(ProgressEvent("error", step=run.pos.step, total_steps=plan.total_steps,
                                message=f"{e.__class__.__name__}: {e}"))
             raise
+
+
+def _import_loader_libraries() -> None:
+    from ..models import tokenizers  # noqa: F401 - transformers and its CLIP tokenizer, for load_model
 
 
 def _in_background(fn: Callable[..., Any], *args: Any) -> Future:
