@@ -82,7 +82,7 @@ def child(result_path: str, root: str, config: str) -> None:
         lean_model_zoos()
     except ImportError:  # an older copy (--before)
         pass
-    with building():  # + what the hooks need: the loader (and the tokenizer's transformers), LoRA, report
+    with building():  # + what the hooks need: the loader, LoRA, report
         import lora_trainer.train as train_pkg
         from lora_trainer.lora import network
         from lora_trainer.models import loader
