@@ -127,7 +127,7 @@ if [ "${STAGE:-flux}" = all15 ]; then  # issue 15's open measurements in one cal
     # then every preset against kohya (24 GB, 12 GB vs swap 16, 16 GB), the A/Bs of this session's levers, and the
     # fp8-base/swap vs bf16 training test in the last TESTS_AFTER seconds
     TESTS_AFTER=${TESTS_AFTER:-90}
-    PYTHONPATH=/tmp/site timeout 90 python3 -m pytest -q -p no:logging \
+    PYTHONPATH=/tmp/site timeout "${TEST_S:-90}" python3 -m pytest -q -p no:logging \
         tests/test_fp8_cuda.py tests/test_accel_cuda.py::test_flux_attention_output_is_a_view_not_a_transposing_copy \
         2>&1 | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_all15_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left $((END - TESTS_AFTER)))" python3 bench/flux_vs_kohya.py \
