@@ -127,9 +127,11 @@ if [ "${STAGE:-flux}" = all15 ]; then  # issue 15's open measurements in one cal
     # then every preset against kohya (24 GB, 12 GB vs swap 16, 16 GB), the A/Bs of this session's levers, and the
     # fp8-base/swap vs bf16 training test in the last TESTS_AFTER seconds
     TESTS_AFTER=${TESTS_AFTER:-90}
-    PYTHONPATH=/tmp/site timeout "${TEST_S:-90}" python3 -m pytest -q -p no:logging \
-        tests/test_fp8_cuda.py tests/test_accel_cuda.py::test_flux_attention_output_is_a_view_not_a_transposing_copy \
-        2>&1 | grep -E "^E |passed|failed" | head -30 | tee "$OUT/test_all15_cuda.log"
+    PYTHONPATH=/tmp/site timeout "${TEST_S:-90}" python3 -m pytest -v -p no:logging \
+        tests/test_accel_cuda.py::test_flux_attention_output_is_a_view_not_a_transposing_copy \
+        tests/test_fp8_cuda.py::test_lean_lora_product_over_fp8_base_on_gpu_matches_peft_and_is_captured \
+        tests/test_fp8_cuda.py 2>&1 | grep -E "^E |PASSED|FAILED|SKIPPED|passed|failed" | head -30 \
+        | tee "$OUT/test_all15_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left $((END - TESTS_AFTER)))" python3 bench/flux_vs_kohya.py \
         --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site --work /tmp/fluxbench \
         --out "$OUT/flux_vs_kohya_all15.json" --steps 20 --kohya-steps 12 --ours R1,R2,R16,R3,R1M,R1H,R1L \
