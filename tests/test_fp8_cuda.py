@@ -15,6 +15,23 @@ from lora_trainer import accel
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _off_the_legacy_stream():
+    """Each test's CUDA work on a stream of its own, as the engine's steps run (accel/graphs.py). A leaf's gradient
+    accumulator keeps the stream of the leaf's first use: first used on the default (legacy) stream, e.g. for a
+    test's eager reference, its accumulation inside a later capture runs there and CUDA refuses the capture
+    ("operation would make the legacy stream depend on a capturing blocking stream"; seen on an H200, torch 2.11)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+
+
 def _captured(step, warm=None):
     """`step()` run once eagerly on a side stream (`warm()` after it, e.g. to clear gradients), then captured in a
     CUDA graph and replayed once; returns what the capture returned (the replay's results)."""
