@@ -7,6 +7,9 @@
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
+#   run(command="STAGE=all15 END=585 bash bench/gpu_followups.sh", carry=[...the first's])  # issue 15's open
+#       measurements in one call (fp8 GPU tests, every Flux preset vs kohya, the levers' A/Bs, the training test);
+#       a short call (2026-12-06, H200): STAGE=all15 END=290 TEST_S=45 TESTS_AFTER=0 ORDER=R1,K24,R2,K16
 #
 # 1. accel/ on the GPU (tests/test_accel_cuda.py): the work between steps inside the graphs' pool, on the capture
 #    stream (`9ad112a`), and the fp8 products captured with a plain-cast weight (`8767299`).
