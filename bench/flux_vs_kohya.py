@@ -83,6 +83,7 @@ OURS = {
     "R1T": {"preset": "flux-24gb", "tunable_gemm": True},  # torch.cuda.tunable picks each GEMM's kernel (run it last)
     "R1H": {"preset": "flux-24gb", "heads_first_copy": True},  # A/B: attention inputs laid out (B, H, L, D)
     "R1M": {"preset": "flux-24gb", "modulation_inside": True},  # A/B: modulations recomputed in backward
+    "R1K": {"preset": "flux-24gb", "keep_recomputed_weight": True},  # A/B: recomputed weights kept for backward
     "R16": {"preset": "flux-16gb"},  # block swap 8, AdamW
     "R1L": {"preset": "flux-24gb", "split_lora_product": True},  # A/B: base and LoRA products as separate ops
     # where a step's time goes (row["profile"]): steps PROFILE_STEPS, before the epoch-end scoring
