@@ -39,7 +39,7 @@ from .events import ProgressEvent, RunClock, Schedule, TrainingPlan, TrainResult
 from .family import family_for
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .outputs import OutputClaim, claim_outputs
-from .placement import Placement, vae_dtype
+from .placement import Placement, place_bundle  # noqa: F401 - place_bundle: callers import it from here too
 from .planning import check_model_file, model_components, planned_files, prepare_dataset
 from .saving import SavingMixin, epoch_tag, lora_file, step_tag
 from .saving import rng_guard as _rng_guard
@@ -116,19 +116,6 @@ def _in_background(fn: Callable[..., Any], *args: Any) -> Future:
         return pool.submit(fn, *args)
     finally:
         pool.shutdown(wait=False)
-
-
-def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.dtype, *,
-                 defer_unet: bool = False) -> ModelBundle:
-    """Lay out a model held in memory as the engine trains one it loaded itself: UNet on the device
-    in the training dtype, text encoders in that dtype, VAE in `placement.vae_dtype` (the engine's own
-    loads go part by part through `placement.Placement` instead). `defer_unet` keeps the UNet on the
-    CPU, for callers that cache latents before training."""
-    bundle.unet.to(device="cpu" if defer_unet else device, dtype=dtype)
-    for te in bundle.text_encoders:
-        te.to(dtype=dtype)
-    bundle.vae.to(dtype=vae_dtype(bundle, dtype))
-    return bundle
 
 
 def _is_oom(e: BaseException) -> bool:

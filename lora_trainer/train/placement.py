@@ -120,3 +120,16 @@ class Placement:
                 future.result()
             except Exception:  # the run already failed for another reason; keep that one
                 log.debug("background upload failed", exc_info=True)
+
+
+def place_bundle(bundle: ModelBundle, device: torch.device | str, dtype: torch.dtype, *,
+                 defer_unet: bool = False) -> ModelBundle:
+    """Lay out a model held in memory as the engine trains one it loaded itself: UNet on the device
+    in the training dtype, text encoders in that dtype, VAE in `vae_dtype` (the engine's own
+    loads go part by part through `Placement` instead). `defer_unet` keeps the UNet on the
+    CPU, for callers that cache latents before training."""
+    bundle.unet.to(device="cpu" if defer_unet else device, dtype=dtype)
+    for te in bundle.text_encoders:
+        te.to(dtype=dtype)
+    bundle.vae.to(dtype=vae_dtype(bundle, dtype))
+    return bundle
