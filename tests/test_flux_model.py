@@ -7,6 +7,7 @@ import pytest
 import torch
 from flux_support import inputs, requires_flux_diffusers, run, run_diffusers
 
+from lora_trainer.accel.swap import BlockSwapper
 from lora_trainer.models import FLOW, Family
 from lora_trainer.models.flux import FLUX_DEV, FLUX_SCHNELL, FluxTransformer, pack_latents, unpack_latents
 from lora_trainer.models.flux import convert as cv
@@ -97,11 +98,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dev):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
 
 
-def test_checkpointing_computes_each_modulation_once_except_in_hooked_blocks():
+def test_checkpointing_computes_each_modulation_once_except_in_swapped_blocks():
     """Under checkpointing the blocks' modulations are worked out outside the checkpoint (backward does not
-    compute them again); a block with a forward pre-hook (block swap's) keeps them inside its call."""
+    compute them again); a block whose weights block swap brings in through its hooks keeps them inside its call
+    (the real swapper, on the CPU, one block through one slot)."""
     model = build_tiny_flux_bundle("dev", seed=0).unet.train()
     model.requires_grad_(True)
+    model.single_blocks[0].requires_grad_(False)  # frozen: what block swap moves
     model.enable_gradient_checkpointing()
     x = inputs(model.params)
     mods = [m for name, m in model.named_modules() if name.endswith(("mod.lin", "modulation.lin"))]
@@ -114,13 +117,14 @@ def test_checkpointing_computes_each_modulation_once_except_in_hooked_blocks():
         calls.update(dict.fromkeys(calls, 0))
         model.zero_grad()
         model(**x).square().mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     once = step()
     assert set(calls.values()) == {1}
-    handle = model.single_blocks[0].register_forward_pre_hook(lambda module, args: None)
+    swapper = BlockSwapper(model.single_blocks, [0], "cpu", slots=1)
     hooked = step()
-    handle.remove()
+    swapper.remove("cpu")
+    assert not hasattr(model.single_blocks[0], "weights_arrive_in_call")
     assert calls[id(model.single_blocks[0].modulation.lin)] == 2  # forward and its recomputation
     assert sum(calls.values()) == len(mods) + 1
     model.disable_gradient_checkpointing()

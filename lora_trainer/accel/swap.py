@@ -188,6 +188,7 @@ class BlockSwapper:
             block = self.blocks[i]
             self._handles.append(block.register_forward_pre_hook(self._pre_hook(j)))
             self._handles.append(block.register_forward_hook(self._post_hook(j)))
+            block.weights_arrive_in_call = True  # its weights are only there inside its own call (the hooks)
         self.prepare()
         log.info("block swap (%s): %d of %d blocks through %d slots of %.0f MiB; %.2f GiB of host memory",
                  name, len(self.order), len(self.blocks), self.k, self.slot_bytes / 2**20, self.host_bytes / 2**30)
@@ -207,7 +208,7 @@ class BlockSwapper:
         self._offsets.append(offsets)
         self._host.append(host)
         self.host_bytes += total
-        if total > self.slot_bytes:  # the first block, or a larger one: (re)allocate the slots
+        if total > self.slot_bytes or not self._slots:  # the first block, or a larger one: (re)allocate the slots
             self._slots = []
             self._slots = [torch.empty(total, dtype=torch.uint8, device=self.device) for _ in range(self.k)]
             self.slot_bytes = total
@@ -327,6 +328,8 @@ class BlockSwapper:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for i in self.order:
+            self.blocks[i].__dict__.pop("weights_arrive_in_call", None)
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for refs, offsets, host in zip(self._refs, self._offsets, self._host):

@@ -328,10 +328,10 @@ class FluxTransformer(nn.Module):
         """What a block gets as its conditioning. Under gradient checkpointing its modulation is worked out here,
         outside the checkpoint: a product of the step's one conditioning vector with a quarter of Flux's weights
         that backward would otherwise compute again (and dequantise again over an fp8 base); the vectors it gives
-        are a few KiB. A block with forward hooks (block swap brings its weights in through them) keeps it inside
-        its own call."""
+        are a few KiB. A block whose weights arrive only inside its own call (block swap's hooks bring them in and
+        set `weights_arrive_in_call`) keeps it inside that call."""
         if (self.gradient_checkpointing and torch.is_grad_enabled() and getattr(block, "modulated", False)
-                and not block._forward_pre_hooks):
+                and not getattr(block, "weights_arrive_in_call", False)):
             return block.modulations(vec)
         return vec
 
