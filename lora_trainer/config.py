@@ -221,6 +221,11 @@ class TrainConfig:
         """Where a run keeps its resumable state: `<output_dir>/<name>-state/`."""
         return Path(self.output_dir) / f"{self.name}-state"
 
+    def candidates_dir(self) -> Path:
+        """Where a run keeps the LoRA files of the epochs its report could still pick (train/validation.py) until
+        it ends: `<output_dir>/.<name>-candidates/` (a stopped run's stay for its resume)."""
+        return Path(self.output_dir) / f".{self.name}-candidates"
+
     @property
     def global_batch_size(self) -> int:
         """Images per optimizer step and micro-batch across all processes of a multi-GPU run."""

@@ -318,3 +318,81 @@ def test_api_returns_the_report_and_names_the_best_file(tmp_path, monkeypatch):
         assert short["report"] == rep
     finally:
         jobs.shutdown()
+
+
+# Scripted scores (the tiny random model's own do not make this history): validation loss and leakage by epoch,
+# the base model's loss first. Every epoch leaks; at epoch 4 epoch 2 falls under the improvement floor and epoch 3,
+# never the pick when it was scored, becomes the pick (report.pick_when_every_epoch_leaks).
+_LOSSES = [1.0, 0.95, 0.85, 0.75, 0.60]
+_LEAKS = [0.90, 0.55, 0.70, 0.95]
+
+
+def _scripted_scores(monkeypatch):
+    real = validation.Validator._score
+    scoring = {}
+
+    def score(self):
+        losses, predictions = real(self)  # the real scoring runs; its numbers are replaced
+        scoring["epoch"] = 0 if self.base is None else len(self.report.epochs) + 1  # (the base model: first)
+        return [_LOSSES[scoring["epoch"]]] * len(losses), predictions
+
+    monkeypatch.setattr(validation.Validator, "_score", score)
+    monkeypatch.setattr(validation, "_other_ratio", lambda base, lora: _LEAKS[scoring["epoch"] - 1])
+
+
+def _leak_check_set(folder: Path) -> Path:
+    from train_support import shape_image
+
+    folder.mkdir()
+    for k in range(2):
+        shape_image(k + 5, (64, 64)).save(folder / f"o{k}.png")
+        (folder / f"o{k}.txt").write_text(f"circle, colour {k}", encoding="utf-8")
+    return folder
+
+
+def test_an_epoch_picked_only_later_still_has_its_file(tmp_path, monkeypatch):
+    """Where every epoch leaks the pick can move back to an epoch scored earlier (one that was not the pick then):
+    its weights were kept (`config.candidates_dir()`), so its file is there at the end, with that epoch's facts;
+    the candidates are gone after the run."""
+    _scripted_scores(monkeypatch)
+    seen = []
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1)
+    config = tiny_config(data, tmp_path / "out", epochs=4, leak_check_dir=str(_leak_check_set(tmp_path / "lc")))
+    result = run_training(config, bundle=build_tiny_bundle("sd1"),
+                          on_event=lambda e: seen.append(e.report["best_epoch"]) if e.kind == "validation" else None)
+    rep = result.report
+    assert seen == [1, 2, 2, 3] and rep["verdict"] == "leaks" and rep["best_epoch"] == 3
+    best = tmp_path / "out" / "tiny-000003.safetensors"
+    assert rep["best_path"] == str(best) and best in result.saved
+    with safe_open(str(best), "pt") as f:
+        assert f.metadata()["ss_epoch"] == "3"
+    assert not config.candidates_dir().exists() and not config.state_dir().exists()
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["tiny-000003.safetensors",
+                                                                               "tiny.safetensors"]
+
+
+def test_the_kept_candidates_outlive_a_stop_and_resume(tmp_path, monkeypatch):
+    """Stopped after epoch 3 (epoch 3 kept as a candidate, epoch 2 the pick), resumed: epoch 4 makes epoch 3 the
+    pick and its file comes from the candidate the stopped run left."""
+    _scripted_scores(monkeypatch)
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1)
+    common = {"epochs": 4, "leak_check_dir": str(_leak_check_set(tmp_path / "lc"))}
+    stop, scored = threading.Event(), []
+
+    def on_event(e):
+        if e.kind == "validation":
+            scored.append(e.report["best_epoch"])
+            if len(scored) == 3:
+                stop.set()
+
+    first = run_training(tiny_config(data, tmp_path / "out", **common), bundle=build_tiny_bundle("sd1"),
+                         on_event=on_event, stop=stop)
+    assert first.stopped and scored == [1, 2, 2]
+    kept = sorted(p.name for p in (tmp_path / "out" / ".tiny-candidates").iterdir())
+    assert kept == ["epoch-000002.candidate", "epoch-000003.candidate"]  # epoch 1 is under the floor: gone
+    resumed = run_training(tiny_config(data, tmp_path / "out", resume=str(first.state_dir), **common),
+                           bundle=build_tiny_bundle("sd1"))
+    rep = resumed.report
+    assert rep["best_epoch"] == 3 and rep["best_path"] == str(tmp_path / "out" / "tiny-000003.safetensors")
+    with safe_open(rep["best_path"], "pt") as f:
+        assert f.metadata()["ss_epoch"] == "3"

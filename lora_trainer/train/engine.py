@@ -323,7 +323,8 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         if self.validator is not None:
             with _rng_guard():
                 self.models.before_step()
-                self.validator.start(network, objective, resumed=self.resume is not None, history=self.pos.report)
+                self.validator.start(network, objective, resumed=self.resume is not None, history=self.pos.report,
+                                     candidates_dir=config.candidates_dir())
         stopped = False
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -359,9 +360,10 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         final_loss = self.pos.losses[-1] if self.pos.losses else None
         if stopped and self.pos.step < plan.total_steps:
             if self.validator is not None:  # before the state is saved, so a resumed run lists the file
-                self.validator.keep_best(self._write_snapshot)
+                self.validator.keep_best(self._keep_epoch)
             path = self._save(step_tag(self.pos.step), optimizer, scheduler, scaler, force_state=True)
-            report = self.validator.finish(None, self.pos.epoch, self._write_snapshot) if self.validator else None
+            report = (self.validator.finish(None, self.pos.epoch, self._keep_epoch, done=False)
+                      if self.validator else None)
             self.emit(ProgressEvent("stopped", step=self.pos.step, total_steps=plan.total_steps,
                                     epoch=self._shown_epoch(),
                                     total_epochs=plan.epochs, loss=final_loss,
@@ -372,7 +374,7 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
             path = self._write_lora(lora_file(config))
             self._write_user_metadata(path, bundle)
             # the best epoch's file (when not the last) is written before "done" lists the files
-            report = self.validator.finish(path, self.pos.epoch, self._write_snapshot) if self.validator else None
+            report = self.validator.finish(path, self.pos.epoch, self._keep_epoch) if self.validator else None
             self.emit(ProgressEvent("done", step=self.pos.step, total_steps=plan.total_steps, epoch=self.pos.epoch,
                                     total_epochs=plan.epochs, loss=final_loss, smoothed_loss=self.pos.smoothed,
                                     message=f"Finished: {path}", path=str(path),

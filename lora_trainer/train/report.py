@@ -163,6 +163,22 @@ class LearnReport:
                             f"model's{leak}{pick}.{unchecked}")
 
 
+def candidates(report: LearnReport) -> set[int]:
+    """The epochs a later `judge()` could still pick: their weights are kept (on disk) until the run ends. With a
+    clean epoch, only the pick: the lowest loss can only move to a new epoch and the pick is the latest clean epoch
+    as good as it, so a later pick is a later epoch. Where every epoch leaks, every epoch of the pick's pool at or
+    over its improvement floor as well: the floor only rises, so an epoch under it never comes back, but one over
+    it becomes the pick again when the epochs that leak less fall under the floor."""
+    if report.best_epoch is None:
+        return set()
+    limit = report.leak_limit
+    if any(e.leak is None or e.leak <= limit for e in report.epochs):
+        return {report.best_epoch}
+    pool = [e for e in report.epochs if e.improvement >= LEARNED_MIN_IMPROVEMENT] or report.epochs
+    top = max(e.improvement for e in pool)
+    return {e.epoch for e in pool if top <= 0 or e.improvement >= LEAKING_PICK_MIN_SHARE * top} | {report.best_epoch}
+
+
 def pick_when_every_epoch_leaks(pool: list[EpochCheck], min_share: float = LEAKING_PICK_MIN_SHARE) -> EpochCheck:
     """The best epoch when every epoch leaks (`pool`: the learned epochs, or all where none learned): among the
     epochs whose improvement is at least `min_share` of the pool's best (`LEAKING_PICK_MIN_SHARE`: not one that has

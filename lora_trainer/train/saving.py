@@ -1,5 +1,5 @@
 """What a run saves, apart from the step loop: LoRA files (epoch, step, stop and final saves, the best
-epoch's remembered snapshot), the resumable state, kohya's ss_* metadata and the WebUI's `<name>.json`.
+epoch's kept file), the resumable state, kohya's ss_* metadata and the WebUI's `<name>.json`.
 
 `SavingMixin` holds `_Run`'s saving methods (they use the run's config, plan, position, network and
 events); the file names (`lora_file`, `epoch_tag`, `step_tag`) are the fixed names of docs/internals.md.
@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +59,24 @@ class SavingMixin:
         """This epoch's LoRA as it would be saved (CPU tensors + metadata): kept while it is the best."""
         return self.network.kohya_state_dict(SAVE_DTYPES[self.config.save_precision]), self._metadata()
 
-    def _write_snapshot(self, epoch: int, snapshot: tuple[dict[str, torch.Tensor], dict[str, str]]) -> Path | None:
-        """Write the best epoch's remembered LoRA as that epoch's save (unless one is there already)."""
-        from ..lora.kohya_file import save_kohya
-
+    def _keep_epoch(self, epoch: int, candidate: Path | None) -> Path | None:
+        """The best epoch's LoRA as that epoch's save: the one saved already (`save_every_n_epochs`), else a copy
+        of its kept candidate file (train/validation.py); None when there is neither or the name is taken."""
         path = lora_file(self.config, epoch_tag(epoch))
         if path in self.saved:
             return path
+        if candidate is None or not candidate.is_file():
+            log.warning("best epoch %d not kept: its weights were not kept", epoch)
+            return None
         if path.exists() and not self.config.overwrite:
             log.warning("best epoch %d not kept: %s already exists", epoch, path)
             return None
-        save_kohya(path, *snapshot)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a copy beside it, then renamed
+        try:
+            shutil.copyfile(candidate, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.saved.append(path)
         self.pos.saved = [str(p) for p in self.saved]
         self.emit(ProgressEvent("save", step=self.pos.step, total_steps=self.plan.total_steps, epoch=self.pos.epoch,

@@ -44,6 +44,7 @@ import contextlib
 import logging
 import math
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ from .report import (
     REGULARISATION,
     EpochCheck,
     LearnReport,
+    candidates,
     thresholds_for,
 )
 
@@ -69,6 +71,8 @@ LEAK_PAIRS = 16  # "other concepts": pictures scored on each side (the trigger's
 # sigma 0.5), where the picture still holds its layout and the prediction shows what the LoRA adds to it
 MID_LEVEL = 0.5
 MAX_IMAGES = 8
+# a kept epoch's LoRA in the run's state folder: a kohya file, not named .safetensors so no WebUI lists it
+CANDIDATE_SUFFIX = ".candidate"
 
 
 # ---------------------------------------------------------------------------------- triggers in captions
@@ -162,7 +166,10 @@ class Validator:
         with_trigger = [k for k, p in enumerate(pairs) if p.plain is not None]  # probes spread over the images
         self.probes = [with_trigger[int(n * len(with_trigger) / LEAK_PAIRS)]
                        for n in range(min(LEAK_PAIRS, len(with_trigger)))]
-        self.best_snapshot: tuple[int, Any] | None = None
+        # the LoRA files of the epochs the report could still pick (report.candidates), written when scored
+        # (config.candidates_dir(), kept for a resume), removed when they no longer can be
+        self.candidates_dir: Path | None = None
+        self.kept: dict[int, Path] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -302,9 +309,11 @@ class Validator:
             for m, mode in zip(modules, modes):
                 m.train(mode)
 
-    def start(self, network, objective, *, resumed: bool = False, history: dict[str, Any] | None = None) -> None:
+    def start(self, network, objective, *, resumed: bool = False, history: dict[str, Any] | None = None,
+              candidates_dir: Path | None = None) -> None:
         """Fix the pairs' draws; the base model is scored later, at the first scored epoch (`_score_base`),
-        so that these forward passes do not delay the first training step."""
+        so that these forward passes do not delay the first training step. `candidates_dir`: where the epochs
+        the report could still pick keep their LoRA files (a resumed run finds its earlier ones there)."""
         self.network, self.objective = network, objective
         self._draw(objective)
         if resumed and history and history.get("epochs"):
@@ -314,6 +323,15 @@ class Validator:
                     e.leak = None
             self.report.epochs = earlier.epochs
             self.report.best_epoch, self.report.best_path = earlier.best_epoch, earlier.best_path
+        self.candidates_dir, self.kept = candidates_dir, {}
+        if candidates_dir is not None and resumed:
+            scored = {e.epoch for e in self.report.epochs}
+            for path in candidates_dir.glob(f"epoch-*{CANDIDATE_SUFFIX}"):
+                epoch = int(path.name[len("epoch-"):-len(CANDIDATE_SUFFIX)])
+                if epoch in scored:
+                    self.kept[epoch] = path
+        elif candidates_dir is not None:
+            shutil.rmtree(candidates_dir, ignore_errors=True)  # an earlier run's of the same name
         log.info("validation: %d pairs on %d %s", len(self.pairs), self.report.images, self.report.method)
 
     def _score_base(self) -> None:
@@ -329,7 +347,8 @@ class Validator:
         log.info("validation: base model loss %.5f", self.report.base_loss)
 
     def epoch(self, epoch: int, step: int, snapshot: Callable[[], Any]) -> LearnReport:
-        """Score the LoRA as it is after `epoch`; remember its weights when it is the best so far."""
+        """Score the LoRA as it is after `epoch`; keep its file (`snapshot()`: its state dict and metadata) while
+        the report could pick it."""
         self._score_base()
         losses, predictions = self._score()
         val = _mean(losses)
@@ -340,29 +359,39 @@ class Validator:
         self.report.epochs.append(EpochCheck(epoch=epoch, step=step, val_loss=val,
                                              improvement=1.0 - val / self.report.base_loss, leak=leak,
                                              pair_losses=[float(f"{x:.6g}") for x in losses]))
-        previous = self.report.best_epoch
         self.report.judge()
-        if self.report.best_epoch == epoch and previous != epoch:
-            self.best_snapshot = (epoch, snapshot())
+        wanted = candidates(self.report)
+        if epoch in wanted and self.candidates_dir is not None:
+            from ..lora.kohya_file import save_kohya
+
+            path = self.candidates_dir / f"epoch-{epoch:06d}{CANDIDATE_SUFFIX}"
+            save_kohya(path, *snapshot())
+            self.kept[epoch] = path
+        for gone in [e for e in self.kept if e not in wanted]:
+            self.kept.pop(gone).unlink(missing_ok=True)
         self.emit(self.report.to_dict())
         return self.report
 
-    def keep_best(self, write: Callable[[int, Any], Path | None]) -> None:
-        """Write the remembered best epoch's LoRA (`write(epoch, snapshot)` -> path, or None when it cannot)."""
-        if self.best_snapshot is not None and self.best_snapshot[0] == self.report.best_epoch:
-            path = write(*self.best_snapshot)
+    def keep_best(self, keep: Callable[[int, Path | None], Path | None]) -> None:
+        """Make the best epoch's LoRA a file of its own: `keep(epoch, its candidate file or None)` -> the epoch's
+        file, or None when there is none (then the report names no file)."""
+        if self.report.best_epoch is not None:
+            path = keep(self.report.best_epoch, self.kept.get(self.report.best_epoch))
             self.report.best_path = str(path) if path is not None else None
 
-    def finish(self, final_path: Path | None, last_epoch: int,
-               write: Callable[[int, Any], Path | None]) -> LearnReport:
-        """Keep the best epoch's file: the final LoRA when it is the last epoch, else the remembered
-        weights written as that epoch's save."""
+    def finish(self, final_path: Path | None, last_epoch: int, keep: Callable[[int, Path | None], Path | None],
+               *, done: bool = True) -> LearnReport:
+        """Keep the best epoch's file: the final LoRA when it is the last epoch, else its kept candidate as that
+        epoch's save. `done`: the run ended (not stopped to resume), so the candidates go."""
         self.report.judge()
         if self.report.best_epoch is not None:
             if self.report.best_epoch == last_epoch and final_path is not None:
                 self.report.best_path = str(final_path)
             else:
-                self.keep_best(write)
+                self.keep_best(keep)
+        if done and self.candidates_dir is not None:
+            shutil.rmtree(self.candidates_dir, ignore_errors=True)
+            self.kept = {}
         return self.report
 
     def history(self) -> dict[str, Any]:
