@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
+from ..lora.errors import LoraFileError
 from ..models.bundle import ModelBundle
 from .data import Dataset
 from .events import ProgressEvent, TrainingPlan
@@ -56,7 +57,7 @@ class SavingMixin:
     """`_Run`'s saves (see the module's docstring)."""
 
     def _snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """This epoch's LoRA as it would be saved (CPU tensors + metadata): kept while it is the best."""
+        """This epoch's LoRA as it would be saved (CPU tensors + metadata): a candidate for the best epoch's file."""
         return self.network.kohya_state_dict(SAVE_DTYPES[self.config.save_precision]), self._metadata()
 
     def _keep_epoch(self, epoch: int, candidate: Path | None) -> Path | None:
@@ -75,6 +76,10 @@ class SavingMixin:
         try:
             shutil.copyfile(candidate, tmp)
             os.replace(tmp, path)
+        except OSError as e:
+            raise LoraFileError(f"Cannot write the best epoch's LoRA file {path} ({e.strerror or e}); free some "
+                                f"space in its folder; that epoch's weights are in {candidate} until the next "
+                                "run of this name.") from e
         finally:
             tmp.unlink(missing_ok=True)
         self.saved.append(path)
