@@ -396,3 +396,18 @@ def test_the_kept_candidates_outlive_a_stop_and_resume(tmp_path, monkeypatch):
     assert rep["best_epoch"] == 3 and rep["best_path"] == str(tmp_path / "out" / "tiny-000003.safetensors")
     with safe_open(rep["best_path"], "pt") as f:
         assert f.metadata()["ss_epoch"] == "3"
+
+
+def test_a_candidate_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    """Where the kept epochs' files cannot be written (here a file stands where their folder goes; a full disk
+    alike) the run goes on and ends with its LoRA; the report names no file for a best epoch it could not keep."""
+    _scripted_scores(monkeypatch)
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1)
+    config = tiny_config(data, tmp_path / "out", epochs=4, leak_check_dir=str(_leak_check_set(tmp_path / "lc")))
+    (tmp_path / "out").mkdir()
+    config.candidates_dir().write_text("in the way", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        result = run_training(config, bundle=build_tiny_bundle("sd1"))
+    assert not result.stopped and result.lora_path.is_file()
+    assert result.report["best_epoch"] == 3 and result.report["best_path"] is None
+    assert "not kept as a candidate" in caplog.text and "best epoch 3 not kept" in caplog.text

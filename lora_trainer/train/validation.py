@@ -362,11 +362,15 @@ class Validator:
         self.report.judge()
         wanted = candidates(self.report)
         if epoch in wanted and self.candidates_dir is not None:
+            from ..lora.errors import LoraFileError
             from ..lora.kohya_file import save_kohya
 
             path = self.candidates_dir / f"epoch-{epoch:06d}{CANDIDATE_SUFFIX}"
-            save_kohya(path, *snapshot())
-            self.kept[epoch] = path
+            try:
+                save_kohya(path, *snapshot())
+                self.kept[epoch] = path
+            except LoraFileError as e:  # (e.g. the disk is full) training goes on; only this file is missing
+                log.warning("epoch %d not kept as a candidate for the best epoch's file: %s", epoch, e)
         for gone in [e for e in self.kept if e not in wanted]:
             self.kept.pop(gone).unlink(missing_ok=True)
         self.emit(self.report.to_dict())
