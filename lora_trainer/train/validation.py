@@ -71,7 +71,7 @@ LEAK_PAIRS = 16  # "other concepts": pictures scored on each side (the trigger's
 # sigma 0.5), where the picture still holds its layout and the prediction shows what the LoRA adds to it
 MID_LEVEL = 0.5
 MAX_IMAGES = 8
-# a kept epoch's LoRA in the run's state folder: a kohya file, not named .safetensors so no WebUI lists it
+# a kept epoch's LoRA in config.candidates_dir(): a kohya file, not named .safetensors so no WebUI lists it
 CANDIDATE_SUFFIX = ".candidate"
 
 
