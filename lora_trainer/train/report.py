@@ -121,13 +121,17 @@ class LearnReport:
         """The leakage over which an epoch leaks; only "other concepts" judges leakage (infinite otherwise)."""
         return LEAK_MAX_OTHER if self.leak_measure == OTHER_CONCEPTS else math.inf
 
+    def clean_epochs(self) -> list[EpochCheck]:
+        """The epochs that do not leak (or were not measured for it)."""
+        return [e for e in self.epochs if e.leak is None or e.leak <= self.leak_limit]
+
     def judge(self) -> None:
         """Pick the best epoch and write the verdict (one sentence) from the epochs scored so far."""
         if not self.epochs:
             self.verdict, self.message = "pending", "No epoch has been scored yet."
             return
         limit = self.leak_limit
-        clean = [e for e in self.epochs if e.leak is None or e.leak <= limit]
+        clean = self.clean_epochs()
         learned = [e for e in self.epochs if e.improvement >= LEARNED_MIN_IMPROVEMENT]
         if clean:
             low = min(clean, key=lambda e: e.val_loss)
@@ -171,12 +175,16 @@ def candidates(report: LearnReport) -> set[int]:
     it becomes the pick again when the epochs that leak less fall under the floor."""
     if report.best_epoch is None:
         return set()
-    limit = report.leak_limit
-    if any(e.leak is None or e.leak <= limit for e in report.epochs):
+    if report.clean_epochs():
         return {report.best_epoch}
     pool = [e for e in report.epochs if e.improvement >= LEARNED_MIN_IMPROVEMENT] or report.epochs
+    return {e.epoch for e in over_floor(pool)} | {report.best_epoch}
+
+
+def over_floor(pool: list[EpochCheck], min_share: float = LEAKING_PICK_MIN_SHARE) -> list[EpochCheck]:
+    """The epochs of `pool` whose improvement is at least `min_share` of its best (all when none improved)."""
     top = max(e.improvement for e in pool)
-    return {e.epoch for e in pool if top <= 0 or e.improvement >= LEAKING_PICK_MIN_SHARE * top} | {report.best_epoch}
+    return [e for e in pool if e.improvement >= min_share * top] if top > 0 else pool
 
 
 def pick_when_every_epoch_leaks(pool: list[EpochCheck], min_share: float = LEAKING_PICK_MIN_SHARE) -> EpochCheck:
@@ -184,8 +192,7 @@ def pick_when_every_epoch_leaks(pool: list[EpochCheck], min_share: float = LEAKI
     epochs whose improvement is at least `min_share` of the pool's best (`LEAKING_PICK_MIN_SHARE`: not one that has
     barely trained), the lowest validation loss among those leaking (about, `LEAK_MARGIN`) least, so that a noisy
     early epoch does not win on leakage alone. `min_share` 0: the rule before 2026-12-06."""
-    top = max(e.improvement for e in pool)
-    pool = [e for e in pool if e.improvement >= min_share * top] if top > 0 else pool
+    pool = over_floor(pool, min_share)
     least = min(e.leak or 0.0 for e in pool)
     return min((e for e in pool if (e.leak or 0.0) <= least + LEAK_MARGIN), key=lambda e: e.val_loss)
 
