@@ -32,7 +32,7 @@ from train_speed import full_size_bundle, make_dataset
 from lora_trainer.config import TrainConfig
 from lora_trainer.models.bundle import Family
 from lora_trainer.train import run_training
-from lora_trainer.train.engine import place_bundle
+from lora_trainer.train.placement import place_bundle
 
 
 def run_case(bundle, data: Path, out: Path, accel: str, batch: int, steps: int, warmup: int,

@@ -35,7 +35,7 @@ from lora_trainer.config import PRESETS, TrainConfig
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.models.bundle import EPSILON, Family, ModelBundle
 from lora_trainer.train import run_training
-from lora_trainer.train.engine import place_bundle
+from lora_trainer.train.placement import place_bundle
 
 # (model family, default preset, low-VRAM preset)
 MODELS = [("sd15", Family.SD1, "sd15", "sd15-lowvram"), ("sdxl", Family.SDXL, "sdxl", "sdxl-lowvram")]

@@ -301,7 +301,7 @@ def test_engine_accel_matches_eager_and_oom_message(tmp_path):
     from lora_trainer.errors import TrainingError
     from lora_trainer.models.tiny import build_tiny_bundle
     from lora_trainer.train import run_training
-    from lora_trainer.train.engine import place_bundle
+    from lora_trainer.train.placement import place_bundle
 
     data = make_dataset(tmp_path / "d", n=2, repeats=8)
     results = {}

@@ -14,7 +14,7 @@ from train_support import lora_tensors, make_dataset, tiny_config, tiny_data  # 
 
 from lora_trainer.models.tiny import build_tiny_bundle
 from lora_trainer.train import run_training
-from lora_trainer.train.engine import place_bundle
+from lora_trainer.train.placement import place_bundle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

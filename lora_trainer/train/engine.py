@@ -39,9 +39,9 @@ from .events import ProgressEvent, RunClock, Schedule, TrainingPlan, TrainResult
 from .family import family_for
 from .optim import build_optimizer, build_scheduler, check_optimizer_available
 from .outputs import OutputClaim, claim_outputs
-from .placement import Placement, place_bundle  # noqa: F401 - place_bundle: callers import it from here too
+from .placement import Placement
 from .planning import check_model_file, model_components, planned_files, prepare_dataset
-from .saving import SavingMixin, epoch_tag, lora_file, step_tag
+from .saving import SavingMixin, epoch_tag, step_tag
 from .saving import rng_guard as _rng_guard
 from .state import Position, load_state, position_from, set_rng_state
 from .step import StepContext, StepMixin
@@ -358,27 +358,8 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
                 break
 
         final_loss = self.pos.losses[-1] if self.pos.losses else None
-        if stopped and self.pos.step < plan.total_steps:
-            if self.validator is not None:  # before the state is saved, so a resumed run lists the file
-                self.validator.keep_best(self._keep_epoch)
-            path = self._save(step_tag(self.pos.step), optimizer, scheduler, scaler, force_state=True)
-            report = (self.validator.finish(None, self.pos.epoch, self._keep_epoch, done=False)
-                      if self.validator else None)
-            self.emit(ProgressEvent("stopped", step=self.pos.step, total_steps=plan.total_steps,
-                                    epoch=self._shown_epoch(),
-                                    total_epochs=plan.epochs, loss=final_loss,
-                                    message=f"Stopped at step {self.pos.step}; resume from {self.state_path}.",
-                                    path=str(path)))
-        else:
-            stopped = False
-            path = self._write_lora(lora_file(config))
-            self._write_user_metadata(path, bundle)
-            # the best epoch's file (when not the last) is written before "done" lists the files
-            report = self.validator.finish(path, self.pos.epoch, self._keep_epoch) if self.validator else None
-            self.emit(ProgressEvent("done", step=self.pos.step, total_steps=plan.total_steps, epoch=self.pos.epoch,
-                                    total_epochs=plan.epochs, loss=final_loss, smoothed_loss=self.pos.smoothed,
-                                    message=f"Finished: {path}", path=str(path),
-                                    paths=[str(p) for p in self.saved]))
+        stopped = stopped and self.pos.step < plan.total_steps
+        path, report = self._save_end(stopped, bundle, optimizer, scheduler, scaler, final_loss)
         self.dist.barrier()  # several GPUs: no process ends before rank 0 has written everything
         return TrainResult(lora_path=path, saved=list(self.saved), samples=list(self.samples),
                            state_dir=self.state_path, stopped=stopped, steps=self.pos.step, final_loss=final_loss,
@@ -431,7 +412,6 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         self.emit(ProgressEvent("validation", step=self.pos.step, total_steps=self.plan.total_steps,
                                 epoch=self.pos.epoch, total_epochs=self.plan.epochs, message=report["message"],
                                 report=report))
-
 
 
 def _grad_scaler():

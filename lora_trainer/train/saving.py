@@ -116,6 +116,29 @@ class SavingMixin:
                 scaler=scaler, position=dataclasses.replace(self.pos), device=self.device)
         return path
 
+    def _save_end(self, stopped: bool, bundle: ModelBundle, optimizer, scheduler, scaler,
+                  final_loss: float | None) -> tuple[Path, Any]:
+        """The run's last files: stopped, a step save and the resumable state; done, the final LoRA and its
+        `<name>.json`. The best epoch's file is kept before the state is saved (the resumed run lists it) and
+        before "done" lists the files."""
+        if stopped:
+            report = self.validator.finish(None, self.pos.epoch, self._keep_epoch, done=False) \
+                if self.validator else None
+            path = self._save(step_tag(self.pos.step), optimizer, scheduler, scaler, force_state=True)
+            self.emit(ProgressEvent("stopped", step=self.pos.step, total_steps=self.plan.total_steps,
+                                    epoch=self._shown_epoch(), total_epochs=self.plan.epochs, loss=final_loss,
+                                    message=f"Stopped at step {self.pos.step}; resume from {self.state_path}.",
+                                    path=str(path)))
+        else:
+            path = self._write_lora(lora_file(self.config))
+            self._write_user_metadata(path, bundle)
+            report = self.validator.finish(path, self.pos.epoch, self._keep_epoch) if self.validator else None
+            self.emit(ProgressEvent("done", step=self.pos.step, total_steps=self.plan.total_steps,
+                                    epoch=self.pos.epoch, total_epochs=self.plan.epochs, loss=final_loss,
+                                    smoothed_loss=self.pos.smoothed, message=f"Finished: {path}", path=str(path),
+                                    paths=[str(p) for p in self.saved]))
+        return path, report
+
     def _check_room(self, trainable: list[torch.Tensor]) -> None:
         """Disk room for the LoRA files, the state (weights + ~2 optimizer moments, fp32) and samples."""
         n = sum(p.numel() for p in trainable)
