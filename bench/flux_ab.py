@@ -75,49 +75,6 @@ def modulation_inside(out: Path):
     return undo
 
 
-def keep_recomputed_weight(out: Path):
-    """Under gradient checkpointing, the lean LoRA product keeps the weight its recomputation dequantised for its own
-    input gradient instead of dequantising it again in backward (bench-only A/B: a third of the fp8 base's
-    dequantisation for up to one block's bf16 weights held during that block's backward)."""
-    import torch
-    from torch.nn import functional as F
-
-    from lora_trainer.quant import linear as ql
-
-    fn = ql._LoraProductFn
-    original = fn.forward, fn.backward
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks  # set by checkpointing (kept only when recomputing)
-
-    def forward(ctx, x, a, b, frozen, bias, dtype, compute8, fused):
-        if compute8 or hooks(True) is None:
-            return original[0](ctx, x, a, b, frozen, bias, dtype, compute8, fused)
-        ctx.frozen, ctx.grad8, ctx.fused = frozen, False, fused
-        x2 = ql._rows(x).to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            w = frozen.dequantize(dtype, x2.device, fused=fused)
-            h = x2 @ a.t()
-            y = F.linear(x2, w, bias)
-            y.addmm_(h, b.t())
-        ctx.save_for_backward(x2, h, a, b, w)
-        ctx.shape, ctx.kept = x.shape, True
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    def backward(ctx, grad):
-        if not getattr(ctx, "kept", False):
-            return original[1](ctx, grad)
-        x2, h, a, b, w = ctx.saved_tensors
-        g2 = ql._rows(grad)
-        gh = g2 @ b
-        dx = (g2 @ w).addmm_(gh, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        return dx, gh.t() @ x2, g2.t() @ h, None, None, None, None, None
-
-    fn.forward, fn.backward = staticmethod(forward), staticmethod(backward)
-
-    def undo() -> None:
-        fn.forward, fn.backward = staticmethod(original[0]), staticmethod(original[1])
-    return undo
-
-
 def tunable_gemm(out: Path):
     """torch.cuda.tunable (TunableOp): each GEMM shape timed against cuBLAS/cuBLASLt's candidates at its first call
     (in the eager warm-up steps), the fastest kept (in `results`); bench-only."""
@@ -138,7 +95,7 @@ def tunable_gemm(out: Path):
 PATCHES: dict[str, Callable[[Path], Callable[[], None]]] = {
     "fused_qkv_only": fuse_qkv_only, "eager_dequant": eager_dequant, "split_lora_product": split_lora_product,
     "heads_first_copy": heads_first_copy, "modulation_inside": modulation_inside,
-    "keep_recomputed_weight": keep_recomputed_weight, "tunable_gemm": tunable_gemm}
+    "tunable_gemm": tunable_gemm}
 
 
 def apply(overrides: dict, out: Path) -> Callable[[], None] | None:

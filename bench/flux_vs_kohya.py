@@ -14,6 +14,8 @@ counters reset between them, so each run's peak covers its own load, caching, tr
   R1U, R2U  R1 and R2 with the blocks' q/k norms and RoPE eager (accel's fused_math off)
   R1X  R1 with the fp8 base dequantised by torch's own cast (not accel's compiled kernel, use_fused_dequant)
   R1L  R1 with the LoRA's product added after the base's (autograd adds the input gradients; addmm copies)
+  R1K  R1 with the fp8 base dequantised again for the input gradients in backward (accel's keep_recomputed_weights
+        off: the recomputation's weights not kept)
   R1T  R1 with torch.cuda.tunable choosing each GEMM's kernel by timing (the first steps tune; run it last)
   R1Q  R1 with only the q/k norms and RoPE compiled (the fused block math's first part; its second part, the
         modulated norms, gated adds and the single block's GELU, eager): the second part's gain on one machine
@@ -83,7 +85,7 @@ OURS = {
     "R1T": {"preset": "flux-24gb", "tunable_gemm": True},  # torch.cuda.tunable picks each GEMM's kernel (run it last)
     "R1H": {"preset": "flux-24gb", "heads_first_copy": True},  # A/B: attention inputs laid out (B, H, L, D)
     "R1M": {"preset": "flux-24gb", "modulation_inside": True},  # A/B: modulations recomputed in backward
-    "R1K": {"preset": "flux-24gb", "keep_recomputed_weight": True},  # A/B: recomputed weights kept for backward
+    "R1K": {"preset": "flux-24gb", "keep_recomputed_weights": False},  # A/B: recomputed weights dequantised again
     "R16": {"preset": "flux-16gb"},  # block swap 8, AdamW
     "R1L": {"preset": "flux-24gb", "split_lora_product": True},  # A/B: base and LoRA products as separate ops
     # where a step's time goes (row["profile"]): steps PROFILE_STEPS, before the epoch-end scoring

@@ -138,7 +138,7 @@ if [ "${STAGE:-flux}" = all15 ]; then  # issue 15's open measurements in one cal
     PYTHONPATH=/tmp/site timeout "$(left $((END - TESTS_AFTER)))" python3 bench/flux_vs_kohya.py \
         --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site --work /tmp/fluxbench \
         --out "$OUT/flux_vs_kohya_all15.json" --steps 20 --kohya-steps 12 --ours R1,R2,R16,R3,R1M,R1H,R1L,R1K \
-        --order "${ORDER:-R1,R2,R16,K24,K16,R3,R1K,R1M,R1H,R1L}" --deadline "$(left $((END - TESTS_AFTER - 75)))" 2>&1 | tail -8
+        --order "${ORDER:-R1,K24,R1K,R2,K16,R16,R3,R1M,R1H,R1L}" --deadline "$(left $((END - TESTS_AFTER - 75)))" 2>&1 | tail -8
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q -p no:logging tests/test_train_flux_cuda.py \
         2>&1 | grep -E "^E |passed|failed" | head -30 | tee -a "$OUT/test_all15_cuda.log"
     echo "wall $(( $(date +%s) - T )) s"

@@ -99,7 +99,7 @@ def test_flux_lora_learns_the_data(tmp_path):
 
 
 # ------------------------------------------------------------------ memory plan: same numbers
-def test_block_swap_fp8_and_checkpointing_keep_the_arithmetic(tmp_path, data):
+def test_block_swap_fp8_and_checkpointing_keep_the_arithmetic(tmp_path, data, monkeypatch):
     """Block swap and checkpointing change nothing (exact); fp8 base weights stay close to the full-precision
     run (per-row fp8 rounding of the frozen weights only)."""
     common = {"epochs": 1, "gradient_checkpointing": True}
@@ -122,6 +122,23 @@ def test_block_swap_fp8_and_checkpointing_keep_the_arithmetic(tmp_path, data):
     assert fp8_swap.losses == fp8.losses
     torch.testing.assert_close(torch.tensor(fp8.losses), torch.tensor(plain.losses), rtol=5e-2, atol=1e-3)
     assert fp8.losses != plain.losses  # the fp8 weights were really used
+    # accel's default keeps the weights a checkpoint's recomputation dequantised for the block's backward; without
+    # it they are dequantised again: the same numbers
+    from lora_trainer.quant import linear as quant_linear
+
+    kept = []
+    keeps = quant_linear._keeps_weight
+    monkeypatch.setattr(quant_linear, "_keeps_weight", lambda compute8: kept.append(keeps(compute8)) or kept[-1])
+    config = _config(data, tmp_path / "f", fp8_base=True, **common)
+    config.keep_recomputed_weights = False  # an accel switch (AccelOptions.from_config), not a TrainConfig field
+    fp8_again = run_training(config, bundle=build_tiny_flux_bundle("dev", seed=6), owns_bundle=True)
+    assert not any(kept) and fp8_again.losses == fp8.losses
+    d, e = lora_tensors(fp8.lora_path), lora_tensors(fp8_again.lora_path)
+    assert all(torch.equal(d[k], e[k]) for k in d)
+    kept.clear()
+    run_training(_config(data, tmp_path / "g", fp8_base=True, epochs=1, gradient_checkpointing=True),
+                 bundle=build_tiny_flux_bundle("dev", seed=6), owns_bundle=True)
+    assert any(kept)
 
 
 def test_memory_plan_places_blocks_in_fp8_and_swaps_them(tmp_path, data):

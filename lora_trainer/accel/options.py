@@ -34,6 +34,10 @@ class AccelOptions:
     # Flux blocks' weightless math (q/k RMS norms, rotary embedding) fused by torch.compile where CUDA and Triton
     # are (accel/fused_math.py): the same function, fewer passes over memory; compiled at the first steps.
     fused_math: bool = True
+    # a checkpointed block's recomputation keeps the frozen weights it dequantises for that block's backward (the
+    # input gradients) instead of dequantising them again (quant.weights_kept_for_backward): one block's weights in
+    # the compute dtype held a little longer (Flux: up to 0.42 GiB, a double block), a third of the dequantisation
+    keep_recomputed_weights: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> AccelOptions:
@@ -46,13 +50,13 @@ class AccelOptions:
                 setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
         if not opts.enabled:
             opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = False
-            opts.compile_blocks = opts.fused_math = False
+            opts.compile_blocks = opts.fused_math = opts.keep_recomputed_weights = False
         return opts
 
     @classmethod
     def off(cls) -> AccelOptions:
         return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False,
-                   fused_math=False)
+                   fused_math=False, keep_recomputed_weights=False)
 
 
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:

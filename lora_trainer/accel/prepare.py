@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant import quant_layers, weights_kept_for_backward
 from ..quant.fp8_products import fp8_matmul_supported
 from .fp8 import fp8_available, quantize_linears_fp8, use_fp8_products
 from .fused_math import use_fused_dequant, use_fused_math
@@ -19,7 +20,7 @@ from .options import AccelOptions
 log = logging.getLogger(__name__)
 
 
-def graph_safe_checkpointing(model: nn.Module) -> int:
+def graph_safe_checkpointing(model: nn.Module, keep_recomputed_weights: bool = False) -> int:
     """Make diffusers' gradient checkpointing capturable in a CUDA graph.
 
     diffusers checkpoints with preserve_rng_state=True, which reads and restores the CUDA RNG
@@ -27,14 +28,25 @@ def graph_safe_checkpointing(model: nn.Module) -> int:
     training configs), so there is nothing to preserve and the state calls are what breaks a
     capture. Only diffusers versions with a per-module `_gradient_checkpointing_func` (>= 0.32)
     let us swap it; older ones keep theirs (and a failed capture falls back to eager steps).
+    `keep_recomputed_weights`: the recomputation keeps the frozen quantised weights it dequantises for the block's
+    backward (quant.weights_kept_for_backward), where the model has any.
     """
-    func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False)
+    kwargs: dict[str, Any] = {"use_reentrant": False, "preserve_rng_state": False}
+    if keep_recomputed_weights and any(True for _ in quant_layers(model)):
+        kwargs["context_fn"] = _recompute_keeping_weights
+    func = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
     n = 0
     for m in model.modules():
         if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
             m._gradient_checkpointing_func = func
             n += 1
     return n
+
+
+def _recompute_keeping_weights() -> tuple[Any, Any]:
+    """torch checkpoint's context_fn: the weights saved in both passes (the checkpoint checks that its forward and
+    its recomputation save the same tensors; it holds none of the forward's)."""
+    return weights_kept_for_backward(), weights_kept_for_backward()
 
 
 COMPILED_BLOCKS = ("BasicTransformerBlock",)
@@ -87,7 +99,7 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
         if on:
             model.to(memory_format=torch.channels_last)
             done["channels_last"] = 1
-    done["checkpoint_funcs"] = graph_safe_checkpointing(model)
+    done["checkpoint_funcs"] = graph_safe_checkpointing(model, opts.keep_recomputed_weights)
     if opts.compile_blocks:
         done["compiled_blocks"] = compile_blocks(model, device)
     if opts.fused_math:

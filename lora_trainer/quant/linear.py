@@ -1,8 +1,10 @@
 """`QuantLinear`: a frozen Linear whose weight stays in its stored form, for LoRA training over it.
 
 The weight is dequantised to the compute dtype for the forward product and again in backward (for
-the input gradient; a frozen weight has no gradient of its own), and the dequantised copy is never
-kept: peak memory grows by one layer's weight at a time, whatever the format (QLoRA's recipe).
+the input gradient; a frozen weight has no gradient of its own), and the dequantised copy is not
+kept: peak memory grows by one layer's weight at a time, whatever the format (QLoRA's recipe). In a
+checkpointed block's recomputation (`weights_kept_for_backward`) the copies are kept until the block's
+backward, which follows at once: one block's weights, one dequantisation fewer.
 peft wraps it like any `nn.Linear` (it is a subclass), so adapters, kohya export and removal work
 unchanged, and the base bytes are only ever read.
 
@@ -19,6 +21,8 @@ checks `layer.weight.dtype` (transformers' T5, peft) sees the compute dtype. Use
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -61,6 +65,29 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+_checkpointed = threading.local()
+
+
+@contextlib.contextmanager
+def weights_kept_for_backward() -> Iterator[None]:
+    """Inside it the products save the weight they dequantise and reuse it for their input gradient instead of
+    dequantising it again in backward. Only for a non-reentrant checkpoint's two passes (accel passes it as the
+    checkpoint's context for both: they must save the same tensors): the checkpoint holds nothing its first
+    forward saves, and what its recomputation saves only until the block's backward, which follows at once. So
+    one block's weights in the compute dtype live a little longer and a third of the dequantisation of an fp8
+    Flux base goes (bench/results/flux_profile_h100.md). Outside a checkpoint it would keep every weight."""
+    before = getattr(_checkpointed, "on", False)
+    _checkpointed.on = True
+    try:
+        yield
+    finally:
+        _checkpointed.on = before
+
+
+def _keeps_weight(compute8: int) -> bool:
+    return not compute8 and getattr(_checkpointed, "on", False)
+
+
 class _BaseProductFn(torch.autograd.Function):
     """y = x @ W.T + b with W never saved: dequantised in forward and again in backward (for the input gradient; a
     frozen weight has none of its own), or on fp8 tensor cores (`compute8` 1: forward, 2: the input gradient too)."""
@@ -68,13 +95,21 @@ class _BaseProductFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, frozen, bias, dtype, compute8, fused):  # type: ignore[override]
         ctx.frozen, ctx.grad8, ctx.fused = frozen, compute8 >= 2, fused
+        x2 = _rows(x).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            y = _base_product(_rows(x).to(dtype), frozen, bias, dtype, compute8, fused)
+            if _keeps_weight(compute8):
+                w = frozen.dequantize(dtype, x2.device, fused=fused)
+                ctx.save_for_backward(w)
+                y = F.linear(x2, w, bias)
+            else:
+                y = _base_product(x2, frozen, bias, dtype, compute8, fused)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        dx = _base_input_grad(_rows(grad), ctx.frozen, ctx.grad8, ctx.fused)
+        g2 = _rows(grad)
+        kept = ctx.saved_tensors
+        dx = g2 @ kept[0] if kept else _base_input_grad(g2, ctx.frozen, ctx.grad8, ctx.fused)
         return dx.view(*grad.shape[:-1], dx.shape[-1]), None, None, None, None, None
 
 
@@ -90,22 +125,28 @@ class _LoraProductFn(torch.autograd.Function):
     def forward(ctx, x, a, b, frozen, bias, dtype, compute8, fused):  # type: ignore[override]
         ctx.frozen, ctx.grad8, ctx.fused = frozen, compute8 >= 2, fused
         x2 = _rows(x).to(dtype)
+        kept: tuple[torch.Tensor, ...] = ()
         with torch.autocast(x.device.type, enabled=False):
             h = x2 @ a.t()
-            y = _base_product(x2, frozen, bias, dtype, compute8, fused)
+            if _keeps_weight(compute8):
+                kept = (frozen.dequantize(dtype, x2.device, fused=fused),)
+                y = F.linear(x2, kept[0], bias)
+            else:
+                y = _base_product(x2, frozen, bias, dtype, compute8, fused)
             y.addmm_(h, b.t())
-        ctx.save_for_backward(x2, h, a, b)
+        ctx.save_for_backward(x2, h, a, b, *kept)
         ctx.shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x2, h, a, b = ctx.saved_tensors
+        x2, h, a, b, *kept = ctx.saved_tensors
         g2 = _rows(grad)
         gh = g2 @ b
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _base_input_grad(g2, ctx.frozen, ctx.grad8, ctx.fused).addmm_(gh, a).view(ctx.shape)
+            base = g2 @ kept[0] if kept else _base_input_grad(g2, ctx.frozen, ctx.grad8, ctx.fused)
+            dx = base.addmm_(gh, a).view(ctx.shape)
         return dx, gh.t() @ x2, g2.t() @ h, None, None, None, None, None
 
 
