@@ -6,8 +6,15 @@ never for the whole model. See formats.py (stored forms) and linear.py (the Line
 """
 
 from .formats import Fp8Weight, FrozenWeight, GGUFWeight, HostWeight, Nf4Weight, PlainWeight, is_fp8
-from .linear import (QuantLinear, formats, quant_layers, quantize_linears, replace_linear, stored_tensors,
-                     weights_kept_for_backward)
+from .linear import (
+    QuantLinear,
+    formats,
+    quant_layers,
+    quantize_linears,
+    replace_linear,
+    stored_tensors,
+    weights_kept_for_backward,
+)
 
 __all__ = [
     "Fp8Weight",
