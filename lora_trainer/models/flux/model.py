@@ -214,7 +214,9 @@ class DoubleStreamBlock(nn.Module):
         q, k, v = m.double_qkv(img_qkv, txt_qkv, self.num_heads, self.img_attn.norm.scales(),
                                self.txt_attn.norm.scales(), pe)
         attn = attend(q, k, v, mask)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+        # split, not two slices: its backward writes the joint gradient once (a slice's backward fills a zero
+        # tensor of the whole size, and the two are then added)
+        txt_attn, img_attn = torch.split(attn, [txt.shape[1], attn.shape[1] - txt.shape[1]], dim=1)
 
         img = m.gated_add(img, img_mod1.gate, self.img_attn.proj(img_attn))
         img = m.gated_add(img, img_mod2.gate, self.img_mlp(_modulated(m, self.img_norm2, img, img_mod2)))
