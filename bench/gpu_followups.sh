@@ -10,6 +10,8 @@
 #   run(command="STAGE=all15 END=585 bash bench/gpu_followups.sh", carry=[...the first's])  # issue 15's open
 #       measurements in one call (fp8 GPU tests, every Flux preset vs kohya, the levers' A/Bs, the training test);
 #       a short call (2026-12-06, H200): STAGE=all15 END=290 TEST_S=45 TESTS_AFTER=0 ORDER=R1,K24,R2,K16
+#       2026-12-07, H200 (results/flux_vs_kohya_h200_keep.md): STAGE=all15 END=440 TEST_S=60 TESTS_AFTER=70
+#       ORDER=R1,K24,R1K,R2,K16,R16,R3, then on the warm machine END=230 TEST_S=1 TESTS_AFTER=0 ORDER=K16,R16,R3
 #
 # 1. accel/ on the GPU (tests/test_accel_cuda.py): the work between steps inside the graphs' pool, on the capture
 #    stream (`9ad112a`), and the fp8 products captured with a plain-cast weight (`8767299`).
