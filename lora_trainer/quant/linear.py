@@ -75,7 +75,8 @@ def weights_kept_for_backward() -> Iterator[None]:
     checkpoint's context for both: they must save the same tensors): the checkpoint holds nothing its first
     forward saves, and what its recomputation saves only until the block's backward, which follows at once. So
     one block's weights in the compute dtype live a little longer and a third of the dequantisation of an fp8
-    Flux base goes (bench/results/flux_profile_h100.md). Outside a checkpoint it would keep every weight."""
+    Flux base goes (+3.3 % a step, bench/results/flux_vs_kohya_h200_keep.md). Outside a checkpoint it would keep
+    every weight."""
     before = getattr(_checkpointed, "on", False)
     _checkpointed.on = True
     try:
@@ -89,8 +90,9 @@ def _keeps_weight(compute8: int) -> bool:
 
 
 class _BaseProductFn(torch.autograd.Function):
-    """y = x @ W.T + b with W never saved: dequantised in forward and again in backward (for the input gradient; a
-    frozen weight has none of its own), or on fp8 tensor cores (`compute8` 1: forward, 2: the input gradient too)."""
+    """y = x @ W.T + b with W not saved (but inside `weights_kept_for_backward`): dequantised in forward and again in
+    backward (for the input gradient; a frozen weight has none of its own), or on fp8 tensor cores (`compute8` 1:
+    forward, 2: the input gradient too)."""
 
     @staticmethod
     def forward(ctx, x, frozen, bias, dtype, compute8, fused):  # type: ignore[override]
