@@ -54,8 +54,12 @@ def _base_product(x2: torch.Tensor, frozen: FrozenWeight, bias: torch.Tensor | N
     return F.linear(x2, frozen.dequantize(dtype, x2.device, fused=fused), bias)
 
 
-def _base_input_grad(g2: torch.Tensor, frozen: FrozenWeight, grad8: bool, fused: bool) -> torch.Tensor:
-    """g2 @ W for a 2-D output gradient: on fp8 tensor cores where `grad8` and it fits, else over W dequantised."""
+def _base_input_grad(g2: torch.Tensor, frozen: FrozenWeight, grad8: bool, fused: bool,
+                     kept: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()) -> torch.Tensor:
+    """g2 @ W for a 2-D output gradient: over the W kept from forward where there is one (`_product_keeping`), on
+    fp8 tensor cores where `grad8` and it fits, else over W dequantised."""
+    if kept:
+        return g2 @ kept[0]
     if grad8 and fp8_product_fits(g2, frozen.data.t(), g2.dtype):
         return fp8_input_grad(g2, frozen.data, row_scale(frozen.scale, frozen.shape[0], g2.device))
     return g2 @ frozen.dequantize(g2.dtype, g2.device, fused=fused)
@@ -89,6 +93,16 @@ def _keeps_weight(compute8: int) -> bool:
     return not compute8 and getattr(_checkpointed, "on", False)
 
 
+def _product_keeping(x2: torch.Tensor, frozen: FrozenWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+                     compute8: int, fused: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """`_base_product`, and the dequantised W to save for backward where `weights_kept_for_backward` asks for it
+    (else nothing)."""
+    if _keeps_weight(compute8):
+        w = frozen.dequantize(dtype, x2.device, fused=fused)
+        return F.linear(x2, w, bias), (w,)
+    return _base_product(x2, frozen, bias, dtype, compute8, fused), ()
+
+
 class _BaseProductFn(torch.autograd.Function):
     """y = x @ W.T + b with W not saved (but inside `weights_kept_for_backward`): dequantised in forward and again in
     backward (for the input gradient; a frozen weight has none of its own), or on fp8 tensor cores (`compute8` 1:
@@ -97,21 +111,14 @@ class _BaseProductFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, frozen, bias, dtype, compute8, fused):  # type: ignore[override]
         ctx.frozen, ctx.grad8, ctx.fused = frozen, compute8 >= 2, fused
-        x2 = _rows(x).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            if _keeps_weight(compute8):
-                w = frozen.dequantize(dtype, x2.device, fused=fused)
-                ctx.save_for_backward(w)
-                y = F.linear(x2, w, bias)
-            else:
-                y = _base_product(x2, frozen, bias, dtype, compute8, fused)
+            y, kept = _product_keeping(_rows(x).to(dtype), frozen, bias, dtype, compute8, fused)
+        ctx.save_for_backward(*kept)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        g2 = _rows(grad)
-        kept = ctx.saved_tensors
-        dx = g2 @ kept[0] if kept else _base_input_grad(g2, ctx.frozen, ctx.grad8, ctx.fused)
+        dx = _base_input_grad(_rows(grad), ctx.frozen, ctx.grad8, ctx.fused, ctx.saved_tensors)
         return dx.view(*grad.shape[:-1], dx.shape[-1]), None, None, None, None, None
 
 
@@ -127,14 +134,9 @@ class _LoraProductFn(torch.autograd.Function):
     def forward(ctx, x, a, b, frozen, bias, dtype, compute8, fused):  # type: ignore[override]
         ctx.frozen, ctx.grad8, ctx.fused = frozen, compute8 >= 2, fused
         x2 = _rows(x).to(dtype)
-        kept: tuple[torch.Tensor, ...] = ()
         with torch.autocast(x.device.type, enabled=False):
             h = x2 @ a.t()
-            if _keeps_weight(compute8):
-                kept = (frozen.dequantize(dtype, x2.device, fused=fused),)
-                y = F.linear(x2, kept[0], bias)
-            else:
-                y = _base_product(x2, frozen, bias, dtype, compute8, fused)
+            y, kept = _product_keeping(x2, frozen, bias, dtype, compute8, fused)
             y.addmm_(h, b.t())
         ctx.save_for_backward(x2, h, a, b, *kept)
         ctx.shape = x.shape
@@ -147,8 +149,7 @@ class _LoraProductFn(torch.autograd.Function):
         gh = g2 @ b
         dx = None
         if ctx.needs_input_grad[0]:
-            base = g2 @ kept[0] if kept else _base_input_grad(g2, ctx.frozen, ctx.grad8, ctx.fused)
-            dx = base.addmm_(gh, a).view(ctx.shape)
+            dx = _base_input_grad(g2, ctx.frozen, ctx.grad8, ctx.fused, kept).addmm_(gh, a).view(ctx.shape)
         return dx, gh.t() @ x2, g2.t() @ h, None, None, None, None, None
 
 
