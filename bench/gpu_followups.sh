@@ -14,6 +14,8 @@
 #       ORDER=R1,K24,R1K,R2,K16,R16,R3, then on the warm machine END=230 TEST_S=1 TESTS_AFTER=0 ORDER=K16,R16,R3
 #       next: on an H100 (kind nvidia-h100-x1; the 24 GB ratio there was 1.88x before four levers) with the
 #       default ORDER: R1 vs K24, R3 (not measured since the lean product), R1F (fp8 products with them)
+#       2026-12-07, H100: STAGE=all15 END=585 TEST_S=60 TESTS_AFTER=70 OURS=R1,R0,R3,R1K,R2,R16
+#       ORDER=R1,K24,R0,R3,R1K,R2,K16,R16 (R0: the eager bf16 reference, for the loss curve with every lever)
 #
 # 1. accel/ on the GPU (tests/test_accel_cuda.py): the work between steps inside the graphs' pool, on the capture
 #    stream (`9ad112a`), and the fp8 products captured with a plain-cast weight (`8767299`).
@@ -141,7 +143,7 @@ if [ "${STAGE:-flux}" = all15 ]; then  # issue 15's open measurements in one cal
         | tee "$OUT/test_all15_cuda.log"
     PYTHONPATH=/tmp/site timeout "$(left $((END - TESTS_AFTER)))" python3 bench/flux_vs_kohya.py \
         --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site --work /tmp/fluxbench \
-        --out "$OUT/flux_vs_kohya_all15.json" --steps 20 --kohya-steps 12 --ours R1,R2,R16,R3,R1M,R1H,R1L,R1K,R1F \
+        --out "$OUT/flux_vs_kohya_all15.json" --steps 20 --kohya-steps 12 --ours "${OURS:-R1,R2,R16,R3,R1M,R1H,R1L,R1K,R1F}" \
         --order "${ORDER:-R1,K24,R3,R1F,R1K,R2,K16,R16}" --deadline "$(left $((END - TESTS_AFTER - 75)))" 2>&1 | tail -8
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q -p no:logging tests/test_train_flux_cuda.py \
         2>&1 | grep -E "^E |passed|failed" | head -30 | tee -a "$OUT/test_all15_cuda.log"
