@@ -15,7 +15,8 @@
 #       next: on an H100 (kind nvidia-h100-x1; the 24 GB ratio there was 1.88x before four levers) with the
 #       default ORDER: R1 vs K24, R3 (not measured since the lean product), R1F (fp8 products with them)
 #       2026-12-07, H100: STAGE=all15 END=585 TEST_S=60 TESTS_AFTER=70 OURS=R1,R0,R3,R1K,R2,R16
-#       ORDER=R1,K24,R0,R3,R1K,R2,K16,R16 (R0: the eager bf16 reference, for the loss curve with every lever)
+#       ORDER=R1,K24,R0,R3,R1K,R2,K16,R16 (R0: the eager bf16 reference, for the loss curve with every lever):
+#       results/flux_vs_kohya_h100_all15.md, every target of issue 15 met in that one call
 #
 # 1. accel/ on the GPU (tests/test_accel_cuda.py): the work between steps inside the graphs' pool, on the capture
 #    stream (`9ad112a`), and the fp8 products captured with a plain-cast weight (`8767299`).

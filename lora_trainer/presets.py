@@ -48,7 +48,7 @@ PRESETS: dict[str, Preset] = {p.key: p for p in (
     # Flux.1: kohya's recommended flow settings (TrainConfig defaults), transformer-only rank-16 LoRA at 1024 px,
     # fp8 base weights (and fp8 T5 while caching), cached latents and T5/CLIP outputs. Memory per card from
     # block swap (blocks kept in CPU memory), the 8-bit AdamW and offloaded checkpoints; measured in
-    # bench/results/flux_vs_kohya_h200_keep.md (24/16/12 GB) and flux_vs_kohya_h100_dequant.md (8 GB).
+    # bench/results/flux_vs_kohya_h100_all15.md (24/12/8 GB, H100) and flux_vs_kohya_h200_keep.md (16 GB).
     Preset("flux-24gb", "Flux.1 — 24 GB", 24, {**_FLUX, "optimizer": "AdamW"},
            "fp8 base weights, no block swap, fused AdamW."),
     Preset("flux-16gb", "Flux.1 — 16 GB", 16, {**_FLUX, "optimizer": "AdamW", "blocks_to_swap": 8},
