@@ -4,6 +4,7 @@
 #
 #   run(command="bash bench/gpu_followups.sh", carry=[".whl/ours", ".whl/kohya-trim", ".kohya"])
 #   run(command="STAGE=sd bash bench/gpu_followups.sh", carry=[...the same])   # the second call: step 3
+#   run(command="STAGE=sdprofile END=500 bash bench/gpu_followups.sh", carry=[...the same])  # SDXL/SD1.5 b8 profiles
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
@@ -157,6 +158,17 @@ if [ "${STAGE:-flux}" = swap ]; then  # the swapping presets on one machine with
         --kohya-site /tmp/kohya-site --work /tmp/fluxbench --out "$OUT/flux_vs_kohya_swap.json" \
         --steps 20 --kohya-steps 10 --ours R2,R16,R3,R1 --order R2,K16,R16,R3,R1 \
         --deadline "$(left $((END - 60)))" 2>&1 | tail -6
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
+if [ "${STAGE:-flux}" = sdprofile ]; then  # issue 14's step: where SDXL b1's and SD1.5 b8's GPU time goes (with and
+    # without channels_last), then the SD1.5 batch 8 whole command vs kohya on the same machine
+    PYTHONPATH=/tmp/site timeout 260 python3 bench/speed.py --sections env,profile --profile-cases sdxl:1,sd15:8 \
+        --deadline 240 --out "$OUT/speed_profile_sdxl_sd15b8.json" 2>&1 | grep -E "^profile|errors|total"
+    timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site \
+        --ours-site /tmp/site --cases sd15_b8 --kohya-steps sd15_b8=30 --compile-bytecode --warm-runs \
+        --out "$OUT/e2e_vs_kohya_sd15_b8.json" --deadline "$(left $((END - 30)))" 2>&1 | tail -6
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi

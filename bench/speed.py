@@ -13,7 +13,7 @@ Sections (--sections, comma separated):
   equiv    same init, same batches: losses and LoRA weights of eager peft vs fused+graphs
   sdxl     SDXL 1024 px batch 1, r32/a16, no checkpointing: peft eager vs fused+graphs
   lowvram  the low-VRAM presets (sd15-lowvram r16, sdxl-lowvram r8): checkpointing, fp8 base
-  profile  where the time of the fastest SD1.5 step goes (kernel categories, GPU busy)
+  profile  where the time of the fastest step goes (kernel categories, GPU busy): --profile-cases
   compile  per-transformer-block torch.compile on top (compile time reported)
 
 Usage: python bench/speed.py [--sections ...] [--tiny] [--out FILE]
@@ -49,6 +49,9 @@ p.add_argument("--tiny", action="store_true")
 p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "speed.json"))
 p.add_argument("--deadline", type=float, default=420.0, help="seconds; later work is skipped past it")
 p.add_argument("--seconds", type=float, default=2.0, help="target seconds per timed variant")
+p.add_argument("--profile-cases", default="sd15:1,sd15:8",
+               help="the profile section's MODEL:BATCH cases (sd15, sdxl), e.g. sdxl:1,sd15:8")
+p.add_argument("--profile-cl", default="1", help="0: profile without the channels_last variant")
 args = p.parse_args()
 TINY = args.tiny
 DEV = "cpu" if TINY or not torch.cuda.is_available() else "cuda"
@@ -368,18 +371,22 @@ def sec_equiv():
 
 def sec_profile():
     from torch.profiler import ProfilerActivity, profile
-    lat = 8 if TINY else 64
-    for bs in ((2,) if TINY else (1, 8)):
-        for label, kw in (("fused_graphs_norms", {"fused": True, "graphs": True, "norms": True}),
-                          ("fused_graphs_norms_cl", {"fused": True, "graphs": True, "norms": True, "cl": True})):
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.profile_cases.split(",") if c]
+    variants = [("fused_graphs_norms", {"fused": True, "graphs": True, "norms": True})]
+    if args.profile_cl != "0":
+        variants.append(("fused_graphs_norms_cl", {"fused": True, "graphs": True, "norms": True, "cl": True}))
+    for kind, bs in cases:
+        lat = (8 if TINY else 64) * (2 if kind == "sdxl" else 1)
+        bs = 2 if TINY else bs
+        for label, kw in variants:
             if remaining() < 25:
                 return
-            net = Lora("sd15", 32, 16.0)
+            net = Lora(kind, 32, 16.0)
             unet = net.unet
             opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False),
                                       lowp_norms=kw.get("norms", False), channels_last=kw.get("cl", False))
             accel.prepare_model(unet, opts, device=DEV)
-            lat_, enc, added = make_inputs(unet, "sd15", bs, lat)
+            lat_, enc, added = make_inputs(unet, kind, bs, lat)
             if opts.channels_last:
                 lat_ = lat_.contiguous(memory_format=torch.channels_last)
             opt = torch.optim.AdamW(net.params, lr=1e-4, **accel.optimizer_kwargs(DEV))
@@ -414,9 +421,9 @@ def sec_profile():
                        "by_category_ms": {k: round(v / steps / 1e3, 2) for k, v in sorted(cats.items(), key=lambda x: -x[1])},
                        "top_kernels_ms": [(k[:110], round(v / steps / 1e3, 3))
                                        for k, v in sorted(top.items(), key=lambda x: -x[1])[:15]]}
-            RES["profile"][f"sd15_{label}_bs{bs}"] = rec
+            RES["profile"][f"{kind}_{label}_bs{bs}"] = rec
             save()
-            log("profile", label, bs, json.dumps({k: v for k, v in rec.items() if k != "top_kernels_ms"}))
+            log("profile", kind, label, bs, json.dumps({k: v for k, v in rec.items() if k != "top_kernels_ms"}))
             del runner, opt, prof
             net.close()
 
