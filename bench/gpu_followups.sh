@@ -162,6 +162,17 @@ if [ "${STAGE:-flux}" = swap ]; then  # the swapping presets on one machine with
     exit 0
 fi
 
+if [ "${STAGE:-flux}" = lean ]; then  # the lean Linear product (accel lean_lora_product) A/B: SDXL b1, SD1.5 b8 and b1,
+    # then the accel GPU tests in what is left
+    PYTHONPATH=/tmp/site timeout "$(left $((END - 60)))" python3 bench/speed.py --sections env,profile \
+        --profile-cases "${CASES:-sdxl:1,sd15:8,sd15:1}" --profile-variants default,nolean,default,nolean \
+        --deadline "$(left $((END - 70)))" --out "$OUT/speed_profile_lean.json" 2>&1 | grep -E "^profile|errors|total"
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q -p no:logging tests/test_accel_cuda.py \
+        tests/test_accel.py 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_accel_lean_cuda.log"
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
 if [ "${STAGE:-flux}" = sdprofile ]; then  # issue 14's step: where SDXL b1's and SD1.5 b8's GPU time goes (with and
     # without channels_last), then the SD1.5 batch 8 whole command vs kohya on the same machine
     PYTHONPATH=/tmp/site timeout 260 python3 bench/speed.py --sections env,profile --profile-cases sdxl:1,sd15:8 \

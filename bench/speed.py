@@ -51,7 +51,9 @@ p.add_argument("--deadline", type=float, default=420.0, help="seconds; later wor
 p.add_argument("--seconds", type=float, default=2.0, help="target seconds per timed variant")
 p.add_argument("--profile-cases", default="sd15:1,sd15:8",
                help="the profile section's MODEL:BATCH cases (sd15, sdxl), e.g. sdxl:1,sd15:8")
-p.add_argument("--profile-cl", default="1", help="0: profile without the channels_last variant")
+p.add_argument("--profile-variants", default="default,cl",
+               help="the profile section's variants: default (fused LoRA, graphs, bf16 norms), cl (+ channels_last), "
+                    "nolean (default without the lean Linear product, accel's lean_lora_product)")
 args = p.parse_args()
 TINY = args.tiny
 DEV = "cpu" if TINY or not torch.cuda.is_available() else "cuda"
@@ -372,9 +374,10 @@ def sec_equiv():
 def sec_profile():
     from torch.profiler import ProfilerActivity, profile
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.profile_cases.split(",") if c]
-    variants = [("fused_graphs_norms", {"fused": True, "graphs": True, "norms": True})]
-    if args.profile_cl != "0":
-        variants.append(("fused_graphs_norms_cl", {"fused": True, "graphs": True, "norms": True, "cl": True}))
+    base = {"fused": True, "graphs": True, "norms": True}
+    known = {"default": ("fused_graphs_norms", base), "cl": ("fused_graphs_norms_cl", {**base, "cl": True}),
+             "nolean": ("fused_graphs_norms_nolean", {**base, "lean": False})}
+    variants = [known[v] for v in args.profile_variants.split(",") if v]
     for kind, bs in cases:
         lat = (8 if TINY else 64) * (2 if kind == "sdxl" else 1)
         bs = 2 if TINY else bs
@@ -384,7 +387,8 @@ def sec_profile():
             net = Lora(kind, 32, 16.0)
             unet = net.unet
             opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False),
-                                      lowp_norms=kw.get("norms", False), channels_last=kw.get("cl", False))
+                                      lowp_norms=kw.get("norms", False), channels_last=kw.get("cl", False),
+                                      lean_lora_product=kw.get("lean", True))
             accel.prepare_model(unet, opts, device=DEV)
             lat_, enc, added = make_inputs(unet, kind, bs, lat)
             if opts.channels_last:
@@ -421,7 +425,8 @@ def sec_profile():
                        "by_category_ms": {k: round(v / steps / 1e3, 2) for k, v in sorted(cats.items(), key=lambda x: -x[1])},
                        "top_kernels_ms": [(k[:110], round(v / steps / 1e3, 3))
                                        for k, v in sorted(top.items(), key=lambda x: -x[1])[:15]]}
-            RES["profile"][f"{kind}_{label}_bs{bs}"] = rec
+            key = f"{kind}_{label}_bs{bs}"
+            RES["profile"][key + ("_again" if key in RES["profile"] else "")] = rec
             save()
             log("profile", kind, label, bs, json.dumps({k: v for k, v in rec.items() if k != "top_kernels_ms"}))
             del runner, opt, prof

@@ -79,6 +79,17 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
+def assert_grads_match(got: dict, want: dict, rtol: float = 1e-4) -> None:
+    """Per-tensor relative match, each against the largest gradient's scale as well as its own: the lean Linear
+    product sums an input gradient in another order than autograd (fp32 rounding), and some LoRA gradients are
+    zero in exact arithmetic (the tiny UNet's mid-block self-attention sees one token: its query and key get none)
+    and read as rounding noise."""
+    assert got.keys() == want.keys()
+    scale = max(float(g.norm()) for g in want.values())
+    for k, w in want.items():
+        assert float((got[k] - w).norm()) <= rtol * float(w.norm()) + 1e-2 * rtol * scale, k
+
+
 @pytest.mark.parametrize("family", [Family.SD1, Family.SDXL])
 def test_fused_lora_matches_peft_fp32(family):
     ref = lora_unet(family=family)
@@ -91,9 +102,8 @@ def test_fused_lora_matches_peft_fp32(family):
     out_ref, g_ref = fwd_bwd(ref, batch)
     out_fused, g_fused = fwd_bwd(fused, batch)
     assert rel(out_fused, out_ref) < 1e-5
-    assert g_ref.keys() == g_fused.keys() and len(g_ref) == 2 * n
-    for k in g_ref:
-        assert rel(g_fused[k], g_ref[k]) < 1e-4, k
+    assert len(g_ref) == 2 * n
+    assert_grads_match(g_fused, g_ref)
 
 
 def test_fused_lora_bf16_autocast_within_tolerance():
@@ -171,6 +181,54 @@ def test_fallback_to_peft_when_adapters_disabled_or_dropout():
     assert rel(o_fused, o_ref) < 1e-5
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_lean_linear_product_is_one_function_with_peft_gradients(bias):
+    """A plain frozen Linear and its LoRA run as one autograd function (`lean_product`, the default): the
+    low-rank terms go into the base output and the input gradient in place, so autograd adds nothing; output and
+    every gradient (input, A, B) equal peft's, in fp32 and, within bf16 rounding, under bf16 autocast."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias)).requires_grad_(False)
+    peft_net = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights="gaussian"))
+    with torch.no_grad():
+        peft_net.base_model.model[0].lora_B["default"].weight.normal_()
+    x = torch.randn(2, 5, 24)
+
+    def run(model, autocast=None):
+        xi = x.clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            y = model(xi)
+        (y.float() * torch.linspace(-1, 1, 40)).sum().backward()
+        layer = model.base_model.model[0]
+        return y, [xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+
+    ref = copy.deepcopy(peft_net)
+    lean, plain = copy.deepcopy(peft_net), copy.deepcopy(peft_net)
+    accel.fuse_lora_layers(lean)
+    accel.fuse_lora_layers(plain, lean_product=False)
+    g32 = run(ref)[1]
+    for autocast, tol in ((None, 1e-6), (torch.bfloat16, 2e-2)):
+        y_ref, g_ref = run(ref, autocast)
+        y_lean, g_lean = run(lean, autocast)
+        y_plain = run(plain, autocast)[0]
+        assert type(y_lean.grad_fn).__name__ == "_LinearLoraFnBackward"
+        assert type(y_plain.grad_fn).__name__ != "_LinearLoraFnBackward"
+        assert y_lean.dtype == y_ref.dtype
+        assert rel(y_lean, y_ref) < tol
+        for got, want, exact in zip(g_lean, g_ref, g32):
+            assert got.dtype == want.dtype
+            assert rel(got, want) < tol
+            # as close to the fp32 result as peft's bf16 path (it rounds the input gradient once, not twice)
+            assert rel(got, exact) <= 1.5 * rel(want, exact) + 1e-6
+    # a frozen base that trains (not LoRA's case) keeps autograd's own products
+    trained = copy.deepcopy(peft_net)
+    trained.base_model.model[0].base_layer.weight.requires_grad_(True)
+    accel.fuse_lora_layers(trained)
+    assert type(run(trained)[0].grad_fn).__name__ != "_LinearLoraFnBackward"
+
+
 def train(unet, steps: int, fused: bool, runner_opts=None):
     if fused:
         accel.fuse_lora_layers(unet)
@@ -199,8 +257,11 @@ def test_training_and_lora_state_dict_identical_to_eager_peft():
     assert l_ref == pytest.approx(l_fast, rel=1e-5)
     sd_ref, sd_fast = get_peft_model_state_dict(ref), get_peft_model_state_dict(fast)
     assert sd_ref.keys() == sd_fast.keys() and len(sd_ref) > 0
+    # per tensor, not per element: AdamW's first steps move each element by about ±lr whatever its gradient's
+    # size, so an element whose gradient is near zero follows the sign of its rounding noise, which the lean
+    # Linear product's other summation order changes (the gradients themselves: test_fused_lora_matches_peft_fp32)
     for k in sd_ref:
-        assert torch.allclose(sd_ref[k], sd_fast[k], rtol=1e-4, atol=1e-6), k
+        assert rel(sd_fast[k], sd_ref[k]) < 2e-3, k
     # the fused model's full state dict has exactly peft's keys (nothing added, nothing renamed)
     assert fast.state_dict().keys() == ref.state_dict().keys()
     assert accel.unfuse_lora_layers(fast) > 0 and accel.unfuse_lora_layers(fast) == 0
@@ -372,8 +433,7 @@ def test_graph_safe_checkpointing_same_gradients():
     out_c, g_c = fwd_bwd(unet, batch)
     out_r, g_r = fwd_bwd(ref, batch)
     assert rel(out_c, out_r) < 1e-5
-    for k in g_r:
-        assert rel(g_c[k], g_r[k]) < 1e-4, k
+    assert_grads_match(g_c, g_r)
 
 
 def test_lowp_norms_leave_cpu_math_alone():

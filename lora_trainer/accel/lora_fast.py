@@ -6,7 +6,11 @@ one that
 - skips peft's per-call bookkeeping (adapter loops, dtype round trips: peft casts a bf16 input to
   the fp32 LoRA dtype and autocast casts it straight back),
 - folds the LoRA scale into B (an r x out tensor) and adds the low-rank product into the base
-  output inside the GEMM epilogue (`addmm`), instead of separate mul/add/cast kernels.
+  output inside the GEMM epilogue (`addmm`), instead of separate mul/add/cast kernels;
+- for a plain frozen Linear (`lean_product`), runs base and LoRA as one autograd function
+  (`_LinearLoraFn`) that accumulates the low-rank terms into the base's output and input gradient in
+  place: no copy of the base output (an out-of-place addmm copies its input first) and no add of two
+  input gradients in backward.
 Anything unusual (several active adapters, DoRA/variants, lora bias, merged or disabled adapters)
 falls back to peft's own forward, so the result is always what peft would compute.
 """
@@ -23,6 +27,7 @@ from ..quant.linear import QuantLinear
 from .forwards import replace_forwards, restore_forwards
 
 _FUSED_ATTR = "_lora_trainer_fused"
+_LEAN_ATTR = "_lora_trainer_lean_product"
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
@@ -68,14 +73,62 @@ def _dropout(layer: Any, name: str, x: torch.Tensor) -> torch.Tensor:
     return x if isinstance(drop, nn.Identity) else drop(x)
 
 
+class _LinearLoraFn(torch.autograd.Function):
+    """y = x @ W.T + bias + (x @ A.T) @ B.T over a frozen W (B scaled already), every operand in one dtype; the
+    low-rank terms accumulated in place by the GEMM (beta = 1) into the base's output and, in backward, into the
+    base's input gradient. quant.linear's `_LoraProductFn` is the same over a quantised weight."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, a, b):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.t()
+        y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(x2, h, w, a, b)
+        ctx.shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x2, h, w, a, b = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gh = g2 @ b
+        dx = (g2 @ w).addmm_(gh, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        return dx, None, None, gh.t() @ x2, g2.t() @ h
+
+
+def _linear_lora(x: torch.Tensor, base: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`_LinearLoraFn` in the autocast dtype where autocast is on (what F.linear and addmm would run in), else in
+    the weight's."""
+    dt = base.weight.dtype
+    if _autocast_on(x):
+        try:
+            dt = torch.get_autocast_dtype(x.device.type)
+        except AttributeError:  # torch < 2.4
+            dt = torch.get_autocast_gpu_dtype() if x.device.type == "cuda" else torch.get_autocast_cpu_dtype()
+    bias = None if base.bias is None else base.bias.to(dt)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearLoraFn.apply(x.to(dt), base.weight.to(dt), bias, a.to(dt), b.to(dt))
+
+
+def _lean_product_fits(base: nn.Module, x: torch.Tensor) -> bool:
+    """A plain Linear whose weight and bias are frozen, on an input of its dtype or under autocast."""
+    return (type(base) is nn.Linear and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and (_autocast_on(x) or x.dtype == base.weight.dtype))
+
+
 def _linear_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = None if (args or kwargs) else _adapter(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
     a, b = _lora_weights(self, name, x)
-    if isinstance(base, QuantLinear) and isinstance(self.lora_dropout[name], nn.Identity):
+    plain_dropout = isinstance(self.lora_dropout[name], nn.Identity)
+    if isinstance(base, QuantLinear) and plain_dropout:
         return base.forward_with_lora(x, a, b)  # one autograd function: no output copy, no gradient add
+    if plain_dropout and getattr(self, _LEAN_ATTR, False) and _lean_product_fits(base, x):
+        return _linear_lora(x, base, a, b)
     if type(base) is nn.Linear:
         y = F.linear(x, base.weight, base.bias)
     else:  # e.g. accel.fp8.Fp8Linear
@@ -112,11 +165,18 @@ def _fast_forward_for(module: nn.Module):
     return None
 
 
-def fuse_lora_layers(model: nn.Module) -> int:
-    """Give every plain peft LoRA Linear/Conv2d in `model` the lean forward; returns how many."""
-    return replace_forwards(model, _fast_forward_for, _FUSED_ATTR)
+def fuse_lora_layers(model: nn.Module, lean_product: bool = True) -> int:
+    """Give every plain peft LoRA Linear/Conv2d in `model` the lean forward; returns how many. `lean_product`: a
+    plain frozen Linear base and its LoRA run as one autograd function (`_LinearLoraFn`)."""
+    n = replace_forwards(model, _fast_forward_for, _FUSED_ATTR)
+    for m in model.modules():
+        if m.__dict__.get(_FUSED_ATTR):
+            setattr(m, _LEAN_ATTR, lean_product)
+    return n
 
 
 def unfuse_lora_layers(model: nn.Module) -> int:
     """Restore peft's forward everywhere `fuse_lora_layers` replaced it."""
+    for m in model.modules():
+        m.__dict__.pop(_LEAN_ATTR, None)
     return restore_forwards(model, _FUSED_ATTR)

@@ -91,7 +91,7 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
         # the fp8 base from fp8_base above, or one the model placement made (Flux) or the host keeps
         done["fp8_products"] = use_fp8_products(model, backward=opts.fp8_matmul_backward)
     if opts.fused_lora:
-        done["fused_lora"] = fuse_lora_layers(model)
+        done["fused_lora"] = fuse_lora_layers(model, opts.lean_lora_product)
     if opts.lowp_norms:
         done["lowp_norms"] = lowp_norms(model)
     if opts.channels_last:
