@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.linear import QuantLinear
+from ..quant.linear import QuantLinear, autocast_dtype
 from .forwards import replace_forwards, restore_forwards
 
 _FUSED_ATTR = "_lora_trainer_fused"
@@ -100,12 +100,7 @@ class _LinearLoraFn(torch.autograd.Function):
 def _linear_lora(x: torch.Tensor, base: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`_LinearLoraFn` in the autocast dtype where autocast is on (what F.linear and addmm would run in), else in
     the weight's."""
-    dt = base.weight.dtype
-    if _autocast_on(x):
-        try:
-            dt = torch.get_autocast_dtype(x.device.type)
-        except AttributeError:  # torch < 2.4
-            dt = torch.get_autocast_gpu_dtype() if x.device.type == "cuda" else torch.get_autocast_cpu_dtype()
+    dt = autocast_dtype(x.device.type) or base.weight.dtype
     bias = None if base.bias is None else base.bias.to(dt)
     with torch.autocast(x.device.type, enabled=False):
         return _LinearLoraFn.apply(x.to(dt), base.weight.to(dt), bias, a.to(dt), b.to(dt))

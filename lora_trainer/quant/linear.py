@@ -34,7 +34,8 @@ from .formats import Fp8Weight, FrozenWeight
 from .fp8_products import fp8_input_grad, fp8_product, fp8_product_fits, row_scale
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype on `device_type` where autocast is on there, else None (torch 2.1 to the newest)."""
     try:  # torch >= 2.4 takes the device type
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except (TypeError, AttributeError):
@@ -230,7 +231,7 @@ class QuantLinear(nn.Linear):
         """The stored weight, the compute dtype (autocast's where on), the bias in it, and the fp8 products' level
         for this input (0 where the weight or the shapes do not suit them)."""
         frozen = self._frozen()
-        dtype = _autocast_dtype(x.device.type) or self.compute_dtype
+        dtype = autocast_dtype(x.device.type) or self.compute_dtype
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=dtype)
         fits = self.compute8 and isinstance(frozen, Fp8Weight) and fp8_product_fits(x, frozen.data, dtype)
         return frozen, dtype, bias, self.compute8 if fits else 0
