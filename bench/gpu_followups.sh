@@ -5,6 +5,9 @@
 #   run(command="bash bench/gpu_followups.sh", carry=[".whl/ours", ".whl/kohya-trim", ".kohya"])
 #   run(command="STAGE=sd bash bench/gpu_followups.sh", carry=[...the same])   # the second call: step 3
 #   run(command="STAGE=sdprofile END=500 bash bench/gpu_followups.sh", carry=[...the same])  # SDXL/SD1.5 b8 profiles
+#   run(command="STAGE=lean END=400 CASES=sd15:8,sd15:1,sdxl:1 bash bench/gpu_followups.sh", carry=[".whl/ours"])
+#       # next (2026-12-07): the lean Linear product's SD1.5 A/Bs and tests/test_accel_cuda.py with it (the last call
+#       # measured SDXL b1 only: results/speed_lean_h100.md)
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
