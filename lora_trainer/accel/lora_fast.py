@@ -8,7 +8,7 @@ one that
 - folds the LoRA scale into B (an r x out tensor) and adds the low-rank product into the base
   output inside the GEMM epilogue (`addmm`), instead of separate mul/add/cast kernels;
 - for a plain frozen Linear (`lean_product`), runs base and LoRA as one autograd function
-  (`_LinearLoraFn`) that accumulates the low-rank terms into the base's output and input gradient in
+  (quant's `linear_with_lora`, as over a quantised base) that accumulates the low-rank terms into the base's output and input gradient in
   place: no copy of the base output (an out-of-place addmm copies its input first) and no add of two
   input gradients in backward.
 Anything unusual (several active adapters, DoRA/variants, lora bias, merged or disabled adapters)
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.linear import QuantLinear, autocast_dtype
+from ..quant.formats import PlainWeight
+from ..quant.linear import QuantLinear, autocast_dtype, linear_with_lora
 from .forwards import replace_forwards, restore_forwards
 
 _FUSED_ATTR = "_lora_trainer_fused"
@@ -73,37 +74,13 @@ def _dropout(layer: Any, name: str, x: torch.Tensor) -> torch.Tensor:
     return x if isinstance(drop, nn.Identity) else drop(x)
 
 
-class _LinearLoraFn(torch.autograd.Function):
-    """y = x @ W.T + bias + (x @ A.T) @ B.T over a frozen W (B scaled already), every operand in one dtype; the
-    low-rank terms accumulated in place by the GEMM (beta = 1) into the base's output and, in backward, into the
-    base's input gradient. quant.linear's `_LoraProductFn` is the same over a quantised weight."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias, a, b):  # type: ignore[override]
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ a.t()
-        y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
-        y.addmm_(h, b.t())
-        ctx.save_for_backward(x2, h, w, a, b)
-        ctx.shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x2, h, w, a, b = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        gh = g2 @ b
-        dx = (g2 @ w).addmm_(gh, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        return dx, None, None, gh.t() @ x2, g2.t() @ h
-
-
 def _linear_lora(x: torch.Tensor, base: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`_LinearLoraFn` in the autocast dtype where autocast is on (what F.linear and addmm would run in), else in
-    the weight's."""
+    """quant's one-function LoRA product over the plain weight, in the autocast dtype where autocast is on (what
+    F.linear and addmm would run in), else in the weight's."""
     dt = autocast_dtype(x.device.type) or base.weight.dtype
     bias = None if base.bias is None else base.bias.to(dt)
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearLoraFn.apply(x.to(dt), base.weight.to(dt), bias, a.to(dt), b.to(dt))
+        return linear_with_lora(x, PlainWeight(base.weight), bias, a, b, dt)
 
 
 def _lean_product_fits(base: nn.Module, x: torch.Tensor) -> bool:
@@ -162,7 +139,7 @@ def _fast_forward_for(module: nn.Module):
 
 def fuse_lora_layers(model: nn.Module, lean_product: bool = True) -> int:
     """Give every plain peft LoRA Linear/Conv2d in `model` the lean forward; returns how many. `lean_product`: a
-    plain frozen Linear base and its LoRA run as one autograd function (`_LinearLoraFn`)."""
+    plain frozen Linear base and its LoRA run as one autograd function (`_linear_lora`)."""
     n = replace_forwards(model, _fast_forward_for, _FUSED_ATTR)
     for m in model.modules():
         if m.__dict__.get(_FUSED_ATTR):

@@ -15,8 +15,9 @@ class AccelOptions:
 
     enabled: bool = True  # False: plain peft forward, eager steps (the reference path)
     fused_lora: bool = True  # lean LoRA forward (lora_fast)
-    # with fused_lora: a plain frozen Linear and its LoRA as one autograd function (lora_fast._LinearLoraFn), the
-    # low-rank terms accumulated in place into the base's output and input gradient (no output copy, no gradient add)
+    # with fused_lora: a plain frozen Linear and its LoRA as one autograd function (quant.linear_with_lora, as over a
+    # quantised base), the low-rank terms accumulated in place into the base's output and input gradient (no output
+    # copy, no gradient add)
     lean_lora_product: bool = True
     cuda_graphs: bool = True  # capture the whole step per batch shape (graphs.StepRunner)
     graph_warmup: int = 2  # eager steps per shape before capture (cuDNN autotune, lazy inits)

@@ -154,6 +154,14 @@ class _LoraProductFn(torch.autograd.Function):
         return dx, gh.t() @ x2, g2.t() @ h, None, None, None, None, None
 
 
+def linear_with_lora(x: torch.Tensor, frozen: FrozenWeight, bias: torch.Tensor | None, a: torch.Tensor,
+                     b: torch.Tensor, dtype: torch.dtype, compute8: int = 0, fused: bool = False) -> torch.Tensor:
+    """x @ W.T + bias + (x @ a.T) @ b.T in `dtype` (`bias` in it already, `b` scaled already) as one autograd
+    function (`_LoraProductFn`): QuantLinear's lean LoRA forward, and accel's over a plain frozen Linear (its weight
+    as a `PlainWeight`: no copy where the dtype matches)."""
+    return _LoraProductFn.apply(x, a.to(dtype), b.to(dtype), frozen, bias, dtype, compute8, fused)
+
+
 class QuantLinear(nn.Linear):
     """A frozen Linear over a `FrozenWeight` (and an optional frozen bias)."""
 
@@ -225,7 +233,7 @@ class QuantLinear(nn.Linear):
         """x @ W.T + bias + (x @ a.T) @ b.T in the compute (or autocast) dtype, `b` scaled already: accel's lean LoRA
         forward (lora_fast.py) over this layer, in one autograd function (`_LoraProductFn`)."""
         frozen, dtype, bias, compute8 = self._operands(x)
-        return _LoraProductFn.apply(x, a.to(dtype), b.to(dtype), frozen, bias, dtype, compute8, self.fused_cast)
+        return linear_with_lora(x, frozen, bias, a, b, dtype, compute8, self.fused_cast)
 
     def _operands(self, x: torch.Tensor) -> tuple[FrozenWeight, torch.dtype, torch.Tensor | None, int]:
         """The stored weight, the compute dtype (autocast's where on), the bias in it, and the fp8 products' level
