@@ -134,7 +134,7 @@ class Page:
         xy = self.wait(js, what=f"element {selector}")
         return xy[0], xy[1]
 
-    def click(self, selector: str) -> None:
+    def click(self, selector: str, *, retries: int = 2) -> None:
         """A mouse click at the element's centre, once nothing else (a menu, an overlay) covers it there."""
         hit = (f"(x, y) => {{ const e = {self.q(selector)}; const h = document.elementFromPoint(x, y);"
                " return !!e && !!h && (e === h || e.contains(h) || (h.shadowRoot && h.shadowRoot.contains(e))); }")
@@ -148,8 +148,17 @@ class Page:
             if still:
                 self.key("Escape", "Escape", 27)  # close an open dropdown list that covers it
             time.sleep(0.1)
+        # the press must reach the element: a page that re-renders itself (a run's last updates arriving a
+        # tick after its result) can move it between measuring and pressing; then, as a person would, once more
+        self._presses = getattr(self, "_presses", 0) + 1
+        flag = f"window.__lt_press_{self._presses}"
+        self.eval(f"(() => {{ {flag} = false; const e = {self.q(selector)};"
+                  f" if (e) e.addEventListener('mousedown', () => {{ {flag} = true; }}, {{capture: true, once: true}});"
+                  " })()")
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        if not self.eval(flag) and retries > 0:
+            self.click(selector, retries=retries - 1)
 
     def key(self, key: str, code: str | None = None, keycode: int = 0) -> None:
         for kind in ("keyDown", "keyUp"):
