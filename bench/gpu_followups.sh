@@ -8,6 +8,10 @@
 #   run(command="STAGE=lean END=400 CASES=sd15:8,sd15:1,sdxl:1 bash bench/gpu_followups.sh", carry=[".whl/ours"])
 #       # next (2026-12-07): the lean Linear product's SD1.5 A/Bs and tests/test_accel_cuda.py with it (the last call
 #       # measured SDXL b1 only: results/speed_lean_h100.md)
+#   run(command="STAGE=lean END=450 CASES=sdxl:1,sd15:8 VARIANTS=default,cl,cltorchgn,nolean,default,cl
+#       bash bench/gpu_followups.sh", carry=[".whl/ours"])  # next: the NHWC GroupNorm (channels_last end to end;
+#       # accel/group_norm_nhwc.py) against channels_last with torch's GroupNorm and the default, with the lean
+#       # product's A/B and the accel GPU tests (tests/test_accel_cuda.py has the NHWC GroupNorm's GPU test)
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
@@ -168,10 +172,10 @@ fi
 if [ "${STAGE:-flux}" = lean ]; then  # the lean Linear product (accel lean_lora_product) A/B: SDXL b1, SD1.5 b8 and b1,
     # then the accel GPU tests in what is left
     PYTHONPATH=/tmp/site timeout "$(left $((END - 60)))" python3 bench/speed.py --sections env,profile \
-        --profile-cases "${CASES:-sdxl:1,sd15:8,sd15:1}" --profile-variants default,nolean,default,nolean \
+        --profile-cases "${CASES:-sdxl:1,sd15:8,sd15:1}" --profile-variants "${VARIANTS:-default,nolean,default,nolean}" \
         --deadline "$(left $((END - 70)))" --out "$OUT/speed_profile_lean.json" 2>&1 | grep -E "^profile|errors|total"
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q -p no:logging tests/test_accel_cuda.py \
-        tests/test_accel.py 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_accel_lean_cuda.log"
+        tests/test_accel.py tests/test_group_norm_nhwc.py 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_accel_lean_cuda.log"
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi

@@ -52,7 +52,8 @@ p.add_argument("--profile-cases", default="sd15:1,sd15:8",
                help="the profile section's MODEL:BATCH cases (sd15, sdxl), e.g. sdxl:1,sd15:8")
 p.add_argument("--profile-variants", default="default,cl",
                help="the profile section's variants: default (fused LoRA, graphs, bf16 norms), cl (+ channels_last), "
-                    "nolean (default without the lean Linear product, accel's lean_lora_product)")
+                    "nolean (default without the lean Linear product, accel's lean_lora_product), cltorchgn (cl with "
+                    "torch's GroupNorm instead of the NHWC one)")
 args = p.parse_args()
 speed_models.configure(args.tiny)
 from speed_models import (
@@ -93,10 +94,10 @@ def remaining():
 # ------------------------------------------------------------------ one measured variant
 def run_variant(label: str, kind: str, bs: int, latent: int, *, rank=32, alpha=16.0, fused=False, graphs=False,
                 channels_last=False, gc_on=False, fp8=False, clip=1.0, compile_blocks=False, norms=False,
-                extra=None):
+                nhwc_gn=True, extra=None):
     rec = {"label": label, "model": kind, "bs": bs, "px": latent * 8, "rank": rank, "fused_lora": fused, "cuda_graphs": graphs,
                "channels_last": channels_last, "grad_ckpt": gc_on, "fp8_base": fp8, "lowp_norms": norms, "max_grad_norm": clip,
-               "compile_blocks": compile_blocks}
+               "compile_blocks": compile_blocks, "nhwc_group_norm": nhwc_gn}
     rec.update(extra or {})
     net = None
     try:
@@ -110,7 +111,8 @@ def run_variant(label: str, kind: str, bs: int, latent: int, *, rank=32, alpha=1
         if gc_on:
             unet.enable_gradient_checkpointing()
         opts = accel.AccelOptions(enabled=fused or graphs or channels_last or fp8 or norms, fused_lora=fused,
-                                  cuda_graphs=graphs, channels_last=channels_last, fp8_base=fp8, lowp_norms=norms)
+                                  cuda_graphs=graphs, channels_last=channels_last, fp8_base=fp8, lowp_norms=norms,
+                                  nhwc_group_norm=nhwc_gn)
         if opts.enabled:
             rec["prepared"] = accel.prepare_model(unet, opts, device=DEV)
         if compile_blocks:
@@ -175,6 +177,9 @@ LEVERS = [  # (label, kwargs); run 1 (results/speed_h100_run1.json) also has pef
     ("fused_graphs", {"fused": True, "graphs": True}),
     ("fused_graphs_norms", {"fused": True, "graphs": True, "norms": True}),
     ("fused_graphs_norms_cl", {"fused": True, "graphs": True, "norms": True, "channels_last": True}),
+    # channels_last with torch's GroupNorm (NCHW copies) instead of the NHWC one (accel/group_norm_nhwc.py)
+    ("fused_graphs_norms_cl_torchgn", {"fused": True, "graphs": True, "norms": True, "channels_last": True,
+                                       "nhwc_gn": False}),
 ]
 
 
@@ -272,7 +277,8 @@ def sec_profile():
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.profile_cases.split(",") if c]
     base = {"fused": True, "graphs": True, "norms": True}
     known = {"default": ("fused_graphs_norms", base), "cl": ("fused_graphs_norms_cl", {**base, "cl": True}),
-             "nolean": ("fused_graphs_norms_nolean", {**base, "lean": False})}
+             "nolean": ("fused_graphs_norms_nolean", {**base, "lean": False}),
+             "cltorchgn": ("fused_graphs_norms_cl_torchgn", {**base, "cl": True, "nhwc_gn": False})}
     variants = [known[v] for v in args.profile_variants.split(",") if v]
     for kind, bs in cases:
         lat = (8 if TINY else 64) * (2 if kind == "sdxl" else 1)
@@ -284,7 +290,7 @@ def sec_profile():
             unet = net.unet
             opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False),
                                       lowp_norms=kw.get("norms", False), channels_last=kw.get("cl", False),
-                                      lean_lora_product=kw.get("lean", True))
+                                      lean_lora_product=kw.get("lean", True), nhwc_group_norm=kw.get("nhwc_gn", True))
             accel.prepare_model(unet, opts, device=DEV)
             lat_, enc, added = make_inputs(unet, kind, bs, lat)
             if opts.channels_last:

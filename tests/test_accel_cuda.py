@@ -186,6 +186,44 @@ def test_lowp_norms_and_fp8_close_on_gpu():
         assert float((q(xi).float() - lin(xi).float()).norm() / lin(xi).float().norm()) < 0.08
 
 
+@cuda
+def test_nhwc_group_norm_on_gpu_matches_torch_and_trains_in_graphs():
+    """accel/group_norm_nhwc.py's Triton kernels compiled for the GPU: SD's shapes in bf16 as close to the fp32 norm
+    as torch's kernel, channels_last kept; a channels_last UNet trained in CUDA graphs with them follows the same
+    losses as with torch's GroupNorm."""
+    from lora_trainer.accel.fused_math import fused_math_available
+    from lora_trainer.accel.group_norm_nhwc import group_norm_nhwc
+
+    if not fused_math_available("cuda"):
+        pytest.skip("no Triton here")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape in ((1, 320, 128, 128), (2, 960, 32, 32), (8, 1280, 8, 8), (1, 2560, 16, 16)):
+        c = shape[1]
+        x = (torch.randn(shape, device="cuda", generator=g) * 2 + 1).bfloat16()
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(c, device="cuda", generator=g).bfloat16()
+        b = torch.randn(c, device="cuda", generator=g).bfloat16()
+        dy = torch.randn(shape, device="cuda", generator=g)
+        y = group_norm_nhwc(x, 32, w, b, 1e-5)
+        (y.float() * dy).sum().backward()
+        assert y.is_contiguous(memory_format=torch.channels_last) and x.grad.is_contiguous(
+            memory_format=torch.channels_last)
+        ex = x.detach().float().requires_grad_()
+        ref = torch.nn.functional.group_norm(ex, 32, w.float(), b.float(), 1e-5)
+        (ref * dy).sum().backward()
+        tx = x.detach().contiguous().requires_grad_()
+        theirs = torch.nn.functional.group_norm(tx, 32, w, b, 1e-5)
+        (theirs.float() * dy).sum().backward()
+        for ours, torchs, exact in ((y, theirs, ref), (x.grad, tx.grad, ex.grad)):
+            err, err_torch = (ours.float() - exact).abs().max(), (torchs.float() - exact).abs().max()
+            assert err <= 1.5 * err_torch + 1e-6, (shape, float(err), float(err_torch))
+    cl = accel.AccelOptions(channels_last=True)
+    l_nhwc, runner, _ = _train(_unet(), cl)
+    l_torch, _, _ = _train(_unet(), accel.AccelOptions(channels_last=True, nhwc_group_norm=False))
+    assert runner.uses_graphs, runner.disabled_reason
+    assert l_nhwc == pytest.approx(l_torch, rel=5e-3)
+
+
 def _flux_losses(fused: bool, steps: int = 10):
     """A small Flux (2 double + 2 single blocks, 256 wide) trained through StepRunner as the engine does: bf16
     autocast, checkpointed blocks, fp32 trainable input/output layers (gradients cross every block's math)."""

@@ -7,6 +7,9 @@ inputs anyway, so running them on the bf16 tensor gives the same statistics and 
 once, where the fp32 path rounds it at the next layer's cast: the same numbers to bf16 precision,
 with a third of the memory traffic. Only the CUDA autocast path changes; CPU and fp32 runs keep
 the stock forward.
+
+On a channels_last model (where Triton is) the GroupNorms read and write NHWC (group_norm_nhwc.py) instead of
+torch's kernel, which computes on NCHW copies.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .forwards import replace_forwards, restore_forwards
+from .group_norm_nhwc import group_norm_nhwc, is_nhwc
 
 _ATTR = "_lora_trainer_lowp_norm"
+_NHWC_ATTR = "_lora_trainer_nhwc_norm"  # set on the GroupNorms that may take NHWC inputs their own way
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -38,8 +43,9 @@ def _group_norm(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     dt = _autocast_dtype(x)
     if dt is None:
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    norm = group_norm_nhwc if getattr(self, _NHWC_ATTR, False) and is_nhwc(x) else F.group_norm
     with torch.autocast("cuda", enabled=False):
-        return F.group_norm(x.to(dt), self.num_groups, _cast(self.weight, dt), _cast(self.bias, dt), self.eps)
+        return norm(x.to(dt), self.num_groups, _cast(self.weight, dt), _cast(self.bias, dt), self.eps)
 
 
 def _layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +63,25 @@ def _norm_forward(m: nn.Module):
     return fwd
 
 
-def lowp_norms(model: nn.Module) -> int:
-    """Run the frozen GroupNorm/LayerNorm modules of `model` in the autocast dtype; returns how many."""
-    return replace_forwards(model, _norm_forward, _ATTR)
+def lowp_norms(model: nn.Module, *, nhwc: bool = False) -> int:
+    """Run the frozen GroupNorm/LayerNorm modules of `model` in the autocast dtype; returns how many. `nhwc`: the
+    GroupNorms keep channels_last inputs in that layout (group_norm_nhwc; needs Triton on the device)."""
+    n = replace_forwards(model, _norm_forward, _ATTR)
+    for m in model.modules():
+        if getattr(m, _ATTR, False) and type(m) is nn.GroupNorm:
+            if nhwc:
+                setattr(m, _NHWC_ATTR, True)
+            else:
+                m.__dict__.pop(_NHWC_ATTR, None)
+    return n
+
+
+def nhwc_group_norms(model: nn.Module) -> int:
+    """How many GroupNorms of `model` keep channels_last inputs in that layout."""
+    return sum(1 for m in model.modules() if getattr(m, _NHWC_ATTR, False))
 
 
 def restore_norms(model: nn.Module) -> int:
+    for m in model.modules():
+        m.__dict__.pop(_NHWC_ATTR, None)
     return restore_forwards(model, _ATTR)

@@ -23,6 +23,9 @@ class AccelOptions:
     graph_warmup: int = 2  # eager steps per shape before capture (cuDNN autotune, lazy inits)
     max_graphs: int = 8  # distinct batch shapes captured; later shapes run eagerly
     channels_last: bool = False  # NHWC convs; measured per GPU in bench/speed.py
+    # with channels_last and lowp_norms: the GroupNorms read and write NHWC in Triton kernels (group_norm_nhwc.py)
+    # where torch's kernel copies to NCHW and back; off: torch's
+    nhwc_group_norm: bool = True
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
     fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
     # the fp8 e4m3 frozen Linears' forward products (fp8_base's, or a Flux fp8 base) on fp8 tensor cores, inputs
@@ -82,7 +85,8 @@ def describe(opts: AccelOptions, device: torch.device | str = "cuda") -> str:
     if opts.cuda_graphs:
         parts.append("CUDA graphs per batch shape" if on_cuda else "eager steps (no CUDA for graphs)")
     if opts.channels_last:
-        parts.append("channels_last")
+        parts.append("channels_last" + (" with NHWC GroupNorms" if opts.nhwc_group_norm and opts.lowp_norms
+                                        and on_cuda else ""))
     if opts.lowp_norms and on_cuda:
         parts.append("norms in the autocast dtype")
     if opts.fp8_base:

@@ -12,9 +12,9 @@ from torch import nn
 from ..quant import quant_layers, weights_kept_for_backward
 from ..quant.fp8_products import fp8_matmul_supported
 from .fp8 import fp8_available, quantize_linears_fp8, use_fp8_products
-from .fused_math import use_fused_dequant, use_fused_math
+from .fused_math import fused_math_available, use_fused_dequant, use_fused_math
 from .lora_fast import fuse_lora_layers
-from .norms import lowp_norms
+from .norms import lowp_norms, nhwc_group_norms
 from .options import AccelOptions
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     opts = opts or AccelOptions()
     done = {"fused_lora": 0, "fp8_linears": 0, "fp8_products": 0, "channels_last": 0, "lowp_norms": 0,
             "checkpoint_funcs": 0, "compiled_blocks": 0, "fused_math_blocks": 0,
-            "fused_dequant": 0}
+            "fused_dequant": 0, "nhwc_group_norms": 0}
     if not opts.enabled:
         return done
     if opts.fp8_base:
@@ -93,7 +93,9 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     if opts.fused_lora:
         done["fused_lora"] = fuse_lora_layers(model, opts.lean_lora_product)
     if opts.lowp_norms:
-        done["lowp_norms"] = lowp_norms(model)
+        nhwc = opts.channels_last and opts.nhwc_group_norm and fused_math_available(device)
+        done["lowp_norms"] = lowp_norms(model, nhwc=nhwc)
+        done["nhwc_group_norms"] = nhwc_group_norms(model)
     if opts.channels_last:
         on = torch.device(device).type == "cuda" if device is not None else True
         if on:
