@@ -229,6 +229,54 @@ def test_lean_linear_product_is_one_function_with_peft_gradients(bias):
     assert type(run(trained)[0].grad_fn).__name__ != "_LoraProductFnBackward"
 
 
+def _product_fn(y: torch.Tensor) -> str:
+    """The autograd function under an output (under the permute back to NCHW for a 1×1 convolution's)."""
+    fn = y.grad_fn
+    while type(fn).__name__.startswith("Permute"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lean_pointwise_conv_product_on_channels_last_inputs(bias):
+    """A frozen 1×1 convolution (SD1's proj_in/proj_out) and its LoRA on a channels_last input: the lean Linear
+    product over the NHWC rows, output channels_last; output and gradients equal peft's (fp32 and bf16 autocast).
+    An NCHW input, or a 3×3 convolution, keeps the convolution path."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(24, 40, 1, bias=bias), torch.nn.Conv2d(40, 16, 3, padding=1))
+    peft_net = get_peft_model(net.requires_grad_(False), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"],
+                                                                    init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for m in (peft_net.base_model.model[0], peft_net.base_model.model[1]):
+            m.lora_B["default"].weight.normal_()
+    x = torch.randn(2, 24, 5, 6).contiguous(memory_format=torch.channels_last)
+
+    def run(model, x, autocast=None):
+        xi = x.clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            mid = model.base_model.model[0](xi)
+            y = model.base_model.model[1](mid)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        layer = model.base_model.model[0]
+        return mid, y, [xi.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+
+    ref, lean = copy.deepcopy(peft_net), copy.deepcopy(peft_net)
+    accel.fuse_lora_layers(lean)
+    for autocast, tol in ((None, 1e-6), (torch.bfloat16, 2e-2)):
+        mid_ref, y_ref, g_ref = run(ref, x, autocast)
+        mid, y, g = run(lean, x, autocast)
+        assert _product_fn(mid) == "_LoraProductFnBackward" and _product_fn(y) != "_LoraProductFnBackward"
+        assert mid.is_contiguous(memory_format=torch.channels_last) and mid.dtype == mid_ref.dtype
+        assert rel(mid, mid_ref) < tol and rel(y, y_ref) < tol
+        for got, want in zip(g, g_ref):
+            assert got.dtype == want.dtype and rel(got, want) < tol
+    mid, _, _ = run(lean, x.contiguous())  # NCHW: the convolution path
+    assert _product_fn(mid) != "_LoraProductFnBackward"
+
+
 def train(unet, steps: int, fused: bool, runner_opts=None):
     if fused:
         accel.fuse_lora_layers(unet)

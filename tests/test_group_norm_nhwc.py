@@ -92,11 +92,13 @@ def test_other_inputs_take_torchs_norm():
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU: tests/test_accel_cuda.py trains one under autocast")
 def test_a_channels_last_unet_runs_its_group_norms_nhwc(monkeypatch):
     """A real diffusers UNet with LoRA, channels_last: the norms take the NHWC path (the lowp path's autocast dtype
-    is mocked to fp32: CUDA autocast does not run here) and the output and LoRA gradients are torch's."""
+    is mocked to fp32: CUDA autocast does not run here), so do the LoRA'd 1×1 convolutions after them, and the
+    output and LoRA gradients are torch's and peft's."""
     from test_accel import fwd_bwd, inputs, lora_unet
 
     from lora_trainer.accel import group_norm_nhwc as gn
-    from lora_trainer.accel import norms
+    from lora_trainer.accel import lora_fast, norms
+    from lora_trainer.accel.lora_fast import _pointwise_conv_lora
 
     monkeypatch.setattr(norms, "_autocast_dtype", lambda x: torch.float32)
     calls = []
@@ -112,8 +114,14 @@ def test_a_channels_last_unet_runs_its_group_norms_nhwc(monkeypatch):
     ref_out, ref_grads = fwd_bwd(unet, batch)
     n = norms.lowp_norms(unet, nhwc=True)
     assert n > 0 and norms.nhwc_group_norms(unet) == sum(type(m) is torch.nn.GroupNorm for m in unet.modules())
+    # with the lean LoRA forward: the 1×1 proj_in convolutions after the norms run as Linear products on NHWC rows
+    lora_fast.fuse_lora_layers(unet)
+    pointwise = []
+    monkeypatch.setattr(lora_fast, "_pointwise_conv_lora",
+                        lambda *a: pointwise.append(1) or _pointwise_conv_lora(*a))
     out, grads = fwd_bwd(unet, batch)
     assert calls and all(calls), f"{calls.count(False)} of {len(calls)} GroupNorm inputs were not channels_last"
+    assert pointwise
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

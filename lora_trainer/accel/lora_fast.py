@@ -10,7 +10,8 @@ one that
 - for a plain frozen Linear (`lean_product`), runs base and LoRA as one autograd function
   (quant's `linear_with_lora`, as over a quantised base) that accumulates the low-rank terms into the base's output and input gradient in
   place: no copy of the base output (an out-of-place addmm copies its input first) and no add of two
-  input gradients in backward.
+  input gradients in backward; the same for a frozen 1×1 convolution on a channels_last input (SD1's
+  transformers' proj_in/proj_out), whose NHWC memory is the Linear's rows already.
 Anything unusual (several active adapters, DoRA/variants, lora bias, merged or disabled adapters)
 falls back to peft's own forward, so the result is always what peft would compute.
 """
@@ -26,6 +27,7 @@ from torch import nn
 from ..quant.formats import PlainWeight
 from ..quant.linear import QuantLinear, autocast_dtype, linear_with_lora
 from .forwards import replace_forwards, restore_forwards
+from .group_norm_nhwc import is_nhwc
 
 _FUSED_ATTR = "_lora_trainer_fused"
 _LEAN_ATTR = "_lora_trainer_lean_product"
@@ -74,20 +76,36 @@ def _dropout(layer: Any, name: str, x: torch.Tensor) -> torch.Tensor:
     return x if isinstance(drop, nn.Identity) else drop(x)
 
 
-def _linear_lora(x: torch.Tensor, base: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """quant's one-function LoRA product over the plain weight, in the autocast dtype where autocast is on (what
-    F.linear and addmm would run in), else in the weight's."""
-    dt = autocast_dtype(x.device.type) or base.weight.dtype
-    bias = None if base.bias is None else base.bias.to(dt)
+def _linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    """quant's one-function LoRA product over the plain (out, in) weight, in the autocast dtype where autocast is on
+    (what F.linear and addmm would run in), else in the weight's."""
+    dt = autocast_dtype(x.device.type) or weight.dtype
+    bias = None if bias is None else bias.to(dt)
     with torch.autocast(x.device.type, enabled=False):
-        return linear_with_lora(x, PlainWeight(base.weight), bias, a, b, dt)
+        return linear_with_lora(x, PlainWeight(weight), bias, a, b, dt)
 
 
-def _lean_product_fits(base: nn.Module, x: torch.Tensor) -> bool:
-    """A plain Linear whose weight and bias are frozen, on an input of its dtype or under autocast."""
-    return (type(base) is nn.Linear and not base.weight.requires_grad
+def _lean_product_fits(base: nn.Module, x: torch.Tensor, kind: type = nn.Linear) -> bool:
+    """A plain layer of `kind` whose weight and bias are frozen, on an input of its dtype or under autocast."""
+    return (type(base) is kind and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
             and (_autocast_on(x) or x.dtype == base.weight.dtype))
+
+
+def _pointwise(conv: nn.Module) -> bool:
+    """A 1×1 convolution that is a Linear over the channels: stride 1, no padding, dilation 1, one group."""
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def _pointwise_conv_lora(x: torch.Tensor, base: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution and its LoRA on a channels_last input as the lean Linear product over the pixels' channel
+    rows (NHWC memory is (N·H·W, C) rows already: no copy in or out); the output is channels_last too."""
+    rows = x.permute(0, 2, 3, 1)  # a view: (N, H, W, C), contiguous
+    y = _linear_lora(rows, base.weight.view(base.out_channels, -1), base.bias, a.view(a.shape[0], -1),
+                     b.view(b.shape[0], -1))
+    return y.permute(0, 3, 1, 2)
 
 
 def _linear_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -100,7 +118,7 @@ def _linear_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     if isinstance(base, QuantLinear) and plain_dropout:
         return base.forward_with_lora(x, a, b)  # one autograd function: no output copy, no gradient add
     if plain_dropout and getattr(self, _LEAN_ATTR, False) and _lean_product_fits(base, x):
-        return _linear_lora(x, base, a, b)
+        return _linear_lora(x, base.weight, base.bias, a, b)
     if type(base) is nn.Linear:
         y = F.linear(x, base.weight, base.bias)
     else:  # e.g. accel.fp8.Fp8Linear
@@ -117,9 +135,12 @@ def _conv2d_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
-    y = base(x)
     a, b = _lora_weights(self, name, x)
     la = self.lora_A[name]
+    if (getattr(self, _LEAN_ATTR, False) and isinstance(self.lora_dropout[name], nn.Identity) and is_nhwc(x)
+            and _pointwise(base) and _pointwise(la) and _lean_product_fits(base, x, nn.Conv2d)):
+        return _pointwise_conv_lora(x, base, a, b)
+    y = base(x)
     h = F.conv2d(_dropout(self, name, x), a, None, la.stride, la.padding, la.dilation, la.groups)
     return (y + F.conv2d(h, b)).to(y.dtype)
 
