@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ def _interpreting() -> bool:
 
 
 @functools.cache
-def _kernels(interpret: bool) -> tuple[Any, Any]:
+def _kernels(interpret: bool) -> Any:
     """The Triton kernels, built at first use (Triton is imported only where it is used); Triton decides at the
     decoration whether they compile or run in its interpreter, so each way has its own."""
     import triton
@@ -65,6 +66,68 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         tl.store(out2_ptr + o, r2, mask=cm)
 
     @triton.jit
+    def group_coefficients(r1_ptr, r2_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, a_ptr, k_ptr, q_ptr, HW, C, S, CG, G,
+                           eps, BP: tl.constexpr, BS: tl.constexpr, BCG: tl.constexpr, HAS_W: tl.constexpr,
+                           HAS_B: tl.constexpr, GRAD: tl.constexpr):
+        # one (sample, group): the chunks' per-channel results combined into the per-channel coefficients of the
+        # affine kernel. Forward (r1, r2 = chunk means, squared deviations; Chan's combination): mean and 1/std
+        # (kept for the backward), a = rstd·γ, k = β - mean·a. Backward (r1, r2 = Σ dy·x, Σ dy; aten's GroupNorm
+        # backward): a = rstd·γ, q = c2, k = c3 for dx = a·dy + q·x + k
+        n = tl.program_id(0).to(tl.int64)
+        g = tl.program_id(1)
+        j = tl.arange(0, BCG)
+        cm = j < CG
+        c = g * CG + j
+        if HAS_W:
+            gamma = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+        else:
+            gamma = tl.where(cm, 1.0, 0.0)
+        acc1 = tl.zeros([BS, BCG], dtype=tl.float32)
+        acc2 = tl.zeros([BS, BCG], dtype=tl.float32)
+        for s0 in range(0, S, BS):
+            s = s0 + tl.arange(0, BS)
+            m = (s < S)[:, None] & cm[None, :]
+            o = (n * S + s)[:, None] * C + c[None, :]
+            v1 = tl.load(r1_ptr + o, mask=m, other=0.0)
+            v2 = tl.load(r2_ptr + o, mask=m, other=0.0)
+            if GRAD:
+                acc1 += v1
+                acc2 += v2
+            else:
+                cnt = tl.minimum(HW - s * BP, BP).to(tl.float32)
+                acc1 += v1 * cnt[:, None]
+                acc2 += v2
+        total = (HW * CG).to(tl.float32)
+        if GRAD:
+            mean = tl.load(mean_ptr + n * G + g)
+            rstd = tl.load(rstd_ptr + n * G + g)
+            ds = tl.sum(tl.sum(acc1, axis=0) * gamma, axis=0)
+            db = tl.sum(tl.sum(acc2, axis=0) * gamma, axis=0)
+            c2 = (db * mean - ds) * rstd * rstd * rstd / total
+            c3 = -c2 * mean - db * rstd / total
+            tl.store(q_ptr + n * C + c, tl.zeros([BCG], dtype=tl.float32) + c2, mask=cm)
+            tl.store(k_ptr + n * C + c, tl.zeros([BCG], dtype=tl.float32) + c3, mask=cm)
+        else:
+            mean = tl.sum(tl.sum(acc1, axis=1), axis=0) / total
+            sq = tl.zeros([BS, BCG], dtype=tl.float32)
+            for s0 in range(0, S, BS):
+                s = s0 + tl.arange(0, BS)
+                m = (s < S)[:, None] & cm[None, :]
+                v1 = tl.load(r1_ptr + (n * S + s)[:, None] * C + c[None, :], mask=m, other=0.0)
+                cnt = tl.minimum(HW - s * BP, BP).to(tl.float32)
+                d = tl.where(m, v1 - mean, 0.0)
+                sq += d * d * cnt[:, None]
+            var = (tl.sum(tl.sum(acc2, axis=1), axis=0) + tl.sum(tl.sum(sq, axis=1), axis=0)) / total
+            rstd = 1.0 / tl.sqrt(var + eps)
+            tl.store(mean_ptr + n * G + g, mean)
+            tl.store(rstd_ptr + n * G + g, rstd)
+            beta = tl.zeros([BCG], dtype=tl.float32)
+            if HAS_B:
+                beta = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+            tl.store(k_ptr + n * C + c, beta - mean * rstd * gamma, mask=cm)
+        tl.store(a_ptr + n * C + c, rstd * gamma, mask=cm)
+
+    @triton.jit
     def affine(p_ptr, q_ptr, a_ptr, b_ptr, c_ptr, out_ptr, HW, C,
                BP: tl.constexpr, BC: tl.constexpr, HAS_Q: tl.constexpr):
         # out = p·a + q·b + c, with a, b, c per (sample, channel): the norm (p = x) and its backward (p = dy, q = x)
@@ -83,81 +146,41 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
             y += tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32) * b[None, :]
         tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
 
-    return channel_sums, affine
+    return SimpleNamespace(channel_sums=channel_sums, group_coefficients=group_coefficients, affine=affine)
 
 
-def _grid(n: int, hw: int, c: int) -> tuple[int, int, int]:
-    return n, -(-hw // BLOCK_P), -(-c // BLOCK_C)
-
-
-def _sums(x: torch.Tensor, dy: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    n, c, h, w = x.shape
-    grid = _grid(n, h * w, c)
-    r1 = torch.empty(n, grid[1], c, device=x.device, dtype=torch.float32)
-    r2 = torch.empty_like(r1)
-    _kernels(_interpreting())[0][grid](x, x if dy is None else dy, r1, r2, h * w, c, grid[1],
-                        BP=BLOCK_P, BC=BLOCK_C, GRAD=dy is not None)
-    return r1, r2
-
-
-def _affine(p: torch.Tensor, a: torch.Tensor, k: torch.Tensor, q: torch.Tensor | None = None,
-            b: torch.Tensor | None = None) -> torch.Tensor:
-    n, c, h, w = p.shape
-    out = torch.empty_like(p, memory_format=torch.channels_last)
-    _kernels(_interpreting())[1][_grid(n, h * w, c)](
-        p, p if q is None else q, a.contiguous(), a if b is None else b.contiguous(), k.contiguous(), out, h * w, c,
-        BP=BLOCK_P, BC=BLOCK_C, HAS_Q=q is not None)
-    return out
-
-
-def _per_channel(t: torch.Tensor, c: int) -> torch.Tensor:
-    """(N, G) per group → (N, C) per channel."""
-    n, g = t.shape
-    return t[:, :, None].expand(n, g, c // g).reshape(n, c)
-
-
-def _gamma(weight: torch.Tensor | None, c: int, like: torch.Tensor) -> torch.Tensor:
-    return weight.float() if weight is not None else torch.ones(c, device=like.device, dtype=torch.float32)
-
-
-def _forward(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+          dy: torch.Tensor | None = None, mean: torch.Tensor | None = None,
+          rstd: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The norm (dy None): (y, mean, rstd); its input gradient (dy, with the forward's mean and rstd): (dx, ...)."""
+    kernels = _kernels(_interpreting())
     n, c, h, w = x.shape
     hw, cg = h * w, c // groups
-    means, m2 = _sums(x, None)  # (N, S, C): each chunk's channel means and squared deviations
-    s = means.shape[1]
-    counts = (hw - torch.arange(s, device=x.device, dtype=torch.float32) * BLOCK_P).clamp_(max=BLOCK_P)
-    counts = counts[None, :, None, None]
-    means, m2 = means.view(n, s, groups, cg), m2.view(n, s, groups, cg)
-    mean = (means * counts).sum((1, 3)) / (hw * cg)  # (N, G)
-    var = (m2.sum((1, 3)) + ((means - mean[:, None, :, None]) ** 2 * counts).sum((1, 3))) / (hw * cg)
-    rstd = torch.rsqrt(var + eps)
-    a = _per_channel(rstd, c) * _gamma(weight, c, x)
-    k = -_per_channel(mean, c) * a
-    if bias is not None:
-        k = k + bias.float()
-    return _affine(x, a, k), mean, rstd
-
-
-def _backward(dy: torch.Tensor, x: torch.Tensor, groups: int, weight: torch.Tensor | None, mean: torch.Tensor,
-              rstd: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
-    dy = dy.contiguous(memory_format=torch.channels_last)
-    ds, db = (t.sum(1) for t in _sums(x, dy))  # (N, C): Σ dy·x and Σ dy per channel
-    gamma = _gamma(weight, c, x)
-    ds_g = (ds * gamma).view(n, groups, -1).sum(2)
-    db_g = (db * gamma).view(n, groups, -1).sum(2)
-    scale = 1.0 / (h * w * (c // groups))
-    c2 = (db_g * mean - ds_g) * rstd ** 3 * scale
-    c3 = -c2 * mean - db_g * rstd * scale
-    return _affine(dy, _per_channel(rstd, c) * gamma, _per_channel(c3, c), x, _per_channel(c2, c))
+    grid = (n, -(-hw // BLOCK_P), -(-c // BLOCK_C))
+    s = grid[1]
+    f32 = {"device": x.device, "dtype": torch.float32}
+    r1, r2 = torch.empty(n, s, c, **f32), torch.empty(n, s, c, **f32)
+    kernels.channel_sums[grid](x, x if dy is None else dy, r1, r2, hw, c, s, BP=BLOCK_P, BC=BLOCK_C,
+                               GRAD=dy is not None)
+    if dy is None:
+        mean, rstd = torch.empty(n, groups, **f32), torch.empty(n, groups, **f32)
+    a, k = torch.empty(n, c, **f32), torch.empty(n, c, **f32)
+    q = torch.empty(n, c, **f32) if dy is not None else a
+    kernels.group_coefficients[(n, groups)](
+        r1, r2, x if weight is None else weight, x if bias is None else bias, mean, rstd, a, k, q, hw, c, s, cg,
+        groups, eps, BP=BLOCK_P, BS=32, BCG=max(16, 1 << (cg - 1).bit_length()), HAS_W=weight is not None,
+        HAS_B=bias is not None, GRAD=dy is not None)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    p = x if dy is None else dy
+    kernels.affine[grid](p, x, a, q, k, out, hw, c, BP=BLOCK_P, BC=BLOCK_C, HAS_Q=dy is not None)
+    return out, mean, rstd
 
 
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 eps: float) -> torch.Tensor:
-        y, mean, rstd = _forward(x, groups, weight, bias, eps)
+        y, mean, rstd = _norm(x, groups, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.groups = groups
         return y
@@ -165,7 +188,10 @@ class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, rstd = ctx.saved_tensors
-        dx = _backward(dy, x, ctx.groups, weight, mean, rstd) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _norm(x, ctx.groups, weight, None, 0.0, dy.contiguous(memory_format=torch.channels_last), mean,
+                       rstd)[0]
         return dx, None, None, None, None
 
 
