@@ -1,13 +1,13 @@
-"""GroupNorm of a channels_last (NHWC in memory) tensor that keeps that layout, in two Triton kernels a pass.
+"""GroupNorm of a channels_last (NHWC in memory) tensor that keeps that layout, in three Triton kernels a pass.
 
 torch's CUDA GroupNorm computes on NCHW: a channels_last activation is copied to NCHW before the norm and the norm's
 output is NCHW, which the next convolution (NHWC weights) copies back; the same again in the backward. That is why
 channels_last lost at SDXL batch 1 and SD1.5 batch 8 (bench/results/speed_lean_h100.md) although cuDNN's
 convolutions want NHWC. Here the norm reads and writes NHWC: a kernel sums each channel over a chunk of pixels
-(coalesced rows of channels), torch combines the chunks into each group's mean and 1/std (Chan's parallel variance:
-no cancellation), and a second kernel writes x * a + b with a per-(sample, channel) scale and shift. The backward
-of a frozen-affine norm (the input's gradient only) is the same two kernels with torch's own formula
-(aten's GroupNorm backward: dx = rstd·γ·dy + c2·x + c3). Statistics in fp32 whatever the input's dtype, as torch's.
+(coalesced rows of channels), a kernel per (sample, group) combines the chunks into the group's mean and 1/std
+(Chan's parallel variance: no cancellation) and each channel's scale and shift, and a third writes x·a + k. The
+backward of a frozen-affine norm (the input's gradient only) is the same three kernels with aten's formula
+(dx = rstd·γ·dy + c2·x + c3). Statistics in fp32 whatever the input's dtype, as torch's.
 
 Only for the frozen norms of a channels_last model on CUDA where Triton is (accel.norms chooses); anywhere else
 F.group_norm runs: the same function.
