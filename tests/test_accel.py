@@ -494,3 +494,32 @@ def test_lowp_norms_leave_cpu_math_alone():
     out_ref, grads_ref = fwd_bwd(ref, batch)
     assert torch.equal(out, out_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)  # only the CUDA autocast path changes
     assert accel.restore_norms(unet) == n
+
+
+def test_channels_last_keeps_the_transformer_outputs_nhwc(monkeypatch):
+    """accel's channels_last: diffusers' Transformer2DModel output stays a channels_last view (no NCHW copy), so
+    with the lean LoRA forward both 1×1 convolutions around each transformer (proj_in, proj_out) take the Linear
+    product on NHWC rows; output and LoRA gradients as the plain channels_last model's."""
+    from lora_trainer.accel import lora_fast
+    from lora_trainer.accel.channels_last import restore_block_outputs, use_channels_last
+
+    ref = lora_unet().to(memory_format=torch.channels_last)
+    x, t, ctx, kw = inputs(ref, bs=2)
+    batch = (x.contiguous(memory_format=torch.channels_last), t, ctx, kw)
+    out_ref, g_ref = fwd_bwd(ref, batch)
+    unet = lora_unet()
+    blocks = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"]
+    assert use_channels_last(unet) == len(blocks) > 0
+    layouts = []
+    for m in blocks:
+        m.register_forward_hook(lambda m, a, y: layouts.append(y[0].is_contiguous(memory_format=torch.channels_last)))
+    accel.fuse_lora_layers(unet)
+    pointwise = []
+    real = lora_fast._pointwise_conv_lora
+    monkeypatch.setattr(lora_fast, "_pointwise_conv_lora", lambda *a: pointwise.append(1) or real(*a))
+    out, g = fwd_bwd(unet, batch)
+    assert layouts and all(layouts)
+    assert len(pointwise) >= len(blocks)  # every transformer's proj_out at least
+    assert rel(out, out_ref) < 1e-5
+    assert_grads_match(g, g_ref)
+    assert restore_block_outputs(unet) == len(blocks)

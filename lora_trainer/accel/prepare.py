@@ -11,6 +11,7 @@ from torch import nn
 
 from ..quant import quant_layers, weights_kept_for_backward
 from ..quant.fp8_products import fp8_matmul_supported
+from .channels_last import use_channels_last
 from .fp8 import fp8_available, quantize_linears_fp8, use_fp8_products
 from .fused_math import fused_math_available, use_fused_dequant, use_fused_math
 from .lora_fast import fuse_lora_layers
@@ -78,7 +79,7 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     opts = opts or AccelOptions()
     done = {"fused_lora": 0, "fp8_linears": 0, "fp8_products": 0, "channels_last": 0, "lowp_norms": 0,
             "checkpoint_funcs": 0, "compiled_blocks": 0, "fused_math_blocks": 0,
-            "fused_dequant": 0, "nhwc_group_norms": 0}
+            "fused_dequant": 0, "nhwc_group_norms": 0, "nhwc_block_outputs": 0}
     if not opts.enabled:
         return done
     if opts.fp8_base:
@@ -99,7 +100,7 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     if opts.channels_last:
         on = torch.device(device).type == "cuda" if device is not None else True
         if on:
-            model.to(memory_format=torch.channels_last)
+            done["nhwc_block_outputs"] = use_channels_last(model)
             done["channels_last"] = 1
     done["checkpoint_funcs"] = graph_safe_checkpointing(model, opts.keep_recomputed_weights)
     if opts.compile_blocks:
