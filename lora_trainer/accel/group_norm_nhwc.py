@@ -38,7 +38,9 @@ def _kernels(interpret: bool) -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # do_not_specialize: Triton compiles a kernel again for each integer argument that is 1 or divisible by 16 where
+    # it was not before; the chunk and group counts vary with the picture size and gain nothing from it
+    @triton.jit(do_not_specialize=["S"])
     def channel_sums(x_ptr, dy_ptr, out1_ptr, out2_ptr, HW, C, S,
                      BP: tl.constexpr, BC: tl.constexpr, GRAD: tl.constexpr):
         # forward: each channel's mean and sum of squared deviations over this chunk of pixels;
@@ -65,7 +67,7 @@ def _kernels(interpret: bool) -> Any:
         tl.store(out1_ptr + o, r1, mask=cm)
         tl.store(out2_ptr + o, r2, mask=cm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["HW", "S", "CG", "G"])
     def group_coefficients(r1_ptr, r2_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, a_ptr, k_ptr, q_ptr, HW, C, S, CG, G,
                            eps, BP: tl.constexpr, BS: tl.constexpr, BCG: tl.constexpr, HAS_W: tl.constexpr,
                            HAS_B: tl.constexpr, GRAD: tl.constexpr):
