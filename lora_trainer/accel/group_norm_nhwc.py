@@ -146,7 +146,7 @@ def _kernels(interpret: bool) -> Any:
         if HAS_Q:
             b = tl.load(b_ptr + nc, mask=cm, other=0.0)
             y += tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32) * b[None, :]
-        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
     return SimpleNamespace(channel_sums=channel_sums, group_coefficients=group_coefficients, affine=affine)
 
