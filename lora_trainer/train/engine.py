@@ -283,6 +283,8 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         if bundle is not self.own_bundle or device.type != "cuda" or self.models.quantizes_base:
             # would replace the host's Linear modules in its skeleton; no gain on CPU; or already done
             opts.fp8_base = False
+        if bundle is not self.own_bundle:
+            opts.channels_last = False  # an NHWC copy of every host convolution weight beside the host's own
         for component in network.components():
             accel.prepare_model(network.roots[component], opts, device=device)
         self.models.ready()
