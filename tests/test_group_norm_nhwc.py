@@ -34,6 +34,7 @@ def _run(x, groups, weight, bias, dy):
     ((2, 96, 5, 7), 32, True),  # channels past one 64-channel block, pixels not a multiple of 64
     ((1, 64, 9, 9), 8, False),  # no weight and bias
     ((3, 320, 4, 4), 32, True),  # SD's channels, a small picture
+    ((1, 320, 33, 33), 4, True),  # 80 channels a group, 18 chunks of pixels: the per-group loop runs twice
 ])
 def test_matches_torch_in_fp32_and_keeps_channels_last(shape, groups, affine):
     g = torch.Generator().manual_seed(0)

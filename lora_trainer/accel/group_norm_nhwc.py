@@ -168,10 +168,11 @@ def _norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch
         mean, rstd = torch.empty(n, groups, **f32), torch.empty(n, groups, **f32)
     a, k = torch.empty(n, c, **f32), torch.empty(n, c, **f32)
     q = torch.empty(n, c, **f32) if dy is not None else a
+    bcg = max(16, 1 << (cg - 1).bit_length())  # a group's channels, padded to a power of two
     kernels.group_coefficients[(n, groups)](
         r1, r2, x if weight is None else weight, x if bias is None else bias, mean, rstd, a, k, q, hw, c, s, cg,
-        groups, eps, BP=BLOCK_P, BS=32, BCG=max(16, 1 << (cg - 1).bit_length()), HAS_W=weight is not None,
-        HAS_B=bias is not None, GRAD=dy is not None)
+        groups, eps, BP=BLOCK_P, BS=max(8, 2048 // bcg), BCG=bcg, HAS_W=weight is not None, HAS_B=bias is not None,
+        GRAD=dy is not None)  # chunks × channels held at once: 2,048 (few registers a thread)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     p = x if dy is None else dy
     kernels.affine[grid](p, x, a, q, k, out, hw, c, BP=BLOCK_P, BC=BLOCK_C, HAS_Q=dy is not None)
