@@ -90,6 +90,24 @@ def test_other_inputs_take_torchs_norm():
     assert "NHWC" in group_norm_nhwc(xl, 32, w.detach()).grad_fn.name()
 
 
+def test_kernels_that_do_not_run_leave_torchs_norm_with_a_warning(monkeypatch, caplog):
+    """An old Triton or a GPU it cannot compile for: checked once, said once, and torch's norm runs instead."""
+    from lora_trainer.accel import group_norm_nhwc as gn
+
+    def broken(interpret):
+        raise RuntimeError("no kernels here")
+
+    monkeypatch.setattr(gn, "_kernels", broken)
+    monkeypatch.setattr(gn, "_checked", {})
+    x = torch.randn(1, 64, 4, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with caplog.at_level("WARNING"):
+        y = gn.group_norm_nhwc(x, 32)
+        gn.group_norm_nhwc(x, 32)
+    assert [r.getMessage() for r in caplog.records if "do not run" in r.getMessage()] == [
+        f"The NHWC GroupNorm's Triton kernels do not run on {x.device} (RuntimeError: no kernels here): torch's runs"]
+    torch.testing.assert_close(y, F.group_norm(x, 32))
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU: tests/test_accel_cuda.py trains one under autocast")
 def test_a_channels_last_unet_runs_its_group_norms_nhwc(monkeypatch):
     """A real diffusers UNet with LoRA, channels_last: the norms take the NHWC path (the lowp path's autocast dtype

@@ -16,12 +16,15 @@ F.group_norm runs: the same function.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 BLOCK_P = 64  # pixels per program
 BLOCK_C = 64  # channels per program (a row of 64 bf16 values: 128 bytes)
@@ -203,6 +206,46 @@ def is_nhwc(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+_checked: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels serve this device and dtype, checked once (`_self_check`); False inside a CUDA-graph
+    capture before that (no first compile inside a capture)."""
+    key = (device, dtype)
+    if key not in _checked:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        _checked[key] = _self_check(device, dtype)
+    return _checked[key]
+
+
+def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
+    """The kernels compile, run forward and backward, and agree with F.group_norm; an old Triton, or a GPU it
+    cannot compile for, gives False with a warning (torch's norm then runs)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(2, 64, 5, 7, device=device, generator=g).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        w, b = torch.randn(64, device=device, generator=g).to(dtype), torch.randn(64, device=device, generator=g)
+        y = _GroupNormNHWC.apply(x, 32, w, b.to(dtype), 1e-5)
+        y.float().sum().backward()
+        ref_x = x.detach().float().requires_grad_()
+        ref = F.group_norm(ref_x, 32, w.float(), b, 1e-5)
+        ref.sum().backward()
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        ok = bool(torch.allclose(y.float(), ref, atol=tol, rtol=tol)
+                  and torch.allclose(x.grad.float(), ref_x.grad, atol=tol, rtol=tol))
+        if not ok:
+            log.warning("The NHWC GroupNorm's Triton kernels disagree with torch's on %s (%s): torch's runs", device,
+                        dtype)
+        return ok
+    except Exception as e:  # noqa: BLE001 - whatever Triton raises here, torch's norm is the answer
+        log.warning("The NHWC GroupNorm's Triton kernels do not run on %s (%s: %s): torch's runs", device,
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return False
+
+
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """F.group_norm for a channels_last `x` with a frozen weight and bias (no gradients for them); the output is
@@ -211,5 +254,7 @@ def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None = 
     trains_affine = any(t is not None and t.requires_grad for t in (weight, bias))
     runs_triton = x.is_cuda or _interpreting()
     if not runs_triton or not is_nhwc(x) or trains_affine or x.shape[1] % groups:
+        return F.group_norm(x, groups, weight, bias, eps)
+    if not _works(x.device, x.dtype):
         return F.group_norm(x, groups, weight, bias, eps)
     return _GroupNormNHWC.apply(x, groups, weight, bias, eps)
