@@ -166,6 +166,7 @@ VARIANTS = {
                      "background upload (kernels and cuDNN plans set up while latents are cached)",
     "score_batch8": "the \"did it learn?\" scoring at least 8 pairs per forward pass (default: at least 4)",
     "score_at_batch": "the scoring at the training batch (default: at least 4 pairs per pass)",
+    "early_lora": "accel early_lora on: the LoRA adapters added in the UNet's upload thread beside latent caching",
 }
 
 
@@ -182,12 +183,12 @@ def apply_variant(variant: str) -> None:
         from lora_trainer.train import placement
 
         placement.Placement.upload_in_background = lambda self, module: False
-    elif variant == "channels_last":  # an accel lever that is off by default, on
+    elif variant in ("channels_last", "early_lora"):  # an accel lever that is off by default, on
         original = accel.AccelOptions.from_config
 
         def from_config(config):
             opts = original(config)
-            opts.channels_last = opts.enabled
+            setattr(opts, variant, opts.enabled)
             return opts
 
         accel.AccelOptions.from_config = staticmethod(from_config)
@@ -250,12 +251,13 @@ def _rehearse_unet_variant() -> None:
         stream.synchronize()
         torch.cuda.empty_cache()
 
-    def new_start_early(self) -> None:
-        start_early(self)
+    def new_start_early(self, then=None) -> bool:
+        started = start_early(self, then)
         pending = self.placement._uploads.get(id(self.bundle.unet))
         if pending is not None and self.device.type == "cuda":
             self._rehearsal = threading.Thread(target=rehearse, args=(self, *pending), daemon=True)
             self._rehearsal.start()
+        return started
 
     def new_denoiser(self) -> None:
         if getattr(self, "_rehearsal", None) is not None:

@@ -13,7 +13,9 @@
 #       # accel/group_norm_nhwc.py) against channels_last with torch's GroupNorm and the default, with the lean
 #       # product's A/B and the accel GPU tests (tests/test_accel_cuda.py has the NHWC GroupNorm's GPU test)
 #       # then, if cl wins: the whole command with it (e2e_hooks' channels_last variant), e.g. STAGE=sd with
-#       # --variants channels_last@sd15_b1,channels_last@sdxl_b1 (edit the sd stage's list), and flip the default
+#       # --variants channels_last@sd15_b1,channels_last@sdxl_b1 (edit the sd stage's list), and flip the default;
+#       # early_lora@sd15_b1,early_lora@sdxl_b1 (LoRA injection beside latent caching) in the same call, and
+#       # tests/test_train_cuda.py (its early_lora test)
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya

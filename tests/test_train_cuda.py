@@ -124,3 +124,38 @@ def test_background_upload_gives_the_same_weights_and_a_run_from_a_file_trains(t
                                       device="cuda", max_steps=4))
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
 
+
+
+def test_early_lora_adds_the_adapters_beside_caching_with_the_same_start(tmp_path, tiny_data, monkeypatch,
+                                                                         deterministic_cuda):
+    """accel's early_lora: the adapters are added in the UNet's upload thread while the latents are cached; the
+    run starts from the same adapters (same seed) and follows the same losses as with them added after caching."""
+    from lora_trainer import accel
+    from lora_trainer.lora import network as lora_network
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", "sd1", seed=0)
+    threads, starts = [], []
+    real_inject, real_options = lora_network.inject_lora, accel.AccelOptions.from_config
+
+    def inject(*a, **k):
+        net = real_inject(*a, **k)
+        threads.append(threading.current_thread().name)
+        starts.append([p.detach().cpu().clone() for p in net.parameters()])
+        return net
+
+    monkeypatch.setattr(lora_network, "inject_lora", inject)
+    runs = []
+    for early in (False, True):
+        def options(config, early=early):
+            opts = real_options(config)
+            opts.early_lora = early
+            return opts
+
+        monkeypatch.setattr(accel.AccelOptions, "from_config", staticmethod(options))
+        config = tiny_config(tiny_data, tmp_path / f"o{early}", model=str(ckpt), mixed_precision="bf16",
+                             device="cuda", max_steps=6)
+        runs.append(run_training(config))
+    assert threads[0] == threading.current_thread().name and threads[1].startswith("upload"), threads
+    assert len(starts[0]) == len(starts[1]) and all(torch.equal(a, b) for a, b in zip(*starts))
+    assert runs[1].losses == pytest.approx(runs[0].losses, rel=2e-2)

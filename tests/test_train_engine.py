@@ -315,3 +315,21 @@ def test_out_of_memory_becomes_a_clear_error(tmp_path, tiny_data):
                                             "checkpointing.*low-VRAM preset"):
         run_training(tiny_config(tiny_data, tmp_path / "o"), bundle=bundle, on_event=on_event)
     assert not any("lora" in n for n, _ in bundle.unet.named_modules())
+
+
+def test_early_lora_where_nothing_uploads_beside_caching_injects_after_it(tmp_path, tiny_data, monkeypatch):
+    """accel's early_lora asks for the adapters in the UNet's upload thread; on the CPU (or a GPU without room for
+    the upload beside caching) nothing uploads there, and the adapters come after caching as before: the same run."""
+    from lora_trainer import accel
+
+    real_options = accel.AccelOptions.from_config
+
+    def options(config):
+        opts = real_options(config)
+        opts.early_lora = True
+        return opts
+
+    plain = run_training(tiny_config(tiny_data, tmp_path / "a", max_steps=3), bundle=build_tiny_bundle("sd1"))
+    monkeypatch.setattr(accel.AccelOptions, "from_config", staticmethod(options))
+    early = run_training(tiny_config(tiny_data, tmp_path / "b", max_steps=3), bundle=build_tiny_bundle("sd1"))
+    assert early.losses == plain.losses

@@ -48,6 +48,10 @@ class AccelOptions:
     # the compute dtype held a little longer. Flux 24 GB on an H200: +3.3 % it/s, +0.045 GiB peak
     # (bench/results/flux_vs_kohya_h200_keep.md)
     keep_recomputed_weights: bool = True
+    # the LoRA adapters added in the UNet's upload thread while the latents are cached (train/engine.py), not after
+    # it: the injection's 0.3 s (SD1.5) to 1.0 s (SDXL) of CPU work off the path to the first step; off until measured
+    # on a GPU (bench/e2e_hooks.py's early_lora variant)
+    early_lora: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> AccelOptions:
@@ -60,13 +64,13 @@ class AccelOptions:
                 setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
         if not opts.enabled:
             opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = False
-            opts.compile_blocks = opts.fused_math = opts.keep_recomputed_weights = False
+            opts.compile_blocks = opts.fused_math = opts.keep_recomputed_weights = opts.early_lora = False
         return opts
 
     @classmethod
     def off(cls) -> AccelOptions:
         return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False,
-                   fused_math=False, keep_recomputed_weights=False)
+                   fused_math=False, keep_recomputed_weights=False, early_lora=False)
 
 
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:

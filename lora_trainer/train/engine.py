@@ -11,6 +11,7 @@ are never cast or written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -246,19 +247,25 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         # --- latents, once, then the VAE leaves the GPU (the UNet may upload meanwhile: placement.py)
         sampling = bool(config.sample_prompts and config.sample_every_n_epochs)
         sampling = sampling and self.dist.is_main  # only rank 0 samples
-        self.models.start_early()
-        latents = self._cache_latents(bundle, device, weight_dtype, sampling)
-        # --- text: outputs of frozen encoders cached when captions never change, the rest encoded per step
-        self._cache_text(bundle, device, weight_dtype, sampling)
-
-        self.models.denoiser()
-
-        # --- adapters (fp32) on the modules being trained
         spec = LoraSpec(rank=config.rank, alpha=config.alpha, conv_rank=config.conv_rank or None,
                         conv_alpha=config.conv_alpha if config.conv_rank else None,
                         train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
                         train_t5=config.train_t5)
-        self.network = network = inject_lora(bundle, spec, seed=config.seed, dtype=torch.float32)
+        inject = functools.partial(inject_lora, bundle, spec, seed=config.seed, dtype=torch.float32)
+        early: list[Any] = []
+        # accel's early_lora: the adapters added in the upload's thread, beside the caching below, where only the
+        # UNet of an SD model trains (the text encoders are in use for caching; Flux's layers have their own plans)
+        beside = (opts.early_lora and config.train_unet and not (config.train_text_encoder or config.train_t5)
+                  and self.family.key in ("sd1", "sdxl"))
+        self.models.start_early(then=(lambda: early.append(inject())) if beside else None)
+        latents = self._cache_latents(bundle, device, weight_dtype, sampling)
+        # --- text: outputs of frozen encoders cached when captions never change, the rest encoded per step
+        self._cache_text(bundle, device, weight_dtype, sampling)
+
+        self.models.denoiser()  # waits for the upload (and the adapters added beside it)
+
+        # --- adapters (fp32) on the modules being trained
+        self.network = network = early[0] if early else inject()
         if self.resume:
             network.load_kohya_state_dict(self.resume["lora"], strict=True)
         groups = []

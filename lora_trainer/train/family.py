@@ -66,8 +66,10 @@ class ModelPlacement:
     def __init__(self, bundle: Any, placement: Any, device: torch.device, config: Any, own: bool):
         self.bundle, self.placement, self.device, self.config, self.own = bundle, placement, device, config, own
 
-    def start_early(self) -> None:
-        self.placement.upload_in_background(self.bundle.unet)
+    def start_early(self, then: Callable[[], Any] | None = None) -> bool:
+        """Start the denoiser's upload beside latent caching where the GPU has room; `then` runs after it in the
+        upload's thread (`Placement.upload_in_background`). False: nothing started (`then` did not run)."""
+        return self.placement.upload_in_background(self.bundle.unet, then)
 
     def text_encoders(self, only: Sequence[torch.nn.Module] | None = None) -> None:
         """Put the text encoders (or `only` these) on the device."""

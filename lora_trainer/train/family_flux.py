@@ -226,9 +226,8 @@ class FluxPlacement(ModelPlacement):
         self.swappers: list[Any] = []
         self._dtype = getattr(placement, "_dtypes", {}).get(id(bundle.unet)) or torch.float32
 
-    def start_early(self) -> None:
-        if not self.blockwise:
-            super().start_early()
+    def start_early(self, then: Callable[[], Any] | None = None) -> bool:
+        return False if self.blockwise else super().start_early(then)
 
     def text_encoders(self, only: Sequence[torch.nn.Module] | None = None) -> None:
         from .lowmem import has_fp8_weights, place_module

@@ -14,7 +14,9 @@ A host's model (the WebUI's, `Placement(bundle, device, None)`) is only moved, n
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -67,9 +69,11 @@ class Placement:
         # non_blocking: a host-to-GPU copy then casts on the GPU (a blocking one would cast on the CPU first).
         return module.to(device=device, dtype=dtype, non_blocking=device.type == "cuda")
 
-    def upload_in_background(self, module: torch.nn.Module) -> bool:
+    def upload_in_background(self, module: torch.nn.Module, then: Callable[[], Any] | None = None) -> bool:
         """Start putting an owned `module` on the CUDA device on a side stream, if the GPU has room for
-        it beside the caching that runs meanwhile; `to()` waits for it. False: nothing started."""
+        it beside the caching that runs meanwhile; `to()` waits for it. False: nothing started. `then`: more
+        work on the module in the same thread and stream once it is there (e.g. adding LoRA adapters); `to()`
+        waits for it too and raises its error."""
         dtype = self._dtypes.get(id(module))
         if dtype is None or self.device.type != "cuda" or id(module) in self._uploads:
             return False
@@ -84,6 +88,8 @@ class Placement:
         def upload() -> None:
             with torch.cuda.device(self.device), torch.cuda.stream(stream):
                 module.to(device=self.device, dtype=dtype, non_blocking=True)
+                if then is not None:
+                    then()
             stream.synchronize()
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
