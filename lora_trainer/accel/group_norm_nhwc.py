@@ -209,14 +209,18 @@ def is_nhwc(x: torch.Tensor) -> bool:
 _checked: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
-def _works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernels serve this device and dtype, checked once (`_self_check`); False inside a CUDA-graph
-    capture before that (no first compile inside a capture)."""
+def check_kernels(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the kernels serve this device and dtype, checked once (`_self_check`). accel.norms asks before
+    training, outside any forward; a first ask inside a CUDA-graph capture says False (no compile inside one)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (device, dtype)
     if key not in _checked:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
-        _checked[key] = _self_check(device, dtype)
+        with torch.inference_mode(False), torch.enable_grad():  # wherever it is first asked (e.g. in scoring)
+            _checked[key] = _self_check(device, dtype)
     return _checked[key]
 
 
@@ -255,6 +259,6 @@ def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None = 
     runs_triton = x.is_cuda or _interpreting()
     if not runs_triton or not is_nhwc(x) or trains_affine or x.shape[1] % groups:
         return F.group_norm(x, groups, weight, bias, eps)
-    if not _works(x.device, x.dtype):
+    if not check_kernels(x.device, x.dtype):
         return F.group_norm(x, groups, weight, bias, eps)
     return _GroupNormNHWC.apply(x, groups, weight, bias, eps)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .forwards import replace_forwards, restore_forwards
-from .group_norm_nhwc import group_norm_nhwc, is_nhwc
+from .group_norm_nhwc import check_kernels, group_norm_nhwc, is_nhwc
 
 _ATTR = "_lora_trainer_lowp_norm"
 _NHWC_ATTR = "_lora_trainer_nhwc_norm"  # set on the GroupNorms that may take NHWC inputs their own way
@@ -69,7 +69,8 @@ def lowp_norms(model: nn.Module, *, nhwc: bool = False) -> int:
     n = replace_forwards(model, _norm_forward, _ATTR)
     for m in model.modules():
         if getattr(m, _ATTR, False) and type(m) is nn.GroupNorm:
-            if nhwc:
+            # the kernels checked here for the norm's device and dtype, before any forward (compiled once)
+            if nhwc and m.weight is not None and check_kernels(m.weight.device, m.weight.dtype):
                 setattr(m, _NHWC_ATTR, True)
             else:
                 m.__dict__.pop(_NHWC_ATTR, None)
