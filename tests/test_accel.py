@@ -509,7 +509,8 @@ def test_channels_last_keeps_the_transformer_outputs_nhwc(monkeypatch):
     out_ref, g_ref = fwd_bwd(ref, batch)
     unet = lora_unet()
     blocks = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"]
-    assert use_channels_last(unet) == len(blocks) > 0
+    assert use_channels_last(unet) == {"nhwc_block_outputs": len(blocks), "fused_resnets": 0}  # norms: torch's
+    assert len(blocks) > 0
     layouts = []
     for m in blocks:
         m.register_forward_hook(lambda m, a, y: layouts.append(y[0].is_contiguous(memory_format=torch.channels_last)))
@@ -523,3 +524,28 @@ def test_channels_last_keeps_the_transformer_outputs_nhwc(monkeypatch):
     assert rel(out, out_ref) < 1e-5
     assert_grads_match(g, g_ref)
     assert restore_block_outputs(unet) == len(blocks)
+
+
+def test_fused_resnet_forward_is_diffusers_own(monkeypatch):
+    """accel/channels_last.py's ResnetBlock2D forward (norm + SiLU pairs fused) computes what this diffusers
+    version's own forward computes, for a tiny SD1 and SDXL UNet with LoRA: checked on every stack, with torch's
+    norm under it where Triton cannot run (the fused kernels have their own tests: test_group_norm_nhwc.py). The
+    CUDA autocast the fused path waits for is mocked (as fp32): it does not run here."""
+    from lora_trainer.accel import norms
+    from lora_trainer.accel.channels_last import use_channels_last
+
+    monkeypatch.setattr(norms, "_autocast_dtype", lambda x: torch.float32)
+    monkeypatch.setattr(norms, "check_kernels", lambda device, dtype: True)
+    for family in (Family.SD1, Family.SDXL):
+        ref = lora_unet(family=family).to(memory_format=torch.channels_last)
+        x, t, ctx, kw = inputs(ref, bs=2)
+        batch = (x.contiguous(memory_format=torch.channels_last), t, ctx, kw)
+        out_ref, g_ref = fwd_bwd(ref, batch)
+        unet = lora_unet(family=family)
+        norms.lowp_norms(unet, nhwc=True)
+        resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+        assert use_channels_last(unet)["fused_resnets"] == len(resnets) > 0
+        out, g = fwd_bwd(unet, batch)
+        # fp32; where Triton runs (its interpreter here) its norm sums in another order than torch's
+        assert rel(out, out_ref) < 1e-5, family
+        assert_grads_match(g, g_ref, rtol=1e-3)

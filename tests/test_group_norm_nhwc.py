@@ -8,6 +8,7 @@ not bring it) the tests skip; CI installs it for the newest stack (.ci/run).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 
@@ -15,17 +16,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytestmark = pytest.mark.skip(reason="no GPU and Triton's interpreter not chosen (tests/conftest.py does)")
 
 
-def _run(x, groups, weight, bias, dy):
+def _why_not() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if DEVICE == "cpu":
+        version = importlib.metadata.version("triton")
+        if int(version.split(".")[0]) < 3:  # e.g. torch 2.1's Triton 2.1 (A1111's stack): no CPU interpreter
+            return f"no GPU, and Triton {version}'s interpreter does not run on the CPU (3.0 and later do)"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "no GPU and Triton's interpreter not chosen (tests/conftest.py does)"
+    return ""
+
+
+pytestmark = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+
+
+def _run(x, groups, weight, bias, dy, silu=False):
     from lora_trainer.accel.group_norm_nhwc import group_norm_nhwc
 
     x = x.detach().requires_grad_()
-    y = group_norm_nhwc(x, groups, weight, bias, 1e-5)
+    y = group_norm_nhwc(x, groups, weight, bias, 1e-5, silu=silu)
     (y.float() * dy).sum().backward()
     return y, x.grad
 
@@ -36,16 +49,19 @@ def _run(x, groups, weight, bias, dy):
     ((3, 320, 4, 4), 32, True),  # SD's channels, a small picture
     ((1, 320, 33, 33), 4, True),  # 80 channels a group, 18 chunks of pixels: the per-group loop runs twice
 ])
-def test_matches_torch_in_fp32_and_keeps_channels_last(shape, groups, affine):
+@pytest.mark.parametrize("silu", [False, True])
+def test_matches_torch_in_fp32_and_keeps_channels_last(shape, groups, affine, silu):
+    """The norm (and with `silu` the norm then SiLU, one pass each way) equals torch's functions in fp32."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * 3 + 2).to(DEVICE).contiguous(memory_format=torch.channels_last)
     c = shape[1]
     weight = torch.randn(c, generator=g).to(DEVICE) if affine else None
     bias = torch.randn(c, generator=g).to(DEVICE) if affine else None
     dy = torch.randn(shape, generator=g).to(DEVICE)
-    y, dx = _run(x, groups, weight, bias, dy)
+    y, dx = _run(x, groups, weight, bias, dy, silu)
     ref_x = x.detach().contiguous().requires_grad_()
     ref = F.group_norm(ref_x, groups, weight, bias, 1e-5)
+    ref = F.silu(ref) if silu else ref
     (ref * dy).sum().backward()
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     assert dx.is_contiguous(memory_format=torch.channels_last)
@@ -111,13 +127,17 @@ def test_kernels_that_do_not_run_leave_torchs_norm_with_a_warning(monkeypatch, c
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU: tests/test_accel_cuda.py trains one under autocast")
 def test_a_channels_last_unet_runs_its_group_norms_nhwc(monkeypatch):
     """A real diffusers UNet with LoRA, channels_last: the norms take the NHWC path (the lowp path's autocast dtype
-    is mocked to fp32: CUDA autocast does not run here), so do the LoRA'd 1×1 convolutions after them, and the
-    output and LoRA gradients are torch's and peft's."""
+    is mocked to fp32: CUDA autocast does not run here), with SiLU in the same pass in the resnets, so do the LoRA'd
+    1×1 convolutions around the transformers, and the output and LoRA gradients are diffusers', torch's and
+    peft's."""
     from test_accel import fwd_bwd, inputs, lora_unet
 
     from lora_trainer.accel import group_norm_nhwc as gn
     from lora_trainer.accel import lora_fast, norms
+    from lora_trainer.accel.channels_last import use_channels_last
     from lora_trainer.accel.lora_fast import _pointwise_conv_lora
+
+    real_gn = gn.group_norm_nhwc
 
     monkeypatch.setattr(norms, "_autocast_dtype", lambda x: torch.float32)
     calls = []
@@ -135,12 +155,17 @@ def test_a_channels_last_unet_runs_its_group_norms_nhwc(monkeypatch):
     assert n > 0 and norms.nhwc_group_norms(unet) == sum(type(m) is torch.nn.GroupNorm for m in unet.modules())
     # with the lean LoRA forward: the 1×1 proj_in convolutions after the norms run as Linear products on NHWC rows
     lora_fast.fuse_lora_layers(unet)
+    # channels_last end to end: each resnet's norm + SiLU pairs fused (where their input is NHWC, not 1×1)
+    resnets = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert use_channels_last(unet)["fused_resnets"] == len(resnets) > 0
+    fused = []
+    monkeypatch.setattr(norms, "group_norm_nhwc", lambda *a, **k: fused.append(k.get("silu")) or real_gn(*a, **k))
     pointwise = []
     monkeypatch.setattr(lora_fast, "_pointwise_conv_lora",
                         lambda *a: pointwise.append(1) or _pointwise_conv_lora(*a))
     out, grads = fwd_bwd(unet, batch)
     assert calls and all(calls), f"{calls.count(False)} of {len(calls)} GroupNorm inputs were not channels_last"
-    assert pointwise
+    assert pointwise and fused.count(True) > 0
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -44,10 +44,11 @@ def _kernels(interpret: bool) -> Any:
     # do_not_specialize: Triton compiles a kernel again for each integer argument that is 1 or divisible by 16 where
     # it was not before; the chunk and group counts vary with the picture size and gain nothing from it
     @triton.jit(do_not_specialize=["S"])
-    def channel_sums(x_ptr, dy_ptr, out1_ptr, out2_ptr, HW, C, S,
-                     BP: tl.constexpr, BC: tl.constexpr, GRAD: tl.constexpr):
+    def channel_sums(x_ptr, dy_ptr, af_ptr, kf_ptr, out1_ptr, out2_ptr, HW, C, S,
+                     BP: tl.constexpr, BC: tl.constexpr, GRAD: tl.constexpr, ACT: tl.constexpr):
         # forward: each channel's mean and sum of squared deviations over this chunk of pixels;
-        # backward: each channel's sum of dy·x and of dy over the chunk
+        # backward: each channel's sum of dz·x and of dz over the chunk, dz the norm output's gradient (dy, or
+        # with SiLU after the norm dy·silu'(z), z = x·af + kf recomputed from the forward's coefficients)
         n = tl.program_id(0).to(tl.int64)
         s = tl.program_id(1)
         p = s * BP + tl.arange(0, BP)
@@ -59,6 +60,11 @@ def _kernels(interpret: bool) -> Any:
         x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         if GRAD:
             dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(tl.float32)
+            if ACT:  # dy·silu'(z), z = x·af + kf: the norm's output, recomputed (the forward keeps x, not z)
+                z = (x * tl.load(af_ptr + n * C + c, mask=cm, other=0.0)[None, :]
+                     + tl.load(kf_ptr + n * C + c, mask=cm, other=0.0)[None, :])
+                sig = 1.0 / (1.0 + tl.exp(-z))
+                dy = dy * sig * (1.0 + z * (1.0 - sig))
             r1 = tl.sum(dy * x, axis=0)
             r2 = tl.sum(dy, axis=0)
         else:
@@ -133,9 +139,10 @@ def _kernels(interpret: bool) -> Any:
         tl.store(a_ptr + n * C + c, rstd * gamma, mask=cm)
 
     @triton.jit
-    def affine(p_ptr, q_ptr, a_ptr, b_ptr, c_ptr, out_ptr, HW, C,
-               BP: tl.constexpr, BC: tl.constexpr, HAS_Q: tl.constexpr):
-        # out = p·a + q·b + c, with a, b, c per (sample, channel): the norm (p = x) and its backward (p = dy, q = x)
+    def affine(p_ptr, q_ptr, a_ptr, b_ptr, c_ptr, af_ptr, kf_ptr, out_ptr, HW, C,
+               BP: tl.constexpr, BC: tl.constexpr, HAS_Q: tl.constexpr, ACT: tl.constexpr):
+        # out = p·a + q·b + c, with a, b, c per (sample, channel): the norm (p = x; ACT: then SiLU) and its backward
+        # (p = dy, q = x; ACT: dy·silu'(z) first, z from the forward's coefficients af, kf)
         n = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1) * BP + tl.arange(0, BP)
         c = tl.program_id(2) * BC + tl.arange(0, BC)
@@ -145,19 +152,29 @@ def _kernels(interpret: bool) -> Any:
         nc = n * C + c
         a = tl.load(a_ptr + nc, mask=cm, other=0.0)
         k = tl.load(c_ptr + nc, mask=cm, other=0.0)
-        y = tl.load(p_ptr + off, mask=m, other=0.0).to(tl.float32) * a[None, :] + k[None, :]
+        pv = tl.load(p_ptr + off, mask=m, other=0.0).to(tl.float32)
         if HAS_Q:
-            b = tl.load(b_ptr + nc, mask=cm, other=0.0)
-            y += tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32) * b[None, :]
+            q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
+            if ACT:  # as in channel_sums
+                z = (q * tl.load(af_ptr + nc, mask=cm, other=0.0)[None, :]
+                     + tl.load(kf_ptr + nc, mask=cm, other=0.0)[None, :])
+                sig = 1.0 / (1.0 + tl.exp(-z))
+                pv = pv * sig * (1.0 + z * (1.0 - sig))
+            y = pv * a[None, :] + k[None, :] + q * tl.load(b_ptr + nc, mask=cm, other=0.0)[None, :]
+        else:
+            y = pv * a[None, :] + k[None, :]
+            if ACT:
+                y = y / (1.0 + tl.exp(-y))
         tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
     return SimpleNamespace(channel_sums=channel_sums, group_coefficients=group_coefficients, affine=affine)
 
 
 def _norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-          dy: torch.Tensor | None = None, mean: torch.Tensor | None = None,
-          rstd: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The norm (dy None): (y, mean, rstd); its input gradient (dy, with the forward's mean and rstd): (dx, ...)."""
+          act: bool = False, dy: torch.Tensor | None = None,
+          saved: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The norm, then SiLU where `act` (dy None): (y, (mean, rstd, a, k): what its backward needs); its input
+    gradient (dy, with the forward's `saved`): (dx, saved)."""
     kernels = _kernels(_interpreting())
     n, c, h, w = x.shape
     hw, cg = h * w, c // groups
@@ -165,10 +182,14 @@ def _norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch
     s = grid[1]
     f32 = {"device": x.device, "dtype": torch.float32}
     r1, r2 = torch.empty(n, s, c, **f32), torch.empty(n, s, c, **f32)
-    kernels.channel_sums[grid](x, x if dy is None else dy, r1, r2, hw, c, s, BP=BLOCK_P, BC=BLOCK_C,
-                               GRAD=dy is not None)
     if dy is None:
         mean, rstd = torch.empty(n, groups, **f32), torch.empty(n, groups, **f32)
+        a_f = k_f = r1  # unused
+    else:
+        assert saved is not None
+        mean, rstd, a_f, k_f = saved
+    kernels.channel_sums[grid](x, x if dy is None else dy, a_f, k_f, r1, r2, hw, c, s, BP=BLOCK_P, BC=BLOCK_C,
+                               GRAD=dy is not None, ACT=act)
     a, k = torch.empty(n, c, **f32), torch.empty(n, c, **f32)
     q = torch.empty(n, c, **f32) if dy is not None else a
     bcg = max(16, 1 << (cg - 1).bit_length())  # a group's channels, padded to a power of two
@@ -178,27 +199,27 @@ def _norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch
         GRAD=dy is not None)  # chunks × channels held at once: 2,048 (few registers a thread)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     p = x if dy is None else dy
-    kernels.affine[grid](p, x, a, q, k, out, hw, c, BP=BLOCK_P, BC=BLOCK_C, HAS_Q=dy is not None)
-    return out, mean, rstd
+    kernels.affine[grid](p, x, a, q, k, a_f, k_f, out, hw, c, BP=BLOCK_P, BC=BLOCK_C, HAS_Q=dy is not None, ACT=act)
+    return out, (mean, rstd, a, k) if dy is None else saved
 
 
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                eps: float) -> torch.Tensor:
-        y, mean, rstd = _norm(x, groups, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.groups = groups
+                eps: float, act: bool) -> torch.Tensor:
+        y, saved = _norm(x, groups, weight, bias, eps, act)
+        ctx.save_for_backward(x, weight, *saved)
+        ctx.groups, ctx.act = groups, act
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, *saved = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _norm(x, ctx.groups, weight, None, 0.0, dy.contiguous(memory_format=torch.channels_last), mean,
-                       rstd)[0]
-        return dx, None, None, None, None
+            dx = _norm(x, ctx.groups, weight, None, 0.0, ctx.act, dy.contiguous(memory_format=torch.channels_last),
+                       tuple(saved))[0]
+        return dx, None, None, None, None, None
 
 
 def is_nhwc(x: torch.Tensor) -> bool:
@@ -232,10 +253,10 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
         x = torch.randn(2, 64, 5, 7, device=device, generator=g).to(dtype)
         x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
         w, b = torch.randn(64, device=device, generator=g).to(dtype), torch.randn(64, device=device, generator=g)
-        y = _GroupNormNHWC.apply(x, 32, w, b.to(dtype), 1e-5)
+        y = _GroupNormNHWC.apply(x, 32, w, b.to(dtype), 1e-5, True)
         y.float().sum().backward()
         ref_x = x.detach().float().requires_grad_()
-        ref = F.group_norm(ref_x, 32, w.float(), b, 1e-5)
+        ref = F.silu(F.group_norm(ref_x, 32, w.float(), b, 1e-5))
         ref.sum().backward()
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         ok = bool(torch.allclose(y.float(), ref, atol=tol, rtol=tol)
@@ -251,14 +272,14 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """F.group_norm for a channels_last `x` with a frozen weight and bias (no gradients for them); the output is
-    channels_last. Needs Triton where `x` is (accel.norms uses it where fused_math_available says so). Other
-    inputs, or trainable weights, take F.group_norm."""
+                    bias: torch.Tensor | None = None, eps: float = 1e-5, *, silu: bool = False) -> torch.Tensor:
+    """F.group_norm (then F.silu where `silu`) for a channels_last `x` with a frozen weight and bias (no gradients
+    for them); the output is channels_last. Needs Triton where `x` is (accel.norms uses it where
+    fused_math_available says so). Other inputs, or trainable weights, take torch's functions."""
     trains_affine = any(t is not None and t.requires_grad for t in (weight, bias))
     runs_triton = x.is_cuda or _interpreting()
-    if not runs_triton or not is_nhwc(x) or trains_affine or x.shape[1] % groups:
-        return F.group_norm(x, groups, weight, bias, eps)
-    if not check_kernels(x.device, x.dtype):
-        return F.group_norm(x, groups, weight, bias, eps)
-    return _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+    if (not runs_triton or not is_nhwc(x) or trains_affine or x.shape[1] % groups
+            or not check_kernels(x.device, x.dtype)):
+        y = F.group_norm(x, groups, weight, bias, eps)
+        return F.silu(y) if silu else y
+    return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)

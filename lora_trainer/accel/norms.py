@@ -77,6 +77,22 @@ def lowp_norms(model: nn.Module, *, nhwc: bool = False) -> int:
     return n
 
 
+def keeps_nhwc(norm: nn.Module) -> bool:
+    """A GroupNorm `lowp_norms(nhwc=True)` marked to keep channels_last inputs in that layout."""
+    return bool(getattr(norm, _NHWC_ATTR, False))
+
+
+def group_norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """SiLU(norm(x)) in one pass each way for an NHWC-marked frozen GroupNorm on a channels_last input under CUDA
+    autocast (the lowp norm's dtype, SiLU before the one rounding); None where that does not apply."""
+    dt = _autocast_dtype(x)
+    if dt is None or not keeps_nhwc(norm) or not is_nhwc(x):
+        return None
+    with torch.autocast("cuda", enabled=False):
+        return group_norm_nhwc(x.to(dt), norm.num_groups, _cast(norm.weight, dt), _cast(norm.bias, dt), norm.eps,
+                               silu=True)
+
+
 def nhwc_group_norms(model: nn.Module) -> int:
     """How many GroupNorms of `model` keep channels_last inputs in that layout."""
     return sum(1 for m in model.modules() if getattr(m, _NHWC_ATTR, False))

@@ -79,7 +79,8 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     opts = opts or AccelOptions()
     done = {"fused_lora": 0, "fp8_linears": 0, "fp8_products": 0, "channels_last": 0, "lowp_norms": 0,
             "checkpoint_funcs": 0, "compiled_blocks": 0, "fused_math_blocks": 0,
-            "fused_dequant": 0, "nhwc_group_norms": 0, "nhwc_block_outputs": 0}
+            "fused_dequant": 0, "nhwc_group_norms": 0, "nhwc_block_outputs": 0,
+            "fused_resnets": 0}
     if not opts.enabled:
         return done
     if opts.fp8_base:
@@ -100,7 +101,7 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     if opts.channels_last:
         on = torch.device(device).type == "cuda" if device is not None else True
         if on:
-            done["nhwc_block_outputs"] = use_channels_last(model)
+            done.update(use_channels_last(model))
             done["channels_last"] = 1
     done["checkpoint_funcs"] = graph_safe_checkpointing(model, opts.keep_recomputed_weights)
     if opts.compile_blocks:
