@@ -291,7 +291,7 @@ def sec_profile():
             opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False),
                                       lowp_norms=kw.get("norms", False), channels_last=kw.get("cl", False),
                                       lean_lora_product=kw.get("lean", True), nhwc_group_norm=kw.get("nhwc_gn", True))
-            accel.prepare_model(unet, opts, device=DEV)
+            prepared = accel.prepare_model(unet, opts, device=DEV)
             lat_, enc, added = make_inputs(unet, kind, bs, lat)
             if opts.channels_last:
                 lat_ = lat_.contiguous(memory_format=torch.channels_last)
@@ -326,7 +326,8 @@ def sec_profile():
                        "gpu_busy": round(total / 1e6 / wall, 3) if wall else None, "kernels_per_step": nk // steps,
                        "by_category_ms": {k: round(v / steps / 1e3, 2) for k, v in sorted(cats.items(), key=lambda x: -x[1])},
                        "top_kernels_ms": [(k[:110], round(v / steps / 1e3, 3))
-                                       for k, v in sorted(top.items(), key=lambda x: -x[1])[:15]]}
+                                       for k, v in sorted(top.items(), key=lambda x: -x[1])[:15]],
+                       "prepared": {k: v for k, v in prepared.items() if v}}  # which levers took which modules
             key = f"{kind}_{label}_bs{bs}"
             RES["profile"][key + ("_again" if key in RES["profile"] else "")] = rec
             save()
