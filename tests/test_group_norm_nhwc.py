@@ -142,11 +142,13 @@ def test_a_channels_last_unet_runs_its_group_norms_nhwc(monkeypatch):
     monkeypatch.setattr(norms, "_autocast_dtype", lambda x: torch.float32)
     calls = []
 
-    def counted(x):  # each GroupNorm call of the NHWC-marked norms: was its input channels_last (or 1×1)?
-        calls.append(gn.is_nhwc(x) or x.shape[2] * x.shape[3] == 1)
-        return gn.is_nhwc(x)
+    real_is_nhwc = gn.is_nhwc
 
-    monkeypatch.setattr(norms, "is_nhwc", counted)
+    def counted(x):  # each call of the NHWC-marked norms: was its input channels_last (or 1×1)?
+        calls.append(real_is_nhwc(x) or x.shape[2] * x.shape[3] == 1)
+        return real_is_nhwc(x)
+
+    monkeypatch.setattr(gn, "is_nhwc", counted)  # group_norm_nhwc's own test of its input
     unet = lora_unet().to(memory_format=torch.channels_last)
     x, t, ctx, kw = inputs(unet, bs=2)
     batch = (x.contiguous(memory_format=torch.channels_last), t, ctx, kw)

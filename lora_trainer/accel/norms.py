@@ -43,9 +43,18 @@ def _group_norm(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     dt = _autocast_dtype(x)
     if dt is None:
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-    norm = group_norm_nhwc if getattr(self, _NHWC_ATTR, False) and is_nhwc(x) else F.group_norm
+    return _lowp_group_norm(self, x, dt)
+
+
+def _lowp_group_norm(norm: nn.GroupNorm, x: torch.Tensor, dt: torch.dtype, silu: bool = False) -> torch.Tensor:
+    """The frozen norm (then SiLU) on `x` in `dt`, autocast off; NHWC-marked norms take group_norm_nhwc (which
+    itself runs torch's functions for inputs that are not channels_last)."""
     with torch.autocast("cuda", enabled=False):
-        return norm(x.to(dt), self.num_groups, _cast(self.weight, dt), _cast(self.bias, dt), self.eps)
+        args = (x.to(dt), norm.num_groups, _cast(norm.weight, dt), _cast(norm.bias, dt), norm.eps)
+        if keeps_nhwc(norm):
+            return group_norm_nhwc(*args, silu=silu)
+        y = F.group_norm(*args)
+        return F.silu(y) if silu else y
 
 
 def _layer_norm(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -88,14 +97,12 @@ def group_norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     dt = _autocast_dtype(x)
     if dt is None or not keeps_nhwc(norm) or not is_nhwc(x):
         return None
-    with torch.autocast("cuda", enabled=False):
-        return group_norm_nhwc(x.to(dt), norm.num_groups, _cast(norm.weight, dt), _cast(norm.bias, dt), norm.eps,
-                               silu=True)
+    return _lowp_group_norm(norm, x, dt, silu=True)
 
 
 def nhwc_group_norms(model: nn.Module) -> int:
     """How many GroupNorms of `model` keep channels_last inputs in that layout."""
-    return sum(1 for m in model.modules() if getattr(m, _NHWC_ATTR, False))
+    return sum(1 for m in model.modules() if keeps_nhwc(m))
 
 
 def restore_norms(model: nn.Module) -> int:
