@@ -130,7 +130,7 @@ def test_a_channels_last_unet_runs_its_group_norms_nhwc(monkeypatch):
     is mocked to fp32: CUDA autocast does not run here), with SiLU in the same pass in the resnets, so do the LoRA'd
     1×1 convolutions around the transformers, and the output and LoRA gradients are diffusers', torch's and
     peft's."""
-    from test_accel import fwd_bwd, inputs, lora_unet
+    from accel_support import fwd_bwd, inputs, lora_unet
 
     from lora_trainer.accel import group_norm_nhwc as gn
     from lora_trainer.accel import lora_fast, norms
