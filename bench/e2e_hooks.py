@@ -171,6 +171,11 @@ VARIANTS = {
 
 
 def apply_variant(variant: str) -> None:
+    """Switch `variant` on for this run; "a+b" switches on both."""
+    if "+" in variant:
+        for one in variant.split("+"):
+            apply_variant(one)
+        return
     import torch
 
     from lora_trainer import accel

@@ -356,7 +356,7 @@ def main() -> int:
         if variant == "warm":
             row["variant"] = "warm: a 4-step run first, not counted (--warm-runs)"
         elif variant:
-            row["variant"] = f"{variant}: {VARIANTS[variant]}"
+            row["variant"] = f"{variant}: " + "; ".join(VARIANTS[v] for v in variant.split("+"))
         row["command"] = command
         if rc or row.get("error"):
             row["log_tail"] = tail(log)

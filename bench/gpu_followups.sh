@@ -198,8 +198,8 @@ fi
 if [ "${STAGE:-flux}" = sd ]; then
     timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts --kohya-site /tmp/kohya-site \
         --ours-site /tmp/site --cases sd15_b1,sdxl_b1 --kohya-steps sd15_b1=40,sdxl_b1=20 --compile-bytecode \
-        --warm-runs --variants score_batch8@sd15_b1,rehearse_unet@sd15_b1,score_batch8@sdxl_b1,no_validation@sdxl_b1 \
-        --variant-steps 0 --out "$OUT/e2e_vs_kohya_h100_variants.json" --deadline "$(left $((END - 90)))" 2>&1 | tail -14
+        --warm-runs --variants "${SD_VARIANTS:-score_batch8@sd15_b1,rehearse_unet@sd15_b1,score_batch8@sdxl_b1,no_validation@sdxl_b1}" \
+        --variant-steps 0 --out "$OUT/e2e_vs_kohya_${SD_TAG:-h100_variants}.json" --deadline "$(left $((END - 90)))" 2>&1 | tail -14
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi
