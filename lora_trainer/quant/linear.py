@@ -123,22 +123,34 @@ class _BaseProductFn(torch.autograd.Function):
         return dx.view(*grad.shape[:-1], dx.shape[-1]), None, None, None, None, None
 
 
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · m1 @ m2 with the scale as the GEMM's alpha: no multiply kernel on either side (one per LoRA layer
+    and pass in a CUDA graph otherwise). There is no mm with an alpha: addmm with beta = 0 ignores its input
+    (torch's docs: NaN/inf in it are not propagated) and neither reads nor copies it (torch's CPU and CUDA addmm copy
+    their input into the result only where beta != 0; tests/test_lora_alpha.py checks the CPU's), so the input is a
+    0-dim empty tensor (no fill kernel) that broadcasts as a view."""
+    if scale == 1.0:
+        return m1 @ m2
+    return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=scale)
+
+
 class _LoraProductFn(torch.autograd.Function):
-    """y = x @ W.T + bias + (x @ A.T) @ B.T: the frozen layer's product with its LoRA's (B already scaled), the
-    low-rank term accumulated into the base product in place by the GEMM (beta = 1), forward and backward. The
-    same math as the base layer followed by accel's addmm, without what autograd and an out-of-place addmm add
-    around it: a copy of the base output per call (torch's addmm copies its input into its result first) and an add
-    of two input gradients per call in backward (17 + 15 of a Flux 24 GB step's 624 ms on an H100,
-    bench/results/flux_profile_h100.md)."""
+    """y = x @ W.T + bias + scale · (x @ A.T) @ B.T: the frozen layer's product with its LoRA's, the low-rank term
+    accumulated into the base product in place by the GEMM (beta = 1, alpha = the LoRA scale), forward and
+    backward. The same math as the base layer followed by accel's addmm, without what autograd and an out-of-place
+    addmm add around it: a copy of the base output per call (torch's addmm copies its input into its result first)
+    and an add of two input gradients per call in backward (17 + 15 of a Flux 24 GB step's 624 ms on an H100,
+    bench/results/flux_profile_h100.md); and without a multiply of B by the scale and its backward's (the GEMMs'
+    alpha applies it)."""
 
     @staticmethod
-    def forward(ctx, x, a, b, frozen, bias, dtype, compute8, fused):  # type: ignore[override]
-        ctx.frozen, ctx.grad8, ctx.fused = frozen, compute8 >= 2, fused
+    def forward(ctx, x, a, b, frozen, bias, dtype, compute8, fused, scale):  # type: ignore[override]
+        ctx.frozen, ctx.grad8, ctx.fused, ctx.scale = frozen, compute8 >= 2, fused, scale
         x2 = _rows(x).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             h = x2 @ a.t()
             y, kept = _product_keeping(x2, frozen, bias, dtype, compute8, fused)
-            y.addmm_(h, b.t())
+            y.addmm_(h, b.t(), alpha=scale)
         ctx.save_for_backward(x2, h, a, b, *kept)
         ctx.shape = x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -147,19 +159,21 @@ class _LoraProductFn(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x2, h, a, b, *kept = ctx.saved_tensors
         g2 = _rows(grad)
-        gh = g2 @ b
+        gh = _scaled_mm(g2, b, ctx.scale)  # the gradient of h, scaled: the input gradient and A's need no alpha
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _base_input_grad(g2, ctx.frozen, ctx.grad8, ctx.fused, kept).addmm_(gh, a).view(ctx.shape)
-        return dx, gh.t() @ x2, g2.t() @ h, None, None, None, None, None
+        return dx, gh.t() @ x2, _scaled_mm(g2.t(), h, ctx.scale), None, None, None, None, None, None
 
 
 def linear_with_lora(x: torch.Tensor, frozen: FrozenWeight, bias: torch.Tensor | None, a: torch.Tensor,
-                     b: torch.Tensor, dtype: torch.dtype, compute8: int = 0, fused: bool = False) -> torch.Tensor:
-    """x @ W.T + bias + (x @ a.T) @ b.T in `dtype` (`bias` in it already, `b` scaled already) as one autograd
-    function (`_LoraProductFn`): QuantLinear's lean LoRA forward, and accel's over a plain frozen Linear (its weight
-    as a `PlainWeight`: no copy where the dtype matches)."""
-    return _LoraProductFn.apply(x, a.to(dtype), b.to(dtype), frozen, bias, dtype, compute8, fused)
+                     b: torch.Tensor, dtype: torch.dtype, compute8: int = 0, fused: bool = False,
+                     scale: float = 1.0) -> torch.Tensor:
+    """x @ W.T + bias + scale · (x @ a.T) @ b.T in `dtype` (`bias` in it already; `scale` is the LoRA's, applied as
+    the GEMMs' alpha, 1 for a `b` scaled already) as one autograd function (`_LoraProductFn`): QuantLinear's lean
+    LoRA forward, and accel's over a plain frozen Linear (its weight as a `PlainWeight`: no copy where the dtype
+    matches)."""
+    return _LoraProductFn.apply(x, a.to(dtype), b.to(dtype), frozen, bias, dtype, compute8, fused, float(scale))
 
 
 class QuantLinear(nn.Linear):
@@ -229,11 +243,13 @@ class QuantLinear(nn.Linear):
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.to(dtype), frozen.dequantize(dtype, x.device, fused=self.fused_cast), bias)
 
-    def forward_with_lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """x @ W.T + bias + (x @ a.T) @ b.T in the compute (or autocast) dtype, `b` scaled already: accel's lean LoRA
-        forward (lora_fast.py) over this layer, in one autograd function (`_LoraProductFn`)."""
+    def forward_with_lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                          scale: float = 1.0) -> torch.Tensor:
+        """x @ W.T + bias + scale · (x @ a.T) @ b.T in the compute (or autocast) dtype, the LoRA scale applied as the
+        GEMMs' alpha: accel's lean LoRA forward (lora_fast.py) over this layer, in one autograd function
+        (`_LoraProductFn`)."""
         frozen, dtype, bias, compute8 = self._operands(x)
-        return linear_with_lora(x, frozen, bias, a, b, dtype, compute8, self.fused_cast)
+        return linear_with_lora(x, frozen, bias, a, b, dtype, compute8, self.fused_cast, scale)
 
     def _operands(self, x: torch.Tensor) -> tuple[FrozenWeight, torch.dtype, torch.Tensor | None, int]:
         """The stored weight, the compute dtype (autocast's where on), the bias in it, and the fp8 products' level
