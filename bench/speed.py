@@ -52,7 +52,8 @@ p.add_argument("--profile-cases", default="sd15:1,sd15:8",
                help="the profile section's MODEL:BATCH cases (sd15, sdxl), e.g. sdxl:1,sd15:8")
 p.add_argument("--profile-variants", default="default,cl",
                help="the profile section's variants: default (fused LoRA, graphs, bf16 norms), cl (+ channels_last), "
-                    "nolean (default without the lean Linear product, accel's lean_lora_product), cltorchgn (cl with "
+                    "nolean (default without the lean Linear product, accel's lean_lora_product), noalpha / clnoalpha (the LoRA "
+                    "scale multiplied into B instead of the GEMMs' alpha), cltorchgn (cl with "
                     "torch's GroupNorm instead of the NHWC one)")
 args = p.parse_args()
 speed_models.configure(args.tiny)
@@ -278,14 +279,23 @@ def sec_profile():
     base = {"fused": True, "graphs": True, "norms": True}
     known = {"default": ("fused_graphs_norms", base), "cl": ("fused_graphs_norms_cl", {**base, "cl": True}),
              "nolean": ("fused_graphs_norms_nolean", {**base, "lean": False}),
-             "cltorchgn": ("fused_graphs_norms_cl_torchgn", {**base, "cl": True, "nhwc_gn": False})}
+             "cltorchgn": ("fused_graphs_norms_cl_torchgn", {**base, "cl": True, "nhwc_gn": False}),
+             "noalpha": ("fused_graphs_norms_noalpha", {**base, "noalpha": True}),
+             "clnoalpha": ("fused_graphs_norms_cl_noalpha", {**base, "cl": True, "noalpha": True})}
     variants = [known[v] for v in args.profile_variants.split(",") if v]
+    from lora_trainer.accel import lora_fast
+    with_alpha = lora_fast._lora_weights
+
+    def scaled_b(layer, name, x):  # noalpha: B multiplied by the LoRA scale, as before the GEMMs took it as alpha
+        return (*lora_fast._scaled_lora_weights(layer, name, x), 1.0)
+
     for kind, bs in cases:
         lat = (8 if TINY else 64) * (2 if kind == "sdxl" else 1)
         bs = 2 if TINY else bs
         for label, kw in variants:
             if remaining() < 25:
                 return
+            lora_fast._lora_weights = scaled_b if kw.get("noalpha") else with_alpha
             net = Lora(kind, 32, 16.0)
             unet = net.unet
             opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False),
