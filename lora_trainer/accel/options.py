@@ -22,9 +22,10 @@ class AccelOptions:
     cuda_graphs: bool = True  # capture the whole step per batch shape (graphs.StepRunner)
     graph_warmup: int = 2  # eager steps per shape before capture (cuDNN autotune, lazy inits)
     max_graphs: int = 8  # distinct batch shapes captured; later shapes run eagerly
-    # NHWC convolutions, norms (below) and transformer outputs end to end (accel/channels_last.py); off until
-    # measured with the NHWC GroupNorm (it lost with torch's: bench/results/speed_lean_h100.md)
-    channels_last: bool = False
+    # NHWC convolutions, norms (below) and transformer outputs end to end (accel/channels_last.py), CUDA only:
+    # H100 step -21 % at SD1.5 batch 8, -8 % at SDXL batch 1 with the NHWC GroupNorm (it lost with torch's:
+    # bench/results/speed_cl_h100.md)
+    channels_last: bool = True
     # with channels_last and lowp_norms: the GroupNorms read and write NHWC in Triton kernels (group_norm_nhwc.py)
     # where torch's kernel copies to NCHW and back; off: torch's
     nhwc_group_norm: bool = True
