@@ -178,8 +178,8 @@ if [ "${STAGE:-flux}" = lean ]; then  # the lean Linear product (accel lean_lora
     PYTHONPATH=/tmp/site timeout "$(left $((END - 60)))" python3 bench/speed.py --sections env,profile \
         --profile-cases "${CASES:-sdxl:1,sd15:8,sd15:1}" --profile-variants "${VARIANTS:-default,nolean,default,nolean}" \
         --deadline "$(left $((END - 70)))" --out "$OUT/speed_profile_lean.json" 2>&1 | grep -E "^profile|errors|total"
-    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q -p no:logging tests/test_accel_cuda.py \
-        tests/test_accel.py tests/test_group_norm_nhwc.py 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_accel_lean_cuda.log"
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -q tests/test_accel_cuda.py \
+        tests/test_accel.py tests/test_group_norm_nhwc.py tests/test_lora_alpha.py 2>&1 | grep -E "^E |passed|failed" | head -20 | tee "$OUT/test_accel_lean_cuda.log"
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi
