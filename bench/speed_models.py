@@ -105,6 +105,7 @@ class Lora:
     def close(self):
         accel.unfuse_lora_layers(self.unet)
         accel.restore_norms(self.unet)
+        accel.restore_geglu(self.unet)  # the base UNet is shared: the next variant starts from diffusers' forward
         self.unet.delete_adapters("bench")
         self.unet.disable_gradient_checkpointing()
         self.unet.to(memory_format=torch.contiguous_format)

@@ -7,6 +7,7 @@ Contract (docs/internals.md, "accel/"): `AccelOptions.from_config`, `prepare_mod
 from __future__ import annotations
 
 from .fp8 import Fp8Conv2d, Fp8Linear, quantize_linears_fp8
+from .geglu import restore_geglu, use_fused_geglu
 from .graphs import StepRunner
 from .lora_fast import fuse_lora_layers, unfuse_lora_layers
 from .norms import lowp_norms, restore_norms
@@ -26,6 +27,8 @@ __all__ = [
     "optimizer_kwargs",
     "prepare_model",
     "quantize_linears_fp8",
+    "restore_geglu",
     "restore_norms",
     "unfuse_lora_layers",
+    "use_fused_geglu",
 ]

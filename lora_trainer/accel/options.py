@@ -30,6 +30,10 @@ class AccelOptions:
     # where torch's kernel copies to NCHW and back; off: torch's
     nhwc_group_norm: bool = True
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
+    # diffusers' GEGLU feed-forward gate (h·gelu(g)) in one Triton kernel each way (accel/geglu.py), CUDA only, where
+    # eager runs a GELU and a multiply forward, three kernels backward; to be measured:
+    # bench/results/speed_geglu_h100.md (bench/speed.py's nogeglu profile variant)
+    fused_geglu: bool = True
     fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
     # the fp8 e4m3 frozen Linears' forward products (fp8_base's, or a Flux fp8 base) on fp8 tensor cores, inputs
     # rounded to fp8 per row (CUDA compute capability >= 8.9). Measured: Flux's 24 GB preset +10 % it/s on an H100
@@ -64,14 +68,14 @@ class AccelOptions:
             if f.name != "enabled" and hasattr(config, f.name):
                 setattr(opts, f.name, type(f.default)(getattr(config, f.name)))
         if not opts.enabled:
-            opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = False
+            opts.fused_lora = opts.cuda_graphs = opts.channels_last = opts.lowp_norms = opts.fused_geglu = False
             opts.compile_blocks = opts.fused_math = opts.keep_recomputed_weights = opts.early_lora = False
         return opts
 
     @classmethod
     def off(cls) -> AccelOptions:
         return cls(enabled=False, fused_lora=False, cuda_graphs=False, lowp_norms=False, compile_blocks=False,
-                   fused_math=False, keep_recomputed_weights=False, early_lora=False)
+                   fused_math=False, fused_geglu=False, keep_recomputed_weights=False, early_lora=False)
 
 
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:
@@ -96,6 +100,8 @@ def describe(opts: AccelOptions, device: torch.device | str = "cuda") -> str:
                                         and on_cuda else ""))
     if opts.lowp_norms and on_cuda:
         parts.append("norms in the autocast dtype")
+    if opts.fused_geglu and on_cuda:
+        parts.append("GEGLU in one kernel each way")
     if opts.fp8_base:
         parts.append("fp8 base weights")
     if opts.fp8_matmul and on_cuda:

@@ -14,6 +14,7 @@ from ..quant.fp8_products import fp8_matmul_supported
 from .channels_last import use_channels_last
 from .fp8 import fp8_available, quantize_linears_fp8, use_fp8_products
 from .fused_math import fused_math_available, use_fused_dequant, use_fused_math
+from .geglu import use_fused_geglu
 from .lora_fast import fuse_lora_layers
 from .norms import lowp_norms, nhwc_group_norms
 from .options import AccelOptions
@@ -80,7 +81,7 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     done = {"fused_lora": 0, "fp8_linears": 0, "fp8_products": 0, "channels_last": 0, "lowp_norms": 0,
             "checkpoint_funcs": 0, "compiled_blocks": 0, "fused_math_blocks": 0,
             "fused_dequant": 0, "nhwc_group_norms": 0, "nhwc_block_outputs": 0,
-            "fused_resnets": 0}
+            "fused_resnets": 0, "fused_geglus": 0}
     if not opts.enabled:
         return done
     if opts.fp8_base:
@@ -103,6 +104,8 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
         if on:
             done.update(use_channels_last(model))
             done["channels_last"] = 1
+    if opts.fused_geglu and (torch.device(device).type == "cuda" if device is not None else True):
+        done["fused_geglus"] = use_fused_geglu(model)  # where the weights are on CUDA and the kernels pass their check
     done["checkpoint_funcs"] = graph_safe_checkpointing(model, opts.keep_recomputed_weights)
     if opts.compile_blocks:
         done["compiled_blocks"] = compile_blocks(model, device)
