@@ -196,19 +196,20 @@ if [ "${STAGE:-flux}" = sdprofile ]; then  # issue 14's step: where SDXL b1's an
 fi
 
 if [ "${STAGE:-flux}" = final ]; then  # 2026-12-07, the new defaults (channels_last, the scale as alpha, fused GEGLU):
-    # the whole command vs kohya (and early_lora), the engine's GPU tests, then the GEGLU kernels' test and A/B
-    timeout "$(left $((END - 175)))" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts \
-        --kohya-site /tmp/kohya-site --ours-site /tmp/site --cases sd15_b1,sdxl_b1 --kohya-steps sd15_b1=40,sdxl_b1=20 \
-        --compile-bytecode --warm-runs --variants "${SD_VARIANTS:-early_lora@sdxl_b1,early_lora@sd15_b1}" \
-        --variant-steps 0 --out "$OUT/e2e_vs_kohya_${SD_TAG:-h100_defaults}.json" --deadline "$(left $((END - 200)))" \
-        2>&1 | tail -12
+    # the engine's GPU tests, the GEGLU kernels' test and A/B, then the whole command vs kohya (and early_lora) in
+    # what is left
     PYTHONPATH=/tmp/site timeout 95 python3 -m pytest -q -p no:cacheprovider tests/test_train_cuda.py 2>&1 \
         | grep -E "^E |passed|failed|error" | head -20 | tee "$OUT/test_train_cuda.log"
     PYTHONPATH=/tmp/site timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_accel_cuda.py -k geglu 2>&1 \
         | grep -E "^E |passed|failed|error" | head -10 | tee "$OUT/test_geglu_cuda.log"
-    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 bench/speed.py --sections env,profile --profile-cases sd15:8 \
-        --profile-variants cl,nogeglu,cl,nogeglu --deadline "$(left $((END - 8)))" --out "$OUT/speed_profile_geglu.json" \
+    PYTHONPATH=/tmp/site timeout 70 python3 bench/speed.py --sections env,profile --profile-cases sd15:8 \
+        --profile-variants cl,nogeglu,cl,nogeglu --deadline 62 --out "$OUT/speed_profile_geglu.json" \
         2>&1 | grep -E "^profile|errors|total"
+    timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts \
+        --kohya-site /tmp/kohya-site --ours-site /tmp/site --cases sd15_b1,sdxl_b1 --kohya-steps sd15_b1=40,sdxl_b1=20 \
+        --compile-bytecode --warm-runs --variants "${SD_VARIANTS:-early_lora@sdxl_b1,early_lora@sd15_b1}" \
+        --variant-steps 0 --out "$OUT/e2e_vs_kohya_${SD_TAG:-h100_defaults}.json" --deadline "$(left $((END - 30)))" \
+        2>&1 | tail -12
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi
