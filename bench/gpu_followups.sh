@@ -195,6 +195,18 @@ if [ "${STAGE:-flux}" = sdprofile ]; then  # issue 14's step: where SDXL b1's an
     exit 0
 fi
 
+if [ "${STAGE:-flux}" = short ]; then  # what little device time is left (~3 min): the GEGLU kernels' GPU test and A/B,
+    # then the engine's GPU tests with the new defaults until END
+    PYTHONPATH=/tmp/site timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_accel_cuda.py -k geglu 2>&1 \
+        | grep -E "^E |passed|failed|error" | head -10 | tee "$OUT/test_geglu_cuda.log"
+    PYTHONPATH=/tmp/site timeout 55 python3 bench/speed.py --sections env,profile --profile-cases sd15:8 \
+        --profile-variants cl,nogeglu --deadline 50 --out "$OUT/speed_profile_geglu.json" 2>&1 | grep -E "^profile|errors|total"
+    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -v -p no:cacheprovider tests/test_train_cuda.py 2>&1 \
+        | grep -E "^E |PASSED|FAILED|ERROR|passed|failed|error" | head -30 | tee "$OUT/test_train_cuda.log"
+    echo "wall $(( $(date +%s) - T )) s"
+    exit 0
+fi
+
 if [ "${STAGE:-flux}" = final ]; then  # 2026-12-07, the new defaults (channels_last, the scale as alpha, fused GEGLU):
     # the engine's GPU tests, the GEGLU kernels' test and A/B, then the whole command vs kohya (and early_lora) in
     # what is left
