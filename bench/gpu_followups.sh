@@ -200,7 +200,7 @@ if [ "${STAGE:-flux}" = short ]; then  # what little device time is left (~3 min
     PYTHONPATH=/tmp/site timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_accel_cuda.py -k geglu 2>&1 \
         | grep -E "^E |passed|failed|error" | head -10 | tee "$OUT/test_geglu_cuda.log"
     PYTHONPATH=/tmp/site timeout 55 python3 bench/speed.py --sections env,profile --profile-cases sd15:8 \
-        --profile-variants cl,nogeglu --deadline 50 --out "$OUT/speed_profile_geglu.json" 2>&1 | grep -E "^profile|errors|total"
+        --profile-variants cl,geglu --deadline 50 --out "$OUT/speed_profile_geglu.json" 2>&1 | grep -E "^profile|errors|total"
     PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -v -p no:cacheprovider tests/test_train_cuda.py 2>&1 \
         | grep -E "^E |PASSED|FAILED|ERROR|passed|failed|error" | head -30 | tee "$OUT/test_train_cuda.log"
     echo "wall $(( $(date +%s) - T )) s"
@@ -215,7 +215,7 @@ if [ "${STAGE:-flux}" = final ]; then  # 2026-12-07, the new defaults (channels_
     PYTHONPATH=/tmp/site timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_accel_cuda.py -k geglu 2>&1 \
         | grep -E "^E |passed|failed|error" | head -10 | tee "$OUT/test_geglu_cuda.log"
     PYTHONPATH=/tmp/site timeout 70 python3 bench/speed.py --sections env,profile --profile-cases sd15:8 \
-        --profile-variants cl,nogeglu,cl,nogeglu --deadline 62 --out "$OUT/speed_profile_geglu.json" \
+        --profile-variants cl,geglu,cl,geglu --deadline 62 --out "$OUT/speed_profile_geglu.json" \
         2>&1 | grep -E "^profile|errors|total"
     timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --ours-site /tmp/site --cases sd15_b1,sdxl_b1 --kohya-steps sd15_b1=40,sdxl_b1=20 \

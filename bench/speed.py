@@ -54,8 +54,8 @@ p.add_argument("--profile-variants", default="default,cl",
                help="the profile section's variants: default (fused LoRA, graphs, bf16 norms), cl (+ channels_last), "
                     "nolean (default without the lean Linear product, accel's lean_lora_product), noalpha / clnoalpha (the LoRA "
                     "scale multiplied into B instead of the GEMMs' alpha), cltorchgn (cl with "
-                    "torch's GroupNorm instead of the NHWC one), nogeglu (cl with diffusers' GEGLU instead of "
-                    "accel's fused one)")
+                    "torch's GroupNorm instead of the NHWC one), geglu (cl with accel's fused GEGLU, "
+                    "fused_geglu, instead of diffusers' own)")
 args = p.parse_args()
 speed_models.configure(args.tiny)
 from speed_models import (
@@ -283,7 +283,7 @@ def sec_profile():
              "cltorchgn": ("fused_graphs_norms_cl_torchgn", {**base, "cl": True, "nhwc_gn": False}),
              "noalpha": ("fused_graphs_norms_noalpha", {**base, "noalpha": True}),
              "clnoalpha": ("fused_graphs_norms_cl_noalpha", {**base, "cl": True, "noalpha": True}),
-             "nogeglu": ("fused_graphs_norms_cl_nogeglu", {**base, "cl": True, "geglu": False})}
+             "geglu": ("fused_graphs_norms_cl_geglu", {**base, "cl": True, "geglu": True})}
     variants = [known[v] for v in args.profile_variants.split(",") if v]
     from lora_trainer.accel import lora_fast
     with_alpha = lora_fast._lora_weights
@@ -303,7 +303,7 @@ def sec_profile():
             opts = accel.AccelOptions(fused_lora=kw.get("fused", False), cuda_graphs=kw.get("graphs", False),
                                       lowp_norms=kw.get("norms", False), channels_last=kw.get("cl", False),
                                       lean_lora_product=kw.get("lean", True), nhwc_group_norm=kw.get("nhwc_gn", True),
-                                      fused_geglu=kw.get("geglu", True))
+                                      fused_geglu=kw.get("geglu", False))
             prepared = accel.prepare_model(unet, opts, device=DEV)
             lat_, enc, added = make_inputs(unet, kind, bs, lat)
             if opts.channels_last:

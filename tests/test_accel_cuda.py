@@ -285,7 +285,7 @@ def test_fused_geglu_on_gpu_matches_torch_in_a_cuda_graph_and_trains():
     assert torch.equal(y.float(), want_y) and torch.equal(hg.grad.float(), want_grad)
     # a UNet trained in graphs: the fused GEGLUs taken, diffusers' losses within bf16's reach
     unet = _unet()
-    l_fused, runner, _ = _train(unet, accel.AccelOptions())
+    l_fused, runner, _ = _train(unet, accel.AccelOptions(fused_geglu=True))
     assert runner.uses_graphs, runner.disabled_reason
     assert any("forward" in m.__dict__ for m in unet.modules() if type(m).__name__ == "GEGLU")
     l_eager, _, _ = _train(_unet(), accel.AccelOptions(fused_geglu=False))

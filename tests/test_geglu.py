@@ -184,10 +184,11 @@ def test_prepare_model_counts_the_fused_geglus_where_they_apply():
 
     unet = lora_unet()
     n = len(_geglus(unet))
-    assert accel.prepare_model(unet, accel.AccelOptions(), device="cpu")["fused_geglus"] == 0  # CUDA only
+    assert not accel.AccelOptions().fused_geglu  # opt-in until measured on a GPU
+    assert accel.prepare_model(unet, accel.AccelOptions(fused_geglu=True), device="cpu")["fused_geglus"] == 0  # CUDA
     assert accel.prepare_model(unet, accel.AccelOptions(fused_geglu=False))["fused_geglus"] == 0
     if DEVICE == "cpu":  # the interpreter is on: a model prepared without a device takes them
-        assert accel.prepare_model(unet, accel.AccelOptions())["fused_geglus"] == n > 0
+        assert accel.prepare_model(unet, accel.AccelOptions(fused_geglu=True))["fused_geglus"] == n > 0
     accel.restore_geglu(unet)
     assert not accel.AccelOptions.off().fused_geglu
     assert not accel.AccelOptions.from_config(type("C", (), {"accel": "off"})()).fused_geglu

@@ -31,9 +31,9 @@ class AccelOptions:
     nhwc_group_norm: bool = True
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
     # diffusers' GEGLU feed-forward gate (h·gelu(g)) in one Triton kernel each way (accel/geglu.py), CUDA only, where
-    # eager runs a GELU and a multiply forward, three kernels backward; to be measured:
-    # bench/results/speed_geglu_h100.md (bench/speed.py's nogeglu profile variant)
-    fused_geglu: bool = True
+    # eager runs a GELU and a multiply forward, three kernels backward; off until measured on a GPU (bench/speed.py's
+    # geglu profile variant against cl; tests/test_accel_cuda.py's GEGLU test not yet run on one either)
+    fused_geglu: bool = False
     fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
     # the fp8 e4m3 frozen Linears' forward products (fp8_base's, or a Flux fp8 base) on fp8 tensor cores, inputs
     # rounded to fp8 per row (CUDA compute capability >= 8.9). Measured: Flux's 24 GB preset +10 % it/s on an H100
