@@ -16,6 +16,12 @@
 #       # --variants channels_last@sd15_b1,channels_last@sdxl_b1 (edit the sd stage's list), and flip the default;
 #       # early_lora@sd15_b1,early_lora@sdxl_b1 (LoRA injection beside latent caching) in the same call, and
 #       # tests/test_train_cuda.py (its early_lora test)
+#       # 2026-12-07, H100: STAGE=lean END=540 CASES=sdxl:1,sd15:8 VARIANTS=default,cl,noalpha,cltorchgn,nolean,default,cl
+#       # -> results/speed_cl_h100.md (cl wins with the NHWC GroupNorm: on by default since)
+#   next: run(command="STAGE=short END=170 bash bench/gpu_followups.sh", carry=[".whl/ours"], kind="nvidia-h100-x1")
+#       # the fused GEGLU's GPU test and A/B (fused_geglu is opt-in until it runs), test_train_cuda.py with the new
+#       # defaults; then run(command="STAGE=final END=540 bash bench/gpu_followups.sh", carry=[".whl/ours",
+#       # ".whl/kohya-trim", ".kohya"], kind="nvidia-h100-x1"): the whole command vs kohya with them and early_lora
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
