@@ -15,8 +15,6 @@ own math runs: the same function.
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,17 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .forwards import replace_forwards, restore_forwards
-
-log = logging.getLogger(__name__)
+from .triton_check import checked_once, interpreting
 
 BLOCK_R = 8  # rows per program
 BLOCK_D = 128  # columns per program: SD's half widths (640 to 5120) are multiples of it
 _ATTR = "_lora_trainer_fused_geglu"
 APPROXIMATE = "none"  # diffusers' GEGLU.gelu is F.gelu(gate): the exact (erf) GELU
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernels on the CPU (tests)
 
 
 @functools.cache
@@ -102,7 +95,7 @@ def _forward(hg: torch.Tensor, approximate: str) -> torch.Tensor:
     rows = hg.numel() // max(2 * d, 1)
     y = torch.empty(*hg.shape[:-1], d, device=hg.device, dtype=hg.dtype)
     if y.numel():
-        _kernels(_interpreting()).forward[_grid(rows, d)](hg, y, rows, d, BR=BLOCK_R, BD=BLOCK_D,
+        _kernels(interpreting()).forward[_grid(rows, d)](hg, y, rows, d, BR=BLOCK_R, BD=BLOCK_D,
                                                           TANH=approximate == "tanh")
     return y
 
@@ -112,7 +105,7 @@ def _backward(dy: torch.Tensor, hg: torch.Tensor, approximate: str) -> torch.Ten
     rows = hg.numel() // max(2 * d, 1)
     dhg = torch.empty_like(hg, memory_format=torch.contiguous_format)
     if dhg.numel():
-        _kernels(_interpreting()).backward[_grid(rows, d)](dy, hg, dhg, rows, d, BR=BLOCK_R, BD=BLOCK_D,
+        _kernels(interpreting()).backward[_grid(rows, d)](dy, hg, dhg, rows, d, BR=BLOCK_R, BD=BLOCK_D,
                                                            TANH=approximate == "tanh")
     return dhg
 
@@ -142,45 +135,30 @@ _checked: dict[tuple[torch.device, torch.dtype, str], bool] = {}
 def check_kernels(device: torch.device | str, dtype: torch.dtype, approximate: str = APPROXIMATE) -> bool:
     """Whether the kernels serve this device and dtype, checked once (`_self_check`); `use_fused_geglu` asks before
     training. A first ask inside a CUDA-graph capture says False (no compiling inside one)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, dtype, approximate)
-    if key not in _checked:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False
-        _checked[key] = _self_check(device, dtype, approximate)
-    return _checked[key]
+    return checked_once(_checked, device, (dtype, approximate), "The GEGLU",
+                        lambda dev: _self_check(dev, dtype, approximate))
 
 
 def _self_check(device: torch.device, dtype: torch.dtype, approximate: str) -> bool:
     """The kernels compile, run forward and backward and agree with torch's GELU and its backward (called as ops,
-    no autograd: safe inside a checkpointed forward); an old Triton, or a GPU it cannot compile for, gives False with
-    a warning (the eager math then runs)."""
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        # 2×8 rows of 2×128 (SD's widths are multiples of 16, as is this: what compiles here is what runs)
-        hg = (torch.randn(2, 8, 256, device=device, generator=g) * 2).to(dtype)
-        dy = torch.randn(2, 8, 128, device=device, generator=g).to(dtype)
-        y, dhg = _forward(hg, approximate), _backward(dy, hg, approximate)
-        h, gate = hg.float().chunk(2, dim=-1)
-        ref_y = h * F.gelu(gate, approximate=approximate)
-        ref_dh = dy.float() * F.gelu(gate, approximate=approximate)
-        ref_dg = torch.ops.aten.gelu_backward(dy.float() * h, gate, approximate=approximate)
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
-        ok = all(torch.allclose(ours.float(), ref, atol=tol, rtol=tol)
-                 for ours, ref in ((y, ref_y), (dhg, torch.cat([ref_dh, ref_dg], dim=-1))))
-        if not ok:
-            log.warning("The GEGLU Triton kernels disagree with torch's on %s (%s): torch's runs", device, dtype)
-        return ok
-    except Exception as e:  # noqa: BLE001 - whatever Triton raises here, torch's math is the answer
-        log.warning("The GEGLU Triton kernels do not run on %s (%s: %s): torch's runs", device, type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "")
-        return False
+    no autograd: safe inside a checkpointed forward); an old Triton, or a GPU it cannot compile for, raises (the
+    eager math then runs)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    # 2×8 rows of 2×128 (SD's widths are multiples of 16, as is this: what compiles here is what runs)
+    hg = (torch.randn(2, 8, 256, device=device, generator=g) * 2).to(dtype)
+    dy = torch.randn(2, 8, 128, device=device, generator=g).to(dtype)
+    y, dhg = _forward(hg, approximate), _backward(dy, hg, approximate)
+    h, gate = hg.float().chunk(2, dim=-1)
+    ref_y = h * F.gelu(gate, approximate=approximate)
+    ref_dh = dy.float() * F.gelu(gate, approximate=approximate)
+    ref_dg = torch.ops.aten.gelu_backward(dy.float() * h, gate, approximate=approximate)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    return all(torch.allclose(ours.float(), ref, atol=tol, rtol=tol)
+               for ours, ref in ((y, ref_y), (dhg, torch.cat([ref_dh, ref_dg], dim=-1))))
 
 
 def _runs_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or _interpreting()
+    return t.is_cuda or interpreting()
 
 
 def geglu(hg: torch.Tensor, approximate: str = APPROXIMATE) -> torch.Tensor:

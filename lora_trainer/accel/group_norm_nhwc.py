@@ -16,22 +16,16 @@ F.group_norm runs: the same function.
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from .triton_check import checked_once, interpreting
 
 BLOCK_P = 64  # pixels per program
 BLOCK_C = 64  # channels per program (a row of 64 bf16 values: 128 bytes)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: the kernels on the CPU (tests)
 
 
 @functools.cache
@@ -175,7 +169,7 @@ def _norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch
           saved: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The norm, then SiLU where `act` (dy None): (y, (mean, rstd, a, k): what its backward needs); its input
     gradient (dy, with the forward's `saved`): (dx, saved)."""
-    kernels = _kernels(_interpreting())
+    kernels = _kernels(interpreting())
     n, c, h, w = x.shape
     hw, cg = h * w, c // groups
     grid = (n, -(-hw // BLOCK_P), -(-c // BLOCK_C))
@@ -233,46 +227,29 @@ _checked: dict[tuple[torch.device, torch.dtype], bool] = {}
 def check_kernels(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether the kernels serve this device and dtype, checked once (`_self_check`). accel.norms asks before
     training, outside any forward; a first ask inside a CUDA-graph capture says False (no compile inside one)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, dtype)
-    if key not in _checked:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False
-        with torch.inference_mode(False), torch.enable_grad():  # wherever it is first asked (e.g. in scoring)
-            _checked[key] = _self_check(device, dtype)
-    return _checked[key]
+    return checked_once(_checked, device, (dtype,), "The NHWC GroupNorm's", lambda dev: _self_check(dev, dtype))
 
 
 def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
-    """The kernels compile, run forward and backward, and agree with F.group_norm; an old Triton, or a GPU it
-    cannot compile for, gives False with a warning (torch's norm then runs)."""
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        # 8×8 pixels and 64 channels: the kernels specialised as for SD's sizes (multiples of 16), so that what
-        # compiles here is what the run uses, before its first step; with and without SiLU
-        x = torch.randn(2, 64, 8, 8, device=device, generator=g).to(dtype)
-        w, b = torch.randn(64, device=device, generator=g).to(dtype), torch.randn(64, device=device, generator=g)
-        ok = True
-        for act in (False, True):
-            xi = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-            y = _GroupNormNHWC.apply(xi, 32, w, b.to(dtype), 1e-5, act)
-            y.float().sum().backward()
-            ref_x = x.detach().float().requires_grad_()
-            ref = F.group_norm(ref_x, 32, w.float(), b, 1e-5)
-            (F.silu(ref) if act else ref).sum().backward()
-            tol = 1e-4 if dtype == torch.float32 else 5e-2
-            ok = ok and bool(torch.allclose(y.float(), F.silu(ref) if act else ref, atol=tol, rtol=tol)
-                             and torch.allclose(xi.grad.float(), ref_x.grad, atol=tol, rtol=tol))
-        if not ok:
-            log.warning("The NHWC GroupNorm's Triton kernels disagree with torch's on %s (%s): torch's runs", device,
-                        dtype)
-        return ok
-    except Exception as e:  # noqa: BLE001 - whatever Triton raises here, torch's norm is the answer
-        log.warning("The NHWC GroupNorm's Triton kernels do not run on %s (%s: %s): torch's runs", device,
-                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-        return False
+    """The kernels compile, run forward and backward, and agree with F.group_norm (an old Triton, or a GPU it cannot
+    compile for, raises: torch's norm then runs)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    # 8×8 pixels and 64 channels: the kernels specialised as for SD's sizes (multiples of 16), so that what
+    # compiles here is what the run uses, before its first step; with and without SiLU
+    x = torch.randn(2, 64, 8, 8, device=device, generator=g).to(dtype)
+    w, b = torch.randn(64, device=device, generator=g).to(dtype), torch.randn(64, device=device, generator=g)
+    ok = True
+    for act in (False, True):
+        xi = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = _GroupNormNHWC.apply(xi, 32, w, b.to(dtype), 1e-5, act)
+        y.float().sum().backward()
+        ref_x = x.detach().float().requires_grad_()
+        ref = F.group_norm(ref_x, 32, w.float(), b, 1e-5)
+        (F.silu(ref) if act else ref).sum().backward()
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        ok = ok and bool(torch.allclose(y.float(), F.silu(ref) if act else ref, atol=tol, rtol=tol)
+                         and torch.allclose(xi.grad.float(), ref_x.grad, atol=tol, rtol=tol))
+    return ok
 
 
 def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
@@ -281,7 +258,7 @@ def group_norm_nhwc(x: torch.Tensor, groups: int, weight: torch.Tensor | None = 
     for them); the output is channels_last. Needs Triton where `x` is (accel.norms uses it where
     fused_math_available says so). Other inputs, or trainable weights, take torch's functions."""
     trains_affine = any(t is not None and t.requires_grad for t in (weight, bias))
-    runs_triton = x.is_cuda or _interpreting()
+    runs_triton = x.is_cuda or interpreting()
     if (not runs_triton or not is_nhwc(x) or trains_affine or x.shape[1] % groups
             or not check_kernels(x.device, x.dtype)):
         y = F.group_norm(x, groups, weight, bias, eps)

@@ -99,12 +99,11 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
         nhwc = opts.channels_last and opts.nhwc_group_norm and fused_math_available(device)
         done["lowp_norms"] = lowp_norms(model, nhwc=nhwc)
         done["nhwc_group_norms"] = nhwc_group_norms(model)
-    if opts.channels_last:
-        on = torch.device(device).type == "cuda" if device is not None else True
-        if on:
-            done.update(use_channels_last(model))
-            done["channels_last"] = 1
-    if opts.fused_geglu and (torch.device(device).type == "cuda" if device is not None else True):
+    on_cuda = torch.device(device).type == "cuda" if device is not None else True  # CUDA-only levers
+    if opts.channels_last and on_cuda:
+        done.update(use_channels_last(model))
+        done["channels_last"] = 1
+    if opts.fused_geglu and on_cuda:
         done["fused_geglus"] = use_fused_geglu(model)  # where the weights are on CUDA and the kernels pass their check
     done["checkpoint_funcs"] = graph_safe_checkpointing(model, opts.keep_recomputed_weights)
     if opts.compile_blocks:
