@@ -105,9 +105,9 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
         from lora_trainer.train import placement
 
         hook(placement.Placement, "to", "UNet to the GPU",
-             only=lambda self, module, device: module is getattr(self, "_unet", None))
+             only=lambda self, module, *_, **__: module is getattr(self, "_unet", None))
         hook(placement.Placement, "upload_in_background", "UNet upload started",
-             only=lambda self, module: module is getattr(self, "_unet", None))
+             only=lambda self, module, *_, **__: module is getattr(self, "_unet", None))
     except ImportError:
         placement = None
     original_run = train_pkg.run_training
@@ -167,7 +167,12 @@ VARIANTS = {
     "score_batch8": "the \"did it learn?\" scoring at least 8 pairs per forward pass (default: at least 4)",
     "score_at_batch": "the scoring at the training batch (default: at least 4 pairs per pass)",
     "early_lora": "accel early_lora on: the LoRA adapters added in the UNet's upload thread beside latent caching",
+    "late_lora": "accel early_lora off: the LoRA adapters added after latent caching and the UNet's upload",
+    "no_geglu": "accel fused_geglu off: diffusers' own GEGLU",
 }
+# variants that set one accel lever (AccelOptions field, value) where accel is on
+LEVERS = {"channels_last": ("channels_last", True), "early_lora": ("early_lora", True),
+          "late_lora": ("early_lora", False), "no_geglu": ("fused_geglu", False)}
 
 
 def apply_variant(variant: str) -> None:
@@ -187,13 +192,14 @@ def apply_variant(variant: str) -> None:
     elif variant == "no_overlap":
         from lora_trainer.train import placement
 
-        placement.Placement.upload_in_background = lambda self, module: False
-    elif variant in ("channels_last", "early_lora"):  # an accel lever that is off by default, on
+        placement.Placement.upload_in_background = lambda self, module, *a, **k: False
+    elif variant in LEVERS:
         original = accel.AccelOptions.from_config
+        field, value = LEVERS[variant]
 
         def from_config(config):
             opts = original(config)
-            setattr(opts, variant, opts.enabled)
+            setattr(opts, field, value and opts.enabled)
             return opts
 
         accel.AccelOptions.from_config = staticmethod(from_config)

@@ -53,11 +53,11 @@ REPEATS = 10
 
 
 # ------------------------------------------------------------------------------------ set-up
-def make_dataset(root: Path, size: int, count: int) -> Path:
+def make_dataset(root: Path, size: int, count: int, repeats: int = REPEATS) -> Path:
     """`root/img/10_bench/NNN.png` + captions (random pixels: PNG decoding as costly as it gets)."""
     from random_data import random_pixels_dataset  # bench/ is on sys.path when a benchmark runs
 
-    return random_pixels_dataset(root, size, count, repeats=REPEATS, caption="bench, random pixels, test image {i}")
+    return random_pixels_dataset(root, size, count, repeats=repeats, caption="bench, random pixels, test image {i}")
 
 
 def write_kohya_tokenizers(folder: Path) -> None:
@@ -78,10 +78,11 @@ def write_kohya_tokenizers(folder: Path) -> None:
             add_prefix_space=False)), encoding="utf-8")
 
 
-def ours_config(path: Path, ckpt: Path, data: Path, out: Path, res: int, batch: int, steps: int, device: str) -> None:
+def ours_config(path: Path, ckpt: Path, data: Path, out: Path, res: int, batch: int, steps: int, device: str,
+                epochs: int = 0) -> None:
     lines = {
         "model": str(ckpt), "data": str(data), "output_dir": str(out), "name": "ours", "resolution": res,
-        "batch_size": batch, "max_steps": steps, "epochs": 0, "rank": RANK, "alpha": float(ALPHA),
+        "batch_size": batch, "max_steps": steps, "epochs": epochs, "rank": RANK, "alpha": float(ALPHA),
         "learning_rate": LR, "train_text_encoder": False, "train_unet": True, "mixed_precision": "bf16",
         "gradient_checkpointing": False, "optimizer": "AdamW", "lr_scheduler": "constant", "lr_warmup_steps": 0,
         "max_grad_norm": 1.0, "save_state": False, "overwrite": True, "device": device, "save_precision": "fp16",
@@ -202,8 +203,9 @@ def main() -> int:
     p.add_argument("--variant-steps", type=int, default=40, help="0: the case's own step count")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
     p.add_argument("--warm-runs", action="store_true",
-                   help="first run each tool once, 4 steps of the first case, not counted: a user who has trained "
-                        "before (kernel caches such as Triton's on disk, libraries in the page cache)")
+                   help="first run each tool once on the first case's model, not counted: a user who has trained "
+                        "before (kernel caches such as Triton's on disk, libraries in the page cache); kohya 4 "
+                        "steps, ours one epoch of the pictures at batch 8 so that its epoch-end scoring runs too")
     p.add_argument("--compile-bytecode", action="store_true",
                    help="byte-compile both tools' packages first (what pip does at install), for machines that set "
                         "PYTHONDONTWRITEBYTECODE: otherwise every run compiles ~3,000 modules from source "
@@ -255,6 +257,9 @@ def main() -> int:
     for c in cases:
         res = a.resolution or CASES[c][1]
         datasets[res] = make_dataset(work / f"data{res}", res, a.images)
+    # ours' warm run: one epoch of the pictures once each at batch 8, so that it ends with the epoch-end scoring as
+    # any earlier run of a user did (whatever that compiles and caches on disk, e.g. Triton's kernels, is there)
+    warm_data = make_dataset(work / "warm-data", CASES[cases[0]][1], a.images, repeats=1) if a.warm_runs else None
     if a.compile_bytecode:
         t = time.perf_counter()
         report["setup"]["compile_bytecode"] = compile_bytecode(
@@ -336,7 +341,10 @@ def main() -> int:
         log = work / f"log-{label}.txt"
         if tool in ("ours", "before"):
             cfg = work / f"config-{c}.toml"
-            ours_config(cfg, ckpts[fam], datasets[res], out, res, batch, steps, a.device)
+            if variant == "warm":  # one epoch at batch 8 with its scoring (warm_data above)
+                ours_config(cfg, ckpts[fam], warm_data, out, res, 8, 0, a.device, epochs=1)
+            else:
+                ours_config(cfg, ckpts[fam], datasets[res], out, res, batch, steps, a.device)
             cmd = [sys.executable, str(HERE / "e2e_vs_kohya.py"), "--child", "ours", "--result", str(result_json),
                    "--root", str(root), "--variant", "" if variant == "warm" else variant, "--", "train", "--config",
                    str(cfg)]
@@ -354,7 +362,8 @@ def main() -> int:
                **summarise("ours" if tool != "kohya" else "kohya", raw, t_launch, t_exit, batch, steps, target)}
         row["tool"] = tool
         if variant == "warm":
-            row["variant"] = "warm: a 4-step run first, not counted (--warm-runs)"
+            row["variant"] = ("warm: a run first, not counted (--warm-runs): kohya 4 steps, ours one epoch of the "
+                              "pictures at batch 8 with its epoch-end scoring")
         elif variant:
             row["variant"] = f"{variant}: " + "; ".join(VARIANTS[v] for v in variant.split("+"))
         row["command"] = command

@@ -184,7 +184,7 @@ def test_prepare_model_counts_the_fused_geglus_where_they_apply():
 
     unet = lora_unet()
     n = len(_geglus(unet))
-    assert not accel.AccelOptions().fused_geglu  # opt-in until measured on a GPU
+    assert accel.AccelOptions().fused_geglu  # on by default (CUDA only: prepare_model counts none elsewhere)
     assert accel.prepare_model(unet, accel.AccelOptions(fused_geglu=True), device="cpu")["fused_geglus"] == 0  # CUDA
     assert accel.prepare_model(unet, accel.AccelOptions(fused_geglu=False))["fused_geglus"] == 0
     if DEVICE == "cpu":  # the interpreter is on: a model prepared without a device takes them

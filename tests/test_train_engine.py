@@ -323,13 +323,16 @@ def test_early_lora_where_nothing_uploads_beside_caching_injects_after_it(tmp_pa
     from lora_trainer import accel
 
     real_options = accel.AccelOptions.from_config
+    early_lora = [False]
 
     def options(config):
         opts = real_options(config)
-        opts.early_lora = True
+        opts.early_lora = early_lora[0]
         return opts
 
-    plain = run_training(tiny_config(tiny_data, tmp_path / "a", max_steps=3), bundle=build_tiny_bundle("sd1"))
+    assert accel.AccelOptions().early_lora  # the default
     monkeypatch.setattr(accel.AccelOptions, "from_config", staticmethod(options))
+    plain = run_training(tiny_config(tiny_data, tmp_path / "a", max_steps=3), bundle=build_tiny_bundle("sd1"))
+    early_lora[0] = True
     early = run_training(tiny_config(tiny_data, tmp_path / "b", max_steps=3), bundle=build_tiny_bundle("sd1"))
     assert early.losses == plain.losses

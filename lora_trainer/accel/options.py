@@ -31,9 +31,9 @@ class AccelOptions:
     nhwc_group_norm: bool = True
     lowp_norms: bool = True  # GroupNorm/LayerNorm in the autocast dtype (norms.py)
     # diffusers' GEGLU feed-forward gate (h·gelu(g)) in one Triton kernel each way (accel/geglu.py), CUDA only, where
-    # eager runs a GELU and a multiply forward, three kernels backward; off until measured on a GPU (bench/speed.py's
-    # geglu profile variant against cl; tests/test_accel_cuda.py's GEGLU test not yet run on one either)
-    fused_geglu: bool = False
+    # eager runs a GELU and a multiply forward, three kernels backward. H100, SD1.5 batch 8 with channels_last:
+    # step 66.8 -> 63.2 ms (-5.4 %; bench/results/speed_geglu_h100.md)
+    fused_geglu: bool = True
     fp8_base: bool = False  # frozen Linear/Conv2d weights in float8 (low-VRAM presets)
     # the fp8 e4m3 frozen Linears' forward products (fp8_base's, or a Flux fp8 base) on fp8 tensor cores, inputs
     # rounded to fp8 per row (CUDA compute capability >= 8.9). Measured: Flux's 24 GB preset +10 % it/s on an H100
@@ -54,9 +54,9 @@ class AccelOptions:
     # (bench/results/flux_vs_kohya_h200_keep.md)
     keep_recomputed_weights: bool = True
     # the LoRA adapters added in the UNet's upload thread while the latents are cached (train/engine.py), not after
-    # it: the injection's 0.3 s (SD1.5) to 1.0 s (SDXL) of CPU work off the path to the first step; off until measured
-    # on a GPU (bench/e2e_hooks.py's early_lora variant)
-    early_lora: bool = False
+    # it: the injection's CPU work off the path to the first step, 0.3-0.5 s SD1.5, 1.4 s SDXL on an H100
+    # (bench/results/e2e_vs_kohya_h100_defaults.md)
+    early_lora: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> AccelOptions:
