@@ -86,6 +86,17 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
     from lora_trainer.train import engine
 
     hook(engine, "prepare_dataset", "scan dataset")
+    # the smaller phases around them, for a profile of the path to the first step
+    hook(engine, "check_model_file", "check header")
+    hook(engine, "_import_loader_libraries", "loader imports")
+    hook(engine, "claim_outputs", "claim outputs")
+    hook(getattr(engine, "_Run", None), "_weight_dtype", "device check (CUDA init)")
+    try:
+        from lora_trainer.accel import graphs
+
+        hook(getattr(graphs, "StepRunner", None), "_capture", "graph capture", each=True)
+    except ImportError:
+        pass
     hook(loader, "load_model", "load model")
     try:  # the cache phase lives in train/caching.py (in engine.py in older copies, e.g. --before)
         from lora_trainer.train import caching as cache_phase

@@ -214,7 +214,11 @@ def main() -> int:
                    help="seconds after this script started: start no run after it (0 = none)")
     a, rest = p.parse_known_args()
     if a.child == "ours":
-        return child_ours(a.result, a.root, rest[1:] if rest[:1] == ["--"] else rest, a.variant)
+        rc = child_ours(a.result, a.root, rest[1:] if rest[:1] == ["--"] else rest, a.variant)
+        import gc
+
+        gc.freeze()  # as `python -m lora_trainer` ends (lora_trainer/__main__.py): no final collection's walk
+        return rc
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

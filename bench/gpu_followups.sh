@@ -20,8 +20,10 @@
 #       # -> results/speed_cl_h100.md (cl wins with the NHWC GroupNorm: on by default since)
 #   2026-12-07, H100: STAGE=final END=555 (its earlier form: the GEGLU GPU test and cl/geglu A/B first):
 #       results/speed_geglu_h100.md (fused_geglu on since); its whole-command part failed in the benchmark's hook
-#   run(command="STAGE=final END=585 bash bench/gpu_followups.sh", carry=[".whl/ours", ".whl/kohya-trim", ".kohya"],
-#       kind="nvidia-h100-x1")  # the whole command vs kohya with the new defaults, then tests/test_train_cuda.py
+#   2026-12-07, H100s: STAGE=final END=585, then STAGE=final END=460 TESTS_S=100 (the present form):
+#       results/e2e_vs_kohya_h100_defaults.md (SD1.5 b1 5.40x, SDXL 4.04x; kohya's SD1.5 b8 and late_lora not reached)
+#   next: run(command="STAGE=final END=585 TESTS_S=150 CASES=sd15_b8,sdxl_b1 SD_VARIANTS=late_lora@sdxl_b1,no_geglu@sd15_b8
+#       bash bench/gpu_followups.sh", carry=[".whl/ours", ".whl/kohya-trim", ".kohya"], kind="nvidia-h100-x1")
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
@@ -213,17 +215,17 @@ if [ "${STAGE:-flux}" = short ]; then  # what little device time is left (~3 min
     exit 0
 fi
 
-if [ "${STAGE:-flux}" = final ]; then  # 2026-12-07, the new defaults (channels_last, the scale as alpha, fused GEGLU):
-    # the whole command vs kohya (SD1.5 b1, SDXL b1, SD1.5 b8; early_lora after them), then the engine's GPU tests in
-    # what is left (-v: a test cut off by END still shows the ones before it)
-    timeout "$(left $((END - ${TESTS_S:-150})))" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts \
+if [ "${STAGE:-flux}" = final ]; then  # 2026-12-07, the new defaults (channels_last, the scale as alpha, fused GEGLU,
+    # early_lora): the engine's GPU tests first (-v: a test cut off still shows the ones before it), then the whole
+    # command vs kohya (SD1.5 b1, SDXL b1, SD1.5 b8; the VARIANTS after them) until END
+    PYTHONPATH=/tmp/site timeout "${TESTS_S:-110}" python3 -m pytest -v -p no:cacheprovider tests/test_train_cuda.py \
+        2>&1 | grep -E "^E |PASSED|FAILED|ERROR|passed|failed|error" | head -30 | tee "$OUT/test_train_cuda.log"
+    timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --ours-site /tmp/site --cases "${CASES:-sd15_b1,sdxl_b1,sd15_b8}" \
         --kohya-steps sd15_b1=40,sdxl_b1=20,sd15_b8=30 \
-        --compile-bytecode --warm-runs --variants "${SD_VARIANTS:-early_lora@sdxl_b1,early_lora@sd15_b1}" \
+        --compile-bytecode --warm-runs --variants "${SD_VARIANTS:-late_lora@sdxl_b1,late_lora@sd15_b1}" \
         --variant-steps 0 --out "$OUT/e2e_vs_kohya_${SD_TAG:-h100_defaults}.json" \
-        --deadline "$(left $((END - ${TESTS_S:-150} - 40)))" 2>&1 | tail -14
-    PYTHONPATH=/tmp/site timeout "$(left "$END")" python3 -m pytest -v -p no:cacheprovider tests/test_train_cuda.py 2>&1 \
-        | grep -E "^E |PASSED|FAILED|ERROR|passed|failed|error" | head -30 | tee "$OUT/test_train_cuda.log"
+        --deadline "$(left $((END - 40)))" 2>&1 | tail -14
     echo "wall $(( $(date +%s) - T )) s"
     exit 0
 fi

@@ -54,8 +54,8 @@ class AccelOptions:
     # (bench/results/flux_vs_kohya_h200_keep.md)
     keep_recomputed_weights: bool = True
     # the LoRA adapters added in the UNet's upload thread while the latents are cached (train/engine.py), not after
-    # it: the injection's CPU work off the path to the first step, 0.3-0.5 s SD1.5, 1.4 s SDXL on an H100
-    # (bench/results/e2e_vs_kohya_h100_defaults.md)
+    # it: part of the injection's CPU work off the path to the first step (both hold the GIL): SDXL 0.2-1.3 s on an
+    # H100, SD1.5 nothing measurable (bench/results/e2e_vs_kohya_h100_defaults.md)
     early_lora: bool = True
 
     @classmethod
