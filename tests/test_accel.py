@@ -375,3 +375,23 @@ def test_lowp_norms_leave_cpu_math_alone():
     out_ref, grads_ref = fwd_bwd(ref, batch)
     assert torch.equal(out, out_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)  # only the CUDA autocast path changes
     assert accel.restore_norms(unet) == n
+
+
+def test_fused_geglu_left_alone_quietly_where_triton_cannot_run(monkeypatch, caplog):
+    """A CUDA machine without a usable Triton (Windows' usual torch, a GPU older than Volta): the GEGLU modules keep
+    diffusers' forward and nothing is logged, as the NHWC GroupNorm decides. Simulated, there being no GPU here:
+    torch.cuda.is_available and torch's has_triton answer as such a machine's would (the weights stay on the CPU,
+    where Triton's interpreter of the tests would otherwise take them)."""
+    import logging
+
+    import torch.utils._triton as torch_triton
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch_triton, "has_triton", lambda: False, raising=False)
+    unet = lora_unet()
+    opts = accel.AccelOptions(fused_lora=False, cuda_graphs=False, channels_last=False, lowp_norms=False,
+                              fused_geglu=True)
+    with caplog.at_level(logging.WARNING):
+        done = accel.prepare_model(unet, opts, device="cuda")
+    assert done["fused_geglus"] == 0 and not caplog.records
+    assert all("forward" not in m.__dict__ for m in unet.modules() if type(m).__name__ == "GEGLU")

@@ -103,8 +103,10 @@ def prepare_model(model: nn.Module, opts: AccelOptions | None = None, *, device:
     if opts.channels_last and on_cuda:
         done.update(use_channels_last(model))
         done["channels_last"] = 1
-    if opts.fused_geglu and on_cuda:
-        done["fused_geglus"] = use_fused_geglu(model)  # where the weights are on CUDA and the kernels pass their check
+    # where the weights are on CUDA and the kernels pass their check; a CUDA device without a usable Triton (Windows'
+    # usual torch, a GPU before Volta) keeps diffusers' GEGLU without a word, as the GroupNorms above keep torch's
+    if opts.fused_geglu and on_cuda and (device is None or fused_math_available(device)):
+        done["fused_geglus"] = use_fused_geglu(model)
     done["checkpoint_funcs"] = graph_safe_checkpointing(model, opts.keep_recomputed_weights)
     if opts.compile_blocks:
         done["compiled_blocks"] = compile_blocks(model, device)
