@@ -30,6 +30,7 @@ bench/README.md says how the sd-scripts checkout and its packages are set up.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -215,8 +216,6 @@ def main() -> int:
     a, rest = p.parse_known_args()
     if a.child == "ours":
         rc = child_ours(a.result, a.root, rest[1:] if rest[:1] == ["--"] else rest, a.variant)
-        import gc
-
         gc.freeze()  # as `python -m lora_trainer` ends (lora_trainer/__main__.py): no final collection's walk
         return rc
 
