@@ -411,3 +411,25 @@ def test_a_candidate_that_cannot_be_written_does_not_stop_the_run(tmp_path, monk
     assert not result.stopped and result.lora_path.is_file()
     assert result.report["best_epoch"] == 3 and result.report["best_path"] is None
     assert "not kept as a candidate" in caplog.text and "best epoch 3 not kept" in caplog.text
+
+
+def test_candidates_are_written_beside_training_and_the_last_epoch_needs_none(tmp_path, monkeypatch):
+    """Each scored epoch's candidate file is written by a thread of its own while the next epoch trains (the main
+    thread only takes the CPU copy); the last epoch writes none: the final LoRA, saved next, is that epoch's file."""
+    from lora_trainer.lora import kohya_file
+
+    _scripted_scores(monkeypatch)  # the loss falls every epoch: each epoch in turn is the pick, the last one too
+    real_save, written = kohya_file.save_kohya, []
+
+    def save(path, state_dict, metadata):
+        written.append((Path(path).name, threading.current_thread().name))
+        return real_save(path, state_dict, metadata)
+
+    monkeypatch.setattr(kohya_file, "save_kohya", save)
+    data = make_dataset(tmp_path / "ds", n=2, repeats=1)
+    config = tiny_config(data, tmp_path / "out", epochs=4)
+    result = run_training(config, bundle=build_tiny_bundle("sd1"))
+    candidates = [(name, thread) for name, thread in written if name.startswith("epoch-")]
+    assert candidates == [(f"epoch-00000{k}.candidate", "lora-candidate") for k in (1, 2, 3)]
+    assert result.report["best_epoch"] == 4 and result.report["best_path"] == str(result.lora_path)
+    assert not config.candidates_dir().exists()

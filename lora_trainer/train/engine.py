@@ -408,7 +408,8 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         if self.validator is not None and every and (epoch % every == 0 or last):
             with _rng_guard(), self._between_steps():
                 self.models.before_step()
-                self.validator.epoch(epoch, self.pos.step, self._snapshot)
+                self.validator.epoch(epoch, self.pos.step, self._snapshot,
+                                     final=self.pos.step >= self.plan.total_steps)
             self.pos.report = self.validator.history()
         if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and not last:
             self._save(epoch_tag(epoch), optimizer, scheduler, scaler)
