@@ -222,6 +222,10 @@ if [ "${STAGE:-flux}" = final ]; then  # 2026-12-07, the new defaults (channels_
     # command vs kohya (SD1.5 b1, SDXL b1, SD1.5 b8; the VARIANTS after them) until END
     PYTHONPATH=/tmp/site timeout "${TESTS_S:-110}" python3 -m pytest -v -p no:cacheprovider tests/test_train_cuda.py \
         2>&1 | grep -E "^E |PASSED|FAILED|ERROR|passed|failed|error" | head -30 | tee "$OUT/test_train_cuda.log"
+    if [ "${WEBUI:-0}" = 1 ]; then  # "Train" -> first step in A1111's path with the model in memory (issue 14: <= 5 s)
+        PYTHONPATH=/tmp/site timeout 120 python3 bench/webui_handoff.py --family sd1 --train --skip-handoff \
+            --out "$OUT/webui_train_first_step_${SD_TAG:-h100_defaults}.json" 2>&1 | tail -4
+    fi
     timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --ours-site /tmp/site --cases "${CASES:-sd15_b1,sdxl_b1,sd15_b8}" \
         --kohya-steps sd15_b1=40,sdxl_b1=20,sd15_b8=30 \

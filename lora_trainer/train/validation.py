@@ -22,13 +22,10 @@ A fixed set of (image, timestep, noise) triples is scored after each epoch:
     a leak-check set reads the LoRA without that pull (the demo's runs 0.40-0.44 at the last epoch, 0.29-0.57
     from the third; over-trained ones 0.94-1.14, every epoch over 0.6: §5 of the results file).
   - without them, leakage is **not checked** (`leak_measure` "not_checked"): nothing the engine has tells a
-    LoRA that draws its concept whatever the prompt from one bound to its trigger. The captions without the
-    trigger still describe the trigger's pictures (on the demo, "red, blue background" under a star), so any
-    LoRA that learned its concept changes them: scored on the training images they read about 1.0 for every
-    run (bench/results/learn_thresholds_demo_cpu.md), on pure noise 0.99-1.0 for every run on the shipped demo
-    model, good ones included (bench/results/demo_lora_cpu/shipped_candidate_2026-12-05.md §2), and the base
-    model's own pictures of those captions did not separate either (candidate_lesson_and_leakage_2026-12-05.md
-    §2). The report then says leakage was not checked and how to check it.
+    LoRA that draws its concept whatever the prompt from one bound to its trigger (the captions without the
+    trigger, on the training images or on pure noise, read about 1.0 for every run, good ones included:
+    bench/results/learn_thresholds_demo_cpu.md, demo_lora_cpu/shipped_candidate_2026-12-05.md §2). The report
+    then says leakage was not checked and how to check it.
 
 Images: `validation_split` > 0 holds that share of the training images out (scored, never trained
 on); otherwise the training images themselves are scored with fixed noise. The best epoch is the
@@ -171,8 +168,7 @@ class Validator:
         # (config.candidates_dir(), kept for a resume), removed when they no longer can be
         self.candidates_dir: Path | None = None
         self.kept: dict[int, Path] = {}
-        # the thread writing the last scored epoch's file (and removing the ones no longer wanted) while training
-        # goes on: a ~50 MB LoRA's hashes, serialisation and fsync took 0.2-0.3 s per epoch on the main thread
+        # writes the last scored epoch's file (removes the unwanted) while training goes on: 0.2-0.3 s each
         self._writing: threading.Thread | None = None
 
     # ------------------------------------------------------------------ construction
@@ -381,9 +377,9 @@ class Validator:
 
     def wait_for_files(self) -> None:
         """Wait until the candidate files being written or removed are (the run's end, a stop, the next epoch)."""
-        if self._writing is not None:
-            self._writing.join()
-            self._writing = None
+        self._writing, writing = None, self._writing
+        if writing is not None:
+            writing.join()
 
     def keep_best(self, keep: Callable[[int, Path | None], Path | None]) -> None:
         """Make the best epoch's LoRA a file of its own: `keep(epoch, its candidate file or None)` -> the epoch's
