@@ -142,6 +142,39 @@ def test_stop_then_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
         assert all(torch.equal(epoch1_a[k], epoch1_b[k]) for k in epoch1_a)
 
 
+def test_the_next_batch_made_ahead_changes_nothing_and_is_undone_at_a_stop_or_save(tmp_path, monkeypatch):
+    """On CUDA the next step's batch is made while the device runs the step (train/step.py); here on the CPU (where
+    it is otherwise off) the same code path gives the run one step at a time gives, bit for bit, with every random
+    draw a step makes (flips, caption shuffle and dropout, noise offset); a stop and a save made after a step whose
+    next batch was already made undo its draws, so the resumed run still equals the uninterrupted one."""
+    from lora_trainer.train import step as step_mod
+
+    data = make_dataset(tmp_path / "d", n=2, repeats=2)  # 4 steps per epoch
+    common = {"epochs": 2, "shuffle_caption": True, "keep_tokens": 1, "caption_tag_dropout_rate": 0.2,
+              "flip_aug": True, "noise_offset": 0.05, "learning_rate": 2e-3}
+    plain = run_training(tiny_config(data, tmp_path / "a", **common), bundle=build_tiny_bundle("sd1"))
+    made = []
+    monkeypatch.setattr(step_mod, "AHEAD_DEVICES", ("cuda", "cpu"))
+    real = step_mod._Ahead
+    monkeypatch.setattr(step_mod, "_Ahead", lambda *a: made.append(a[0]) or real(*a))
+    ahead = run_training(tiny_config(data, tmp_path / "b", **common), bundle=build_tiny_bundle("sd1"))
+    assert len(made) == 6  # steps 2-4 and 6-8: never across an epoch's end
+    assert ahead.losses == plain.losses
+    a, b = lora_tensors(plain.lora_path), lora_tensors(ahead.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    stop = threading.Event()
+    first = run_training(tiny_config(data, tmp_path / "c", save_every_n_steps=2, save_state=True, **common),
+                         bundle=build_tiny_bundle("sd1"), stop=stop,
+                         on_event=lambda e: stop.set() if e.kind == "step" and e.step == 3 else None)
+    assert first.stopped and first.steps == 3
+    resumed = run_training(tiny_config(data, tmp_path / "c", save_every_n_steps=2, save_state=True,
+                                       resume=str(first.state_dir), **common), bundle=build_tiny_bundle("sd1"))
+    assert resumed.losses == plain.losses
+    c = lora_tensors(resumed.lora_path)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_data):
     stop = threading.Event()
     stop.set()

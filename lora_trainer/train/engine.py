@@ -343,7 +343,10 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
             accum = config.gradient_accumulation_steps
             chunks = [batches[i:i + accum] for i in range(0, len(batches), accum)]
             while self.pos.chunk < len(chunks) and self.pos.step < plan.total_steps:
-                loss = self._step(ctx, chunks[self.pos.chunk], runner)
+                # the next step's batch, made while this one runs (train/step.py), where it is in this epoch
+                after = self.pos.chunk + 1
+                ahead = chunks[after] if after < len(chunks) and self.pos.step + 1 < plan.total_steps else None
+                loss = self._step(ctx, chunks[self.pos.chunk], runner, ahead)
                 loss = self.dist.mean(loss)  # several GPUs: the loss of the whole (global) batch
                 scheduler.step()
                 self.pos.step += 1
@@ -354,8 +357,10 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
                 self._emit_step(scheduler, device)
                 if config.save_every_n_steps and self.pos.step % config.save_every_n_steps == 0 \
                         and self.pos.step < plan.total_steps:
+                    self.drop_ahead(device)  # the state saved holds the random streams as after this step
                     self._save(step_tag(self.pos.step), optimizer, scheduler, scaler)
                 if self.dist.any(self.stop.is_set()):  # several GPUs: a stop asked on any rank stops all here
+                    self.drop_ahead(device)
                     stopped = True
                     break
             if self.pos.chunk >= len(chunks):

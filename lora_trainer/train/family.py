@@ -209,4 +209,12 @@ def family_for(bundle: Any, config: Any = None) -> TrainFamily:
 
 def stack_conditioning(entries: Sequence[Batch], device: torch.device) -> Batch:
     """Per-caption cached conditioning (CPU) -> one batch on the device, key by key."""
-    return {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
+    return {k: to_device(torch.stack([e[k] for e in entries]), device) for k in entries[0]}
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor on `device`; from the CPU to CUDA without waiting for the work queued there (a plain copy waits for
+    the stream): through pinned memory, whose block torch's host allocator keeps until the copy has run."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
