@@ -180,6 +180,7 @@ VARIANTS = {
     "early_lora": "accel early_lora on: the LoRA adapters added in the UNet's upload thread beside latent caching",
     "late_lora": "accel early_lora off: the LoRA adapters added after latent caching and the UNet's upload",
     "no_geglu": "accel fused_geglu off: diffusers' own GEGLU",
+    "no_ahead": "each step's batch made after the step before has ended (its loss read), as before 2026-12-07",
 }
 # variants that set one accel lever (AccelOptions field, value) where accel is on
 LEVERS = {"channels_last": ("channels_last", True), "early_lora": ("early_lora", True),
@@ -200,6 +201,10 @@ def apply_variant(variant: str) -> None:
         from lora_trainer.train import validation
 
         validation.Validator.create = classmethod(lambda cls, *a, **k: None)
+    elif variant == "no_ahead":
+        from lora_trainer.train import step
+
+        step.AHEAD_DEVICES = ()
     elif variant == "no_overlap":
         from lora_trainer.train import placement
 
