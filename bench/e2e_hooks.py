@@ -181,6 +181,7 @@ VARIANTS = {
     "late_lora": "accel early_lora off: the LoRA adapters added after latent caching and the UNet's upload",
     "no_geglu": "accel fused_geglu off: diffusers' own GEGLU",
     "no_ahead": "each step's batch made after the step before has ended (its loss read), as before 2026-12-07",
+    "ahead": "the next step's batch made while the GPU runs the step (train/step.py AHEAD_DEVICES)",
 }
 # variants that set one accel lever (AccelOptions field, value) where accel is on
 LEVERS = {"channels_last": ("channels_last", True), "early_lora": ("early_lora", True),
@@ -201,10 +202,10 @@ def apply_variant(variant: str) -> None:
         from lora_trainer.train import validation
 
         validation.Validator.create = classmethod(lambda cls, *a, **k: None)
-    elif variant == "no_ahead":
+    elif variant in ("ahead", "no_ahead"):
         from lora_trainer.train import step
 
-        step.AHEAD_DEVICES = ()
+        step.AHEAD_DEVICES = ("cuda",) if variant == "ahead" else ()
     elif variant == "no_overlap":
         from lora_trainer.train import placement
 

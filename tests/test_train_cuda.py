@@ -67,7 +67,13 @@ def deterministic_cuda():
     b.cudnn.deterministic, b.cudnn.benchmark, b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = saved
 
 
-def test_stop_resume_on_cuda_matches(tmp_path, tiny_data, deterministic_cuda):
+@pytest.mark.parametrize("ahead", [False, True], ids=["batch_after", "batch_ahead"])
+def test_stop_resume_on_cuda_matches(tmp_path, tiny_data, deterministic_cuda, monkeypatch, ahead):
+    """batch_ahead: the next step's batch made while the GPU runs the step (train/step.py AHEAD_DEVICES), its
+    draws undone at the stop."""
+    from lora_trainer.train import step as step_mod
+
+    monkeypatch.setattr(step_mod, "AHEAD_DEVICES", ("cuda",) if ahead else ())
     common = {"epochs": 2, "device": "cuda", "learning_rate": 2e-3, "accel": "off"}
 
     def straight(out):

@@ -5,12 +5,15 @@ accel/), the family's loss on it, gradient accumulation over micro-batches.
 `StepMixin` holds `_Run`'s step methods (they use the run's config, dataset, models, position and the
 text-cache settings of `caching.py`); the loop in `engine.py` calls `_step` once per optimizer step.
 
-On CUDA the next step's batch is made while the device runs this one (`_step`'s `next_chunk`): its copies to the
-device do not wait for the queued step (pinned memory, `to_device`), and the step's loss is read (which waits for
-the device) only after it, so the device does not idle between steps for the host's batch work (measured: 4 ms of a
-63 ms SD1.5 batch-8 step on an H100 was not kernel time). The random draws happen in the same order as one step at
-a time; where the next step is not taken next (a stop, a save, an error) `drop_ahead()` puts the random streams
-back as they were before its draws, so saves and resumes are unchanged.
+Where `AHEAD_DEVICES` holds the device type, the next step's batch is made while the device runs this one (`_step`'s
+`next_chunk`): its copies to the device do not wait for the queued step (pinned memory, `to_device`), and the step's
+loss is read (which waits for the device) only after it, so the device does not idle between steps for the host's
+batch work. The random draws happen in the same order as one step at a time; where the next step is not taken next
+(a stop, a save, an error) `drop_ahead()` puts the random streams back as they were before its draws, so saves and
+resumes are unchanged (bit for bit on the CPU: tests/test_train_engine.py). Measured on an H100
+(bench/results/e2e_vs_kohya_h100_ahead.md): SD1.5 batch 8 128 vs 99 img/s between the epochs' scorings, batch 1
+39.6 vs 36.7 it/s over the loop. Off by default until tests/test_train_cuda.py's stop/resume comparison passes with
+it on a GPU: it failed there once with it on, and the device time to see why had run out.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from .captions import process_caption
 from .family import StepInputs, TrainFamily, stack_conditioning, to_device
 from .state import rng_state, set_rng_state
 
-# where the next step's batch is made while the device runs the step (a CPU runs each operation as it is called)
-AHEAD_DEVICES = ("cuda",)
+# device types where the next step's batch is made while the device runs the step (module docstring); "cuda"
+# once the GPU stop/resume test passes with it (a CPU runs each operation as it is called: nothing to gain there)
+AHEAD_DEVICES: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
