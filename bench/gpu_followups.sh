@@ -22,10 +22,13 @@
 #       results/speed_geglu_h100.md (fused_geglu on since); its whole-command part failed in the benchmark's hook
 #   2026-12-07, H100s: STAGE=final END=585, then STAGE=final END=460 TESTS_S=100 (the present form):
 #       results/e2e_vs_kohya_h100_defaults.md (SD1.5 b1 5.40x, SDXL 4.04x; kohya's SD1.5 b8 and late_lora not reached)
-#   next: run(command="STAGE=final END=585 TESTS_S=150 CASES=sd15_b8,sdxl_b1 SD_VARIANTS=late_lora@sdxl_b1,rehearse_unet@sdxl_b1,no_geglu@sd15_b8
-#       bash bench/gpu_followups.sh", carry=[".whl/ours", ".whl/kohya-trim", ".kohya"], kind="nvidia-h100-x1")
-#       # kohya's SD1.5 b8 beside ours; SDXL's first eager step (2.8 s) rehearsed beside caching; the rest of
-#       # tests/test_train_cuda.py with fused GEGLU and early LoRA on
+#   2026-12-07 (later), H100: STAGE=final END=585 TESTS_S=150 WEBUI=1 CASES=sd15_b8,sd15_b1 SD_VARIANTS=no_ahead@sd15_b8,
+#       no_ahead@sd15_b1 SD_TAG=h100_ahead -> results/e2e_vs_kohya_h100_ahead.md (SD1.5 b8 2.84x, b1 5.43x with the
+#       batch made ahead; its GPU stop/resume test failed, so it is off by default)
+#   next: first `PYTHONPATH=/tmp/site python3 -m pytest -q tests/test_train_cuda.py -k stop_resume` (batch_after and
+#       batch_ahead; the early-LoRA test too: -k "stop_resume or early"), then, with the batch made ahead on if it
+#       passed: STAGE=final END=585 TESTS_S=1 WEBUI=1 CASES=sd15_b8,sdxl_b1 SD_VARIANTS=late_lora@sdxl_b1,
+#       rehearse_unet@sdxl_b1 (kohya's SDXL beside ours; SDXL's first eager step rehearsed beside caching)
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
