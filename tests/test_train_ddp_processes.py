@@ -203,10 +203,10 @@ import os
 if os.environ.get("RANK") == "1":
     from lora_trainer.train import engine
     step = engine._Run._step
-    def failing_step(self, ctx, chunk, runner):
+    def failing_step(self, ctx, chunk, runner, *more):
         if self.pos.step == 1:  # the second step
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
-        return step(self, ctx, chunk, runner)
+        return step(self, ctx, chunk, runner, *more)
     engine._Run._step = failing_step
 """
 
