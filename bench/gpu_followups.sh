@@ -26,7 +26,9 @@
 #       no_ahead@sd15_b1 SD_TAG=h100_ahead -> results/e2e_vs_kohya_h100_ahead.md (SD1.5 b8 2.84x, b1 5.43x with the
 #       batch made ahead; its GPU stop/resume test failed, so it is off by default)
 #   next: first `PYTHONPATH=/tmp/site python3 -m pytest -q tests/test_train_cuda.py -k stop_resume` (batch_after and
-#       batch_ahead; the early-LoRA test too: -k "stop_resume or early"), then, with the batch made ahead on if it
+#       batch_ahead; the early-LoRA test too: -k "stop_resume or early") and `PYTHONPATH=/tmp/site python3
+#       bench/ahead_check.py --out $OUT/ahead_check.json` (~30 s: the first step whose batch or loss differs with the
+#       batch made ahead, straight and stopped/resumed, beside two runs one step at a time), then, with it on if it
 #       passed: STAGE=final END=585 TESTS_S=1 WEBUI=1 CASES=sd15_b8,sdxl_b1 SD_VARIANTS=late_lora@sdxl_b1,
 #       rehearse_unet@sdxl_b1 (kohya's SDXL beside ours; SDXL's first eager step rehearsed beside caching)
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
