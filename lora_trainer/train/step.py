@@ -82,10 +82,9 @@ class StepMixin:
         """One optimizer step over `chunk` (gradient accumulation); returns the loss (the sum of the micro-batches'
         scaled losses). `next_chunk`: the next step's micro-batches, made while the device runs this step (on CUDA;
         module docstring)."""
+        if self._ahead is not None and self._ahead.chunk is not chunk:
+            self.drop_ahead(ctx.device)  # made for another step: its draws are undone
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.chunk is not chunk:  # (not made for this step: its draws are undone)
-            set_rng_state(ahead.rng, ctx.device)
-            ahead = None
         total: torch.Tensor | None = None
         for i, batch in enumerate(chunk):
             # several GPUs: this rank's slice

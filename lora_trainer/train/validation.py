@@ -368,7 +368,7 @@ class Validator:
         if epoch in wanted and self.candidates_dir is not None and not final:
             write = (epoch, self.candidates_dir / f"epoch-{epoch:06d}{CANDIDATE_SUFFIX}", *snapshot())
             self.kept[epoch] = write[1]  # a write that fails leaves no file: keep_best's `keep` says so
-        gone = [self.kept.pop(e) for e in [e for e in self.kept if e not in wanted]]
+        gone = [self.kept.pop(e) for e in list(self.kept) if e not in wanted]
         if write is not None or gone:
             self._writing = threading.Thread(target=_write_and_remove, args=(write, gone), name="lora-candidate")
             self._writing.start()
@@ -383,8 +383,7 @@ class Validator:
 
     def keep_best(self, keep: Callable[[int, Path | None], Path | None]) -> None:
         """Make the best epoch's LoRA a file of its own: `keep(epoch, its candidate file or None)` -> the epoch's
-        file, or None when there is none (then the report names no file)."""
-        self.wait_for_files()
+        file, or None when there is none (then the report names no file). `finish` calls it, its files written."""
         if self.report.best_epoch is not None:
             path = keep(self.report.best_epoch, self.kept.get(self.report.best_epoch))
             self.report.best_path = str(path) if path is not None else None
