@@ -181,7 +181,7 @@ VARIANTS = {
     "late_lora": "accel early_lora off: the LoRA adapters added after latent caching and the UNet's upload",
     "no_geglu": "accel fused_geglu off: diffusers' own GEGLU",
     "no_ahead": "each step's batch made after the step before has ended (its loss read), as before 2026-12-07",
-    "ahead": "the next step's batch made while the GPU runs the step (train/step.py AHEAD_DEVICES)",
+    "ahead": "the next step's batch made while the GPU runs the step (train/step.py AHEAD_DEVICES; the default)",
 }
 # variants that set one accel lever (AccelOptions field, value) where accel is on
 LEVERS = {"channels_last": ("channels_last", True), "early_lora": ("early_lora", True),

@@ -12,8 +12,8 @@ batch work. The random draws happen in the same order as one step at a time; whe
 (a stop, a save, an error) `drop_ahead()` puts the random streams back as they were before its draws, so saves and
 resumes are unchanged (bit for bit on the CPU: tests/test_train_engine.py). Measured on an H100
 (bench/results/e2e_vs_kohya_h100_ahead.md): SD1.5 batch 8 128 vs 99 img/s between the epochs' scorings, batch 1
-39.6 vs 36.7 it/s over the loop. Off by default until tests/test_train_cuda.py's stop/resume comparison passes with
-it on a GPU: it failed there once with it on, and the device time to see why had run out.
+39.6 vs 36.7 it/s over the loop. On a GPU each step gets the very batch of one step at a time, straight and
+stopped/resumed (bench/results/ahead_check_h100.json), and tests/test_train_cuda.py's stop/resume runs both ways.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from .captions import process_caption
 from .family import StepInputs, TrainFamily, stack_conditioning, to_device
 from .state import rng_state, set_rng_state
 
-# device types where the next step's batch is made while the device runs the step (module docstring); "cuda"
-# once the GPU stop/resume test passes with it (a CPU runs each operation as it is called: nothing to gain there)
-AHEAD_DEVICES: tuple[str, ...] = ()
+# device types where the next step's batch is made while the device runs the step (module docstring); not the CPU:
+# it runs each operation as it is called, so there is nothing to overlap
+AHEAD_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 @dataclasses.dataclass
