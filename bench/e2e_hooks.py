@@ -85,12 +85,19 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
     from lora_trainer.models import loader
     from lora_trainer.train import engine
 
+    profile = _StartProfile(engine) if variant == "profile_start" else None
     hook(engine, "prepare_dataset", "scan dataset")
     # the smaller phases around them, for a profile of the path to the first step
     hook(engine, "check_model_file", "check header")
     hook(engine, "_import_loader_libraries", "loader imports")
     hook(engine, "claim_outputs", "claim outputs")
     hook(getattr(engine, "_Run", None), "_weight_dtype", "device check (CUDA init)")
+    try:  # the Triton kernels' compile-and-compare, once per process and kind (accel/triton_check.py)
+        from lora_trainer.accel import triton_check
+
+        hook(triton_check, "_run", "triton check", each=True)
+    except ImportError:
+        pass
     try:
         from lora_trainer.accel import graphs
 
@@ -145,9 +152,11 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
         return original_run(config, on_event=tee, **kwargs)
 
     train_pkg.run_training = run_training
-    apply_variant(variant)
+    apply_variant("" if variant == "profile_start" else variant)
     error = None
     try:
+        if profile is not None:
+            profile.start()
         rc = cli.main(cli_args)
         if rc:
             error = f"exit code {rc}"
@@ -159,11 +168,45 @@ def child_ours(result_path: str, root: str, cli_args: list[str], variant: str = 
     sync()
     result = {"t_start": t_start, "t_imported": t_imported, "t_end": time.time(), "steps": steps, "phases": phases,
               "error": error}
+    if profile is not None:
+        result["start_profile"] = profile.text
     if cuda:
         result.update(peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
                       peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
     Path(result_path).write_text(json.dumps(result), encoding="utf-8")
     return 1 if error else 0
+
+
+class _StartProfile:
+    """cProfile from the CLI's start to the model file's header check (what runs before the first phase the hooks
+    time: argument parsing, settings, the run's checks), for the warm-up run (`--warm-runs`: not counted)."""
+
+    def __init__(self, engine) -> None:
+        import cProfile
+
+        self.profiler, self.text = cProfile.Profile(), ""
+        original = engine.check_model_file
+
+        def check_model_file(*args, **kwargs):
+            if not self.text:
+                self.stop()
+            return original(*args, **kwargs)
+
+        engine.check_model_file = check_model_file
+
+    def start(self) -> None:
+        self.profiler.enable()
+
+    def stop(self) -> None:
+        import io
+        import pstats
+
+        self.profiler.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(self.profiler, stream=out)
+        stats.sort_stats("cumulative").print_stats(30)
+        stats.sort_stats("tottime").print_stats(12)
+        self.text = out.getvalue()[-12000:]
 
 
 VARIANTS = {

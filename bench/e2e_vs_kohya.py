@@ -349,8 +349,8 @@ def main() -> int:
             else:
                 ours_config(cfg, ckpts[fam], datasets[res], out, res, batch, steps, a.device)
             cmd = [sys.executable, str(HERE / "e2e_vs_kohya.py"), "--child", "ours", "--result", str(result_json),
-                   "--root", str(root), "--variant", "" if variant == "warm" else variant, "--", "train", "--config",
-                   str(cfg)]
+                   "--root", str(root), "--variant", "profile_start" if variant == "warm" else variant, "--", "train",
+                   "--config", str(cfg)]
             t_launch, t_exit, rc = run_child(cmd, ours_env, str(ROOT), log, a.timeout)
             command = f"python -m lora_trainer train --config {cfg.name}  ({cfg.read_text().strip()})".replace(
                 "\n", "; ")
@@ -364,6 +364,8 @@ def main() -> int:
         row = {"case": c, "family": fam, "resolution": res, "batch": batch, "rc": rc,
                **summarise("ours" if tool != "kohya" else "kohya", raw, t_launch, t_exit, batch, steps, target)}
         row["tool"] = tool
+        if raw.get("start_profile"):  # the warm run's profile of the CLI's start (e2e_hooks._StartProfile)
+            row["start_profile"] = raw["start_profile"]
         if variant == "warm":
             row["variant"] = ("warm: a run first, not counted (--warm-runs): kohya 4 steps, ours one epoch of the "
                               "pictures at batch 8 with its epoch-end scoring")
