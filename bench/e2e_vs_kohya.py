@@ -134,6 +134,9 @@ def summarise(tool: str, raw: dict, t_launch: float, t_exit: float, batch: int, 
         timeline[name] = [a - t_launch, b - t_launch]
     if stamps:
         timeline["first step ends"] = [first_end - t_launch] * 2 if first_end else None
+        timeline["last step ends"] = [stamps[-1] - t_launch] * 2
+    if raw.get("t_end"):  # the CLI returned (the run's clean-up done); the process exits after it
+        timeline["cli returned"] = [raw["t_end"] - t_launch] * 2
     row["timeline_s"] = {k: [round(x, 2) for x in v] for k, v in timeline.items() if v}
     if target != len(stamps) and row.get("steady_it_s"):
         row["wall_s_at_target"] = round(row["wall_s"] + (target - len(stamps)) / row["steady_it_s"], 2)
