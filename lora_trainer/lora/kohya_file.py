@@ -4,6 +4,7 @@ that tells which model family a file is for (from its metadata, else from its ke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -65,6 +66,13 @@ def save_kohya(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
                metadata: Mapping[str, str]) -> str:
     """Write a kohya LoRA .safetensors atomically (temp file in the same folder + os.replace),
     adding `sshs_model_hash`/`sshs_legacy_hash`. Returns the path written."""
+    return publish_kohya(write_kohya_temp(path, state_dict, metadata), path)
+
+
+def write_kohya_temp(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
+                     metadata: Mapping[str, str]) -> str:
+    """`save_kohya`'s work but the last rename: the file, with its hashes, written and synced to a hidden temp file
+    beside `path` (no LoRA list shows it); `publish_kohya` renames it. Returns the temp file's path."""
     from safetensors.torch import save
 
     path = Path(path)
@@ -80,15 +88,29 @@ def save_kohya(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        written, tmp = tmp, None
+        return written
     except OSError as e:
-        raise LoraFileError(f"Cannot write the LoRA file {path} ({e.strerror or e}); "
-                            "choose a folder you can write to with enough free space.") from e
+        raise _write_error(path, e) from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def publish_kohya(temp: str | os.PathLike, path: str | os.PathLike) -> str:
+    """Rename a `write_kohya_temp` file to `path` (atomic: a reader sees the old file or the whole new one)."""
+    try:
+        os.replace(temp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise _write_error(Path(path), e) from e
     return str(path)
+
+
+def _write_error(path: Path, e: OSError) -> LoraFileError:
+    return LoraFileError(f"Cannot write the LoRA file {path} ({e.strerror or e}); "
+                         "choose a folder you can write to with enough free space.")
 
 
 def load_kohya_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -215,6 +215,7 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
                     "or pick a low-VRAM preset.") from e
             raise
         finally:
+            self._drop_final_write()
             self.placement.close()
             if getattr(self, "models", None) is not None:
                 self.models.close()
@@ -411,6 +412,8 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
         last = epoch >= self.plan.epochs or self.pos.step >= self.plan.total_steps
         every = config.validate_every_n_epochs
         if self.validator is not None and every and (epoch % every == 0 or last):
+            if self.pos.step >= self.plan.total_steps:
+                self._start_final_write()  # the final LoRA's file written while its epoch is scored
             with _rng_guard(), self._between_steps():
                 self.models.before_step()
                 self.validator.epoch(epoch, self.pos.step, self._snapshot,

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from ..config import TrainConfig
 from ..lora.errors import LoraFileError
+from ..lora.kohya_file import publish_kohya, write_kohya_temp
 from ..models.bundle import ModelBundle
 from .data import Dataset
 from .events import ProgressEvent, TrainingPlan
@@ -56,6 +58,8 @@ def rng_guard():
 class SavingMixin:
     """`_Run`'s saves (see the module's docstring)."""
 
+    _final_write: tuple[Path, Future] | None = None  # the final LoRA being written (`_start_final_write`)
+
     def _snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """This epoch's LoRA as it would be saved (CPU tensors + metadata): a candidate for the best epoch's file."""
         return self.network.kohya_state_dict(SAVE_DTYPES[self.config.save_precision]), self._metadata()
@@ -88,12 +92,36 @@ class SavingMixin:
                                 total_epochs=self.plan.epochs, message=f"Saved {path} (best epoch)", path=str(path)))
         return path
 
+    def _start_final_write(self) -> None:
+        """Write the final LoRA in a thread, to a hidden temp file beside it, while its epoch is scored (the
+        engine calls this after the last step): its hashes, serialising and sync (~0.5 s for SD1.5 at rank 32)
+        leave the end of the run; `_write_lora` renames it into place. The weights and metadata are taken now."""
+        if not self.dist.is_main:  # several GPUs: one writer
+            return
+        path = lora_file(self.config)
+        state, meta = self._snapshot()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-final")
+        self._final_write = (path, pool.submit(write_kohya_temp, path, state, meta))
+        pool.shutdown(wait=False)
+
+    def _drop_final_write(self) -> None:
+        """A final write the run did not publish (it failed after the last step): its temp file goes."""
+        pending, self._final_write = self._final_write, None
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                os.unlink(pending[1].result())
+
     def _write_lora(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = self._metadata()
+        pending = None
+        if self._final_write is not None and self._final_write[0] == path:
+            pending, self._final_write = self._final_write[1], None
+        meta = self._metadata() if pending is None else {}
         self._emit_phase("save", 0, 1, f"Saving {path.name}…")
         with self.clock.phase("save"):
-            if self.dist.is_main:  # several GPUs: one writer
+            if pending is not None:
+                publish_kohya(pending.result(), path)  # its error (e.g. a full disk) raises here, as a save's
+            elif self.dist.is_main:  # several GPUs: one writer
                 self.network.save_kohya(path, meta, dtype=SAVE_DTYPES[self.config.save_precision])
         if path not in self.saved:
             self.saved.append(path)
