@@ -224,6 +224,7 @@ VARIANTS = {
     "late_lora": "accel early_lora off: the LoRA adapters added after latent caching and the UNet's upload",
     "no_geglu": "accel fused_geglu off: diffusers' own GEGLU",
     "no_ahead": "each step's batch made after the step before has ended (its loss read), as before 2026-12-07",
+    "fast_exit": "the process ends with os._exit after the run (no interpreter or CUDA teardown)",
     "ahead": "the next step's batch made while the GPU runs the step (train/step.py AHEAD_DEVICES; the default)",
 }
 # variants that set one accel lever (AccelOptions field, value) where accel is on
@@ -285,6 +286,8 @@ def apply_variant(variant: str) -> None:
         _rehearse_unet_variant()
     elif variant == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
+    elif variant == "fast_exit":
+        pass  # e2e_vs_kohya.py's child ends the process itself
     elif variant:
         raise SystemExit(f"unknown variant {variant}")
 
