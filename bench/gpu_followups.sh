@@ -25,12 +25,12 @@
 #   2026-12-07 (later), H100: STAGE=final END=585 TESTS_S=150 WEBUI=1 CASES=sd15_b8,sd15_b1 SD_VARIANTS=no_ahead@sd15_b8,
 #       no_ahead@sd15_b1 SD_TAG=h100_ahead -> results/e2e_vs_kohya_h100_ahead.md (SD1.5 b8 2.84x, b1 5.43x with the
 #       batch made ahead; its GPU stop/resume test failed, so it is off by default)
-#   next: first `PYTHONPATH=/tmp/site python3 -m pytest -q tests/test_train_cuda.py -k stop_resume` (batch_after and
-#       batch_ahead; the early-LoRA test too: -k "stop_resume or early") and `PYTHONPATH=/tmp/site python3
-#       bench/ahead_check.py --out $OUT/ahead_check.json` (~30 s: the first step whose batch or loss differs with the
-#       batch made ahead, straight and stopped/resumed, beside two runs one step at a time), then, with it on if it
-#       passed: STAGE=final END=585 TESTS_S=1 WEBUI=1 CASES=sd15_b8,sdxl_b1 SD_VARIANTS=late_lora@sdxl_b1,
-#       rehearse_unet@sdxl_b1 (kohya's SDXL beside ours; SDXL's first eager step rehearsed beside caching)
+#   2026-12-07 (later still), H100: pytest tests/test_train_cuda.py -k "stop_resume or early" (3 passed) and
+#       bench/ahead_check.py -> results/ahead_check_h100.json (the batch made ahead on by default since), then
+#       STAGE=final END=400 TESTS_S=1 WEBUI=1 CASES=sd15_b8 SD_VARIANTS=fast_exit@sd15_b8,score_at_batch@sd15_b8
+#       SD_TAG=ahead_default -> results/e2e_vs_kohya_h100_final_write.md (SD1.5 b8 2.80x and, repeated, 3.18x)
+#   next: STAGE=final END=585 TESTS_S=1 WEBUI=1 CASES=sd15_b8,sdxl_b1 SD_VARIANTS=rehearse_unet@sdxl_b1 (kohya's SDXL
+#       beside ours with the batch made ahead; SDXL's first eager step rehearsed beside caching)
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya
@@ -229,12 +229,13 @@ if [ "${STAGE:-flux}" = final ]; then  # 2026-12-07, the new defaults (channels_
         2>&1 | grep -E "^E |PASSED|FAILED|ERROR|passed|failed|error" | head -30 | tee "$OUT/test_train_cuda.log"
     if [ "${WEBUI:-0}" = 1 ]; then  # "Train" -> first step in A1111's path with the model in memory (issue 14: <= 5 s)
         # twice: the first process on the machine JIT-compiles the Triton kernels (cached for the second)
+        # (one file for both: a call brings back only a few files)
         for i in 1 2; do
+            echo "=== run $i" >> "$OUT/webui_train_first_step_${SD_TAG:-h100_defaults}.log"
             PYTHONPATH=/tmp/site:$PWD timeout 120 python3 bench/webui_handoff.py --family sd1 --train --skip-handoff \
-                --out "$OUT/webui_train_first_step_${SD_TAG:-h100_defaults}_$i.json" \
-                > "$OUT/webui_train_first_step_$i.log" 2>&1
-            grep -E '"train_to_first_step_s"' "$OUT/webui_train_first_step_$i.log"
+                >> "$OUT/webui_train_first_step_${SD_TAG:-h100_defaults}.log" 2>&1
         done
+        grep -E '"train_to_first_step_s"' "$OUT/webui_train_first_step_${SD_TAG:-h100_defaults}.log"
     fi
     timeout "$(left "$END")" python3 bench/e2e_vs_kohya.py --sd-scripts .kohya/sd-scripts \
         --kohya-site /tmp/kohya-site --ours-site /tmp/site --cases "${CASES:-sd15_b1,sdxl_b1,sd15_b8}" \
