@@ -224,11 +224,13 @@ VARIANTS = {
     "late_lora": "accel early_lora off: the LoRA adapters added after latent caching and the UNet's upload",
     "no_geglu": "accel fused_geglu off: diffusers' own GEGLU",
     "no_ahead": "each step's batch made after the step before has ended (its loss read), as before 2026-12-07",
+    "early_check": "accel early_kernel_check on: the Triton kernels' checks in a thread from the run's start",
     "fast_exit": "the process ends with os._exit after the run (no interpreter or CUDA teardown)",
     "ahead": "the next step's batch made while the GPU runs the step (train/step.py AHEAD_DEVICES; the default)",
 }
 # variants that set one accel lever (AccelOptions field, value) where accel is on
 LEVERS = {"channels_last": ("channels_last", True), "early_lora": ("early_lora", True),
+          "early_check": ("early_kernel_check", True),
           "late_lora": ("early_lora", False), "no_geglu": ("fused_geglu", False)}
 
 

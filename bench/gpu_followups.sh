@@ -29,8 +29,10 @@
 #       bench/ahead_check.py -> results/ahead_check_h100.json (the batch made ahead on by default since), then
 #       STAGE=final END=400 TESTS_S=1 WEBUI=1 CASES=sd15_b8 SD_VARIANTS=fast_exit@sd15_b8,score_at_batch@sd15_b8
 #       SD_TAG=ahead_default -> results/e2e_vs_kohya_h100_final_write.md (SD1.5 b8 2.80x and, repeated, 3.18x)
-#   next: STAGE=final END=585 TESTS_S=1 WEBUI=1 CASES=sd15_b8,sdxl_b1 SD_VARIANTS=rehearse_unet@sdxl_b1 (kohya's SDXL
-#       beside ours with the batch made ahead; SDXL's first eager step rehearsed beside caching)
+#   next: PYTHONPATH=/tmp/site python3 -m pytest -q tests/test_triton_check.py (the early kernel checks on the GPU),
+#       then STAGE=final END=585 TESTS_S=1 WEBUI=1 CASES=sd15_b8,sdxl_b1 SD_VARIANTS=early_check@sd15_b8,
+#       early_check@sdxl_b1,rehearse_unet@sdxl_b1 (kohya's SDXL beside ours with the batch made ahead; the Triton
+#       checks beside the model build; SDXL's first eager step rehearsed beside caching)
 #   run(command="STAGE=fused bash bench/gpu_followups.sh", carry=[...the same])  # Flux fused math + fp8 products
 #   run(command="STAGE=profile bash bench/gpu_followups.sh", carry=[".whl/ours"])  # Flux 24 GB step, by kernel kind
 #   run(command="STAGE=dequant bash bench/gpu_followups.sh", carry=[...the first's])  # compiled fp8 dequant vs kohya

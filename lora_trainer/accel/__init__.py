@@ -12,13 +12,14 @@ from .graphs import StepRunner
 from .lora_fast import fuse_lora_layers, unfuse_lora_layers
 from .norms import lowp_norms, restore_norms
 from .options import AccelOptions, describe, optimizer_kwargs
-from .prepare import compile_blocks, graph_safe_checkpointing, prepare_model
+from .prepare import check_kernels_early, compile_blocks, graph_safe_checkpointing, prepare_model
 
 __all__ = [
     "AccelOptions",
     "Fp8Conv2d",
     "Fp8Linear",
     "StepRunner",
+    "check_kernels_early",
     "compile_blocks",
     "describe",
     "fuse_lora_layers",

@@ -57,6 +57,11 @@ class AccelOptions:
     # it: part of the injection's CPU work off the path to the first step (both hold the GIL): SDXL 0.2-1.3 s on an
     # H100, SD1.5 nothing measurable (bench/results/e2e_vs_kohya_h100_defaults.md)
     early_lora: bool = True
+    # the Triton kernels' checks (GEGLU, NHWC GroupNorm: import Triton, compile or load them, compare one run with
+    # torch's math) in a thread from the run's start (prepare.check_kernels_early) instead of in prepare_model: 0.5-0.6 s
+    # on the path to the first step on a warm H100, 3.5 s where Triton compiles (a machine's first run;
+    # bench/results/e2e_vs_kohya_h100_final_write.md); off until measured (the e2e variant `early_check`)
+    early_kernel_check: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> AccelOptions:

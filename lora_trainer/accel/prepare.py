@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..quant import quant_layers, weights_kept_for_backward
 from ..quant.fp8_products import fp8_matmul_supported
+from . import geglu, group_norm_nhwc
 from .channels_last import use_channels_last
 from .fp8 import fp8_available, quantize_linears_fp8, use_fp8_products
 from .fused_math import fused_math_available, use_fused_dequant, use_fused_math
@@ -18,6 +20,7 @@ from .geglu import use_fused_geglu
 from .lora_fast import fuse_lora_layers
 from .norms import lowp_norms, nhwc_group_norms
 from .options import AccelOptions
+from .triton_check import check_early
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,20 @@ def _recompute_keeping_weights() -> tuple[Any, Any]:
 
 
 COMPILED_BLOCKS = ("BasicTransformerBlock",)
+
+
+def check_kernels_early(opts: AccelOptions, device: Any, dtype: torch.dtype) -> Future | None:
+    """Start the Triton kernels' checks `prepare_model` will ask for with these options (weights of `dtype` on CUDA
+    `device`) in a thread (`opts.early_kernel_check`); None where there are none. Wait for it before the first
+    step (its kernels must not run beside a CUDA graph's capture)."""
+    if not (opts.enabled and opts.early_kernel_check) or not fused_math_available(device):
+        return None
+    checks = []
+    if opts.lowp_norms and opts.channels_last and opts.nhwc_group_norm:
+        checks.append(lambda: group_norm_nhwc.check_kernels(device, dtype))
+    if opts.fused_geglu:
+        checks.append(lambda: geglu.check_kernels(device, dtype))
+    return check_early(checks) if checks else None
 
 
 def compile_blocks(model: nn.Module, device: Any = None) -> int:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 log = logging.getLogger(__name__)
+_lock = threading.Lock()  # one check at a time, so that an early one and a later ask of the same kind run it once
 
 
 def interpreting() -> bool:
@@ -28,8 +31,22 @@ def checked_once(results: dict, device: torch.device | str, key: tuple, what: st
     if full not in results:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
-        results[full] = _run(check, device, key, what)
+        with _lock:  # a check in flight on another thread (`check_early`): wait for its answer, not a second check
+            if full not in results:
+                results[full] = _run(check, device, key, what)
     return results[full]
+
+
+def check_early(checks: list[Callable[[], object]]) -> Future:
+    """Run `checks` (e.g. `lambda: geglu.check_kernels(device, dtype)`) in a thread now, so that importing Triton and
+    compiling or loading the kernels happen beside the model's build and the caching (accel.options'
+    `early_kernel_check`); a later ask finds the answer or waits for it. Wait for the future before a CUDA graph is
+    captured: the checks launch kernels."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-check")
+    try:
+        return pool.submit(lambda: [check() for check in checks])
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _run(check: Callable[[torch.device], bool], device: torch.device, key: tuple, what: str) -> bool:

@@ -252,6 +252,13 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
                         conv_alpha=config.conv_alpha if config.conv_rank else None,
                         train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
                         train_t5=config.train_t5)
+        from .. import accel
+
+        own = bundle is self.own_bundle  # a host's: fp8 would replace the Linear modules in its skeleton, and
+        # channels_last make an NHWC copy of every convolution weight beside its own (fp8: no gain on CPU either)
+        opts.fp8_base = opts.fp8_base and own and device.type == "cuda" and not self.models.quantizes_base
+        opts.channels_last = opts.channels_last and own
+        checks = accel.check_kernels_early(opts, device, weight_dtype)  # (off by default: accel/options.py)
         inject = functools.partial(inject_lora, bundle, spec, seed=config.seed, dtype=torch.float32)
         early: list[Any] = []
         # accel's early_lora: the adapters added in the upload's thread, beside the caching below, where only the
@@ -286,13 +293,8 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
             for te in trained_tes:
                 _te_checkpointing(te)
 
-        from .. import accel
-
-        if bundle is not self.own_bundle or device.type != "cuda" or self.models.quantizes_base:
-            # would replace the host's Linear modules in its skeleton; no gain on CPU; or already done
-            opts.fp8_base = False
-        if bundle is not self.own_bundle:
-            opts.channels_last = False  # an NHWC copy of every host convolution weight beside the host's own
+        if checks is not None:
+            checks.result()  # the early kernel checks' launches end before any capture
         for component in network.components():
             accel.prepare_model(network.roots[component], opts, device=device)
         self.models.ready()
@@ -434,11 +436,9 @@ class _Run(CachingMixin, StepMixin, SavingMixin, SamplingMixin):
 
 def _grad_scaler():
     amp = getattr(torch, "amp", None)
-    if amp is not None and hasattr(amp, "GradScaler"):
-        try:
+    with contextlib.suppress(TypeError):  # torch < 2.3 takes no device argument here
+        if amp is not None and hasattr(amp, "GradScaler"):
             return amp.GradScaler("cuda")
-        except TypeError:  # torch < 2.3 takes no device argument here
-            pass
     return torch.cuda.amp.GradScaler()
 
 
