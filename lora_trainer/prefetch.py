@@ -1,4 +1,5 @@
-"""Run a CPU-bound function (image decoding, resizing) in threads a few items ahead of the consumer.
+"""Work in threads beside the caller: `prefetched` runs a CPU-bound function (image decoding, resizing) a few
+items ahead of the consumer; `in_background` runs one call in a thread of its own.
 
 Pillow and numpy release the GIL while they decode and resample, so a few threads keep a GPU
 (VAE, tagger) fed instead of waiting on one CPU core. Results come back in order; `ahead` bounds
@@ -11,7 +12,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,3 +32,13 @@ def prefetched(fn: Callable[[T], R], items: Sequence[T], *, ahead: int, workers:
                 pending.append(pool.submit(fn, items[queued]))
                 queued += 1
             yield future
+
+
+def in_background(fn: Callable[..., R], *args: Any, name: str) -> Future[R]:
+    """`fn(*args)` started now in a thread named `name`; the future's `.result()` waits for it (or raises what it
+    raised). The thread ends with the call: nothing to shut down."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)

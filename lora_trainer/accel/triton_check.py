@@ -7,9 +7,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
+
+from ..prefetch import in_background
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()  # one check at a time, so that an early one and a later ask of the same kind run it once
@@ -42,11 +44,7 @@ def check_early(checks: list[Callable[[], object]]) -> Future:
     compiling or loading the kernels happen beside the model's build and the caching (accel.options'
     `early_kernel_check`); a later ask finds the answer or waits for it. Wait for the future before a CUDA graph is
     captured: the checks launch kernels."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-check")
-    try:
-        return pool.submit(lambda: [check() for check in checks])
-    finally:
-        pool.shutdown(wait=False)
+    return in_background(lambda: [check() for check in checks], name="triton-check")
 
 
 def _run(check: Callable[[torch.device], bool], device: torch.device, key: tuple, what: str) -> bool:

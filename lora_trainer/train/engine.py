@@ -20,7 +20,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, LoraTrainerError, TrainingError
 from ..gc_freeze import building, run_scope, thaw
 from ..models.bundle import ModelBundle
+from ..prefetch import in_background
 from ..quiet import quiet_known_warnings
 from .caching import CachingMixin
 from .data import Dataset, epoch_batches
@@ -79,7 +79,7 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
             check_model_file(config.model, model_components(config))  # the header alone, before anything heavy
     # The scan decodes every image in threads that release the GIL: it runs while this thread imports what the
     # model's load needs first (transformers, for the tokenizer: 0.5-1 s), as the header check used to before it.
-    scan = _in_background(prepare_dataset, config)
+    scan = in_background(prepare_dataset, config, name="dataset-scan")
     if bundle is None:
         with building():
             _import_loader_libraries()
@@ -109,14 +109,6 @@ def run_training(config: TrainConfig, *, bundle: ModelBundle | None = None,
 
 def _import_loader_libraries() -> None:
     from ..models import tokenizers  # noqa: F401 - transformers and its CLIP tokenizer, for load_model
-
-
-def _in_background(fn: Callable[..., Any], *args: Any) -> Future:
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dataset-scan")
-    try:
-        return pool.submit(fn, *args)
-    finally:
-        pool.shutdown(wait=False)
 
 
 def _is_oom(e: BaseException) -> bool:

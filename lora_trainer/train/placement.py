@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from ..models.bundle import ModelBundle
+from ..prefetch import in_background
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,7 @@ class Placement:
                     then()
             stream.synchronize()
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
-        self._uploads[id(module)] = (pool.submit(upload), stream)
-        pool.shutdown(wait=False)
+        self._uploads[id(module)] = (in_background(upload, name="upload"), stream)
         return True
 
     def _finish_upload(self, module: torch.nn.Module) -> bool:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from ..config import TrainConfig
 from ..lora.errors import LoraFileError
 from ..lora.kohya_file import publish_kohya, write_kohya_temp
 from ..models.bundle import ModelBundle
+from ..prefetch import in_background
 from .data import Dataset
 from .events import ProgressEvent, TrainingPlan
 from .state import rng_state, save_state, set_rng_state
@@ -100,9 +101,7 @@ class SavingMixin:
             return
         path = lora_file(self.config)
         state, meta = self._snapshot()
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-final")
-        self._final_write = (path, pool.submit(write_kohya_temp, path, state, meta))
-        pool.shutdown(wait=False)
+        self._final_write = (path, in_background(write_kohya_temp, path, state, meta, name="lora-final"))
 
     def _drop_final_write(self) -> None:
         """A final write the run did not publish (it failed after the last step): its temp file goes."""
@@ -116,13 +115,12 @@ class SavingMixin:
         pending = None
         if self._final_write is not None and self._final_write[0] == path:
             pending, self._final_write = self._final_write[1], None
-        meta = self._metadata() if pending is None else {}
         self._emit_phase("save", 0, 1, f"Saving {path.name}…")
         with self.clock.phase("save"):
             if pending is not None:
                 publish_kohya(pending.result(), path)  # its error (e.g. a full disk) raises here, as a save's
             elif self.dist.is_main:  # several GPUs: one writer
-                self.network.save_kohya(path, meta, dtype=SAVE_DTYPES[self.config.save_precision])
+                self.network.save_kohya(path, self._metadata(), dtype=SAVE_DTYPES[self.config.save_precision])
         if path not in self.saved:
             self.saved.append(path)
         self.pos.saved = [str(p) for p in self.saved]
